@@ -1,0 +1,22 @@
+"""Sharpness-aware minimization with dynamic reweighting (δ-SAM) for PyTorch and Lightning.
+
+``DeltaSAM`` and ``DeltaSAMConfig`` are plain PyTorch; the Lightning pieces are
+imported on first use, so a hand-written loop never imports Lightning.
+"""
+
+from importlib import import_module
+from typing import Any
+
+from .config import DeltaSAMConfig
+from .core import DeltaSAM, StepResult, instance_weights
+
+__all__ = ["DeltaSAM", "DeltaSAMConfig", "DeltaSAMMixin", "SharpnessProbe", "StepResult", "instance_weights"]
+__version__ = "0.1.0"
+
+_LIGHTNING = {"DeltaSAMMixin": "lit_deltasam.lightning.mixin", "SharpnessProbe": "lit_deltasam.lightning.callbacks"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LIGHTNING:
+        return getattr(import_module(_LIGHTNING[name]), name)
+    raise AttributeError(f"module 'lit_deltasam' has no attribute {name!r}")

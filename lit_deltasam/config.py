@@ -1,0 +1,164 @@
+"""The one place where δ-SAM's hyperparameters and their defaults live."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional
+
+METHODS = ("erm", "sam", "asam", "deltasam", "per_instance")
+ESTIMATORS = ("head", "probe", "exact")
+ASCENTS = ("local", "global")
+PER_INSTANCE_IMPLS = ("vmap", "loop")
+CLIP_ALGORITHMS = ("norm", "value")
+
+
+def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"DeltaSAMConfig.{name}={value!r} is not valid; choose one of {list(choices)}")
+
+
+def _number(
+    name: str,
+    value: object,
+    *,
+    low: float = -math.inf,
+    high: float = math.inf,
+    open_low: bool = False,
+    allow_inf: bool = False,
+) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    ok = ok and (allow_inf or math.isfinite(value))
+    if ok:
+        ok = (value > low if open_low else value >= low) and value <= high
+    if not ok:
+        kind = "a number" if allow_inf else "a finite number"
+        bound = f"{'(' if open_low else '['}{low}, {high}]"
+        raise ValueError(f"DeltaSAMConfig.{name}={value!r} is not valid; it must be {kind} in {bound}")
+
+
+def _integer(name: str, value: object, *, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"DeltaSAMConfig.{name}={value!r} is not valid; it must be an integer >= {low}")
+
+
+@dataclass(frozen=True)
+class DeltaSAMConfig:
+    """How each training step perturbs the weights before the descent.
+
+    Every method ends in exactly one step of the base optimizer on a gradient G
+    (see ``docs/method-card.md`` for the derivation):
+
+    * ``erm``: G is the plain batch gradient.
+    * ``sam``: G is the gradient at ``w + rho * g / ||g||``.
+    * ``asam``: as SAM with the element-wise scaling ``T = |w| + asam_eta``.
+    * ``deltasam``: the perturbation follows ``g_lambda = sum_i lambda_i g_i`` with
+      ``lambda_i ∝ s_i ** beta``, where ``s_i`` estimates the per-instance gradient
+      norm with ``estimator``. ``beta = 0`` is SAM; ``beta = -1`` up-weights the
+      unguarded instances (small gradients) as per-instance SAM would.
+    * ``per_instance``: exact per-instance SAM, ``G = mean_i grad l_i(w + rho ĝ_i)``.
+
+    Args:
+        method: one of ``erm``, ``sam``, ``asam``, ``deltasam``, ``per_instance``.
+        rho: perturbation radius, ``>= 0``.
+        beta: exponent of the instance weights, ``lambda_i ∝ s_i ** beta``.
+        estimator: where ``s_i`` comes from: ``head`` (free, the classifier layer's
+            per-instance gradient norm in closed form), ``probe`` (random weight
+            perturbations, ``probe_samples`` no-grad forwards) or ``exact``
+            (per-instance gradient norms through ``torch.func``).
+        weight_floor: ``s_i`` is floored at this fraction of the batch median.
+        weight_min: lower clip of ``n * lambda_i`` before renormalizing (``<= 1``).
+        weight_max: upper clip of ``n * lambda_i`` before renormalizing (``>= 1``; ``inf`` disables).
+        weighted_descent: descend on ``sum_i lambda_i l_i(w + eps)`` instead of the mean.
+        asam_eta: ASAM's offset ``eta`` in ``T = |w| + eta``.
+        probe_samples: forwards per step of the ``probe`` estimator (K).
+        probe_sigma: RMS norm of each probe perturbation; ``None`` means ``rho``.
+        probe_antithetic: probe with pairs ``±u`` (``probe_samples`` must be even).
+        probe_params: ``fnmatch`` patterns of parameter names to probe (``None``: all).
+        head: module path of the final linear layer for the ``head`` estimator
+            (``None``: the last ``nn.Linear`` of the module).
+        share_dropout: replay the random state so that the forwards that are
+            compared (clean, probes, perturbed) draw the same dropout masks.
+        ascent: under data parallelism, ``local`` perturbs each rank with its own
+            sub-batch (no all-reduce); ``global`` all-reduces the ascent gradient.
+        per_instance_impl: ``vmap`` (``torch.func``) or ``loop`` (one instance at a
+            time) for the ``exact`` estimator and the ``per_instance`` method.
+        per_instance_chunk: instances per ``vmap`` call (``None``: the whole batch).
+        accumulate_grad_batches: micro-batches per optimizer step.
+        gradient_clip_val: clip G (never the ascent gradient); ``None`` disables.
+        gradient_clip_algorithm: ``norm`` or ``value``.
+        histogram_every_n_steps: log histograms of lambda and of the per-instance
+            loss change every N optimizer steps; ``0`` disables.
+        seed_steps: draw each step's randomness from a seed derived from
+            (seed, step, micro-batch, rank) so that a resumed run is exact.
+
+    Example:
+        >>> cfg = DeltaSAMConfig(method="deltasam", rho=0.05, beta=-1.0, estimator="head")
+        >>> cfg.rho
+        0.05
+    """
+
+    method: str = "deltasam"
+    rho: float = 0.05
+    beta: float = -1.0
+    estimator: str = "head"
+    weight_floor: float = 0.1
+    weight_min: float = 0.1
+    weight_max: float = 10.0
+    weighted_descent: bool = False
+    asam_eta: float = 0.01
+    probe_samples: int = 3
+    probe_sigma: Optional[float] = None
+    probe_antithetic: bool = False
+    probe_params: Optional[List[str]] = None
+    head: Optional[str] = None
+    share_dropout: bool = True
+    ascent: str = "local"
+    per_instance_impl: str = "vmap"
+    per_instance_chunk: Optional[int] = None
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: Optional[float] = None
+    gradient_clip_algorithm: str = "norm"
+    histogram_every_n_steps: int = 100
+    seed_steps: bool = True
+
+    def __post_init__(self) -> None:
+        _choice("method", self.method, METHODS)
+        _choice("estimator", self.estimator, ESTIMATORS)
+        _choice("ascent", self.ascent, ASCENTS)
+        _choice("per_instance_impl", self.per_instance_impl, PER_INSTANCE_IMPLS)
+        _choice("gradient_clip_algorithm", self.gradient_clip_algorithm, CLIP_ALGORITHMS)
+        _number("rho", self.rho, low=0.0)
+        _number("beta", self.beta)
+        _number("weight_floor", self.weight_floor, low=0.0, high=1.0)
+        _number("weight_min", self.weight_min, low=0.0, high=1.0)
+        _number("weight_max", self.weight_max, low=1.0, allow_inf=True)
+        _number("asam_eta", self.asam_eta, low=0.0)
+        _integer("probe_samples", self.probe_samples, low=1)
+        _integer("accumulate_grad_batches", self.accumulate_grad_batches, low=1)
+        _integer("histogram_every_n_steps", self.histogram_every_n_steps, low=0)
+        if self.per_instance_chunk is not None:
+            _integer("per_instance_chunk", self.per_instance_chunk, low=1)
+        if self.probe_sigma is not None:
+            _number("probe_sigma", self.probe_sigma, low=0.0, open_low=True)
+        if self.gradient_clip_val is not None:
+            _number("gradient_clip_val", self.gradient_clip_val, low=0.0, open_low=True)
+        if self.probe_antithetic and self.probe_samples % 2:
+            raise ValueError(
+                f"DeltaSAMConfig.probe_samples={self.probe_samples} must be even when probe_antithetic=True "
+                "(each antithetic pair costs two forwards)"
+            )
+        if self.probe_params is not None:
+            object.__setattr__(self, "probe_params", [str(p) for p in self.probe_params])
+            if not self.probe_params:
+                raise ValueError("DeltaSAMConfig.probe_params=[] selects nothing; use None to probe every parameter")
+
+    @property
+    def perturbs(self) -> bool:
+        """Whether the method takes an ascent step at all."""
+        return self.method != "erm"
+
+    @property
+    def reweights(self) -> bool:
+        """Whether the ascent uses instance weights other than uniform."""
+        return self.method == "deltasam" and self.beta != 0.0

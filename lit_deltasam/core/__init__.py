@@ -1,0 +1,19 @@
+"""The functional core: plain PyTorch, no Lightning import."""
+
+from .engine import DeltaSAM, StepResult
+from .guardedness import HeadTap, Prober
+from .per_instance import PerInstance
+from .perturbation import perturb, total_norm
+from .weighting import effective_sample_size, instance_weights
+
+__all__ = [
+    "DeltaSAM",
+    "HeadTap",
+    "PerInstance",
+    "Prober",
+    "StepResult",
+    "effective_sample_size",
+    "instance_weights",
+    "perturb",
+    "total_norm",
+]

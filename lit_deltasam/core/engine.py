@@ -1,0 +1,328 @@
+"""The double step: ascent to a (re)weighted perturbation, descent at the perturbed point.
+
+One :class:`DeltaSAM` runs every method of :class:`~lit_deltasam.DeltaSAMConfig`.
+``step`` leaves G in ``.grad`` (added to whatever was there, so micro-batches
+accumulate) and the weights exactly as they were; the caller then steps its
+optimizer. Derivation and step order: ``docs/method-card.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..config import DeltaSAMConfig
+from .batch import Batch, LossFn, check_losses
+from .distributed import gather_instances
+from .guardedness import HeadTap, Prober, find_head, select_params
+from .per_instance import PerInstance
+from .perturbation import NormReduce, perturb, total_norm
+from .randomness import RandomState
+from .state import Snapshot, put_grads, take_grads
+from .weighting import effective_sample_size, instance_weights
+
+Backward = Callable[[Tensor], None]
+NoSync = Callable[[], AbstractContextManager]
+
+
+@dataclass
+class StepResult:
+    """What one step measured. Tensors are detached; per-instance ones have shape ``[n]``."""
+
+    losses: Tensor
+    """``l_i(w)``."""
+    perturbed_losses: Optional[Tensor] = None
+    """``l_i(w + eps)`` (``l_i(w + rho ĝ_i)`` for per-instance SAM); ``None`` for ERM."""
+    weights: Optional[Tensor] = None
+    """The instance weights lambda of the ascent (uniform for SAM and ASAM)."""
+    grad_norm: Optional[Tensor] = None
+    """``||g_lambda||`` (``||T g||`` for ASAM), the norm that normalized eps."""
+    eps_norm: Optional[Tensor] = None
+    """``||eps||``; zero when the perturbation was skipped."""
+    perturbed: bool = False
+    """False when eps was set to zero because ``||g||`` was zero or not finite."""
+    update_norm: Optional[Tensor] = None
+    """``||G||`` of the accumulated ``.grad``, when the step checked it."""
+    finite: Optional[bool] = None
+    """Whether ``.grad`` is finite after the step; ``None`` when not checked."""
+
+    @property
+    def loss(self) -> Tensor:
+        return self.losses.mean()
+
+    @property
+    def perturbed_loss(self) -> Optional[Tensor]:
+        return None if self.perturbed_losses is None else self.perturbed_losses.mean()
+
+    @property
+    def loss_change(self) -> Optional[Tensor]:
+        """Per-instance ``l_i(w + eps) - l_i(w)``."""
+        return None if self.perturbed_losses is None else self.perturbed_losses - self.losses
+
+    @property
+    def sharpness(self) -> Optional[Tensor]:
+        change = self.loss_change
+        return None if change is None else change.mean()
+
+    @property
+    def effective_sample_size(self) -> Optional[Tensor]:
+        return None if self.weights is None else effective_sample_size(self.weights)
+
+    @property
+    def max_weight(self) -> Optional[Tensor]:
+        """``max_i n * lambda_i``: 1 for uniform weights."""
+        return None if self.weights is None else self.weights.max() * self.weights.numel()
+
+
+def _default_backward(loss: Tensor) -> None:
+    loss.backward()
+
+
+def _owned_parameters(module: nn.Module, params: Optional[Iterable[Tensor]]) -> tuple[list[Tensor], list[str]]:
+    names = {id(p): name for name, p in module.named_parameters()}
+    if params is None:
+        chosen = [p for p in module.parameters() if p.requires_grad]
+    else:
+        chosen = list(params)
+    seen: set[int] = set()
+    for i, p in enumerate(chosen):
+        if id(p) not in names:
+            raise ValueError(
+                f"parameter #{i} (shape {list(p.shape)}) is not owned by {type(module).__name__}; every perturbed "
+                "parameter must be one of module.parameters() (build the optimizer from the module's parameters)"
+            )
+        if not p.requires_grad:
+            raise ValueError(
+                f"parameter {names[id(p)]!r} is frozen (requires_grad=False) and cannot be perturbed; leave it out "
+                "of the optimizer, e.g. [p for p in module.parameters() if p.requires_grad]"
+            )
+        if id(p) in seen:
+            raise ValueError(f"parameter {names[id(p)]!r} appears twice")
+        seen.add(id(p))
+    if not chosen:
+        raise ValueError(f"{type(module).__name__} has no trainable parameter to perturb")
+    return chosen, [names[id(p)] for p in chosen]
+
+
+class DeltaSAM:
+    """Sharpness-aware steps (SAM, ASAM, δ-SAM, per-instance SAM, or plain ERM) in plain PyTorch.
+
+    Args:
+        module: the model; ``loss_fn`` must compute through it.
+        config: the method and its hyperparameters.
+        params: the parameters to perturb; default: those of ``module`` that require grad.
+        reduce_squares: maps a local sum of squares to the global one when the
+            parameters are sharded (FSDP); ``None`` when each rank holds them whole.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> sam = DeltaSAM(model, DeltaSAMConfig(method="deltasam", rho=0.05, beta=-1.0))
+        >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+        >>> loss_fn = lambda b: nn.functional.cross_entropy(model(b[0]), b[1], reduction="none")
+        >>> result = sam.step(loss_fn, (x, y))
+        >>> if result.finite:
+        ...     opt.step()
+        >>> opt.zero_grad()
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        config: DeltaSAMConfig,
+        params: Optional[Iterable[Tensor]] = None,
+        *,
+        reduce_squares: Optional[NormReduce] = None,
+    ) -> None:
+        self.module = module
+        self.config = config
+        self.params, self.names = _owned_parameters(module, params)
+        self.device = self.params[0].device
+        self.reduce_squares = reduce_squares
+        buffers = list(module.buffers())
+        self._params_before = Snapshot(self.params)
+        self._buffers_before = Snapshot(buffers)
+        self._buffers_clean = Snapshot(buffers)
+        self._head: Optional[HeadTap] = None
+        self._prober: Optional[Prober] = None
+        self._probed: Optional[list[int]] = None
+        if config.reweights and config.estimator == "head":
+            self._head = HeadTap(*find_head(module, config.head))
+        if config.reweights and config.estimator == "probe":
+            self._probed = select_params(self.names, config.probe_params)
+            sigma = config.probe_sigma if config.probe_sigma is not None else config.rho
+            self._prober = Prober(
+                [self.params[i] for i in self._probed], config.probe_samples, sigma, config.probe_antithetic
+            )
+        self._instances = PerInstance(
+            module, self.params, self.names, config.per_instance_impl, config.per_instance_chunk
+        )
+
+    def step(
+        self,
+        loss_fn: LossFn,
+        batch: Batch,
+        *,
+        backward: Optional[Backward] = None,
+        no_sync: Optional[NoSync] = None,
+        sync_descent: bool = True,
+        check_finite: bool = True,
+    ) -> StepResult:
+        """Add G for one (micro-)batch to ``.grad``; the weights end exactly where they started.
+
+        Args:
+            loss_fn: maps ``batch`` to ``[n]`` per-instance losses through ``module``.
+            batch: any pytree whose tensors have the instances on dimension 0.
+            backward: runs the backward of a scalar (e.g. Lightning's ``manual_backward``,
+                which applies loss scaling); default ``loss.backward()``.
+            no_sync: a context that suppresses the gradient all-reduce (DDP's ``no_sync``).
+                The ascent runs inside it when ``config.ascent == "local"``.
+            sync_descent: False for micro-batches before the last of an accumulation
+                window, so that the descent is all-reduced once per optimizer step.
+            check_finite: after a synchronized descent, compute ``||G||`` and report
+                whether it is finite. Turn it off under a loss scaler, which checks itself.
+
+        Raises:
+            Whatever ``loss_fn`` or ``backward`` raise. Parameters, buffers and
+            ``.grad`` are then bit-identical to their values before the call.
+        """
+        backward = backward or _default_backward
+        no_sync = no_sync or nullcontext
+        self._params_before.capture()
+        self._buffers_before.capture()
+        grads_before = take_grads(self.params)
+        try:
+            if self.config.method == "erm":
+                result = self._erm(loss_fn, batch, grads_before, backward, no_sync, sync_descent)
+            elif self.config.method == "per_instance":
+                result = self._per_instance(loss_fn, batch, grads_before, backward, no_sync, sync_descent)
+            else:
+                result = self._two_pass(loss_fn, batch, grads_before, backward, no_sync, sync_descent)
+        except BaseException:
+            self.rollback()
+            put_grads(self.params, grads_before)
+            raise
+        if check_finite and sync_descent:
+            result.update_norm = total_norm([p.grad for p in self.params if p.grad is not None], self.reduce_squares)
+            result.finite = bool(torch.isfinite(result.update_norm))
+        return result
+
+    def rollback(self) -> None:
+        """Put parameters and buffers back to their values at the start of the last ``step``.
+
+        Call it when something after the step fails (clipping, the optimizer step) to
+        leave the model exactly as it was before the step.
+        """
+        self._params_before.restore()
+        self._buffers_before.restore()
+
+    @contextmanager
+    def _descent_sync(self, no_sync: NoSync, sync_descent: bool) -> Iterator[None]:
+        with nullcontext() if sync_descent else no_sync():
+            yield
+
+    def _erm(self, loss_fn, batch, grads_before, backward, no_sync, sync_descent) -> StepResult:
+        put_grads(self.params, grads_before)
+        losses = check_losses(loss_fn(batch), batch, self.device)
+        with self._descent_sync(no_sync, sync_descent):
+            backward(losses.mean())
+        return StepResult(losses=losses.detach())
+
+    def _per_instance(self, loss_fn, batch, grads_before, backward, no_sync, sync_descent) -> StepResult:
+        update, losses, perturbed = self._instances.sam_gradient(
+            loss_fn, batch, self.config.rho, self._params_before
+        )
+        put_grads(self.params, grads_before)
+        # d/dp sum_p <p, G_p> = G: routes G through the caller's backward (loss scaling, DDP all-reduce).
+        surrogate = torch.stack([t.sum() for t in torch._foreach_mul(self.params, update)]).sum()
+        with self._descent_sync(no_sync, sync_descent):
+            backward(surrogate)
+        return StepResult(losses=losses.detach(), perturbed_losses=perturbed.detach(), perturbed=True)
+
+    def _two_pass(self, loss_fn, batch, grads_before, backward, no_sync, sync_descent) -> StepResult:
+        cfg = self.config
+        random_state = RandomState(self.device) if cfg.share_dropout else None
+        if random_state is not None:
+            random_state.capture()
+        with self._head if self._head is not None else nullcontext():
+            losses = check_losses(loss_fn(batch), batch, self.device)
+        self._buffers_clean.capture()
+        try:
+            weights = self._weights(loss_fn, batch, losses, random_state)
+            ascent_loss = (weights.to(losses.dtype) * losses).sum() if cfg.reweights else losses.mean()
+            with no_sync() if cfg.ascent == "local" else nullcontext():
+                backward(ascent_loss)
+            with_grad = [p for p in self.params if p.grad is not None]
+            grad_norm, eps_norm, applied = perturb(
+                with_grad,
+                [p.grad for p in with_grad],
+                cfg.rho,
+                adaptive=cfg.method == "asam",
+                eta=cfg.asam_eta,
+                reduce_squares=self.reduce_squares,
+            )
+            del with_grad
+            put_grads(self.params, grads_before)
+            with random_state.replay() if random_state is not None else nullcontext():
+                perturbed = check_losses(loss_fn(batch), batch, self.device)
+            if cfg.weighted_descent:
+                descent_loss = (weights.to(perturbed.dtype) * perturbed).sum()
+            else:
+                descent_loss = perturbed.mean()
+            with self._descent_sync(no_sync, sync_descent):
+                backward(descent_loss)
+        finally:
+            self._params_before.restore()
+            self._buffers_clean.restore()
+        return StepResult(
+            losses=losses.detach(),
+            perturbed_losses=perturbed.detach(),
+            weights=weights,
+            grad_norm=grad_norm.detach(),
+            eps_norm=eps_norm.detach(),
+            perturbed=applied,
+        )
+
+    def _weights(self, loss_fn: LossFn, batch: Batch, losses: Tensor, random_state: Optional[RandomState]) -> Tensor:
+        cfg = self.config
+        n = losses.shape[0]
+        if not cfg.reweights:
+            return torch.full((n,), 1.0 / n, dtype=torch.float64, device=losses.device)
+        scores = self._scores(loss_fn, batch, losses, random_state)
+        if cfg.ascent == "global":
+            scores, mine = gather_instances(scores)
+        else:
+            mine = slice(0, n)
+        weights = instance_weights(scores, cfg.beta, floor=cfg.weight_floor, clip=(cfg.weight_min, cfg.weight_max))
+        return weights[mine]
+
+    def _scores(self, loss_fn: LossFn, batch: Batch, losses: Tensor, random_state: Optional[RandomState]) -> Tensor:
+        estimator = self.config.estimator
+        if estimator == "head":
+            assert self._head is not None
+            return self._head.scores(losses)
+        if estimator == "probe":
+            assert self._prober is not None and self._probed is not None
+            probed = self._probed
+            scores = self._prober.scores(
+                loss_fn, batch, losses, random_state, lambda: self._params_before.restore(probed)
+            )
+            self._buffers_clean.restore()
+            return scores
+        return self._instances.grad_norms(loss_fn, batch)
+
+    def per_instance_gradient(self, loss_fn: LossFn, batch: Batch) -> tuple[list[Tensor], Tensor, Tensor]:
+        """Exact per-instance SAM gradient ``mean_i grad l_i(w + rho ĝ_i)``, without touching ``.grad``.
+
+        Returns ``(G, l(w), l(w + rho ĝ))``; the weights are restored exactly.
+        """
+        self._params_before.capture()
+        try:
+            return self._instances.sam_gradient(loss_fn, batch, self.config.rho, self._params_before)
+        finally:
+            self._params_before.restore()

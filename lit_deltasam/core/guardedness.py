@@ -1,0 +1,169 @@
+"""Guardedness estimators: scores s_i that estimate the per-instance gradient norms ||g_i||.
+
+An instance with a small ``||g_i||`` is *unguarded* under SAM: the batch perturbation,
+dominated by large gradients, hardly raises its loss. δ-SAM up-weights it through
+``lambda_i ∝ s_i ** beta``. Cheapest first:
+
+* :class:`HeadTap` (``head``): the exact per-instance gradient norm of the final
+  linear layer ``z = W h + b``, ``||dl_i/dz_i|| * sqrt(||h_i||² + 1)``, from the forward.
+* :class:`Prober` (``probe``): ``s_i ∝ sqrt(mean_k (l_i(w + u_k) - l_i(w))²)`` over K
+  random Gaussian perturbations ``u_k`` with ``E||u_k||² = sigma²``, since
+  ``E[(g_i·u)²] = sigma² ||g_i||² / d``.
+* ``exact``: :meth:`lit_deltasam.core.per_instance.PerInstance.grad_norms`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Sequence
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .batch import Batch, LossFn, check_losses
+from .randomness import RandomState
+
+
+def find_head(module: nn.Module, path: Optional[str]) -> tuple[str, nn.Linear]:
+    """The final linear layer: the module at ``path``, or the last ``nn.Linear`` registered."""
+    if path is not None:
+        try:
+            layer = module.get_submodule(path)
+        except AttributeError:
+            linears = [name for name, m in module.named_modules() if isinstance(m, nn.Linear)]
+            raise ValueError(f"head={path!r} names no submodule; the linear layers are {linears}") from None
+        if not isinstance(layer, nn.Linear):
+            raise ValueError(f"head={path!r} is a {type(layer).__name__}; the head estimator needs an nn.Linear")
+        return path, layer
+    found = [(name, m) for name, m in module.named_modules() if isinstance(m, nn.Linear)]
+    if not found:
+        raise ValueError(
+            f"estimator='head' needs a final nn.Linear layer and {type(module).__name__} has none; "
+            "use estimator='probe' or 'exact'"
+        )
+    return found[-1]
+
+
+class HeadTap:
+    """Captures the final linear layer's input and output during one forward.
+
+    Use as a context manager around the clean forward, then call :meth:`scores`
+    before the graph is freed by the backward.
+    """
+
+    def __init__(self, name: str, layer: nn.Linear) -> None:
+        self.name = name
+        self.layer = layer
+        self._calls = 0
+        self._input: Optional[Tensor] = None
+        self._output: Optional[Tensor] = None
+
+    def __enter__(self) -> HeadTap:
+        self._calls, self._input, self._output = 0, None, None
+        self._handle = self.layer.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._handle.remove()
+
+    def _hook(self, layer: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+        self._calls += 1
+        if self._calls == 1:
+            self._input, self._output = args[0].detach(), output
+
+    def scores(self, losses: Tensor) -> Tensor:
+        """``[n]`` per-instance gradient norms of the head's weight and bias."""
+        n = losses.shape[0]
+        if self._calls != 1:
+            raise RuntimeError(
+                f"head layer {self.name!r} ran {self._calls} times in one forward; the head estimator needs exactly "
+                "one call per forward (set DeltaSAMConfig.head to the classifier layer)"
+            )
+        z, h = self._output, self._input
+        assert z is not None and h is not None
+        if z.ndim != 2 or h.ndim != 2 or z.shape[0] != n:
+            raise ValueError(
+                f"head layer {self.name!r} maps {list(h.shape)} to {list(z.shape)}; the head estimator needs one "
+                f"row per instance, [{n}, D] -> [{n}, C] (set DeltaSAMConfig.head to the classifier layer)"
+            )
+        if not z.requires_grad:
+            raise ValueError(f"head layer {self.name!r} produced an output without gradient; is it frozen?")
+        (dz,) = torch.autograd.grad(losses.sum(), z, retain_graph=True)
+        bias = 1.0 if self.layer.bias is not None else 0.0
+        return dz.float().norm(dim=1) * (h.float().pow(2).sum(dim=1) + bias).sqrt()
+
+
+def select_params(names: Sequence[str], patterns: Optional[Sequence[str]]) -> list[int]:
+    """Indices of the names matched by any ``fnmatch`` pattern (all of them for ``None``)."""
+    if patterns is None:
+        return list(range(len(names)))
+    chosen = [i for i, name in enumerate(names) if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+    if not chosen:
+        shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+        raise ValueError(f"probe_params={list(patterns)} match no parameter; the names are: {shown}")
+    return chosen
+
+
+class Prober:
+    """Scores from K no-grad forwards at random Gaussian perturbations of a parameter subset.
+
+    The noise is drawn into one preallocated flat buffer per (device, dtype) and added
+    with a single ``foreach`` call; the parameters are restored by copying back. The
+    probes run while the clean forward's graph is alive, so they write through
+    ``.data``, which leaves autograd's version counters alone.
+    """
+
+    def __init__(self, params: Sequence[Tensor], samples: int, sigma: float, antithetic: bool) -> None:
+        self.params = [p.data for p in params]
+        self.samples = samples
+        self.antithetic = antithetic
+        numel = sum(p.numel() for p in self.params)
+        self.scale = sigma / math.sqrt(numel)
+        self._flats: list[Tensor] = []
+        self._views: list[Tensor] = [torch.empty(0)] * len(self.params)
+        groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, p in enumerate(self.params):
+            groups.setdefault((p.device, p.dtype), []).append(i)
+        for (device, dtype), idx in groups.items():
+            flat = torch.empty(sum(self.params[i].numel() for i in idx), device=device, dtype=dtype)
+            self._flats.append(flat)
+            for i, view in zip(idx, flat.split([self.params[i].numel() for i in idx])):
+                self._views[i] = view.view_as(self.params[i])
+
+    @torch.no_grad()
+    def scores(
+        self,
+        loss_fn: LossFn,
+        batch: Batch,
+        clean_losses: Tensor,
+        random_state: Optional[RandomState],
+        restore: Callable[[], None],
+    ) -> Tensor:
+        """``[n]`` scores; ``restore`` must put the probed parameters back to ``w``."""
+        device = clean_losses.device
+        directions = self.samples // 2 if self.antithetic else self.samples
+        squares = torch.zeros_like(clean_losses, dtype=torch.float32)
+        for _ in range(directions):
+            for flat in self._flats:
+                flat.normal_()
+            try:
+                torch._foreach_add_(self.params, self._views, alpha=self.scale)
+                plus = self._forward(loss_fn, batch, random_state, device)
+                if self.antithetic:
+                    torch._foreach_add_(self.params, self._views, alpha=-2.0 * self.scale)
+                    delta = (plus - self._forward(loss_fn, batch, random_state, device)) / 2
+                else:
+                    delta = plus - clean_losses.detach().float()
+            finally:
+                restore()
+            squares += delta.pow(2)
+        return (squares / directions).sqrt()
+
+    @staticmethod
+    def _forward(loss_fn: LossFn, batch: Batch, random_state: Optional[RandomState], device: torch.device) -> Tensor:
+        if random_state is None:
+            return check_losses(loss_fn(batch), batch, device).float()
+        with random_state.replay():
+            return check_losses(loss_fn(batch), batch, device).float()

@@ -1,0 +1,64 @@
+"""The ascent: from the gradient g to the weight perturbation eps, in batched ops."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+NormReduce = Callable[[Tensor], Tensor]
+"""Turns a local sum of squares into the global one (e.g. an all-reduce across FSDP shards)."""
+
+
+def total_norm(tensors: Sequence[Tensor], reduce_squares: Optional[NormReduce] = None) -> Tensor:
+    """The 2-norm of all ``tensors`` taken as one flat vector, computed with ``foreach`` kernels."""
+    if not tensors:
+        return torch.zeros(())
+    norm = torch.nn.utils.get_total_norm(tensors, norm_type=2.0, foreach=True)
+    if reduce_squares is None:
+        return norm
+    return reduce_squares(norm.pow(2)).sqrt()
+
+
+@torch.no_grad()
+def perturb(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    rho: float,
+    *,
+    adaptive: bool = False,
+    eta: float = 0.0,
+    reduce_squares: Optional[NormReduce] = None,
+) -> tuple[Tensor, Tensor, bool]:
+    """Move ``params`` in place to ``w + eps``.
+
+    SAM: ``eps = rho * g / ||g||``. ASAM (``adaptive``): ``eps = rho * T² g / ||T g||``
+    with ``T = |w| + eta``, element-wise. When ``||g||`` (or ``||T g||``) is zero or
+    not finite, the parameters are left at ``w`` and ``eps = 0``.
+
+    Returns:
+        ``(||g||, ||eps||, applied)``, where ``||g||`` is the norm that normalized eps.
+    """
+    if adaptive:
+        scale = torch._foreach_abs(params)
+        torch._foreach_add_(scale, eta)
+        scaled = torch._foreach_mul(scale, grads)
+        norm = total_norm(scaled, reduce_squares)
+    else:
+        norm = total_norm(grads, reduce_squares)
+    value = norm.item()
+    if not (math.isfinite(value) and value > 0):
+        return norm, torch.zeros_like(norm), False
+    factor = rho / value
+    if adaptive:
+        torch._foreach_mul_(scaled, scale)
+        torch._foreach_mul_(scaled, factor)
+        eps_norm = total_norm(scaled, reduce_squares)
+        torch._foreach_add_(params, scaled)
+    else:
+        eps_norm = torch.as_tensor(rho, dtype=norm.dtype, device=norm.device)
+        torch._foreach_add_(params, grads, alpha=factor)
+    return norm, eps_norm, True

@@ -1,0 +1,56 @@
+"""Instance weights lambda for the δ-SAM perturbation (design: "Why reweight")."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def instance_weights(
+    scores: Tensor,
+    beta: float,
+    *,
+    floor: float = 0.1,
+    clip: tuple[float, float] = (0.1, 10.0),
+) -> Tensor:
+    """Weights ``lambda_i ∝ s_i ** beta``, non-negative and summing to one.
+
+    Second-order matching of the per-instance SAM correction gives
+    ``lambda_i ∝ 1 / ||g_i||`` (``beta = -1``); ``beta = 0`` is uniform, i.e. SAM.
+
+    Args:
+        scores: ``[n]`` non-negative estimates ``s_i`` of the per-instance gradient
+            norms. Non-finite entries count as the largest finite score.
+        beta: the exponent.
+        floor: ``s_i`` is floored at ``floor * median(s)`` so that a vanishing
+            gradient cannot claim all the weight when ``beta < 0``.
+        clip: ``n * lambda_i`` is clipped into ``[low, high]`` before renormalizing.
+
+    Returns:
+        ``[n]`` float64 weights. Computed in log space, they are finite for any input.
+
+    Example:
+        >>> instance_weights(torch.tensor([1.0, 2.0, 4.0]), beta=-1.0, floor=0.0, clip=(0.0, float("inf")))
+        tensor([0.5714, 0.2857, 0.1429], dtype=torch.float64)
+    """
+    if scores.ndim != 1 or scores.numel() == 0:
+        raise ValueError(f"instance_weights needs a non-empty 1-D tensor of scores, got shape {list(scores.shape)}")
+    n = scores.numel()
+    if beta == 0.0:
+        return torch.full((n,), 1.0 / n, dtype=torch.float64, device=scores.device)
+    s = scores.detach().to(torch.float64).abs()
+    finite = torch.isfinite(s)
+    largest = torch.where(finite, s, torch.zeros_like(s)).max()
+    s = torch.where(finite, s, largest)
+    tiny = torch.finfo(torch.float64).tiny
+    s = s.clamp_min(floor * s.median()).clamp_min(tiny)
+    logits = beta * s.log()
+    weights = torch.softmax(logits, dim=0)
+    low, high = clip
+    weights = (n * weights).clamp(low, high)
+    return weights / weights.sum()
+
+
+def effective_sample_size(weights: Tensor) -> Tensor:
+    """``1 / sum_i lambda_i**2``: ``n`` for uniform weights, 1 when one instance has all of it."""
+    return 1.0 / weights.pow(2).sum()

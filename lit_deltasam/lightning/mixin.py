@@ -1,0 +1,283 @@
+"""The Lightning layer: one δ-SAM double step per ``training_step``, in manual optimization.
+
+Everything else stays Lightning's: ``global_step``, loggers, checkpoints, precision
+plugins, strategies, validation, test and predict.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+
+from ..config import DeltaSAMConfig
+from ..core import DeltaSAM, StepResult
+from ..core.batch import Batch
+from ..core.randomness import seeded, step_seed
+from .logging import log_histograms, reduce_over_ranks
+
+
+@dataclass
+class _LoopState:
+    """What the mixin must carry across steps and checkpoints for an exact resume."""
+
+    micro: int = 0
+    """Micro-batches accumulated towards the next optimizer step."""
+    micro_batches: int = 0
+    """Micro-batches run in total; keys each step's random seed."""
+    perturbation_skipped: int = 0
+    steps_skipped: int = 0
+    epochs_scheduled: int = 0
+    """Epochs whose end has stepped the epoch-interval LR schedulers."""
+    base_seed: Optional[int] = None
+
+
+class DeltaSAMMixin:
+    """Sharpness-aware training for a LightningModule: ``class M(DeltaSAMMixin, L.LightningModule)``.
+
+    The user's module:
+
+    * sets ``self.deltasam = DeltaSAMConfig(...)`` (or a mapping of its fields);
+    * implements :meth:`per_sample_loss`, returning one loss per instance, shape ``[n]``;
+    * returns one plain torch optimizer (and optionally LR schedulers) from
+      ``configure_optimizers``.
+
+    The mixin owns ``training_step``. Gradient clipping and accumulation come from
+    ``DeltaSAMConfig`` because Lightning rejects the trainer flags in manual
+    optimization. If you override ``on_train_epoch_end``, ``on_save_checkpoint`` or
+    ``on_load_checkpoint``, call ``super()``.
+
+    Example:
+        >>> class Classifier(DeltaSAMMixin, L.LightningModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.net = nn.Linear(16, 4)
+        ...         self.deltasam = DeltaSAMConfig(method="deltasam", rho=0.05, beta=-1.0)
+        ...     def per_sample_loss(self, batch):
+        ...         x, y = batch
+        ...         return F.cross_entropy(self.net(x), y, reduction="none")
+        ...     def configure_optimizers(self):
+        ...         return torch.optim.AdamW(self.parameters(), lr=1e-3)
+    """
+
+    deltasam: DeltaSAMConfig
+
+    @property
+    def automatic_optimization(self) -> bool:
+        return False
+
+    @automatic_optimization.setter
+    def automatic_optimization(self, value: bool) -> None:
+        if value:
+            raise ValueError("DeltaSAMMixin runs manual optimization; automatic_optimization cannot be set to True")
+
+    def per_sample_loss(self, batch: Batch) -> Tensor:
+        """Per-instance losses of ``batch``, shape ``[n]`` (e.g. ``reduction="none"``)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement per_sample_loss(self, batch) -> Tensor[n]")
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        return self.deltasam_step(batch).loss
+
+    def deltasam_step(self, batch: Batch) -> StepResult:
+        """Run one micro-batch of the double step; step the optimizer at the end of each accumulation window."""
+        module: LightningModule = self  # type: ignore[assignment]
+        cfg = self._deltasam_config()
+        trainer = module.trainer
+        state = self._deltasam_state
+        optimizer = module.optimizers()
+        if isinstance(optimizer, list):
+            raise ValueError(
+                f"DeltaSAMMixin drives exactly one optimizer; configure_optimizers returned {len(optimizer)}"
+            )
+        engine = self._deltasam_engine(cfg)
+        self._deltasam_catch_up_epochs()
+        last = state.micro + 1 >= cfg.accumulate_grad_batches or trainer.is_last_batch
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if state.base_seed is None:
+            state.base_seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
+        seed = step_seed(state.base_seed, state.micro_batches, module.global_rank)
+        with seeded(seed, engine.device) if cfg.seed_steps else nullcontext():
+            result = engine.step(
+                module.per_sample_loss,
+                batch,
+                backward=module.manual_backward,
+                no_sync=getattr(trainer.strategy, "block_backward_sync", nullcontext),
+                sync_descent=last,
+                check_finite=scaler is None,
+            )
+        state.micro += 1
+        state.micro_batches += 1
+        if cfg.perturbs and not result.perturbed:
+            state.perturbation_skipped += 1
+        if last:
+            self._deltasam_optimizer_step(engine, optimizer, cfg, result)
+        self._deltasam_log(cfg, result, last)
+        return result
+
+    def _deltasam_optimizer_step(self, engine: DeltaSAM, optimizer: Any, cfg: DeltaSAMConfig, result: StepResult) -> None:
+        module: LightningModule = self  # type: ignore[assignment]
+        state = self._deltasam_state
+        window, state.micro = state.micro, 0
+        if window > 1:
+            with torch.no_grad():
+                torch._foreach_mul_([p.grad for p in engine.params if p.grad is not None], 1.0 / window)
+        if result.finite is False:
+            state.steps_skipped += 1
+            warnings.warn(
+                f"non-finite loss or gradient at global_step={module.global_step}: the optimizer step is skipped "
+                f"and the weights are unchanged ({state.steps_skipped} skipped so far)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            optimizer.zero_grad(set_to_none=True)
+            return
+        try:
+            if cfg.gradient_clip_val is not None:
+                module.clip_gradients(optimizer, cfg.gradient_clip_val, cfg.gradient_clip_algorithm)
+            optimizer.step()
+        except BaseException:
+            engine.rollback()
+            raise
+        optimizer.zero_grad(set_to_none=True)
+        self._deltasam_step_schedulers("step", module.global_step)
+
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()  # type: ignore[misc]
+        self._deltasam_epoch_end()
+
+    def _deltasam_epoch_end(self) -> None:
+        module: LightningModule = self  # type: ignore[assignment]
+        state = self._deltasam_state
+        if state.epochs_scheduled <= module.current_epoch:
+            state.epochs_scheduled = module.current_epoch + 1
+            self._deltasam_step_schedulers("epoch", state.epochs_scheduled)
+
+    def _deltasam_catch_up_epochs(self) -> None:
+        """Step the epoch schedulers of epochs whose end hook was overridden without ``super()``."""
+        module: LightningModule = self  # type: ignore[assignment]
+        state = self._deltasam_state
+        while state.epochs_scheduled < module.current_epoch:
+            warnings.warn(
+                "on_train_epoch_end was overridden without calling super(); DeltaSAMMixin steps the epoch-interval "
+                "LR schedulers late, at the next epoch's first batch",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            state.epochs_scheduled += 1
+            self._deltasam_step_schedulers("epoch", state.epochs_scheduled)
+
+    def _deltasam_step_schedulers(self, interval: str, count: int) -> None:
+        """Lightning's scheduler rules (interval, frequency, ReduceLROnPlateau monitor) in manual optimization."""
+        module: LightningModule = self  # type: ignore[assignment]
+        trainer = module.trainer
+        for config in trainer.lr_scheduler_configs:
+            if config.interval != interval or count % config.frequency:
+                continue
+            metric = None
+            if config.reduce_on_plateau:
+                metric = trainer.callback_metrics.get(config.monitor)
+                if metric is None:
+                    if config.strict:
+                        raise MisconfigurationException(
+                            f"ReduceLROnPlateau conditioned on metric {config.monitor!r}, which is not available; "
+                            f"available metrics are {sorted(trainer.callback_metrics)}"
+                        )
+                    continue
+            module.lr_scheduler_step(config.scheduler, metric)
+
+    def _deltasam_log(self, cfg: DeltaSAMConfig, result: StepResult, last: bool) -> None:
+        module: LightningModule = self  # type: ignore[assignment]
+        state = self._deltasam_state
+        means: dict[str, Tensor] = {"train/loss": result.loss}
+        maxima: dict[str, Tensor] = {}
+        if result.perturbed_losses is not None:
+            means["sam/perturbed_loss"] = result.perturbed_loss  # type: ignore[assignment]
+            means["sam/sharpness"] = result.sharpness  # type: ignore[assignment]
+        if result.grad_norm is not None and result.eps_norm is not None:
+            means["sam/grad_norm"] = result.grad_norm
+            means["sam/eps_norm"] = result.eps_norm
+        if result.weights is not None:
+            means["sam/ess"] = result.effective_sample_size  # type: ignore[assignment]
+            maxima["sam/max_weight"] = result.max_weight  # type: ignore[assignment]
+        if result.update_norm is not None:
+            means["sam/update_norm"] = result.update_norm
+        if cfg.perturbs:
+            means["sam/perturbation_skipped"] = torch.tensor(state.perturbation_skipped / max(state.micro_batches, 1))
+        means["sam/steps_skipped"] = torch.tensor(float(state.steps_skipped))
+        metrics = reduce_over_ranks(means, maxima, device=result.losses.device)
+        loss = metrics.pop("train/loss")
+        module.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        module.log_dict(metrics, on_step=True, on_epoch=False)
+        every = cfg.histogram_every_n_steps
+        if last and every and module.global_step % every == 0 and result.weights is not None:
+            log_histograms(module, {"sam/lambda": result.weights, "sam/loss_change": result.loss_change})
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
+        state = self._deltasam_state
+        saved: dict[str, Any] = {"state": asdict(state)}
+        engine = self.__dict__.get("_deltasam_engine_cache")
+        if state.micro and engine is not None:
+            saved["grads"] = [None if p.grad is None else p.grad.detach().clone() for p in engine[1].params]
+        checkpoint["deltasam"] = saved
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+        saved = checkpoint.get("deltasam")
+        if saved is None:
+            warnings.warn(
+                "the checkpoint holds no DeltaSAMMixin state (was on_save_checkpoint overridden without super()?); "
+                "the resumed run will not repeat the original's random draws",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return
+        known = {f.name for f in fields(_LoopState)}
+        self.__dict__["_deltasam_loop_state"] = _LoopState(**{k: v for k, v in saved["state"].items() if k in known})
+        self.__dict__["_deltasam_pending_grads"] = saved.get("grads")
+
+    @property
+    def _deltasam_state(self) -> _LoopState:
+        state = self.__dict__.get("_deltasam_loop_state")
+        if state is None:
+            state = self.__dict__["_deltasam_loop_state"] = _LoopState()
+        return state
+
+    def _deltasam_config(self) -> DeltaSAMConfig:
+        cfg = getattr(self, "deltasam", None)
+        if isinstance(cfg, DeltaSAMConfig):
+            return cfg
+        if isinstance(cfg, Mapping):
+            self.deltasam = cfg = DeltaSAMConfig(**{k: v for k, v in cfg.items() if k != "_target_"})
+            return cfg
+        raise TypeError(
+            f"{type(self).__name__}.deltasam must be a DeltaSAMConfig (set self.deltasam = DeltaSAMConfig(...) in "
+            f"__init__), got {type(cfg).__name__}"
+        )
+
+    def _deltasam_engine(self, cfg: DeltaSAMConfig) -> DeltaSAM:
+        module: LightningModule = self  # type: ignore[assignment]
+        optimizer = module.optimizers(use_pl_optimizer=False)
+        cached = self.__dict__.get("_deltasam_engine_cache")
+        if cached is not None and cached[0] == (id(optimizer), cfg):
+            return cached[1]
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        strategy = module.trainer.strategy
+        reduce_squares = None
+        if "fsdp" in type(strategy).__name__.lower():
+            reduce_squares = lambda squares: strategy.reduce(squares, reduce_op="sum")  # noqa: E731
+        engine = DeltaSAM(module, cfg, params, reduce_squares=reduce_squares)
+        pending = self.__dict__.pop("_deltasam_pending_grads", None)
+        if pending is not None:
+            for p, g in zip(engine.params, pending):
+                p.grad = None if g is None else g.to(device=p.device, dtype=p.dtype)
+        self.__dict__["_deltasam_engine_cache"] = ((id(optimizer), cfg), engine)
+        return engine
