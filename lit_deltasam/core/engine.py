@@ -227,7 +227,7 @@ class DeltaSAM:
             yield
 
     def _erm(self, loss_fn, batch, grads_before, backward, no_sync, sync_descent) -> StepResult:
-        put_grads(self.params, grads_before)
+        put_grads(self.params, grads_before, copy=True)
         losses = check_losses(loss_fn(batch), batch, self.device)
         with self._descent_sync(no_sync, sync_descent):
             backward(losses.mean())
@@ -237,7 +237,7 @@ class DeltaSAM:
         update, losses, perturbed = self._instances.sam_gradient(
             loss_fn, batch, self.config.rho, self._params_before
         )
-        put_grads(self.params, grads_before)
+        put_grads(self.params, grads_before, copy=True)
         # d/dp sum_p <p, G_p> = G: routes G through the caller's backward (loss scaling, DDP all-reduce).
         surrogate = torch.stack([t.sum() for t in torch._foreach_mul(self.params, update)]).sum()
         with self._descent_sync(no_sync, sync_descent):
@@ -267,7 +267,7 @@ class DeltaSAM:
                 reduce_squares=self.reduce_squares,
             )
             del with_grad
-            put_grads(self.params, grads_before)
+            put_grads(self.params, grads_before, copy=True)
             with random_state.replay() if random_state is not None else nullcontext():
                 perturbed = check_losses(loss_fn(batch), batch, self.device)
             if cfg.weighted_descent:

@@ -57,12 +57,11 @@ def take_grads(params: Sequence[Tensor]) -> list[Optional[Tensor]]:
     return grads
 
 
-def put_grads(params: Sequence[Tensor], grads: Sequence[Optional[Tensor]]) -> None:
+def put_grads(params: Sequence[Tensor], grads: Sequence[Optional[Tensor]], *, copy: bool = False) -> None:
     """Install ``grads`` as the ``.grad`` of each parameter.
 
-    While the caller still holds ``grads``, autograd accumulates into new tensors
-    (out of place) rather than into these ones, so the list stays a pristine record
-    of the gradients before the backward.
+    A backward adds into an existing ``.grad`` in place, so ``copy=True`` installs
+    clones and keeps ``grads`` a pristine record that a failed step can restore.
     """
     for p, g in zip(params, grads):
-        p.grad = g
+        p.grad = g.clone() if copy and g is not None else g

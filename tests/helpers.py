@@ -1,0 +1,140 @@
+"""Small models with closed-form gradients, and a tiny LightningModule using the mixin."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lit_deltasam import DeltaSAMConfig, DeltaSAMMixin
+
+EXACT_WEIGHTS = dict(weight_floor=0.0, weight_min=0.0, weight_max=float("inf"))
+"""Weighting options that switch off the floor and the clip, so lambda ∝ s**beta exactly."""
+
+
+class LeastSquares(nn.Module):
+    """l_i(w) = (x_i·w - y_i)² / 2, whose per-instance gradients are (x_i·w - y_i) x_i."""
+
+    def __init__(self, w: Tensor) -> None:
+        super().__init__()
+        self.w = nn.Parameter(w.clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x @ self.w
+
+    def losses(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        x, y = batch
+        return 0.5 * (self(x) - y) ** 2
+
+
+def least_squares_problem(n: int = 8, d: int = 5, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = torch.randn(n, generator=g, dtype=torch.float64)
+    w = torch.randn(d, generator=g, dtype=torch.float64)
+    return x, y, w
+
+
+def ls_grad(x: Tensor, y: Tensor, v: Tensor) -> Tensor:
+    """Gradient of the mean least-squares loss at v."""
+    return x.T @ (x @ v - y) / x.shape[0]
+
+
+def ls_instance_grads(x: Tensor, y: Tensor, v: Tensor) -> Tensor:
+    return (x @ v - y)[:, None] * x
+
+
+class MLP(nn.Module):
+    def __init__(self, d_in: int = 6, hidden: int = 12, classes: int = 3, dropout: float = 0.0, batchnorm: bool = False):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Linear(d_in, hidden)]
+        if batchnorm:
+            layers.append(nn.BatchNorm1d(hidden))
+        layers += [nn.Tanh(), nn.Dropout(dropout), nn.Linear(hidden, classes)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def losses(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y, reduction="none")
+
+
+def classification_data(n: int = 64, d: int = 6, classes: int = 3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return x, y
+
+
+class TinyModule(DeltaSAMMixin, L.LightningModule):
+    """A classifier with the mixin; optimizer and scheduler chosen per test."""
+
+    def __init__(
+        self,
+        config: DeltaSAMConfig,
+        lr: float = 0.1,
+        optimizer: str = "sgd",
+        scheduler: dict | None = None,
+        dropout: float = 0.0,
+        batchnorm: bool = False,
+    ) -> None:
+        super().__init__()
+        self.model = MLP(dropout=dropout, batchnorm=batchnorm)
+        self.deltasam = config
+        self.lr = lr
+        self.optimizer_name = optimizer
+        self.scheduler = scheduler
+
+    def per_sample_loss(self, batch):
+        return self.model.losses(batch)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", self.model.losses(batch).mean())
+
+    def configure_optimizers(self):
+        params = self.parameters()
+        if self.optimizer_name == "sgd":
+            opt = torch.optim.SGD(params, lr=self.lr)
+        else:
+            opt = torch.optim.AdamW(params, lr=self.lr)
+        if self.scheduler is None:
+            return opt
+        kind = self.scheduler.get("kind", "step")
+        if kind == "plateau":
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5)
+        else:
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        conf = {k: v for k, v in self.scheduler.items() if k != "kind"}
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, **conf}}
+
+
+def loader(n: int = 64, batch_size: int = 8, seed: int = 0, shuffle: bool = False):
+    from torchdata.stateful_dataloader import StatefulDataLoader
+    from torchdata.stateful_dataloader.sampler import RandomSampler
+
+    x, y = classification_data(n, seed=seed)
+    data = torch.utils.data.TensorDataset(x, y)
+    sampler = RandomSampler(data, generator=torch.Generator().manual_seed(seed)) if shuffle else None
+    return StatefulDataLoader(data, batch_size=batch_size, sampler=sampler)
+
+
+def trainer(**kwargs) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        deterministic=True,
+    )
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)
+
+
+def flat_params(module: nn.Module) -> Tensor:
+    return torch.cat([p.detach().reshape(-1).clone() for p in module.parameters()])

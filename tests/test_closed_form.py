@@ -1,0 +1,194 @@
+"""Each method's update against a closed form or a brute-force loop."""
+
+import pytest
+import torch
+from helpers import (
+    EXACT_WEIGHTS,
+    MLP,
+    LeastSquares,
+    classification_data,
+    least_squares_problem,
+    ls_grad,
+    ls_instance_grads,
+)
+
+from lit_deltasam import DeltaSAM, DeltaSAMConfig
+
+RHO, LR = 0.1, 0.05
+
+
+def sgd_step(model, config, batch):
+    """One engine step followed by one SGD step; returns the new weights and the step result."""
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    result = DeltaSAM(model, config).step(model.losses, batch)
+    opt.step()
+    return model.w.detach().clone(), result
+
+
+def test_sam_least_squares_closed_form():
+    x, y, w = least_squares_problem()
+    new_w, result = sgd_step(LeastSquares(w), DeltaSAMConfig(method="sam", rho=RHO), (x, y))
+    g = ls_grad(x, y, w)
+    expected = w - LR * ls_grad(x, y, w + RHO * g / g.norm())
+    torch.testing.assert_close(new_w, expected, atol=1e-6, rtol=0)
+    assert result.eps_norm.item() == pytest.approx(RHO)
+    assert result.grad_norm.item() == pytest.approx(g.norm().item())
+
+
+def test_asam_least_squares_closed_form():
+    x, y, w = least_squares_problem()
+    eta = 0.01
+    new_w, _ = sgd_step(LeastSquares(w), DeltaSAMConfig(method="asam", rho=RHO, asam_eta=eta), (x, y))
+    g = ls_grad(x, y, w)
+    t = w.abs() + eta
+    eps = RHO * t * t * g / (t * g).norm()
+    torch.testing.assert_close(new_w, w - LR * ls_grad(x, y, w + eps), atol=1e-6, rtol=0)
+
+
+def test_erm_is_the_plain_gradient_step():
+    x, y, w = least_squares_problem()
+    new_w, result = sgd_step(LeastSquares(w), DeltaSAMConfig(method="erm"), (x, y))
+    torch.testing.assert_close(new_w, w - LR * ls_grad(x, y, w), atol=1e-12, rtol=0)
+    assert result.perturbed_losses is None
+
+
+@pytest.mark.parametrize("estimator", ["head", "probe", "exact"])
+def test_deltasam_with_beta_zero_is_sam(estimator):
+    x, y = classification_data()
+    batch = (x, y)
+    updates = []
+    for config in (
+        DeltaSAMConfig(method="sam", rho=RHO),
+        DeltaSAMConfig(method="deltasam", rho=RHO, beta=0.0, estimator=estimator),
+    ):
+        torch.manual_seed(1)
+        model = MLP()
+        DeltaSAM(model, config).step(model.losses, batch)
+        updates.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*updates):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("estimator", ["head", "probe", "exact"])
+def test_deltasam_tends_to_sam_as_beta_tends_to_zero(estimator):
+    """The reweighted ascent itself (not the beta == 0 shortcut) reduces to SAM."""
+    x, y = classification_data()
+    updates = []
+    for config in (
+        DeltaSAMConfig(method="sam", rho=RHO),
+        DeltaSAMConfig(method="deltasam", rho=RHO, beta=1e-9, estimator=estimator),
+    ):
+        torch.manual_seed(1)
+        model = MLP().double()
+        result = DeltaSAM(model, config).step(model.losses, (x.double(), y))
+        updates.append([p.grad.clone() for p in model.parameters()])
+        torch.testing.assert_close(result.weights, torch.full_like(result.weights, 1 / x.shape[0]))
+    for a, b in zip(*updates):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=0)
+
+
+def test_beta_minus_one_with_exact_scores_perturbs_along_the_sum_of_unit_gradients():
+    x, y, w = least_squares_problem()
+    config = DeltaSAMConfig(method="deltasam", rho=RHO, beta=-1.0, estimator="exact", **EXACT_WEIGHTS)
+    new_w, result = sgd_step(LeastSquares(w), config, (x, y))
+    g_i = ls_instance_grads(x, y, w)
+    direction = (g_i / g_i.norm(dim=1, keepdim=True)).sum(0)
+    eps = RHO * direction / direction.norm()
+    torch.testing.assert_close(new_w, w - LR * ls_grad(x, y, w + eps), atol=1e-6, rtol=0)
+    inverse_norms = 1 / g_i.norm(dim=1)
+    torch.testing.assert_close(result.weights, inverse_norms / inverse_norms.sum())
+
+
+def test_weighted_descent_uses_lambda_at_the_perturbed_point():
+    x, y, w = least_squares_problem()
+    config = DeltaSAMConfig(
+        method="deltasam", rho=RHO, beta=-1.0, estimator="exact", weighted_descent=True, **EXACT_WEIGHTS
+    )
+    new_w, result = sgd_step(LeastSquares(w), config, (x, y))
+    g_i = ls_instance_grads(x, y, w)
+    lam = (1 / g_i.norm(dim=1)) / (1 / g_i.norm(dim=1)).sum()
+    direction = (lam[:, None] * g_i).sum(0)
+    moved = w + RHO * direction / direction.norm()
+    expected = w - LR * (lam[:, None] * ls_instance_grads(x, y, moved)).sum(0)
+    torch.testing.assert_close(new_w, expected, atol=1e-6, rtol=0)
+
+
+def test_head_scores_are_the_exact_norms_when_the_head_is_the_whole_model():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(6, 3).double()
+    x, y = classification_data()
+    x = x.double()
+
+    def losses(batch):
+        return torch.nn.functional.cross_entropy(head(batch[0]), batch[1], reduction="none")
+
+    norms = []
+    for i in range(x.shape[0]):
+        grads = torch.autograd.grad(losses((x[i : i + 1], y[i : i + 1]))[0], list(head.parameters()))
+        norms.append(torch.cat([g.reshape(-1) for g in grads]).norm())
+    expected = torch.stack(norms)
+    for estimator in ("head", "exact"):
+        config = DeltaSAMConfig(method="deltasam", rho=RHO, beta=-1.0, estimator=estimator, **EXACT_WEIGHTS)
+        result = DeltaSAM(head, config).step(losses, (x, y))
+        torch.testing.assert_close(result.weights, (1 / expected) / (1 / expected).sum())
+
+
+@pytest.mark.parametrize("impl", ["vmap", "loop"])
+def test_per_instance_least_squares_closed_form(impl):
+    x, y, w = least_squares_problem()
+    config = DeltaSAMConfig(method="per_instance", rho=RHO, per_instance_impl=impl, per_instance_chunk=3)
+    new_w, result = sgd_step(LeastSquares(w), config, (x, y))
+    g_i = ls_instance_grads(x, y, w)
+    moved = w + RHO * g_i / g_i.norm(dim=1, keepdim=True)
+    per_instance = torch.stack([(x[i] @ moved[i] - y[i]) * x[i] for i in range(x.shape[0])])
+    torch.testing.assert_close(new_w, w - LR * per_instance.mean(0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(result.perturbed_losses, 0.5 * ((x * moved).sum(1) - y) ** 2)
+
+
+@pytest.mark.parametrize("impl", ["vmap", "loop"])
+def test_per_instance_equals_an_explicit_loop_over_instances(impl):
+    torch.manual_seed(0)
+    model = MLP().double()
+    x, y = classification_data(n=10)
+    x = x.double()
+    params = list(model.parameters())
+    expected = [torch.zeros_like(p) for p in params]
+    for i in range(x.shape[0]):
+        batch = (x[i : i + 1], y[i : i + 1])
+        grads = torch.autograd.grad(model.losses(batch)[0], params)
+        norm = torch.cat([g.reshape(-1) for g in grads]).norm()
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p.add_(RHO * g / norm)
+        moved = torch.autograd.grad(model.losses(batch)[0], params)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p.sub_(RHO * g / norm)
+        for acc, g in zip(expected, moved):
+            acc += g / x.shape[0]
+    before = [p.detach().clone() for p in params]
+    config = DeltaSAMConfig(method="per_instance", rho=RHO, per_instance_impl=impl, per_instance_chunk=4)
+    DeltaSAM(model, config).step(model.losses, (x, y))
+    for p, b, e in zip(params, before, expected):
+        torch.testing.assert_close(p.grad, e, atol=1e-10, rtol=0)
+        torch.testing.assert_close(p.detach(), b, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["erm", "sam", "deltasam", "per_instance"])
+def test_accumulating_micro_batches_sums_their_updates(method):
+    x, y = classification_data(n=24)
+    halves = [(x[:12], y[:12]), (x[12:], y[12:])]
+    config = DeltaSAMConfig(method=method, rho=RHO, estimator="exact")
+    torch.manual_seed(3)
+    model = MLP()
+    separate = []
+    for batch in halves:
+        model.zero_grad(set_to_none=True)
+        DeltaSAM(model, config).step(model.losses, batch)
+        separate.append([p.grad.clone() for p in model.parameters()])
+    model.zero_grad(set_to_none=True)
+    sam = DeltaSAM(model, config)
+    for batch in halves:
+        sam.step(model.losses, batch)
+    for p, a, b in zip(model.parameters(), *separate):
+        torch.testing.assert_close(p.grad, a + b, atol=1e-6, rtol=0)

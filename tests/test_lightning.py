@@ -1,0 +1,207 @@
+"""The mixin keeps everything Lightning does: steps, schedulers, precision, checkpoints, resume."""
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+from helpers import TinyModule, classification_data, flat_params, loader, trainer
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.plugins import MixedPrecision
+
+from lit_deltasam import DeltaSAM, DeltaSAMConfig
+
+METHODS = [
+    dict(method="erm"),
+    dict(method="sam"),
+    dict(method="asam"),
+    dict(method="deltasam", estimator="head"),
+    dict(method="deltasam", estimator="probe"),
+    dict(method="deltasam", estimator="exact"),
+    dict(method="per_instance"),
+]
+
+
+class CountSteps(Callback):
+    def __init__(self):
+        self.steps = 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.steps += 1
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_global_step_counts_optimizer_steps(accumulate):
+    counter = CountSteps()
+    module = TinyModule(DeltaSAMConfig(method="deltasam", accumulate_grad_batches=accumulate))
+    fit = trainer(max_epochs=2, callbacks=[counter])
+    fit.fit(module, loader(n=64, batch_size=8))
+    per_epoch = -(-8 // accumulate)  # the last, partial window steps at the end of the epoch
+    assert counter.steps == 2 * per_epoch
+    assert fit.global_step == counter.steps
+
+
+def test_accumulated_update_is_the_mean_of_micro_batch_updates():
+    config = DeltaSAMConfig(method="deltasam", rho=0.1, accumulate_grad_batches=2)
+    module = TinyModule(config, lr=0.5)
+    reference = copy.deepcopy(module.model)
+    trainer(max_steps=1).fit(module, loader(n=16, batch_size=8))
+    x, y = classification_data(n=16)
+    updates = []
+    for batch in ((x[:8], y[:8]), (x[8:], y[8:])):
+        reference.zero_grad(set_to_none=True)
+        DeltaSAM(reference, config).step(reference.losses, batch)
+        updates.append([p.grad.clone() for p in reference.parameters()])
+    for p, ref, g1, g2 in zip(module.model.parameters(), reference.parameters(), *updates):
+        torch.testing.assert_close(p.detach(), ref.detach() - 0.5 * (g1 + g2) / 2, atol=1e-6, rtol=0)
+
+
+def test_clipping_acts_on_the_descent_gradient_only():
+    clip = 1e-3
+    config = DeltaSAMConfig(method="sam", rho=0.1, gradient_clip_val=clip)
+    module = TinyModule(config, lr=1.0)
+    reference = copy.deepcopy(module.model)
+    results = []
+    module.deltasam_step = lambda batch, f=module.deltasam_step: results.append(f(batch)) or results[-1]
+    trainer(max_steps=1).fit(module, loader(n=8, batch_size=8))
+    DeltaSAM(reference, DeltaSAMConfig(method="sam", rho=0.1)).step(reference.losses, classification_data(n=8))
+    grads = [p.grad for p in reference.parameters()]
+    norm = torch.cat([g.reshape(-1) for g in grads]).norm()
+    assert norm > 10 * clip
+    assert results[0].eps_norm.item() == pytest.approx(0.1)  # the ascent used the unclipped gradient
+    for p, ref, g in zip(module.model.parameters(), reference.parameters(), grads):
+        torch.testing.assert_close(p.detach(), ref.detach() - g * clip / norm, atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "scheduler,expected",
+    [
+        (dict(kind="step", interval="step", frequency=2), lambda steps, epochs: 0.5 ** (steps // 2)),
+        (dict(kind="step", interval="epoch", frequency=1), lambda steps, epochs: 0.5**epochs),
+        (dict(kind="step", interval="epoch", frequency=2), lambda steps, epochs: 0.5 ** (epochs // 2)),
+    ],
+)
+def test_lr_schedulers_follow_interval_and_frequency(scheduler, expected):
+    module = TinyModule(DeltaSAMConfig(method="sam", accumulate_grad_batches=2), scheduler=scheduler)
+    fit = trainer(max_epochs=3)
+    fit.fit(module, loader(n=48, batch_size=8))
+    lr = module.optimizers().param_groups[0]["lr"]
+    assert lr == pytest.approx(0.1 * expected(fit.global_step, 3))
+
+
+def test_plateau_scheduler_reads_its_monitor():
+    scheduler = dict(kind="plateau", interval="epoch", frequency=1, monitor="val/loss")
+    module = TinyModule(DeltaSAMConfig(method="sam"), scheduler=scheduler)
+    fit = trainer(max_epochs=3)
+    fit.fit(module, loader(n=32), loader(n=16, seed=1))
+    assert fit.lr_scheduler_configs[0].scheduler.last_epoch == 3
+
+
+@pytest.mark.parametrize("options", METHODS)
+def test_checkpoints_and_validation_never_see_perturbed_weights(options, tmp_path):
+    """With lr = 0 every weight any hook or checkpoint sees must be the initial weight, bit for bit."""
+    module = TinyModule(DeltaSAMConfig(rho=1.0, **options), lr=0.0, dropout=0.1)
+    initial = flat_params(module)
+
+    class Watch(Callback):
+        def check(self, pl_module):
+            assert torch.equal(flat_params(pl_module), initial)
+
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            self.check(pl_module)
+
+        def on_validation_start(self, trainer, pl_module):
+            self.check(pl_module)
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1)
+    fit = trainer(max_steps=3, callbacks=[Watch(), ckpt], enable_checkpointing=True, val_check_interval=2)
+    fit.fit(module, loader(n=32), loader(n=16, seed=1))
+    saved = sorted(tmp_path.glob("*.ckpt"))
+    assert len(saved) == 3
+    for path in saved:
+        state = torch.load(path, weights_only=False)["state_dict"]
+        assert torch.equal(torch.cat([v.reshape(-1) for k, v in state.items() if "running" not in k and "num_batches" not in k]), initial)
+
+
+@pytest.mark.parametrize("options", METHODS)
+def test_bf16_mixed_precision(options):
+    module = TinyModule(DeltaSAMConfig(**options))
+    fit = trainer(max_steps=3, precision="bf16-mixed")
+    fit.fit(module, loader())
+    assert fit.global_step == 3
+    assert torch.isfinite(flat_params(module)).all()
+
+
+class ScaleWatch(Callback):
+    """Records, per optimizer step, the loss scale before the step and whether the weights moved."""
+
+    def __init__(self):
+        self.records = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.before = flat_params(pl_module)
+        self.scale = trainer.precision_plugin.scaler.get_scale()
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        moved = not torch.equal(flat_params(pl_module), self.before)
+        self.records.append((self.scale, trainer.precision_plugin.scaler.get_scale(), moved))
+
+
+@pytest.mark.parametrize("options", [dict(method="sam"), dict(method="deltasam", estimator="probe")])
+def test_fp16_scaler_skips_overflowing_steps_and_never_unscales_twice(options):
+    """CPU fp16 autocast with a GradScaler whose first scales overflow, with clipping (which unscales)."""
+    watch = ScaleWatch()
+    module = TinyModule(DeltaSAMConfig(gradient_clip_val=1.0, **options))
+    plugin = MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=2.0**20))
+    fit = trainer(max_steps=12, plugins=[plugin], callbacks=[watch])
+    fit.fit(module, loader(n=96))
+    skipped = [r for r in watch.records if r[1] < r[0]]
+    taken = [r for r in watch.records if r[1] >= r[0]]
+    assert skipped and taken
+    assert not any(moved for _, _, moved in skipped)
+    assert all(moved for _, _, moved in taken)
+    assert torch.isfinite(flat_params(module)).all()
+
+
+class SaveAt(Callback):
+    """Saves a checkpoint after the given training batches (indices counted across epochs)."""
+
+    def __init__(self, directory, at):
+        self.directory, self.at, self.seen = directory, set(at), 0
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        if self.seen in self.at:
+            trainer.save_checkpoint(self.directory / f"batch{self.seen}.ckpt")
+        self.seen += 1
+
+
+RESUME_CONFIGS = [
+    dict(method="deltasam", estimator="probe", accumulate_grad_batches=2),
+    dict(method="sam", accumulate_grad_batches=1),
+    dict(method="per_instance", per_instance_impl="loop", accumulate_grad_batches=1),
+]
+
+
+@pytest.mark.parametrize("options", RESUME_CONFIGS)
+@pytest.mark.parametrize("at", [9, 10])
+def test_resume_from_a_mid_epoch_checkpoint_is_exact(options, at, tmp_path):
+    """Batch 9 ends an accumulation window mid-epoch, batch 10 is inside one."""
+    L.seed_everything(7)
+
+    def run(ckpt_path=None, callbacks=()):
+        module = TinyModule(
+            DeltaSAMConfig(rho=0.2, **options),
+            optimizer="adamw",
+            lr=0.01,
+            dropout=0.2,
+            scheduler=dict(kind="step", interval="step", frequency=3),
+        )
+        fit = trainer(max_epochs=3, callbacks=list(callbacks))
+        fit.fit(module, loader(n=64, shuffle=True), ckpt_path=ckpt_path)
+        return module, fit
+
+    full, full_fit = run(callbacks=[SaveAt(tmp_path, [at])])
+    resumed, resumed_fit = run(ckpt_path=tmp_path / f"batch{at}.ckpt")
+    assert resumed_fit.global_step == full_fit.global_step
+    assert torch.equal(flat_params(resumed), flat_params(full))
+    assert resumed.optimizers().param_groups[0]["lr"] == full.optimizers().param_groups[0]["lr"]

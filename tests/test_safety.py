@@ -1,0 +1,169 @@
+"""Weights, buffers and gradients survive every failure; BatchNorm and dropout interact correctly."""
+
+import pytest
+import torch
+from helpers import MLP, classification_data
+
+from lit_deltasam import DeltaSAM, DeltaSAMConfig
+from lit_deltasam.core.guardedness import Prober
+from lit_deltasam.core.randomness import RandomState
+from lit_deltasam.core.state import Snapshot
+
+
+class Boom(Exception):
+    pass
+
+
+def state_of(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_bit_identical(model, before):
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def failing_on_call(model, fail_at, exc=Boom):
+    """A per-sample loss that raises on its ``fail_at``-th call (1-based) after computing the forward."""
+    calls = {"n": 0}
+
+    def losses(batch):
+        calls["n"] += 1
+        out = model.losses(batch)
+        if calls["n"] == fail_at:
+            raise exc("injected")
+        return out
+
+    return losses
+
+
+METHOD_CALLS = [
+    # (config, call that runs at perturbed or probed weights)
+    (dict(method="sam"), 2),
+    (dict(method="asam"), 2),
+    (dict(method="deltasam", estimator="head"), 2),
+    (dict(method="deltasam", estimator="probe", probe_samples=2), 2),
+    (dict(method="deltasam", estimator="probe", probe_samples=2), 4),
+    (dict(method="deltasam", estimator="exact", per_instance_impl="loop"), 3),
+    (dict(method="per_instance", per_instance_impl="loop"), 2),
+]
+
+
+@pytest.mark.parametrize("exc", [Boom, KeyboardInterrupt])
+@pytest.mark.parametrize("options,fail_at", METHOD_CALLS)
+def test_exception_in_a_perturbed_forward_leaves_everything_bit_identical(options, fail_at, exc):
+    torch.manual_seed(0)
+    model = MLP(dropout=0.1)
+    batch = classification_data(n=8)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    grads = [p.grad.clone() for p in model.parameters()]
+    before = state_of(model)
+    sam = DeltaSAM(model, DeltaSAMConfig(rho=0.5, **options))
+    with pytest.raises(exc):
+        sam.step(failing_on_call(model, fail_at, exc), batch)
+    assert_bit_identical(model, before)
+    for p, g in zip(model.parameters(), grads):
+        assert torch.equal(p.grad, g)
+
+
+def test_exception_in_the_descent_backward_restores_weights_and_accumulated_grads():
+    torch.manual_seed(0)
+    model = MLP(batchnorm=True)
+    batch = classification_data(n=8)
+    sam = DeltaSAM(model, DeltaSAMConfig(method="sam", rho=0.5))
+    sam.step(model.losses, batch)
+    grads = [p.grad.clone() for p in model.parameters()]
+    before = state_of(model)
+    calls = {"n": 0}
+
+    def backward(loss):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            model.net[0].weight.register_hook(lambda g: (_ for _ in ()).throw(Boom("in backward")))
+        loss.backward()
+
+    with pytest.raises(Boom):
+        sam.step(model.losses, batch, backward=backward)
+    assert_bit_identical(model, before)
+    for p, g in zip(model.parameters(), grads):
+        assert torch.equal(p.grad, g)
+
+
+def test_rollback_undoes_a_failed_optimizer_step():
+    torch.manual_seed(0)
+    model = MLP(batchnorm=True)
+    before = state_of(model)
+    sam = DeltaSAM(model, DeltaSAMConfig(method="deltasam", rho=0.5))
+    sam.step(model.losses, classification_data(n=8))
+    torch.optim.SGD(model.parameters(), lr=1.0).step()
+    sam.rollback()
+    assert_bit_identical(model, before)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(method="sam"), dict(method="deltasam", estimator="head"), dict(method="deltasam", estimator="probe")],
+)
+def test_batchnorm_statistics_are_those_of_the_clean_pass(options):
+    torch.manual_seed(0)
+    model = MLP(batchnorm=True)
+    batch = classification_data(n=16)
+    reference = MLP(batchnorm=True)
+    reference.load_state_dict(model.state_dict())
+    reference.losses(batch)  # one clean training-mode forward
+    DeltaSAM(model, DeltaSAMConfig(rho=0.5, **options)).step(model.losses, batch)
+    bn, ref = model.net[1], reference.net[1]
+    assert torch.equal(bn.running_mean, ref.running_mean)
+    assert torch.equal(bn.running_var, ref.running_var)
+    assert bn.num_batches_tracked.item() == 1
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_compared_forwards_share_dropout_masks(share):
+    torch.manual_seed(0)
+    model = MLP(dropout=0.5)
+    batch = classification_data(n=32)
+    result = DeltaSAM(model, DeltaSAMConfig(method="sam", rho=0.0, share_dropout=share)).step(model.losses, batch)
+    same = torch.equal(result.losses, result.perturbed_losses)
+    assert same == share
+
+
+def test_shared_masks_make_probe_deltas_noise_free():
+    """With a vanishing probe radius the loss changes vanish only if the masks are shared."""
+    torch.manual_seed(0)
+    model = MLP(dropout=0.5).double()
+    x, y = classification_data(n=16)
+    batch = (x.double(), y)
+    params = list(model.parameters())
+    prober = Prober(params, samples=4, sigma=1e-9, antithetic=False)
+    snapshot = Snapshot(params)
+    snapshot.capture()
+    scores = {}
+    for share in (True, False):
+        state = RandomState(torch.device("cpu"))
+        state.capture()
+        losses = model.losses(batch)
+        scores[share] = prober.scores(model.losses, batch, losses, state if share else None, snapshot.restore)
+    assert scores[True].max() < 1e-6
+    assert scores[False].max() > 1e-2
+
+
+def test_zero_gradient_gives_zero_perturbation():
+    model = MLP()
+    for p in model.parameters():
+        torch.nn.init.zeros_(p)
+    x, _ = classification_data(n=4)
+    result = DeltaSAM(model, DeltaSAMConfig(method="sam")).step(lambda b: (model(b[0]) * 0).sum(1), (x, x))
+    assert not result.perturbed
+    assert result.eps_norm.item() == 0.0
+
+
+def test_non_finite_loss_is_reported_and_weights_stay():
+    model = MLP()
+    before = state_of(model)
+    x, y = classification_data(n=4)
+    result = DeltaSAM(model, DeltaSAMConfig(method="sam")).step(lambda b: model.losses(b) * float("nan"), (x, y))
+    assert result.finite is False
+    assert not result.perturbed
+    assert_bit_identical(model, before)

@@ -1,0 +1,119 @@
+"""Bad input fails early with an error that names the bad value and the valid choices."""
+
+import math
+
+import pytest
+import torch
+from helpers import MLP, TinyModule, classification_data, loader, trainer
+
+from lit_deltasam import DeltaSAM, DeltaSAMConfig
+
+
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        (dict(rho=-0.1), r"rho=-0.1 .*\[0.0, inf\]"),
+        (dict(rho=math.inf), r"rho=inf"),
+        (dict(method="sharp"), r"method='sharp' .*\['erm', 'sam', 'asam', 'deltasam', 'per_instance'\]"),
+        (dict(estimator="oracle"), r"estimator='oracle' .*\['head', 'probe', 'exact'\]"),
+        (dict(beta=math.nan), r"beta=nan"),
+        (dict(beta=math.inf), r"beta=inf"),
+        (dict(ascent="everywhere"), r"ascent='everywhere' .*\['local', 'global'\]"),
+        (dict(weight_min=2.0), r"weight_min=2.0"),
+        (dict(weight_max=0.5), r"weight_max=0.5"),
+        (dict(probe_samples=0), r"probe_samples=0"),
+        (dict(probe_samples=3, probe_antithetic=True), r"probe_samples=3 must be even"),
+        (dict(accumulate_grad_batches=0), r"accumulate_grad_batches=0"),
+        (dict(gradient_clip_val=0.0), r"gradient_clip_val=0.0"),
+        (dict(gradient_clip_algorithm="l3"), r"gradient_clip_algorithm='l3' .*\['norm', 'value'\]"),
+        (dict(per_instance_impl="jit"), r"per_instance_impl='jit' .*\['vmap', 'loop'\]"),
+        (dict(probe_params=[]), r"probe_params=\[\] selects nothing"),
+        (dict(rho="0.05"), r"rho='0.05'"),
+    ],
+)
+def test_config_errors_name_the_value_and_the_choices(options, match):
+    with pytest.raises(ValueError, match=match):
+        DeltaSAMConfig(**options)
+
+
+def test_config_is_immutable():
+    with pytest.raises(AttributeError):
+        DeltaSAMConfig().rho = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "bad,error,match",
+    [
+        (lambda out: out.mean(), ValueError, r"returned shape \[\] .* shape \[8\]; compute the loss with reduction='none'"),
+        (lambda out: out[:4], ValueError, r"returned shape \[4\] .* shape \[8\]"),
+        (lambda out: out[:, None], ValueError, r"returned shape \[8, 1\]"),
+        (lambda out: out.long(), TypeError, r"dtype torch.int64"),
+        (lambda out: out.tolist(), TypeError, r"must return a Tensor .* got list"),
+        (lambda out: out.to("meta"), ValueError, r"on meta, but the parameters are on cpu"),
+    ],
+)
+@pytest.mark.parametrize("method", ["erm", "sam", "deltasam"])
+def test_per_sample_loss_of_the_wrong_kind(bad, error, match, method):
+    model = MLP()
+    sam = DeltaSAM(model, DeltaSAMConfig(method=method))
+    with pytest.raises(error, match=match):
+        sam.step(lambda b: bad(model.losses(b)), classification_data(n=8))
+
+
+def test_empty_batch():
+    model = MLP()
+    x, y = classification_data(n=8)
+    with pytest.raises(ValueError, match=r"empty batch \(0 instances\)"):
+        DeltaSAM(model, DeltaSAMConfig()).step(model.losses, (x[:0], y[:0]))
+
+
+def test_parameter_the_module_does_not_own():
+    model = MLP()
+    stranger = torch.nn.Parameter(torch.zeros(3, 2))
+    with pytest.raises(ValueError, match=r"parameter #\d+ \(shape \[3, 2\]\) is not owned by MLP"):
+        DeltaSAM(model, DeltaSAMConfig(), [*model.parameters(), stranger])
+
+
+def test_frozen_parameter():
+    model = MLP()
+    model.net[0].bias.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"'net.0.bias' is frozen \(requires_grad=False\)"):
+        DeltaSAM(model, DeltaSAMConfig(), list(model.parameters()))
+    DeltaSAM(model, DeltaSAMConfig())  # the default takes only trainable parameters
+
+
+def test_head_that_is_not_a_linear_layer():
+    with pytest.raises(ValueError, match=r"head='net.1' is a Tanh"):
+        DeltaSAM(MLP(), DeltaSAMConfig(head="net.1"))
+    with pytest.raises(ValueError, match=r"head='net.9' names no submodule; the linear layers are \['net.0', 'net.3'\]"):
+        DeltaSAM(MLP(), DeltaSAMConfig(head="net.9"))
+
+
+def test_probe_params_that_match_nothing():
+    with pytest.raises(ValueError, match=r"probe_params=\['encoder.\*'\] match no parameter; the names are: net.0.weight"):
+        DeltaSAM(MLP(), DeltaSAMConfig(estimator="probe", probe_params=["encoder.*"]))
+
+
+def test_per_instance_rejects_batchnorm_in_training_mode():
+    model = MLP(batchnorm=True)
+    with pytest.raises(ValueError, match=r"'net.1' is a BatchNorm1d in training mode"):
+        DeltaSAM(model, DeltaSAMConfig(method="per_instance")).step(model.losses, classification_data(n=8))
+
+
+def test_mixin_without_a_config():
+    module = TinyModule(DeltaSAMConfig())
+    del module.deltasam
+    with pytest.raises(TypeError, match=r"TinyModule.deltasam must be a DeltaSAMConfig"):
+        trainer(max_steps=1).fit(module, loader())
+
+
+def test_mixin_accepts_a_mapping_config():
+    module = TinyModule(DeltaSAMConfig())
+    module.deltasam = {"_target_": "lit_deltasam.DeltaSAMConfig", "method": "sam", "rho": 0.1}
+    trainer(max_steps=1).fit(module, loader())
+    assert module.deltasam == DeltaSAMConfig(method="sam", rho=0.1)
+
+
+def test_mixin_refuses_automatic_optimization():
+    with pytest.raises(ValueError, match="automatic_optimization cannot be set to True"):
+        TinyModule(DeltaSAMConfig()).automatic_optimization = True

@@ -1,0 +1,80 @@
+"""lambda ∝ s**beta with a median floor and a clip of n*lambda."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lit_deltasam import instance_weights
+from lit_deltasam.core import effective_sample_size
+
+NO_FLOOR_OR_CLIP = dict(floor=0.0, clip=(0.0, math.inf))
+
+
+def test_power_law_without_floor_or_clip():
+    s = torch.tensor([1.0, 2.0, 4.0, 8.0], dtype=torch.float64)
+    for beta in (-1.0, -0.5, 0.5, 1.0, 2.0):
+        expected = s**beta / (s**beta).sum()
+        torch.testing.assert_close(instance_weights(s, beta, **NO_FLOOR_OR_CLIP), expected)
+
+
+def test_beta_zero_is_uniform():
+    s = torch.tensor([0.0, 3.0, 1e9, float("nan")])
+    assert torch.equal(instance_weights(s, 0.0), torch.full((4,), 0.25, dtype=torch.float64))
+
+
+def test_floor_at_a_fraction_of_the_median():
+    s = torch.tensor([1e-6, 1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    floored = torch.tensor([0.5, 1.0, 2.0, 3.0, 4.0], dtype=torch.float64)  # median 2, floor 0.25 -> 0.5
+    expected = (1 / floored) / (1 / floored).sum()
+    torch.testing.assert_close(instance_weights(s, -1.0, floor=0.25, clip=(0.0, math.inf)), expected)
+
+
+def test_clip_of_n_lambda_before_renormalizing():
+    s = torch.tensor([1.0, 1.0, 1.0, 100.0], dtype=torch.float64)
+    raw = 4 * (s / s.sum())  # n*lambda for beta = 1
+    clipped = raw.clamp(0.5, 2.0)
+    expected = clipped / clipped.sum()
+    torch.testing.assert_close(instance_weights(s, 1.0, floor=0.0, clip=(0.5, 2.0)), expected)
+
+
+def test_effective_sample_size():
+    assert effective_sample_size(torch.full((8,), 1 / 8)).item() == pytest.approx(8)
+    assert effective_sample_size(torch.tensor([1.0, 0.0, 0.0])).item() == pytest.approx(1)
+
+
+scores = st.lists(
+    st.one_of(
+        st.floats(min_value=0.0, max_value=1e300, allow_nan=False),
+        st.sampled_from([0.0, 1e-300, float("inf"), float("nan")]),
+    ),
+    min_size=1,
+    max_size=64,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    s=scores,
+    beta=st.floats(min_value=-4.0, max_value=4.0),
+    floor=st.floats(min_value=0.0, max_value=1.0),
+    low=st.floats(min_value=0.0, max_value=1.0),
+    high=st.one_of(st.floats(min_value=1.0, max_value=1e6), st.just(math.inf)),
+)
+def test_weights_are_always_a_distribution(s, beta, floor, low, high):
+    w = instance_weights(torch.tensor(s, dtype=torch.float64), beta, floor=floor, clip=(low, high))
+    assert w.shape == (len(s),)
+    assert torch.isfinite(w).all()
+    assert (w >= 0).all()
+    assert w.sum().item() == pytest.approx(1.0, abs=1e-9)
+
+
+@settings(max_examples=200, deadline=None)
+@given(s=st.lists(st.floats(min_value=1e-3, max_value=1e3), min_size=2, max_size=32))
+def test_negative_beta_never_gives_a_larger_score_more_weight(s):
+    t = torch.tensor(s, dtype=torch.float64)
+    w = instance_weights(t, -1.0, floor=0.1, clip=(0.1, 10.0))
+    order = torch.argsort(t)
+    assert (w[order].diff() <= 1e-12).all()
