@@ -6,17 +6,19 @@ plugins, strategies, validation, test and predict.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from ..config import DeltaSAMConfig
 from ..core import DeltaSAM, StepResult
@@ -38,6 +40,30 @@ class _LoopState:
     epochs_scheduled: int = 0
     """Epochs whose end has stepped the epoch-interval LR schedulers."""
     base_seed: Optional[int] = None
+
+
+def _remember_plateau_monitors(configure_optimizers: Callable[..., Any]) -> Callable[..., Any]:
+    """Keep each scheduler dict's ``monitor``: Lightning drops it in manual optimization."""
+
+    def dicts(out: Any) -> Iterator[Mapping]:
+        if isinstance(out, Mapping):
+            if "scheduler" in out:
+                yield out
+            for value in out.values():
+                yield from dicts(value)
+        elif isinstance(out, (list, tuple)):
+            for value in out:
+                yield from dicts(value)
+
+    @functools.wraps(configure_optimizers)
+    def wrapped(self: Any) -> Any:
+        out = configure_optimizers(self)
+        self.__dict__["_deltasam_monitors"] = {
+            id(d["scheduler"]): (d.get("monitor"), d.get("strict", True)) for d in dicts(out)
+        }
+        return out
+
+    return wrapped
 
 
 class DeltaSAMMixin:
@@ -69,6 +95,11 @@ class DeltaSAMMixin:
     """
 
     deltasam: DeltaSAMConfig
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "configure_optimizers" in cls.__dict__:
+            cls.configure_optimizers = _remember_plateau_monitors(cls.__dict__["configure_optimizers"])
 
     @property
     def automatic_optimization(self) -> bool:
@@ -113,6 +144,8 @@ class DeltaSAMMixin:
                 sync_descent=last,
                 check_finite=scaler is None,
             )
+        if scaler is not None and result.grad_norm is not None:
+            result.grad_norm = result.grad_norm / scaler.get_scale()
         state.micro += 1
         state.micro_batches += 1
         if cfg.perturbs and not result.perturbed:
@@ -129,6 +162,8 @@ class DeltaSAMMixin:
         if window > 1:
             with torch.no_grad():
                 torch._foreach_mul_([p.grad for p in engine.params if p.grad is not None], 1.0 / window)
+            if result.update_norm is not None:
+                result.update_norm = result.update_norm / window
         if result.finite is False:
             state.steps_skipped += 1
             warnings.warn(
@@ -182,12 +217,18 @@ class DeltaSAMMixin:
             if config.interval != interval or count % config.frequency:
                 continue
             metric = None
-            if config.reduce_on_plateau:
-                metric = trainer.callback_metrics.get(config.monitor)
+            if isinstance(config.scheduler, ReduceLROnPlateau):
+                monitor, strict = self.__dict__.get("_deltasam_monitors", {}).get(id(config.scheduler), (None, True))
+                if monitor is None:
+                    raise MisconfigurationException(
+                        "ReduceLROnPlateau needs a metric: return it from configure_optimizers as "
+                        '{"scheduler": scheduler, "monitor": "val/loss"}'
+                    )
+                metric = trainer.callback_metrics.get(monitor)
                 if metric is None:
-                    if config.strict:
+                    if strict:
                         raise MisconfigurationException(
-                            f"ReduceLROnPlateau conditioned on metric {config.monitor!r}, which is not available; "
+                            f"ReduceLROnPlateau conditioned on metric {monitor!r}, which is not available; "
                             f"available metrics are {sorted(trainer.callback_metrics)}"
                         )
                     continue
