@@ -1,0 +1,30 @@
+# Fresh-machine entry points: each target creates .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+# A pinned torch first, so that no dependency pulls a multi-GB CUDA build where a CPU wheel is wanted.
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+ARGS ?=
+
+.PHONY: setup train test test-slow clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e '.[dev,sweep,bench]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+train: setup
+	$(BIN)/python train.py $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest $(ARGS)
+
+# Exit code 5 means no test was collected.
+test-slow: setup
+	$(BIN)/python -m pytest -m slow $(ARGS) || [ $$? -eq 5 ]
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache

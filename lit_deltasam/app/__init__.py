@@ -1,0 +1,1 @@
+"""The application layer behind ``train.py``: config schemas, assembly from a config, reports."""

@@ -1,0 +1,100 @@
+"""What a run reports: a sharpness summary, the final table, and comparison tables across runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback as HydraCallback
+from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
+
+SUMMARIZED = ("sam/sharpness", "sam/ess", "sam/max_weight", "sam/grad_norm")
+
+
+class SharpnessSummary(Callback):
+    """Running means, over all optimizer steps, of the per-step sharpness diagnostics."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        for key in SUMMARIZED:
+            value = trainer.callback_metrics.get(key)
+            if value is not None:
+                self.sums[key] += float(value)
+                self.counts[key] += 1
+
+    def summary(self) -> dict[str, float]:
+        return {f"{key}_mean": self.sums[key] / self.counts[key] for key in self.sums}
+
+
+def print_table(title: str, metrics: dict[str, float], console: Optional[Console] = None) -> None:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in sorted(metrics):
+        table.add_row(key, f"{metrics[key]:.4f}")
+    (console or Console()).print(table)
+
+
+def write_metrics(directory: str | Path, metrics: dict[str, float], config: dict[str, Any]) -> Path:
+    """``metrics.json``: the metrics, the resolved config and the config-group choices of the run."""
+    choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
+    path = Path(directory) / "metrics.json"
+    path.write_text(json.dumps({"metrics": metrics, "config": config, "choices": choices}, indent=2, sort_keys=True))
+    return path
+
+
+def comparison_markdown(runs: list[dict[str, Any]], metrics: Optional[list[str]] = None, group_by: str = "method") -> str:
+    """One row per config-group choice ``group_by``, mean ± std over the runs (seeds) in it.
+
+    ``metrics`` defaults to every validation and test metric the runs report, and the fit time.
+    """
+    groups: dict[str, list[dict[str, float]]] = defaultdict(list)
+    for run in runs:
+        groups[str(run["choices"].get(group_by))].append(run["metrics"])
+    if metrics is None:
+        found = {key for run in runs for key in run["metrics"]}
+        metrics = sorted(k for k in found if k.startswith(("val/", "test/")) and not k.endswith("loss"))
+        metrics += ["sam/sharpness_mean", "time/fit_s"]
+    header = f"| {group_by} | runs | " + " | ".join(metrics) + " |"
+    lines = [header, "|" + "---|" * (len(metrics) + 2)]
+    for name, values in groups.items():
+        cells = []
+        for metric in metrics:
+            xs = [v[metric] for v in values if metric in v and not math.isnan(v[metric])]
+            if not xs:
+                cells.append("–")
+            elif len(xs) == 1:
+                cells.append(f"{xs[0]:.4f}")
+            else:
+                cells.append(f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs):.4f}")
+        lines.append(f"| {name} | {len(values)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+class ComparisonTable(HydraCallback):
+    """At the end of a multirun, collect every job's ``metrics.json`` into ``comparison.md`` in the sweep folder."""
+
+    def __init__(self, metrics: Optional[list[str]] = None, group_by: str = "method") -> None:
+        self.metrics = list(metrics) if metrics is not None else None
+        self.group_by = group_by
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        runs = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/metrics.json"))]
+        if not runs:
+            return
+        table = comparison_markdown(runs, self.metrics, self.group_by)
+        (sweep_dir / "comparison.md").write_text(table)
+        Console().print(table)

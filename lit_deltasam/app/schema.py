@@ -1,0 +1,85 @@
+"""Structured configs: a misspelled key or a wrongly typed value fails with Hydra's own error.
+
+The method schema is generated from :class:`~lit_deltasam.DeltaSAMConfig`, so its
+defaults stay in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+from ..config import DeltaSAMConfig
+
+
+def _method_schema() -> type:
+    hints = typing.get_type_hints(DeltaSAMConfig)
+    fields = [("_target_", str, field(default="lit_deltasam.DeltaSAMConfig"))]
+    fields += [(f.name, hints[f.name], field(default=f.default)) for f in dataclasses.fields(DeltaSAMConfig)]
+    return dataclasses.make_dataclass("MethodSchema", fields)
+
+
+MethodSchema = _method_schema()
+
+
+@dataclass
+class TaskSchema:
+    name: str = "mr"
+    data_dir: Optional[str] = None
+    monitor: str = "val/acc"
+    mode: str = "max"
+
+
+@dataclass
+class DataSchema:
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    max_length: int = 48
+    train_limit: Optional[int] = None
+    num_workers: int = 0
+
+
+@dataclass
+class OptimSchema:
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+
+
+@dataclass
+class PathsSchema:
+    root_dir: str = "."
+    cache_dir: str = "~/.cache/lit_deltasam"
+    output_dir: str = "."
+
+
+@dataclass
+class TrainSchema:
+    seed: int = 0
+    run_name: str = "run"
+    tags: List[str] = field(default_factory=list)
+    data: DataSchema = field(default_factory=DataSchema)
+    optim: OptimSchema = field(default_factory=OptimSchema)
+    test: bool = True
+    ckpt_path: Optional[str] = None
+    optimized_metric: Optional[str] = None
+    task: TaskSchema = field(default_factory=TaskSchema)
+    method: Any = field(default_factory=MethodSchema)
+    paths: PathsSchema = field(default_factory=PathsSchema)
+    model: Any = None
+    trainer: Any = None
+    logger: Any = None
+    callbacks: Any = None
+    experiment: Any = None
+    hparams_search: Any = None
+    debug: Any = None
+
+
+def register() -> None:
+    """Make ``schema`` available to ``conf/train.yaml``'s defaults list."""
+    store = ConfigStore.instance()
+    store.store(name="schema", node=TrainSchema)

@@ -1,0 +1,101 @@
+"""Probes of what a method does: fidelity to per-instance SAM, and the top Hessian eigenvalue.
+
+To second order every rule's update is ``G = ḡ + C`` with a sharpness correction C.
+δ-SAM's claim is that its ``C`` points where per-instance SAM's does, more than SAM's;
+``cos(C_X, C_PI)`` measures exactly that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..config import DeltaSAMConfig
+from .batch import Batch, LossFn
+from .engine import DeltaSAM
+from .state import put_grads, take_grads
+
+
+def update_of(sam: DeltaSAM, loss_fn: LossFn, batch: Batch) -> list[Tensor]:
+    """The G that ``sam.step`` produces on ``batch``, leaving ``.grad`` and the weights as they were."""
+    saved = take_grads(sam.params)
+    try:
+        sam.step(loss_fn, batch, check_finite=False)
+        return [torch.zeros_like(p) if p.grad is None else p.grad for p in sam.params]
+    finally:
+        put_grads(sam.params, saved)
+
+
+def cosine(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    """Cosine between two vectors stored as lists of tensors."""
+    dot = torch.stack([(x.double() * y.double()).sum() for x, y in zip(a, b)]).sum()
+    norm_a = torch.stack([x.double().pow(2).sum() for x in a]).sum().sqrt()
+    norm_b = torch.stack([y.double().pow(2).sum() for y in b]).sum().sqrt()
+    return dot / (norm_a * norm_b).clamp_min(torch.finfo(torch.float64).tiny)
+
+
+def fidelity(
+    module: nn.Module,
+    loss_fn: LossFn,
+    batch: Batch,
+    methods: Mapping[str, DeltaSAMConfig],
+    params: Optional[Iterable[Tensor]] = None,
+    rho: Optional[float] = None,
+    impl: str = "loop",
+) -> dict[str, float]:
+    """``cos(C_X, C_PI)`` for each named method X, with ``C_X = G_X - ḡ``.
+
+    The per-instance oracle uses ``rho`` (default: the first method's) and computes
+    per-instance SAM with ``impl``; every method is compared at the radius it is
+    configured with. Run it with the module in eval mode so that dropout does not add
+    noise to the comparison.
+    """
+    params = list(params) if params is not None else None
+    configs = list(methods.values())
+    radius = rho if rho is not None else configs[0].rho
+    plain = update_of(DeltaSAM(module, DeltaSAMConfig(method="erm"), params), loss_fn, batch)
+    oracle_cfg = DeltaSAMConfig(method="per_instance", rho=radius, per_instance_impl=impl)
+    oracle = update_of(DeltaSAM(module, oracle_cfg, params), loss_fn, batch)
+    c_oracle = torch._foreach_sub(oracle, plain)
+    out = {}
+    for name, cfg in methods.items():
+        update = update_of(DeltaSAM(module, cfg, params), loss_fn, batch)
+        out[name] = cosine(torch._foreach_sub(update, plain), c_oracle).item()
+    return out
+
+
+def top_hessian_eigenvalue(
+    module: nn.Module,
+    loss_fn: LossFn,
+    batch: Batch,
+    params: Optional[Iterable[Tensor]] = None,
+    iters: int = 20,
+    tol: float = 1e-3,
+    generator: Optional[torch.Generator] = None,
+) -> float:
+    """The largest-magnitude eigenvalue of the Hessian of the mean loss, by power iteration on Hessian-vector products.
+
+    Attention runs on the math SDPA kernel here: the fused kernels have no double
+    backward. ``generator`` (a CPU generator) draws the starting vector.
+    """
+    params = [p for p in (params if params is not None else module.parameters()) if p.requires_grad]
+    with sdpa_kernel(SDPBackend.MATH):
+        loss = loss_fn(batch).mean()
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        vector = [torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in params]
+        eigenvalue = 0.0
+        for _ in range(iters):
+            norm = torch.stack([v.pow(2).sum() for v in vector]).sum().sqrt()
+            vector = [v / norm for v in vector]
+            product = torch.autograd.grad(grads, params, grad_outputs=vector, retain_graph=True)
+            estimate = torch.stack([(h * v).sum() for h, v in zip(product, vector)]).sum().item()
+            converged = abs(estimate - eigenvalue) <= tol * max(abs(estimate), 1e-12)
+            eigenvalue = estimate
+            vector = [h.detach() for h in product]
+            if converged:
+                break
+    return eigenvalue

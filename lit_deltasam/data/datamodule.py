@@ -1,0 +1,126 @@
+"""A LightningDataModule that serves any registered task as tokenized, dynamically padded batches."""
+
+from __future__ import annotations
+
+import os
+import random
+from functools import partial
+
+import lightning as L
+import torch
+from torch import Tensor
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import RandomSampler
+from transformers import PreTrainedTokenizerBase
+
+from .tasks import Example, Splits, Task, get_task
+
+
+def collate(
+    examples: list[Example], tokenizer: PreTrainedTokenizerBase, max_length: int, label_dtype: torch.dtype
+) -> dict[str, Tensor]:
+    """Tokenize a list of examples, padded to the longest in the batch and truncated at ``max_length``.
+
+    Returns:
+        ``input_ids``, ``attention_mask`` (and ``token_type_ids`` if the tokenizer makes them),
+        each ``[n, length]``, and ``labels`` ``[n]`` of ``label_dtype``.
+    """
+    pairs = [example["text_pair"] for example in examples] if "text_pair" in examples[0] else None
+    batch = tokenizer(
+        [example["text"] for example in examples],
+        text_pair=pairs,
+        truncation=True,
+        max_length=max_length,
+        padding=True,
+        return_tensors="pt",
+    )
+    return {**batch, "labels": torch.tensor([example["label"] for example in examples], dtype=label_dtype)}
+
+
+class TextDataModule(L.LightningDataModule):
+    """Train, validation and test loaders for a task of :data:`~lit_deltasam.data.tasks.TASKS`.
+
+    The loaders are ``StatefulDataLoader`` s and the train order comes from a seeded,
+    stateful ``RandomSampler``, so a run resumed mid-epoch sees exactly the remaining batches.
+
+    Args:
+        task: a task name, e.g. ``"mr"`` or ``"glue/sst2"``.
+        tokenizer: a Hugging Face tokenizer, called on each batch of texts.
+        batch_size: train batch size.
+        eval_batch_size: validation and test batch size.
+        max_length: tokens per example (both texts of a pair together) after truncation.
+        train_limit: if set, train on a seeded random subset of this many examples (for short CPU runs).
+        seed: seeds the train order and the ``train_limit`` subset; the splits themselves are fixed.
+        num_workers: dataloader worker processes.
+        cache_dir: cache of the pinned archives; see :func:`~lit_deltasam.data.sources.cache_root`.
+        data_dir: ``glue/*`` only: a ``DatasetDict.save_to_disk`` folder to read instead of the Hub.
+    """
+
+    def __init__(
+        self,
+        task: str,
+        tokenizer: PreTrainedTokenizerBase,
+        batch_size: int = 32,
+        eval_batch_size: int = 128,
+        max_length: int = 64,
+        train_limit: int | None = None,
+        seed: int = 0,
+        num_workers: int = 0,
+        cache_dir: str | os.PathLike | None = None,
+        data_dir: str | os.PathLike | None = None,
+    ) -> None:
+        super().__init__()
+        if train_limit is not None and train_limit < 1:
+            raise ValueError(f"train_limit must be a positive number of examples or None, got {train_limit}")
+        self.save_hyperparameters(ignore="tokenizer")
+        self.task: Task = get_task(task)
+        self.tokenizer = tokenizer
+        self.splits: Splits | None = None
+
+    @property
+    def num_labels(self) -> int:
+        """Output size of a model for the task (1 for regression)."""
+        return self.task.num_labels
+
+    def prepare_data(self) -> None:
+        """Download and verify the data once (Lightning calls this on one process per node)."""
+        self.task.load(self.hparams.cache_dir, self.hparams.data_dir)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the splits and draw the ``train_limit`` subset."""
+        if self.splits is not None:
+            return
+        splits = self.task.load(self.hparams.cache_dir, self.hparams.data_dir)
+        limit = self.hparams.train_limit
+        if limit is not None and limit < len(splits["train"]):
+            splits["train"] = random.Random(self.hparams.seed).sample(splits["train"], limit)
+        self.splits = splits
+
+    def train_dataloader(self) -> StatefulDataLoader:
+        train = self._split("train")
+        sampler = RandomSampler(train, generator=torch.Generator().manual_seed(self.hparams.seed))
+        return self._loader(train, self.hparams.batch_size, sampler=sampler)
+
+    def val_dataloader(self) -> StatefulDataLoader:
+        return self._loader(self._split("validation"), self.hparams.eval_batch_size)
+
+    def test_dataloader(self) -> StatefulDataLoader:
+        return self._loader(self._split("test"), self.hparams.eval_batch_size)
+
+    def _split(self, name: str) -> list[Example]:
+        if self.splits is None:
+            raise RuntimeError("call setup() before asking for a dataloader")
+        return self.splits[name]
+
+    def _loader(self, examples: list[Example], batch_size: int, **kwargs) -> StatefulDataLoader:
+        label_dtype = torch.float32 if self.task.kind == "regression" else torch.long
+        return StatefulDataLoader(
+            examples,
+            batch_size=batch_size,
+            collate_fn=partial(
+                collate, tokenizer=self.tokenizer, max_length=self.hparams.max_length, label_dtype=label_dtype
+            ),
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+            **kwargs,
+        )

@@ -1,0 +1,108 @@
+"""Periodic sharpness probes on a fixed held-out batch."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_only
+
+from ..config import DeltaSAMConfig
+from ..core.batch import Batch, slice_batch
+from ..core.diagnostics import fidelity, top_hessian_eigenvalue
+
+
+class SharpnessProbe(Callback):
+    """Every ``every_n_steps`` optimizer steps, probe the model on one fixed validation batch.
+
+    Logs ``probe/cos_<name>``, the cosine between method ``name``'s sharpness
+    correction and per-instance SAM's (``C_X = G_X - ḡ``), and
+    ``probe/hessian_top_eig``, the top Hessian eigenvalue. The module runs in eval
+    mode during the probe (no dropout noise) and goes back to its mode afterwards;
+    weights, buffers and gradients are left untouched. Probes run on rank 0 only.
+
+    Args:
+        every_n_steps: probe period in optimizer steps.
+        batch_size: instances in the held-out batch (the first ones of the first
+            validation batch).
+        methods: name → config of each method to compare; by default SAM and the
+            module's own ``deltasam`` config.
+        hessian_iters: power iterations; 0 disables the eigenvalue.
+        per_instance_impl: how the oracle computes per-instance SAM (``loop`` works for any model).
+        seed: seeds the power iteration's starting vector.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        batch_size: int = 16,
+        methods: Optional[Mapping[str, Any]] = None,
+        hessian_iters: int = 20,
+        per_instance_impl: str = "loop",
+        seed: int = 0,
+    ) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"SharpnessProbe.every_n_steps={every_n_steps} must be >= 1")
+        self.every_n_steps = every_n_steps
+        self.batch_size = batch_size
+        self.methods = dict(methods) if methods is not None else None
+        self.hessian_iters = hessian_iters
+        self.per_instance_impl = per_instance_impl
+        self.seed = seed
+        self._batch: Optional[Batch] = None
+        self._last_step = -1
+
+    def _held_out(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Batch:
+        if self._batch is None:
+            loaders = trainer.val_dataloaders
+            if loaders is None:
+                raise RuntimeError("SharpnessProbe needs a validation dataloader to draw its held-out batch from")
+            loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+            batch = next(iter(loader))
+            self._batch = slice_batch(batch, slice(0, self.batch_size))
+        return pl_module.transfer_batch_to_device(self._batch, pl_module.device, 0)
+
+    def _configs(self, pl_module: L.LightningModule) -> dict[str, DeltaSAMConfig]:
+        own: DeltaSAMConfig = pl_module._deltasam_config()  # type: ignore[attr-defined]
+        if self.methods is None:
+            return {"sam": DeltaSAMConfig(method="sam", rho=own.rho), own.method: own}
+        return {
+            name: cfg if isinstance(cfg, DeltaSAMConfig) else DeltaSAMConfig(**{k: v for k, v in cfg.items() if k != "_target_"})
+            for name, cfg in self.methods.items()
+        }
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if step == self._last_step or step % self.every_n_steps:
+            return
+        self._last_step = step
+        self._probe(trainer, pl_module)
+
+    @rank_zero_only
+    def _probe(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        batch = self._held_out(trainer, pl_module)
+        params = [p for group in pl_module.optimizers(use_pl_optimizer=False).param_groups for p in group["params"]]
+        loss_fn = pl_module.per_sample_loss  # type: ignore[attr-defined]
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.enable_grad():
+                metrics = {
+                    f"probe/cos_{name}": value
+                    for name, value in fidelity(
+                        pl_module, loss_fn, batch, self._configs(pl_module), params, impl=self.per_instance_impl
+                    ).items()
+                }
+                if self.hessian_iters:
+                    generator = torch.Generator().manual_seed(self.seed)
+                    metrics["probe/hessian_top_eig"] = top_hessian_eigenvalue(
+                        pl_module, loss_fn, batch, params, iters=self.hessian_iters, generator=generator
+                    )
+        finally:
+            pl_module.train(was_training)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})

