@@ -111,14 +111,26 @@ class TinyModule(DeltaSAMMixin, L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, **conf}}
 
 
-def loader(n: int = 64, batch_size: int = 8, seed: int = 0, shuffle: bool = False):
+def loader(n: int = 64, batch_size: int = 8, seed: int = 0, shuffle: bool = False, world: int = 1, rank: int = 0):
+    """A resumable loader; shuffled by (seed, epoch) like TextDataModule's, one rank's share of it."""
     from torchdata.stateful_dataloader import StatefulDataLoader
-    from torchdata.stateful_dataloader.sampler import RandomSampler
+    from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
     x, y = classification_data(n, seed=seed)
     data = torch.utils.data.TensorDataset(x, y)
-    sampler = RandomSampler(data, generator=torch.Generator().manual_seed(seed)) if shuffle else None
+    sampler = StatefulDistributedSampler(data, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
     return StatefulDataLoader(data, batch_size=batch_size, sampler=sampler)
+
+
+class TinyData(L.LightningDataModule):
+    """``loader`` for the trainer's rank: the same sampler in one process or under DDP."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__()
+        self.kwargs = kwargs
+
+    def train_dataloader(self):
+        return loader(world=self.trainer.world_size, rank=self.trainer.global_rank, **self.kwargs)
 
 
 def trainer(**kwargs) -> L.Trainer:

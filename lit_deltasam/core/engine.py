@@ -228,8 +228,8 @@ class DeltaSAM:
 
     def _erm(self, loss_fn, batch, grads_before, backward, no_sync, sync_descent) -> StepResult:
         put_grads(self.params, grads_before, copy=True)
-        losses = check_losses(loss_fn(batch), batch, self.device)
         with self._descent_sync(no_sync, sync_descent):
+            losses = check_losses(loss_fn(batch), batch, self.device)
             backward(losses.mean())
         return StepResult(losses=losses.detach())
 
@@ -246,16 +246,19 @@ class DeltaSAM:
 
     def _two_pass(self, loss_fn, batch, grads_before, backward, no_sync, sync_descent) -> StepResult:
         cfg = self.config
+        # A local ascent keeps both its forward and its backward out of the all-reduce:
+        # raw DDP decides at forward time, Lightning at backward time.
+        ascent_sync = no_sync if cfg.ascent == "local" else nullcontext
         random_state = RandomState(self.device) if cfg.share_dropout else None
         if random_state is not None:
             random_state.capture()
-        with self._head if self._head is not None else nullcontext():
+        with ascent_sync(), self._head if self._head is not None else nullcontext():
             losses = check_losses(loss_fn(batch), batch, self.device)
         self._buffers_clean.capture()
         try:
             weights = self._weights(loss_fn, batch, losses, random_state)
             ascent_loss = (weights.to(losses.dtype) * losses).sum() if cfg.reweights else losses.mean()
-            with no_sync() if cfg.ascent == "local" else nullcontext():
+            with ascent_sync():
                 backward(ascent_loss)
             with_grad = [p for p in self.params if p.grad is not None]
             grad_norm, eps_norm, applied = perturb(
@@ -268,13 +271,13 @@ class DeltaSAM:
             )
             del with_grad
             put_grads(self.params, grads_before, copy=True)
-            with random_state.replay() if random_state is not None else nullcontext():
-                perturbed = check_losses(loss_fn(batch), batch, self.device)
-            if cfg.weighted_descent:
-                descent_loss = (weights.to(perturbed.dtype) * perturbed).sum()
-            else:
-                descent_loss = perturbed.mean()
             with self._descent_sync(no_sync, sync_descent):
+                with random_state.replay() if random_state is not None else nullcontext():
+                    perturbed = check_losses(loss_fn(batch), batch, self.device)
+                if cfg.weighted_descent:
+                    descent_loss = (weights.to(perturbed.dtype) * perturbed).sum()
+                else:
+                    descent_loss = perturbed.mean()
                 backward(descent_loss)
         finally:
             self._params_before.restore()

@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from torch import Tensor
 from torchdata.stateful_dataloader import StatefulDataLoader
-from torchdata.stateful_dataloader.sampler import RandomSampler
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from transformers import PreTrainedTokenizerBase
 
 from .tasks import Example, Splits, Task, get_task
@@ -41,7 +41,7 @@ class TextDataModule(L.LightningDataModule):
     """Train, validation and test loaders for a task of :data:`~lit_deltasam.data.tasks.TASKS`.
 
     The loaders are ``StatefulDataLoader`` s and the train order comes from a seeded,
-    stateful ``RandomSampler``, so a run resumed mid-epoch sees exactly the remaining batches.
+    stateful distributed sampler, so a run resumed mid-epoch sees exactly the remaining batches.
 
     Args:
         task: a task name, e.g. ``"mr"`` or ``"glue/sst2"``.
@@ -97,8 +97,14 @@ class TextDataModule(L.LightningDataModule):
         self.splits = splits
 
     def train_dataloader(self) -> StatefulDataLoader:
+        """Shuffled by a sampler that Lightning keeps under DDP and that resumes mid-epoch exactly.
+
+        The order is a function of (seed, epoch, rank), so a resumed run, single-process or
+        distributed, sees exactly the batches the uninterrupted run would have.
+        """
         train = self._split("train")
-        sampler = RandomSampler(train, generator=torch.Generator().manual_seed(self.hparams.seed))
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        sampler = StatefulDistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=self.hparams.seed)
         return self._loader(train, self.hparams.batch_size, sampler=sampler)
 
     def val_dataloader(self) -> StatefulDataLoader:

@@ -1,0 +1,67 @@
+"""Fit a TinyModule under 2-process CPU DDP (gloo) and save what each rank saw.
+
+Run by tests/test_distributed.py as ``python ddp_worker.py '<json>'``; Lightning re-runs
+the same command for rank 1. Each rank writes ``rank<r>.pt`` with, per optimizer step,
+the sub-batch it got, the weights w at the clean forward, and eps (the weights at the
+perturbed forward minus w); and its final flat parameters.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+sys.path.insert(0, str(Path(__file__).parent))
+from helpers import TinyData, TinyModule, flat_params  # noqa: E402
+
+from lit_deltasam import DeltaSAMConfig  # noqa: E402
+
+
+class Recording(TinyModule):
+    def on_train_batch_start(self, batch, batch_idx):
+        self.calls = []
+
+    def per_sample_loss(self, batch):
+        self.calls.append(flat_params(self))
+        return super().per_sample_loss(batch)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        x, y = batch
+        self.records.append({"x": x, "y": y, "w": self.calls[0], "eps": self.calls[-1] - self.calls[0]})
+
+
+def main(args: dict) -> None:
+    out = Path(args["out"])
+    L.seed_everything(args.get("seed", 0))
+    module = Recording(
+        DeltaSAMConfig(**args["config"]), lr=args.get("lr", 0.1), optimizer=args.get("optimizer", "sgd"),
+        dropout=args.get("dropout", 0.0),
+    )
+    module.records = []
+    callbacks = []
+    if args.get("checkpoint_every"):
+        callbacks.append(ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=args["checkpoint_every"],
+                                         save_top_k=-1, filename="{step}"))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=args["steps"],
+        logger=False,
+        enable_checkpointing=bool(callbacks),
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        deterministic=True,
+    )
+    data = TinyData(n=args.get("n", 64), batch_size=args.get("batch_size", 8), shuffle=args.get("shuffle", False))
+    trainer.fit(module, datamodule=data, ckpt_path=args.get("resume"))
+    torch.save({"records": module.records, "params": flat_params(module)}, out / f"rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    main(json.loads(sys.argv[1]))

@@ -1,0 +1,117 @@
+"""DDP semantics with 2 CPU processes on gloo: local and global ascent, synced descent, checkpoints, resume."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import MLP
+
+from lit_deltasam import DeltaSAM, DeltaSAMConfig
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def run_ddp(out: Path, **args) -> list[dict]:
+    """Run ddp_worker.py with 2 processes; return each rank's records."""
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(
+        [sys.executable, str(HERE / "ddp_worker.py"), json.dumps({"out": str(out), **args})],
+        cwd=out, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def reference_eps(config: DeltaSAMConfig, w: torch.Tensor, batch) -> torch.Tensor:
+    """eps of a single-process step from weights ``w`` on ``batch``."""
+    model = MLP()
+    torch.nn.utils.vector_to_parameters(w, model.parameters())
+    seen = []
+
+    def losses(b):
+        seen.append(torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone())
+        return model.losses(b)
+
+    DeltaSAM(model, config).step(losses, batch)
+    return seen[-1] - seen[0]
+
+
+CONFIGS = {
+    "sam": dict(method="sam", rho=0.5),
+    "deltasam": dict(method="deltasam", rho=0.5, estimator="exact", beta=-1.0, per_instance_impl="loop"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_local_ascent_perturbs_each_rank_with_its_own_sub_batch(name, tmp_path):
+    config = DeltaSAMConfig(ascent="local", **CONFIGS[name])
+    ranks = run_ddp(tmp_path, config={**CONFIGS[name], "ascent": "local"}, steps=2)
+    for step in range(2):
+        a, b = (r["records"][step] for r in ranks)
+        assert torch.equal(a["w"], b["w"])
+        assert not torch.allclose(a["eps"], b["eps"])
+        for record in (a, b):
+            expected = reference_eps(config, record["w"], (record["x"], record["y"]))
+            torch.testing.assert_close(record["eps"], expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_global_ascent_perturbs_every_rank_with_the_full_batch(name, tmp_path):
+    config = DeltaSAMConfig(ascent="global", **CONFIGS[name])
+    ranks = run_ddp(tmp_path, config={**CONFIGS[name], "ascent": "global"}, steps=2)
+    for step in range(2):
+        a, b = (r["records"][step] for r in ranks)
+        torch.testing.assert_close(a["eps"], b["eps"], atol=1e-7, rtol=0)
+        full = (torch.cat([a["x"], b["x"]]), torch.cat([a["y"], b["y"]]))
+        torch.testing.assert_close(a["eps"], reference_eps(config, a["w"], full), atol=1e-6, rtol=1e-5)
+
+
+METHODS = [
+    dict(method="erm"),
+    dict(method="sam"),
+    dict(method="asam"),
+    dict(method="deltasam", estimator="head"),
+    dict(method="deltasam", estimator="probe"),
+    dict(method="deltasam", estimator="exact", ascent="global", per_instance_impl="loop"),
+    dict(method="per_instance", per_instance_impl="loop"),
+    dict(method="deltasam", accumulate_grad_batches=2),
+]
+
+
+@pytest.mark.parametrize("config", METHODS, ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_parameters_are_identical_across_ranks_after_every_step(config, tmp_path):
+    ranks = run_ddp(tmp_path, config=config, steps=4, dropout=0.1, optimizer="adamw", lr=0.01, shuffle=True)
+    for a, b in zip(ranks[0]["records"], ranks[1]["records"]):
+        assert torch.equal(a["w"], b["w"])
+    assert torch.equal(ranks[0]["params"], ranks[1]["params"])
+    assert not torch.equal(ranks[0]["records"][0]["w"], ranks[0]["params"])
+
+
+def test_one_checkpoint_and_exact_resume_under_ddp(tmp_path):
+    config = dict(method="deltasam", estimator="probe", accumulate_grad_batches=2)
+    common = dict(config=config, dropout=0.1, optimizer="adamw", lr=0.01, shuffle=True, n=128)
+    full = run_ddp(tmp_path / "full", steps=10, checkpoint_every=3, **common)
+    saved = sorted((tmp_path / "full" / "checkpoints").glob("*.ckpt"))
+    assert [p.name for p in saved] == ["step=3.ckpt", "step=6.ckpt", "step=9.ckpt"]
+    resumed = run_ddp(tmp_path / "resumed", steps=10, resume=str(saved[0]), **common)
+    for r in range(2):
+        assert torch.equal(resumed[r]["params"], full[r]["params"])
+
+
+def test_train_py_under_ddp_writes_one_run(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    args = ["model=small", "debug=fast", "trainer=ddp_cpu", "trainer.devices=2", f"hydra.run.dir={tmp_path}"]
+    result = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt"))
+    assert len(saved) == 2 and "last.ckpt" in saved, saved
+    assert len(list(tmp_path.glob("metrics.json"))) == 1
+    assert len(list(tmp_path.parent.glob(f"{tmp_path.name}*"))) == 1
+    assert result.stdout.count("test/acc") == 1
