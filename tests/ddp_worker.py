@@ -1,9 +1,9 @@
-"""Fit a TinyModule under 2-process CPU DDP (gloo) and save what each rank saw.
+"""Fit a TinyModule with 2 CPU processes on gloo, under DDP or FSDP2, and save what each rank saw.
 
 Run by tests/test_distributed.py as ``python ddp_worker.py '<json>'``; Lightning re-runs
 the same command for rank 1. Each rank writes ``rank<r>.pt`` with, per optimizer step,
 the sub-batch it got, the weights w at the clean forward, and eps (the weights at the
-perturbed forward minus w); and its final flat parameters.
+perturbed forward minus w); and its final flat parameters (all shards gathered).
 """
 
 import json
@@ -15,12 +15,26 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import TinyData, TinyModule, flat_params  # noqa: E402
+from helpers import TinyData, TinyModule  # noqa: E402
+from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
+from torch.distributed.fsdp import fully_shard  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
 
 from lit_deltasam import DeltaSAMConfig  # noqa: E402
 
 
+def flat_params(module):
+    """All parameters as one vector, each gathered whole if it is sharded."""
+    full = [p.full_tensor() if isinstance(p, DTensor) else p for p in module.parameters()]
+    return torch.cat([p.detach().reshape(-1).clone() for p in full])
+
+
 class Recording(TinyModule):
+    def configure_model(self):
+        if self.shard:
+            for layer in (self.model.net[0], self.model.net[-1], self.model):
+                fully_shard(layer)
+
     def on_train_batch_start(self, batch, batch_idx):
         self.calls = []
 
@@ -41,6 +55,7 @@ def main(args: dict) -> None:
         dropout=args.get("dropout", 0.0),
     )
     module.records = []
+    module.shard = args.get("strategy") == "fsdp2"
     callbacks = []
     if args.get("checkpoint_every"):
         callbacks.append(ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=args["checkpoint_every"],
@@ -48,7 +63,7 @@ def main(args: dict) -> None:
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy="ddp",
+        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if module.shard else "ddp",
         max_steps=args["steps"],
         logger=False,
         enable_checkpointing=bool(callbacks),

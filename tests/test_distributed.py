@@ -115,3 +115,34 @@ def test_train_py_under_ddp_writes_one_run(tmp_path):
     assert len(list(tmp_path.glob("metrics.json"))) == 1
     assert len(list(tmp_path.parent.glob(f"{tmp_path.name}*"))) == 1
     assert result.stdout.count("test/acc") == 1
+
+
+@pytest.mark.parametrize(
+    "config",
+    [dict(method="sam"), dict(method="asam"), dict(method="deltasam", estimator="head", beta=-1.0)],
+    ids=lambda c: c["method"],
+)
+def test_fsdp2_sharded_step_equals_the_full_batch_step(config, tmp_path):
+    """Sharded parameters (DTensor, FSDP2): norms sum over shards, perturbation and restore act per shard."""
+    config = {**config, "rho": 0.5, "ascent": "global"}
+    ranks = run_ddp(tmp_path, config=config, steps=3, strategy="fsdp2", lr=0.5)
+    assert torch.equal(ranks[0]["params"], ranks[1]["params"])
+    model = MLP()
+    torch.nn.utils.vector_to_parameters(ranks[0]["records"][0]["w"], model.parameters())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for a, b in zip(ranks[0]["records"], ranks[1]["records"]):
+        full = (torch.cat([a["x"], b["x"]]), torch.cat([a["y"], b["y"]]))
+        torch.testing.assert_close(torch.nn.utils.parameters_to_vector(model.parameters()), a["w"], atol=1e-6, rtol=0)
+        optimizer.zero_grad()
+        DeltaSAM(model, DeltaSAMConfig(**config)).step(model.losses, full)
+        optimizer.step()
+    torch.testing.assert_close(torch.nn.utils.parameters_to_vector(model.parameters()), ranks[0]["params"], atol=1e-6, rtol=0)
+
+
+def test_fsdp_rejects_a_local_ascent(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    args = {"out": str(tmp_path), "config": {"method": "sam", "ascent": "local"}, "steps": 1, "strategy": "fsdp2"}
+    result = subprocess.run([sys.executable, str(HERE / "ddp_worker.py"), json.dumps(args)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    assert "ascent='local' is not available with sharded parameters (FSDP)" in result.stderr

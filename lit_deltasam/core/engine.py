@@ -21,7 +21,8 @@ from .batch import Batch, LossFn, check_losses
 from .distributed import gather_instances
 from .guardedness import HeadTap, Prober, find_head, select_params
 from .per_instance import PerInstance
-from .perturbation import NormReduce, perturb, total_norm
+from .perturbation import perturb, total_norm
+from .sharding import NormReduce, is_sharded, local, shard_reduction
 from .randomness import RandomState
 from .state import Snapshot, put_grads, take_grads
 from .weighting import effective_sample_size, instance_weights
@@ -116,8 +117,9 @@ class DeltaSAM:
         module: the model; ``loss_fn`` must compute through it.
         config: the method and its hyperparameters.
         params: the parameters to perturb; default: those of ``module`` that require grad.
-        reduce_squares: maps a local sum of squares to the global one when the
-            parameters are sharded (FSDP); ``None`` when each rank holds them whole.
+        reduce_squares: maps a local sum of squares to the global one when each rank
+            holds a shard of plain-tensor parameters (FSDP1). DTensor shards (FSDP2)
+            are detected and reduced over their mesh without it.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
@@ -143,7 +145,14 @@ class DeltaSAM:
         self.config = config
         self.params, self.names = _owned_parameters(module, params)
         self.device = self.params[0].device
-        self.reduce_squares = reduce_squares
+        self.reduce_squares = reduce_squares if reduce_squares is not None else shard_reduction(self.params)
+        if any(is_sharded(p) for p in self.params) and (
+            config.method == "per_instance" or (config.reweights and config.estimator == "exact")
+        ):
+            raise NotImplementedError(
+                f"method={config.method!r} with estimator={config.estimator!r} needs per-instance gradients through "
+                "torch.func, which do not support sharded (FSDP) parameters; use estimator='head' or 'probe'"
+            )
         buffers = list(module.buffers())
         self._params_before = Snapshot(self.params)
         self._buffers_before = Snapshot(buffers)
@@ -208,7 +217,8 @@ class DeltaSAM:
             put_grads(self.params, grads_before)
             raise
         if check_finite and sync_descent:
-            result.update_norm = total_norm([p.grad for p in self.params if p.grad is not None], self.reduce_squares)
+            grads = [local(p.grad) for p in self.params if p.grad is not None]
+            result.update_norm = total_norm(grads, self.reduce_squares)
             result.finite = bool(torch.isfinite(result.update_norm))
         return result
 

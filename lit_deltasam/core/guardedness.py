@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from .batch import Batch, LossFn, check_losses
 from .randomness import RandomState
+from .sharding import local
 
 
 def find_head(module: nn.Module, path: Optional[str]) -> tuple[str, nn.Linear]:
@@ -112,15 +113,15 @@ class Prober:
     The noise is drawn into one preallocated flat buffer per (device, dtype) and added
     with a single ``foreach`` call; the parameters are restored by copying back. The
     probes run while the clean forward's graph is alive, so they write through
-    ``.data``, which leaves autograd's version counters alone.
+    ``.data`` (the local shard of a sharded parameter), which leaves autograd's
+    version counters alone.
     """
 
     def __init__(self, params: Sequence[Tensor], samples: int, sigma: float, antithetic: bool) -> None:
-        self.params = [p.data for p in params]
+        self.scale = sigma / math.sqrt(sum(p.numel() for p in params))  # numel counts every shard
+        self.params = [local(p) for p in params]
         self.samples = samples
         self.antithetic = antithetic
-        numel = sum(p.numel() for p in self.params)
-        self.scale = sigma / math.sqrt(numel)
         self._flats: list[Tensor] = []
         self._views: list[Tensor] = [torch.empty(0)] * len(self.params)
         groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}

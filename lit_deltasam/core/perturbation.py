@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-NormReduce = Callable[[Tensor], Tensor]
-"""Turns a local sum of squares into the global one (e.g. an all-reduce across FSDP shards)."""
+from .sharding import NormReduce, local
+
 
 
 def total_norm(tensors: Sequence[Tensor], reduce_squares: Optional[NormReduce] = None) -> Tensor:
@@ -39,9 +39,13 @@ def perturb(
     with ``T = |w| + eta``, element-wise. When ``||g||`` (or ``||T g||``) is zero or
     not finite, the parameters are left at ``w`` and ``eps = 0``.
 
+    Sharded parameters and gradients (DTensors) are updated shard by shard, with
+    ``reduce_squares`` summing the norms over shards.
+
     Returns:
         ``(||g||, ||eps||, applied)``, where ``||g||`` is the norm that normalized eps.
     """
+    params, grads = [local(p) for p in params], [local(g) for g in grads]
     if adaptive:
         scale = torch._foreach_abs(params)
         torch._foreach_add_(scale, eta)

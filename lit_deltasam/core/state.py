@@ -8,19 +8,21 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .sharding import local
+
 
 class Snapshot:
     """Copies of a fixed list of tensors, restored by copying back (never by subtraction).
 
     The storage for the copies is allocated on the first ``capture`` and reused by
     every later one, so a training step costs one ``_foreach_copy_`` each way.
-    Writes go through ``.data`` and so do not bump autograd's version counters: a
+    Writes go through ``.data`` (the local shard of a sharded parameter) and so do not bump autograd's version counters: a
     graph built at ``w`` stays valid across a perturbation that is restored before
     its backward (the probes run between the clean forward and its backward).
     """
 
     def __init__(self, tensors: Sequence[Tensor]) -> None:
-        self.tensors = [t.data for t in tensors]
+        self.tensors = [local(t) for t in tensors]
         self._copies: Optional[list[Tensor]] = None
 
     @torch.no_grad()

@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.optim.lr_scheduler import ReduceLROnPlateau
@@ -24,6 +25,7 @@ from ..config import DeltaSAMConfig
 from ..core import DeltaSAM, StepResult
 from ..core.batch import Batch
 from ..core.randomness import seeded, step_seed
+from ..core.sharding import is_sharded, local
 from .logging import log_histograms, reduce_over_ranks
 
 
@@ -161,7 +163,7 @@ class DeltaSAMMixin:
         window, state.micro = state.micro, 0
         if window > 1:
             with torch.no_grad():
-                torch._foreach_mul_([p.grad for p in engine.params if p.grad is not None], 1.0 / window)
+                torch._foreach_mul_([local(p.grad) for p in engine.params if p.grad is not None], 1.0 / window)
             if result.update_norm is not None:
                 result.update_norm = result.update_norm / window
         if result.finite is False:
@@ -312,9 +314,13 @@ class DeltaSAMMixin:
             return cached[1]
         params = [p for group in optimizer.param_groups for p in group["params"]]
         strategy = module.trainer.strategy
-        reduce_squares = None
-        if "fsdp" in type(strategy).__name__.lower():
-            reduce_squares = lambda squares: strategy.reduce(squares, reduce_op="sum")  # noqa: E731
+        fsdp1 = isinstance(strategy, FSDPStrategy)
+        if cfg.perturbs and cfg.ascent == "local" and (fsdp1 or any(is_sharded(p) for p in params)):
+            raise ValueError(
+                "DeltaSAMConfig.ascent='local' is not available with sharded parameters (FSDP): the backward "
+                "reduce-scatters the ascent gradient, so every rank sees the full batch's; use ascent='global'"
+            )
+        reduce_squares = (lambda squares: strategy.reduce(squares, reduce_op="sum")) if fsdp1 else None
         engine = DeltaSAM(module, cfg, params, reduce_squares=reduce_squares)
         pending = self.__dict__.pop("_deltasam_pending_grads", None)
         if pending is not None:
