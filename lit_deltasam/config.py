@@ -75,6 +75,8 @@ class DeltaSAMConfig:
         probe_sigma: RMS norm of each probe perturbation; ``None`` means ``rho``.
         probe_antithetic: probe with pairs ``±u`` (``probe_samples`` must be even).
         probe_params: ``fnmatch`` patterns of parameter names to probe (``None``: all).
+        probe_truncate: with ``probe_params``, start the probe forwards at the first
+            probed layer, reusing the clean forward's activations below it.
         head: module path of the final linear layer for the ``head`` estimator
             (``None``: the last ``nn.Linear`` of the module).
         share_dropout: replay the random state so that the forwards that are
@@ -111,6 +113,7 @@ class DeltaSAMConfig:
     probe_sigma: Optional[float] = None
     probe_antithetic: bool = False
     probe_params: Optional[List[str]] = None
+    probe_truncate: bool = True
     head: Optional[str] = None
     share_dropout: bool = True
     ascent: str = "local"

@@ -9,7 +9,7 @@ optimizer. Derivation and step order: ``docs/method-card.md``.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ..config import DeltaSAMConfig
 from .batch import Batch, LossFn, check_losses
 from .distributed import gather_instances
-from .guardedness import HeadTap, Prober, find_head, select_params
+from .guardedness import ForwardCache, HeadTap, Prober, find_head, select_params
 from .per_instance import PerInstance
 from .perturbation import perturb, total_norm
 from .sharding import NormReduce, is_sharded, local, shard_reduction
@@ -164,10 +164,11 @@ class DeltaSAM:
             self._head = HeadTap(*find_head(module, config.head))
         if config.reweights and config.estimator == "probe":
             self._probed = select_params(self.names, config.probe_params)
+            probed = [self.params[i] for i in self._probed]
             sigma = config.probe_sigma if config.probe_sigma is not None else config.rho
-            self._prober = Prober(
-                [self.params[i] for i in self._probed], config.probe_samples, sigma, config.probe_antithetic
-            )
+            truncate = config.probe_truncate and config.probe_params is not None
+            cache = ForwardCache(module, probed, self.device) if truncate else None
+            self._prober = Prober(probed, config.probe_samples, sigma, config.probe_antithetic, cache)
         self._instances = PerInstance(
             module, self.params, self.names, config.per_instance_impl, config.per_instance_chunk
         )
@@ -262,7 +263,12 @@ class DeltaSAM:
         random_state = RandomState(self.device) if cfg.share_dropout else None
         if random_state is not None:
             random_state.capture()
-        with ascent_sync(), self._head if self._head is not None else nullcontext():
+        with ExitStack() as taps:
+            taps.enter_context(ascent_sync())
+            if self._head is not None:
+                taps.enter_context(self._head)
+            if self._prober is not None and self._prober.cache is not None:
+                taps.enter_context(self._prober.cache.record())
             losses = check_losses(loss_fn(batch), batch, self.device)
         self._buffers_clean.capture()
         try:

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Optional
 
 import torch
@@ -107,6 +108,88 @@ def select_params(names: Sequence[str], patterns: Optional[Sequence[str]]) -> li
     return chosen
 
 
+class ForwardCache:
+    """Lets the probe forwards start at the first probed layer instead of the input.
+
+    Perturbing only the top layers leaves everything computed before them unchanged.
+    During the clean forward, :meth:`record` keeps the output of every maximal submodule
+    that holds no probed parameter, runs once, and finishes before the first module
+    holding a probed parameter starts; during a probe, :meth:`reuse` makes those
+    submodules return the kept output instead of running. The random state at the cut
+    is kept too, so the dropout masks replayed downstream are the clean forward's.
+
+    It assumes a parameter is only used by the modules that register it, which holds
+    for standard layers and for tied weights.
+    """
+
+    def __init__(self, module: nn.Module, probed: Sequence[Tensor], device: torch.device) -> None:
+        ids = {id(p) for p in probed}
+        self.device = device
+        self.owners = [m for m in module.modules() if any(id(p) in ids for p in m._parameters.values())]
+        self.candidates: list[nn.Module] = []
+
+        def visit(parent: nn.Module) -> None:
+            for child in parent.children():
+                if any(id(p) in ids for p in child.parameters()):
+                    visit(child)
+                else:
+                    self.candidates.append(child)
+
+        visit(module)
+        self._kept: list[tuple[nn.Module, Any]] = []
+        self._state: Optional[RandomState] = None
+
+    @contextmanager
+    def record(self) -> Iterator[None]:
+        calls: dict[int, int] = {}
+        exits: list[tuple[nn.Module, Any, RandomState]] = []
+        cut: list[int] = []
+
+        def on_exit(layer: nn.Module, args: Any, output: Any) -> None:
+            calls[id(layer)] = calls.get(id(layer), 0) + 1
+            if not cut:
+                state = RandomState(self.device)
+                state.capture()
+                exits.append((layer, output, state))
+
+        def on_owner(layer: nn.Module, args: Any) -> None:
+            cut.append(len(exits))
+
+        handles = [m.register_forward_hook(on_exit) for m in self.candidates]
+        handles += [m.register_forward_pre_hook(on_owner) for m in self.owners]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+        kept = [(layer, output, state) for layer, output, state in exits if calls[id(layer)] == 1]
+        self._kept = [(layer, output) for layer, output, _ in kept]
+        self._state = kept[-1][2] if kept else None
+
+    @contextmanager
+    def reuse(self) -> Iterator[None]:
+        last = len(self._kept) - 1
+        for i, (layer, output) in enumerate(self._kept):
+            layer.forward = self._replay(output, self._state if i == last else None)  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            for layer, _ in self._kept:
+                del layer.forward
+
+    def clear(self) -> None:
+        self._kept, self._state = [], None
+
+    @staticmethod
+    def _replay(output: Any, state: Optional[RandomState]) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if state is not None:
+                state.restore()
+            return output
+
+        return forward
+
+
 class Prober:
     """Scores from K no-grad forwards at random Gaussian perturbations of a parameter subset.
 
@@ -114,10 +197,19 @@ class Prober:
     with a single ``foreach`` call; the parameters are restored by copying back. The
     probes run while the clean forward's graph is alive, so they write through
     ``.data`` (the local shard of a sharded parameter), which leaves autograd's
-    version counters alone.
+    version counters alone. With a :class:`ForwardCache` the probe forwards start at
+    the first probed layer.
     """
 
-    def __init__(self, params: Sequence[Tensor], samples: int, sigma: float, antithetic: bool) -> None:
+    def __init__(
+        self,
+        params: Sequence[Tensor],
+        samples: int,
+        sigma: float,
+        antithetic: bool,
+        cache: Optional[ForwardCache] = None,
+    ) -> None:
+        self.cache = cache
         self.scale = sigma / math.sqrt(sum(p.numel() for p in params))  # numel counts every shard
         self.params = [local(p) for p in params]
         self.samples = samples
@@ -160,11 +252,11 @@ class Prober:
             finally:
                 restore()
             squares += delta.pow(2)
+        if self.cache is not None:
+            self.cache.clear()
         return (squares / directions).sqrt()
 
-    @staticmethod
-    def _forward(loss_fn: LossFn, batch: Batch, random_state: Optional[RandomState], device: torch.device) -> Tensor:
-        if random_state is None:
-            return check_losses(loss_fn(batch), batch, device).float()
-        with random_state.replay():
-            return check_losses(loss_fn(batch), batch, device).float()
+    def _forward(self, loss_fn: LossFn, batch: Batch, random_state: Optional[RandomState], device: torch.device) -> Tensor:
+        with random_state.replay() if random_state is not None else nullcontext():
+            with self.cache.reuse() if self.cache is not None else nullcontext():
+                return check_losses(loss_fn(batch), batch, device).float()

@@ -29,15 +29,19 @@ class RandomState:
         if self.device.type == "cuda":
             self._accel = torch.cuda.get_rng_state(self.device)
 
+    def restore(self) -> None:
+        """Set the global random state to the captured one."""
+        if self._cpu is None:
+            raise RuntimeError("RandomState.restore() needs a capture() first")
+        torch.set_rng_state(self._cpu)
+        if self._accel is not None:
+            torch.cuda.set_rng_state(self._accel, self.device)
+
     @contextmanager
     def replay(self) -> Iterator[None]:
         """Run the body from the captured state; afterwards the state is as it was before the body."""
-        if self._cpu is None:
-            raise RuntimeError("RandomState.replay() needs a capture() first")
         with torch.random.fork_rng(devices=_accelerator_index(self.device), device_type=self.device.type):
-            torch.set_rng_state(self._cpu)
-            if self._accel is not None:
-                torch.cuda.set_rng_state(self._accel, self.device)
+            self.restore()
             yield
 
 

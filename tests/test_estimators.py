@@ -1,0 +1,101 @@
+"""The guardedness estimators against the exact per-instance gradient norms, and the truncated probe forwards."""
+
+import math
+
+import torch
+from helpers import MLP, LeastSquares, classification_data, least_squares_problem, ls_instance_grads
+from torch import nn
+
+from lit_deltasam import DeltaSAM, DeltaSAMConfig
+from lit_deltasam.core.guardedness import ForwardCache, Prober
+from lit_deltasam.core.per_instance import PerInstance
+from lit_deltasam.core.randomness import RandomState
+from lit_deltasam.core.state import Snapshot
+
+
+def test_probe_scores_estimate_the_gradient_norms():
+    """E[(g_i·u)²] = sigma² ||g_i||² / d, so sqrt(mean_k delta²) -> sigma ||g_i|| / sqrt(d)."""
+    x, y, w = least_squares_problem(n=6, d=4)
+    model = LeastSquares(w)
+    params = list(model.parameters())
+    sigma, d = 1e-4, w.numel()
+    snapshot = Snapshot(params)
+    snapshot.capture()
+    torch.manual_seed(0)
+    scores = Prober(params, samples=20000, sigma=sigma, antithetic=True).scores(
+        model.losses, (x, y), model.losses((x, y)), None, snapshot.restore
+    )
+    expected = sigma * ls_instance_grads(x, y, w).norm(dim=1) / math.sqrt(d)
+    torch.testing.assert_close(scores.double(), expected, rtol=0.05, atol=0)
+    assert torch.equal(model.w.detach(), w)
+
+
+def test_exact_scores_by_vmap_and_by_loop_agree():
+    torch.manual_seed(0)
+    model = MLP().double()
+    x, y = classification_data(n=12)
+    params, names = zip(*[(p, n) for n, p in model.named_parameters()])
+    norms = [PerInstance(model, params, names, impl, chunk=5).grad_norms(model.losses, (x.double(), y))
+             for impl in ("vmap", "loop")]
+    torch.testing.assert_close(norms[0], norms[1])
+
+
+class CountingEmbedding(nn.Embedding):
+    calls = 0
+
+    def forward(self, ids):
+        CountingEmbedding.calls += 1
+        return super().forward(ids)
+
+
+class Tower(nn.Module):
+    """Embedding, three dropout blocks and a head: only the top block and the head are probed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = CountingEmbedding(50, 16)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.Dropout(0.3)) for _ in range(3))
+        self.head = nn.Linear(16, 3)
+
+    def losses(self, batch):
+        ids, y = batch
+        h = self.embed(ids).mean(1)
+        for block in self.blocks:
+            h = h + block(h)
+        return nn.functional.cross_entropy(self.head(h), y, reduction="none")
+
+
+def test_truncated_probes_equal_full_probes_and_skip_the_bottom_layers():
+    torch.manual_seed(0)
+    model = Tower()
+    batch = (torch.randint(0, 50, (8, 5)), torch.randint(0, 3, (8,)))
+    probed = [*model.blocks[2].parameters(), *model.head.parameters()]
+    snapshot = Snapshot(probed)
+    snapshot.capture()
+    scores, calls = {}, {}
+    for truncate in (False, True):
+        cache = ForwardCache(model, probed, torch.device("cpu")) if truncate else None
+        state = RandomState(torch.device("cpu"))
+        torch.manual_seed(1)
+        state.capture()
+        CountingEmbedding.calls = 0
+        with cache.record() if cache else torch.enable_grad():
+            losses = model.losses(batch)
+        torch.manual_seed(2)
+        scores[truncate] = Prober(probed, 4, 0.1, False, cache).scores(model.losses, batch, losses, state, snapshot.restore)
+        calls[truncate] = CountingEmbedding.calls
+    assert torch.equal(scores[True], scores[False])
+    assert calls == {False: 1 + 4, True: 1}
+
+
+def test_engine_truncates_only_with_a_parameter_subset():
+    model = Tower()
+    full = DeltaSAM(model, DeltaSAMConfig(estimator="probe"))
+    top = DeltaSAM(model, DeltaSAMConfig(estimator="probe", probe_params=["blocks.2.*", "head.*"]))
+    off = DeltaSAM(model, DeltaSAMConfig(estimator="probe", probe_params=["blocks.2.*", "head.*"], probe_truncate=False))
+    assert full._prober.cache is None and off._prober.cache is None and top._prober.cache is not None
+    torch.manual_seed(0)
+    batch = (torch.randint(0, 50, (8, 5)), torch.randint(0, 3, (8,)))
+    CountingEmbedding.calls = 0
+    top.step(model.losses, batch)
+    assert CountingEmbedding.calls == 2  # the clean and the perturbed forward; the 3 probes start above the embedding
