@@ -40,7 +40,11 @@ class Recording(TinyModule):
 
     def per_sample_loss(self, batch):
         self.calls.append(flat_params(self))
-        return super().per_sample_loss(batch)
+        losses = super().per_sample_loss(batch)
+        poison = self.poison or {}
+        if self.global_rank == poison.get("rank") and len(self.records) == poison.get("batch") and len(self.calls) == 1:
+            return losses * float("nan")
+        return losses
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         x, y = batch
@@ -56,6 +60,7 @@ def main(args: dict) -> None:
     )
     module.records = []
     module.shard = args.get("strategy") == "fsdp2"
+    module.poison = args.get("poison")
     callbacks = []
     if args.get("checkpoint_every"):
         callbacks.append(ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=args["checkpoint_every"],

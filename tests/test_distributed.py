@@ -93,6 +93,15 @@ def test_parameters_are_identical_across_ranks_after_every_step(config, tmp_path
     assert not torch.equal(ranks[0]["records"][0]["w"], ranks[0]["params"])
 
 
+def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    ranks = run_ddp(tmp_path, config=dict(method="deltasam"), steps=3, poison={"rank": 1, "batch": 1})
+    for r in ranks:
+        records = r["records"]
+        assert torch.equal(records[1]["w"], records[2]["w"])  # batch 1 took no step
+        assert not torch.equal(records[0]["w"], records[1]["w"])
+    assert torch.equal(ranks[0]["params"], ranks[1]["params"])
+
+
 def test_one_checkpoint_and_exact_resume_under_ddp(tmp_path):
     config = dict(method="deltasam", estimator="probe", accumulate_grad_batches=2)
     common = dict(config=config, dropout=0.1, optimizer="adamw", lr=0.01, shuffle=True, n=128)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..config import DeltaSAMConfig
 from .batch import Batch, LossFn, check_losses
-from .distributed import gather_instances
+from .distributed import gather_instances, sum_over_ranks
 from .guardedness import ForwardCache, HeadTap, Prober, find_head, select_params
 from .per_instance import PerInstance
 from .perturbation import perturb, total_norm
@@ -50,7 +50,17 @@ class StepResult:
     update_norm: Optional[Tensor] = None
     """``||G||`` of the accumulated ``.grad``, when the step checked it."""
     finite: Optional[bool] = None
-    """Whether ``.grad`` is finite after the step; ``None`` when not checked."""
+    """Whether the update can be taken: on no rank a non-finite loss, ascent gradient or G since the
+    last synchronized step; ``None`` when not checked."""
+
+    def local_finite(self) -> Tensor:
+        """This rank's losses (and ascent gradient norm) are finite, as a 0-d bool tensor (no sync)."""
+        ok = torch.isfinite(self.losses).all()
+        if self.perturbed_losses is not None:
+            ok = ok & torch.isfinite(self.perturbed_losses).all()
+        if self.grad_norm is not None:
+            ok = ok & torch.isfinite(self.grad_norm)
+        return ok
 
     @property
     def loss(self) -> Tensor:
@@ -169,6 +179,7 @@ class DeltaSAM:
             truncate = config.probe_truncate and config.probe_params is not None
             cache = ForwardCache(module, probed, self.device) if truncate else None
             self._prober = Prober(probed, config.probe_samples, sigma, config.probe_antithetic, cache)
+        self._window_ok: Optional[Tensor] = None
         self._instances = PerInstance(
             module, self.params, self.names, config.per_instance_impl, config.per_instance_chunk
         )
@@ -194,8 +205,9 @@ class DeltaSAM:
                 The ascent runs inside it when ``config.ascent == "local"``.
             sync_descent: False for micro-batches before the last of an accumulation
                 window, so that the descent is all-reduced once per optimizer step.
-            check_finite: after a synchronized descent, compute ``||G||`` and report
-                whether it is finite. Turn it off under a loss scaler, which checks itself.
+            check_finite: after a synchronized descent, compute ``||G||`` and report in
+                ``result.finite`` whether the update can be taken (one tiny all-reduce
+                under data parallelism). Turn it off under a loss scaler, which checks itself.
 
         Raises:
             Whatever ``loss_fn`` or ``backward`` raise. Parameters, buffers and
@@ -217,10 +229,16 @@ class DeltaSAM:
             self.rollback()
             put_grads(self.params, grads_before)
             raise
-        if check_finite and sync_descent:
-            grads = [local(p.grad) for p in self.params if p.grad is not None]
-            result.update_norm = total_norm(grads, self.reduce_squares)
-            result.finite = bool(torch.isfinite(result.update_norm))
+        ok = result.local_finite()
+        self._window_ok = ok if self._window_ok is None else self._window_ok & ok
+        if sync_descent:
+            window_ok, self._window_ok = self._window_ok, None
+            if check_finite:
+                grads = [local(p.grad) for p in self.params if p.grad is not None]
+                result.update_norm = total_norm(grads, self.reduce_squares)
+                bad = (~window_ok | ~torch.isfinite(result.update_norm)).float()
+                # every rank must take the same decision, also when only one saw a non-finite loss
+                result.finite = sum_over_ranks(bad).item() == 0
         return result
 
     def rollback(self) -> None:
