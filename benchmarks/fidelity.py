@@ -37,17 +37,18 @@ ESTIMATORS = {
 }
 
 
-def variants(rho: float) -> dict[str, DeltaSAMConfig]:
+def variants(rho: float, only: list[str] | None = None) -> dict[str, DeltaSAMConfig]:
     out = {"sam": DeltaSAMConfig(method="sam", rho=rho)}
     for name, options in ESTIMATORS.items():
         for beta in BETAS:
             out[f"{name}:{beta:g}"] = DeltaSAMConfig(method="deltasam", rho=rho, beta=beta, **options)
-    return out
+    return {k: v for k, v in out.items() if only is None or k in only or k == "sam"}
 
 
 class Probe(Callback):
-    def __init__(self, task: str, steps: list[int], batches: list, rho: float, rows: list) -> None:
+    def __init__(self, task: str, steps: list[int], batches: list, rho: float, rows: list, only=None) -> None:
         self.task, self.steps, self.batches, self.rho, self.rows = task, set(steps), batches, rho, rows
+        self.only = only
         self.done: set[int] = set()
 
     def run(self, trainer: L.Trainer, module: L.LightningModule) -> None:
@@ -60,7 +61,7 @@ class Probe(Callback):
         torch.manual_seed(step)
         with torch.enable_grad():
             for index, batch in enumerate(self.batches):
-                cos = fidelity(module, module.per_sample_loss, batch, variants(self.rho), params, impl="loop")
+                cos = fidelity(module, module.per_sample_loss, batch, variants(self.rho, self.only), params, impl="loop")
                 for name, value in cos.items():
                     self.rows.append(dict(task=self.task, step=step, batch=index, variant=name, cos=value))
                 print(f"{self.task} step {step} batch {index}: " + " ".join(f"{k}={v:.3f}" for k, v in cos.items()))
@@ -100,6 +101,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=4, help="held-out batches per probe")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--rho", type=float, default=0.05)
+    parser.add_argument("--only", nargs="*", default=None, help="variants to run (default: all)")
     parser.add_argument("--name", default="fidelity")
     args = parser.parse_args()
 
@@ -114,7 +116,7 @@ def main() -> None:
         loader = iter(datamodule.val_dataloader())
         batches = [slice_batch(next(loader), slice(0, args.batch_size)) for _ in range(args.batches)]
         trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                              callbacks=[Probe(task, args.steps, batches, args.rho, rows)])
+                              callbacks=[Probe(task, args.steps, batches, args.rho, rows, args.only)])
         trainer.fit(module, datamodule)
 
     summary = summarize(rows)
@@ -134,7 +136,7 @@ def plot(rows: list[dict], summary: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     sam = summary["sam"]["mean"]
     ax.axhline(sam, color="black", linestyle="--", label=f"SAM ({sam:.3f})")
-    for name in ESTIMATORS:
+    for name in [e for e in ESTIMATORS if all(f"{e}:{b:g}" in summary for b in BETAS)]:
         xs = [b for b in [-1.0, -0.5, 0.0, 0.5, 1.0]]
         ys = [summary[f"{name}:{b:g}"]["mean"] if b != 0.0 else sam for b in xs]
         ax.plot(xs, ys, marker="o", label=f"δ-SAM, {name}")

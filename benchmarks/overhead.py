@@ -11,6 +11,7 @@ SAM and to ERM (medians of per-round ratios), and the peak memory of the step.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import random
 import statistics
 import time
@@ -23,9 +24,13 @@ from lit_deltasam import DeltaSAM, DeltaSAMConfig
 from lit_deltasam.data import get_task
 from lit_deltasam.models import MiniLM, Small, TextClassifier
 
-TOP_LAYERS = {
+TOP_LAYERS = {  # the last Transformer layer and everything above it
     "minilm": ["encoder.model.bert.encoder.layer.5.*", "encoder.model.bert.pooler.*", "encoder.model.classifier.*"],
     "small": ["encoder.encoder.layers.1.*", "encoder.norm.*", "encoder.classifier.*"],
+}
+HEAD = {  # only what sits above the last Transformer layer
+    "minilm": ["encoder.model.bert.pooler.*", "encoder.model.classifier.*"],
+    "small": ["encoder.norm.*", "encoder.classifier.*"],
 }
 
 
@@ -38,6 +43,9 @@ def methods(model: str) -> dict[str, DeltaSAMConfig]:
         "deltasam(probe K=3, all)": DeltaSAMConfig(method="deltasam", estimator="probe", probe_samples=3),
         "deltasam(probe K=3, top)": DeltaSAMConfig(
             method="deltasam", estimator="probe", probe_samples=3, probe_params=TOP_LAYERS[model]
+        ),
+        "deltasam(probe K=3, head)": DeltaSAMConfig(
+            method="deltasam", estimator="probe", probe_samples=3, probe_params=HEAD[model]
         ),
         "per_instance": DeltaSAMConfig(method="per_instance", per_instance_impl="loop"),
     }
@@ -60,7 +68,8 @@ def peak_rss_bytes() -> int:
 
 
 def reset_peak_rss() -> int:
-    """Reset the kernel's peak-RSS counter to the current RSS; return the current RSS."""
+    """Return freed heap to the OS, reset the kernel's peak-RSS counter to the current RSS, and return it."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -98,7 +107,7 @@ def measure(model_name: str, rounds: int, warmup: int, batch_size: int, length: 
             if r >= warmup:
                 times[name].append(time.perf_counter() - start)
 
-    memory = {}
+    memory = {}  # the step's peak working set above the resting state (CPU: resident memory)
     for name, engine in engines.items():
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
