@@ -142,7 +142,7 @@ def plot(rows: list[dict], summary: dict, path: Path) -> None:
         ax.plot(xs, ys, marker="o", label=f"δ-SAM, {name}")
     ax.set_xlabel("β (λ ∝ s^β)")
     ax.set_ylabel("mean cos(C_X, C_PI)")
-    ax.set_title("Fidelity to per-instance SAM (MiniLM, mean over tasks, steps, batches)")
+    ax.set_title("Fidelity to per-instance SAM (MiniLM)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
