@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional
+from collections.abc import Mapping
+from typing import Any, List, Optional, Union
 
 METHODS = ("erm", "sam", "asam", "deltasam", "per_instance")
 ESTIMATORS = ("head", "probe", "exact")
 ASCENTS = ("local", "global")
-PER_INSTANCE_IMPLS = ("vmap", "loop")
+PER_INSTANCE_IMPLS = ("loop", "vmap")
 CLIP_ALGORITHMS = ("norm", "value")
 
 
@@ -84,8 +85,9 @@ class DeltaSAMConfig:
             compared (clean, probes, perturbed) draw the same dropout masks.
         ascent: under data parallelism, ``local`` perturbs each rank with its own
             sub-batch (no all-reduce); ``global`` all-reduces the ascent gradient.
-        per_instance_impl: ``vmap`` (``torch.func``) or ``loop`` (one instance at a
-            time) for the ``exact`` estimator and the ``per_instance`` method.
+        per_instance_impl: ``loop`` (one instance at a time, any model) or ``vmap``
+            (``torch.func``, small dropout-free models) for the ``exact`` estimator and
+            the ``per_instance`` method.
         per_instance_chunk: instances per ``vmap`` call (``None``: the whole batch).
         accumulate_grad_batches: micro-batches per optimizer step.
         gradient_clip_val: clip G (never the ascent gradient); ``None`` disables.
@@ -120,7 +122,7 @@ class DeltaSAMConfig:
     head: Optional[str] = None
     share_dropout: bool = True
     ascent: str = "local"
-    per_instance_impl: str = "vmap"
+    per_instance_impl: str = "loop"
     per_instance_chunk: Optional[int] = None
     accumulate_grad_batches: int = 1
     gradient_clip_val: Optional[float] = None
@@ -158,6 +160,13 @@ class DeltaSAMConfig:
             object.__setattr__(self, "probe_params", [str(p) for p in self.probe_params])
             if not self.probe_params:
                 raise ValueError("DeltaSAMConfig.probe_params=[] selects nothing; use None to probe every parameter")
+
+    @classmethod
+    def coerce(cls, value: Union["DeltaSAMConfig", Mapping[str, Any]]) -> "DeltaSAMConfig":
+        """A config from itself or from a mapping of its fields (a Hydra node's ``_target_`` is ignored)."""
+        if isinstance(value, cls):
+            return value
+        return cls(**{k: v for k, v in value.items() if k != "_target_"})
 
     @property
     def perturbs(self) -> bool:

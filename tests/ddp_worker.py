@@ -46,9 +46,16 @@ class Recording(TinyModule):
             return losses * float("nan")
         return losses
 
+    def deltasam_step(self, batch):
+        result = super().deltasam_step(batch)
+        self.ess = result.effective_sample_size
+        return result
+
     def on_train_batch_end(self, outputs, batch, batch_idx):
         x, y = batch
-        self.records.append({"x": x, "y": y, "w": self.calls[0], "eps": self.calls[-1] - self.calls[0]})
+        self.records.append({"x": x, "y": y, "w": self.calls[0], "eps": self.calls[-1] - self.calls[0], "ess": self.ess})
+        if self.save_at == len(self.records) - 1:
+            self.trainer.save_checkpoint(self.out / "mid.ckpt")
 
 
 def main(args: dict) -> None:
@@ -61,6 +68,7 @@ def main(args: dict) -> None:
     module.records = []
     module.shard = args.get("strategy") == "fsdp2"
     module.poison = args.get("poison")
+    module.save_at, module.out = args.get("save_at_batch"), out
     callbacks = []
     if args.get("checkpoint_every"):
         callbacks.append(ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=args["checkpoint_every"],

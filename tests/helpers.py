@@ -104,7 +104,7 @@ class TinyModule(DeltaSAMMixin, L.LightningModule):
             return opt
         kind = self.scheduler.get("kind", "step")
         if kind == "plateau":
-            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5)
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", patience=0, factor=0.5)
         else:
             sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
         conf = {k: v for k, v in self.scheduler.items() if k != "kind"}

@@ -149,3 +149,17 @@ def test_wandb_sweep_yaml_drives_train_through_hydra_overrides(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     config = json.loads((tmp_path / "metrics.json").read_text())["config"]
     assert config["method"]["rho"] == point["method.rho"]
+
+
+@pytest.mark.parametrize(
+    "batches,epochs,max_steps,accumulate,expected",
+    [(10, 3, -1, 1, 30), (10, 3, -1, 4, 9), (10, 3, 5, 4, 5), (10, -1, 7, 2, 7), (10, 2, 100, 3, 8)],
+)
+def test_the_lr_schedule_spans_the_run_in_optimizer_steps(batches, epochs, max_steps, accumulate, expected):
+    from types import SimpleNamespace
+
+    from lit_deltasam.models.classifier import optimizer_steps
+
+    fake = SimpleNamespace(estimated_stepping_batches=0, num_training_batches=batches, max_epochs=epochs,
+                           max_steps=max_steps)
+    assert optimizer_steps(fake, accumulate) == expected

@@ -126,15 +126,21 @@ def test_train_py_under_ddp_writes_one_run(tmp_path):
     assert result.stdout.count("test/acc") == 1
 
 
-@pytest.mark.parametrize(
-    "config",
-    [dict(method="sam"), dict(method="asam"), dict(method="deltasam", estimator="head", beta=-1.0)],
-    ids=lambda c: c["method"],
-)
-def test_fsdp2_sharded_step_equals_the_full_batch_step(config, tmp_path):
-    """Sharded parameters (DTensor, FSDP2): norms sum over shards, perturbation and restore act per shard."""
+EQUIVALENT = [
+    ("ddp", dict(method="sam")),
+    ("ddp", dict(method="deltasam", estimator="exact", per_instance_impl="loop", weighted_descent=True)),
+    ("fsdp2", dict(method="sam")),
+    ("fsdp2", dict(method="asam")),
+    ("fsdp2", dict(method="deltasam", estimator="head", beta=-1.0, weighted_descent=True)),
+]
+
+
+@pytest.mark.parametrize("strategy,config", EQUIVALENT, ids=lambda v: v if isinstance(v, str) else "-".join(map(str, v.values())))
+def test_a_global_ascent_step_equals_the_full_batch_step(strategy, config, tmp_path):
+    """Under DDP, and with sharded parameters (FSDP2: norms summed over shards, perturbation and restore per
+    shard), a step with a global ascent is the single-process step on the concatenated batch."""
     config = {**config, "rho": 0.5, "ascent": "global"}
-    ranks = run_ddp(tmp_path, config=config, steps=3, strategy="fsdp2", lr=0.5)
+    ranks = run_ddp(tmp_path, config=config, steps=3, strategy=strategy, lr=0.5)
     assert torch.equal(ranks[0]["params"], ranks[1]["params"])
     model = MLP()
     torch.nn.utils.vector_to_parameters(ranks[0]["records"][0]["w"], model.parameters())
@@ -143,9 +149,22 @@ def test_fsdp2_sharded_step_equals_the_full_batch_step(config, tmp_path):
         full = (torch.cat([a["x"], b["x"]]), torch.cat([a["y"], b["y"]]))
         torch.testing.assert_close(torch.nn.utils.parameters_to_vector(model.parameters()), a["w"], atol=1e-6, rtol=0)
         optimizer.zero_grad()
-        DeltaSAM(model, DeltaSAMConfig(**config)).step(model.losses, full)
+        result = DeltaSAM(model, DeltaSAMConfig(**config)).step(model.losses, full)
         optimizer.step()
+        assert a["ess"].item() == pytest.approx(result.effective_sample_size.item()) == b["ess"].item()
     torch.testing.assert_close(torch.nn.utils.parameters_to_vector(model.parameters()), ranks[0]["params"], atol=1e-6, rtol=0)
+
+
+def test_resume_inside_an_accumulation_window_under_ddp(tmp_path):
+    """The window's partial gradients, not yet all-reduced, are saved summed over ranks: exact up to the order of
+    the additions."""
+    common = dict(config=dict(method="sam", accumulate_grad_batches=4), dropout=0.1, optimizer="adamw", lr=0.01,
+                  shuffle=True, n=128, steps=6)
+    full = run_ddp(tmp_path / "full", save_at_batch=5, **common)
+    resumed = run_ddp(tmp_path / "resumed", resume=str(tmp_path / "full" / "mid.ckpt"), **common)
+    for r in range(2):
+        torch.testing.assert_close(resumed[r]["params"], full[r]["params"], atol=1e-6, rtol=0)
+    assert torch.equal(resumed[0]["params"], resumed[1]["params"])
 
 
 def test_fsdp_rejects_a_local_ascent(tmp_path):
@@ -155,3 +174,13 @@ def test_fsdp_rejects_a_local_ascent(tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode != 0
     assert "ascent='local' is not available with sharded parameters (FSDP)" in result.stderr
+
+
+def test_fsdp_refuses_estimators_that_need_whole_parameters(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    args = {"out": str(tmp_path), "config": {"method": "deltasam", "estimator": "probe", "ascent": "global"},
+            "steps": 1, "strategy": "fsdp2"}
+    result = subprocess.run([sys.executable, str(HERE / "ddp_worker.py"), json.dumps(args)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    assert "is not available for sharded (FSDP) parameters" in result.stderr

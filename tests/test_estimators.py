@@ -74,7 +74,7 @@ def test_truncated_probes_equal_full_probes_and_skip_the_bottom_layers():
     snapshot.capture()
     scores, calls = {}, {}
     for truncate in (False, True):
-        cache = ForwardCache(model, probed, torch.device("cpu")) if truncate else None
+        cache = ForwardCache(model, probed, torch.device("cpu"), replay_random=True) if truncate else None
         state = RandomState(torch.device("cpu"))
         torch.manual_seed(1)
         state.capture()
@@ -99,3 +99,82 @@ def test_engine_truncates_only_with_a_parameter_subset():
     CountingEmbedding.calls = 0
     top.step(model.losses, batch)
     assert CountingEmbedding.calls == 2  # the clean and the perturbed forward; the 3 probes start above the embedding
+
+
+class Scaled(Tower):
+    """A probed parameter used directly, below modules that hold no probed parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+        self.body = nn.Sequential(nn.Linear(16, 16), nn.GELU())
+
+    def losses(self, batch):
+        ids, y = batch
+        h = self.body(self.embed(ids).mean(1) * self.scale)
+        return nn.functional.cross_entropy(self.head(h), y, reduction="none")
+
+
+def probe_scores(model, probed, truncate, share=True, samples=4):
+    snapshot = Snapshot(probed)
+    snapshot.capture()
+    cache = ForwardCache(model, probed, torch.device("cpu"), replay_random=share) if truncate else None
+    state = RandomState(torch.device("cpu"))
+    torch.manual_seed(1)
+    state.capture()
+    batch = (torch.randint(0, 50, (8, 5), generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2] * 2 + [0, 1]))
+    with cache.record() if cache else torch.enable_grad():
+        losses = model.losses(batch)
+    torch.manual_seed(2)
+    return Prober(probed, samples, 0.1, False, cache).scores(model.losses, batch, losses, state if share else None,
+                                                             snapshot.restore), cache
+
+
+def test_truncation_steps_aside_when_a_probed_parameter_is_used_outside_its_module():
+    torch.manual_seed(0)
+    model = Scaled().eval()
+    probed = [model.scale, *model.head.parameters()]
+    truncated, cache = probe_scores(model, probed, truncate=True)
+    full, _ = probe_scores(model, probed, truncate=False)
+    assert torch.equal(truncated, full) and truncated.abs().sum() > 0
+
+
+def test_truncation_steps_aside_after_an_in_place_write_on_a_kept_output():
+    torch.manual_seed(0)
+    model = Tower()
+
+    def losses(batch):
+        ids, y = batch
+        h = model.embed(ids).mean(1)
+        out = model.blocks[0](h)
+        out.mul_(2.0)  # writes into blocks[0]'s kept output after it returned
+        h = h + out
+        for block in model.blocks[1:]:
+            h = h + block(h)
+        return nn.functional.cross_entropy(model.head(h), y, reduction="none")
+
+    model.losses = losses
+    probed = [*model.blocks[2].parameters(), *model.head.parameters()]
+    truncated, cache = probe_scores(model, probed, truncate=True)
+    full, _ = probe_scores(model, probed, truncate=False)
+    assert torch.equal(truncated, full)
+
+
+def test_without_shared_masks_each_probe_draws_its_own_noise():
+    torch.manual_seed(0)
+    model = Tower()
+    probed = [*model.blocks[2].parameters(), *model.head.parameters()]
+    draws = []
+    original = torch.Tensor.normal_
+
+    def spy(tensor, *args, **kwargs):
+        out = original(tensor, *args, **kwargs)
+        draws.append(tensor.clone())
+        return out
+
+    torch.Tensor.normal_ = spy
+    try:
+        probe_scores(model, probed, truncate=True, share=False, samples=4)
+    finally:
+        torch.Tensor.normal_ = original
+    assert len(draws) == 4 and all(not torch.equal(draws[0], d) for d in draws[1:])

@@ -9,7 +9,7 @@ from helpers import TinyModule, classification_data, flat_params, loader, traine
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins import MixedPrecision
 
-from lit_deltasam import DeltaSAM, DeltaSAMConfig
+from lit_deltasam import DeltaSAM, DeltaSAMConfig, DeltaSAMMixin
 
 METHODS = [
     dict(method="erm"),
@@ -90,11 +90,36 @@ def test_lr_schedulers_follow_interval_and_frequency(scheduler, expected):
 
 
 def test_plateau_scheduler_reads_its_monitor():
+    """mode='max' on a falling validation loss: no improvement after the first epoch, so the LR halves each epoch."""
     scheduler = dict(kind="plateau", interval="epoch", frequency=1, monitor="val/loss")
     module = TinyModule(DeltaSAMConfig(method="sam"), scheduler=scheduler)
-    fit = trainer(max_epochs=3)
-    fit.fit(module, loader(n=32), loader(n=16, seed=1))
-    assert fit.lr_scheduler_configs[0].scheduler.last_epoch == 3
+    fit = trainer(max_epochs=4)
+    fit.fit(module, loader(n=64), loader(n=64))
+    assert module.optimizers().param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
+
+
+def test_plateau_monitor_survives_configure_optimizers_from_a_base_class():
+    class Base(L.LightningModule):
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=0.1)
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", patience=0, factor=0.5)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val/loss"}}
+
+    class Inherited(DeltaSAMMixin, Base):
+        def __init__(self):
+            super().__init__()
+            self.model = TinyModule(DeltaSAMConfig()).model
+            self.deltasam = DeltaSAMConfig(method="sam")
+
+        def per_sample_loss(self, batch):
+            return self.model.losses(batch)
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val/loss", self.model.losses(batch).mean())
+
+    module = Inherited()
+    trainer(max_epochs=3).fit(module, loader(n=64), loader(n=64))
+    assert module.optimizers().param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**2)
 
 
 @pytest.mark.parametrize("options", METHODS)
@@ -130,6 +155,10 @@ def test_bf16_mixed_precision(options):
     fit.fit(module, loader())
     assert fit.global_step == 3
     assert torch.isfinite(flat_params(module)).all()
+    if options["method"] in ("sam", "deltasam"):
+        assert fit.callback_metrics["sam/eps_norm"].item() == pytest.approx(0.05, rel=1e-3)
+    if options["method"] != "erm":
+        assert fit.callback_metrics["sam/sharpness"].item() != 0.0
 
 
 class ScaleWatch(Callback):
@@ -161,6 +190,32 @@ def test_fp16_scaler_skips_overflowing_steps_and_never_unscales_twice(options):
     assert not any(moved for _, _, moved in skipped)
     assert all(moved for _, _, moved in taken)
     assert torch.isfinite(flat_params(module)).all()
+
+
+def test_fp16_clipping_acts_on_the_unscaled_gradient():
+    """With a loss scale of 2**10 and clip 1e-3, every SGD step (lr 1) moves the weights by exactly 1e-3."""
+    moves = []
+
+    class Moves(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.before = flat_params(pl_module)
+
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            moves.append((flat_params(pl_module) - self.before).norm().item())
+
+    module = TinyModule(DeltaSAMConfig(method="sam", gradient_clip_val=1e-3), lr=1.0)
+    plugin = MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=2.0**10))
+    trainer(max_steps=4, plugins=[plugin], callbacks=[Moves()]).fit(module, loader(n=64))
+    assert moves == pytest.approx([1e-3] * 4, rel=1e-3)
+
+
+def test_clipping_needs_the_hook_to_call_super():
+    class Silent(TinyModule):
+        def on_before_optimizer_step(self, optimizer):
+            pass
+
+    with pytest.raises(RuntimeError, match="on_before_optimizer_step was overridden without calling super"):
+        trainer(max_steps=1).fit(Silent(DeltaSAMConfig(gradient_clip_val=1.0)), loader())
 
 
 class SaveAt(Callback):

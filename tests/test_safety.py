@@ -167,3 +167,22 @@ def test_non_finite_loss_is_reported_and_weights_stay():
     assert result.finite is False
     assert not result.perturbed
     assert_bit_identical(model, before)
+
+
+def test_a_model_cast_after_the_engine_was_built_is_still_restored():
+    torch.manual_seed(0)
+    model = MLP()
+    sam = DeltaSAM(model, DeltaSAMConfig(method="deltasam", rho=0.5))
+    model.double()  # gives every parameter new storage
+    x, y = classification_data(n=8)
+    before = state_of(model)
+    sam.step(model.losses, (x.double(), y))
+    assert_bit_identical(model, before)
+
+
+def test_vmap_refuses_to_give_an_instance_two_dropout_masks():
+    model = MLP(dropout=0.2)
+    config = DeltaSAMConfig(method="per_instance", per_instance_impl="vmap")
+    with pytest.raises(ValueError, match="cannot give an instance the same dropout mask"):
+        DeltaSAM(model, config).step(model.losses, classification_data(n=4))
+    DeltaSAM(model, DeltaSAMConfig(method="per_instance")).step(model.losses, classification_data(n=4))

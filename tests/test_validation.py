@@ -26,7 +26,7 @@ from lit_deltasam import DeltaSAM, DeltaSAMConfig
         (dict(accumulate_grad_batches=0), r"accumulate_grad_batches=0"),
         (dict(gradient_clip_val=0.0), r"gradient_clip_val=0.0"),
         (dict(gradient_clip_algorithm="l3"), r"gradient_clip_algorithm='l3' .*\['norm', 'value'\]"),
-        (dict(per_instance_impl="jit"), r"per_instance_impl='jit' .*\['vmap', 'loop'\]"),
+        (dict(per_instance_impl="jit"), r"per_instance_impl='jit' .*\['loop', 'vmap'\]"),
         (dict(probe_params=[]), r"probe_params=\[\] selects nothing"),
         (dict(rho="0.05"), r"rho='0.05'"),
     ],

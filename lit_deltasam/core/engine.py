@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..config import DeltaSAMConfig
 from .batch import Batch, LossFn, check_losses
-from .distributed import gather_instances, sum_over_ranks
+from .distributed import gather_instances, rank, sum_over_ranks, world_size
 from .guardedness import ForwardCache, HeadTap, Prober, find_head, select_params
 from .per_instance import PerInstance
 from .perturbation import perturb, total_norm
@@ -40,7 +40,9 @@ class StepResult:
     perturbed_losses: Optional[Tensor] = None
     """``l_i(w + eps)`` (``l_i(w + rho ĝ_i)`` for per-instance SAM); ``None`` for ERM."""
     weights: Optional[Tensor] = None
-    """The instance weights lambda of the ascent (uniform for SAM and ASAM)."""
+    """This rank's instance weights lambda in the ascent (uniform for SAM and ASAM)."""
+    batch_weights: Optional[Tensor] = None
+    """lambda over the batch it was normalized on: the global batch under ``ascent="global"``."""
     grad_norm: Optional[Tensor] = None
     """``||g_lambda||`` (``||T g||`` for ASAM), the norm that normalized eps."""
     eps_norm: Optional[Tensor] = None
@@ -82,12 +84,12 @@ class StepResult:
 
     @property
     def effective_sample_size(self) -> Optional[Tensor]:
-        return None if self.weights is None else effective_sample_size(self.weights)
+        return None if self.batch_weights is None else effective_sample_size(self.batch_weights)
 
     @property
     def max_weight(self) -> Optional[Tensor]:
         """``max_i n * lambda_i``: 1 for uniform weights."""
-        return None if self.weights is None else self.weights.max() * self.weights.numel()
+        return None if self.batch_weights is None else self.batch_weights.max() * self.batch_weights.numel()
 
 
 def _default_backward(loss: Tensor) -> None:
@@ -157,16 +159,16 @@ class DeltaSAM:
         self.device = self.params[0].device
         self.reduce_squares = reduce_squares if reduce_squares is not None else shard_reduction(self.params)
         if any(is_sharded(p) for p in self.params) and (
-            config.method == "per_instance" or (config.reweights and config.estimator == "exact")
+            config.method == "per_instance" or (config.reweights and config.estimator != "head")
         ):
             raise NotImplementedError(
-                f"method={config.method!r} with estimator={config.estimator!r} needs per-instance gradients through "
-                "torch.func, which do not support sharded (FSDP) parameters; use estimator='head' or 'probe'"
+                f"method={config.method!r} with estimator={config.estimator!r} is not available for sharded (FSDP) "
+                "parameters: per-instance gradients need whole parameters for torch.func, and FSDP's root unit keeps "
+                "its parameters gathered across forwards, out of a probe's reach; use estimator='head'"
             )
-        buffers = list(module.buffers())
         self._params_before = Snapshot(self.params)
-        self._buffers_before = Snapshot(buffers)
-        self._buffers_clean = Snapshot(buffers)
+        self._buffers_before = Snapshot(module.buffers)
+        self._buffers_clean = Snapshot(module.buffers)
         self._head: Optional[HeadTap] = None
         self._prober: Optional[Prober] = None
         self._probed: Optional[list[int]] = None
@@ -177,11 +179,11 @@ class DeltaSAM:
             probed = [self.params[i] for i in self._probed]
             sigma = config.probe_sigma if config.probe_sigma is not None else config.rho
             truncate = config.probe_truncate and config.probe_params is not None
-            cache = ForwardCache(module, probed, self.device) if truncate else None
+            cache = ForwardCache(module, probed, self.device, config.share_dropout) if truncate else None
             self._prober = Prober(probed, config.probe_samples, sigma, config.probe_antithetic, cache)
         self._window_ok: Optional[Tensor] = None
         self._instances = PerInstance(
-            module, self.params, self.names, config.per_instance_impl, config.per_instance_chunk
+            module, self.params, self.names, config.per_instance_impl, config.per_instance_chunk, config.share_dropout
         )
 
     def step(
@@ -290,7 +292,10 @@ class DeltaSAM:
             losses = check_losses(loss_fn(batch), batch, self.device)
         self._buffers_clean.capture()
         try:
-            weights = self._weights(loss_fn, batch, losses, random_state)
+            batch_weights, mine = self._weights(loss_fn, batch, losses, random_state)
+            # Under a global ascent DDP averages over ranks; scaling by the rank count makes
+            # the all-reduced gradient sum_i lambda_i g_i over the global batch.
+            weights = batch_weights[mine] * (world_size() if cfg.ascent == "global" else 1)
             ascent_loss = (weights.to(losses.dtype) * losses).sum() if cfg.reweights else losses.mean()
             with ascent_sync():
                 backward(ascent_loss)
@@ -319,24 +324,30 @@ class DeltaSAM:
         return StepResult(
             losses=losses.detach(),
             perturbed_losses=perturbed.detach(),
-            weights=weights,
+            weights=batch_weights[mine],
+            batch_weights=batch_weights,
             grad_norm=grad_norm.detach(),
             eps_norm=eps_norm.detach(),
             perturbed=applied,
         )
 
-    def _weights(self, loss_fn: LossFn, batch: Batch, losses: Tensor, random_state: Optional[RandomState]) -> Tensor:
+    def _weights(
+        self, loss_fn: LossFn, batch: Batch, losses: Tensor, random_state: Optional[RandomState]
+    ) -> tuple[Tensor, slice]:
+        """lambda over the batch it is normalized on, and this rank's slice of it."""
         cfg = self.config
         n = losses.shape[0]
         if not cfg.reweights:
-            return torch.full((n,), 1.0 / n, dtype=torch.float64, device=losses.device)
+            ranks, r = (world_size(), rank()) if cfg.ascent == "global" else (1, 0)
+            uniform = torch.full((n * ranks,), 1.0 / (n * ranks), dtype=torch.float64, device=losses.device)
+            return uniform, slice(r * n, (r + 1) * n)
         scores = self._scores(loss_fn, batch, losses, random_state)
         if cfg.ascent == "global":
             scores, mine = gather_instances(scores)
         else:
             mine = slice(0, n)
         weights = instance_weights(scores, cfg.beta, floor=cfg.weight_floor, clip=(cfg.weight_min, cfg.weight_max))
-        return weights[mine]
+        return weights, mine
 
     def _scores(self, loss_fn: LossFn, batch: Batch, losses: Tensor, random_state: Optional[RandomState]) -> Tensor:
         estimator = self.config.estimator

@@ -23,6 +23,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from torch.utils._pytree import tree_flatten
+
 from .batch import Batch, LossFn, check_losses
 from .randomness import RandomState
 from .sharding import local
@@ -115,22 +117,26 @@ class ForwardCache:
     During the clean forward, :meth:`record` keeps the output of every maximal submodule
     that holds no probed parameter, runs once, and finishes before the first module
     holding a probed parameter starts; during a probe, :meth:`reuse` makes those
-    submodules return the kept output instead of running. The random state at the cut
-    is kept too, so the dropout masks replayed downstream are the clean forward's.
+    submodules return the kept output instead of running. With ``replay_random`` the
+    random state at the cut is kept too, so the dropout masks replayed downstream are
+    the clean forward's.
 
-    It assumes a parameter is only used by the modules that register it, which holds
-    for standard layers and for tied weights.
+    Truncation is skipped for a step whenever it could be wrong: a module holding a
+    probed parameter did not run as a module (its parameter was used directly), or a
+    kept output was modified in place after its module returned.
     """
 
-    def __init__(self, module: nn.Module, probed: Sequence[Tensor], device: torch.device) -> None:
+    def __init__(self, module: nn.Module, probed: Sequence[Tensor], device: torch.device, replay_random: bool) -> None:
         ids = {id(p) for p in probed}
         self.device = device
+        self.replay_random = replay_random
         self.owners = [m for m in module.modules() if any(id(p) in ids for p in m._parameters.values())]
         self.candidates: list[nn.Module] = []
 
         def visit(parent: nn.Module) -> None:
             for child in parent.children():
-                if any(id(p) in ids for p in child.parameters()):
+                # containers are never called themselves: their members are the candidates
+                if any(id(p) in ids for p in child.parameters()) or isinstance(child, (nn.ModuleList, nn.ModuleDict)):
                     visit(child)
                 else:
                     self.candidates.append(child)
@@ -142,18 +148,20 @@ class ForwardCache:
     @contextmanager
     def record(self) -> Iterator[None]:
         calls: dict[int, int] = {}
-        exits: list[tuple[nn.Module, Any, RandomState]] = []
-        cut: list[int] = []
+        exits: list[tuple[nn.Module, Any, list[int], Optional[RandomState]]] = []
+        entered: set[int] = set()
 
         def on_exit(layer: nn.Module, args: Any, output: Any) -> None:
             calls[id(layer)] = calls.get(id(layer), 0) + 1
-            if not cut:
-                state = RandomState(self.device)
-                state.capture()
-                exits.append((layer, output, state))
+            if not entered:
+                state = None
+                if self.replay_random:
+                    state = RandomState(self.device)
+                    state.capture()
+                exits.append((layer, output, _versions(output), state))
 
         def on_owner(layer: nn.Module, args: Any) -> None:
-            cut.append(len(exits))
+            entered.add(id(layer))
 
         handles = [m.register_forward_hook(on_exit) for m in self.candidates]
         handles += [m.register_forward_pre_hook(on_owner) for m in self.owners]
@@ -162,9 +170,10 @@ class ForwardCache:
         finally:
             for handle in handles:
                 handle.remove()
-        kept = [(layer, output, state) for layer, output, state in exits if calls[id(layer)] == 1]
-        self._kept = [(layer, output) for layer, output, _ in kept]
-        self._state = kept[-1][2] if kept else None
+        kept = [(layer, output, versions, state) for layer, output, versions, state in exits if calls[id(layer)] == 1]
+        unsafe = len(entered) < len(self.owners) or any(_versions(o) != v for _, o, v, _ in kept)
+        self._kept = [] if unsafe else [(layer, output) for layer, output, _, _ in kept]
+        self._state = kept[-1][3] if kept and not unsafe else None
 
     @contextmanager
     def reuse(self) -> Iterator[None]:
@@ -190,13 +199,19 @@ class ForwardCache:
         return forward
 
 
+def _versions(output: Any) -> list[int]:
+    """Autograd version counters of the tensors in a module's output (they change on in-place writes)."""
+    leaves, _ = tree_flatten(output)
+    return [leaf._version for leaf in leaves if isinstance(leaf, Tensor)]
+
+
 class Prober:
     """Scores from K no-grad forwards at random Gaussian perturbations of a parameter subset.
 
-    The noise is drawn into one preallocated flat buffer per (device, dtype) and added
-    with a single ``foreach`` call; the parameters are restored by copying back. The
-    probes run while the clean forward's graph is alive, so they write through
-    ``.data`` (the local shard of a sharded parameter), which leaves autograd's
+    The noise is drawn into one flat buffer per (device, dtype), reused across steps,
+    and added with a single ``foreach`` call; the parameters are restored by copying
+    back. The probes run while the clean forward's graph is alive, so they write
+    through ``.data`` (the local shard of a sharded parameter), which leaves autograd's
     version counters alone. With a :class:`ForwardCache` the probe forwards start at
     the first probed layer.
     """
@@ -211,19 +226,26 @@ class Prober:
     ) -> None:
         self.cache = cache
         self.scale = sigma / math.sqrt(sum(p.numel() for p in params))  # numel counts every shard
-        self.params = [local(p) for p in params]
+        self.params = list(params)
         self.samples = samples
         self.antithetic = antithetic
         self._flats: list[Tensor] = []
-        self._views: list[Tensor] = [torch.empty(0)] * len(self.params)
+        self._views: list[Tensor] = []
+
+    def _noise_buffers(self, targets: Sequence[Tensor]) -> None:
+        if len(self._views) == len(targets) and all(
+            v.shape == t.shape and v.dtype == t.dtype and v.device == t.device for v, t in zip(self._views, targets)
+        ):
+            return
+        self._flats, self._views = [], [torch.empty(0)] * len(targets)
         groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-        for i, p in enumerate(self.params):
-            groups.setdefault((p.device, p.dtype), []).append(i)
+        for i, t in enumerate(targets):
+            groups.setdefault((t.device, t.dtype), []).append(i)
         for (device, dtype), idx in groups.items():
-            flat = torch.empty(sum(self.params[i].numel() for i in idx), device=device, dtype=dtype)
+            flat = torch.empty(sum(targets[i].numel() for i in idx), device=device, dtype=dtype)
             self._flats.append(flat)
-            for i, view in zip(idx, flat.split([self.params[i].numel() for i in idx])):
-                self._views[i] = view.view_as(self.params[i])
+            for i, view in zip(idx, flat.split([targets[i].numel() for i in idx])):
+                self._views[i] = view.view_as(targets[i])
 
     @torch.no_grad()
     def scores(
@@ -236,24 +258,28 @@ class Prober:
     ) -> Tensor:
         """``[n]`` scores; ``restore`` must put the probed parameters back to ``w``."""
         device = clean_losses.device
+        targets = [local(p) for p in self.params]
+        self._noise_buffers(targets)
         directions = self.samples // 2 if self.antithetic else self.samples
         squares = torch.zeros_like(clean_losses, dtype=torch.float32)
-        for _ in range(directions):
-            for flat in self._flats:
-                flat.normal_()
-            try:
-                torch._foreach_add_(self.params, self._views, alpha=self.scale)
-                plus = self._forward(loss_fn, batch, random_state, device)
-                if self.antithetic:
-                    torch._foreach_add_(self.params, self._views, alpha=-2.0 * self.scale)
-                    delta = (plus - self._forward(loss_fn, batch, random_state, device)) / 2
-                else:
-                    delta = plus - clean_losses.detach().float()
-            finally:
-                restore()
-            squares += delta.pow(2)
-        if self.cache is not None:
-            self.cache.clear()
+        try:
+            for _ in range(directions):
+                for flat in self._flats:
+                    flat.normal_()
+                try:
+                    torch._foreach_add_(targets, self._views, alpha=self.scale)
+                    plus = self._forward(loss_fn, batch, random_state, device)
+                    if self.antithetic:
+                        torch._foreach_add_(targets, self._views, alpha=-2.0 * self.scale)
+                        delta = (plus - self._forward(loss_fn, batch, random_state, device)) / 2
+                    else:
+                        delta = plus - clean_losses.detach().float()
+                finally:
+                    restore()
+                squares += delta.pow(2)
+        finally:
+            if self.cache is not None:
+                self.cache.clear()
         return (squares / directions).sqrt()
 
     def _forward(self, loss_fn: LossFn, batch: Batch, random_state: Optional[RandomState], device: torch.device) -> Tensor:

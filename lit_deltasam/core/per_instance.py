@@ -1,9 +1,11 @@
 """Exact per-instance quantities: gradient norms and the per-instance SAM gradient.
 
-Two implementations compute the same numbers. ``vmap`` maps ``torch.func.grad`` of a
-``functional_call`` over the instances, in chunks; it is fast for small models whose
-forward is free of data-dependent control flow. ``loop`` runs one instance at a time
-through ordinary autograd; it works for any model and holds one instance's graph.
+Two implementations compute the same numbers. ``loop`` runs one instance at a time
+through ordinary autograd; it works for any model, holds one instance's graph, and
+gives an instance the same dropout masks in its two forwards. ``vmap`` maps
+``torch.func.grad`` of a ``functional_call`` over the instances, in chunks; it can be
+faster for small models whose forward is free of data-dependent control flow, and it
+refuses active dropout for the per-instance SAM gradient, whose masks it cannot share.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ class _LossModule(nn.Module):
         return self.loss_fn(batch)
 
 
+def _has_active_dropout(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0 for m in module.modules())
+
+
 def check_instance_independent(module: nn.Module) -> None:
     """Per-instance forwards are meaningless for layers that mix the instances of a batch."""
     for name, layer in module.named_modules():
@@ -52,8 +58,10 @@ class PerInstance:
         module: the module whose parameters ``params`` are.
         params: the parameters to differentiate; the others stay fixed.
         names: their names in ``module.named_parameters()``.
-        impl: ``vmap`` or ``loop``.
+        impl: ``loop`` or ``vmap``.
         chunk: instances per ``vmap`` call; ``None`` for the whole batch.
+        share_dropout: the loop replays the random state so that an instance's two
+            forwards draw the same dropout masks; ``vmap`` cannot, and refuses.
     """
 
     def __init__(
@@ -61,10 +69,12 @@ class PerInstance:
         module: nn.Module,
         params: Sequence[Tensor],
         names: Sequence[str],
-        impl: str = "vmap",
+        impl: str = "loop",
         chunk: Optional[int] = None,
+        share_dropout: bool = True,
     ) -> None:
         self.module = module
+        self.share_dropout = share_dropout
         self.params = list(params)
         self.names = list(names)
         self.impl = impl
@@ -95,6 +105,11 @@ class PerInstance:
             parameters are restored from it.
         """
         check_instance_independent(self.module)
+        if self.impl == "vmap" and self.share_dropout and _has_active_dropout(self.module):
+            raise ValueError(
+                "per_instance_impl='vmap' cannot give an instance the same dropout mask at w and at w + rho ĝ_i; "
+                "use per_instance_impl='loop' (the default), share_dropout=False, or a model without active dropout"
+            )
         n = self._size(batch)
         total = [torch.zeros_like(p) for p in self.params]
         clean, perturbed = [], []

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Optional
+from collections.abc import Callable, Iterable, Sequence
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -12,43 +12,47 @@ from .sharding import local
 
 
 class Snapshot:
-    """Copies of a fixed list of tensors, restored by copying back (never by subtraction).
+    """Copies of a set of tensors, restored by copying back (never by subtraction).
 
-    The storage for the copies is allocated on the first ``capture`` and reused by
-    every later one, so a training step costs one ``_foreach_copy_`` each way.
-    Writes go through ``.data`` (the local shard of a sharded parameter) and so do not bump autograd's version counters: a
-    graph built at ``w`` stays valid across a perturbation that is restored before
-    its backward (the probes run between the clean forward and its backward).
+    ``tensors`` is a list, or a function returning the current list, so that a module
+    moved or cast after the snapshot was made (``.to()``, ``.double()``) is still the
+    one captured. The storage for the copies is reused while shapes and dtypes stay,
+    so a training step costs one ``_foreach_copy_`` each way. Writes go through
+    ``.data`` (the local shard of a sharded parameter), which leaves autograd's
+    version counters alone: a graph built at ``w`` stays valid across a perturbation
+    that is restored before its backward (the probes run between the clean forward and
+    its backward).
     """
 
-    def __init__(self, tensors: Sequence[Tensor]) -> None:
-        self.tensors = [local(t) for t in tensors]
-        self._copies: Optional[list[Tensor]] = None
+    def __init__(self, tensors: Union[Sequence[Tensor], Callable[[], Iterable[Tensor]]]) -> None:
+        self._source = tensors if callable(tensors) else (lambda: tensors)
+        self._targets: list[Tensor] = []
+        self._copies: list[Tensor] = []
 
     @torch.no_grad()
     def capture(self) -> None:
-        if not self.tensors:
+        targets = [local(t) for t in self._source()]
+        if not targets:
+            self._targets, self._copies = [], []
             return
-        if self._copies is None:
-            self._copies = [t.clone() for t in self.tensors]
+        same = len(targets) == len(self._copies) and all(
+            t.shape == c.shape and t.dtype == c.dtype and t.device == c.device for t, c in zip(targets, self._copies)
+        )
+        if same:
+            torch._foreach_copy_(self._copies, targets)
         else:
-            torch._foreach_copy_(self._copies, self.tensors)
+            self._copies = [t.clone() for t in targets]
+        self._targets = targets
 
     @torch.no_grad()
     def restore(self, indices: Optional[Sequence[int]] = None) -> None:
         """Copy the captured values back, into all tensors or only those at ``indices``."""
-        if self._copies is None:
+        if not self._targets:
             return
         if indices is None:
-            torch._foreach_copy_(self.tensors, self._copies)
+            torch._foreach_copy_(self._targets, self._copies)
         else:
-            torch._foreach_copy_([self.tensors[i] for i in indices], [self._copies[i] for i in indices])
-
-    @property
-    def copies(self) -> list[Tensor]:
-        if self._copies is None:
-            raise RuntimeError("Snapshot.copies read before the first capture()")
-        return self._copies
+            torch._foreach_copy_([self._targets[i] for i in indices], [self._copies[i] for i in indices])
 
 
 def take_grads(params: Sequence[Tensor]) -> list[Optional[Tensor]]:

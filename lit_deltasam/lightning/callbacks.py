@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any, Optional
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 
 from ..config import DeltaSAMConfig
 from ..core.batch import Batch, slice_batch
 from ..core.diagnostics import fidelity, top_hessian_eigenvalue
+from ..core.sharding import is_sharded
+from .mixin import optimizer_params
 
 
 class SharpnessProbe(Callback):
@@ -22,7 +26,8 @@ class SharpnessProbe(Callback):
     correction and per-instance SAM's (``C_X = G_X - ḡ``), and
     ``probe/hessian_top_eig``, the top Hessian eigenvalue. The module runs in eval
     mode during the probe (no dropout noise) and goes back to its mode afterwards;
-    weights, buffers and gradients are left untouched. Probes run on rank 0 only.
+    weights, buffers and gradients are left untouched. Probes run on rank 0 only, each
+    method with a local ascent; under FSDP the callback refuses to start.
 
     Args:
         every_n_steps: probe period in optimizer steps.
@@ -66,13 +71,17 @@ class SharpnessProbe(Callback):
         return pl_module.transfer_batch_to_device(self._batch, pl_module.device, 0)
 
     def _configs(self, pl_module: L.LightningModule) -> dict[str, DeltaSAMConfig]:
+        """The methods to compare; a probe is a computation on one rank, so every ascent is local."""
         own: DeltaSAMConfig = pl_module._deltasam_config()  # type: ignore[attr-defined]
-        if self.methods is None:
-            return {"sam": DeltaSAMConfig(method="sam", rho=own.rho), own.method: own}
-        return {
-            name: cfg if isinstance(cfg, DeltaSAMConfig) else DeltaSAMConfig(**{k: v for k, v in cfg.items() if k != "_target_"})
-            for name, cfg in self.methods.items()
-        }
+        methods = self.methods if self.methods is not None else {"sam": DeltaSAMConfig(method="sam", rho=own.rho),
+                                                                 own.method: own}
+        return {name: replace(DeltaSAMConfig.coerce(cfg), ascent="local") for name, cfg in methods.items()}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if isinstance(trainer.strategy, FSDPStrategy) or any(is_sharded(p) for p in pl_module.parameters()):
+            raise NotImplementedError(
+                "SharpnessProbe runs on rank 0 alone and needs whole parameters; it is not available under FSDP"
+            )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
@@ -84,7 +93,7 @@ class SharpnessProbe(Callback):
     @rank_zero_only
     def _probe(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         batch = self._held_out(trainer, pl_module)
-        params = [p for group in pl_module.optimizers(use_pl_optimizer=False).param_groups for p in group["params"]]
+        params = optimizer_params(pl_module.optimizers(use_pl_optimizer=False))
         loss_fn = pl_module.per_sample_loss  # type: ignore[attr-defined]
         was_training = pl_module.training
         pl_module.eval()

@@ -25,6 +25,7 @@ from ..config import DeltaSAMConfig
 from ..core import DeltaSAM, StepResult
 from ..core.batch import Batch
 from ..core.randomness import seeded, step_seed
+from ..core.distributed import world_size
 from ..core.sharding import is_sharded, local
 from .logging import log_histograms, reduce_over_ranks
 
@@ -42,6 +43,13 @@ class _LoopState:
     epochs_scheduled: int = 0
     """Epochs whose end has stepped the epoch-interval LR schedulers."""
     base_seed: Optional[int] = None
+    clipped: bool = False
+    """Whether on_before_optimizer_step clipped during the current optimizer step."""
+
+
+def optimizer_params(optimizer: Any) -> list[Tensor]:
+    """The parameters a (Lightning or torch) optimizer steps, in order."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 def _remember_plateau_monitors(configure_optimizers: Callable[..., Any]) -> Callable[..., Any]:
@@ -65,6 +73,7 @@ def _remember_plateau_monitors(configure_optimizers: Callable[..., Any]) -> Call
         }
         return out
 
+    wrapped._deltasam_wrapped = True  # type: ignore[attr-defined]
     return wrapped
 
 
@@ -100,8 +109,9 @@ class DeltaSAMMixin:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if "configure_optimizers" in cls.__dict__:
-            cls.configure_optimizers = _remember_plateau_monitors(cls.__dict__["configure_optimizers"])
+        configure = getattr(cls, "configure_optimizers", None)
+        if configure is not None and not getattr(configure, "_deltasam_wrapped", False):
+            cls.configure_optimizers = _remember_plateau_monitors(configure)
 
     @property
     def automatic_optimization(self) -> bool:
@@ -176,15 +186,28 @@ class DeltaSAMMixin:
             )
             optimizer.zero_grad(set_to_none=True)
             return
+        state.clipped = False
         try:
-            if cfg.gradient_clip_val is not None:
-                module.clip_gradients(optimizer, cfg.gradient_clip_val, cfg.gradient_clip_algorithm)
-            optimizer.step()
+            optimizer.step()  # clipping happens in on_before_optimizer_step, after a loss scaler unscales
         except BaseException:
             engine.rollback()
             raise
+        if cfg.gradient_clip_val is not None and not state.clipped:
+            raise RuntimeError(
+                "DeltaSAMConfig.gradient_clip_val is set but no clipping ran: on_before_optimizer_step was overridden "
+                "without calling super().on_before_optimizer_step(optimizer)"
+            )
         optimizer.zero_grad(set_to_none=True)
         self._deltasam_step_schedulers("step", module.global_step)
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        """Clip G here: Lightning calls it inside the optimizer step, after a loss scaler has unscaled G."""
+        super().on_before_optimizer_step(optimizer)  # type: ignore[misc]
+        cfg = self._deltasam_config()
+        if cfg.gradient_clip_val is not None:
+            module: LightningModule = self  # type: ignore[assignment]
+            module.clip_gradients(optimizer, cfg.gradient_clip_val, cfg.gradient_clip_algorithm)
+            self._deltasam_state.clipped = True
 
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()  # type: ignore[misc]
@@ -267,10 +290,22 @@ class DeltaSAMMixin:
         super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
         state = self._deltasam_state
         saved: dict[str, Any] = {"state": asdict(state)}
-        engine = self.__dict__.get("_deltasam_engine_cache")
-        if state.micro and engine is not None:
-            saved["grads"] = [None if p.grad is None else p.grad.detach().clone() for p in engine[1].params]
+        cached = self.__dict__.get("_deltasam_engine_cache")
+        if state.micro and cached is not None:
+            saved["grads"] = self._deltasam_partial_grads(cached[2])
         checkpoint["deltasam"] = saved
+
+    def _deltasam_partial_grads(self, engine: DeltaSAM) -> list[Optional[Tensor]]:
+        """The gradients accumulated so far in this window, summed over ranks (they are not synchronized yet).
+
+        On resume rank 0 takes the sum and the others start from zero, so the window's
+        final all-reduce averages the same total (up to the order of the additions).
+        """
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in engine.params]
+        if world_size() > 1:
+            for grad in grads:
+                torch.distributed.all_reduce(grad, op=torch.distributed.ReduceOp.SUM)
+        return grads
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
@@ -296,23 +331,22 @@ class DeltaSAMMixin:
 
     def _deltasam_config(self) -> DeltaSAMConfig:
         cfg = getattr(self, "deltasam", None)
-        if isinstance(cfg, DeltaSAMConfig):
-            return cfg
+        if not isinstance(cfg, (DeltaSAMConfig, Mapping)):
+            raise TypeError(
+                f"{type(self).__name__}.deltasam must be a DeltaSAMConfig (set self.deltasam = DeltaSAMConfig(...) in "
+                f"__init__), got {type(cfg).__name__}"
+            )
         if isinstance(cfg, Mapping):
-            self.deltasam = cfg = DeltaSAMConfig(**{k: v for k, v in cfg.items() if k != "_target_"})
-            return cfg
-        raise TypeError(
-            f"{type(self).__name__}.deltasam must be a DeltaSAMConfig (set self.deltasam = DeltaSAMConfig(...) in "
-            f"__init__), got {type(cfg).__name__}"
-        )
+            self.deltasam = cfg = DeltaSAMConfig.coerce(cfg)
+        return cfg
 
     def _deltasam_engine(self, cfg: DeltaSAMConfig) -> DeltaSAM:
         module: LightningModule = self  # type: ignore[assignment]
         optimizer = module.optimizers(use_pl_optimizer=False)
         cached = self.__dict__.get("_deltasam_engine_cache")
-        if cached is not None and cached[0] == (id(optimizer), cfg):
-            return cached[1]
-        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if cached is not None and cached[0] is optimizer and cached[1] == cfg:
+            return cached[2]
+        params = optimizer_params(optimizer)
         strategy = module.trainer.strategy
         fsdp1 = isinstance(strategy, FSDPStrategy)
         if cfg.perturbs and cfg.ascent == "local" and (fsdp1 or any(is_sharded(p) for p in params)):
@@ -320,11 +354,17 @@ class DeltaSAMMixin:
                 "DeltaSAMConfig.ascent='local' is not available with sharded parameters (FSDP): the backward "
                 "reduce-scatters the ascent gradient, so every rank sees the full batch's; use ascent='global'"
             )
+        if fsdp1 and (cfg.method == "per_instance" or (cfg.reweights and cfg.estimator != "head")):
+            raise NotImplementedError(
+                f"method={cfg.method!r} with estimator={cfg.estimator!r} is not available under FSDP; use "
+                "estimator='head'"
+            )
         reduce_squares = (lambda squares: strategy.reduce(squares, reduce_op="sum")) if fsdp1 else None
         engine = DeltaSAM(module, cfg, params, reduce_squares=reduce_squares)
         pending = self.__dict__.pop("_deltasam_pending_grads", None)
         if pending is not None:
             for p, g in zip(engine.params, pending):
-                p.grad = None if g is None else g.to(device=p.device, dtype=p.dtype)
-        self.__dict__["_deltasam_engine_cache"] = ((id(optimizer), cfg), engine)
+                g = g.to(device=p.device, dtype=p.dtype)
+                p.grad = g if module.global_rank == 0 else torch.zeros_like(g)
+        self.__dict__["_deltasam_engine_cache"] = (optimizer, cfg, engine)
         return engine

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import lightning as L
@@ -93,7 +94,21 @@ class TextClassifier(DeltaSAMMixin, L.LightningModule):
                 (no_decay if p.ndim < 2 else decay).append(p)
         hp = self.hparams
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, fused=self.device.type in ("cpu", "cuda"))
-        total = max(1, self.trainer.estimated_stepping_batches // self._deltasam_config().accumulate_grad_batches)
+        # A fused optimizer unscales inside its step, which leaves no point at which to clip G under fp16.
+        fused = self.device.type in ("cpu", "cuda") and getattr(self.trainer.precision_plugin, "scaler", None) is None
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, fused=fused)
+        total = optimizer_steps(self.trainer, self._deltasam_config().accumulate_grad_batches)
         scheduler = get_linear_schedule_with_warmup(optimizer, int(hp.warmup_ratio * total), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def optimizer_steps(trainer: L.Trainer, accumulate: int) -> int:
+    """Optimizer steps in the run: accumulation windows per epoch (the last may be partial) times epochs, capped by max_steps."""
+    trainer.estimated_stepping_batches  # loads the train dataloader, which sets num_training_batches
+    per_epoch = math.ceil(trainer.num_training_batches / accumulate)
+    total = per_epoch * trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else math.inf
+    if trainer.max_steps and trainer.max_steps > 0:
+        total = min(total, trainer.max_steps)
+    if math.isinf(total):
+        raise ValueError("the LR schedule needs a finite run: set trainer.max_epochs or trainer.max_steps")
+    return max(1, int(total))
