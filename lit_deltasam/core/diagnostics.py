@@ -17,6 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..config import DeltaSAMConfig
 from .batch import Batch, LossFn
 from .engine import DeltaSAM
+from .perturbation import total_norm
 from .state import put_grads, take_grads
 
 
@@ -30,12 +31,15 @@ def update_of(sam: DeltaSAM, loss_fn: LossFn, batch: Batch) -> list[Tensor]:
         put_grads(sam.params, saved)
 
 
+def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    """Inner product of two vectors stored as lists of tensors."""
+    return torch.stack([(x * y).sum() for x, y in zip(a, b)]).sum()
+
+
 def cosine(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    """Cosine between two vectors stored as lists of tensors."""
-    dot = torch.stack([(x.double() * y.double()).sum() for x, y in zip(a, b)]).sum()
-    norm_a = torch.stack([x.double().pow(2).sum() for x in a]).sum().sqrt()
-    norm_b = torch.stack([y.double().pow(2).sum() for y in b]).sum().sqrt()
-    return dot / (norm_a * norm_b).clamp_min(torch.finfo(torch.float64).tiny)
+    """Cosine between two vectors stored as lists of tensors, in float64."""
+    a, b = [x.double() for x in a], [y.double() for y in b]
+    return dot(a, b) / (total_norm(a) * total_norm(b)).clamp_min(torch.finfo(torch.float64).tiny)
 
 
 def fidelity(
@@ -89,10 +93,9 @@ def top_hessian_eigenvalue(
         vector = [torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in params]
         eigenvalue = 0.0
         for _ in range(iters):
-            norm = torch.stack([v.pow(2).sum() for v in vector]).sum().sqrt()
-            vector = [v / norm for v in vector]
+            vector = torch._foreach_div(vector, total_norm(vector))
             product = torch.autograd.grad(grads, params, grad_outputs=vector, retain_graph=True)
-            estimate = torch.stack([(h * v).sum() for h, v in zip(product, vector)]).sum().item()
+            estimate = dot(product, vector).item()
             converged = abs(estimate - eigenvalue) <= tol * max(abs(estimate), 1e-12)
             eigenvalue = estimate
             vector = [h.detach() for h in product]

@@ -60,6 +60,7 @@ class HeadTap:
     def __init__(self, name: str, layer: nn.Linear) -> None:
         self.name = name
         self.layer = layer
+        self._handle: Optional[Any] = None
         self._calls = 0
         self._input: Optional[Tensor] = None
         self._output: Optional[Tensor] = None

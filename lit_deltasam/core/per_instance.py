@@ -168,13 +168,16 @@ class PerInstance:
             unsqueezed = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, instance)
             return functional_call(wrapper, params, (unsqueezed,)).reshape(())
 
+        def norm_of(grads: dict[str, Tensor]) -> Tensor:
+            # vmap has no batching rule for the foreach norm kernels
+            return torch.stack([g.pow(2).sum() for g in grads.values()]).sum().sqrt()
+
         def norm_one(params: dict[str, Tensor], instance: Batch):
-            grads, _ = grad_and_value(loss_one)(params, instance)
-            return (torch.stack([g.pow(2).sum() for g in grads.values()]).sum().sqrt(),)
+            return (norm_of(grad_and_value(loss_one)(params, instance)[0]),)
 
         def sam_one(params: dict[str, Tensor], instance: Batch):
             grads, loss = grad_and_value(loss_one)(params, instance)
-            norm = torch.stack([g.pow(2).sum() for g in grads.values()]).sum().sqrt()
+            norm = norm_of(grads)
             scale = torch.where(norm > 0, rho / norm, torch.zeros_like(norm))
             moved = {k: v + scale * grads[k] for k, v in params.items()}
             grads, perturbed_loss = grad_and_value(loss_one)(moved, instance)

@@ -12,7 +12,6 @@ from torch import Tensor
 from .sharding import NormReduce, local
 
 
-
 def total_norm(tensors: Sequence[Tensor], reduce_squares: Optional[NormReduce] = None) -> Tensor:
     """The 2-norm of all ``tensors`` taken as one flat vector, computed with ``foreach`` kernels."""
     if not tensors:

@@ -89,8 +89,10 @@ class DeltaSAMMixin:
 
     The mixin owns ``training_step``. Gradient clipping and accumulation come from
     ``DeltaSAMConfig`` because Lightning rejects the trainer flags in manual
-    optimization. If you override ``on_train_epoch_end``, ``on_save_checkpoint`` or
-    ``on_load_checkpoint``, call ``super()``.
+    optimization. If you override ``on_before_optimizer_step``, ``on_train_epoch_end``,
+    ``on_save_checkpoint`` or ``on_load_checkpoint``, call ``super()``.
+    ``on_before_backward``/``on_after_backward`` fire for both backward passes of a
+    step; the second runs at the perturbed point.
 
     Example:
         >>> class Classifier(DeltaSAMMixin, L.LightningModule):
