@@ -11,9 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
@@ -21,21 +19,10 @@ RESULTS = ROOT / "docs" / "results"
 sys.path.insert(0, str(ROOT))
 from lit_deltasam.app import schema  # noqa: E402
 
-schema.register()
-
 
 def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:
     """The config ``python train.py <overrides>`` would run, writing under ``output_dir``."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(output_dir)
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
+    return schema.compose(ROOT / "conf", overrides, output_dir)
 
 
 def machine() -> dict[str, Any]:

@@ -12,6 +12,17 @@ from lit_deltasam import DeltaSAMConfig, DeltaSAMMixin
 EXACT_WEIGHTS = dict(weight_floor=0.0, weight_min=0.0, weight_max=float("inf"))
 """Weighting options that switch off the floor and the clip, so lambda ∝ s**beta exactly."""
 
+METHODS = [
+    dict(method="erm"),
+    dict(method="sam"),
+    dict(method="asam"),
+    dict(method="deltasam", estimator="head"),
+    dict(method="deltasam", estimator="probe"),
+    dict(method="deltasam", estimator="exact"),
+    dict(method="per_instance"),
+]
+"""One configuration of every method and estimator."""
+
 
 class LeastSquares(nn.Module):
     """l_i(w) = (x_i·w - y_i)² / 2, whose per-instance gradients are (x_i·w - y_i) x_i."""

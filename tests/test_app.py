@@ -9,10 +9,8 @@ from pathlib import Path
 import datasets
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 from lit_deltasam import DeltaSAMConfig
 from lit_deltasam.app import schema
@@ -22,22 +20,13 @@ CONF = ROOT / "conf"
 GROUPS = ["model", "task", "method", "trainer", "logger", "callbacks", "experiment", "hparams_search", "debug"]
 FAST = ["model=small", "debug=fast", "logger=none"]
 
-schema.register()
 sys.path.insert(0, str(ROOT))
 from train import train  # noqa: E402
 
 
 def compose_train(overrides, output_dir):
     """The config ``python train.py <overrides>`` would run, with its outputs in ``output_dir``."""
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(output_dir)
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
+    return schema.compose(CONF, overrides, output_dir)
 
 
 def options(group):

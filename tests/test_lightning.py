@@ -5,21 +5,12 @@ import copy
 import lightning as L
 import pytest
 import torch
-from helpers import TinyModule, classification_data, flat_params, loader, trainer
+from helpers import METHODS, TinyModule, classification_data, flat_params, loader, trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins import MixedPrecision
 
 from lit_deltasam import DeltaSAM, DeltaSAMConfig, DeltaSAMMixin
 
-METHODS = [
-    dict(method="erm"),
-    dict(method="sam"),
-    dict(method="asam"),
-    dict(method="deltasam", estimator="head"),
-    dict(method="deltasam", estimator="probe"),
-    dict(method="deltasam", estimator="exact"),
-    dict(method="per_instance"),
-]
 
 
 class CountSteps(Callback):
@@ -233,7 +224,7 @@ class SaveAt(Callback):
 RESUME_CONFIGS = [
     dict(method="deltasam", estimator="probe", accumulate_grad_batches=2),
     dict(method="sam", accumulate_grad_batches=1),
-    dict(method="per_instance", per_instance_impl="loop", accumulate_grad_batches=1),
+    dict(method="per_instance", accumulate_grad_batches=1),
 ]
 
 

@@ -44,8 +44,8 @@ METHOD_CALLS = [
     (dict(method="deltasam", estimator="head"), 2),
     (dict(method="deltasam", estimator="probe", probe_samples=2), 2),
     (dict(method="deltasam", estimator="probe", probe_samples=2), 4),
-    (dict(method="deltasam", estimator="exact", per_instance_impl="loop"), 3),
-    (dict(method="per_instance", per_instance_impl="loop"), 2),
+    (dict(method="deltasam", estimator="exact"), 3),
+    (dict(method="per_instance"), 2),
 ]
 
 

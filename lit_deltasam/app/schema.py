@@ -9,9 +9,16 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Union
 
+from collections.abc import Sequence
+from pathlib import Path
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
 
 from ..config import DeltaSAMConfig
 
@@ -83,3 +90,22 @@ def register() -> None:
     """Make ``schema`` available to ``conf/train.yaml``'s defaults list."""
     store = ConfigStore.instance()
     store.store(name="schema", node=TrainSchema)
+
+
+def compose(config_dir: Union[str, Path], overrides: Sequence[str], output_dir: Union[str, Path]) -> DictConfig:
+    """The config ``python train.py <overrides>`` would run, writing under ``output_dir``, without ``@hydra.main``.
+
+    For tests and benchmarks that call ``train(cfg)`` in-process: the ``${hydra:...}``
+    interpolations resolve against a Hydra config set up as the CLI would.
+    """
+    register()
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    with initialize_config_dir(str(Path(config_dir).resolve()), version_base="1.3"):
+        cfg = hydra_compose("train", overrides=list(overrides), return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 from torch import nn
@@ -50,26 +50,22 @@ class MiniLM(Pretrained):
 
 
 class Small:
-    """A small Transformer trained from scratch, with a WordPiece vocabulary fit on the training texts."""
+    """A small Transformer trained from scratch, with a WordPiece vocabulary fit on the training texts.
 
-    def __init__(
-        self,
-        vocab_size: int = 8000,
-        dim: int = 128,
-        layers: int = 2,
-        heads: int = 4,
-        ffn: int = 256,
-        dropout: float = 0.1,
-        max_length: int = 512,
-    ) -> None:
+    Args:
+        vocab_size: the WordPiece vocabulary to fit.
+        encoder: passed to :class:`~lit_deltasam.models.encoders.SmallEncoder` (``dim``, ``layers``, ...).
+    """
+
+    def __init__(self, vocab_size: int = 8000, **encoder: Any) -> None:
         self.vocab_size = vocab_size
-        self.encoder_kwargs = dict(dim=dim, layers=layers, heads=heads, ffn=ffn, dropout=dropout, max_length=max_length)
+        self.encoder = encoder
 
     def tokenizer(self, train_texts: TrainTexts) -> PreTrainedTokenizerBase:
         return fit_wordpiece(train_texts(), self.vocab_size)
 
     def build(self, num_labels: int, tokenizer: PreTrainedTokenizerBase) -> nn.Module:
-        return SmallEncoder(len(tokenizer), num_labels, **self.encoder_kwargs)
+        return SmallEncoder(len(tokenizer), num_labels, **self.encoder)
 
 
 def fit_wordpiece(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
