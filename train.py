@@ -1,9 +1,9 @@
 """Fine-tune an encoder on an NLU task with a sharpness-aware method.
 
-    python train.py                                   # MiniLM on MR with δ-SAM, CPU, W&B offline
-    python train.py method=sam task=r8 seed=1
-    python train.py -m method=erm,sam,deltasam seed=1,2,3
-    python train.py -m hparams_search=optuna
+python train.py                                   # MiniLM on MR with δ-SAM, CPU, W&B offline
+python train.py method=sam task=r8 seed=1
+python train.py -m method=erm,sam,deltasam seed=1,2,3
+python train.py -m hparams_search=optuna
 """
 
 from __future__ import annotations
@@ -42,7 +42,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
     metrics.update(summary.summary())
     if cfg.test:
-        best = trainer.checkpoint_callback.best_model_path if isinstance(trainer.checkpoint_callback, ModelCheckpoint) else ""
+        best = (
+            trainer.checkpoint_callback.best_model_path
+            if isinstance(trainer.checkpoint_callback, ModelCheckpoint)
+            else ""
+        )
         for result in trainer.test(module, datamodule, ckpt_path=best or None, verbose=False):
             metrics.update({k: float(v) for k, v in result.items()})
     metrics["time/total_s"] = time.perf_counter() - start

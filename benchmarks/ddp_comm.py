@@ -38,8 +38,9 @@ def counting_allreduce_hook(process_group, bucket):
 
 def count(name: str, fn):
     def wrapped(*args, **kwargs):
-        tensors = [a for a in args if isinstance(a, torch.Tensor)] + [t for a in args if isinstance(a, list)
-                                                                       for t in a if isinstance(t, torch.Tensor)]
+        tensors = [a for a in args if isinstance(a, torch.Tensor)] + [
+            t for a in args if isinstance(a, list) for t in a if isinstance(t, torch.Tensor)
+        ]
         COUNTS[f"{name}_calls"] += 1
         COUNTS[f"{name}_bytes"] += sum(t.numel() * t.element_size() for t in tensors[:1])
         return fn(*args, **kwargs)
@@ -82,36 +83,61 @@ def main() -> None:
         for ascent in ("local", "global") if method != "erm" else ("local",):
             L.seed_everything(0)
             out = Path(tempfile.mkdtemp(prefix="comm-"))
-            cfg = compose_config([f"model={args.model}", f"method={method}", f"method.ascent={ascent}",
-                                  "logger=none", "callbacks=none", "data.batch_size=16", "test=false",
-                                  f"trainer.max_steps={args.steps}", "trainer.limit_val_batches=0"], out)
+            cfg = compose_config(
+                [
+                    f"model={args.model}",
+                    f"method={method}",
+                    f"method.ascent={ascent}",
+                    "logger=none",
+                    "callbacks=none",
+                    "data.batch_size=16",
+                    "test=false",
+                    f"trainer.max_steps={args.steps}",
+                    "trainer.limit_val_batches=0",
+                ],
+                out,
+            )
             datamodule, module = assemble.build(cfg)
             window = Window()
             strategy = DDPStrategy()
-            trainer = instantiate(cfg.trainer, devices=2, strategy=strategy, logger=False, enable_checkpointing=False,
-                                  enable_progress_bar=False, enable_model_summary=False, callbacks=[window])
+            trainer = instantiate(
+                cfg.trainer,
+                devices=2,
+                strategy=strategy,
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                callbacks=[window],
+            )
             HydraConfig.instance().cfg = None  # else Lightning relaunches rank 1 with Hydra overrides
             trainer.fit(module, datamodule)
             t = {k: v / window.steps for k, v in window.totals.items()}
-            rows.append({
-                "method": method,
-                "ascent": ascent,
-                "parameters": sum(p.numel() for p in module.parameters()),
-                "gradient_allreduces": t.get("grad_allreduce_calls", 0),
-                "gradient_mb": t.get("grad_allreduce_bytes", 0) / 2**20,
-                # the hook's own all_reduce calls went through the wrapper too
-                "other_collectives": t.get("all_gather_calls", 0) + t.get("all_reduce_calls", 0)
-                - t.get("grad_allreduce_calls", 0),
-                "other_bytes": t.get("all_gather_bytes", 0) + t.get("all_reduce_bytes", 0)
-                - t.get("grad_allreduce_bytes", 0),
-            })
+            rows.append(
+                {
+                    "method": method,
+                    "ascent": ascent,
+                    "parameters": sum(p.numel() for p in module.parameters()),
+                    "gradient_allreduces": t.get("grad_allreduce_calls", 0),
+                    "gradient_mb": t.get("grad_allreduce_bytes", 0) / 2**20,
+                    # the hook's own all_reduce calls went through the wrapper too
+                    "other_collectives": t.get("all_gather_calls", 0)
+                    + t.get("all_reduce_calls", 0)
+                    - t.get("grad_allreduce_calls", 0),
+                    "other_bytes": t.get("all_gather_bytes", 0)
+                    + t.get("all_reduce_bytes", 0)
+                    - t.get("grad_allreduce_bytes", 0),
+                }
+            )
     if not dist.is_initialized() or dist.get_rank() == 0:
         path = save(f"ddp_comm_{args.model}", {"rows": rows})
         print("| method | ascent | gradient all-reduces / step | MB / step | other collectives / step | bytes |")
         print("|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['method']} | {r['ascent']} | {r['gradient_allreduces']:.0f} | {r['gradient_mb']:.1f} | "
-                  f"{r['other_collectives']:.0f} | {r['other_bytes']:.0f} |")
+            print(
+                f"| {r['method']} | {r['ascent']} | {r['gradient_allreduces']:.0f} | {r['gradient_mb']:.1f} | "
+                f"{r['other_collectives']:.0f} | {r['other_bytes']:.0f} |"
+            )
         print(f"wrote {path}")
 
 

@@ -61,7 +61,9 @@ class Probe(Callback):
         torch.manual_seed(step)
         with torch.enable_grad():
             for index, batch in enumerate(self.batches):
-                cos = fidelity(module, module.per_sample_loss, batch, variants(self.rho, self.only), params, impl="loop")
+                cos = fidelity(
+                    module, module.per_sample_loss, batch, variants(self.rho, self.only), params, impl="loop"
+                )
                 for name, value in cos.items():
                     self.rows.append(dict(task=self.task, step=step, batch=index, variant=name, cos=value))
                 print(f"{self.task} step {step} batch {index}: " + " ".join(f"{k}={v:.3f}" for k, v in cos.items()))
@@ -109,14 +111,30 @@ def main() -> None:
     for task in args.tasks:
         L.seed_everything(0)
         out = Path(tempfile.mkdtemp(prefix=f"fidelity-{task}-"))
-        cfg = compose_config([f"task={task}", "method=sam", f"method.rho={args.rho}", "logger=none", "callbacks=none",
-                              f"trainer.max_steps={max(args.steps)}", "trainer.limit_val_batches=0", "test=false"], out)
+        cfg = compose_config(
+            [
+                f"task={task}",
+                "method=sam",
+                f"method.rho={args.rho}",
+                "logger=none",
+                "callbacks=none",
+                f"trainer.max_steps={max(args.steps)}",
+                "trainer.limit_val_batches=0",
+                "test=false",
+            ],
+            out,
+        )
         datamodule, module = assemble.build(cfg)
         datamodule.setup("fit")
         loader = iter(datamodule.val_dataloader())
         batches = [slice_batch(next(loader), slice(0, args.batch_size)) for _ in range(args.batches)]
-        trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                              callbacks=[Probe(task, args.steps, batches, args.rho, rows, args.only)])
+        trainer = instantiate(
+            cfg.trainer,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            callbacks=[Probe(task, args.steps, batches, args.rho, rows, args.only)],
+        )
         trainer.fit(module, datamodule)
 
     summary = summarize(rows)

@@ -45,15 +45,24 @@ def run(task: str, method: str, seed: int, train_limit: int, out: Path) -> dict:
             for row in csv.DictReader(handle):
                 if row.get(f"val/{MONITOR[task]}"):
                     curve.append((int(row["step"]), float(row[f"val/{MONITOR[task]}"])))
-    return {"task": task, "method": method, "seed": seed, "overrides": overrides, "metrics": metrics,
-            "curve": sorted(curve)}
+    return {
+        "task": task,
+        "method": method,
+        "seed": seed,
+        "overrides": overrides,
+        "metrics": metrics,
+        "curve": sorted(curve),
+    }
 
 
 def table(runs: list[dict]) -> str:
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in runs:
         groups[(r["task"], r["method"])].append(r)
-    lines = ["| task | method | seeds | val acc | test acc | mean sharpness | fit time (s) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| task | method | seeds | val acc | test acc | mean sharpness | fit time (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
 
     def cell(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
         if len(values) == 1:

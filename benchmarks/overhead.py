@@ -53,8 +53,9 @@ def methods(model: str) -> dict[str, DeltaSAMConfig]:
 
 def batch_of(tokenizer, size: int, length: int, num_labels: int) -> dict[str, torch.Tensor]:
     examples = get_task("mr").load()["train"][:size]
-    batch = tokenizer([e["text"] for e in examples], truncation=True, max_length=length, padding="max_length",
-                      return_tensors="pt")
+    batch = tokenizer(
+        [e["text"] for e in examples], truncation=True, max_length=length, padding="max_length", return_tensors="pt"
+    )
     batch = dict(batch)
     batch["labels"] = torch.tensor([e["label"] for e in examples]) % num_labels
     return batch
@@ -131,8 +132,15 @@ def measure(model_name: str, rounds: int, warmup: int, batch_size: int, length: 
         }
         for name in engines
     }
-    return {"parameters": sum(p.numel() for p in module.parameters()), "batch_size": batch_size, "length": length,
-            "rounds": rounds, "device": str(device), "methods": rows, "times": times}
+    return {
+        "parameters": sum(p.numel() for p in module.parameters()),
+        "batch_size": batch_size,
+        "length": length,
+        "rounds": rounds,
+        "device": str(device),
+        "methods": rows,
+        "times": times,
+    }
 
 
 TARGETS = {("sam", "vs_erm"): 2.1, ("deltasam(head)", "vs_sam"): 1.05, ("deltasam(probe K=3, top)", "vs_sam"): 1.15}
@@ -149,14 +157,20 @@ def main() -> None:
     args = parser.parse_args()
 
     results = {m: measure(m, args.rounds, args.warmup, args.batch_size, args.length) for m in args.models}
-    path = save(args.name, {"args": vars(args), "results": results,
-                            "targets": {f"{k[0]} {k[1]}": v for k, v in TARGETS.items()}})
+    path = save(
+        args.name,
+        {"args": vars(args), "results": results, "targets": {f"{k[0]} {k[1]}": v for k, v in TARGETS.items()}},
+    )
     for model, result in results.items():
-        print(f"\n{model} ({result['parameters'] / 1e6:.1f}M parameters, batch {args.batch_size}, length {args.length})")
+        print(
+            f"\n{model} ({result['parameters'] / 1e6:.1f}M parameters, batch {args.batch_size}, length {args.length})"
+        )
         print("| method | median step (s) | × SAM | × ERM | peak extra memory (MB) |")
         print("|---|---|---|---|---|")
         for name, row in result["methods"].items():
-            print(f"| {name} | {row['median_s']:.3f} | {row['vs_sam']:.2f} | {row['vs_erm']:.2f} | {row['peak_mb']:.0f} |")
+            print(
+                f"| {name} | {row['median_s']:.3f} | {row['vs_sam']:.2f} | {row['vs_erm']:.2f} | {row['peak_mb']:.0f} |"
+            )
         for (name, key), target in TARGETS.items():
             value = result["methods"][name][key]
             print(f"target {name} {key} <= {target}: {value:.3f} {'met' if value <= target else 'MISSED'}")

@@ -162,7 +162,7 @@ class DeltaSAMConfig:
                 raise ValueError("DeltaSAMConfig.probe_params=[] selects nothing; use None to probe every parameter")
 
     @classmethod
-    def coerce(cls, value: Union["DeltaSAMConfig", Mapping[str, Any]]) -> "DeltaSAMConfig":
+    def coerce(cls, value: Union[DeltaSAMConfig, Mapping[str, Any]]) -> DeltaSAMConfig:
         """A config from itself or from a mapping of its fields (a Hydra node's ``_target_`` is ignored)."""
         if isinstance(value, cls):
             return value

@@ -53,7 +53,9 @@ class Recording(TinyModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         x, y = batch
-        self.records.append({"x": x, "y": y, "w": self.calls[0], "eps": self.calls[-1] - self.calls[0], "ess": self.ess})
+        self.records.append(
+            {"x": x, "y": y, "w": self.calls[0], "eps": self.calls[-1] - self.calls[0], "ess": self.ess}
+        )
         if self.save_at == len(self.records) - 1:
             self.trainer.save_checkpoint(self.out / "mid.ckpt")
 
@@ -62,7 +64,9 @@ def main(args: dict) -> None:
     out = Path(args["out"])
     L.seed_everything(args.get("seed", 0))
     module = Recording(
-        DeltaSAMConfig(**args["config"]), lr=args.get("lr", 0.1), optimizer=args.get("optimizer", "sgd"),
+        DeltaSAMConfig(**args["config"]),
+        lr=args.get("lr", 0.1),
+        optimizer=args.get("optimizer", "sgd"),
         dropout=args.get("dropout", 0.0),
     )
     module.records = []
@@ -71,8 +75,14 @@ def main(args: dict) -> None:
     module.save_at, module.out = args.get("save_at_batch"), out
     callbacks = []
     if args.get("checkpoint_every"):
-        callbacks.append(ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=args["checkpoint_every"],
-                                         save_top_k=-1, filename="{step}"))
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=out / "checkpoints",
+                every_n_train_steps=args["checkpoint_every"],
+                save_top_k=-1,
+                filename="{step}",
+            )
+        )
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,

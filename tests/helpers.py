@@ -57,7 +57,9 @@ def ls_instance_grads(x: Tensor, y: Tensor, v: Tensor) -> Tensor:
 
 
 class MLP(nn.Module):
-    def __init__(self, d_in: int = 6, hidden: int = 12, classes: int = 3, dropout: float = 0.0, batchnorm: bool = False):
+    def __init__(
+        self, d_in: int = 6, hidden: int = 12, classes: int = 3, dropout: float = 0.0, batchnorm: bool = False
+    ):
         super().__init__()
         layers: list[nn.Module] = [nn.Linear(d_in, hidden)]
         if batchnorm:

@@ -48,8 +48,13 @@ class Watch(Callback):
             return
         flat = torch.cat([p.detach().reshape(-1) for p in module.parameters()])
         gathered = module.all_gather(flat)
-        self.rows.append({"step": trainer.global_step, "max_rank_diff": float((gathered[0] - gathered[1]).abs().max()),
-                          "rss_mb": rss_mb()})
+        self.rows.append(
+            {
+                "step": trainer.global_step,
+                "max_rank_diff": float((gathered[0] - gathered[1]).abs().max()),
+                "rss_mb": rss_mb(),
+            }
+        )
 
 
 def main(out: Path, steps: int) -> None:
@@ -59,12 +64,21 @@ def main(out: Path, steps: int) -> None:
     ids = torch.randint(1, 500, (n, length), generator=g)
     mask = (torch.arange(length) < torch.randint(4, length + 1, (n, 1), generator=g)).long()
     labels = (ids[:, 0] % 3).long()
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids * mask, mask, labels), batch_size=16,
-                                         shuffle=True)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(ids * mask, mask, labels), batch_size=16, shuffle=True
+    )
     watch = Watch()
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=steps, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[watch])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[watch],
+    )
     trainer.fit(Soak(), loader)
     if trainer.global_rank == 0:
         (out / "soak.json").write_text(json.dumps(watch.rows))

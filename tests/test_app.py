@@ -120,9 +120,7 @@ def test_multirun_sweep_writes_a_comparison_table(tmp_path):
 
 
 def test_optuna_sweep_over_rho_and_beta(tmp_path):
-    result = run_cli(
-        "-m", *FAST, "hparams_search=optuna", "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={tmp_path}"
-    )
+    result = run_cli("-m", *FAST, "hparams_search=optuna", "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     best = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
     assert {"method.rho", "method.beta"} == set(best["best_params"])
@@ -149,6 +147,7 @@ def test_the_lr_schedule_spans_the_run_in_optimizer_steps(batches, epochs, max_s
 
     from lit_deltasam.models.classifier import optimizer_steps
 
-    fake = SimpleNamespace(estimated_stepping_batches=0, num_training_batches=batches, max_epochs=epochs,
-                           max_steps=max_steps)
+    fake = SimpleNamespace(
+        estimated_stepping_batches=0, num_training_batches=batches, max_epochs=epochs, max_steps=max_steps
+    )
     assert optimizer_steps(fake, accumulate) == expected

@@ -209,6 +209,7 @@ def test_top_hessian_eigenvalue_of_least_squares():
     x, y, w = least_squares_problem(n=12, d=5)
     model = LeastSquares(w)
     expected = torch.linalg.eigvalsh(x.T @ x / x.shape[0]).max().item()
-    estimate = top_hessian_eigenvalue(model, model.losses, (x, y), iters=200, tol=1e-12,
-                                      generator=torch.Generator().manual_seed(0))
+    estimate = top_hessian_eigenvalue(
+        model, model.losses, (x, y), iters=200, tol=1e-12, generator=torch.Generator().manual_seed(0)
+    )
     assert estimate == pytest.approx(expected, rel=1e-6)

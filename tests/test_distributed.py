@@ -22,7 +22,11 @@ def run_ddp(out: Path, **args) -> list[dict]:
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
     result = subprocess.run(
         [sys.executable, str(HERE / "ddp_worker.py"), json.dumps({"out": str(out), **args})],
-        cwd=out, env=env, capture_output=True, text=True, timeout=600,
+        cwd=out,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
@@ -72,8 +76,11 @@ def test_global_ascent_perturbs_every_rank_with_the_full_batch(name, tmp_path):
         torch.testing.assert_close(a["eps"], reference_eps(config, a["w"], full), atol=1e-6, rtol=1e-5)
 
 
-DDP_METHODS = [*METHODS, dict(method="deltasam", estimator="exact", ascent="global"),
-               dict(method="deltasam", accumulate_grad_batches=2)]
+DDP_METHODS = [
+    *METHODS,
+    dict(method="deltasam", estimator="exact", ascent="global"),
+    dict(method="deltasam", accumulate_grad_batches=2),
+]
 
 
 @pytest.mark.parametrize("config", DDP_METHODS, ids=lambda c: "-".join(str(v) for v in c.values()))
@@ -127,7 +134,9 @@ EQUIVALENT = [
 ]
 
 
-@pytest.mark.parametrize("strategy,config", EQUIVALENT, ids=lambda v: v if isinstance(v, str) else "-".join(map(str, v.values())))
+@pytest.mark.parametrize(
+    "strategy,config", EQUIVALENT, ids=lambda v: v if isinstance(v, str) else "-".join(map(str, v.values()))
+)
 def test_a_global_ascent_step_equals_the_full_batch_step(strategy, config, tmp_path):
     """Under DDP, and with sharded parameters (FSDP2: norms summed over shards, perturbation and restore per
     shard), a step with a global ascent is the single-process step on the concatenated batch."""
@@ -144,14 +153,23 @@ def test_a_global_ascent_step_equals_the_full_batch_step(strategy, config, tmp_p
         result = DeltaSAM(model, DeltaSAMConfig(**config)).step(model.losses, full)
         optimizer.step()
         assert a["ess"].item() == pytest.approx(result.effective_sample_size.item()) == b["ess"].item()
-    torch.testing.assert_close(torch.nn.utils.parameters_to_vector(model.parameters()), ranks[0]["params"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        torch.nn.utils.parameters_to_vector(model.parameters()), ranks[0]["params"], atol=1e-6, rtol=0
+    )
 
 
 def test_resume_inside_an_accumulation_window_under_ddp(tmp_path):
     """The window's partial gradients, not yet all-reduced, are saved summed over ranks: exact up to the order of
     the additions."""
-    common = dict(config=dict(method="sam", accumulate_grad_batches=4), dropout=0.1, optimizer="adamw", lr=0.01,
-                  shuffle=True, n=128, steps=6)
+    common = dict(
+        config=dict(method="sam", accumulate_grad_batches=4),
+        dropout=0.1,
+        optimizer="adamw",
+        lr=0.01,
+        shuffle=True,
+        n=128,
+        steps=6,
+    )
     full = run_ddp(tmp_path / "full", save_at_batch=5, **common)
     resumed = run_ddp(tmp_path / "resumed", resume=str(tmp_path / "full" / "mid.ckpt"), **common)
     for r in range(2):
@@ -162,17 +180,33 @@ def test_resume_inside_an_accumulation_window_under_ddp(tmp_path):
 def test_fsdp_rejects_a_local_ascent(tmp_path):
     env = {**os.environ, "WANDB_MODE": "disabled"}
     args = {"out": str(tmp_path), "config": {"method": "sam", "ascent": "local"}, "steps": 1, "strategy": "fsdp2"}
-    result = subprocess.run([sys.executable, str(HERE / "ddp_worker.py"), json.dumps(args)], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(HERE / "ddp_worker.py"), json.dumps(args)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode != 0
     assert "ascent='local' is not available with sharded parameters (FSDP)" in result.stderr
 
 
 def test_fsdp_refuses_estimators_that_need_whole_parameters(tmp_path):
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    args = {"out": str(tmp_path), "config": {"method": "deltasam", "estimator": "probe", "ascent": "global"},
-            "steps": 1, "strategy": "fsdp2"}
-    result = subprocess.run([sys.executable, str(HERE / "ddp_worker.py"), json.dumps(args)], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=600)
+    args = {
+        "out": str(tmp_path),
+        "config": {"method": "deltasam", "estimator": "probe", "ascent": "global"},
+        "steps": 1,
+        "strategy": "fsdp2",
+    }
+    result = subprocess.run(
+        [sys.executable, str(HERE / "ddp_worker.py"), json.dumps(args)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode != 0
     assert "is not available for sharded (FSDP) parameters" in result.stderr

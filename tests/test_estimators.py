@@ -35,8 +35,10 @@ def test_exact_scores_by_vmap_and_by_loop_agree():
     model = MLP().double()
     x, y = classification_data(n=12)
     params, names = zip(*[(p, n) for n, p in model.named_parameters()])
-    norms = [PerInstance(model, params, names, impl, chunk=5).grad_norms(model.losses, (x.double(), y))
-             for impl in ("vmap", "loop")]
+    norms = [
+        PerInstance(model, params, names, impl, chunk=5).grad_norms(model.losses, (x.double(), y))
+        for impl in ("vmap", "loop")
+    ]
     torch.testing.assert_close(norms[0], norms[1])
 
 
@@ -82,7 +84,9 @@ def test_truncated_probes_equal_full_probes_and_skip_the_bottom_layers():
         with cache.record() if cache else torch.enable_grad():
             losses = model.losses(batch)
         torch.manual_seed(2)
-        scores[truncate] = Prober(probed, 4, 0.1, False, cache).scores(model.losses, batch, losses, state, snapshot.restore)
+        scores[truncate] = Prober(probed, 4, 0.1, False, cache).scores(
+            model.losses, batch, losses, state, snapshot.restore
+        )
         calls[truncate] = CountingEmbedding.calls
     assert torch.equal(scores[True], scores[False])
     assert calls == {False: 1 + 4, True: 1}
@@ -92,7 +96,9 @@ def test_engine_truncates_only_with_a_parameter_subset():
     model = Tower()
     full = DeltaSAM(model, DeltaSAMConfig(estimator="probe"))
     top = DeltaSAM(model, DeltaSAMConfig(estimator="probe", probe_params=["blocks.2.*", "head.*"]))
-    off = DeltaSAM(model, DeltaSAMConfig(estimator="probe", probe_params=["blocks.2.*", "head.*"], probe_truncate=False))
+    off = DeltaSAM(
+        model, DeltaSAMConfig(estimator="probe", probe_params=["blocks.2.*", "head.*"], probe_truncate=False)
+    )
     assert full._prober.cache is None and off._prober.cache is None and top._prober.cache is not None
     torch.manual_seed(0)
     batch = (torch.randint(0, 50, (8, 5)), torch.randint(0, 3, (8,)))
@@ -122,12 +128,16 @@ def probe_scores(model, probed, truncate, share=True, samples=4):
     state = RandomState(torch.device("cpu"))
     torch.manual_seed(1)
     state.capture()
-    batch = (torch.randint(0, 50, (8, 5), generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2] * 2 + [0, 1]))
+    batch = (
+        torch.randint(0, 50, (8, 5), generator=torch.Generator().manual_seed(0)),
+        torch.tensor([0, 1, 2] * 2 + [0, 1]),
+    )
     with cache.record() if cache else torch.enable_grad():
         losses = model.losses(batch)
     torch.manual_seed(2)
-    return Prober(probed, samples, 0.1, False, cache).scores(model.losses, batch, losses, state if share else None,
-                                                             snapshot.restore), cache
+    return Prober(probed, samples, 0.1, False, cache).scores(
+        model.losses, batch, losses, state if share else None, snapshot.restore
+    ), cache
 
 
 def test_truncation_steps_aside_when_a_probed_parameter_is_used_outside_its_module():

@@ -37,7 +37,8 @@ class Faulty(TinyModule):
         self.losses_called += 1
         last = 2 + (self.deltasam.probe_samples if self.deltasam.estimator == "probe" else 0)
         if self.armed() and (
-            (self.phase == "probe" and self.losses_called == 2) or (self.phase == "perturbed_forward" and self.losses_called == last)
+            (self.phase == "probe" and self.losses_called == 2)
+            or (self.phase == "perturbed_forward" and self.losses_called == last)
         ):
             raise self.exc("injected")
         return losses
@@ -157,7 +158,9 @@ def test_optimizer_with_a_frozen_parameter():
 def test_two_optimizers_are_refused():
     class Two(TinyModule):
         def configure_optimizers(self):
-            return torch.optim.SGD(self.model.net[0].parameters(), lr=0.1), torch.optim.SGD(self.model.net[3].parameters(), lr=0.1)
+            return torch.optim.SGD(self.model.net[0].parameters(), lr=0.1), torch.optim.SGD(
+                self.model.net[3].parameters(), lr=0.1
+            )
 
     with pytest.raises(ValueError, match="drives exactly one optimizer; configure_optimizers returned 2"):
         trainer(max_steps=1).fit(Two(DeltaSAMConfig()), loader())

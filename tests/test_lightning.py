@@ -12,7 +12,6 @@ from lightning.pytorch.plugins import MixedPrecision
 from lit_deltasam import DeltaSAM, DeltaSAMConfig, DeltaSAMMixin
 
 
-
 class CountSteps(Callback):
     def __init__(self):
         self.steps = 0
@@ -136,7 +135,10 @@ def test_checkpoints_and_validation_never_see_perturbed_weights(options, tmp_pat
     assert len(saved) == 3
     for path in saved:
         state = torch.load(path, weights_only=False)["state_dict"]
-        assert torch.equal(torch.cat([v.reshape(-1) for k, v in state.items() if "running" not in k and "num_batches" not in k]), initial)
+        assert torch.equal(
+            torch.cat([v.reshape(-1) for k, v in state.items() if "running" not in k and "num_batches" not in k]),
+            initial,
+        )
 
 
 @pytest.mark.parametrize("options", METHODS)

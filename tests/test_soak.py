@@ -14,8 +14,14 @@ HERE = Path(__file__).resolve().parent
 @pytest.mark.slow
 def test_two_thousand_steps_under_ddp(tmp_path):
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run([sys.executable, str(HERE / "soak_worker.py"), str(tmp_path), "2000"], cwd=tmp_path,
-                            env=env, capture_output=True, text=True, timeout=3600)
+    result = subprocess.run(
+        [sys.executable, str(HERE / "soak_worker.py"), str(tmp_path), "2000"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     rows = json.loads((tmp_path / "soak.json").read_text())
     assert [r["step"] for r in rows] == list(range(100, 2001, 100))

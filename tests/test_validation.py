@@ -44,7 +44,11 @@ def test_config_is_immutable():
 @pytest.mark.parametrize(
     "bad,error,match",
     [
-        (lambda out: out.mean(), ValueError, r"returned shape \[\] .* shape \[8\]; compute the loss with reduction='none'"),
+        (
+            lambda out: out.mean(),
+            ValueError,
+            r"returned shape \[\] .* shape \[8\]; compute the loss with reduction='none'",
+        ),
         (lambda out: out[:4], ValueError, r"returned shape \[4\] .* shape \[8\]"),
         (lambda out: out[:, None], ValueError, r"returned shape \[8, 1\]"),
         (lambda out: out.long(), TypeError, r"dtype torch.int64"),
@@ -85,12 +89,16 @@ def test_frozen_parameter():
 def test_head_that_is_not_a_linear_layer():
     with pytest.raises(ValueError, match=r"head='net.1' is a Tanh"):
         DeltaSAM(MLP(), DeltaSAMConfig(head="net.1"))
-    with pytest.raises(ValueError, match=r"head='net.9' names no submodule; the linear layers are \['net.0', 'net.3'\]"):
+    with pytest.raises(
+        ValueError, match=r"head='net.9' names no submodule; the linear layers are \['net.0', 'net.3'\]"
+    ):
         DeltaSAM(MLP(), DeltaSAMConfig(head="net.9"))
 
 
 def test_probe_params_that_match_nothing():
-    with pytest.raises(ValueError, match=r"probe_params=\['encoder.\*'\] match no parameter; the names are: net.0.weight"):
+    with pytest.raises(
+        ValueError, match=r"probe_params=\['encoder.\*'\] match no parameter; the names are: net.0.weight"
+    ):
         DeltaSAM(MLP(), DeltaSAMConfig(estimator="probe", probe_params=["encoder.*"]))
 
 

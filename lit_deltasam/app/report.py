@@ -55,7 +55,9 @@ def write_metrics(directory: str | Path, metrics: dict[str, float], config: dict
     return path
 
 
-def comparison_markdown(runs: list[dict[str, Any]], metrics: Optional[list[str]] = None, group_by: str = "method") -> str:
+def comparison_markdown(
+    runs: list[dict[str, Any]], metrics: Optional[list[str]] = None, group_by: str = "method"
+) -> str:
     """One row per config-group choice ``group_by``, mean ± std over the runs (seeds) in it.
 
     ``metrics`` defaults to every validation and test metric the runs report, and the fit time.

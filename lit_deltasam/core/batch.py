@@ -32,7 +32,9 @@ def check_losses(losses: Any, batch: Batch, device: torch.device, *, name: str =
     if expected == 0:
         raise ValueError(f"{name} got an empty batch (0 instances); drop empty batches before the step")
     if not isinstance(losses, Tensor):
-        raise TypeError(f"{name} must return a Tensor of per-instance losses with shape [n], got {type(losses).__name__}")
+        raise TypeError(
+            f"{name} must return a Tensor of per-instance losses with shape [n], got {type(losses).__name__}"
+        )
     if losses.ndim != 1 or (expected is not None and losses.shape[0] != expected):
         want = f"[{expected}]" if expected is not None else "[n]"
         raise ValueError(

@@ -98,10 +98,7 @@ def _default_backward(loss: Tensor) -> None:
 
 def _owned_parameters(module: nn.Module, params: Optional[Iterable[Tensor]]) -> tuple[list[Tensor], list[str]]:
     names = {id(p): name for name, p in module.named_parameters()}
-    if params is None:
-        chosen = [p for p in module.parameters() if p.requires_grad]
-    else:
-        chosen = list(params)
+    chosen = [p for p in module.parameters() if p.requires_grad] if params is None else list(params)
     seen: set[int] = set()
     for i, p in enumerate(chosen):
         if id(p) not in names:
@@ -265,9 +262,7 @@ class DeltaSAM:
         return StepResult(losses=losses.detach())
 
     def _per_instance(self, loss_fn, batch, grads_before, backward, no_sync, sync_descent) -> StepResult:
-        update, losses, perturbed = self._instances.sam_gradient(
-            loss_fn, batch, self.config.rho, self._params_before
-        )
+        update, losses, perturbed = self._instances.sam_gradient(loss_fn, batch, self.config.rho, self._params_before)
         put_grads(self.params, grads_before, copy=True)
         # d/dp sum_p <p, G_p> = G: routes G through the caller's backward (loss scaling, DDP all-reduce).
         surrogate = torch.stack([t.sum() for t in torch._foreach_mul(self.params, update)]).sum()

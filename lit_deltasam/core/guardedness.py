@@ -283,7 +283,11 @@ class Prober:
                 self.cache.clear()
         return (squares / directions).sqrt()
 
-    def _forward(self, loss_fn: LossFn, batch: Batch, random_state: Optional[RandomState], device: torch.device) -> Tensor:
-        with random_state.replay() if random_state is not None else nullcontext():
-            with self.cache.reuse() if self.cache is not None else nullcontext():
-                return check_losses(loss_fn(batch), batch, device).float()
+    def _forward(
+        self, loss_fn: LossFn, batch: Batch, random_state: Optional[RandomState], device: torch.device
+    ) -> Tensor:
+        with (
+            random_state.replay() if random_state is not None else nullcontext(),
+            self.cache.reuse() if self.cache is not None else nullcontext(),
+        ):
+            return check_losses(loss_fn(batch), batch, device).float()

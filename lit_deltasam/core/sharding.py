@@ -39,8 +39,10 @@ def shard_reduction(params: Sequence[Tensor]) -> Optional[NormReduce]:
         return None
     mesh = sharded[0].device_mesh
     layouts = {(p.device_mesh, tuple(p.placements)) for p in sharded}
-    if len(sharded) != len(params) or mesh.ndim != 1 or any(
-        m != mesh or not all(isinstance(pl, Shard) for pl in pls) for m, pls in layouts
+    if (
+        len(sharded) != len(params)
+        or mesh.ndim != 1
+        or any(m != mesh or not all(isinstance(pl, Shard) for pl in pls) for m, pls in layouts)
     ):
         raise NotImplementedError(
             "lit_deltasam supports sharded parameters laid out as FSDP2 does (every parameter a DTensor sharded "

@@ -73,8 +73,11 @@ class SharpnessProbe(Callback):
     def _configs(self, pl_module: L.LightningModule) -> dict[str, DeltaSAMConfig]:
         """The methods to compare; a probe is a computation on one rank, so every ascent is local."""
         own: DeltaSAMConfig = pl_module._deltasam_config()  # type: ignore[attr-defined]
-        methods = self.methods if self.methods is not None else {"sam": DeltaSAMConfig(method="sam", rho=own.rho),
-                                                                 own.method: own}
+        methods = (
+            self.methods
+            if self.methods is not None
+            else {"sam": DeltaSAMConfig(method="sam", rho=own.rho), own.method: own}
+        )
         return {name: replace(DeltaSAMConfig.coerce(cfg), ascent="local") for name, cfg in methods.items()}
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -15,7 +15,12 @@ from ..core.distributed import gather_instances, world_size
 def reduce_over_ranks(means: dict[str, Tensor], maxima: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     """Average ``means`` and take the max of ``maxima`` over ranks, in one all-gather."""
     names = [*means, *maxima]
-    values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).reshape(()) for v in [*means.values(), *maxima.values()]])
+    values = torch.stack(
+        [
+            torch.as_tensor(v, dtype=torch.float32, device=device).reshape(())
+            for v in [*means.values(), *maxima.values()]
+        ]
+    )
     if world_size() > 1:
         gathered = [torch.empty_like(values) for _ in range(world_size())]
         torch.distributed.all_gather(gathered, values)

@@ -169,7 +169,9 @@ class DeltaSAMMixin:
         self._deltasam_log(cfg, result, last)
         return result
 
-    def _deltasam_optimizer_step(self, engine: DeltaSAM, optimizer: Any, cfg: DeltaSAMConfig, result: StepResult) -> None:
+    def _deltasam_optimizer_step(
+        self, engine: DeltaSAM, optimizer: Any, cfg: DeltaSAMConfig, result: StepResult
+    ) -> None:
         module: LightningModule = self  # type: ignore[assignment]
         state = self._deltasam_state
         window, state.micro = state.micro, 0

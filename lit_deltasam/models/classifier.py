@@ -89,7 +89,7 @@ class TextClassifier(DeltaSAMMixin, L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         decay, no_decay = [], []
-        for name, p in self.named_parameters():
+        for p in self.parameters():
             if p.requires_grad:
                 (no_decay if p.ndim < 2 else decay).append(p)
         hp = self.hparams
@@ -104,7 +104,7 @@ class TextClassifier(DeltaSAMMixin, L.LightningModule):
 
 def optimizer_steps(trainer: L.Trainer, accumulate: int) -> int:
     """Optimizer steps in the run: accumulation windows per epoch (the last may be partial) times epochs, capped by max_steps."""
-    trainer.estimated_stepping_batches  # loads the train dataloader, which sets num_training_batches
+    _ = trainer.estimated_stepping_batches  # loads the train dataloader, which sets num_training_batches
     per_epoch = math.ceil(trainer.num_training_batches / accumulate)
     total = per_epoch * trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else math.inf
     if trainer.max_steps and trainer.max_steps > 0:
