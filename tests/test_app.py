@@ -151,3 +151,12 @@ def test_the_lr_schedule_spans_the_run_in_optimizer_steps(batches, epochs, max_s
         estimated_stepping_batches=0, num_training_batches=batches, max_epochs=epochs, max_steps=max_steps
     )
     assert optimizer_steps(fake, accumulate) == expected
+
+
+def test_the_cluster_launcher_config_composes():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=cluster"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert cfg.hydra.launcher.timeout_min == 240
