@@ -60,8 +60,8 @@ def table(runs: list[dict]) -> str:
     for r in runs:
         groups[(r["task"], r["method"])].append(r)
     lines = [
-        "| task | method | seeds | val acc | test acc | mean sharpness | fit time (s) |",
-        "|---|---|---|---|---|---|---|",
+        "| task | method | seeds | val acc | test acc | mean sharpness |",
+        "|---|---|---|---|---|---|",
     ]
 
     def cell(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
@@ -74,8 +74,7 @@ def table(runs: list[dict]) -> str:
         sharp = [r["metrics"]["sam/sharpness_mean"] for r in rs if "sam/sharpness_mean" in r["metrics"]]
         lines.append(
             f"| {task} | {method} | {len(rs)} | {cell([r['metrics'][f'val/{key}'] for r in rs])} | "
-            f"{cell([r['metrics'][f'test/{key}'] for r in rs])} | {cell(sharp, 1.0, 4) if sharp else '–'} | "
-            f"{cell([r['metrics']['time/fit_s'] for r in rs], 1.0, 0)} |"
+            f"{cell([r['metrics'][f'test/{key}'] for r in rs])} | {cell(sharp, 1.0, 4) if sharp else '–'} |"
         )
     return "\n".join(lines) + "\n"
 

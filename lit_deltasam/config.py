@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from typing import Any, List, Optional, Union
 
 METHODS = ("erm", "sam", "asam", "deltasam", "per_instance")
@@ -38,6 +38,11 @@ def _number(
         raise ValueError(f"DeltaSAMConfig.{name}={value!r} is not valid; it must be {kind} in {bound}")
 
 
+def _flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"DeltaSAMConfig.{name}={value!r} is not valid; it must be True or False")
+
+
 def _integer(name: str, value: object, *, low: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ValueError(f"DeltaSAMConfig.{name}={value!r} is not valid; it must be an integer >= {low}")
@@ -67,7 +72,7 @@ class DeltaSAMConfig:
         estimator: where ``s_i`` comes from: ``head`` (free, the classifier layer's
             per-instance gradient norm in closed form), ``probe`` (random weight
             perturbations, ``probe_samples`` no-grad forwards) or ``exact``
-            (per-instance gradient norms through ``torch.func``).
+            (per-instance gradient norms, computed as ``per_instance_impl`` says).
         weight_floor: ``s_i`` is floored at this fraction of the batch median.
         weight_min: lower clip of ``n * lambda_i`` before renormalizing (``<= 1``).
         weight_max: upper clip of ``n * lambda_i`` before renormalizing (``>= 1``; ``inf`` disables).
@@ -95,7 +100,7 @@ class DeltaSAMConfig:
         histogram_every_n_steps: log histograms of lambda and of the per-instance
             loss change every N optimizer steps; ``0`` disables.
         seed_steps: draw each step's randomness from a seed derived from
-            (seed, step, micro-batch, rank) so that a resumed run is exact.
+            (seed, micro-batches run so far, rank) so that a resumed run is exact.
 
     Example:
         >>> cfg = DeltaSAMConfig(method="deltasam", rho=0.05, beta=-1.0, estimator="head")
@@ -156,8 +161,18 @@ class DeltaSAMConfig:
                 f"DeltaSAMConfig.probe_samples={self.probe_samples} must be even when probe_antithetic=True "
                 "(each antithetic pair costs two forwards)"
             )
+        for name in ("weighted_descent", "probe_antithetic", "probe_truncate", "share_dropout", "seed_steps"):
+            _flag(name, getattr(self, name))
+        if self.head is not None and not isinstance(self.head, str):
+            raise ValueError(f"DeltaSAMConfig.head={self.head!r} is not valid; it must be a module path or None")
         if self.probe_params is not None:
-            object.__setattr__(self, "probe_params", [str(p) for p in self.probe_params])
+            patterns = self.probe_params
+            if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+                raise ValueError(
+                    f"DeltaSAMConfig.probe_params={patterns!r} is not valid; it must be a list of name patterns, "
+                    f"e.g. {[patterns] if isinstance(patterns, str) else ['encoder.layer.5.*']}"
+                )
+            object.__setattr__(self, "probe_params", list(patterns))
             if not self.probe_params:
                 raise ValueError("DeltaSAMConfig.probe_params=[] selects nothing; use None to probe every parameter")
 
@@ -166,6 +181,10 @@ class DeltaSAMConfig:
         """A config from itself or from a mapping of its fields (a Hydra node's ``_target_`` is ignored)."""
         if isinstance(value, cls):
             return value
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(str(k) for k in value if k not in known and k != "_target_")
+        if unknown:
+            raise ValueError(f"DeltaSAMConfig has no field {unknown}; valid fields are {sorted(known)}")
         return cls(**{k: v for k, v in value.items() if k != "_target_"})
 
     @property

@@ -171,6 +171,27 @@ def test_per_instance_equals_an_explicit_loop_over_instances(impl):
         torch.testing.assert_close(p.detach(), b, atol=1e-12, rtol=0)
 
 
+def test_parameters_outside_params_get_the_descent_gradient_only():
+    """SAM perturbing the last layer only: every trainable parameter ends with the gradient at that point."""
+    torch.manual_seed(0)
+    model = MLP().double()
+    x, y = classification_data(n=16)
+    batch = (x.double(), y)
+    first, last = list(model.net[0].parameters()), list(model.net[-1].parameters())
+    grads = torch.autograd.grad(model.losses(batch).mean(), last)
+    norm = torch.cat([g.reshape(-1) for g in grads]).norm()
+    with torch.no_grad():
+        for p, g in zip(last, grads):
+            p.add_(RHO * g / norm)
+    expected = torch.autograd.grad(model.losses(batch).mean(), first + last)
+    with torch.no_grad():
+        for p, g in zip(last, grads):
+            p.sub_(RHO * g / norm)
+    DeltaSAM(model, DeltaSAMConfig(method="sam", rho=RHO), params=last).step(model.losses, batch)
+    for p, e in zip(first + last, expected):
+        torch.testing.assert_close(p.grad, e, atol=1e-12, rtol=0)
+
+
 @pytest.mark.parametrize("method", ["erm", "sam", "deltasam", "per_instance"])
 def test_accumulating_micro_batches_sums_their_updates(method):
     x, y = classification_data(n=24)

@@ -209,4 +209,5 @@ def test_fsdp_refuses_estimators_that_need_whole_parameters(tmp_path):
         timeout=600,
     )
     assert result.returncode != 0
-    assert "is not available for sharded (FSDP) parameters" in result.stderr
+    assert "estimator='probe' is not available under FSDP" in result.stderr
+    assert "choose one of ['head']" in result.stderr

@@ -76,7 +76,7 @@ def test_truncated_probes_equal_full_probes_and_skip_the_bottom_layers():
     snapshot.capture()
     scores, calls = {}, {}
     for truncate in (False, True):
-        cache = ForwardCache(model, probed, torch.device("cpu"), replay_random=True) if truncate else None
+        cache = ForwardCache(model, probed, replay_random=True) if truncate else None
         state = RandomState(torch.device("cpu"))
         torch.manual_seed(1)
         state.capture()
@@ -124,7 +124,7 @@ class Scaled(Tower):
 def probe_scores(model, probed, truncate, share=True, samples=4):
     snapshot = Snapshot(probed)
     snapshot.capture()
-    cache = ForwardCache(model, probed, torch.device("cpu"), replay_random=share) if truncate else None
+    cache = ForwardCache(model, probed, replay_random=share) if truncate else None
     state = RandomState(torch.device("cpu"))
     torch.manual_seed(1)
     state.capture()

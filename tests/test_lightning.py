@@ -9,7 +9,7 @@ from helpers import METHODS, TinyModule, classification_data, flat_params, loade
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins import MixedPrecision
 
-from lit_deltasam import DeltaSAM, DeltaSAMConfig, DeltaSAMMixin
+from lit_deltasam import DeltaSAM, DeltaSAMConfig, DeltaSAMMixin, SharpnessProbe
 
 
 class CountSteps(Callback):
@@ -112,6 +112,42 @@ def test_plateau_monitor_survives_configure_optimizers_from_a_base_class():
     assert module.optimizers().param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**2)
 
 
+def test_plateau_monitor_in_the_top_level_form():
+    class TopLevel(TinyModule):
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=0.1)
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", patience=0, factor=0.5)
+            return {"optimizer": opt, "lr_scheduler": sched, "monitor": "val/loss"}
+
+    module = TopLevel(DeltaSAMConfig(method="sam"))
+    trainer(max_epochs=3).fit(module, loader(n=64), loader(n=64))
+    assert module.optimizers().param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**2)
+
+
+def test_a_second_fit_with_a_new_trainer_starts_a_new_loop_state():
+    """Epoch schedulers step in every fit; the first fit's counters do not carry over."""
+    scheduler = dict(kind="step", interval="epoch", frequency=1)
+    module = TinyModule(DeltaSAMConfig(method="sam", accumulate_grad_batches=3), scheduler=scheduler)
+    trainer(max_epochs=2).fit(module, loader(n=40, batch_size=8))
+    trainer(max_epochs=2).fit(module, loader(n=40, batch_size=8))
+    assert module.optimizers().param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**2)
+    assert module._deltasam_state.micro == 0
+
+
+def test_sharpness_probe_restores_each_submodule_mode():
+    module = TinyModule(DeltaSAMConfig(method="deltasam"), dropout=0.5)
+    module.model.net[2].eval()  # a submodule the user keeps in eval mode
+    modes = []
+
+    class Modes(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            modes.append((pl_module.training, pl_module.model.net[2].training, pl_module.model.net[3].training))
+
+    probe = SharpnessProbe(every_n_steps=1, batch_size=8, hessian_iters=2)
+    trainer(max_steps=2, callbacks=[probe, Modes()]).fit(module, loader(n=16), loader(n=16))
+    assert modes == [(True, False, True)] * 2
+
+
 @pytest.mark.parametrize("options", METHODS)
 def test_checkpoints_and_validation_never_see_perturbed_weights(options, tmp_path):
     """With lr = 0 every weight any hook or checkpoint sees must be the initial weight, bit for bit."""
@@ -207,8 +243,12 @@ def test_clipping_needs_the_hook_to_call_super():
         def on_before_optimizer_step(self, optimizer):
             pass
 
+    module = Silent(DeltaSAMConfig(gradient_clip_val=1.0))
+    before = flat_params(module).clone()
     with pytest.raises(RuntimeError, match="on_before_optimizer_step was overridden without calling super"):
-        trainer(max_steps=1).fit(Silent(DeltaSAMConfig(gradient_clip_val=1.0)), loader())
+        trainer(max_steps=1).fit(module, loader())
+    assert torch.equal(flat_params(module), before)  # raised before the update
+    assert not module.optimizers().optimizer.state
 
 
 class SaveAt(Callback):

@@ -1,5 +1,7 @@
 """Weights, buffers and gradients survive every failure; BatchNorm and dropout interact correctly."""
 
+import warnings
+
 import pytest
 import torch
 from helpers import MLP, classification_data
@@ -129,6 +131,15 @@ def test_compared_forwards_share_dropout_masks(share):
     assert same == share
 
 
+@pytest.mark.parametrize("share", [True, False])
+def test_per_instance_loop_shares_masks_only_when_asked(share):
+    torch.manual_seed(0)
+    model = MLP(dropout=0.5)
+    config = DeltaSAMConfig(method="per_instance", rho=0.0, share_dropout=share)
+    result = DeltaSAM(model, config).step(model.losses, classification_data(n=8))
+    assert torch.equal(result.losses, result.perturbed_losses) == share
+
+
 def test_shared_masks_make_probe_deltas_noise_free():
     """With a vanishing probe radius the loss changes vanish only if the masks are shared."""
     torch.manual_seed(0)
@@ -186,3 +197,14 @@ def test_vmap_refuses_to_give_an_instance_two_dropout_masks():
     with pytest.raises(ValueError, match="cannot give an instance the same dropout mask"):
         DeltaSAM(model, config).step(model.losses, classification_data(n=4))
     DeltaSAM(model, DeltaSAMConfig(method="per_instance")).step(model.losses, classification_data(n=4))
+
+
+def test_probing_under_16_bit_autocast_warns_once():
+    model = MLP()
+    engine = DeltaSAM(model, DeltaSAMConfig(method="deltasam", estimator="probe"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.warns(RuntimeWarning, match=r"probe estimator runs under torch.bfloat16 autocast"):
+            engine.step(model.losses, classification_data(n=8))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            engine.step(model.losses, classification_data(n=8))

@@ -29,11 +29,20 @@ from lit_deltasam import DeltaSAM, DeltaSAMConfig
         (dict(per_instance_impl="jit"), r"per_instance_impl='jit' .*\['loop', 'vmap'\]"),
         (dict(probe_params=[]), r"probe_params=\[\] selects nothing"),
         (dict(rho="0.05"), r"rho='0.05'"),
+        (dict(probe_params="encoder.layer.5.*"), r"probe_params='encoder.layer.5.\*' .*\['encoder.layer.5.\*'\]"),
+        (dict(probe_params=[1]), r"probe_params=\[1\] .*list of name patterns"),
+        (dict(share_dropout="no"), r"share_dropout='no' .*True or False"),
+        (dict(seed_steps=1), r"seed_steps=1 .*True or False"),
     ],
 )
 def test_config_errors_name_the_value_and_the_choices(options, match):
     with pytest.raises(ValueError, match=match):
         DeltaSAMConfig(**options)
+
+
+def test_unknown_config_keys_are_named_with_the_valid_fields():
+    with pytest.raises(ValueError, match=r"no field \['rhoo'\]; valid fields are \[.*'rho'.*\]"):
+        DeltaSAMConfig.coerce({"rhoo": 0.1, "_target_": "lit_deltasam.DeltaSAMConfig"})
 
 
 def test_config_is_immutable():
@@ -106,6 +115,12 @@ def test_per_instance_rejects_batchnorm_in_training_mode():
     model = MLP(batchnorm=True)
     with pytest.raises(ValueError, match=r"'net.1' is a BatchNorm1d in training mode"):
         DeltaSAM(model, DeltaSAMConfig(method="per_instance")).step(model.losses, classification_data(n=8))
+
+
+def test_per_instance_needs_every_trainable_parameter():
+    model = MLP()
+    with pytest.raises(ValueError, match=r"other trainable parameters \['net.0.weight', 'net.0.bias'\]"):
+        DeltaSAM(model, DeltaSAMConfig(method="per_instance"), params=list(model.net[-1].parameters()))
 
 
 def test_mixin_without_a_config():

@@ -21,7 +21,7 @@ SUMMARIZED = ("sam/sharpness", "sam/ess", "sam/max_weight", "sam/grad_norm")
 
 
 class SharpnessSummary(Callback):
-    """Running means, over all optimizer steps, of the per-step sharpness diagnostics."""
+    """Running means, over all training batches (micro-batches), of the per-step sharpness diagnostics."""
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = defaultdict(float)

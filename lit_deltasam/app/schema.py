@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from dataclasses import dataclass, field
-from typing import Any, List, Optional, Union
-
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, List, Optional, Union
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
@@ -59,7 +58,6 @@ class OptimSchema:
 
 @dataclass
 class PathsSchema:
-    root_dir: str = "."
     cache_dir: str = "~/.cache/lit_deltasam"
     output_dir: str = "."
 

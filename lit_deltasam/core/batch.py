@@ -26,8 +26,9 @@ def slice_batch(batch: Batch, index: slice) -> Batch:
     return tree_map(lambda t: t[index] if isinstance(t, Tensor) and t.ndim > 0 else t, batch)
 
 
-def check_losses(losses: Any, batch: Batch, device: torch.device, *, name: str = "per_sample_loss") -> Tensor:
+def check_losses(losses: Any, batch: Batch, device: torch.device) -> Tensor:
     """Validate what the user's loss function returned: a floating ``[n]`` tensor on ``device``."""
+    name = "the per-sample loss (per_sample_loss / loss_fn)"
     expected = batch_size(batch)
     if expected == 0:
         raise ValueError(f"{name} got an empty batch (0 instances); drop empty batches before the step")

@@ -8,6 +8,7 @@ optimizer. Derivation and step order: ``docs/method-card.md``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -22,8 +23,8 @@ from .distributed import gather_instances, rank, sum_over_ranks, world_size
 from .guardedness import ForwardCache, HeadTap, Prober, find_head, select_params
 from .per_instance import PerInstance
 from .perturbation import perturb, total_norm
-from .sharding import NormReduce, is_sharded, local, shard_reduction
 from .randomness import RandomState
+from .sharding import NormReduce, is_sharded, local, shard_reduction
 from .state import Snapshot, put_grads, take_grads
 from .weighting import effective_sample_size, instance_weights
 
@@ -119,6 +120,24 @@ def _owned_parameters(module: nn.Module, params: Optional[Iterable[Tensor]]) -> 
     return chosen, [names[id(p)] for p in chosen]
 
 
+def fsdp_refusal(config: DeltaSAMConfig) -> str:
+    """Why ``config`` cannot run on sharded parameters, and what can."""
+    if config.method == "per_instance":
+        return (
+            "method='per_instance' is not available under FSDP: per-instance gradients need whole parameters; "
+            "use method='sam' or method='deltasam' with estimator='head'"
+        )
+    return (
+        f"estimator={config.estimator!r} is not available under FSDP: "
+        + (
+            "per-instance gradient norms need whole parameters"
+            if config.estimator == "exact"
+            else "FSDP's root unit keeps its parameters gathered across forwards, out of a probe's reach"
+        )
+        + "; choose one of ['head']"
+    )
+
+
 class DeltaSAM:
     """Sharpness-aware steps (SAM, ASAM, δ-SAM, per-instance SAM, or plain ERM) in plain PyTorch.
 
@@ -126,6 +145,8 @@ class DeltaSAM:
         module: the model; ``loss_fn`` must compute through it.
         config: the method and its hyperparameters.
         params: the parameters to perturb; default: those of ``module`` that require grad.
+            Other trainable parameters of ``module`` are not perturbed but get the
+            descent gradient at the perturbed point, like any parameter in ``params``.
         reduce_squares: maps a local sum of squares to the global one when each rank
             holds a shard of plain-tensor parameters (FSDP1). DTensor shards (FSDP2)
             are detected and reduced over their mesh without it.
@@ -153,16 +174,19 @@ class DeltaSAM:
         self.module = module
         self.config = config
         self.params, self.names = _owned_parameters(module, params)
-        self.device = self.params[0].device
+        chosen = {id(p) for p in self.params}
+        self._others = [p for p in module.parameters() if p.requires_grad and id(p) not in chosen]
+        if self._others and config.method == "per_instance":
+            names = [name for name, p in module.named_parameters() if p.requires_grad and id(p) not in chosen]
+            raise ValueError(
+                f"method='per_instance' computes G for params only, but {type(module).__name__} has other trainable "
+                f"parameters {names[:5]}{' …' if len(names) > 5 else ''}; pass every trainable parameter or freeze them"
+            )
         self.reduce_squares = reduce_squares if reduce_squares is not None else shard_reduction(self.params)
         if any(is_sharded(p) for p in self.params) and (
             config.method == "per_instance" or (config.reweights and config.estimator != "head")
         ):
-            raise NotImplementedError(
-                f"method={config.method!r} with estimator={config.estimator!r} is not available for sharded (FSDP) "
-                "parameters: per-instance gradients need whole parameters for torch.func, and FSDP's root unit keeps "
-                "its parameters gathered across forwards, out of a probe's reach; use estimator='head'"
-            )
+            raise NotImplementedError(fsdp_refusal(config))
         self._params_before = Snapshot(self.params)
         self._buffers_before = Snapshot(module.buffers)
         self._buffers_clean = Snapshot(module.buffers)
@@ -176,12 +200,17 @@ class DeltaSAM:
             probed = [self.params[i] for i in self._probed]
             sigma = config.probe_sigma if config.probe_sigma is not None else config.rho
             truncate = config.probe_truncate and config.probe_params is not None
-            cache = ForwardCache(module, probed, self.device, config.share_dropout) if truncate else None
+            cache = ForwardCache(module, probed, config.share_dropout) if truncate else None
             self._prober = Prober(probed, config.probe_samples, sigma, config.probe_antithetic, cache)
         self._window_ok: Optional[Tensor] = None
+        self._warned_16_bit = False
         self._instances = PerInstance(
             module, self.params, self.names, config.per_instance_impl, config.per_instance_chunk, config.share_dropout
         )
+
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].device
 
     def step(
         self,
@@ -216,7 +245,7 @@ class DeltaSAM:
         no_sync = no_sync or nullcontext
         self._params_before.capture()
         self._buffers_before.capture()
-        grads_before = take_grads(self.params)
+        grads_before = take_grads(self.params + self._others)
         try:
             if self.config.method == "erm":
                 result = self._erm(loss_fn, batch, grads_before, backward, no_sync, sync_descent)
@@ -226,7 +255,8 @@ class DeltaSAM:
                 result = self._two_pass(loss_fn, batch, grads_before, backward, no_sync, sync_descent)
         except BaseException:
             self.rollback()
-            put_grads(self.params, grads_before)
+            put_grads(self.params + self._others, grads_before)
+            self._window_ok = None
             raise
         ok = result.local_finite()
         self._window_ok = ok if self._window_ok is None else self._window_ok & ok
@@ -234,7 +264,7 @@ class DeltaSAM:
             window_ok, self._window_ok = self._window_ok, None
             if check_finite:
                 grads = [local(p.grad) for p in self.params if p.grad is not None]
-                result.update_norm = total_norm(grads, self.reduce_squares)
+                result.update_norm = total_norm(grads, self.reduce_squares, device=self.device)
                 bad = (~window_ok | ~torch.isfinite(result.update_norm)).float()
                 # every rank must take the same decision, also when only one saw a non-finite loss
                 result.finite = sum_over_ranks(bad).item() == 0
@@ -255,7 +285,7 @@ class DeltaSAM:
             yield
 
     def _erm(self, loss_fn, batch, grads_before, backward, no_sync, sync_descent) -> StepResult:
-        put_grads(self.params, grads_before, copy=True)
+        put_grads(self.params + self._others, grads_before, copy=True)
         with self._descent_sync(no_sync, sync_descent):
             losses = check_losses(loss_fn(batch), batch, self.device)
             backward(losses.mean())
@@ -263,7 +293,7 @@ class DeltaSAM:
 
     def _per_instance(self, loss_fn, batch, grads_before, backward, no_sync, sync_descent) -> StepResult:
         update, losses, perturbed = self._instances.sam_gradient(loss_fn, batch, self.config.rho, self._params_before)
-        put_grads(self.params, grads_before, copy=True)
+        put_grads(self.params + self._others, grads_before, copy=True)
         # d/dp sum_p <p, G_p> = G: routes G through the caller's backward (loss scaling, DDP all-reduce).
         surrogate = torch.stack([t.sum() for t in torch._foreach_mul(self.params, update)]).sum()
         with self._descent_sync(no_sync, sync_descent):
@@ -302,9 +332,10 @@ class DeltaSAM:
                 adaptive=cfg.method == "asam",
                 eta=cfg.asam_eta,
                 reduce_squares=self.reduce_squares,
+                device=self.device,
             )
             del with_grad
-            put_grads(self.params, grads_before, copy=True)
+            put_grads(self.params + self._others, grads_before, copy=True)
             with self._descent_sync(no_sync, sync_descent):
                 with random_state.replay() if random_state is not None else nullcontext():
                     perturbed = check_losses(loss_fn(batch), batch, self.device)
@@ -344,6 +375,22 @@ class DeltaSAM:
         weights = instance_weights(scores, cfg.beta, floor=cfg.weight_floor, clip=(cfg.weight_min, cfg.weight_max))
         return weights, mine
 
+    def _warn_if_probing_in_16_bit(self) -> None:
+        kind = self.device.type
+        if self._warned_16_bit or not torch.is_autocast_enabled(kind):
+            return
+        dtype = torch.get_autocast_dtype(kind)
+        if dtype in (torch.float16, torch.bfloat16):
+            self._warned_16_bit = True
+            assert self._prober is not None
+            warnings.warn(
+                f"the probe estimator runs under {dtype} autocast: its per-element perturbation "
+                f"({self._prober.scale:.1e}) is likely below the 16-bit rounding of the weights, so the scores measure "
+                "rounding noise; use estimator='head', a larger probe_sigma, or 32-bit precision",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
     def _scores(self, loss_fn: LossFn, batch: Batch, losses: Tensor, random_state: Optional[RandomState]) -> Tensor:
         estimator = self.config.estimator
         if estimator == "head":
@@ -351,6 +398,7 @@ class DeltaSAM:
             return self._head.scores(losses)
         if estimator == "probe":
             assert self._prober is not None and self._probed is not None
+            self._warn_if_probing_in_16_bit()
             probed = self._probed
             scores = self._prober.scores(
                 loss_fn, batch, losses, random_state, lambda: self._params_before.restore(probed)
@@ -358,14 +406,3 @@ class DeltaSAM:
             self._buffers_clean.restore()
             return scores
         return self._instances.grad_norms(loss_fn, batch)
-
-    def per_instance_gradient(self, loss_fn: LossFn, batch: Batch) -> tuple[list[Tensor], Tensor, Tensor]:
-        """Exact per-instance SAM gradient ``mean_i grad l_i(w + rho ĝ_i)``, without touching ``.grad``.
-
-        Returns ``(G, l(w), l(w + rho ĝ))``; the weights are restored exactly.
-        """
-        self._params_before.capture()
-        try:
-            return self._instances.sam_gradient(loss_fn, batch, self.config.rho, self._params_before)
-        finally:
-            self._params_before.restore()

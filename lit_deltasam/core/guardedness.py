@@ -22,7 +22,6 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
-
 from torch.utils._pytree import tree_flatten
 
 from .batch import Batch, LossFn, check_losses
@@ -127,9 +126,9 @@ class ForwardCache:
     kept output was modified in place after its module returned.
     """
 
-    def __init__(self, module: nn.Module, probed: Sequence[Tensor], device: torch.device, replay_random: bool) -> None:
+    def __init__(self, module: nn.Module, probed: Sequence[Tensor], replay_random: bool) -> None:
         ids = {id(p) for p in probed}
-        self.device = device
+        self._probed = list(probed)
         self.replay_random = replay_random
         self.owners = [m for m in module.modules() if any(id(p) in ids for p in m._parameters.values())]
         self.candidates: list[nn.Module] = []
@@ -157,7 +156,7 @@ class ForwardCache:
             if not entered:
                 state = None
                 if self.replay_random:
-                    state = RandomState(self.device)
+                    state = RandomState(self._probed[0].device)
                     state.capture()
                 exits.append((layer, output, _versions(output), state))
 

@@ -11,6 +11,7 @@ refuses active dropout for the per-instance SAM gradient, whose masks it cannot 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Optional
 
 import torch
@@ -79,7 +80,6 @@ class PerInstance:
         self.names = list(names)
         self.impl = impl
         self.chunk = chunk
-        self.device = self.params[0].device
 
     def grad_norms(self, loss_fn: LossFn, batch: Batch) -> Tensor:
         """``[n]`` norms ``||grad l_i(w)||`` over ``params``."""
@@ -131,7 +131,7 @@ class PerInstance:
                     if norm > 0 and torch.isfinite(norm):
                         with torch.no_grad():
                             torch._foreach_add_(self.params, grads, alpha=rho / norm.item())
-                    with random_state.replay():
+                    with random_state.replay() if self.share_dropout else nullcontext():
                         perturbed_loss = self._instance_loss(loss_fn, instance)
                     torch._foreach_add_(total, self._grads(perturbed_loss))
                 finally:
@@ -140,6 +140,10 @@ class PerInstance:
                 perturbed.append(perturbed_loss.detach().reshape(1))
         torch._foreach_div_(total, n)
         return total, torch.cat(clean), torch.cat(perturbed)
+
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].device
 
     def _size(self, batch: Batch) -> int:
         n = batch_size(batch)
@@ -178,7 +182,7 @@ class PerInstance:
         def sam_one(params: dict[str, Tensor], instance: Batch):
             grads, loss = grad_and_value(loss_one)(params, instance)
             norm = norm_of(grads)
-            scale = torch.where(norm > 0, rho / norm, torch.zeros_like(norm))
+            scale = torch.where((norm > 0) & torch.isfinite(norm), rho / norm, torch.zeros_like(norm))
             moved = {k: v + scale * grads[k] for k, v in params.items()}
             grads, perturbed_loss = grad_and_value(loss_one)(moved, instance)
             return loss, [grads[k] for k in params], perturbed_loss

@@ -12,11 +12,18 @@ from torch import Tensor
 from .sharding import NormReduce, local
 
 
-def total_norm(tensors: Sequence[Tensor], reduce_squares: Optional[NormReduce] = None) -> Tensor:
-    """The 2-norm of all ``tensors`` taken as one flat vector, computed with ``foreach`` kernels."""
-    if not tensors:
-        return torch.zeros(())
-    norm = torch.nn.utils.get_total_norm(tensors, norm_type=2.0, foreach=True)
+def total_norm(
+    tensors: Sequence[Tensor], reduce_squares: Optional[NormReduce] = None, *, device: Optional[torch.device] = None
+) -> Tensor:
+    """The 2-norm of all ``tensors`` taken as one flat vector, computed with ``foreach`` kernels.
+
+    With ``reduce_squares`` every rank joins the reduction, also one holding no tensor
+    (its zero goes to ``device``).
+    """
+    if tensors:
+        norm = torch.nn.utils.get_total_norm(tensors, norm_type=2.0, foreach=True)
+    else:
+        norm = torch.zeros((), device=device)
     if reduce_squares is None:
         return norm
     return reduce_squares(norm.pow(2)).sqrt()
@@ -31,6 +38,7 @@ def perturb(
     adaptive: bool = False,
     eta: float = 0.0,
     reduce_squares: Optional[NormReduce] = None,
+    device: Optional[torch.device] = None,
 ) -> tuple[Tensor, Tensor, bool]:
     """Move ``params`` in place to ``w + eps``.
 
@@ -49,9 +57,9 @@ def perturb(
         scale = torch._foreach_abs(params)
         torch._foreach_add_(scale, eta)
         scaled = torch._foreach_mul(scale, grads)
-        norm = total_norm(scaled, reduce_squares)
+        norm = total_norm(scaled, reduce_squares, device=device)
     else:
-        norm = total_norm(grads, reduce_squares)
+        norm = total_norm(grads, reduce_squares, device=device)
     value = norm.item()
     if not (math.isfinite(value) and value > 0):
         return norm, torch.zeros_like(norm), False
@@ -59,7 +67,7 @@ def perturb(
     if adaptive:
         torch._foreach_mul_(scaled, scale)
         torch._foreach_mul_(scaled, factor)
-        eps_norm = total_norm(scaled, reduce_squares)
+        eps_norm = total_norm(scaled, reduce_squares, device=device)
         torch._foreach_add_(params, scaled)
     else:
         eps_norm = torch.as_tensor(rho, dtype=norm.dtype, device=norm.device)

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 
-from ..config import DeltaSAMConfig
+from ..config import PER_INSTANCE_IMPLS, DeltaSAMConfig
 from ..core.batch import Batch, slice_batch
 from ..core.diagnostics import fidelity, top_hessian_eigenvalue
 from ..core.sharding import is_sharded
@@ -25,9 +25,11 @@ class SharpnessProbe(Callback):
     Logs ``probe/cos_<name>``, the cosine between method ``name``'s sharpness
     correction and per-instance SAM's (``C_X = G_X - ḡ``), and
     ``probe/hessian_top_eig``, the top Hessian eigenvalue. The module runs in eval
-    mode during the probe (no dropout noise) and goes back to its mode afterwards;
-    weights, buffers and gradients are left untouched. Probes run on rank 0 only, each
-    method with a local ascent; under FSDP the callback refuses to start.
+    mode during the probe (no dropout noise) and every submodule goes back to its own
+    mode afterwards; weights, buffers and gradients are left untouched. Probes run on
+    rank 0 only, each method with a local ascent, so the metrics are for logging: a
+    callback that monitors them would decide differently per rank. Under FSDP the
+    callback refuses to start.
 
     Args:
         every_n_steps: probe period in optimizer steps.
@@ -49,8 +51,18 @@ class SharpnessProbe(Callback):
         per_instance_impl: str = "loop",
         seed: int = 0,
     ) -> None:
-        if every_n_steps < 1:
-            raise ValueError(f"SharpnessProbe.every_n_steps={every_n_steps} must be >= 1")
+        for name, value, low in (
+            ("every_n_steps", every_n_steps, 1),
+            ("batch_size", batch_size, 1),
+            ("hessian_iters", hessian_iters, 0),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"SharpnessProbe.{name}={value!r} is not valid; it must be an integer >= {low}")
+        if per_instance_impl not in PER_INSTANCE_IMPLS:
+            raise ValueError(
+                f"SharpnessProbe.per_instance_impl={per_instance_impl!r} is not valid; choose one of "
+                f"{list(PER_INSTANCE_IMPLS)}"
+            )
         self.every_n_steps = every_n_steps
         self.batch_size = batch_size
         self.methods = dict(methods) if methods is not None else None
@@ -98,7 +110,7 @@ class SharpnessProbe(Callback):
         batch = self._held_out(trainer, pl_module)
         params = optimizer_params(pl_module.optimizers(use_pl_optimizer=False))
         loss_fn = pl_module.per_sample_loss  # type: ignore[attr-defined]
-        was_training = pl_module.training
+        modes = {m: m.training for m in pl_module.modules()}
         pl_module.eval()
         try:
             with torch.enable_grad():
@@ -114,7 +126,8 @@ class SharpnessProbe(Callback):
                         pl_module, loss_fn, batch, params, iters=self.hessian_iters, generator=generator
                     )
         finally:
-            pl_module.train(was_training)
+            for m, mode in modes.items():
+                m.training = mode
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
@@ -16,7 +17,7 @@ from typing import Any, Callable, Optional
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.optim.lr_scheduler import ReduceLROnPlateau
@@ -24,8 +25,9 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from ..config import DeltaSAMConfig
 from ..core import DeltaSAM, StepResult
 from ..core.batch import Batch
-from ..core.randomness import seeded, step_seed
 from ..core.distributed import world_size
+from ..core.engine import fsdp_refusal
+from ..core.randomness import seeded, step_seed
 from ..core.sharding import is_sharded, local
 from .logging import log_histograms, reduce_over_ranks
 
@@ -43,8 +45,6 @@ class _LoopState:
     epochs_scheduled: int = 0
     """Epochs whose end has stepped the epoch-interval LR schedulers."""
     base_seed: Optional[int] = None
-    clipped: bool = False
-    """Whether on_before_optimizer_step clipped during the current optimizer step."""
 
 
 def optimizer_params(optimizer: Any) -> list[Tensor]:
@@ -53,24 +53,46 @@ def optimizer_params(optimizer: Any) -> list[Tensor]:
 
 
 def _remember_plateau_monitors(configure_optimizers: Callable[..., Any]) -> Callable[..., Any]:
-    """Keep each scheduler dict's ``monitor``: Lightning drops it in manual optimization."""
+    """Keep each scheduler's ``monitor``: Lightning drops it in manual optimization.
 
-    def dicts(out: Any) -> Iterator[Mapping]:
+    Both of Lightning's forms count: ``{"scheduler": s, "monitor": m}`` and
+    ``{"optimizer": o, "lr_scheduler": s, "monitor": m}``.
+    """
+
+    def monitors(out: Any) -> Iterator[tuple[Any, Optional[str], bool]]:
         if isinstance(out, Mapping):
             if "scheduler" in out:
-                yield out
+                yield out["scheduler"], out.get("monitor"), out.get("strict", True)
+            elif "optimizer" in out and "lr_scheduler" in out and not isinstance(out["lr_scheduler"], Mapping):
+                yield out["lr_scheduler"], out.get("monitor"), True
             for value in out.values():
-                yield from dicts(value)
+                yield from monitors(value)
         elif isinstance(out, (list, tuple)):
             for value in out:
-                yield from dicts(value)
+                yield from monitors(value)
 
     @functools.wraps(configure_optimizers)
     def wrapped(self: Any) -> Any:
         out = configure_optimizers(self)
-        self.__dict__["_deltasam_monitors"] = {
-            id(d["scheduler"]): (d.get("monitor"), d.get("strict", True)) for d in dicts(out)
-        }
+        self.__dict__["_deltasam_monitors"] = {id(s): (m, strict) for s, m, strict in monitors(out)}
+        return out
+
+    wrapped._deltasam_wrapped = True  # type: ignore[attr-defined]
+    return wrapped
+
+
+def _require_clipping(hook: Callable[..., Any]) -> Callable[..., Any]:
+    """Fail before the update when an override of ``on_before_optimizer_step`` skipped the mixin's clipping."""
+
+    @functools.wraps(hook)
+    def wrapped(self: Any, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+        self.__dict__["_deltasam_clipped"] = False
+        out = hook(self, optimizer, *args, **kwargs)
+        if self._deltasam_config().gradient_clip_val is not None and not self.__dict__["_deltasam_clipped"]:
+            raise RuntimeError(
+                "DeltaSAMConfig.gradient_clip_val is set but no clipping ran: on_before_optimizer_step was overridden "
+                "without calling super().on_before_optimizer_step(optimizer); the weights are unchanged"
+            )
         return out
 
     wrapped._deltasam_wrapped = True  # type: ignore[attr-defined]
@@ -114,6 +136,9 @@ class DeltaSAMMixin:
         configure = getattr(cls, "configure_optimizers", None)
         if configure is not None and not getattr(configure, "_deltasam_wrapped", False):
             cls.configure_optimizers = _remember_plateau_monitors(configure)
+        hook = cls.on_before_optimizer_step
+        if hook is not DeltaSAMMixin.on_before_optimizer_step and not getattr(hook, "_deltasam_wrapped", False):
+            cls.on_before_optimizer_step = _require_clipping(hook)  # type: ignore[method-assign]
 
     @property
     def automatic_optimization(self) -> bool:
@@ -147,7 +172,8 @@ class DeltaSAMMixin:
         last = state.micro + 1 >= cfg.accumulate_grad_batches or trainer.is_last_batch
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if state.base_seed is None:
-            state.base_seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
+            # without seed_everything the ranks' initial seeds differ; a checkpoint keeps rank 0's
+            state.base_seed = trainer.strategy.broadcast(int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed())))
         seed = step_seed(state.base_seed, state.micro_batches, module.global_rank)
         with seeded(seed, engine.device) if cfg.seed_steps else nullcontext():
             result = engine.step(
@@ -190,17 +216,11 @@ class DeltaSAMMixin:
             )
             optimizer.zero_grad(set_to_none=True)
             return
-        state.clipped = False
         try:
             optimizer.step()  # clipping happens in on_before_optimizer_step, after a loss scaler unscales
         except BaseException:
             engine.rollback()
             raise
-        if cfg.gradient_clip_val is not None and not state.clipped:
-            raise RuntimeError(
-                "DeltaSAMConfig.gradient_clip_val is set but no clipping ran: on_before_optimizer_step was overridden "
-                "without calling super().on_before_optimizer_step(optimizer)"
-            )
         optimizer.zero_grad(set_to_none=True)
         self._deltasam_step_schedulers("step", module.global_step)
 
@@ -211,7 +231,7 @@ class DeltaSAMMixin:
         if cfg.gradient_clip_val is not None:
             module: LightningModule = self  # type: ignore[assignment]
             module.clip_gradients(optimizer, cfg.gradient_clip_val, cfg.gradient_clip_algorithm)
-            self._deltasam_state.clipped = True
+            self.__dict__["_deltasam_clipped"] = True
 
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()  # type: ignore[misc]
@@ -299,17 +319,25 @@ class DeltaSAMMixin:
             saved["grads"] = self._deltasam_partial_grads(cached[2])
         checkpoint["deltasam"] = saved
 
-    def _deltasam_partial_grads(self, engine: DeltaSAM) -> list[Optional[Tensor]]:
-        """The gradients accumulated so far in this window, summed over ranks (they are not synchronized yet).
+    def _deltasam_partial_grads(self, engine: DeltaSAM) -> list[Tensor]:
+        """The gradients accumulated so far in this window, summed over ranks (DDP has not synchronized them yet).
 
         On resume rank 0 takes the sum and the others start from zero, so the window's
         final all-reduce averages the same total (up to the order of the additions).
         """
+        module: LightningModule = self  # type: ignore[assignment]
+        if isinstance(module.trainer.strategy, FSDPStrategy) or any(is_sharded(p) for p in engine.params):
+            raise RuntimeError(
+                f"cannot checkpoint inside a gradient accumulation window under FSDP (micro-batch "
+                f"{self._deltasam_state.micro} of {engine.config.accumulate_grad_batches}): the partial gradients are "
+                "sharded and already reduced; checkpoint at optimizer steps, e.g. "
+                "ModelCheckpoint(every_n_train_steps=...)"
+            )
         grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in engine.params]
         if world_size() > 1:
             for grad in grads:
                 torch.distributed.all_reduce(grad, op=torch.distributed.ReduceOp.SUM)
-        return grads
+        return [grad.cpu() for grad in grads]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
@@ -321,16 +349,29 @@ class DeltaSAMMixin:
                 RuntimeWarning,
                 stacklevel=2,
             )
-            return
-        known = {f.name for f in fields(_LoopState)}
-        self.__dict__["_deltasam_loop_state"] = _LoopState(**{k: v for k, v in saved["state"].items() if k in known})
-        self.__dict__["_deltasam_pending_grads"] = saved.get("grads")
+            state = _LoopState(epochs_scheduled=checkpoint.get("epoch", 0))
+        else:
+            known = {f.name for f in fields(_LoopState)}
+            state = _LoopState(**{k: v for k, v in saved["state"].items() if k in known})
+            self.__dict__["_deltasam_pending_grads"] = saved.get("grads")
+        self.__dict__["_deltasam_loop_state"] = state
+        self.__dict__["_deltasam_trainer"] = None
 
     @property
     def _deltasam_state(self) -> _LoopState:
+        """The loop state of the current fit: loaded from a checkpoint, carried on by the same trainer, or new."""
+        module: LightningModule = self  # type: ignore[assignment]
+        trainer = module._trainer
         state = self.__dict__.get("_deltasam_loop_state")
-        if state is None:
+        owner = self.__dict__.get("_deltasam_trainer", None)
+        if state is None or (owner is not None and owner() is not trainer):
+            if state is not None and state.micro:
+                for p in module.parameters():  # a window the previous fit left open
+                    p.grad = None
             state = self.__dict__["_deltasam_loop_state"] = _LoopState()
+            owner = None
+        if owner is None and trainer is not None:
+            self.__dict__["_deltasam_trainer"] = weakref.ref(trainer)
         return state
 
     def _deltasam_config(self) -> DeltaSAMConfig:
@@ -352,6 +393,11 @@ class DeltaSAMMixin:
             return cached[2]
         params = optimizer_params(optimizer)
         strategy = module.trainer.strategy
+        if isinstance(strategy, DeepSpeedStrategy):
+            raise NotImplementedError(
+                f"DeltaSAMMixin does not support {type(strategy).__name__}: DeepSpeed keeps gradients in its own "
+                "partitioned buffers; use one of 'auto', 'ddp', 'fsdp' or ModelParallelStrategy (FSDP2)"
+            )
         fsdp1 = isinstance(strategy, FSDPStrategy)
         if cfg.perturbs and cfg.ascent == "local" and (fsdp1 or any(is_sharded(p) for p in params)):
             raise ValueError(
@@ -359,10 +405,7 @@ class DeltaSAMMixin:
                 "reduce-scatters the ascent gradient, so every rank sees the full batch's; use ascent='global'"
             )
         if fsdp1 and (cfg.method == "per_instance" or (cfg.reweights and cfg.estimator != "head")):
-            raise NotImplementedError(
-                f"method={cfg.method!r} with estimator={cfg.estimator!r} is not available under FSDP; use "
-                "estimator='head'"
-            )
+            raise NotImplementedError(fsdp_refusal(cfg))
         reduce_squares = (lambda squares: strategy.reduce(squares, reduce_op="sum")) if fsdp1 else None
         engine = DeltaSAM(module, cfg, params, reduce_squares=reduce_squares)
         pending = self.__dict__.pop("_deltasam_pending_grads", None)

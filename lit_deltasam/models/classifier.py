@@ -103,7 +103,7 @@ class TextClassifier(DeltaSAMMixin, L.LightningModule):
 
 
 def optimizer_steps(trainer: L.Trainer, accumulate: int) -> int:
-    """Optimizer steps in the run: accumulation windows per epoch (the last may be partial) times epochs, capped by max_steps."""
+    """Optimizer steps in the run: accumulation windows per epoch (the last may be partial) × epochs, to max_steps."""
     _ = trainer.estimated_stepping_batches  # loads the train dataloader, which sets num_training_batches
     per_epoch = math.ceil(trainer.num_training_batches / accumulate)
     total = per_epoch * trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else math.inf

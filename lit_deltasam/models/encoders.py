@@ -13,7 +13,7 @@ from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForSequenceClassification
 
 
 def additive_mask(attention_mask: Tensor) -> Tensor:
@@ -49,9 +49,6 @@ class HFClassifier(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Optional[Tensor] = None) -> Tensor:
         kwargs = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
         return self.model(input_ids=input_ids, attention_mask=additive_mask(attention_mask), **kwargs).logits
-
-    def tokenizer(self) -> PreTrainedTokenizerBase:
-        return AutoTokenizer.from_pretrained(self.name_or_path)
 
 
 class SmallEncoder(nn.Module):
