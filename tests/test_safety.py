@@ -208,3 +208,18 @@ def test_probing_under_16_bit_autocast_warns_once():
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             engine.step(model.losses, classification_data(n=8))
+
+
+def test_a_buffer_the_model_reassigns_is_restored():
+    class Reassigning(MLP):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x):
+            self.calls = self.calls + 1  # a new tensor, not an in-place update
+            return super().forward(x)
+
+    model = Reassigning()
+    DeltaSAM(model, DeltaSAMConfig(method="sam")).step(model.losses, classification_data(n=8))
+    assert model.calls.item() == 1  # the clean forward's update only

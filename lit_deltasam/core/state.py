@@ -46,9 +46,16 @@ class Snapshot:
 
     @torch.no_grad()
     def restore(self, indices: Optional[Sequence[int]] = None) -> None:
-        """Copy the captured values back, into all tensors or only those at ``indices``."""
+        """Copy the captured values back, into all tensors or only those at ``indices``.
+
+        The targets are looked up again, so a buffer a module reassigned (``self.b = …``
+        instead of an in-place update) since the capture is restored too.
+        """
         if not self._targets:
             return
+        current = [local(t) for t in self._source()]
+        if any(a is not b for a, b in zip(current, self._targets)) and len(current) == len(self._copies):
+            self._targets = current
         if indices is None:
             torch._foreach_copy_(self._targets, self._copies)
         else:
