@@ -112,6 +112,12 @@ def test_plateau_monitor_survives_configure_optimizers_from_a_base_class():
     assert module.optimizers().param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**2)
 
 
+def test_plateau_without_a_monitor_names_both_forms():
+    module = TinyModule(DeltaSAMConfig(method="sam"), scheduler=dict(kind="plateau", interval="epoch"))
+    with pytest.raises(Exception, match=r"scheduler #0\) needs a metric: .*\"monitor\".*\"monitor\""):
+        trainer(max_epochs=2).fit(module, loader(n=16), loader(n=16))
+
+
 def test_plateau_monitor_in_the_top_level_form():
     class TopLevel(TinyModule):
         def configure_optimizers(self):

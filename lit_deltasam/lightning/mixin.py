@@ -270,8 +270,9 @@ class DeltaSAMMixin:
                 monitor, strict = self.__dict__.get("_deltasam_monitors", {}).get(id(config.scheduler), (None, True))
                 if monitor is None:
                     raise MisconfigurationException(
-                        "ReduceLROnPlateau needs a metric: return it from configure_optimizers as "
-                        '{"scheduler": scheduler, "monitor": "val/loss"}'
+                        f"ReduceLROnPlateau (scheduler #{trainer.lr_scheduler_configs.index(config)}) needs a metric: "
+                        'return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val/loss"}} or '
+                        '{"optimizer": opt, "lr_scheduler": sched, "monitor": "val/loss"} from configure_optimizers'
                     )
                 metric = trainer.callback_metrics.get(monitor)
                 if metric is None:
