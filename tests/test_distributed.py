@@ -177,37 +177,35 @@ def test_resume_inside_an_accumulation_window_under_ddp(tmp_path):
     assert torch.equal(resumed[0]["params"], resumed[1]["params"])
 
 
-def test_fsdp_rejects_a_local_ascent(tmp_path):
+def failing_fsdp_run(out: Path, **args) -> str:
+    """Run ddp_worker.py with FSDP2 on 2 processes, expecting it to fail; return its stderr."""
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    args = {"out": str(tmp_path), "config": {"method": "sam", "ascent": "local"}, "steps": 1, "strategy": "fsdp2"}
     result = subprocess.run(
-        [sys.executable, str(HERE / "ddp_worker.py"), json.dumps(args)],
-        cwd=tmp_path,
+        [sys.executable, str(HERE / "ddp_worker.py"), json.dumps({"out": str(out), "strategy": "fsdp2", **args})],
+        cwd=out,
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert result.returncode != 0
-    assert "ascent='local' is not available with sharded parameters (FSDP)" in result.stderr
+    return result.stderr
+
+
+def test_fsdp_rejects_a_local_ascent(tmp_path):
+    stderr = failing_fsdp_run(tmp_path, config={"method": "sam", "ascent": "local"}, steps=1)
+    assert "ascent='local' is not available with sharded parameters (FSDP)" in stderr
 
 
 def test_fsdp_refuses_estimators_that_need_whole_parameters(tmp_path):
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    args = {
-        "out": str(tmp_path),
-        "config": {"method": "deltasam", "estimator": "probe", "ascent": "global"},
-        "steps": 1,
-        "strategy": "fsdp2",
-    }
-    result = subprocess.run(
-        [sys.executable, str(HERE / "ddp_worker.py"), json.dumps(args)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode != 0
-    assert "estimator='probe' is not available under FSDP" in result.stderr
-    assert "choose one of ['head']" in result.stderr
+    config = {"method": "deltasam", "estimator": "probe", "ascent": "global"}
+    stderr = failing_fsdp_run(tmp_path, config=config, steps=1)
+    assert "estimator='probe' is not available under FSDP" in stderr
+    assert "choose one of ['head']" in stderr
+
+
+def test_fsdp_refuses_a_checkpoint_inside_an_accumulation_window(tmp_path):
+    config = {"method": "sam", "ascent": "global", "accumulate_grad_batches": 2}
+    stderr = failing_fsdp_run(tmp_path, config=config, steps=1, save_at_batch=0)
+    assert "cannot checkpoint inside a gradient accumulation window under FSDP (micro-batch 1 of 2)" in stderr
+    assert not (tmp_path / "mid.ckpt").exists()
