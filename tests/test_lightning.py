@@ -137,7 +137,18 @@ def test_a_second_fit_with_a_new_trainer_starts_a_new_loop_state():
     trainer(max_epochs=2).fit(module, loader(n=40, batch_size=8))
     trainer(max_epochs=2).fit(module, loader(n=40, batch_size=8))
     assert module.optimizers().param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**2)
-    assert module._deltasam_state.micro == 0
+
+
+def test_a_checkpoint_loaded_outside_a_fit_does_not_leak_into_the_next_fit(tmp_path):
+    scheduler = dict(kind="step", interval="epoch", frequency=1)
+    module = TinyModule(DeltaSAMConfig(method="sam"), scheduler=scheduler)
+    first = trainer(max_epochs=2)
+    first.fit(module, loader(n=16))
+    first.save_checkpoint(tmp_path / "end.ckpt")
+    second = trainer(max_epochs=2)
+    second.validate(module, loader(n=16), ckpt_path=tmp_path / "end.ckpt")
+    second.fit(module, loader(n=16))
+    assert module.optimizers().param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**2)
 
 
 def test_sharpness_probe_restores_each_submodule_mode():
@@ -249,7 +260,7 @@ def test_clipping_needs_the_hook_to_call_super():
         def on_before_optimizer_step(self, optimizer):
             pass
 
-    module = Silent(DeltaSAMConfig(gradient_clip_val=1.0))
+    module = Silent(DeltaSAMConfig(gradient_clip_val=1.0), optimizer="adamw")
     before = flat_params(module).clone()
     with pytest.raises(RuntimeError, match="on_before_optimizer_step was overridden without calling super"):
         trainer(max_steps=1).fit(module, loader())

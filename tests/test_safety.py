@@ -223,3 +223,10 @@ def test_a_buffer_the_model_reassigns_is_restored():
     model = Reassigning()
     DeltaSAM(model, DeltaSAMConfig(method="sam")).step(model.losses, classification_data(n=8))
     assert model.calls.item() == 1  # the clean forward's update only
+
+
+def test_a_non_finite_gradient_of_an_unperturbed_parameter_is_reported():
+    model = MLP()
+    model.net[0].weight.register_hook(lambda g: g * float("inf"))
+    engine = DeltaSAM(model, DeltaSAMConfig(method="sam"), params=list(model.net[-1].parameters()))
+    assert engine.step(model.losses, classification_data(n=8)).finite is False

@@ -54,8 +54,11 @@ class Snapshot:
         if not self._targets:
             return
         current = [local(t) for t in self._source()]
-        if any(a is not b for a, b in zip(current, self._targets)) and len(current) == len(self._copies):
-            self._targets = current
+        if len(current) == len(self._copies):
+            self._targets = [
+                new if (new.shape, new.dtype, new.device) == (c.shape, c.dtype, c.device) else old
+                for new, old, c in zip(current, self._targets, self._copies)
+            ]
         if indices is None:
             torch._foreach_copy_(self._targets, self._copies)
         else:

@@ -16,7 +16,6 @@ from ..config import PER_INSTANCE_IMPLS, DeltaSAMConfig
 from ..core.batch import Batch, slice_batch
 from ..core.diagnostics import fidelity, top_hessian_eigenvalue
 from ..core.sharding import is_sharded
-from .mixin import optimizer_params
 
 
 class SharpnessProbe(Callback):
@@ -108,7 +107,7 @@ class SharpnessProbe(Callback):
     @rank_zero_only
     def _probe(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         batch = self._held_out(trainer, pl_module)
-        params = optimizer_params(pl_module.optimizers(use_pl_optimizer=False))
+        params = [p for p in pl_module.parameters() if p.requires_grad]
         loss_fn = pl_module.per_sample_loss  # type: ignore[attr-defined]
         modes = {m: m.training for m in pl_module.modules()}
         pl_module.eval()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
@@ -18,6 +17,7 @@ from typing import Any, Callable, Optional
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.optim.lr_scheduler import ReduceLROnPlateau
@@ -45,6 +45,11 @@ class _LoopState:
     epochs_scheduled: int = 0
     """Epochs whose end has stepped the epoch-interval LR schedulers."""
     base_seed: Optional[int] = None
+
+
+def _token(trainer: Any) -> object:
+    """An object that identifies ``trainer`` (held by the module without keeping the trainer alive)."""
+    return trainer.__dict__.setdefault("_deltasam_token", object())
 
 
 def optimizer_params(optimizer: Any) -> list[Tensor]:
@@ -350,29 +355,48 @@ class DeltaSAMMixin:
                 RuntimeWarning,
                 stacklevel=2,
             )
-            state = _LoopState(epochs_scheduled=checkpoint.get("epoch", 0))
+        module: LightningModule = self  # type: ignore[assignment]
+        self._deltasam_forget()
+        trainer = module._trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return  # load_from_checkpoint, validate, test: the next fit starts a new loop state
+        if saved is None:
+            # "processed" counts epochs whose end hook ran; checkpoints are saved after it
+            progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
+            state = _LoopState(
+                epochs_scheduled=progress.get("current", {}).get("processed", checkpoint.get("epoch", 0))
+            )
         else:
             known = {f.name for f in fields(_LoopState)}
             state = _LoopState(**{k: v for k, v in saved["state"].items() if k in known})
             self.__dict__["_deltasam_pending_grads"] = saved.get("grads")
         self.__dict__["_deltasam_loop_state"] = state
-        self.__dict__["_deltasam_trainer"] = None
+        self.__dict__["_deltasam_trainer"] = _token(trainer)
+
+    def _deltasam_forget(self) -> None:
+        """Drop the loop state, the engine and any gradients an open accumulation window left."""
+        module: LightningModule = self  # type: ignore[assignment]
+        state = self.__dict__.pop("_deltasam_loop_state", None)
+        if state is not None and state.micro:
+            for p in module.parameters():
+                p.grad = None
+        for key in ("_deltasam_pending_grads", "_deltasam_engine_cache", "_deltasam_trainer"):
+            self.__dict__.pop(key, None)
 
     @property
     def _deltasam_state(self) -> _LoopState:
         """The loop state of the current fit: loaded from a checkpoint, carried on by the same trainer, or new."""
         module: LightningModule = self  # type: ignore[assignment]
         trainer = module._trainer
-        state = self.__dict__.get("_deltasam_loop_state")
-        owner = self.__dict__.get("_deltasam_trainer", None)
-        if state is None or (owner is not None and owner() is not trainer):
-            if state is not None and state.micro:
-                for p in module.parameters():  # a window the previous fit left open
-                    p.grad = None
-            state = self.__dict__["_deltasam_loop_state"] = _LoopState()
+        owner = self.__dict__.get("_deltasam_trainer")
+        if owner is not None and trainer is not None and owner is not _token(trainer):
+            self._deltasam_forget()
             owner = None
+        state = self.__dict__.get("_deltasam_loop_state")
+        if state is None:
+            state = self.__dict__["_deltasam_loop_state"] = _LoopState()
         if owner is None and trainer is not None:
-            self.__dict__["_deltasam_trainer"] = weakref.ref(trainer)
+            self.__dict__["_deltasam_trainer"] = _token(trainer)
         return state
 
     def _deltasam_config(self) -> DeltaSAMConfig:
