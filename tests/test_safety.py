@@ -203,7 +203,7 @@ def test_probing_under_16_bit_autocast_warns_once():
     model = MLP()
     engine = DeltaSAM(model, DeltaSAMConfig(method="deltasam", estimator="probe"))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        with pytest.warns(RuntimeWarning, match=r"probe estimator runs under torch.bfloat16 autocast"):
+        with pytest.warns(RuntimeWarning, match=r"probe estimator runs in torch.bfloat16"):
             engine.step(model.losses, classification_data(n=8))
         with warnings.catch_warnings():
             warnings.simplefilter("error")
@@ -230,3 +230,10 @@ def test_a_non_finite_gradient_of_an_unperturbed_parameter_is_reported():
     model.net[0].weight.register_hook(lambda g: g * float("inf"))
     engine = DeltaSAM(model, DeltaSAMConfig(method="sam"), params=list(model.net[-1].parameters()))
     assert engine.step(model.losses, classification_data(n=8)).finite is False
+
+
+def test_probing_16_bit_weights_warns():
+    model = MLP().bfloat16()
+    x, y = classification_data(n=8)
+    with pytest.warns(RuntimeWarning, match=r"probe estimator runs in torch.bfloat16"):
+        DeltaSAM(model, DeltaSAMConfig(method="deltasam", estimator="probe")).step(model.losses, (x.bfloat16(), y))

@@ -377,18 +377,21 @@ class DeltaSAM:
 
     def _warn_if_probing_in_16_bit(self) -> None:
         kind = self.device.type
-        if self._warned_16_bit or not torch.is_autocast_enabled(kind):
+        if self._warned_16_bit:
             return
-        dtype = torch.get_autocast_dtype(kind)
-        if dtype in (torch.float16, torch.bfloat16):
+        half = (torch.float16, torch.bfloat16)
+        dtype = self.params[0].dtype
+        if dtype not in half and torch.is_autocast_enabled(kind):
+            dtype = torch.get_autocast_dtype(kind)
+        if dtype in half:
             self._warned_16_bit = True
             assert self._prober is not None
             warnings.warn(
-                f"the probe estimator runs under {dtype} autocast: its per-element perturbation "
+                f"the probe estimator runs in {dtype}: its per-element perturbation "
                 f"({self._prober.scale:.1e}) is likely below the 16-bit rounding of the weights, so the scores measure "
                 "rounding noise; use estimator='head', a larger probe_sigma, or 32-bit precision",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=6,
             )
 
     def _scores(self, loss_fn: LossFn, batch: Batch, losses: Tensor, random_state: Optional[RandomState]) -> Tensor:
