@@ -40,11 +40,12 @@ def run(task: str, method: str, seed: int, train_limit: int, out: Path) -> dict:
     cfg = compose_config(overrides, out)
     metrics = train(cfg)
     curve = []
-    for path in out.glob("csv/*/metrics.csv"):
-        with open(path) as handle:
-            for row in csv.DictReader(handle):
-                if row.get(f"val/{MONITOR[task]}"):
-                    curve.append((int(row["step"]), float(row[f"val/{MONITOR[task]}"])))
+    # the newest CSV logger version: an interrupted earlier attempt may have left an older one
+    newest = max(out.glob("csv/version_*"), key=lambda p: int(p.name.split("_")[1]))
+    with open(newest / "metrics.csv") as handle:
+        for row in csv.DictReader(handle):
+            if row.get(f"val/{MONITOR[task]}"):
+                curve.append((int(row["step"]), float(row[f"val/{MONITOR[task]}"])))
     return {
         "task": task,
         "method": method,

@@ -1,6 +1,7 @@
 """The guardedness estimators against the exact per-instance gradient norms, and the truncated probe forwards."""
 
 import math
+from contextlib import nullcontext
 
 import torch
 from helpers import MLP, LeastSquares, classification_data, least_squares_problem, ls_instance_grads
@@ -188,3 +189,30 @@ def test_without_shared_masks_each_probe_draws_its_own_noise():
     finally:
         torch.Tensor.normal_ = original
     assert len(draws) == 4 and all(not torch.equal(draws[0], d) for d in draws[1:])
+
+
+def test_truncation_through_multihead_attention_equals_full_probes():
+    """nn.MultiheadAttention uses out_proj's parameters without calling out_proj; truncation still applies."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), layer).eval()
+    probed = list(layer.parameters())
+    x = torch.randn(3, 5, 4)
+
+    def losses(batch):
+        return model(batch).pow(2).mean((1, 2))
+
+    def scores(truncate):
+        cache = ForwardCache(model, probed, replay_random=False) if truncate else None
+        with cache.record() if cache else nullcontext():
+            clean = losses(x)
+        kept = [type(m).__name__ for m, _ in cache._kept] if cache else None
+        torch.manual_seed(2)
+        snapshot = Snapshot(probed)
+        snapshot.capture()
+        return Prober(probed, 3, 0.1, False, cache).scores(losses, x, clean, None, snapshot.restore), kept
+
+    truncated, kept = scores(True)
+    full, _ = scores(False)
+    assert kept == ["Linear", "Tanh"]
+    torch.testing.assert_close(truncated, full)

@@ -122,8 +122,9 @@ class ForwardCache:
     the clean forward's.
 
     Truncation is skipped for a step whenever it could be wrong: a module holding a
-    probed parameter did not run as a module (its parameter was used directly), or a
-    kept output was modified in place after its module returned.
+    probed parameter did not run as a module (its parameter was used directly, other than
+    by a parent that holds probed parameters too), or a kept output was modified in place
+    after its module returned.
     """
 
     def __init__(self, module: nn.Module, probed: Sequence[Tensor], replay_random: bool) -> None:
@@ -131,6 +132,11 @@ class ForwardCache:
         self._probed = list(probed)
         self.replay_random = replay_random
         self.owners = [m for m in module.modules() if any(id(p) in ids for p in m._parameters.values())]
+        owner_ids = {id(m) for m in self.owners}
+        # a parent owner may use its children's parameters without calling them (nn.MultiheadAttention's out_proj)
+        self._parent_owner = {
+            id(child): id(parent) for parent in self.owners for child in parent.children() if id(child) in owner_ids
+        }
         self.candidates: list[nn.Module] = []
 
         def visit(parent: nn.Module) -> None:
@@ -171,7 +177,8 @@ class ForwardCache:
             for handle in handles:
                 handle.remove()
         kept = [(layer, output, versions, state) for layer, output, versions, state in exits if calls[id(layer)] == 1]
-        unsafe = len(entered) < len(self.owners) or any(_versions(o) != v for _, o, v, _ in kept)
+        skipped = [m for m in self.owners if id(m) not in entered and self._parent_owner.get(id(m)) not in entered]
+        unsafe = bool(skipped) or any(_versions(o) != v for _, o, v, _ in kept)
         self._kept = [] if unsafe else [(layer, output) for layer, output, _, _ in kept]
         self._state = kept[-1][3] if kept and not unsafe else None
 
