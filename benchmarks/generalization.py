@@ -22,6 +22,7 @@ from common import RESULTS, ROOT, compose_config, save
 from train import train
 
 MONITOR = {"mr": "acc", "r8": "acc", "tweets": "acc", "mr_rating": "pearson"}
+COLORS = {"erm": "tab:orange", "sam": "tab:green", "deltasam": "tab:blue", "per_instance": "tab:red"}
 
 
 def run(task: str, method: str, seed: int, train_limit: int, out: Path) -> dict:
@@ -126,7 +127,13 @@ def plot(runs: list[dict], path: Path) -> None:
         for method, curves in sorted(by_method.items()):
             steps = [s for s, _ in curves[0]]
             means = [statistics.mean(c[i][1] for c in curves if i < len(c)) for i in range(len(steps))]
-            ax.plot(steps, [100 * m for m in means], marker="o", label=f"{method} ({len(curves)} seeds)")
+            ax.plot(
+                steps,
+                [100 * m for m in means],
+                marker="o",
+                color=COLORS.get(method),
+                label=f"{method} ({len(curves)} seeds)",
+            )
         ax.set_title(task)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(f"validation {MONITOR[task]} (%)")
