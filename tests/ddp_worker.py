@@ -7,6 +7,7 @@ perturbed forward minus w); and its final flat parameters (all shards gathered).
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -62,7 +63,10 @@ class Recording(TinyModule):
 
 def main(args: dict) -> None:
     out = Path(args["out"])
-    L.seed_everything(args.get("seed", 0))
+    if args.get("seed", 0) is None:
+        os.environ.pop("PL_GLOBAL_SEED", None)  # each rank keeps its own random initial seed
+    else:
+        L.seed_everything(args.get("seed", 0))
     module = Recording(
         DeltaSAMConfig(**args["config"]),
         lr=args.get("lr", 0.1),
@@ -98,7 +102,8 @@ def main(args: dict) -> None:
     )
     data = TinyData(n=args.get("n", 64), batch_size=args.get("batch_size", 8), shuffle=args.get("shuffle", False))
     trainer.fit(module, datamodule=data, ckpt_path=args.get("resume"))
-    torch.save({"records": module.records, "params": flat_params(module)}, out / f"rank{trainer.global_rank}.pt")
+    saved = {"records": module.records, "params": flat_params(module), "base_seed": module._deltasam_state.base_seed}
+    torch.save(saved, out / f"rank{trainer.global_rank}.pt")
 
 
 if __name__ == "__main__":

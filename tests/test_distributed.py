@@ -177,6 +177,13 @@ def test_resume_inside_an_accumulation_window_under_ddp(tmp_path):
     assert torch.equal(resumed[0]["params"], resumed[1]["params"])
 
 
+def test_ranks_share_rank_zeros_step_seed_without_seed_everything(tmp_path):
+    """Per-step seeds derive from rank 0's base seed on every rank, so a checkpoint (rank 0's) resumes all ranks."""
+    ranks = run_ddp(tmp_path, config={"method": "sam"}, steps=1, seed=None)
+    assert ranks[0]["base_seed"] is not None
+    assert ranks[0]["base_seed"] == ranks[1]["base_seed"]
+
+
 def failing_fsdp_run(out: Path, **args) -> str:
     """Run ddp_worker.py with FSDP2 on 2 processes, expecting it to fail; return its stderr."""
     env = {**os.environ, "WANDB_MODE": "disabled"}
