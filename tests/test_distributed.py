@@ -16,11 +16,11 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 
-def run_ddp(out: Path, **args) -> list[dict]:
-    """Run ddp_worker.py with 2 processes; return each rank's records."""
+def run_worker(out: Path, **args) -> subprocess.CompletedProcess:
+    """Run ddp_worker.py (2 processes) with ``args``, writing under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run(
+    return subprocess.run(
         [sys.executable, str(HERE / "ddp_worker.py"), json.dumps({"out": str(out), **args})],
         cwd=out,
         env=env,
@@ -28,6 +28,11 @@ def run_ddp(out: Path, **args) -> list[dict]:
         text=True,
         timeout=600,
     )
+
+
+def run_ddp(out: Path, **args) -> list[dict]:
+    """Run ddp_worker.py with 2 processes; return each rank's records."""
+    result = run_worker(out, **args)
     assert result.returncode == 0, result.stderr[-4000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
@@ -186,15 +191,7 @@ def test_ranks_share_rank_zeros_step_seed_without_seed_everything(tmp_path):
 
 def failing_fsdp_run(out: Path, **args) -> str:
     """Run ddp_worker.py with FSDP2 on 2 processes, expecting it to fail; return its stderr."""
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    result = subprocess.run(
-        [sys.executable, str(HERE / "ddp_worker.py"), json.dumps({"out": str(out), "strategy": "fsdp2", **args})],
-        cwd=out,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_worker(out, strategy="fsdp2", **args)
     assert result.returncode != 0
     return result.stderr
 

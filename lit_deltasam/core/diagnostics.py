@@ -23,13 +23,12 @@ from .state import put_grads, take_grads
 
 def update_of(sam: DeltaSAM, loss_fn: LossFn, batch: Batch) -> list[Tensor]:
     """The G that ``sam.step`` produces on ``batch``, leaving ``.grad`` and the weights as they were."""
-    touched = sam.params + sam.unperturbed
-    saved = take_grads(touched)
+    saved = take_grads(sam.updated)
     try:
         sam.step(loss_fn, batch, check_finite=False)
         return [torch.zeros_like(p) if p.grad is None else p.grad for p in sam.params]
     finally:
-        put_grads(touched, saved)
+        put_grads(sam.updated, saved)
 
 
 def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:

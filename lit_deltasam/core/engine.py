@@ -176,6 +176,8 @@ class DeltaSAM:
         self.params, self.names = _owned_parameters(module, params)
         chosen = {id(p) for p in self.params}
         self.unperturbed = [p for p in module.parameters() if p.requires_grad and id(p) not in chosen]
+        self.updated = self.params + self.unperturbed
+        """Every parameter whose ``.grad`` a step writes."""
         if self.unperturbed and config.method == "per_instance":
             names = [name for name, p in module.named_parameters() if p.requires_grad and id(p) not in chosen]
             raise ValueError(
@@ -245,7 +247,7 @@ class DeltaSAM:
         no_sync = no_sync or nullcontext
         self._params_before.capture()
         self._buffers_before.capture()
-        grads_before = take_grads(self.params + self.unperturbed)
+        grads_before = take_grads(self.updated)
         try:
             if self.config.method == "erm":
                 result = self._erm(loss_fn, batch, grads_before, backward, no_sync, sync_descent)
@@ -255,7 +257,7 @@ class DeltaSAM:
                 result = self._two_pass(loss_fn, batch, grads_before, backward, no_sync, sync_descent)
         except BaseException:
             self.rollback()
-            put_grads(self.params + self.unperturbed, grads_before)
+            put_grads(self.updated, grads_before)
             self._window_ok = None
             raise
         ok = result.local_finite()
@@ -263,7 +265,7 @@ class DeltaSAM:
         if sync_descent:
             window_ok, self._window_ok = self._window_ok, None
             if check_finite:
-                grads = [local(p.grad) for p in self.params + self.unperturbed if p.grad is not None]
+                grads = [local(p.grad) for p in self.updated if p.grad is not None]
                 result.update_norm = total_norm(grads, self.reduce_squares, device=self.device)
                 bad = (~window_ok | ~torch.isfinite(result.update_norm)).float()
                 # every rank must take the same decision, also when only one saw a non-finite loss
@@ -285,7 +287,7 @@ class DeltaSAM:
             yield
 
     def _erm(self, loss_fn, batch, grads_before, backward, no_sync, sync_descent) -> StepResult:
-        put_grads(self.params + self.unperturbed, grads_before, copy=True)
+        put_grads(self.updated, grads_before, copy=True)
         with self._descent_sync(no_sync, sync_descent):
             losses = check_losses(loss_fn(batch), batch, self.device)
             backward(losses.mean())
@@ -293,7 +295,7 @@ class DeltaSAM:
 
     def _per_instance(self, loss_fn, batch, grads_before, backward, no_sync, sync_descent) -> StepResult:
         update, losses, perturbed = self._instances.sam_gradient(loss_fn, batch, self.config.rho, self._params_before)
-        put_grads(self.params + self.unperturbed, grads_before, copy=True)
+        put_grads(self.updated, grads_before, copy=True)
         # d/dp sum_p <p, G_p> = G: routes G through the caller's backward (loss scaling, DDP all-reduce).
         surrogate = torch.stack([t.sum() for t in torch._foreach_mul(self.params, update)]).sum()
         with self._descent_sync(no_sync, sync_descent):
@@ -335,7 +337,7 @@ class DeltaSAM:
                 device=self.device,
             )
             del with_grad
-            put_grads(self.params + self.unperturbed, grads_before, copy=True)
+            put_grads(self.updated, grads_before, copy=True)
             with self._descent_sync(no_sync, sync_descent):
                 with random_state.replay() if random_state is not None else nullcontext():
                     perturbed = check_losses(loss_fn(batch), batch, self.device)
