@@ -25,7 +25,10 @@ schema.register()
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit, then test the best checkpoint; return the metrics (also written to ``metrics.json``)."""
+    """Fit, then test the best checkpoint (and with ``test_final`` the final weights first, as ``test_final/*``).
+
+    Returns the metrics, also written to ``metrics.json``.
+    """
     L.seed_everything(cfg.seed, workers=True)
     datamodule, module = assemble.build(cfg)
     summary = report.SharpnessSummary()
@@ -47,6 +50,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
             if isinstance(trainer.checkpoint_callback, ModelCheckpoint)
             else ""
         )
+        if cfg.test_final and best:
+            for result in trainer.test(module, datamodule, verbose=False):
+                metrics.update({k.replace("test/", "test_final/", 1): float(v) for k, v in result.items()})
         for result in trainer.test(module, datamodule, ckpt_path=best or None, verbose=False):
             metrics.update({k: float(v) for k, v in result.items()})
     metrics["time/total_s"] = time.perf_counter() - start

@@ -9,11 +9,25 @@ from typing import Any
 
 from .config import DeltaSAMConfig
 from .core import DeltaSAM, StepResult, instance_weights
+from .core.schedule import scheduled_rho
 
-__all__ = ["DeltaSAM", "DeltaSAMConfig", "DeltaSAMMixin", "SharpnessProbe", "StepResult", "instance_weights"]
+__all__ = [
+    "DeltaSAM",
+    "DeltaSAMConfig",
+    "DeltaSAMMixin",
+    "SharpnessProbe",
+    "StepResult",
+    "instance_weights",
+    "optimizer_steps",
+    "scheduled_rho",
+]
 __version__ = "0.1.0"
 
-_LIGHTNING = {"DeltaSAMMixin": "lit_deltasam.lightning.mixin", "SharpnessProbe": "lit_deltasam.lightning.callbacks"}
+_LIGHTNING = {
+    "DeltaSAMMixin": "lit_deltasam.lightning.mixin",
+    "SharpnessProbe": "lit_deltasam.lightning.callbacks",
+    "optimizer_steps": "lit_deltasam.lightning.mixin",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -12,6 +12,7 @@ ESTIMATORS = ("head", "probe", "exact")
 ASCENTS = ("local", "global")
 PER_INSTANCE_IMPLS = ("loop", "vmap")
 CLIP_ALGORITHMS = ("norm", "value")
+RHO_SCHEDULES = ("constant", "warmup", "follow_lr", "start_step")
 
 
 def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
@@ -68,6 +69,12 @@ class DeltaSAMConfig:
     Args:
         method: one of ``erm``, ``sam``, ``asam``, ``deltasam``, ``per_instance``.
         rho: perturbation radius, ``>= 0``.
+        rho_schedule: ρ along training (:mod:`lit_deltasam.core.schedule`): ``constant``;
+            ``warmup`` (linear from 0 over ``rho_warmup``); ``follow_lr``
+            (``rho * lr_t / lr_max``, GSAM); ``start_step`` (plain steps for
+            ``rho_warmup``, then ``rho``). A step whose ρ is 0 is a plain ERM step.
+        rho_warmup: length of the ``warmup`` ramp and of the plain steps of
+            ``start_step``: optimizer steps when ``>= 1``, a fraction of training when ``< 1``.
         beta: exponent of the instance weights, ``lambda_i ∝ s_i ** beta``.
         estimator: where ``s_i`` comes from: ``head`` (free, the classifier layer's
             per-instance gradient norm in closed form), ``probe`` (random weight
@@ -110,6 +117,8 @@ class DeltaSAMConfig:
 
     method: str = "deltasam"
     rho: float = 0.05
+    rho_schedule: str = "constant"
+    rho_warmup: float = 0.1
     # beta = -0.5 with the head estimator had the best fidelity to per-instance SAM among the
     # δ-SAM variants measured (docs/benchmarks.md#fidelity); beta = -1 is the second-order candidate.
     beta: float = -0.5
@@ -142,6 +151,13 @@ class DeltaSAMConfig:
         _choice("per_instance_impl", self.per_instance_impl, PER_INSTANCE_IMPLS)
         _choice("gradient_clip_algorithm", self.gradient_clip_algorithm, CLIP_ALGORITHMS)
         _number("rho", self.rho, low=0.0)
+        _choice("rho_schedule", self.rho_schedule, RHO_SCHEDULES)
+        _number("rho_warmup", self.rho_warmup, low=0.0)
+        if self.rho_warmup >= 1 and self.rho_warmup != int(self.rho_warmup):
+            raise ValueError(
+                f"DeltaSAMConfig.rho_warmup={self.rho_warmup!r} is not valid; it must be a whole number of optimizer "
+                "steps (>= 1) or a fraction of training (< 1)"
+            )
         _number("beta", self.beta)
         _number("weight_floor", self.weight_floor, low=0.0, high=1.0)
         _number("weight_min", self.weight_min, low=0.0, high=1.0)

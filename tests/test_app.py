@@ -145,7 +145,7 @@ def test_wandb_sweep_yaml_drives_train_through_hydra_overrides(tmp_path):
 def test_the_lr_schedule_spans_the_run_in_optimizer_steps(batches, epochs, max_steps, accumulate, expected):
     from types import SimpleNamespace
 
-    from lit_deltasam.models.classifier import optimizer_steps
+    from lit_deltasam.lightning import optimizer_steps
 
     fake = SimpleNamespace(
         estimated_stepping_batches=0, num_training_batches=batches, max_epochs=epochs, max_steps=max_steps

@@ -284,6 +284,7 @@ RESUME_CONFIGS = [
     dict(method="deltasam", estimator="probe", accumulate_grad_batches=2),
     dict(method="sam", accumulate_grad_batches=1),
     dict(method="per_instance", accumulate_grad_batches=1),
+    dict(method="sam", rho_schedule="follow_lr"),
 ]
 
 

@@ -46,6 +46,7 @@ class DataSchema:
     eval_batch_size: int = 128
     max_length: int = 48
     train_limit: Optional[int] = None
+    label_noise: float = 0.0
     num_workers: int = 0
 
 
@@ -70,6 +71,7 @@ class TrainSchema:
     data: DataSchema = field(default_factory=DataSchema)
     optim: OptimSchema = field(default_factory=OptimSchema)
     test: bool = True
+    test_final: bool = False
     ckpt_path: Optional[str] = None
     optimized_metric: Optional[str] = None
     task: TaskSchema = field(default_factory=TaskSchema)

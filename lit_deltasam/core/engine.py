@@ -223,6 +223,7 @@ class DeltaSAM:
         no_sync: Optional[NoSync] = None,
         sync_descent: bool = True,
         check_finite: bool = True,
+        rho: Optional[float] = None,
     ) -> StepResult:
         """Add G for one (micro-)batch to ``.grad``; the weights end exactly where they started.
 
@@ -238,6 +239,8 @@ class DeltaSAM:
             check_finite: after a synchronized descent, compute ``||G||`` and report in
                 ``result.finite`` whether the update can be taken (one tiny all-reduce
                 under data parallelism). Turn it off under a loss scaler, which checks itself.
+            rho: this step's radius (e.g. from :func:`~lit_deltasam.core.schedule.scheduled_rho`);
+                default ``config.rho``. At 0 the step is a plain ERM step.
 
         Raises:
             Whatever ``loss_fn`` or ``backward`` raise. Parameters, buffers and
@@ -248,13 +251,14 @@ class DeltaSAM:
         self._params_before.capture()
         self._buffers_before.capture()
         grads_before = take_grads(self.updated)
+        rho = self.config.rho if rho is None else rho
         try:
-            if self.config.method == "erm":
+            if self.config.method == "erm" or rho == 0:
                 result = self._erm(loss_fn, batch, grads_before, backward, no_sync, sync_descent)
             elif self.config.method == "per_instance":
-                result = self._per_instance(loss_fn, batch, grads_before, backward, no_sync, sync_descent)
+                result = self._per_instance(loss_fn, batch, grads_before, backward, no_sync, sync_descent, rho)
             else:
-                result = self._two_pass(loss_fn, batch, grads_before, backward, no_sync, sync_descent)
+                result = self._two_pass(loss_fn, batch, grads_before, backward, no_sync, sync_descent, rho)
         except BaseException:
             self.rollback()
             put_grads(self.updated, grads_before)
@@ -293,8 +297,8 @@ class DeltaSAM:
             backward(losses.mean())
         return StepResult(losses=losses.detach())
 
-    def _per_instance(self, loss_fn, batch, grads_before, backward, no_sync, sync_descent) -> StepResult:
-        update, losses, perturbed = self._instances.sam_gradient(loss_fn, batch, self.config.rho, self._params_before)
+    def _per_instance(self, loss_fn, batch, grads_before, backward, no_sync, sync_descent, rho) -> StepResult:
+        update, losses, perturbed = self._instances.sam_gradient(loss_fn, batch, rho, self._params_before)
         put_grads(self.updated, grads_before, copy=True)
         # d/dp sum_p <p, G_p> = G: routes G through the caller's backward (loss scaling, DDP all-reduce).
         surrogate = torch.stack([t.sum() for t in torch._foreach_mul(self.params, update)]).sum()
@@ -302,7 +306,7 @@ class DeltaSAM:
             backward(surrogate)
         return StepResult(losses=losses.detach(), perturbed_losses=perturbed.detach(), perturbed=True)
 
-    def _two_pass(self, loss_fn, batch, grads_before, backward, no_sync, sync_descent) -> StepResult:
+    def _two_pass(self, loss_fn, batch, grads_before, backward, no_sync, sync_descent, rho) -> StepResult:
         cfg = self.config
         # A local ascent keeps both its forward and its backward out of the all-reduce:
         # raw DDP decides at forward time, Lightning at backward time.
@@ -330,7 +334,7 @@ class DeltaSAM:
             grad_norm, eps_norm, applied = perturb(
                 with_grad,
                 [p.grad for p in with_grad],
-                cfg.rho,
+                rho,
                 adaptive=cfg.method == "asam",
                 eta=cfg.asam_eta,
                 reduce_squares=self.reduce_squares,

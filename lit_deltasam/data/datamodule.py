@@ -37,6 +37,18 @@ def collate(
     return {**batch, "labels": torch.tensor([example["label"] for example in examples], dtype=label_dtype)}
 
 
+def flip_labels(examples: list[Example], fraction: float, num_labels: int, rng: random.Random) -> list[Example]:
+    """Copies of ``examples`` with ``round(fraction * n)`` labels, drawn by ``rng``, moved uniformly to another class."""
+    flipped = set(rng.sample(range(len(examples)), round(fraction * len(examples))))
+    out = []
+    for i, example in enumerate(examples):
+        if i in flipped:
+            label = int(example["label"])
+            example = {**example, "label": rng.choice([c for c in range(num_labels) if c != label])}
+        out.append(example)
+    return out
+
+
 class TextDataModule(L.LightningDataModule):
     """Train, validation and test loaders for a task of :data:`~lit_deltasam.data.tasks.TASKS`.
 
@@ -50,7 +62,10 @@ class TextDataModule(L.LightningDataModule):
         eval_batch_size: validation and test batch size.
         max_length: tokens per example (both texts of a pair together) after truncation.
         train_limit: if set, train on a seeded random subset of this many examples (for short CPU runs).
-        seed: seeds the train order and the ``train_limit`` subset; the splits themselves are fixed.
+        label_noise: fraction of the training labels (classification) flipped, uniformly at
+            random, to another class; validation and test stay clean.
+        seed: seeds the train order, the ``train_limit`` subset and the label noise; the
+            splits themselves are fixed.
         num_workers: dataloader worker processes.
         cache_dir: cache of the pinned archives; see :func:`~lit_deltasam.data.sources.cache_root`.
         data_dir: ``glue/*`` only: a ``DatasetDict.save_to_disk`` folder to read instead of the Hub.
@@ -64,6 +79,7 @@ class TextDataModule(L.LightningDataModule):
         eval_batch_size: int = 128,
         max_length: int = 64,
         train_limit: int | None = None,
+        label_noise: float = 0.0,
         seed: int = 0,
         num_workers: int = 0,
         cache_dir: str | os.PathLike | None = None,
@@ -72,8 +88,12 @@ class TextDataModule(L.LightningDataModule):
         super().__init__()
         if train_limit is not None and train_limit < 1:
             raise ValueError(f"train_limit must be a positive number of examples or None, got {train_limit}")
+        if not 0.0 <= label_noise < 1.0:
+            raise ValueError(f"label_noise={label_noise!r} is not valid; it must be a fraction in [0, 1)")
         self.save_hyperparameters(ignore="tokenizer")
         self.task: Task = get_task(task)
+        if label_noise and self.task.kind != "classification":
+            raise ValueError(f"label_noise={label_noise} flips class labels; task {task!r} is {self.task.kind}")
         self.tokenizer = tokenizer
         self.splits: Splits | None = None
 
@@ -94,6 +114,10 @@ class TextDataModule(L.LightningDataModule):
         limit = self.hparams.train_limit
         if limit is not None and limit < len(splits["train"]):
             splits["train"] = random.Random(self.hparams.seed).sample(splits["train"], limit)
+        if self.hparams.label_noise:
+            splits["train"] = flip_labels(
+                splits["train"], self.hparams.label_noise, self.num_labels, random.Random(self.hparams.seed)
+            )
         self.splits = splits
 
     def train_dataloader(self) -> StatefulDataLoader:

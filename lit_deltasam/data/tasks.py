@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Literal
 
+import torch
 from torchmetrics import (
     Accuracy,
     F1Score,
@@ -240,8 +241,28 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
+class MajorityShare(Metric):
+    """The share of the most frequent predicted class: 1.0 when a classifier predicts one class for everything."""
+
+    full_state_update = False
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.add_state("counts", default=torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        self.counts += torch.bincount(preds.flatten().long(), minlength=self.num_classes)
+
+    def compute(self) -> torch.Tensor:
+        return self.counts.max() / self.counts.sum().clamp_min(1)
+
+
 def build_metrics(task: Task | str) -> MetricCollection:
     """Fresh metrics for a task, keyed ``"acc"``, ``"f1"``, ``"macro_f1"``, ``"mcc"``, ``"pearson"``, ``"spearman"``.
+
+    Classification also gets ``"majority_share"`` (:class:`MajorityShare`), which flags a
+    model that predicts one class for everything.
 
     Update them with predicted class indices (``logits.argmax(-1)``) for classification, or
     predicted values of shape ``[n]`` for regression, and the target labels.
@@ -257,4 +278,7 @@ def build_metrics(task: Task | str) -> MetricCollection:
         "pearson": PearsonCorrCoef,
         "spearman": SpearmanCorrCoef,
     }
-    return MetricCollection({name: factories[name]() for name in task.metric_names})
+    metrics = {name: factories[name]() for name in task.metric_names}
+    if task.kind == "classification":
+        metrics["majority_share"] = MajorityShare(n)
+    return MetricCollection(metrics)

@@ -1,6 +1,6 @@
 """The Lightning layer: the mixin and the sharpness-probe callback."""
 
 from .callbacks import SharpnessProbe
-from .mixin import DeltaSAMMixin
+from .mixin import DeltaSAMMixin, optimizer_steps
 
-__all__ = ["DeltaSAMMixin", "SharpnessProbe"]
+__all__ = ["DeltaSAMMixin", "SharpnessProbe", "optimizer_steps"]

@@ -7,6 +7,7 @@ plugins, strategies, validation, test and predict.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import warnings
 from collections.abc import Iterator, Mapping
@@ -28,6 +29,7 @@ from ..core.batch import Batch
 from ..core.distributed import world_size
 from ..core.engine import fsdp_refusal
 from ..core.randomness import seeded, step_seed
+from ..core.schedule import scheduled_rho
 from ..core.sharding import is_sharded, local
 from .logging import log_histograms, reduce_over_ranks
 
@@ -55,6 +57,32 @@ def _token(trainer: Any) -> object:
 def optimizer_params(optimizer: Any) -> list[Tensor]:
     """The parameters a (Lightning or torch) optimizer steps, in order."""
     return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def optimizer_steps(trainer: Any, accumulate_grad_batches: int = 1) -> int:
+    """Optimizer steps in the run under the mixin's accumulation, for sizing LR schedules.
+
+    Lightning's ``trainer.estimated_stepping_batches`` counts micro-batches in manual
+    optimization: with ``accumulate_grad_batches=k`` a schedule sized from it runs k times
+    too long. This counts accumulation windows per epoch (the last may be partial) × epochs,
+    capped at ``max_steps`` (which alone bounds a run over an iterable of unknown length).
+    """
+    _ = trainer.estimated_stepping_batches  # loads the train dataloader, which sets num_training_batches
+    batches = trainer.num_training_batches
+    per_epoch = math.ceil(batches / accumulate_grad_batches) if math.isfinite(batches) else math.inf
+    total = per_epoch * trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else math.inf
+    if trainer.max_steps and trainer.max_steps > 0:
+        total = min(total, trainer.max_steps)
+    if math.isinf(total):
+        raise ValueError("the run has no end: set trainer.max_epochs or trainer.max_steps")
+    return max(1, int(total))
+
+
+def lr_ratio(optimizer: Any) -> float:
+    """lr_t / lr_max of the first parameter group; lr_max is OneCycleLR's ``max_lr``, else the scheduler's base LR."""
+    group = optimizer.param_groups[0]
+    peak = group.get("max_lr", group.get("initial_lr", group["lr"]))
+    return float(group["lr"]) / float(peak) if peak > 0 else 1.0
 
 
 def _remember_plateau_monitors(configure_optimizers: Callable[..., Any]) -> Callable[..., Any]:
@@ -180,6 +208,7 @@ class DeltaSAMMixin:
             # without seed_everything the ranks' initial seeds differ; a checkpoint keeps rank 0's
             state.base_seed = trainer.strategy.broadcast(int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed())))
         seed = step_seed(state.base_seed, state.micro_batches, module.global_rank)
+        rho = self.deltasam_rho(cfg)
         with seeded(seed, engine.device) if cfg.seed_steps else nullcontext():
             result = engine.step(
                 module.per_sample_loss,
@@ -188,17 +217,30 @@ class DeltaSAMMixin:
                 no_sync=getattr(trainer.strategy, "block_backward_sync", nullcontext),
                 sync_descent=last,
                 check_finite=scaler is None,
+                rho=rho,
             )
         if scaler is not None and result.grad_norm is not None:
             result.grad_norm = result.grad_norm / scaler.get_scale()
         state.micro += 1
         state.micro_batches += 1
-        if cfg.perturbs and not result.perturbed:
+        if cfg.perturbs and rho > 0 and not result.perturbed:
             state.perturbation_skipped += 1
         if last:
             self._deltasam_optimizer_step(engine, optimizer, cfg, result)
-        self._deltasam_log(cfg, result, last)
+        self._deltasam_log(cfg, result, last, rho)
         return result
+
+    def deltasam_rho(self, cfg: Optional[DeltaSAMConfig] = None) -> float:
+        """ρ of the next optimizer step under ``rho_schedule`` (the same on every rank, and after a resume)."""
+        module: LightningModule = self  # type: ignore[assignment]
+        cfg = cfg or self._deltasam_config()
+        if cfg.rho_schedule == "constant":
+            return cfg.rho
+        total = None
+        if cfg.rho_schedule in ("warmup", "start_step") and cfg.rho_warmup < 1:
+            total = optimizer_steps(module.trainer, cfg.accumulate_grad_batches)
+        ratio = lr_ratio(module.optimizers(use_pl_optimizer=False)) if cfg.rho_schedule == "follow_lr" else 1.0
+        return scheduled_rho(cfg, module.global_step, total, ratio)
 
     def _deltasam_optimizer_step(
         self, engine: DeltaSAM, optimizer: Any, cfg: DeltaSAMConfig, result: StepResult
@@ -289,10 +331,12 @@ class DeltaSAMMixin:
                     continue
             module.lr_scheduler_step(config.scheduler, metric)
 
-    def _deltasam_log(self, cfg: DeltaSAMConfig, result: StepResult, last: bool) -> None:
+    def _deltasam_log(self, cfg: DeltaSAMConfig, result: StepResult, last: bool, rho: float) -> None:
         module: LightningModule = self  # type: ignore[assignment]
         state = self._deltasam_state
         means: dict[str, Tensor] = {"train/loss": result.loss}
+        if cfg.perturbs:
+            module.log("sam/rho", rho, on_step=True, on_epoch=False)
         maxima: dict[str, Tensor] = {}
         if result.perturbed_losses is not None:
             means["sam/perturbed_loss"] = result.perturbed_loss  # type: ignore[assignment]

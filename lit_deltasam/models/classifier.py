@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import warnings
 from typing import Any, Optional
 
 import lightning as L
@@ -13,7 +13,8 @@ from torchmetrics import MetricCollection
 from transformers import get_linear_schedule_with_warmup
 
 from ..config import DeltaSAMConfig
-from ..lightning.mixin import DeltaSAMMixin
+from ..core.schedule import warmup_steps
+from ..lightning.mixin import DeltaSAMMixin, optimizer_steps
 
 
 class TextClassifier(DeltaSAMMixin, L.LightningModule):
@@ -47,6 +48,7 @@ class TextClassifier(DeltaSAMMixin, L.LightningModule):
         self.deltasam = deltasam
         self.regression = num_labels == 1
         metrics = metrics if metrics is not None else MetricCollection({})
+        self.warmup_steps = 0
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
 
@@ -74,8 +76,33 @@ class TextClassifier(DeltaSAMMixin, L.LightningModule):
         self._evaluate(batch, "val", self.val_metrics)
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict(self.val_metrics.compute(), sync_dist=True)
+        computed = self.val_metrics.compute()
+        self.log_dict(computed, sync_dist=True)
         self.val_metrics.reset()
+        share = computed.get("val/majority_share")
+        if share is not None and not self.trainer.sanity_checking:
+            self._warn_if_stalled(float(share))
+
+    def _warn_if_stalled(self, share: float) -> None:
+        """Warn once when, past every warm-up, validation predictions are all one class."""
+        if share < 1.0 or self.global_step < self.warmup_steps or self.__dict__.get("_warned_stall"):
+            return
+        self.__dict__["_warned_stall"] = True
+        cfg = self._deltasam_config()
+        method = f"method={cfg.method!r}" + (
+            f", rho={cfg.rho}, rho_schedule={cfg.rho_schedule!r}" if cfg.perturbs else ""
+        )
+        warnings.warn(
+            f"every validation prediction is one class at global_step={self.global_step} ({method}): the model "
+            "sits on the majority-class plateau. Sharpness-aware steps can hold it there on small or noisy data; "
+            + (
+                "try a smaller rho, rho_schedule='warmup' or 'follow_lr', or more steps"
+                if cfg.perturbs
+                else "try more steps or another learning rate"
+            ),
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "test", self.test_metrics)
@@ -97,18 +124,10 @@ class TextClassifier(DeltaSAMMixin, L.LightningModule):
         # A fused optimizer unscales inside its step, which leaves no point at which to clip G under fp16.
         fused = self.device.type in ("cpu", "cuda") and getattr(self.trainer.precision_plugin, "scaler", None) is None
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, fused=fused)
-        total = optimizer_steps(self.trainer, self._deltasam_config().accumulate_grad_batches)
-        scheduler = get_linear_schedule_with_warmup(optimizer, int(hp.warmup_ratio * total), total)
+        cfg = self._deltasam_config()
+        total = optimizer_steps(self.trainer, cfg.accumulate_grad_batches)
+        lr_warmup = int(hp.warmup_ratio * total)
+        rho_warmup = warmup_steps(cfg, total) if cfg.rho_schedule in ("warmup", "start_step") else 0
+        self.warmup_steps = max(lr_warmup, rho_warmup)  # the stall warning waits for both
+        scheduler = get_linear_schedule_with_warmup(optimizer, lr_warmup, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def optimizer_steps(trainer: L.Trainer, accumulate: int) -> int:
-    """Optimizer steps in the run: accumulation windows per epoch (the last may be partial) × epochs, to max_steps."""
-    _ = trainer.estimated_stepping_batches  # loads the train dataloader, which sets num_training_batches
-    per_epoch = math.ceil(trainer.num_training_batches / accumulate)
-    total = per_epoch * trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else math.inf
-    if trainer.max_steps and trainer.max_steps > 0:
-        total = min(total, trainer.max_steps)
-    if math.isinf(total):
-        raise ValueError("the LR schedule needs a finite run: set trainer.max_epochs or trainer.max_steps")
-    return max(1, int(total))
