@@ -38,7 +38,7 @@ def collate(
 
 
 def flip_labels(examples: list[Example], fraction: float, num_labels: int, rng: random.Random) -> list[Example]:
-    """Copies of ``examples`` with ``round(fraction * n)`` labels, drawn by ``rng``, moved uniformly to another class."""
+    """Copies of ``examples`` with ``round(fraction * n)`` labels, drawn by ``rng``, moved to another class."""
     flipped = set(rng.sample(range(len(examples)), round(fraction * len(examples))))
     out = []
     for i, example in enumerate(examples):
