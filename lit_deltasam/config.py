@@ -8,7 +8,9 @@ from dataclasses import dataclass, fields
 from typing import Any, List, Optional, Union
 
 METHODS = ("erm", "sam", "asam", "deltasam", "per_instance")
-ESTIMATORS = ("head", "probe", "exact")
+ESTIMATORS = ("head", "probe", "curvature", "exact")
+PROBING = ("probe", "curvature")
+"""Estimators that score instances with random weight perturbations."""
 ASCENTS = ("local", "global")
 PER_INSTANCE_IMPLS = ("loop", "vmap")
 CLIP_ALGORITHMS = ("norm", "value")
@@ -78,8 +80,11 @@ class DeltaSAMConfig:
         beta: exponent of the instance weights, ``lambda_i ∝ s_i ** beta``.
         estimator: where ``s_i`` comes from: ``head`` (free, the classifier layer's
             per-instance gradient norm in closed form), ``probe`` (random weight
-            perturbations, ``probe_samples`` no-grad forwards) or ``exact``
-            (per-instance gradient norms, computed as ``per_instance_impl`` says).
+            perturbations, ``probe_samples`` no-grad forwards), ``curvature`` (the
+            curvature along random directions, ``mean_k (l_i(w+u_k) + l_i(w-u_k) - 2 l_i(w)) / 2``
+            ≈ ``u_kᵀ H_i u_k / 2``, clamped at 0, from ``probe_samples`` forwards in
+            antithetic pairs) or ``exact`` (per-instance gradient norms, computed as
+            ``per_instance_impl`` says).
         weight_floor: ``s_i`` is floored at this fraction of the batch median.
         weight_min: lower clip of ``n * lambda_i`` before renormalizing (``<= 1``).
         weight_max: upper clip of ``n * lambda_i`` before renormalizing (``>= 1``; ``inf`` disables).
@@ -172,10 +177,11 @@ class DeltaSAMConfig:
             _number("probe_sigma", self.probe_sigma, low=0.0, open_low=True)
         if self.gradient_clip_val is not None:
             _number("gradient_clip_val", self.gradient_clip_val, low=0.0, open_low=True)
-        if self.probe_antithetic and self.probe_samples % 2:
+        if (self.probe_antithetic or self.estimator == "curvature") and self.probe_samples % 2:
+            why = "estimator='curvature'" if self.estimator == "curvature" else "probe_antithetic=True"
             raise ValueError(
-                f"DeltaSAMConfig.probe_samples={self.probe_samples} must be even when probe_antithetic=True "
-                "(each antithetic pair costs two forwards)"
+                f"DeltaSAMConfig.probe_samples={self.probe_samples} must be even with {why}: it probes with "
+                "antithetic pairs ±u, two forwards each; e.g. probe_samples=2 or 4"
             )
         for name in ("weighted_descent", "probe_antithetic", "probe_truncate", "share_dropout", "seed_steps"):
             _flag(name, getattr(self, name))

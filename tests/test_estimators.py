@@ -3,8 +3,9 @@
 import math
 from contextlib import nullcontext
 
+import pytest
 import torch
-from helpers import MLP, LeastSquares, classification_data, least_squares_problem, ls_instance_grads
+from helpers import EXACT_WEIGHTS, MLP, LeastSquares, classification_data, least_squares_problem, ls_instance_grads
 from torch import nn
 
 from lit_deltasam import DeltaSAM, DeltaSAMConfig
@@ -216,3 +217,67 @@ def test_truncation_through_multihead_attention_equals_full_probes():
     full, _ = scores(False)
     assert kept == ["Linear", "Tanh"]
     torch.testing.assert_close(truncated, full)
+
+
+class Quadratics(nn.Module):
+    """l_i(w) = (w - c_i)ᵀ A_i (w - c_i) / 2 with symmetric, some indefinite, A_i: the curvature along u is uᵀ A_i u."""
+
+    def __init__(self, n: int = 6, d: int = 5) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.w = nn.Parameter(torch.randn(d, generator=g, dtype=torch.float64))
+        b = torch.randn(n, d, d, generator=g, dtype=torch.float64)
+        self.a = (b + b.transpose(1, 2)) / 2  # symmetric, with eigenvalues of both signs
+        self.a[:2] = b[:2] @ b[:2].transpose(1, 2)  # two positive semi-definite instances
+
+    def losses(self, batch) -> torch.Tensor:
+        centers = batch
+        diff = self.w - centers
+        return 0.5 * torch.einsum("nd,nde,ne->n", diff, self.a, diff)
+
+
+def reproduced_directions(d: int, directions: int, sigma: float, seed: int) -> list[torch.Tensor]:
+    """The Gaussian probes a Prober over one d-dimensional float64 parameter draws after ``manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    return [torch.empty(d, dtype=torch.float64).normal_() * sigma / math.sqrt(d) for _ in range(directions)]
+
+
+def test_curvature_scores_are_the_mean_quadratic_form_of_the_probes():
+    """For a quadratic l_i, (l_i(w+u) + l_i(w-u) - 2 l_i(w)) / 2 = uᵀ A_i u / 2 exactly."""
+    model = Quadratics()
+    centers = torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    before = model.w.detach().clone()
+    snapshot = Snapshot([model.w])
+    snapshot.capture()
+    torch.manual_seed(0)
+    scores = Prober([model.w], samples=6, sigma=0.5, antithetic=True, curvature=True).scores(
+        model.losses, centers, model.losses(centers), None, snapshot.restore
+    )
+    us = reproduced_directions(5, 3, 0.5, seed=0)
+    expected = torch.stack([torch.einsum("d,nde,e->n", u, model.a, u) / 2 for u in us]).mean(0)
+    torch.testing.assert_close(scores.double(), expected, rtol=1e-5, atol=1e-7)
+    assert (expected < 0).any() and (expected > 0).any()
+    assert torch.equal(model.w.detach(), before)
+
+
+def test_curvature_weights_follow_the_clamped_scores():
+    model = Quadratics()
+    centers = torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    beta = 1.0
+    config = DeltaSAMConfig(
+        method="deltasam", estimator="curvature", beta=beta, probe_samples=4, rho=0.1, probe_sigma=0.5, **EXACT_WEIGHTS
+    )
+    torch.manual_seed(0)
+    result = DeltaSAM(model, config).step(model.losses, centers)
+    us = reproduced_directions(5, 2, 0.5, seed=0)
+    scores = torch.stack([torch.einsum("d,nde,e->n", u, model.a, u) / 2 for u in us]).mean(0).clamp_min(0)
+    expected = scores / scores.sum()  # beta = 1: lambda ∝ s
+    torch.testing.assert_close(result.weights, expected, rtol=1e-5, atol=1e-7)
+    assert (result.weights < 1e-100).any()  # negative curvature: no weight at beta > 0
+
+
+def test_curvature_needs_antithetic_pairs():
+    with pytest.raises(
+        ValueError, match=r"probe_samples=3 must be even with estimator='curvature'.*probe_samples=2 or 4"
+    ):
+        DeltaSAMConfig(estimator="curvature", probe_samples=3)

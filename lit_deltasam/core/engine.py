@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from ..config import DeltaSAMConfig
+from ..config import PROBING, DeltaSAMConfig
 from .batch import Batch, LossFn, check_losses
 from .distributed import gather_instances, rank, sum_over_ranks, world_size
 from .guardedness import ForwardCache, HeadTap, Prober, find_head, select_params
@@ -197,13 +197,16 @@ class DeltaSAM:
         self._probed: Optional[list[int]] = None
         if config.reweights and config.estimator == "head":
             self._head = HeadTap(*find_head(module, config.head))
-        if config.reweights and config.estimator == "probe":
+        if config.reweights and config.estimator in PROBING:
             self._probed = select_params(self.names, config.probe_params)
             probed = [self.params[i] for i in self._probed]
             sigma = config.probe_sigma if config.probe_sigma is not None else config.rho
             truncate = config.probe_truncate and config.probe_params is not None
             cache = ForwardCache(module, probed, config.share_dropout) if truncate else None
-            self._prober = Prober(probed, config.probe_samples, sigma, config.probe_antithetic, cache)
+            curvature = config.estimator == "curvature"
+            self._prober = Prober(
+                probed, config.probe_samples, sigma, config.probe_antithetic or curvature, cache, curvature
+            )
         self._window_ok: Optional[Tensor] = None
         self._warned_16_bit = False
         self._instances = PerInstance(
@@ -393,7 +396,7 @@ class DeltaSAM:
             self._warned_16_bit = True
             assert self._prober is not None
             warnings.warn(
-                f"the probe estimator runs in {dtype}: its per-element perturbation "
+                f"the {self.config.estimator} estimator runs in {dtype}: its per-element perturbation "
                 f"({self._prober.scale:.1e}) is likely below the 16-bit rounding of the weights, so the scores measure "
                 "rounding noise; use estimator='head', a larger probe_sigma, or 32-bit precision",
                 RuntimeWarning,
@@ -405,7 +408,7 @@ class DeltaSAM:
         if estimator == "head":
             assert self._head is not None
             return self._head.scores(losses)
-        if estimator == "probe":
+        if estimator in PROBING:
             assert self._prober is not None and self._probed is not None
             self._warn_if_probing_in_16_bit()
             probed = self._probed
@@ -413,5 +416,6 @@ class DeltaSAM:
                 loss_fn, batch, losses, random_state, lambda: self._params_before.restore(probed)
             )
             self._buffers_clean.restore()
-            return scores
+            # negative curvature along the probes: no more exposed than a flat direction
+            return scores.clamp_min(0.0) if estimator == "curvature" else scores
         return self._instances.grad_norms(loss_fn, batch)

@@ -9,6 +9,10 @@ dominated by large gradients, hardly raises its loss. δ-SAM up-weights it throu
 * :class:`Prober` (``probe``): ``s_i ∝ sqrt(mean_k (l_i(w + u_k) - l_i(w))²)`` over K
   random Gaussian perturbations ``u_k`` with ``E||u_k||² = sigma²``, since
   ``E[(g_i·u)²] = sigma² ||g_i||² / d``.
+* :class:`Prober` with ``curvature`` (``curvature``): the second difference along
+  antithetic pairs, ``s_i = mean_k (l_i(w + u_k) + l_i(w - u_k) - 2 l_i(w)) / 2``, which is
+  ``mean_k u_kᵀ H_i u_k / 2`` for a quadratic loss: the other reading of "instances with
+  larger gradient changes are up-weighted". It can be negative.
 * ``exact``: :meth:`lit_deltasam.core.per_instance.PerInstance.grad_norms`.
 """
 
@@ -215,6 +219,9 @@ def _versions(output: Any) -> list[int]:
 class Prober:
     """Scores from K no-grad forwards at random Gaussian perturbations of a parameter subset.
 
+    The RMS first difference by default (``probe``), the mean second difference with
+    ``curvature`` (``curvature``).
+
     The noise is drawn into one flat buffer per (device, dtype), reused across steps,
     and added with a single ``foreach`` call; the parameters are restored by copying
     back. The probes run while the clean forward's graph is alive, so they write
@@ -230,8 +237,12 @@ class Prober:
         sigma: float,
         antithetic: bool,
         cache: Optional[ForwardCache] = None,
+        curvature: bool = False,
     ) -> None:
+        if curvature and not antithetic:
+            raise ValueError("the curvature scores need antithetic probes")
         self.cache = cache
+        self.curvature = curvature
         self.scale = sigma / math.sqrt(sum(p.numel() for p in params))  # numel counts every shard
         self.params = list(params)
         self.samples = samples
@@ -268,7 +279,8 @@ class Prober:
         targets = [local(p) for p in self.params]
         self._noise_buffers(targets)
         directions = self.samples // 2 if self.antithetic else self.samples
-        squares = torch.zeros_like(clean_losses, dtype=torch.float32)
+        clean = clean_losses.detach().float()
+        total = torch.zeros_like(clean_losses, dtype=torch.float32)
         try:
             for _ in range(directions):
                 for flat in self._flats:
@@ -278,16 +290,19 @@ class Prober:
                     plus = self._forward(loss_fn, batch, random_state, device)
                     if self.antithetic:
                         torch._foreach_add_(targets, self._views, alpha=-2.0 * self.scale)
-                        delta = (plus - self._forward(loss_fn, batch, random_state, device)) / 2
+                        minus = self._forward(loss_fn, batch, random_state, device)
+                        if self.curvature:
+                            total += (plus + minus - 2 * clean) / 2
+                        else:
+                            total += ((plus - minus) / 2).pow(2)
                     else:
-                        delta = plus - clean_losses.detach().float()
+                        total += (plus - clean).pow(2)
                 finally:
                     restore()
-                squares += delta.pow(2)
         finally:
             if self.cache is not None:
                 self.cache.clear()
-        return (squares / directions).sqrt()
+        return total / directions if self.curvature else (total / directions).sqrt()
 
     def _forward(
         self, loss_fn: LossFn, batch: Batch, random_state: Optional[RandomState], device: torch.device
