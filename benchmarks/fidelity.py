@@ -1,169 +1,385 @@
-"""How well does each perturbation approximate per-instance SAM? cos(C_X, C_PI) along training.
+"""Claim (a): does δ-SAM's perturbation approximate per-instance SAM better than SAM's? Measured in situ.
 
-For each task, MiniLM is fine-tuned with SAM; at several steps, on fixed held-out
-batches (model in eval mode), the sharpness correction C_X = G_X - ḡ of SAM and of
-δ-SAM for every estimator and beta is compared with per-instance SAM's, C_PI.
+MiniLM is fine-tuned along four trajectories per task, each with its own dynamics: ERM,
+SAM, δ-SAM (the shipped defaults) and exact per-instance SAM (mr only by default: it
+costs about three SAM steps). Each runs for 400 optimizer steps or one epoch of the
+training split, whichever is longer. At ``--points`` evenly spaced steps (the last
+included), on ``--batches`` fixed validation batches of ``--batch-size`` in eval mode,
+every variant's sharpness correction ``C_X = G_X - ḡ`` at radius ``--rho`` is compared
+with per-instance SAM's ``C_PI``: ``cos(C_X, C_PI)`` and ``||C_X - C_PI|| / ||C_PI||``.
 
-    python benchmarks/fidelity.py                       # mr, r8, tweets; ~25 min on 2 CPU cores
-    python benchmarks/fidelity.py --tasks mr --steps 0 50 --batches 2
+Variants: SAM, and δ-SAM with the head, exact, probe, probe_top (top layer and head) and
+curvature estimators, at β ∈ {-1, -0.5, 0.5, 1}, each with the default floor and clip and
+with them off (``:raw``).
+
+Resumable: one JSON row per (task, trajectory, step, batch) in
+``docs/results/fidelity_rows.jsonl``; a trajectory resumes from the checkpoint of its last
+finished probe point (kept under ``outputs/benchmarks/fidelity``), and a finished one is
+skipped. ``--report`` only builds the tables and the plot from the rows there are.
+
+    python benchmarks/fidelity.py                          # mr and tweets, ~3 h on 2 CPU cores
+    python benchmarks/fidelity.py --report                 # tables and plot from the rows
+    python benchmarks/fidelity.py --tasks mr --trajectories erm sam --points 3 --batches 2
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import random
 import statistics
-import tempfile
 from collections import defaultdict
 from pathlib import Path
+from typing import Any, Optional
 
 import lightning as L
 import torch
-from common import RESULTS, compose_config, save
+from common import RESULTS, ROOT, compose_config, save
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 
 from lit_deltasam import DeltaSAMConfig
 from lit_deltasam.app import assemble
 from lit_deltasam.core.batch import slice_batch
-from lit_deltasam.core.diagnostics import fidelity
+from lit_deltasam.core.diagnostics import corrections
 
+STORE = RESULTS / "fidelity_rows.jsonl"
 TOP_LAYERS = ["encoder.model.bert.encoder.layer.5.*", "encoder.model.bert.pooler.*", "encoder.model.classifier.*"]
 BETAS = [-1.0, -0.5, 0.5, 1.0]
-ESTIMATORS = {
+ESTIMATORS: dict[str, dict[str, Any]] = {
     "head": dict(estimator="head"),
+    "exact": dict(estimator="exact", per_instance_impl="loop"),
     "probe": dict(estimator="probe"),
     "probe_top": dict(estimator="probe", probe_params=TOP_LAYERS),
-    "exact": dict(estimator="exact", per_instance_impl="loop"),
+    "curvature": dict(estimator="curvature", probe_samples=4),
 }
+RAW = dict(weight_floor=0.0, weight_min=0.0, weight_max=float("inf"))
+TRAJECTORIES = ("erm", "sam", "deltasam", "per_instance")
+MIN_STEPS = 400
 
 
-def variants(rho: float, only: list[str] | None = None) -> dict[str, DeltaSAMConfig]:
+def variants(rho: float, model: str) -> dict[str, DeltaSAMConfig]:
     out = {"sam": DeltaSAMConfig(method="sam", rho=rho)}
     for name, options in ESTIMATORS.items():
+        if name == "probe_top" and model != "minilm":
+            continue
         for beta in BETAS:
-            out[f"{name}:{beta:g}"] = DeltaSAMConfig(method="deltasam", rho=rho, beta=beta, **options)
-    return {k: v for k, v in out.items() if only is None or k in only or k == "sam"}
+            for suffix, guards in (("", {}), (":raw", RAW)):
+                out[f"{name}:{beta:g}{suffix}"] = DeltaSAMConfig(
+                    method="deltasam", rho=rho, beta=beta, **options, **guards
+                )
+    return out
+
+
+def shipped_variant() -> str:
+    """The variant name of the shipped δ-SAM default."""
+    d = DeltaSAMConfig()
+    name = "probe_top" if d.estimator == "probe" and d.probe_params else d.estimator
+    raw = d.weight_floor == 0 and d.weight_min == 0 and math.isinf(d.weight_max)
+    return f"{name}:{d.beta:g}" + (":raw" if raw else "")
+
+
+def load(path: Optional[Path] = None) -> list[dict]:
+    path = path or STORE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 class Probe(Callback):
-    def __init__(self, task: str, steps: list[int], batches: list, rho: float, rows: list, only=None) -> None:
-        self.task, self.steps, self.batches, self.rho, self.rows = task, set(steps), batches, rho, rows
-        self.only = only
-        self.done: set[int] = set()
+    """At each probe step: every variant on every held-out batch, one row per batch, then a resumable checkpoint."""
+
+    def __init__(self, ident: dict, steps: list[int], batches: list, rho: float, model: str, ckpt_dir: Path) -> None:
+        self.ident, self.steps, self.batches, self.rho, self.model = ident, steps, batches, rho, model
+        self.ckpt_dir = ckpt_dir
+        self.done = {(r["step"], r["batch"]) for r in load() if all(r[k] == v for k, v in ident.items())}
 
     def run(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         step = trainer.global_step
-        if step not in self.steps or step in self.done:
+        if step not in self.steps or all((step, b) in self.done for b in range(len(self.batches))):
             return
-        self.done.add(step)
         params = [p for g in module.optimizers(use_pl_optimizer=False).param_groups for p in g["params"]]
+        modes = {m: m.training for m in module.modules()}
         module.eval()
-        torch.manual_seed(step)
-        with torch.enable_grad():
-            for index, batch in enumerate(self.batches):
-                cos = fidelity(
-                    module, module.per_sample_loss, batch, variants(self.rho, self.only), params, impl="loop"
-                )
-                for name, value in cos.items():
-                    self.rows.append(dict(task=self.task, step=step, batch=index, variant=name, cos=value))
-                print(f"{self.task} step {step} batch {index}: " + " ".join(f"{k}={v:.3f}" for k, v in cos.items()))
-        module.train()
+        try:
+            with torch.enable_grad():
+                for index, batch in enumerate(self.batches):
+                    if (step, index) in self.done:
+                        continue
+                    torch.manual_seed(1000 * step + index)
+                    batch = module.transfer_batch_to_device(batch, module.device, 0)
+                    measured = corrections(
+                        module, module.per_sample_loss, batch, variants(self.rho, self.model), params, impl="loop"
+                    )
+                    row = {**self.ident, "step": step, "batch": index, "variants": measured}
+                    with open(STORE, "a") as handle:
+                        handle.write(json.dumps(row) + "\n")
+                    self.done.add((step, index))
+                    print(
+                        f"{self.ident['task']}/{self.ident['trajectory']} step {step} batch {index}: "
+                        f"sam {measured['sam']['cos']:.3f}, {shipped_variant()} "
+                        f"{measured[shipped_variant()]['cos']:.3f}",
+                        flush=True,
+                    )
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
+        if step != self.steps[-1]:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            path = self.ckpt_dir / f"step{step}.ckpt"
+            trainer.save_checkpoint(path)
+            for old in self.ckpt_dir.glob("step*.ckpt"):
+                if old != path:
+                    old.unlink()
 
-    def on_train_start(self, trainer, module):
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self.run(trainer, module)
 
-    def on_train_batch_end(self, trainer, module, *args):
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
         self.run(trainer, module)
 
 
-def summarize(rows: list[dict]) -> dict[str, dict]:
-    by_variant: dict[str, list[float]] = defaultdict(list)
-    by_task: dict[tuple[str, str], list[float]] = defaultdict(list)
-    for row in rows:
-        by_variant[row["variant"]].append(row["cos"])
-        by_task[(row["variant"], row["task"])].append(row["cos"])
-    sam = {(r["task"], r["step"], r["batch"]): r["cos"] for r in rows if r["variant"] == "sam"}
+def trajectory(task: str, method: str, args: argparse.Namespace) -> None:
+    L.seed_everything(args.seed)
+    out = ROOT / "outputs" / "benchmarks" / "fidelity" / f"{task}-{method}"
+    base = [
+        f"task={task}",
+        f"model={args.model}",
+        f"seed={args.seed}",
+        f"data.max_length={args.max_length}",
+        "logger=none",
+        "callbacks=none",
+        "trainer.limit_val_batches=0",
+        "trainer.enable_checkpointing=false",
+        "+trainer.enable_progress_bar=false",
+        "test=false",
+    ]
+    cfg = compose_config(base + [f"method={method}"], out)
+    datamodule, module = assemble.build(cfg)
+    datamodule.setup("fit")
+    per_epoch = math.ceil(len(datamodule.splits["train"]) / cfg.data.batch_size)
+    total = args.max_steps or max(MIN_STEPS, per_epoch)
+    steps = [round(total * (i + 1) / args.points) for i in range(args.points)]
+    if method == "per_instance" and args.pi_rho is not None:
+        module.deltasam = DeltaSAMConfig.coerce({**vars(module._deltasam_config()), "rho": args.pi_rho})
+    config = module._deltasam_config()
+    ident = {
+        "task": task,
+        "trajectory": method,
+        "trajectory_config": {
+            k: v
+            for k, v in vars(config).items()
+            if k in ("method", "rho", "rho_schedule", "beta", "estimator", "rho_warmup")
+        },
+        "model": args.model,
+        "seed": args.seed,
+        "probe_rho": args.rho,
+        "batch_size": args.batch_size,
+        "max_length": args.max_length,
+        "total_steps": total,
+    }
+    rows = [r for r in load() if all(r[k] == v for k, v in ident.items())]
+    finished = {s for s in steps if sum(r["step"] == s for r in rows) == args.batches}
+    if finished == set(steps):
+        print(f"{task}/{method}: done")
+        return
+    ckpt_dir = out / "checkpoints"
+    resume = next((ckpt_dir / f"step{s}.ckpt" for s in reversed(steps) if s in finished), None)
+    resume = resume if resume is not None and resume.exists() else None
+    loader = iter(datamodule.val_dataloader())
+    batches = [slice_batch(next(loader), slice(0, args.batch_size)) for _ in range(args.batches)]
+    probe = Probe(ident, steps, batches, args.rho, args.model, ckpt_dir)
+    trainer = instantiate(cfg.trainer, max_epochs=-1, max_steps=total, logger=False, callbacks=[probe])
+    print(f"{task}/{method}: {total} steps, probes at {steps}" + (f", resuming from {resume.name}" if resume else ""))
+    trainer.fit(module, datamodule, ckpt_path=resume)
+
+
+def bootstrap(values: list[float], statistic=statistics.mean, n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    rng = random.Random(seed)
+    draws = sorted(statistic(rng.choices(values, k=len(values))) for _ in range(n))
+    return draws[int(0.025 * n)], draws[int(0.975 * n) - 1]
+
+
+def summarize(rows: list[dict], names: list[str]) -> dict[str, dict[str, Any]]:
+    """Mean cos and relative error per variant, and the paired win rate against SAM with a bootstrap 95% CI."""
     out = {}
-    for name, values in by_variant.items():
-        wins = [r["cos"] > sam[(r["task"], r["step"], r["batch"])] for r in rows if r["variant"] == name]
+    for name in names:
+        present = [r for r in rows if name in r["variants"]]
+        if not present:
+            continue
+        cos = [r["variants"][name]["cos"] for r in present]
+        err = [r["variants"][name]["rel_err"] for r in present]
+        wins = [float(r["variants"][name]["cos"] > r["variants"]["sam"]["cos"]) for r in present]
         out[name] = {
-            "mean": statistics.mean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values),
-            "beats_sam": sum(wins) / len(wins),
-            "per_task": {t: statistics.mean(v) for (n, t), v in by_task.items() if n == name},
+            "cos": statistics.mean(cos),
+            "rel_err": statistics.mean(err),
+            "win": statistics.mean(wins),
+            "win_ci": bootstrap(wins),
+            "n": len(present),
         }
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", nargs="+", default=["mr", "r8", "tweets"])
-    parser.add_argument("--steps", nargs="+", type=int, default=[0, 100, 200])
-    parser.add_argument("--batches", type=int, default=4, help="held-out batches per probe")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--rho", type=float, default=0.05)
-    parser.add_argument("--only", nargs="*", default=None, help="variants to run (default: all)")
-    parser.add_argument("--name", default="fidelity")
-    args = parser.parse_args()
+def stage(row: dict) -> str:
+    fraction = row["step"] / row["total_steps"]
+    return "early" if fraction <= 0.2 else "mid" if fraction <= 0.6 else "late"
 
-    rows: list[dict] = []
-    for task in args.tasks:
-        L.seed_everything(0)
-        out = Path(tempfile.mkdtemp(prefix=f"fidelity-{task}-"))
-        cfg = compose_config(
-            [
-                f"task={task}",
-                "method=sam",
-                f"method.rho={args.rho}",
-                "logger=none",
-                "callbacks=none",
-                f"trainer.max_steps={max(args.steps)}",
-                "trainer.limit_val_batches=0",
-                "test=false",
-            ],
-            out,
+
+def fmt_win(s: dict) -> str:
+    low, high = s["win_ci"]
+    return f"{100 * s['win']:.0f}% [{100 * low:.0f}, {100 * high:.0f}]"
+
+
+def report(rows: list[dict]) -> tuple[str, dict]:
+    if not rows:
+        return "no rows yet\n", {}
+    names = list(rows[0]["variants"])
+    shipped = shipped_variant()
+    overall = summarize(rows, names)
+    best = max((n for n in names if n != "sam"), key=lambda n: overall[n]["cos"])
+    focus = list(dict.fromkeys(["sam", shipped, "exact:-1", "exact:-1:raw", best]))
+    lines = ["**Trajectory × stage** (mean cos(C_X, C_PI); relative error in parentheses)\n"]
+    lines.append("| task | trajectory | stage | steps | " + " | ".join(focus) + " |")
+    lines.append("|---|---|---|---|" + "---|" * len(focus))
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["task"], r["trajectory"], stage(r))].append(r)
+    for (task, traj, st), rs in sorted(
+        groups.items(),
+        key=lambda kv: (kv[0][0], TRAJECTORIES.index(kv[0][1]), ["early", "mid", "late"].index(kv[0][2])),
+    ):
+        s = summarize(rs, focus)
+        steps = ",".join(str(x) for x in sorted({r["step"] for r in rs}))
+        cells = [f"{s[n]['cos']:.3f} ({s[n]['rel_err']:.2f})" if n in s else "–" for n in focus]
+        lines.append(f"| {task} | {traj} | {st} | {steps} | " + " | ".join(cells) + " |")
+
+    lines += [
+        "\n**In situ** (each method's update at its own trajectory's weights)\n",
+        "| task | method on its own trajectory | cos | rel. error | units |",
+        "|---|---|---|---|---|",
+    ]
+    for task in sorted({r["task"] for r in rows}):
+        for traj, variant in (("sam", "sam"), ("deltasam", shipped)):
+            rs = [r for r in rows if r["task"] == task and r["trajectory"] == traj]
+            s = summarize(rs, [variant]).get(variant)
+            if s:
+                lines.append(f"| {task} | {traj} ({variant}) | {s['cos']:.3f} | {s['rel_err']:.2f} | {s['n']} |")
+    paired = []
+    for task in sorted({r["task"] for r in rows}):
+        sam_rows = {(r["step"], r["batch"]): r for r in rows if r["task"] == task and r["trajectory"] == "sam"}
+        d_rows = {(r["step"], r["batch"]): r for r in rows if r["task"] == task and r["trajectory"] == "deltasam"}
+        for k in sorted(set(sam_rows) & set(d_rows)):
+            paired.append(d_rows[k]["variants"][shipped]["cos"] - sam_rows[k]["variants"]["sam"]["cos"])
+    if paired:
+        low, high = bootstrap(paired)
+        lines.append(
+            f"\nδ-SAM in situ minus SAM in situ, paired by (task, probe point, batch): "
+            f"{statistics.mean(paired):+.3f} cos, 95% CI [{low:+.3f}, {high:+.3f}], {len(paired)} pairs.\n"
         )
-        datamodule, module = assemble.build(cfg)
-        datamodule.setup("fit")
-        loader = iter(datamodule.val_dataloader())
-        batches = [slice_batch(next(loader), slice(0, args.batch_size)) for _ in range(args.batches)]
-        trainer = instantiate(
-            cfg.trainer,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            callbacks=[Probe(task, args.steps, batches, args.rho, rows, args.only)],
-        )
-        trainer.fit(module, datamodule)
 
-    summary = summarize(rows)
-    path = save(args.name, {"args": vars(args), "top_layers": TOP_LAYERS, "rows": rows, "summary": summary})
-    plot(rows, summary, RESULTS / f"{args.name}.png")
-    print(f"wrote {path}")
-    for name, s in sorted(summary.items(), key=lambda kv: -kv[1]["mean"]):
-        print(f"{name:14s} cos={s['mean']:.3f}±{s['std']:.3f} beats SAM {100 * s['beats_sam']:.0f}%")
+    sections = {}
+    for traj in TRAJECTORIES:
+        rs = [r for r in rows if r["trajectory"] == traj]
+        if not rs:
+            continue
+        s = summarize(rs, names)
+        sections[traj] = s
+        lines += [
+            f"\n**Every variant along the {traj} trajectory** ({len(rs)} batches)\n",
+            "| variant | cos | rel. error | beats SAM (95% CI) |",
+            "|---|---|---|---|",
+        ]
+        for name in sorted(s, key=lambda n: -s[n]["cos"]):
+            lines.append(
+                f"| {name} | {s[name]['cos']:.3f} | {s[name]['rel_err']:.2f} | "
+                f"{'–' if name == 'sam' else fmt_win(s[name])} |"
+            )
+    return "\n".join(lines) + "\n", {"overall": overall, "by_trajectory": sections, "best": best, "shipped": shipped}
 
 
-def plot(rows: list[dict], summary: dict, path: Path) -> None:
+def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    sam = summary["sam"]["mean"]
-    ax.axhline(sam, color="black", linestyle="--", label=f"SAM ({sam:.3f})")
-    for name in [e for e in ESTIMATORS if all(f"{e}:{b:g}" in summary for b in BETAS)]:
-        xs = [b for b in [-1.0, -0.5, 0.0, 0.5, 1.0]]
-        ys = [summary[f"{name}:{b:g}"]["mean"] if b != 0.0 else sam for b in xs]
-        ax.plot(xs, ys, marker="o", label=f"δ-SAM, {name}")
-    ax.set_xlabel("β (λ ∝ s^β)")
-    ax.set_ylabel("mean cos(C_X, C_PI)")
-    ax.set_title("Fidelity to per-instance SAM (MiniLM)")
-    ax.legend(fontsize=8)
+    trajs = [t for t in TRAJECTORIES if any(r["trajectory"] == t for r in rows)]
+    shipped = shipped_variant()
+    fig, axes = plt.subplots(1, len(trajs), figsize=(4.2 * len(trajs), 3.4), squeeze=False, sharey=True)
+    for ax, traj in zip(axes[0], trajs):
+        for task, style in (("mr", "-"), ("tweets", "--"), ("r8", ":")):
+            rs = [r for r in rows if r["trajectory"] == traj and r["task"] == task]
+            if not rs:
+                continue
+            for name, color in (
+                ("sam", "black"),
+                (shipped, "tab:blue"),
+                ("exact:-1", "tab:red"),
+                ("curvature:1", "tab:purple"),
+            ):
+                by_step: dict[int, list[float]] = defaultdict(list)
+                for r in rs:
+                    if name in r["variants"]:
+                        by_step[r["step"]].append(r["variants"][name]["cos"])
+                xs = sorted(by_step)
+                ax.plot(
+                    xs,
+                    [statistics.mean(by_step[x]) for x in xs],
+                    style,
+                    marker="o",
+                    color=color,
+                    label=f"{name} ({task})",
+                )
+        ax.set_title(f"{traj} trajectory")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("cos(C_X, C_PI)")
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    global STORE
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", default=["mr", "tweets"])
+    parser.add_argument("--trajectories", nargs="+", default=list(TRAJECTORIES), choices=TRAJECTORIES)
+    parser.add_argument("--pi-tasks", nargs="+", default=["mr"], help="tasks with a per-instance trajectory")
+    parser.add_argument(
+        "--pi-rho", type=float, default=None, help="ρ of the per-instance trajectory (default: shipped)"
+    )
+    parser.add_argument("--points", type=int, default=5, help="probe points per trajectory, the last included")
+    parser.add_argument("--batches", type=int, default=8, help="held-out batches per probe point")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--rho", type=float, default=0.05, help="radius of every variant and of the oracle")
+    parser.add_argument("--max-length", type=int, default=32)
+    parser.add_argument("--max-steps", type=int, default=None, help="trajectory length (default: max(400, 1 epoch))")
+    parser.add_argument("--model", default="minilm")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--report", action="store_true", help="only build the tables and the plot")
+    parser.add_argument("--store", type=Path, default=STORE, help="the JSONL file of rows")
+    parser.add_argument("--name", default="fidelity", help="name of the summary JSON and plot in docs/results")
+    args = parser.parse_args()
+    STORE = args.store
+    if not args.report:
+        for task in args.tasks:
+            for method in args.trajectories:
+                if method != "per_instance" or task in args.pi_tasks:
+                    trajectory(task, method, args)
+    rows = [r for r in load() if r["model"] == args.model]
+    text, summary = report(rows)
+    save(
+        args.name,
+        {
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "top_layers": TOP_LAYERS,
+            "table": text,
+            "summary": summary,
+        },
+    )
+    if rows:
+        plot(rows, RESULTS / f"{args.name}.png")
+    print(text)
 
 
 if __name__ == "__main__":

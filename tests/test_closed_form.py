@@ -13,7 +13,7 @@ from helpers import (
 )
 
 from lit_deltasam import DeltaSAM, DeltaSAMConfig
-from lit_deltasam.core.diagnostics import fidelity, top_hessian_eigenvalue
+from lit_deltasam.core.diagnostics import corrections, fidelity, top_hessian_eigenvalue
 
 RHO, LR = 0.1, 0.05
 
@@ -224,6 +224,8 @@ def test_fidelity_against_the_least_squares_closed_form():
     expected = torch.nn.functional.cosine_similarity(c_sam, c_pi, dim=0).item()
     cos = fidelity(model, model.losses, (x, y), {"sam": DeltaSAMConfig(method="sam", rho=RHO)})
     assert cos["sam"] == pytest.approx(expected, abs=1e-9)
+    measured = corrections(model, model.losses, (x, y), {"sam": DeltaSAMConfig(method="sam", rho=RHO)})
+    assert measured["sam"]["rel_err"] == pytest.approx(((c_sam - c_pi).norm() / c_pi.norm()).item(), abs=1e-9)
 
 
 def test_top_hessian_eigenvalue_of_least_squares():

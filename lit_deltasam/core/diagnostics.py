@@ -42,7 +42,7 @@ def cosine(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     return dot(a, b) / (total_norm(a) * total_norm(b)).clamp_min(torch.finfo(torch.float64).tiny)
 
 
-def fidelity(
+def corrections(
     module: nn.Module,
     loss_fn: LossFn,
     batch: Batch,
@@ -50,11 +50,13 @@ def fidelity(
     params: Optional[Iterable[Tensor]] = None,
     rho: Optional[float] = None,
     impl: str = "loop",
-) -> dict[str, float]:
-    """``cos(C_X, C_PI)`` for each named method X, with ``C_X = G_X - ḡ``.
+) -> dict[str, dict[str, float]]:
+    """How close each named method's sharpness correction is to per-instance SAM's.
 
-    The per-instance oracle uses ``rho`` (default: the first method's) and computes
-    per-instance SAM with ``impl``; every method is compared at the radius it is
+    For each method X, with ``C_X = G_X - ḡ``: ``cos``, the cosine between ``C_X`` and
+    ``C_PI``, and ``rel_err``, ``||C_X - C_PI|| / ||C_PI||``, which also counts the
+    magnitude. The per-instance oracle uses ``rho`` (default: the first method's) and
+    computes per-instance SAM with ``impl``; every method is compared at the radius it is
     configured with. Run it with the module in eval mode so that dropout does not add
     noise to the comparison.
     """
@@ -65,11 +67,30 @@ def fidelity(
     oracle_cfg = DeltaSAMConfig(method="per_instance", rho=radius, per_instance_impl=impl)
     oracle = update_of(DeltaSAM(module, oracle_cfg, params), loss_fn, batch)
     c_oracle = torch._foreach_sub(oracle, plain)
+    c_oracle_norm = total_norm([c.double() for c in c_oracle])
     out = {}
     for name, cfg in methods.items():
         update = update_of(DeltaSAM(module, cfg, params), loss_fn, batch)
-        out[name] = cosine(torch._foreach_sub(update, plain), c_oracle).item()
+        correction = torch._foreach_sub(update, plain)
+        error = total_norm([(a.double() - b.double()) for a, b in zip(correction, c_oracle)])
+        out[name] = {
+            "cos": cosine(correction, c_oracle).item(),
+            "rel_err": (error / c_oracle_norm.clamp_min(torch.finfo(torch.float64).tiny)).item(),
+        }
     return out
+
+
+def fidelity(
+    module: nn.Module,
+    loss_fn: LossFn,
+    batch: Batch,
+    methods: Mapping[str, DeltaSAMConfig],
+    params: Optional[Iterable[Tensor]] = None,
+    rho: Optional[float] = None,
+    impl: str = "loop",
+) -> dict[str, float]:
+    """``cos(C_X, C_PI)`` for each named method X (see :func:`corrections`)."""
+    return {name: m["cos"] for name, m in corrections(module, loss_fn, batch, methods, params, rho, impl).items()}
 
 
 def top_hessian_eigenvalue(
