@@ -213,3 +213,75 @@ def test_fsdp_refuses_a_checkpoint_inside_an_accumulation_window(tmp_path):
     stderr = failing_fsdp_run(tmp_path, config=config, steps=1, save_at_batch=0)
     assert "cannot checkpoint inside a gradient accumulation window under FSDP (micro-batch 1 of 2)" in stderr
     assert not (tmp_path / "mid.ckpt").exists()
+
+
+def run_raw_ddp(out: Path, **args) -> subprocess.CompletedProcess:
+    """Run raw_ddp_worker.py (2 processes, raw DistributedDataParallel, no Lightning) with ``args``."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(
+        [sys.executable, str(HERE / "raw_ddp_worker.py"), json.dumps({"out": str(out), "port": port, **args})],
+        cwd=HERE,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def raw_ddp(out: Path, **args) -> list[dict]:
+    result = run_raw_ddp(out, **args)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def reference_update(config: DeltaSAMConfig, w: torch.Tensor, batch) -> torch.Tensor:
+    """G of a single-process step from weights ``w`` on ``batch``."""
+    model = MLP()
+    torch.nn.utils.vector_to_parameters(w, model.parameters())
+    DeltaSAM(model, config).step(model.losses, batch)
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+
+RAW = {
+    "exact": dict(method="deltasam", estimator="exact", beta=-1.0, rho=0.5),
+    "per_instance": dict(method="per_instance", rho=0.5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RAW))
+def test_raw_ddp_keeps_per_instance_passes_local_and_the_descent_synchronized(name, tmp_path):
+    """Unequal batches per rank; each rank's ascent (and its exact scores) is its own, the descent is averaged."""
+    config = DeltaSAMConfig(**RAW[name])
+    ranks = raw_ddp(tmp_path, config=RAW[name], sizes=[6, 10], lr=0.5)
+    a, b = (r["records"][0] for r in ranks)
+    assert torch.equal(a["w"], b["w"])
+    updates = [reference_update(config, r["w"], (r["x"], r["y"])) for r in (a, b)]
+    torch.testing.assert_close(a["grad"], (updates[0] + updates[1]) / 2, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ranks[0]["params"], ranks[1]["params"], atol=0, rtol=0)
+    if name == "exact":
+        assert not torch.allclose(a["eps"], b["eps"])
+        for r in (a, b):
+            torch.testing.assert_close(r["eps"], reference_eps(config, r["w"], (r["x"], r["y"])), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(RAW))
+def test_raw_ddp_sync_descent_false_leaves_the_micro_batch_local(name, tmp_path):
+    config = DeltaSAMConfig(**RAW[name])
+    ranks = raw_ddp(tmp_path, config=RAW[name], sizes=[8, 8], lr=0.5, micro=2)
+    first = [r["records"][0] for r in ranks]
+    for r in first:  # not all-reduced: each rank holds its own micro-batch's G
+        torch.testing.assert_close(r["grad"], reference_update(config, r["w"], (r["x"], r["y"])), atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(first[0]["grad"], first[1]["grad"])
+    last = [r["records"][1] for r in ranks]
+    torch.testing.assert_close(last[0]["grad"], last[1]["grad"], atol=1e-6, rtol=0)
+
+
+def test_raw_ddp_with_a_static_graph_is_refused(tmp_path):
+    result = run_raw_ddp(tmp_path, config=dict(method="sam"), sizes=[8, 8], lr=0.1, static_graph=True)
+    assert result.returncode != 0
+    assert "DistributedDataParallel(static_graph=True) is not supported" in result.stderr

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..config import PROBING, DeltaSAMConfig
 from .batch import Batch, LossFn, check_losses
-from .distributed import gather_instances, rank, sum_over_ranks, world_size
+from .distributed import arm_reducer, gather_instances, rank, refuse_static_graph, sum_over_ranks, world_size
 from .guardedness import ForwardCache, HeadTap, Prober, find_head, select_params
 from .per_instance import PerInstance
 from .perturbation import perturb, total_norm
@@ -251,6 +251,7 @@ class DeltaSAM:
         """
         backward = backward or _default_backward
         no_sync = no_sync or nullcontext
+        refuse_static_graph(no_sync)
         self._params_before.capture()
         self._buffers_before.capture()
         grads_before = take_grads(self.updated)
@@ -301,11 +302,15 @@ class DeltaSAM:
         return StepResult(losses=losses.detach())
 
     def _per_instance(self, loss_fn, batch, grads_before, backward, no_sync, sync_descent, rho) -> StepResult:
-        update, losses, perturbed = self._instances.sam_gradient(loss_fn, batch, rho, self._params_before)
+        # per-instance passes are local: a synchronized DDP forward would arm the all-reduce for them
+        with no_sync():
+            update, losses, perturbed = self._instances.sam_gradient(loss_fn, batch, rho, self._params_before)
         put_grads(self.updated, grads_before, copy=True)
         # d/dp sum_p <p, G_p> = G: routes G through the caller's backward (loss scaling, DDP all-reduce).
         surrogate = torch.stack([t.sum() for t in torch._foreach_mul(self.params, update)]).sum()
         with self._descent_sync(no_sync, sync_descent):
+            if sync_descent:
+                arm_reducer(no_sync, surrogate)
             backward(surrogate)
         return StepResult(losses=losses.detach(), perturbed_losses=perturbed.detach(), perturbed=True)
 
@@ -326,7 +331,7 @@ class DeltaSAM:
             losses = check_losses(loss_fn(batch), batch, self.device)
         self._buffers_clean.capture()
         try:
-            batch_weights, mine = self._weights(loss_fn, batch, losses, random_state)
+            batch_weights, mine = self._weights(loss_fn, batch, losses, random_state, no_sync)
             # Under a global ascent DDP averages over ranks; scaling by the rank count makes
             # the all-reduced gradient sum_i lambda_i g_i over the global batch.
             weights = batch_weights[mine] * (world_size() if cfg.ascent == "global" else 1)
@@ -367,7 +372,7 @@ class DeltaSAM:
         )
 
     def _weights(
-        self, loss_fn: LossFn, batch: Batch, losses: Tensor, random_state: Optional[RandomState]
+        self, loss_fn: LossFn, batch: Batch, losses: Tensor, random_state: Optional[RandomState], no_sync: NoSync
     ) -> tuple[Tensor, slice]:
         """lambda over the batch it is normalized on, and this rank's slice of it."""
         cfg = self.config
@@ -376,7 +381,8 @@ class DeltaSAM:
             ranks, r = (world_size(), rank()) if cfg.ascent == "global" else (1, 0)
             uniform = torch.full((n * ranks,), 1.0 / (n * ranks), dtype=torch.float64, device=losses.device)
             return uniform, slice(r * n, (r + 1) * n)
-        scores = self._scores(loss_fn, batch, losses, random_state)
+        with no_sync():  # scoring is local: its forwards must not arm DDP's all-reduce or buffer broadcast
+            scores = self._scores(loss_fn, batch, losses, random_state)
         if cfg.ascent == "global":
             scores, mine = gather_instances(scores)
         else:
