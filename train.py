@@ -4,6 +4,7 @@ python train.py                                   # MiniLM on MR with δ-SAM, CP
 python train.py method=sam task=r8 seed=1
 python train.py -m method=erm,sam,deltasam seed=1,2,3
 python train.py -m hparams_search=optuna
+python train.py task=files task.train=reviews.csv     # your own data; then eval.py and predict.py
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from lit_deltasam.app import assemble, report, schema
+from lit_deltasam.app import assemble, checkpoint, report, schema
 
 schema.register()
 
@@ -33,7 +34,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule, module = assemble.build(cfg)
     summary = report.SharpnessSummary()
     loggers = assemble.instantiate_all(cfg.logger)
-    callbacks = [*assemble.callbacks(cfg, with_logger=bool(loggers)), summary]
+    record = checkpoint.RunRecord(cfg, datamodule.task, datamodule.tokenizer)
+    callbacks = [*assemble.callbacks(cfg, with_logger=bool(loggers)), summary, record]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for logger in loggers:

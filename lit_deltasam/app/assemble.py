@@ -9,14 +9,51 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from omegaconf import DictConfig
 
-from ..data import TextDataModule, build_metrics, get_task
+from ..data import Task, TextDataModule, build_metrics, files_task, get_task, hub_task
 from ..models import TextClassifier
+
+CUSTOM_TASKS = ("files", "hub")
+_COLUMNS = ("text_column", "text_pair_column", "label_column", "kind")
+_READ_BY = {  # task keys that only some tasks read
+    **dict.fromkeys(("train", "validation", "test", *_COLUMNS), CUSTOM_TASKS),
+    "dataset": ("hub",),
+    "config": ("hub",),
+}
+
+
+def build_task(task: DictConfig) -> Task:
+    """The task a ``task`` config names; ``task=files`` and ``task=hub`` read and check their data here."""
+    for key, readers in _READ_BY.items():
+        if task.get(key) is not None and task.name not in readers:
+            raise ValueError(
+                f"task.{key} is read by {' and '.join(f'task={r}' for r in readers)} only, not by task {task.name!r}"
+            )
+    if task.name not in CUSTOM_TASKS:
+        return get_task(task.name)
+    columns = {key: task[key] for key in _COLUMNS if task[key] is not None}
+    if task.name == "files":
+        if task.data_dir is not None:
+            raise ValueError("task.data_dir is read by task=hub and glue/* tasks, not by task=files: use task.train")
+        return files_task(task.train, task.validation, task.test, **columns)
+    splits = {key: task[key] for key in ("train", "validation", "test") if task[key] is not None}
+    return hub_task(task.dataset, task.config, data_dir=task.data_dir, **splits, **columns)
+
+
+def task_data_dir(task: DictConfig) -> str | None:
+    """The ``data_dir`` a datamodule passes to its task: a custom task has read its own already."""
+    return None if task.name in CUSTOM_TASKS else task.data_dir
 
 
 def build(cfg: DictConfig) -> tuple[TextDataModule, TextClassifier]:
-    """The datamodule and the module for ``cfg``: task, tokenizer, encoder and method."""
-    task = get_task(cfg.task.name)
-    cache_dir, data_dir = cfg.paths.cache_dir, cfg.task.data_dir
+    """The datamodule and the module for ``cfg``: task, tokenizer, encoder and method.
+
+    The task comes first, so that a custom task's bad data stops the run before anything is
+    written; a null ``task.monitor`` becomes the task's first validation metric.
+    """
+    task = build_task(cfg.task)
+    if cfg.task.monitor is None:
+        cfg.task.monitor = f"val/{task.metric_names[0]}"
+    cache_dir, data_dir = cfg.paths.cache_dir, task_data_dir(cfg.task)
     spec = instantiate(cfg.model)
 
     def train_texts() -> Iterator[str]:
@@ -24,14 +61,13 @@ def build(cfg: DictConfig) -> tuple[TextDataModule, TextClassifier]:
             yield from (example[field] for field in task.text_fields)
 
     tokenizer = spec.tokenizer(train_texts)
-    datamodule = TextDataModule(
-        cfg.task.name, tokenizer, seed=cfg.seed, cache_dir=cache_dir, data_dir=data_dir, **cfg.data
-    )
+    datamodule = TextDataModule(task, tokenizer, seed=cfg.seed, cache_dir=cache_dir, data_dir=data_dir, **cfg.data)
     module = TextClassifier(
         spec.build(task.num_labels, tokenizer),
         instantiate(cfg.method),
         task.num_labels,
         build_metrics(task),
+        label_names=task.label_names,
         **cfg.optim,
     )
     return datamodule, module

@@ -17,7 +17,7 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import MISSING, DictConfig, open_dict
 
 from ..config import DeltaSAMConfig
 
@@ -36,8 +36,29 @@ MethodSchema = _method_schema()
 class TaskSchema:
     name: str = "mr"
     data_dir: Optional[str] = None
-    monitor: str = "val/acc"
+    monitor: Optional[str] = "val/acc"  # null: the task's first validation metric
     mode: str = "max"
+    # task=files (file paths) and task=hub (split names) only
+    train: Optional[str] = None
+    validation: Optional[str] = None
+    test: Optional[str] = None
+    text_column: Optional[str] = None
+    text_pair_column: Optional[str] = None
+    label_column: Optional[str] = None
+    kind: Optional[str] = None
+    # task=hub only
+    dataset: Optional[str] = None
+    config: Optional[str] = None
+
+
+def _overrides(schema: type) -> type:
+    """``schema`` with every field unset: the values given on the command line replace a saved config's."""
+    hints = typing.get_type_hints(schema)
+    fields = [(f.name, Optional[hints[f.name]], field(default=None)) for f in dataclasses.fields(schema)]
+    return dataclasses.make_dataclass(f"{schema.__name__}Overrides", fields)
+
+
+TaskOverrides = _overrides(TaskSchema)
 
 
 @dataclass
@@ -86,14 +107,43 @@ class TrainSchema:
     debug: Any = None
 
 
+@dataclass
+class EvalSchema:
+    ckpt_path: str = MISSING
+    task: TaskOverrides = field(default_factory=TaskOverrides)  # type: ignore[valid-type]
+    batch_size: int = 128
+    max_length: Optional[int] = None
+    paths: PathsSchema = field(default_factory=PathsSchema)
+    trainer: Any = None
+
+
+@dataclass
+class PredictSchema:
+    ckpt_path: str = MISSING
+    input: str = MISSING
+    output: str = "${paths.output_dir}/predictions.csv"
+    text_column: Optional[str] = None
+    text_pair_column: Optional[str] = None
+    batch_size: int = 128
+    max_length: Optional[int] = None
+    paths: PathsSchema = field(default_factory=PathsSchema)
+    trainer: Any = None
+
+
 def register() -> None:
-    """Make ``schema`` available to ``conf/train.yaml``'s defaults list."""
+    """Make the schemas available to the defaults lists of ``conf/train.yaml``, ``eval.yaml`` and ``predict.yaml``."""
     store = ConfigStore.instance()
     store.store(name="schema", node=TrainSchema)
+    store.store(name="eval_schema", node=EvalSchema)
+    store.store(name="predict_schema", node=PredictSchema)
 
 
-def compose(config_dir: Union[str, Path], overrides: Sequence[str], output_dir: Union[str, Path]) -> DictConfig:
+def compose(
+    config_dir: Union[str, Path], overrides: Sequence[str], output_dir: Union[str, Path], config_name: str = "train"
+) -> DictConfig:
     """The config ``python train.py <overrides>`` would run, writing under ``output_dir``, without ``@hydra.main``.
+
+    ``config_name`` ``"eval"`` or ``"predict"`` composes the config of ``eval.py`` or ``predict.py`` instead.
 
     For tests and benchmarks that call ``train(cfg)`` in-process: the ``${hydra:...}``
     interpolations resolve against a Hydra config set up as the CLI would.
@@ -101,7 +151,7 @@ def compose(config_dir: Union[str, Path], overrides: Sequence[str], output_dir: 
     register()
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     with initialize_config_dir(str(Path(config_dir).resolve()), version_base="1.3"):
-        cfg = hydra_compose("train", overrides=list(overrides), return_hydra_config=True)
+        cfg = hydra_compose(config_name, overrides=list(overrides), return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(output_dir)
         cfg.hydra.job.num = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import lightning as L
@@ -30,6 +31,8 @@ class TextClassifier(DeltaSAMMixin, L.LightningModule):
         num_labels: classes, or 1 for regression.
         metrics: validation and test metrics, fed with predictions and labels.
         lr, weight_decay, warmup_ratio: the optimizer and its schedule.
+        label_names: the class names in label-index order (empty for regression); saved with
+            the hyperparameters, so a checkpoint's predictions can be read as names.
     """
 
     def __init__(
@@ -41,8 +44,11 @@ class TextClassifier(DeltaSAMMixin, L.LightningModule):
         lr: float = 5e-5,
         weight_decay: float = 0.01,
         warmup_ratio: float = 0.1,
+        label_names: Sequence[str] = (),
     ) -> None:
         super().__init__()
+        if label_names and len(label_names) != num_labels:
+            raise ValueError(f"{len(label_names)} label_names for num_labels={num_labels}: {list(label_names)}")
         self.save_hyperparameters(ignore=["encoder", "deltasam", "metrics"])
         self.encoder = encoder
         self.deltasam = deltasam
@@ -111,8 +117,13 @@ class TextClassifier(DeltaSAMMixin, L.LightningModule):
         self.log_dict(self.test_metrics.compute(), sync_dist=True)
         self.test_metrics.reset()
 
-    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self.predictions(self(batch))
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """``prediction`` ``[n]`` (the class index, or the value for regression) and, for classification,
+        ``probabilities`` ``[n, num_labels]``."""
+        logits = self(batch)
+        if self.regression:
+            return {"prediction": self.predictions(logits)}
+        return {"prediction": self.predictions(logits), "probabilities": logits.float().softmax(-1)}
 
     def configure_optimizers(self) -> dict[str, Any]:
         decay, no_decay = [], []

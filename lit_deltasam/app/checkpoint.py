@@ -1,0 +1,145 @@
+"""What a checkpoint of ``train.py`` carries beyond the weights, and how ``eval.py`` and ``predict.py`` rebuild it.
+
+Every checkpoint holds a run record under :data:`RECORD_KEY`: the model config, the
+tokenizer's files (a tokenizer fit on the training texts cannot be fit again without
+them), the task config with its file paths made absolute, and ``max_length``. The class
+names are the module's ``label_names`` hyperparameter; ``labels.json`` in the run folder
+repeats them with the task kind.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig, OmegaConf
+from torchmetrics import MetricCollection
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from ..config import DeltaSAMConfig
+from ..data import Task
+from ..models import TextClassifier
+from .assemble import CUSTOM_TASKS
+
+RECORD_KEY = "lit_deltasam_run"
+
+
+class RunRecord(Callback):
+    """Adds the run record to every checkpoint and writes ``labels.json`` to the run folder when fitting starts.
+
+    Args:
+        cfg: the run's config; ``task.monitor`` already filled in by :func:`~lit_deltasam.app.assemble.build`.
+        task: the task the run trains on.
+        tokenizer: the tokenizer the run uses.
+    """
+
+    def __init__(self, cfg: DictConfig, task: Task, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.output_dir = Path(cfg.paths.output_dir)
+        self.labels = {"task": task.name, "kind": task.kind, "label_names": list(task.label_names)}
+        task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
+        columns = ["text", "text_pair"][: len(task.text_fields)]
+        if task.name in CUSTOM_TASKS:
+            columns = [task_cfg["text_column"] or "text", task_cfg["text_pair_column"]][: len(task.text_fields)]
+        self.record = {
+            "model": OmegaConf.to_container(cfg.model, resolve=True),
+            "task": _absolute_paths(task_cfg),
+            "text_columns": columns,
+            "max_length": int(cfg.data.max_length),
+            "tokenizer": _tokenizer_files(tokenizer),
+        }
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.is_global_zero:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "labels.json").write_text(json.dumps(self.labels, indent=2) + "\n")
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[RECORD_KEY] = self.record
+
+
+def _absolute_paths(task: dict[str, Any]) -> dict[str, Any]:
+    """The task config with its files and folders as absolute paths, so that it can be read from anywhere."""
+    keys = ("data_dir", "train", "validation", "test") if task["name"] == "files" else ("data_dir",)
+    return {key: str(Path(v).expanduser().resolve()) if key in keys and v else v for key, v in task.items()}
+
+
+def _tokenizer_files(tokenizer: PreTrainedTokenizerBase) -> dict[str, bytes]:
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        return {path.name: path.read_bytes() for path in Path(folder).iterdir() if path.is_file()}
+
+
+def read(ckpt_path: str | Path) -> dict[str, Any]:
+    """A checkpoint written by ``train.py``, on the CPU.
+
+    Raises:
+        FileNotFoundError: there is no such file.
+        ValueError: the checkpoint has no run record (it was not written by ``train.py``).
+    """
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"ckpt_path={str(path)!r}: no such file; train.py writes its checkpoints to <run folder>/checkpoints/"
+        )
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if RECORD_KEY not in checkpoint:
+        raise ValueError(
+            f"{path} holds no run record (the model config and tokenizer that eval.py and predict.py rebuild the "
+            "model from): it was not written by this version of train.py"
+        )
+    return checkpoint
+
+
+def label_names(checkpoint: dict[str, Any]) -> list[str]:
+    """The class names of a checkpoint's model in label-index order; empty for regression."""
+    return list(checkpoint["hyper_parameters"].get("label_names", ()))
+
+
+def check_labels(checkpoint: dict[str, Any], task: Task) -> None:
+    """Raise unless ``task`` has the kind and the classes (in the same order) of the checkpoint's model."""
+    names = label_names(checkpoint)
+    kind = "regression" if checkpoint["hyper_parameters"]["num_labels"] == 1 else "classification"
+    if (task.kind, list(task.label_names)) != (kind, names):
+
+        def described(kind: str, names: list[str]) -> str:
+            return kind + (f" with the classes {names}" if names else "")
+
+        raise ValueError(
+            f"the checkpoint's model was trained for {described(kind, names)}, but task {task.name!r} is "
+            f"{described(task.kind, list(task.label_names))}; evaluate on data with the model's labels"
+        )
+
+
+def rebuild(
+    checkpoint: dict[str, Any], cache_dir: str, metrics: MetricCollection | None = None
+) -> tuple[TextClassifier, PreTrainedTokenizerBase]:
+    """The trained module, in eval mode, and its tokenizer.
+
+    Args:
+        checkpoint: from :func:`read`.
+        cache_dir: where this machine keeps pinned archives (the MiniLM weights), in place
+            of the training machine's.
+        metrics: the test metrics of the module.
+    """
+    record = checkpoint[RECORD_KEY]
+    with tempfile.TemporaryDirectory() as folder:
+        for name, data in record["tokenizer"].items():
+            (Path(folder) / name).write_bytes(data)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = dict(record["model"])
+    if "cache_dir" in model:
+        model["cache_dir"] = cache_dir
+    hparams = checkpoint["hyper_parameters"]
+    num_labels = hparams["num_labels"]
+    encoder = instantiate(model).build(num_labels, tokenizer)
+    module = TextClassifier(
+        encoder, DeltaSAMConfig(method="erm"), num_labels, metrics, label_names=label_names(checkpoint)
+    )
+    module.load_state_dict(checkpoint["state_dict"])
+    return module.eval(), tokenizer
