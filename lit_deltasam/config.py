@@ -86,8 +86,8 @@ class DeltaSAMConfig:
             antithetic pairs) or ``exact`` (per-instance gradient norms, computed as
             ``per_instance_impl`` says).
         weight_floor: ``s_i`` is floored at this fraction of the batch median.
-        weight_min: lower clip of ``n * lambda_i`` before renormalizing (``<= 1``).
-        weight_max: upper clip of ``n * lambda_i`` before renormalizing (``>= 1``; ``inf`` disables).
+        weight_min: lower bound of ``n * lambda_i`` (``<= 1``), met after normalization.
+        weight_max: upper bound of ``n * lambda_i`` (``>= 1``; ``inf`` disables), met after normalization.
         weighted_descent: descend on ``sum_i lambda_i l_i(w + eps)`` instead of the mean.
         asam_eta: ASAM's offset ``eta`` in ``T = |w| + eta``.
         probe_samples: forwards per step of the ``probe`` estimator (K).

@@ -99,7 +99,10 @@ def run_cli(*args, cwd=ROOT, env=None):
         ("method.rhoo=0.1", "Key 'rhoo' not in 'MethodSchema'"),
         ("method.rho=big", "Value 'big' of type 'str' could not be converted to Float"),
         ("method=sharp", "Could not find 'method/sharp'"),
-        ("method.estimator=oracle", "estimator='oracle' is not valid; choose one of ['head', 'probe', 'exact']"),
+        (
+            "method.estimator=oracle",
+            "estimator='oracle' is not valid; choose one of ['head', 'probe', 'curvature', 'exact']",
+        ),
         ("task.name=sst", "unknown task 'sst'; valid tasks: mr, r8, tweets, mr_rating, glue/sst2"),
     ],
 )

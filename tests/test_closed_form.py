@@ -130,6 +130,79 @@ def test_head_scores_are_the_exact_norms_when_the_head_is_the_whole_model():
         torch.testing.assert_close(result.weights, (1 / expected) / (1 / expected).sum())
 
 
+class HeadFirst(torch.nn.Module):
+    """Registers its head before its body, and calls the head with a keyword argument."""
+
+    def __init__(self, outputs: int = 3) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(8, outputs)
+        self.body = torch.nn.Linear(6, 8)
+
+    def forward(self, x):
+        return self.head(input=torch.tanh(self.body(x)))
+
+
+def head_norms(model, losses, x, y):
+    """Per-instance gradient norms of the head's parameters, by an explicit loop."""
+    norms = []
+    for i in range(x.shape[0]):
+        grads = torch.autograd.grad(losses((x[i : i + 1], y[i : i + 1]))[0], list(model.head.parameters()))
+        norms.append(torch.cat([g.reshape(-1) for g in grads]).norm())
+    return torch.stack(norms)
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_head_scores_of_a_deeper_model_are_the_head_gradient_norms(task):
+    """The head is the last linear layer called (not the last registered), even when called by keyword."""
+    torch.manual_seed(0)
+    model = HeadFirst(3 if task == "classification" else 1).double()
+    x, y = classification_data()
+    x = x.double()
+
+    def losses(batch):
+        out = model(batch[0])
+        if task == "regression":
+            return (out.squeeze(-1) - batch[1].double()) ** 2
+        return torch.nn.functional.cross_entropy(out, batch[1], reduction="none")
+
+    expected = head_norms(model, losses, x, y)
+    config = DeltaSAMConfig(method="deltasam", rho=RHO, beta=1.0, estimator="head", **EXACT_WEIGHTS)
+    engine = DeltaSAM(model, config)
+    for _ in range(2):  # the first step finds the head, the second taps it alone
+        result = engine.step(losses, (x, y))
+        torch.testing.assert_close(result.weights, expected / expected.sum())
+    assert engine._head.name == "head"
+
+
+def test_head_scores_survive_fp16_logits():
+    """Tiny output gradients are computed at a scale fp16 can hold, not flushed towards zero.
+
+    For cross-entropy dl/dz = softmax(z) - onehot(y): the closed form, from the fp16 logits themselves.
+    """
+    torch.manual_seed(0)
+    model = HeadFirst(2)
+    with torch.no_grad():
+        model.head.weight.mul_(25.0)  # confident predictions: dl/dz down to about 1e-7
+    model.head.half()
+    x, y = classification_data(classes=2)
+    h = torch.tanh(model.body(x)).half()
+    y = model.head(h).argmax(-1)
+
+    def losses(batch):
+        hidden = torch.tanh(model.body(batch[0])).half()
+        return torch.nn.functional.cross_entropy(model.head(input=hidden).double(), batch[1], reduction="none")
+
+    z = model.head(h).double()
+    dz = torch.softmax(z, -1) - torch.nn.functional.one_hot(y, 2).double()
+    expected = dz.norm(dim=1) * (h.double().pow(2).sum(1) + 1).sqrt()
+    assert expected.min() < 1e-6
+    config = DeltaSAMConfig(method="deltasam", rho=RHO, beta=-1.0, estimator="head", head="head")
+    engine = DeltaSAM(model, config, params=list(model.body.parameters()))
+    with engine._head:
+        at_w = losses((x, y))
+    torch.testing.assert_close(engine._head.scores(at_w).double(), expected, rtol=1e-2, atol=0)
+
+
 @pytest.mark.parametrize("impl", ["vmap", "loop"])
 def test_per_instance_least_squares_closed_form(impl):
     x, y, w = least_squares_problem()

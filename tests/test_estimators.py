@@ -281,3 +281,21 @@ def test_curvature_needs_antithetic_pairs():
         ValueError, match=r"probe_samples=3 must be even with estimator='curvature'.*probe_samples=2 or 4"
     ):
         DeltaSAMConfig(estimator="curvature", probe_samples=3)
+
+
+def test_truncation_keeps_a_forward_patched_on_the_instance():
+    """accelerate-style hooks replace ``module.forward`` on the instance; a truncated probe puts them back."""
+    torch.manual_seed(0)
+    model = Tower()
+    calls = []
+
+    def patched(ids, _original=model.embed.forward):
+        calls.append(1)
+        return _original(ids)
+
+    model.embed.forward = patched
+    engine = DeltaSAM(model, DeltaSAMConfig(estimator="probe", probe_params=["blocks.2.*", "head.*"]))
+    batch = (torch.randint(0, 50, (8, 5)), torch.randint(0, 3, (8,)))
+    engine.step(model.losses, batch)
+    assert model.embed.__dict__["forward"] is patched
+    assert len(calls) == 2  # the clean and the perturbed forward

@@ -7,6 +7,7 @@ import pytest
 import torch
 from helpers import METHODS, TinyModule, classification_data, flat_params, loader, trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins import MixedPrecision
 
 from lit_deltasam import DeltaSAM, DeltaSAMConfig, DeltaSAMMixin, SharpnessProbe
@@ -46,21 +47,26 @@ def test_accumulated_update_is_the_mean_of_micro_batch_updates():
         torch.testing.assert_close(p.detach(), ref.detach() - 0.5 * (g1 + g2) / 2, atol=1e-6, rtol=0)
 
 
-def test_clipping_acts_on_the_descent_gradient_only():
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_clipping_acts_on_the_descent_gradient_only(algorithm):
+    """Value clipping of the ascent gradient would turn eps; norm clipping would show in the ascent's norm."""
     clip = 1e-3
-    config = DeltaSAMConfig(method="sam", rho=0.1, gradient_clip_val=clip)
+    config = DeltaSAMConfig(method="sam", rho=0.1, gradient_clip_val=clip, gradient_clip_algorithm=algorithm)
     module = TinyModule(config, lr=1.0)
     reference = copy.deepcopy(module.model)
     results = []
     module.deltasam_step = lambda batch, f=module.deltasam_step: results.append(f(batch)) or results[-1]
     trainer(max_steps=1).fit(module, loader(n=8, batch_size=8))
-    DeltaSAM(reference, DeltaSAMConfig(method="sam", rho=0.1)).step(reference.losses, classification_data(n=8))
+    unclipped = DeltaSAM(reference, DeltaSAMConfig(method="sam", rho=0.1)).step(
+        reference.losses, classification_data(n=8)
+    )
     grads = [p.grad for p in reference.parameters()]
     norm = torch.cat([g.reshape(-1) for g in grads]).norm()
-    assert norm > 10 * clip
-    assert results[0].eps_norm.item() == pytest.approx(0.1)  # the ascent used the unclipped gradient
+    assert norm > 10 * clip and max(g.abs().max() for g in grads) > 10 * clip
+    assert results[0].grad_norm.item() == pytest.approx(unclipped.grad_norm.item())
     for p, ref, g in zip(module.model.parameters(), reference.parameters(), grads):
-        torch.testing.assert_close(p.detach(), ref.detach() - g * clip / norm, atol=1e-7, rtol=0)
+        step = g * clip / norm if algorithm == "norm" else g.clamp(-clip, clip)
+        torch.testing.assert_close(p.detach(), ref.detach() - step, atol=1e-7, rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -201,7 +207,7 @@ def test_bf16_mixed_precision(options):
     fit.fit(module, loader())
     assert fit.global_step == 3
     assert torch.isfinite(flat_params(module)).all()
-    if options["method"] in ("sam", "deltasam"):
+    if options["method"] in ("sam", "deltasam"):  # fp32 master weights: the weights moved by rho
         assert fit.callback_metrics["sam/eps_norm"].item() == pytest.approx(0.05, rel=1e-3)
     if options["method"] != "erm":
         assert fit.callback_metrics["sam/sharpness"].item() != 0.0
@@ -311,3 +317,103 @@ def test_resume_from_a_mid_epoch_checkpoint_is_exact(options, at, tmp_path):
     assert resumed_fit.global_step == full_fit.global_step
     assert torch.equal(flat_params(resumed), flat_params(full))
     assert resumed.optimizers().param_groups[0]["lr"] == full.optimizers().param_groups[0]["lr"]
+
+
+class PortedStep(TinyModule):
+    """A module ported from automatic optimization that kept its training_step."""
+
+    def training_step(self, batch, batch_idx):
+        return self.per_sample_loss(batch).mean()
+
+
+class CustomStep(TinyModule):
+    def training_step(self, batch, batch_idx):
+        result = self.deltasam_step(batch)
+        self.log("custom/loss", result.loss)
+        return result.loss
+
+
+def test_a_leftover_training_step_fails_on_the_first_batch_and_trains_nothing():
+    module = PortedStep(DeltaSAMConfig(method="sam"))
+    before = flat_params(module)
+    with pytest.raises(RuntimeError, match=r"PortedStep.training_step returned without calling self.deltasam_step"):
+        trainer(max_steps=3).fit(module, loader(n=32, batch_size=8))
+    assert torch.equal(flat_params(module), before)
+
+
+def test_a_custom_training_step_that_calls_deltasam_step_trains():
+    module = CustomStep(DeltaSAMConfig(method="sam"))
+    fit = trainer(max_steps=3)
+    fit.fit(module, loader(n=32, batch_size=8))
+    assert fit.global_step == 3
+    assert "custom/loss" in fit.callback_metrics
+
+
+class PartialOptimizer(TinyModule):
+    """Its optimizer holds only the last layer; the first layer stays trainable."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.model.net[-1].parameters(), lr=self.lr)
+
+
+class GradsAfterStep(Callback):
+    def __init__(self):
+        self.grads = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self.grads.append([p.grad for p in pl_module.model.net[0].parameters()])
+
+
+def test_parameters_outside_the_optimizer_keep_no_stale_gradients():
+    module = PartialOptimizer(DeltaSAMConfig(method="sam"))
+    record = GradsAfterStep()
+    first = [p.detach().clone() for p in module.model.net[0].parameters()]
+    trainer(max_steps=3, callbacks=[record]).fit(module, loader(n=32, batch_size=8))
+    assert all(g is None for grads in record.grads for g in grads)
+    assert all(torch.equal(a, p) for a, p in zip(first, module.model.net[0].parameters()))
+
+
+@pytest.mark.parametrize("method, logged", [("sam", False), ("asam", False), ("deltasam", True)])
+def test_weight_diagnostics_only_where_the_weights_vary(method, logged):
+    fit = trainer(max_steps=2)
+    fit.fit(TinyModule(DeltaSAMConfig(method=method)), loader(n=32, batch_size=8))
+    assert ("sam/ess" in fit.callback_metrics) is logged
+    assert ("sam/max_weight" in fit.callback_metrics) is logged
+    assert "sam/sharpness" in fit.callback_metrics
+
+
+class Recorder(Logger):
+    """Records (keys, step) of every log_metrics call."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    @property
+    def name(self):
+        return "recorder"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.calls.append((set(metrics), step))
+
+
+def test_probes_log_on_the_same_step_axis_as_self_log():
+    """Under the mixin's accumulation, Lightning's logging step counts batches; the probe follows it."""
+    recorder = Recorder()
+    module = TinyModule(DeltaSAMConfig(method="deltasam", accumulate_grad_batches=2))
+    probe = SharpnessProbe(every_n_steps=2, batch_size=4, hessian_iters=2)
+    fit = trainer(max_steps=4, logger=recorder, log_every_n_steps=1, callbacks=[probe])
+    data = loader(n=64, batch_size=8)
+    fit.fit(module, train_dataloaders=data, val_dataloaders=loader(n=16, batch_size=8))
+    probes = [i for i, (keys, _) in enumerate(recorder.calls) if "probe/cos_sam" in keys]
+    assert probes
+    for i in probes:
+        following = next(step for keys, step in recorder.calls[i + 1 :] if "train/loss" in keys)
+        assert recorder.calls[i][1] == following

@@ -126,8 +126,8 @@ def test_compared_forwards_share_dropout_masks(share):
     torch.manual_seed(0)
     model = MLP(dropout=0.5)
     batch = classification_data(n=32)
-    result = DeltaSAM(model, DeltaSAMConfig(method="sam", rho=0.0, share_dropout=share)).step(model.losses, batch)
-    same = torch.equal(result.losses, result.perturbed_losses)
+    result = DeltaSAM(model, DeltaSAMConfig(method="sam", rho=1e-6, share_dropout=share)).step(model.losses, batch)
+    same = torch.allclose(result.losses, result.perturbed_losses, atol=1e-4, rtol=0)
     assert same == share
 
 
@@ -135,9 +135,9 @@ def test_compared_forwards_share_dropout_masks(share):
 def test_per_instance_loop_shares_masks_only_when_asked(share):
     torch.manual_seed(0)
     model = MLP(dropout=0.5)
-    config = DeltaSAMConfig(method="per_instance", rho=0.0, share_dropout=share)
+    config = DeltaSAMConfig(method="per_instance", rho=1e-6, share_dropout=share)
     result = DeltaSAM(model, config).step(model.losses, classification_data(n=8))
-    assert torch.equal(result.losses, result.perturbed_losses) == share
+    assert torch.allclose(result.losses, result.perturbed_losses, atol=1e-4, rtol=0) == share
 
 
 def test_shared_masks_make_probe_deltas_noise_free():
@@ -237,3 +237,25 @@ def test_probing_16_bit_weights_warns():
     x, y = classification_data(n=8)
     with pytest.warns(RuntimeWarning, match=r"probe estimator runs in torch.bfloat16"):
         DeltaSAM(model, DeltaSAMConfig(method="deltasam", estimator="probe")).step(model.losses, (x.bfloat16(), y))
+
+
+def test_eps_norm_is_what_16_bit_weights_moved():
+    """bf16 weights round a small eps: the logged norm is the rounded move, with a warning."""
+    torch.manual_seed(0)
+    model = MLP().bfloat16()
+    x, y = classification_data()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(8.0)  # large weights: bf16's spacing there is 1/16 per element
+    before = [p.detach().clone() for p in model.parameters()]
+    seen = []
+
+    def losses(batch):
+        seen.append([p.detach().clone() for p in model.parameters()])
+        return model.losses(batch)
+
+    with pytest.warns(RuntimeWarning, match=r"the weights are torch.bfloat16: the perturbation of norm rho=0.05"):
+        result = DeltaSAM(model, DeltaSAMConfig(method="sam", rho=0.05)).step(losses, (x.bfloat16(), y))
+    moved = torch.cat([(a.float() - b.float()).reshape(-1) for a, b in zip(seen[-1], before)]).norm()
+    assert result.eps_norm.item() == pytest.approx(moved.item(), rel=1e-2)
+    assert abs(result.eps_norm.item() - 0.05) > 0.01

@@ -32,12 +32,19 @@ def test_floor_at_a_fraction_of_the_median():
     torch.testing.assert_close(instance_weights(s, -1.0, floor=0.25, clip=(0.0, math.inf)), expected)
 
 
-def test_clip_of_n_lambda_before_renormalizing():
+def test_clip_bounds_n_lambda_after_normalizing():
     s = torch.tensor([1.0, 1.0, 1.0, 100.0], dtype=torch.float64)
-    raw = 4 * (s / s.sum())  # n*lambda for beta = 1
-    clipped = raw.clamp(0.5, 2.0)
-    expected = clipped / clipped.sum()
+    # beta = 1: the large score is held at n*lambda = 2, the other three share the rest equally
+    expected = torch.tensor([1 / 6, 1 / 6, 1 / 6, 1 / 2], dtype=torch.float64)
     torch.testing.assert_close(instance_weights(s, 1.0, floor=0.0, clip=(0.5, 2.0)), expected)
+
+
+def test_one_tiny_score_among_a_hundred_stays_under_weight_max():
+    s = torch.ones(100, dtype=torch.float64)
+    s[0] = 1e-3
+    w = instance_weights(s, -2.0, floor=0.0, clip=(0.1, 10.0))
+    assert 100 * w.max().item() == pytest.approx(10.0)
+    torch.testing.assert_close(w[1:], torch.full((99,), 0.9 / 99, dtype=torch.float64))
 
 
 def test_effective_sample_size():
@@ -69,6 +76,9 @@ def test_weights_are_always_a_distribution(s, beta, floor, low, high):
     assert torch.isfinite(w).all()
     assert (w >= 0).all()
     assert w.sum().item() == pytest.approx(1.0, abs=1e-9)
+    n = len(s)
+    if beta != 0.0:
+        assert (n * w >= low * (1 - 1e-6)).all() and (n * w <= high * (1 + 1e-6)).all()
 
 
 @settings(max_examples=200, deadline=None)

@@ -196,7 +196,7 @@ class DeltaSAM:
         self._prober: Optional[Prober] = None
         self._probed: Optional[list[int]] = None
         if config.reweights and config.estimator == "head":
-            self._head = HeadTap(*find_head(module, config.head))
+            self._head = HeadTap(*find_head(module, config.head), module)
         if config.reweights and config.estimator in PROBING:
             self._probed = select_params(self.names, config.probe_params)
             probed = [self.params[i] for i in self._probed]
@@ -209,6 +209,7 @@ class DeltaSAM:
             )
         self._window_ok: Optional[Tensor] = None
         self._warned_16_bit = False
+        self._warned_16_bit_eps = False
         self._instances = PerInstance(
             module, self.params, self.names, config.per_instance_impl, config.per_instance_chunk, config.share_dropout
         )
@@ -349,6 +350,10 @@ class DeltaSAM:
                 device=self.device,
             )
             del with_grad
+            if applied:
+                # what the weights moved, after rounding to their dtype: 16-bit weights can round eps away
+                eps_norm = self._params_before.change_norm(self.reduce_squares, self.device)
+                self._warn_if_16_bit_weights(rho, eps_norm)
             put_grads(self.updated, grads_before, copy=True)
             with self._descent_sync(no_sync, sync_descent):
                 with random_state.replay() if random_state is not None else nullcontext():
@@ -389,6 +394,18 @@ class DeltaSAM:
             mine = slice(0, n)
         weights = instance_weights(scores, cfg.beta, floor=cfg.weight_floor, clip=(cfg.weight_min, cfg.weight_max))
         return weights, mine
+
+    def _warn_if_16_bit_weights(self, rho: float, eps_norm: Tensor) -> None:
+        if self._warned_16_bit_eps or self.params[0].dtype not in (torch.float16, torch.bfloat16):
+            return
+        self._warned_16_bit_eps = True
+        warnings.warn(
+            f"the weights are {self.params[0].dtype}: the perturbation of norm rho={rho:g} moved them by "
+            f"{eps_norm.item():.3g} after rounding; keep 32-bit master weights (mixed precision) so that eps "
+            "is applied as computed",
+            RuntimeWarning,
+            stacklevel=5,
+        )
 
     def _warn_if_probing_in_16_bit(self) -> None:
         kind = self.device.type

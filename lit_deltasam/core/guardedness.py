@@ -33,8 +33,8 @@ from .randomness import RandomState
 from .sharding import local
 
 
-def find_head(module: nn.Module, path: Optional[str]) -> tuple[str, nn.Linear]:
-    """The final linear layer: the module at ``path``, or the last ``nn.Linear`` registered."""
+def find_head(module: nn.Module, path: Optional[str]) -> tuple[str, Optional[nn.Linear]]:
+    """The final linear layer at ``path``; with none, ``(name, None)``: HeadTap takes the last one called."""
     if path is not None:
         try:
             layer = module.get_submodule(path)
@@ -44,45 +44,79 @@ def find_head(module: nn.Module, path: Optional[str]) -> tuple[str, nn.Linear]:
         if not isinstance(layer, nn.Linear):
             raise ValueError(f"head={path!r} is a {type(layer).__name__}; the head estimator needs an nn.Linear")
         return path, layer
-    found = [(name, m) for name, m in module.named_modules() if isinstance(m, nn.Linear)]
-    if not found:
+    if not any(isinstance(m, nn.Linear) for m in module.modules()):
         raise ValueError(
             f"estimator='head' needs a final nn.Linear layer and {type(module).__name__} has none; "
             "use estimator='probe' or 'exact'"
         )
-    return found[-1]
+    return "", None
+
+
+# fp16 keeps about 3 significant digits and flushes below 6e-8: the head's output gradients are computed
+# at this scale, well inside fp16's range for a loss whose gradient per logit is at most 1 in magnitude
+_FP16_GRAD_SCALE = 4096.0
 
 
 class HeadTap:
     """Captures the final linear layer's input and output during one forward.
 
     Use as a context manager around the clean forward, then call :meth:`scores`
-    before the graph is freed by the backward.
+    before the graph is freed by the backward. Without a given layer, the first forward
+    watches every ``nn.Linear`` of ``module`` and the last one called becomes the head.
     """
 
-    def __init__(self, name: str, layer: nn.Linear) -> None:
+    def __init__(self, name: str, layer: Optional[nn.Linear], module: Optional[nn.Module] = None) -> None:
         self.name = name
         self.layer = layer
-        self._handle: Optional[Any] = None
+        self._module = module
+        self._handles: list[Any] = []
         self._calls = 0
+        self._order: list[tuple[str, nn.Linear]] = []
         self._input: Optional[Tensor] = None
         self._output: Optional[Tensor] = None
 
     def __enter__(self) -> HeadTap:
-        self._calls, self._input, self._output = 0, None, None
-        self._handle = self.layer.register_forward_hook(self._hook)
+        self._calls, self._input, self._output, self._order = 0, None, None, []
+        if self.layer is not None:
+            self._handles = [self.layer.register_forward_hook(self._hook, with_kwargs=True)]
+        else:
+            assert self._module is not None
+            self._handles = [
+                m.register_forward_hook(self._watch(name, m), with_kwargs=True)
+                for name, m in self._module.named_modules()
+                if isinstance(m, nn.Linear)
+            ]
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if self.layer is None and self._order:
+            self.name, self.layer = self._order[-1]
+            self._calls = sum(layer is self.layer for _, layer in self._order)
+        self._order = []
 
-    def _hook(self, layer: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+    def _watch(self, name: str, layer: nn.Linear) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> None:
+            self._order.append((name, layer))
+            self._input, self._output = _linear_input(args, kwargs).detach(), output
+
+        return hook
+
+    def _hook(self, layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> None:
         self._calls += 1
         if self._calls == 1:
-            self._input, self._output = args[0].detach(), output
+            self._input, self._output = _linear_input(args, kwargs).detach(), output
 
     def scores(self, losses: Tensor) -> Tensor:
         """``[n]`` per-instance gradient norms of the head's weight and bias."""
+        try:
+            return self._scores(losses)
+        finally:
+            self._input, self._output = None, None  # the forward's graph is not kept past the step
+
+    def _scores(self, losses: Tensor) -> Tensor:
         n = losses.shape[0]
         if self._calls != 1:
             raise RuntimeError(
@@ -90,7 +124,7 @@ class HeadTap:
                 "one call per forward (set DeltaSAMConfig.head to the classifier layer)"
             )
         z, h = self._output, self._input
-        assert z is not None and h is not None
+        assert z is not None and h is not None and self.layer is not None
         if z.ndim != 2 or h.ndim != 2 or z.shape[0] != n:
             raise ValueError(
                 f"head layer {self.name!r} maps {list(h.shape)} to {list(z.shape)}; the head estimator needs one "
@@ -98,9 +132,14 @@ class HeadTap:
             )
         if not z.requires_grad:
             raise ValueError(f"head layer {self.name!r} produced an output without gradient; is it frozen?")
-        (dz,) = torch.autograd.grad(losses.sum(), z, retain_graph=True)
+        scale = _FP16_GRAD_SCALE if z.dtype == torch.float16 else 1.0
+        (dz,) = torch.autograd.grad(losses.sum() * scale, z, retain_graph=True)
         bias = 1.0 if self.layer.bias is not None else 0.0
-        return dz.float().norm(dim=1) * (h.float().pow(2).sum(dim=1) + bias).sqrt()
+        return dz.float().norm(dim=1) / scale * (h.float().pow(2).sum(dim=1) + bias).sqrt()
+
+
+def _linear_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+    return args[0] if args else kwargs["input"]
 
 
 def select_params(names: Sequence[str], patterns: Optional[Sequence[str]]) -> list[int]:
@@ -189,13 +228,18 @@ class ForwardCache:
     @contextmanager
     def reuse(self) -> Iterator[None]:
         last = len(self._kept) - 1
+        # a forward already patched on the instance (accelerate's hooks, say) comes back afterwards
+        patched = [layer.__dict__.get("forward") for layer, _ in self._kept]
         for i, (layer, output) in enumerate(self._kept):
             layer.forward = self._replay(output, self._state if i == last else None)  # type: ignore[method-assign]
         try:
             yield
         finally:
-            for layer, _ in self._kept:
-                del layer.forward
+            for (layer, _), previous in zip(self._kept, patched):
+                if previous is None:
+                    del layer.forward
+                else:
+                    layer.forward = previous  # type: ignore[method-assign]
 
     def clear(self) -> None:
         self._kept, self._state = [], None

@@ -8,7 +8,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .sharding import local
+from .perturbation import total_norm
+from .sharding import NormReduce, local
 
 
 class Snapshot:
@@ -63,6 +64,13 @@ class Snapshot:
             torch._foreach_copy_(self._targets, self._copies)
         else:
             torch._foreach_copy_([self._targets[i] for i in indices], [self._copies[i] for i in indices])
+
+    @torch.no_grad()
+    def change_norm(self, reduce_squares: Optional[NormReduce] = None, device: Optional[torch.device] = None) -> Tensor:
+        """``||current - captured||`` over all tensors as one vector (summed over shards by ``reduce_squares``)."""
+        current = [local(t) for t in self._source()]
+        return total_norm(torch._foreach_sub(current, self._copies), reduce_squares, device=device)
+        """``||current - captured||`` over all tensors as one vector (summed over shards by ``reduce_squares``)."""
 
 
 def take_grads(params: Sequence[Tensor]) -> list[Optional[Tensor]]:

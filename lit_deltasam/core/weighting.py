@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -24,7 +26,9 @@ def instance_weights(
         beta: the exponent.
         floor: ``s_i`` is floored at ``floor * median(s)`` so that a vanishing
             gradient cannot claim all the weight when ``beta < 0``.
-        clip: ``n * lambda_i`` is clipped into ``[low, high]`` before renormalizing.
+        clip: bounds ``[low, high]`` on ``n * lambda_i`` (``low <= 1 <= high``), met after
+            normalization: ``n * lambda_i = clamp(c * s_i ** beta, low, high)`` with ``c`` such
+            that the weights sum to one.
 
     Returns:
         ``[n]`` float64 weights. Computed in log space, they are finite for any input.
@@ -44,11 +48,26 @@ def instance_weights(
     s = torch.where(finite, s, largest)
     tiny = torch.finfo(torch.float64).tiny
     s = s.clamp_min(floor * s.median()).clamp_min(tiny)
-    logits = beta * s.log()
-    weights = torch.softmax(logits, dim=0)
-    low, high = clip
-    weights = (n * weights).clamp(low, high)
-    return weights / weights.sum()
+    return _bounded(beta * s.log(), *clip) / n
+
+
+def _bounded(logits: Tensor, low: float, high: float, iterations: int = 200) -> Tensor:
+    """``clamp(exp(logits + t), low, high)`` with ``t`` such that the result sums to ``n`` (bisection on ``t``)."""
+    n = logits.numel()
+    weights = n * torch.softmax(logits, dim=0)
+    if bool(((weights >= low) & (weights <= high)).all()):
+        return weights
+    # the sum is non-decreasing in t, from n * low (every entry at low) to n * high, and low <= 1 <= high
+    lo = math.log(max(low, 1e-300)) - logits.max().item() - 1.0
+    hi = math.log(min(high, 1e300)) - logits.min().item() + 1.0
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        if (logits + mid).exp().clamp(low, high).sum() < n:
+            lo = mid
+        else:
+            hi = mid
+    out = (logits + hi).exp().clamp(low, high)
+    return out * (n / out.sum())
 
 
 def effective_sample_size(weights: Tensor) -> Tensor:

@@ -16,6 +16,7 @@ from ..config import PER_INSTANCE_IMPLS, DeltaSAMConfig
 from ..core.batch import Batch, slice_batch
 from ..core.diagnostics import fidelity, top_hessian_eigenvalue
 from ..core.sharding import is_sharded
+from .logging import logging_step
 
 
 class SharpnessProbe(Callback):
@@ -128,5 +129,5 @@ class SharpnessProbe(Callback):
             for m, mode in modes.items():
                 m.training = mode
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+            logger.log_metrics(metrics, step=logging_step(trainer))
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})

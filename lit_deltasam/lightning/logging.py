@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from lightning.pytorch import LightningModule
@@ -34,7 +34,7 @@ def log_histograms(module: LightningModule, values: dict[str, Optional[Tensor]])
     gathered = {name: gather_instances(v.detach().float())[0].cpu() for name, v in values.items() if v is not None}
     if module.global_rank != 0:
         return
-    step = module.global_step
+    step = logging_step(module.trainer)
     for logger in module.loggers:
         if isinstance(logger, WandbLogger):
             import wandb
@@ -45,3 +45,8 @@ def log_histograms(module: LightningModule, values: dict[str, Optional[Tensor]])
         elif isinstance(logger, TensorBoardLogger):
             for name, v in gathered.items():
                 logger.experiment.add_histogram(name, v, step)
+
+
+def logging_step(trainer: Any) -> int:
+    """The step axis of ``self.log`` (and of Lightning's own callbacks): batches run, not optimizer steps."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped

@@ -132,6 +132,32 @@ def _require_clipping(hook: Callable[..., Any]) -> Callable[..., Any]:
     return wrapped
 
 
+def _require_deltasam_step(training_step: Callable[..., Any]) -> Callable[..., Any]:
+    """Fail on the first batch when a custom ``training_step`` never calls ``deltasam_step``.
+
+    Under manual optimization such a step (left over from automatic optimization) would
+    train nothing, silently, and a run bounded only by ``max_steps`` would never end.
+    """
+
+    @functools.wraps(training_step)
+    def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.__dict__.get("_deltasam_step_seen"):
+            return training_step(self, *args, **kwargs)
+        self.__dict__["_deltasam_step_called"] = False
+        out = training_step(self, *args, **kwargs)
+        if not self.__dict__["_deltasam_step_called"]:
+            raise RuntimeError(
+                f"{type(self).__name__}.training_step returned without calling self.deltasam_step(batch): under "
+                "DeltaSAMMixin (manual optimization) nothing would be trained. Delete training_step to let the mixin "
+                "own it, or call self.deltasam_step(batch) from it (it returns a StepResult with .loss)"
+            )
+        self.__dict__["_deltasam_step_seen"] = True
+        return out
+
+    wrapped._deltasam_wrapped = True  # type: ignore[attr-defined]
+    return wrapped
+
+
 class DeltaSAMMixin:
     """Sharpness-aware training for a LightningModule: ``class M(DeltaSAMMixin, L.LightningModule)``.
 
@@ -172,6 +198,9 @@ class DeltaSAMMixin:
         hook = cls.on_before_optimizer_step
         if hook is not DeltaSAMMixin.on_before_optimizer_step and not getattr(hook, "_deltasam_wrapped", False):
             cls.on_before_optimizer_step = _require_clipping(hook)  # type: ignore[method-assign]
+        step = cls.training_step
+        if step is not DeltaSAMMixin.training_step and not getattr(step, "_deltasam_wrapped", False):
+            cls.training_step = _require_deltasam_step(step)  # type: ignore[method-assign]
 
     @property
     def automatic_optimization(self) -> bool:
@@ -191,6 +220,7 @@ class DeltaSAMMixin:
 
     def deltasam_step(self, batch: Batch) -> StepResult:
         """Run one micro-batch of the double step; step the optimizer at the end of each accumulation window."""
+        self.__dict__["_deltasam_step_called"] = True
         module: LightningModule = self  # type: ignore[assignment]
         cfg = self._deltasam_config()
         trainer = module.trainer
@@ -261,15 +291,22 @@ class DeltaSAMMixin:
                 RuntimeWarning,
                 stacklevel=3,
             )
-            optimizer.zero_grad(set_to_none=True)
+            self._deltasam_zero_grad(engine, optimizer)
             return
         try:
             optimizer.step()  # clipping happens in on_before_optimizer_step, after a loss scaler unscales
         except BaseException:
             engine.rollback()
             raise
-        optimizer.zero_grad(set_to_none=True)
+        self._deltasam_zero_grad(engine, optimizer)
         self._deltasam_step_schedulers("step", module.global_step)
+
+    @staticmethod
+    def _deltasam_zero_grad(engine: DeltaSAM, optimizer: Any) -> None:
+        """Zero the optimizer's gradients and those the step wrote to trainable parameters outside it."""
+        optimizer.zero_grad(set_to_none=True)
+        for p in engine.unperturbed:
+            p.grad = None
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
         """Clip G here: Lightning calls it inside the optimizer step, after a loss scaler has unscaled G."""
@@ -344,7 +381,7 @@ class DeltaSAMMixin:
         if result.grad_norm is not None and result.eps_norm is not None:
             means["sam/grad_norm"] = result.grad_norm
             means["sam/eps_norm"] = result.eps_norm
-        if result.weights is not None:
+        if cfg.reweights and result.weights is not None:
             means["sam/ess"] = result.effective_sample_size  # type: ignore[assignment]
             maxima["sam/max_weight"] = result.max_weight  # type: ignore[assignment]
         if result.update_norm is not None:
@@ -357,8 +394,11 @@ class DeltaSAMMixin:
         module.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         module.log_dict(metrics, on_step=True, on_epoch=False)
         every = cfg.histogram_every_n_steps
-        if last and every and module.global_step % every == 0 and result.weights is not None:
-            log_histograms(module, {"sam/lambda": result.weights, "sam/loss_change": result.loss_change})
+        if last and every and module.global_step % every == 0 and result.perturbed_losses is not None:
+            histograms = {"sam/loss_change": result.loss_change}
+            if cfg.reweights:
+                histograms["sam/lambda"] = result.weights
+            log_histograms(module, histograms)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
