@@ -15,6 +15,7 @@ ASCENTS = ("local", "global")
 PER_INSTANCE_IMPLS = ("loop", "vmap")
 CLIP_ALGORITHMS = ("norm", "value")
 RHO_SCHEDULES = ("constant", "warmup", "follow_lr", "start_step")
+REUSES = (None, "looksam")
 
 
 def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
@@ -106,6 +107,12 @@ class DeltaSAMConfig:
             (``torch.func``, small dropout-free models) for the ``exact`` estimator and
             the ``per_instance`` method.
         per_instance_chunk: instances per ``vmap`` call (``None``: the whole batch).
+        interval: a full sharpness-aware step every ``interval`` optimizer steps (counted
+            by ``global_step``, across epochs), a plain ERM step otherwise.
+        reuse: between full steps, ``None`` takes plain steps; ``looksam`` adds the last
+            full step's sharpness direction orthogonal to the plain gradient, rescaled to
+            the plain gradient's norm (LookSAM, Liu et al., 2022).
+        reuse_alpha: LookSAM's weight of the reused direction.
         accumulate_grad_batches: micro-batches per optimizer step.
         gradient_clip_val: clip G (never the ascent gradient); ``None`` disables.
         gradient_clip_algorithm: ``norm`` or ``value``.
@@ -143,6 +150,9 @@ class DeltaSAMConfig:
     ascent: str = "local"
     per_instance_impl: str = "loop"
     per_instance_chunk: Optional[int] = None
+    interval: int = 1
+    reuse: Optional[str] = None
+    reuse_alpha: float = 0.7
     accumulate_grad_batches: int = 1
     gradient_clip_val: Optional[float] = None
     gradient_clip_algorithm: str = "norm"
@@ -170,6 +180,9 @@ class DeltaSAMConfig:
         _number("asam_eta", self.asam_eta, low=0.0)
         _integer("probe_samples", self.probe_samples, low=1)
         _integer("accumulate_grad_batches", self.accumulate_grad_batches, low=1)
+        _integer("interval", self.interval, low=1)
+        _choice("reuse", self.reuse, REUSES)
+        _number("reuse_alpha", self.reuse_alpha, low=0.0)
         _integer("histogram_every_n_steps", self.histogram_every_n_steps, low=0)
         if self.per_instance_chunk is not None:
             _integer("per_instance_chunk", self.per_instance_chunk, low=1)

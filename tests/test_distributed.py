@@ -85,6 +85,8 @@ DDP_METHODS = [
     *METHODS,
     dict(method="deltasam", estimator="exact", ascent="global"),
     dict(method="deltasam", accumulate_grad_batches=2),
+    dict(method="sam", interval=2, reuse="looksam"),
+    dict(method="deltasam", interval=3, reuse="looksam", accumulate_grad_batches=2),
 ]
 
 

@@ -55,6 +55,11 @@ class StepResult:
     finite: Optional[bool] = None
     """Whether the update can be taken: on no rank a non-finite loss, ascent gradient or G since the
     last synchronized step; ``None`` when not checked."""
+    plain_grad: Optional[list[Tensor]] = None
+    """With ``step(plain_grad=True)`` on a sharpness-aware step: the plain gradient at w, one tensor per
+    perturbed parameter, up to a positive scale (a loss scaler's)."""
+    plain_grad_synced: bool = False
+    """Whether ``plain_grad`` is already averaged over ranks (a global ascent with uniform weights)."""
 
     def local_finite(self) -> Tensor:
         """This rank's losses (and ascent gradient norm) are finite, as a 0-d bool tensor (no sync)."""
@@ -228,6 +233,7 @@ class DeltaSAM:
         sync_descent: bool = True,
         check_finite: bool = True,
         rho: Optional[float] = None,
+        plain_grad: bool = False,
     ) -> StepResult:
         """Add G for one (micro-)batch to ``.grad``; the weights end exactly where they started.
 
@@ -245,6 +251,9 @@ class DeltaSAM:
                 under data parallelism). Turn it off under a loss scaler, which checks itself.
             rho: this step's radius (e.g. from :func:`~lit_deltasam.core.schedule.scheduled_rho`);
                 default ``config.rho``. At 0 the step is a plain ERM step.
+            plain_grad: also return the plain gradient at w in ``result.plain_grad`` (for
+                :class:`~lit_deltasam.core.amortized.Reuse`); free for SAM and ASAM, one more
+                backward through the clean graph for reweighted ascents.
 
         Raises:
             Whatever ``loss_fn`` or ``backward`` raise. Parameters, buffers and
@@ -261,9 +270,11 @@ class DeltaSAM:
             if self.config.method == "erm" or rho == 0:
                 result = self._erm(loss_fn, batch, grads_before, backward, no_sync, sync_descent)
             elif self.config.method == "per_instance":
-                result = self._per_instance(loss_fn, batch, grads_before, backward, no_sync, sync_descent, rho)
+                result = self._per_instance(
+                    loss_fn, batch, grads_before, backward, no_sync, sync_descent, rho, plain_grad
+                )
             else:
-                result = self._two_pass(loss_fn, batch, grads_before, backward, no_sync, sync_descent, rho)
+                result = self._two_pass(loss_fn, batch, grads_before, backward, no_sync, sync_descent, rho, plain_grad)
         except BaseException:
             self.rollback()
             put_grads(self.updated, grads_before)
@@ -302,10 +313,12 @@ class DeltaSAM:
             backward(losses.mean())
         return StepResult(losses=losses.detach())
 
-    def _per_instance(self, loss_fn, batch, grads_before, backward, no_sync, sync_descent, rho) -> StepResult:
+    def _per_instance(
+        self, loss_fn, batch, grads_before, backward, no_sync, sync_descent, rho, plain_grad
+    ) -> StepResult:
         # per-instance passes are local: a synchronized DDP forward would arm the all-reduce for them
         with no_sync():
-            update, losses, perturbed = self._instances.sam_gradient(loss_fn, batch, rho, self._params_before)
+            update, losses, perturbed, plain = self._instances.sam_gradient(loss_fn, batch, rho, self._params_before)
         put_grads(self.updated, grads_before, copy=True)
         # d/dp sum_p <p, G_p> = G: routes G through the caller's backward (loss scaling, DDP all-reduce).
         surrogate = torch.stack([t.sum() for t in torch._foreach_mul(self.params, update)]).sum()
@@ -313,9 +326,14 @@ class DeltaSAM:
             if sync_descent:
                 arm_reducer(no_sync, surrogate)
             backward(surrogate)
-        return StepResult(losses=losses.detach(), perturbed_losses=perturbed.detach(), perturbed=True)
+        return StepResult(
+            losses=losses.detach(),
+            perturbed_losses=perturbed.detach(),
+            perturbed=True,
+            plain_grad=plain if plain_grad else None,
+        )
 
-    def _two_pass(self, loss_fn, batch, grads_before, backward, no_sync, sync_descent, rho) -> StepResult:
+    def _two_pass(self, loss_fn, batch, grads_before, backward, no_sync, sync_descent, rho, plain_grad) -> StepResult:
         cfg = self.config
         # A local ascent keeps both its forward and its backward out of the all-reduce:
         # raw DDP decides at forward time, Lightning at backward time.
@@ -337,8 +355,14 @@ class DeltaSAM:
             # the all-reduced gradient sum_i lambda_i g_i over the global batch.
             weights = batch_weights[mine] * (world_size() if cfg.ascent == "global" else 1)
             ascent_loss = (weights.to(losses.dtype) * losses).sum() if cfg.reweights else losses.mean()
+            plain = None
+            if plain_grad and cfg.reweights:
+                grads = torch.autograd.grad(losses.mean(), self.params, retain_graph=True, allow_unused=True)
+                plain = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
             with ascent_sync():
                 backward(ascent_loss)
+            if plain_grad and not cfg.reweights:
+                plain = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in self.params]
             with_grad = [p for p in self.params if p.grad is not None]
             grad_norm, eps_norm, applied = perturb(
                 with_grad,
@@ -374,6 +398,8 @@ class DeltaSAM:
             grad_norm=grad_norm.detach(),
             eps_norm=eps_norm.detach(),
             perturbed=applied,
+            plain_grad=plain,
+            plain_grad_synced=cfg.ascent == "global" and not cfg.reweights,
         )
 
     def _weights(

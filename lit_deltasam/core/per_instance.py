@@ -96,13 +96,13 @@ class PerInstance:
 
     def sam_gradient(
         self, loss_fn: LossFn, batch: Batch, rho: float, snapshot: Snapshot
-    ) -> tuple[list[Tensor], Tensor, Tensor]:
+    ) -> tuple[list[Tensor], Tensor, Tensor, list[Tensor]]:
         """``G = mean_i grad l_i(w + rho ĝ_i)`` with ``ĝ_i = g_i / ||g_i||``.
 
         Returns:
-            ``G`` as one tensor per parameter, the losses ``l_i(w)`` and the losses
-            ``l_i(w + rho ĝ_i)``. ``snapshot`` must hold ``params`` at ``w``; the
-            parameters are restored from it.
+            ``G`` as one tensor per parameter, the losses ``l_i(w)``, the losses
+            ``l_i(w + rho ĝ_i)`` and the plain gradient ``mean_i g_i``. ``snapshot`` must
+            hold ``params`` at ``w``; the parameters are restored from it.
         """
         check_instance_independent(self.module)
         if self.impl == "vmap" and self.share_dropout and _has_active_dropout(self.module):
@@ -112,11 +112,13 @@ class PerInstance:
             )
         n = self._size(batch)
         total = [torch.zeros_like(p) for p in self.params]
+        plain = [torch.zeros_like(p) for p in self.params]
         clean, perturbed = [], []
         if self.impl == "vmap":
             for chunk in self._chunks(batch):
-                losses, grads, perturbed_losses = self._vmap(loss_fn, chunk, rho=rho)
+                losses, grads, perturbed_losses, clean_grads = self._vmap(loss_fn, chunk, rho=rho)
                 torch._foreach_add_(total, [g.sum(0) for g in grads])
+                torch._foreach_add_(plain, [g.sum(0) for g in clean_grads])
                 clean.append(losses)
                 perturbed.append(perturbed_losses)
         else:
@@ -126,6 +128,7 @@ class PerInstance:
                 random_state.capture()
                 loss = self._instance_loss(loss_fn, instance)
                 grads = self._grads(loss)
+                torch._foreach_add_(plain, grads)
                 norm = total_norm(grads)
                 try:
                     if norm > 0 and torch.isfinite(norm):
@@ -139,7 +142,8 @@ class PerInstance:
                 clean.append(loss.detach().reshape(1))
                 perturbed.append(perturbed_loss.detach().reshape(1))
         torch._foreach_div_(total, n)
-        return total, torch.cat(clean), torch.cat(perturbed)
+        torch._foreach_div_(plain, n)
+        return total, torch.cat(clean), torch.cat(perturbed), plain
 
     @property
     def device(self) -> torch.device:
@@ -184,8 +188,8 @@ class PerInstance:
             norm = norm_of(grads)
             scale = torch.where((norm > 0) & torch.isfinite(norm), rho / norm, torch.zeros_like(norm))
             moved = {k: v + scale * grads[k] for k, v in params.items()}
-            grads, perturbed_loss = grad_and_value(loss_one)(moved, instance)
-            return loss, [grads[k] for k in params], perturbed_loss
+            moved_grads, perturbed_loss = grad_and_value(loss_one)(moved, instance)
+            return loss, [moved_grads[k] for k in params], perturbed_loss, [grads[k] for k in params]
 
         in_dims = tree_map(lambda t: 0 if isinstance(t, Tensor) and t.ndim > 0 else None, batch)
         fn = norm_one if rho is None else sam_one

@@ -12,7 +12,7 @@ import os
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Optional
 
 import torch
@@ -25,6 +25,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from ..config import DeltaSAMConfig
 from ..core import DeltaSAM, StepResult
+from ..core.amortized import Reuse
 from ..core.batch import Batch
 from ..core.distributed import world_size
 from ..core.engine import fsdp_refusal
@@ -47,6 +48,15 @@ class _LoopState:
     epochs_scheduled: int = 0
     """Epochs whose end has stepped the epoch-interval LR schedulers."""
     base_seed: Optional[int] = None
+    plain_synced: bool = False
+    """Whether ``plain_sum`` is already averaged over ranks."""
+    plain_sum: Optional[list[Tensor]] = None
+    """LookSAM: the plain gradients at w summed over this window's micro-batches (full steps only)."""
+    reuse_direction: Optional[list[Tensor]] = None
+    """LookSAM: the stored direction g_v of the last full step."""
+
+
+_TENSOR_STATE = ("plain_sum", "reuse_direction")
 
 
 def _token(trainer: Any) -> object:
@@ -238,7 +248,8 @@ class DeltaSAMMixin:
             # without seed_everything the ranks' initial seeds differ; a checkpoint keeps rank 0's
             state.base_seed = trainer.strategy.broadcast(int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed())))
         seed = step_seed(state.base_seed, state.micro_batches, module.global_rank)
-        rho = self.deltasam_rho(cfg)
+        full = module.global_step % cfg.interval == 0
+        rho = self.deltasam_rho(cfg) if full else 0.0
         with seeded(seed, engine.device) if cfg.seed_steps else nullcontext():
             result = engine.step(
                 module.per_sample_loss,
@@ -248,7 +259,15 @@ class DeltaSAMMixin:
                 sync_descent=last,
                 check_finite=scaler is None,
                 rho=rho,
+                plain_grad=cfg.reuse is not None and rho > 0,
             )
+        if result.plain_grad is not None:
+            if state.plain_sum is None:
+                state.plain_sum = result.plain_grad
+            else:  # a window resumed from a checkpoint holds its partial sum on the CPU
+                state.plain_sum = [a.to(b.device, b.dtype) for a, b in zip(state.plain_sum, result.plain_grad)]
+                torch._foreach_add_(state.plain_sum, result.plain_grad)
+            state.plain_synced = result.plain_grad_synced
         if scaler is not None and result.grad_norm is not None:
             result.grad_norm = result.grad_norm / scaler.get_scale()
         state.micro += 1
@@ -257,7 +276,7 @@ class DeltaSAMMixin:
             state.perturbation_skipped += 1
         if last:
             self._deltasam_optimizer_step(engine, optimizer, cfg, result)
-        self._deltasam_log(cfg, result, last, rho)
+        self._deltasam_log(cfg, result, last, rho, full)
         return result
 
     def deltasam_rho(self, cfg: Optional[DeltaSAMConfig] = None) -> float:
@@ -283,6 +302,7 @@ class DeltaSAMMixin:
                 torch._foreach_mul_([local(p.grad) for p in engine.params if p.grad is not None], 1.0 / window)
             if result.update_norm is not None:
                 result.update_norm = result.update_norm / window
+        plain, state.plain_sum = state.plain_sum, None
         if result.finite is False:
             state.steps_skipped += 1
             warnings.warn(
@@ -293,6 +313,8 @@ class DeltaSAMMixin:
             )
             self._deltasam_zero_grad(engine, optimizer)
             return
+        if cfg.reuse is not None:
+            self._deltasam_reuse(engine, cfg, plain)
         try:
             optimizer.step()  # clipping happens in on_before_optimizer_step, after a loss scaler unscales
         except BaseException:
@@ -300,6 +322,28 @@ class DeltaSAMMixin:
             raise
         self._deltasam_zero_grad(engine, optimizer)
         self._deltasam_step_schedulers("step", module.global_step)
+
+    def _deltasam_reuse(self, engine: DeltaSAM, cfg: DeltaSAMConfig, plain: Optional[list[Tensor]]) -> None:
+        """LookSAM at the window's end, on the synchronized G: store g_v after a full step, add it after a plain one."""
+        module: LightningModule = self  # type: ignore[assignment]
+        state = self._deltasam_state
+        for p in engine.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in engine.params]
+        reuse = Reuse(cfg.reuse_alpha, engine.reduce_squares)
+        if state.reuse_direction is not None:
+            reuse.direction = [d.to(g.device, g.dtype) for d, g in zip(state.reuse_direction, grads)]
+        if plain is None:
+            reuse.apply(grads)
+            return
+        if not state.plain_synced and world_size() > 1:
+            for g in plain:
+                torch.distributed.all_reduce(g, op=torch.distributed.ReduceOp.SUM)
+        staleness = reuse.record(grads, plain)
+        state.reuse_direction = reuse.direction
+        if staleness is not None:
+            module.log("sam/reuse_cos", staleness, on_step=True, on_epoch=False)
 
     @staticmethod
     def _deltasam_zero_grad(engine: DeltaSAM, optimizer: Any) -> None:
@@ -368,12 +412,14 @@ class DeltaSAMMixin:
                     continue
             module.lr_scheduler_step(config.scheduler, metric)
 
-    def _deltasam_log(self, cfg: DeltaSAMConfig, result: StepResult, last: bool, rho: float) -> None:
+    def _deltasam_log(self, cfg: DeltaSAMConfig, result: StepResult, last: bool, rho: float, full: bool) -> None:
         module: LightningModule = self  # type: ignore[assignment]
         state = self._deltasam_state
         means: dict[str, Tensor] = {"train/loss": result.loss}
         if cfg.perturbs:
             module.log("sam/rho", rho, on_step=True, on_epoch=False)
+        if cfg.perturbs and cfg.interval > 1:
+            module.log("sam/full_step", float(full), on_step=True, on_epoch=False)
         maxima: dict[str, Tensor] = {}
         if result.perturbed_losses is not None:
             means["sam/perturbed_loss"] = result.perturbed_loss  # type: ignore[assignment]
@@ -403,10 +449,24 @@ class DeltaSAMMixin:
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
         state = self._deltasam_state
-        saved: dict[str, Any] = {"state": asdict(state)}
+        scalars = {f.name: getattr(state, f.name) for f in fields(state) if f.name not in _TENSOR_STATE}
+        saved: dict[str, Any] = {"state": scalars}
         cached = self.__dict__.get("_deltasam_engine_cache")
         if state.micro and cached is not None:
             saved["grads"] = self._deltasam_partial_grads(cached[2])
+            if state.plain_sum is not None:
+                plain = [g.detach().clone() for g in state.plain_sum]
+                if not state.plain_synced and world_size() > 1:
+                    for g in plain:
+                        torch.distributed.all_reduce(g, op=torch.distributed.ReduceOp.SUM)
+                saved["plain"] = [g.cpu() for g in plain]
+        if state.reuse_direction is not None:
+            if cached is not None and any(is_sharded(p) for p in cached[2].params):
+                raise RuntimeError(
+                    "cannot checkpoint LookSAM's stored direction under FSDP: each rank holds its own shard of it; "
+                    "use reuse=None, or DDP, to checkpoint this run"
+                )
+            saved["reuse"] = [d.detach().cpu() for d in state.reuse_direction]
         checkpoint["deltasam"] = saved
 
     def _deltasam_partial_grads(self, engine: DeltaSAM) -> list[Tensor]:
@@ -451,9 +511,14 @@ class DeltaSAMMixin:
                 epochs_scheduled=progress.get("current", {}).get("processed", checkpoint.get("epoch", 0))
             )
         else:
-            known = {f.name for f in fields(_LoopState)}
+            known = {f.name for f in fields(_LoopState)} - set(_TENSOR_STATE)
             state = _LoopState(**{k: v for k, v in saved["state"].items() if k in known})
             self.__dict__["_deltasam_pending_grads"] = saved.get("grads")
+            state.reuse_direction = saved.get("reuse")
+            plain = saved.get("plain")
+            if plain is not None and not state.plain_synced and module.global_rank != 0:
+                plain = [torch.zeros_like(g) for g in plain]  # rank 0 carries the sum over ranks
+            state.plain_sum = plain
         self.__dict__["_deltasam_loop_state"] = state
         self.__dict__["_deltasam_trainer"] = _token(trainer)
 
@@ -515,6 +580,11 @@ class DeltaSAMMixin:
             )
         if fsdp1 and (cfg.method == "per_instance" or (cfg.reweights and cfg.estimator != "head")):
             raise NotImplementedError(fsdp_refusal(cfg))
+        if cfg.reuse is not None and cfg.reweights and (fsdp1 or any(is_sharded(p) for p in params)):
+            raise NotImplementedError(
+                "reuse='looksam' with reweighted ascents is not available under FSDP: the plain gradient it needs "
+                "would not be reduce-scattered; use method='sam' or 'asam' with reuse='looksam', or reuse=None"
+            )
         reduce_squares = (lambda squares: strategy.reduce(squares, reduce_op="sum")) if fsdp1 else None
         engine = DeltaSAM(module, cfg, params, reduce_squares=reduce_squares)
         pending = self.__dict__.pop("_deltasam_pending_grads", None)

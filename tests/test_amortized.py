@@ -1,0 +1,100 @@
+"""Amortized steps: a full double step every k steps, plain or LookSAM steps in between."""
+
+import pytest
+import torch
+from helpers import TinyModule, flat_params, least_squares_problem, loader, ls_grad, trainer
+from test_lightning import SaveAt
+from test_schedule import LR, LeastSquaresModule, RecordRho
+
+from lit_deltasam import DeltaSAMConfig
+from lit_deltasam.core.amortized import Reuse
+
+RHO, ALPHA = 0.2, 0.5
+
+
+def looksam_trajectory(x, y, w, interval, alpha, steps=8, reuse=True):
+    """The least-squares LookSAM trajectory in closed form."""
+    direction = None
+    for t in range(steps):
+        g = ls_grad(x, y, w)
+        if t % interval == 0:
+            update = ls_grad(x, y, w + RHO * g / g.norm())
+            direction = update - (update @ g) / (g @ g) * g
+        else:
+            update = g + alpha * g.norm() / direction.norm() * direction if reuse else g
+        w = w - LR * update
+    return w
+
+
+@pytest.mark.parametrize("interval, reuse", [(3, "looksam"), (2, "looksam"), (3, None)])
+def test_least_squares_trajectory_in_closed_form(interval, reuse):
+    x, y, w = least_squares_problem()
+    config = DeltaSAMConfig(method="sam", rho=RHO, interval=interval, reuse=reuse, reuse_alpha=ALPHA)
+    module = LeastSquaresModule(config, x, y, w)
+    record = RecordRho()
+    trainer(max_epochs=1, callbacks=[record]).fit(module)
+    assert record.rhos == pytest.approx([RHO if t % interval == 0 else 0.0 for t in range(8)])
+    expected = looksam_trajectory(x, y, w, interval, ALPHA, reuse=reuse is not None)
+    torch.testing.assert_close(module.w.detach(), expected, atol=1e-10, rtol=0)
+
+
+def test_reuse_formula_and_staleness():
+    plain = [torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)]
+    full = [torch.tensor([2.0, 3.0, 0.0], dtype=torch.float64)]
+    reuse = Reuse(alpha=0.5)
+    assert reuse.record(full, plain) is None
+    torch.testing.assert_close(reuse.direction[0], torch.tensor([0.0, 3.0, 0.0], dtype=torch.float64))
+    grads = [torch.tensor([0.0, 0.0, 4.0], dtype=torch.float64)]
+    reuse.apply(grads)
+    torch.testing.assert_close(grads[0], torch.tensor([0.0, 2.0, 4.0], dtype=torch.float64))  # + 0.5 * 4/3 * g_v
+    staleness = reuse.record([torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)], plain)
+    assert staleness == pytest.approx(1 / 2**0.5)  # old (0, 3, 0) against fresh (0, 1, 1)
+
+
+@pytest.mark.parametrize("method", [dict(method="sam"), dict(method="deltasam", estimator="exact", beta=-1.0)])
+def test_interval_one_is_the_method_bit_for_bit(method):
+    finals = []
+    for extra in ({}, dict(interval=1, reuse="looksam")):
+        torch.manual_seed(0)
+        module = TinyModule(DeltaSAMConfig(**method, **extra), dropout=0.1)
+        trainer(max_steps=4).fit(module, loader(n=32, batch_size=8, shuffle=True))
+        finals.append(flat_params(module))
+    assert torch.equal(*finals)
+
+
+@pytest.mark.parametrize("at", [4, 5])
+def test_resume_mid_interval_is_exact(at, tmp_path):
+    """Batch 4 is the end of a window on a plain step between full ones, batch 5 the middle of the next window."""
+
+    def run(ckpt_path=None, callbacks=()):
+        torch.manual_seed(0)
+        config = DeltaSAMConfig(method="deltasam", rho=0.2, interval=3, reuse="looksam", accumulate_grad_batches=2)
+        module = TinyModule(config, optimizer="adamw", lr=0.01, dropout=0.2)
+        fit = trainer(max_epochs=2, callbacks=list(callbacks))
+        fit.fit(module, loader(n=64, shuffle=True), ckpt_path=ckpt_path)
+        return module
+
+    full = run(callbacks=[SaveAt(tmp_path, [at])])
+    resumed = run(ckpt_path=tmp_path / f"batch{at}.ckpt")
+    assert torch.equal(flat_params(resumed), flat_params(full))
+
+
+def test_full_steps_and_staleness_are_logged():
+    module = TinyModule(DeltaSAMConfig(method="sam", interval=2, reuse="looksam"))
+    seen = []
+
+    class Watch(RecordRho):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            metrics = trainer.callback_metrics
+            seen.append((float(metrics["sam/full_step"]), "sam/reuse_cos" in metrics))
+
+    trainer(max_steps=5, callbacks=[Watch()]).fit(module, loader(n=64, batch_size=8))
+    assert [full for full, _ in seen] == [1.0, 0.0, 1.0, 0.0, 1.0]
+    assert [cos for _, cos in seen] == [False, False, True, True, True]  # from the second full step on
+
+
+def test_bad_amortization_options_fail_naming_the_value():
+    with pytest.raises(ValueError, match=r"interval=0 is not valid; it must be an integer >= 1"):
+        DeltaSAMConfig(interval=0)
+    with pytest.raises(ValueError, match=r"reuse='lookahead' is not valid; choose one of \[None, 'looksam'\]"):
+        DeltaSAMConfig(reuse="lookahead")
