@@ -259,3 +259,44 @@ def test_eps_norm_is_what_16_bit_weights_moved():
     moved = torch.cat([(a.float() - b.float()).reshape(-1) for a, b in zip(seen[-1], before)]).norm()
     assert result.eps_norm.item() == pytest.approx(moved.item(), rel=1e-2)
     assert abs(result.eps_norm.item() - 0.05) > 0.01
+
+
+class FakeAccelerator:
+    """Stands in for torch.mps / torch.xpu: a generator state per device."""
+
+    def __init__(self):
+        self.state = torch.tensor([1, 2, 3], dtype=torch.uint8)
+        self.calls = []
+
+    def get_rng_state(self, device):
+        self.calls.append(("get", device.type))
+        return self.state.clone()
+
+    def set_rng_state(self, state, device):
+        self.calls.append(("set", device.type))
+        self.state = state.clone()
+
+    def manual_seed(self, seed):
+        self.calls.append(("seed", seed))
+
+
+def test_the_random_state_of_other_accelerators_is_replayed(monkeypatch):
+    """share_dropout and seed_steps reach the generator of MPS, XPU and other device modules, not only CUDA's."""
+    from lit_deltasam.core.randomness import RandomState
+
+    fake = FakeAccelerator()
+    monkeypatch.setattr(torch, "get_device_module", lambda kind: fake)
+    state = RandomState(torch.device("xpu"))
+    state.capture()
+    fake.state = torch.tensor([9, 9, 9], dtype=torch.uint8)  # the device draws
+    state.restore()
+    assert fake.calls == [("get", "xpu"), ("set", "xpu")]
+    assert torch.equal(fake.state, torch.tensor([1, 2, 3], dtype=torch.uint8))
+
+
+def test_a_device_without_a_controllable_generator_is_named(monkeypatch):
+    from lit_deltasam.core.randomness import RandomState
+
+    monkeypatch.setattr(torch, "get_device_module", lambda kind: object())
+    with pytest.raises(NotImplementedError, match=r"device type 'xpu'.*set share_dropout=False and seed_steps=False"):
+        RandomState(torch.device("xpu"))
