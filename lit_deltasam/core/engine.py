@@ -125,22 +125,32 @@ def _owned_parameters(module: nn.Module, params: Optional[Iterable[Tensor]]) -> 
     return chosen, [names[id(p)] for p in chosen]
 
 
-def fsdp_refusal(config: DeltaSAMConfig) -> str:
-    """Why ``config`` cannot run on sharded parameters, and what can."""
+def _refuse_sharded(config: DeltaSAMConfig) -> None:
+    """Fail, saying why and what can run instead, where ``config`` cannot run on sharded parameters (FSDP)."""
+    if config.perturbs and config.ascent == "local":
+        raise ValueError(
+            "DeltaSAMConfig.ascent='local' is not available with sharded parameters (FSDP): the backward "
+            "reduce-scatters the ascent gradient, so every rank sees the full batch's; use ascent='global'"
+        )
     if config.method == "per_instance":
-        return (
+        raise NotImplementedError(
             "method='per_instance' is not available under FSDP: per-instance gradients need whole parameters; "
             "use method='sam' or method='deltasam' with estimator='head'"
         )
-    return (
-        f"estimator={config.estimator!r} is not available under FSDP: "
-        + (
+    if config.reweights and config.estimator != "head":
+        why = (
             "per-instance gradient norms need whole parameters"
             if config.estimator == "exact"
             else "FSDP's root unit keeps its parameters gathered across forwards, out of a probe's reach"
         )
-        + "; choose one of ['head']"
-    )
+        raise NotImplementedError(
+            f"estimator={config.estimator!r} is not available under FSDP: {why}; choose one of ['head']"
+        )
+    if config.reuse is not None and config.reweights:
+        raise NotImplementedError(
+            "reuse='looksam' with reweighted ascents is not available under FSDP: the plain gradient it needs "
+            "would not be reduce-scattered; use method='sam' or 'asam' with reuse='looksam', or reuse=None"
+        )
 
 
 class DeltaSAM:
@@ -190,10 +200,8 @@ class DeltaSAM:
                 f"parameters {names[:5]}{' …' if len(names) > 5 else ''}; pass every trainable parameter or freeze them"
             )
         self.reduce_squares = reduce_squares if reduce_squares is not None else shard_reduction(self.params)
-        if any(is_sharded(p) for p in self.params) and (
-            config.method == "per_instance" or (config.reweights and config.estimator != "head")
-        ):
-            raise NotImplementedError(fsdp_refusal(config))
+        if reduce_squares is not None or any(is_sharded(p) for p in self.params):
+            _refuse_sharded(config)
         self._params_before = Snapshot(self.params)
         self._buffers_before = Snapshot(module.buffers)
         self._buffers_clean = Snapshot(module.buffers)

@@ -10,9 +10,10 @@ import functools
 import math
 import os
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Optional
 
 import torch
@@ -28,7 +29,6 @@ from ..core import DeltaSAM, StepResult
 from ..core.amortized import Reuse
 from ..core.batch import Batch
 from ..core.distributed import world_size
-from ..core.engine import fsdp_refusal
 from ..core.randomness import seeded, step_seed
 from ..core.schedule import scheduled_rho
 from ..core.sharding import is_sharded, local
@@ -59,9 +59,38 @@ class _LoopState:
 _TENSOR_STATE = ("plain_sum", "reuse_direction")
 
 
-def _token(trainer: Any) -> object:
-    """An object that identifies ``trainer`` (held by the module without keeping the trainer alive)."""
-    return trainer.__dict__.setdefault("_deltasam_token", object())
+@dataclass
+class _Fit:
+    """What the mixin holds for the fit in progress."""
+
+    trainer: Optional[weakref.ReferenceType] = None
+    loop: _LoopState = field(default_factory=_LoopState)
+    engine: Optional[tuple[Any, DeltaSAMConfig, DeltaSAM]] = None
+    """The engine, with the optimizer and the config it was built for."""
+    pending_grads: Optional[list[Tensor]] = None
+    """A resumed accumulation window's partial gradients, installed when the engine is built."""
+
+
+@dataclass
+class _MixinState:
+    """All the mixin keeps on a module: the fit in progress, and what its hook wrappers note."""
+
+    fit: Optional[_Fit] = None
+    monitors: dict[int, tuple[Optional[str], bool]] = field(default_factory=dict)
+    """``id(scheduler)`` → (monitor, strict) from ``configure_optimizers``."""
+    clipped: bool = False
+    step_called: bool = False
+    step_seen: bool = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "fit": None}  # a pickled module leaves its fit (and trainer) behind
+
+
+def _holder(module: Any) -> _MixinState:
+    state = module.__dict__.get("_deltasam")
+    if state is None:
+        state = module.__dict__["_deltasam"] = _MixinState()
+    return state
 
 
 def optimizer_params(optimizer: Any) -> list[Tensor]:
@@ -117,7 +146,7 @@ def _remember_plateau_monitors(configure_optimizers: Callable[..., Any]) -> Call
     @functools.wraps(configure_optimizers)
     def wrapped(self: Any) -> Any:
         out = configure_optimizers(self)
-        self.__dict__["_deltasam_monitors"] = {id(s): (m, strict) for s, m, strict in monitors(out)}
+        _holder(self).monitors = {id(s): (m, strict) for s, m, strict in monitors(out)}
         return out
 
     wrapped._deltasam_wrapped = True  # type: ignore[attr-defined]
@@ -129,9 +158,9 @@ def _require_clipping(hook: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(hook)
     def wrapped(self: Any, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
-        self.__dict__["_deltasam_clipped"] = False
+        _holder(self).clipped = False
         out = hook(self, optimizer, *args, **kwargs)
-        if self._deltasam_config().gradient_clip_val is not None and not self.__dict__["_deltasam_clipped"]:
+        if self._deltasam_config().gradient_clip_val is not None and not _holder(self).clipped:
             raise RuntimeError(
                 "DeltaSAMConfig.gradient_clip_val is set but no clipping ran: on_before_optimizer_step was overridden "
                 "without calling super().on_before_optimizer_step(optimizer); the weights are unchanged"
@@ -151,17 +180,18 @@ def _require_deltasam_step(training_step: Callable[..., Any]) -> Callable[..., A
 
     @functools.wraps(training_step)
     def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if self.__dict__.get("_deltasam_step_seen"):
+        holder = _holder(self)
+        if holder.step_seen:
             return training_step(self, *args, **kwargs)
-        self.__dict__["_deltasam_step_called"] = False
+        holder.step_called = False
         out = training_step(self, *args, **kwargs)
-        if not self.__dict__["_deltasam_step_called"]:
+        if not holder.step_called:
             raise RuntimeError(
                 f"{type(self).__name__}.training_step returned without calling self.deltasam_step(batch): under "
                 "DeltaSAMMixin (manual optimization) nothing would be trained. Delete training_step to let the mixin "
                 "own it, or call self.deltasam_step(batch) from it (it returns a StepResult with .loss)"
             )
-        self.__dict__["_deltasam_step_seen"] = True
+        holder.step_seen = True
         return out
 
     wrapped._deltasam_wrapped = True  # type: ignore[attr-defined]
@@ -230,11 +260,9 @@ class DeltaSAMMixin:
 
     def deltasam_step(self, batch: Batch) -> StepResult:
         """Run one micro-batch of the double step; step the optimizer at the end of each accumulation window."""
-        self.__dict__["_deltasam_step_called"] = True
+        _holder(self).step_called = True
         module: LightningModule = self  # type: ignore[assignment]
         cfg = self._deltasam_config()
-        trainer = module.trainer
-        state = self._deltasam_state
         optimizer = module.optimizers()
         if isinstance(optimizer, list):
             raise ValueError(
@@ -242,14 +270,29 @@ class DeltaSAMMixin:
             )
         engine = self._deltasam_engine(cfg)
         self._deltasam_catch_up_epochs()
-        last = state.micro + 1 >= cfg.accumulate_grad_batches or trainer.is_last_batch
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        state = self._deltasam_state
+        last = state.micro + 1 >= cfg.accumulate_grad_batches or module.trainer.is_last_batch
+        full = module.global_step % cfg.interval == 0
+        rho = self.deltasam_rho(cfg) if full else 0.0
+        result = self._deltasam_micro_step(engine, cfg, batch, last, rho)
+        self._deltasam_count(cfg, result, rho)
+        if last:
+            self._deltasam_optimizer_step(engine, optimizer, cfg, result)
+        self._deltasam_log(cfg, result, last, rho, full)
+        return result
+
+    def _deltasam_micro_step(
+        self, engine: DeltaSAM, cfg: DeltaSAMConfig, batch: Batch, last: bool, rho: float
+    ) -> StepResult:
+        """The engine's step on one micro-batch, under this step's seed, Lightning's backward and sync control."""
+        module: LightningModule = self  # type: ignore[assignment]
+        trainer = module.trainer
+        state = self._deltasam_state
         if state.base_seed is None:
             # without seed_everything the ranks' initial seeds differ; a checkpoint keeps rank 0's
             state.base_seed = trainer.strategy.broadcast(int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed())))
         seed = step_seed(state.base_seed, state.micro_batches, module.global_rank)
-        full = module.global_step % cfg.interval == 0
-        rho = self.deltasam_rho(cfg) if full else 0.0
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
         with seeded(seed, engine.device) if cfg.seed_steps else nullcontext():
             result = engine.step(
                 module.per_sample_loss,
@@ -261,6 +304,17 @@ class DeltaSAMMixin:
                 rho=rho,
                 plain_grad=cfg.reuse is not None and rho > 0,
             )
+        if scaler is not None and result.grad_norm is not None:
+            result.grad_norm = result.grad_norm / scaler.get_scale()
+        return result
+
+    def _deltasam_count(self, cfg: DeltaSAMConfig, result: StepResult, rho: float) -> None:
+        """Advance the loop state by one micro-batch; sum LookSAM's plain gradients over the window."""
+        state = self._deltasam_state
+        state.micro += 1
+        state.micro_batches += 1
+        if cfg.perturbs and rho > 0 and not result.perturbed:
+            state.perturbation_skipped += 1
         if result.plain_grad is not None:
             if state.plain_sum is None:
                 state.plain_sum = result.plain_grad
@@ -268,16 +322,6 @@ class DeltaSAMMixin:
                 state.plain_sum = [a.to(b.device, b.dtype) for a, b in zip(state.plain_sum, result.plain_grad)]
                 torch._foreach_add_(state.plain_sum, result.plain_grad)
             state.plain_synced = result.plain_grad_synced
-        if scaler is not None and result.grad_norm is not None:
-            result.grad_norm = result.grad_norm / scaler.get_scale()
-        state.micro += 1
-        state.micro_batches += 1
-        if cfg.perturbs and rho > 0 and not result.perturbed:
-            state.perturbation_skipped += 1
-        if last:
-            self._deltasam_optimizer_step(engine, optimizer, cfg, result)
-        self._deltasam_log(cfg, result, last, rho, full)
-        return result
 
     def deltasam_rho(self, cfg: Optional[DeltaSAMConfig] = None) -> float:
         """ρ of the next optimizer step under ``rho_schedule`` (the same on every rank, and after a resume)."""
@@ -359,7 +403,7 @@ class DeltaSAMMixin:
         if cfg.gradient_clip_val is not None:
             module: LightningModule = self  # type: ignore[assignment]
             module.clip_gradients(optimizer, cfg.gradient_clip_val, cfg.gradient_clip_algorithm)
-            self.__dict__["_deltasam_clipped"] = True
+            _holder(self).clipped = True
 
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()  # type: ignore[misc]
@@ -395,7 +439,7 @@ class DeltaSAMMixin:
                 continue
             metric = None
             if isinstance(config.scheduler, ReduceLROnPlateau):
-                monitor, strict = self.__dict__.get("_deltasam_monitors", {}).get(id(config.scheduler), (None, True))
+                monitor, strict = _holder(self).monitors.get(id(config.scheduler), (None, True))
                 if monitor is None:
                     raise MisconfigurationException(
                         f"ReduceLROnPlateau (scheduler #{trainer.lr_scheduler_configs.index(config)}) needs a metric: "
@@ -451,7 +495,7 @@ class DeltaSAMMixin:
         state = self._deltasam_state
         scalars = {f.name: getattr(state, f.name) for f in fields(state) if f.name not in _TENSOR_STATE}
         saved: dict[str, Any] = {"state": scalars}
-        cached = self.__dict__.get("_deltasam_engine_cache")
+        cached = self._deltasam_fit.engine
         if state.micro and cached is not None:
             saved["grads"] = self._deltasam_partial_grads(cached[2])
             if state.plain_sum is not None:
@@ -513,40 +557,42 @@ class DeltaSAMMixin:
         else:
             known = {f.name for f in fields(_LoopState)} - set(_TENSOR_STATE)
             state = _LoopState(**{k: v for k, v in saved["state"].items() if k in known})
-            self.__dict__["_deltasam_pending_grads"] = saved.get("grads")
             state.reuse_direction = saved.get("reuse")
             plain = saved.get("plain")
             if plain is not None and not state.plain_synced and module.global_rank != 0:
                 plain = [torch.zeros_like(g) for g in plain]  # rank 0 carries the sum over ranks
             state.plain_sum = plain
-        self.__dict__["_deltasam_loop_state"] = state
-        self.__dict__["_deltasam_trainer"] = _token(trainer)
+        pending = saved.get("grads") if saved is not None else None
+        _holder(self).fit = _Fit(trainer=weakref.ref(trainer), loop=state, pending_grads=pending)
 
     def _deltasam_forget(self) -> None:
-        """Drop the loop state, the engine and any gradients an open accumulation window left."""
+        """Drop the fit's state: loop state, engine and any gradients an open accumulation window left."""
         module: LightningModule = self  # type: ignore[assignment]
-        state = self.__dict__.pop("_deltasam_loop_state", None)
-        if state is not None and state.micro:
+        holder = _holder(self)
+        if holder.fit is not None and holder.fit.loop.micro:
             for p in module.parameters():
                 p.grad = None
-        for key in ("_deltasam_pending_grads", "_deltasam_engine_cache", "_deltasam_trainer"):
-            self.__dict__.pop(key, None)
+        holder.fit = None
+
+    @property
+    def _deltasam_fit(self) -> _Fit:
+        """The current fit's state: loaded from a checkpoint, carried on by the same trainer, or new."""
+        module: LightningModule = self  # type: ignore[assignment]
+        trainer = module._trainer
+        holder = _holder(self)
+        fit = holder.fit
+        if fit is not None and trainer is not None and fit.trainer is not None and fit.trainer() is not trainer:
+            self._deltasam_forget()
+            fit = None
+        if fit is None:
+            fit = holder.fit = _Fit()
+        if fit.trainer is None and trainer is not None:
+            fit.trainer = weakref.ref(trainer)
+        return fit
 
     @property
     def _deltasam_state(self) -> _LoopState:
-        """The loop state of the current fit: loaded from a checkpoint, carried on by the same trainer, or new."""
-        module: LightningModule = self  # type: ignore[assignment]
-        trainer = module._trainer
-        owner = self.__dict__.get("_deltasam_trainer")
-        if owner is not None and trainer is not None and owner is not _token(trainer):
-            self._deltasam_forget()
-            owner = None
-        state = self.__dict__.get("_deltasam_loop_state")
-        if state is None:
-            state = self.__dict__["_deltasam_loop_state"] = _LoopState()
-        if owner is None and trainer is not None:
-            self.__dict__["_deltasam_trainer"] = _token(trainer)
-        return state
+        return self._deltasam_fit.loop
 
     def _deltasam_config(self) -> DeltaSAMConfig:
         cfg = getattr(self, "deltasam", None)
@@ -562,7 +608,8 @@ class DeltaSAMMixin:
     def _deltasam_engine(self, cfg: DeltaSAMConfig) -> DeltaSAM:
         module: LightningModule = self  # type: ignore[assignment]
         optimizer = module.optimizers(use_pl_optimizer=False)
-        cached = self.__dict__.get("_deltasam_engine_cache")
+        fit = self._deltasam_fit
+        cached = fit.engine
         if cached is not None and cached[0] is optimizer and cached[1] == cfg:
             return cached[2]
         params = optimizer_params(optimizer)
@@ -572,25 +619,14 @@ class DeltaSAMMixin:
                 f"DeltaSAMMixin does not support {type(strategy).__name__}: DeepSpeed keeps gradients in its own "
                 "partitioned buffers; use one of 'auto', 'ddp', 'fsdp' or ModelParallelStrategy (FSDP2)"
             )
+        # FSDP1's flat parameters are plain tensors: the strategy's all-reduce sums their norms over the shards
         fsdp1 = isinstance(strategy, FSDPStrategy)
-        if cfg.perturbs and cfg.ascent == "local" and (fsdp1 or any(is_sharded(p) for p in params)):
-            raise ValueError(
-                "DeltaSAMConfig.ascent='local' is not available with sharded parameters (FSDP): the backward "
-                "reduce-scatters the ascent gradient, so every rank sees the full batch's; use ascent='global'"
-            )
-        if fsdp1 and (cfg.method == "per_instance" or (cfg.reweights and cfg.estimator != "head")):
-            raise NotImplementedError(fsdp_refusal(cfg))
-        if cfg.reuse is not None and cfg.reweights and (fsdp1 or any(is_sharded(p) for p in params)):
-            raise NotImplementedError(
-                "reuse='looksam' with reweighted ascents is not available under FSDP: the plain gradient it needs "
-                "would not be reduce-scattered; use method='sam' or 'asam' with reuse='looksam', or reuse=None"
-            )
         reduce_squares = (lambda squares: strategy.reduce(squares, reduce_op="sum")) if fsdp1 else None
         engine = DeltaSAM(module, cfg, params, reduce_squares=reduce_squares)
-        pending = self.__dict__.pop("_deltasam_pending_grads", None)
+        pending, fit.pending_grads = fit.pending_grads, None
         if pending is not None:
             for p, g in zip(engine.params, pending):
                 g = g.to(device=p.device, dtype=p.dtype)
                 p.grad = g if module.global_rank == 0 else torch.zeros_like(g)
-        self.__dict__["_deltasam_engine_cache"] = (optimizer, cfg, engine)
+        fit.engine = (optimizer, cfg, engine)
         return engine

@@ -55,6 +55,7 @@ class TextClassifier(DeltaSAMMixin, L.LightningModule):
         self.regression = num_labels == 1
         metrics = metrics if metrics is not None else MetricCollection({})
         self.warmup_steps = 0
+        self.warned_stall = False
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
 
@@ -91,9 +92,9 @@ class TextClassifier(DeltaSAMMixin, L.LightningModule):
 
     def _warn_if_stalled(self, share: float) -> None:
         """Warn once when, past every warm-up, validation predictions are all one class."""
-        if share < 1.0 or self.global_step < self.warmup_steps or self.__dict__.get("_warned_stall"):
+        if share < 1.0 or self.global_step < self.warmup_steps or self.warned_stall:
             return
-        self.__dict__["_warned_stall"] = True
+        self.warned_stall = True
         cfg = self._deltasam_config()
         method = f"method={cfg.method!r}" + (
             f", rho={cfg.rho}, rho_schedule={cfg.rho_schedule!r}" if cfg.perturbs else ""
