@@ -163,3 +163,110 @@ def trainer(**kwargs) -> L.Trainer:
 
 def flat_params(module: nn.Module) -> Tensor:
     return torch.cat([p.detach().reshape(-1).clone() for p in module.parameters()])
+
+
+def ls_sam_update(x: Tensor, y: Tensor, w: Tensor, rho: float, method: str = "sam") -> Tensor:
+    """G of one (micro-)batch of least squares in closed form.
+
+    ``erm``: the gradient at w. ``sam``: the gradient at ``w + rho g / ||g||``. ``deltasam``: the
+    exact-score δ-SAM step with beta = -1 and no floor or clip (lambda_i ∝ 1 / ||g_i||).
+    ``per_instance``: ``mean_i g_i(w + rho g_i / ||g_i||)``.
+    """
+    if method == "erm":
+        return ls_grad(x, y, w)
+    g_i = ls_instance_grads(x, y, w)
+    if method == "per_instance":
+        moved = w + rho * g_i / g_i.norm(dim=1, keepdim=True)
+        return torch.stack([(x[i] @ moved[i] - y[i]) * x[i] for i in range(x.shape[0])]).mean(0)
+    if method == "sam":
+        lam = torch.full((x.shape[0],), 1.0 / x.shape[0], dtype=x.dtype)
+    elif method == "deltasam":
+        lam = (1 / g_i.norm(dim=1)) / (1 / g_i.norm(dim=1)).sum()
+    else:
+        raise ValueError(method)
+    direction = (lam[:, None] * g_i).sum(0)
+    return ls_grad(x, y, w + rho * direction / direction.norm())
+
+
+LS_CONFIGS = {
+    "erm": dict(method="erm"),
+    "sam": dict(method="sam"),
+    "deltasam": dict(method="deltasam", estimator="exact", beta=-1.0, **EXACT_WEIGHTS),
+    "per_instance": dict(method="per_instance"),
+}
+"""The DeltaSAMConfig options whose least-squares update ``ls_sam_update`` computes, by method."""
+
+
+def probe_draws(params: list[Tensor], directions: int, sigma: float, seed: int) -> list[list[Tensor]]:
+    """The Gaussian directions u_k, one tensor per parameter, that a Prober over ``params`` draws after
+    ``torch.manual_seed(seed)``: one flat standard normal per direction over all (same-dtype) parameters in order,
+    scaled by ``sigma / sqrt(numel)``."""
+    sizes = [p.numel() for p in params]
+    assert len({p.dtype for p in params}) == 1
+    scale = sigma / sum(sizes) ** 0.5
+    torch.manual_seed(seed)
+    draws = []
+    for _ in range(directions):
+        flat = torch.empty(sum(sizes), dtype=params[0].dtype).normal_() * scale
+        draws.append([v.view_as(p) for v, p in zip(flat.split(sizes), params)])
+    return draws
+
+
+class LeastSquaresModule(DeltaSAMMixin, L.LightningModule):
+    """Least squares (``LeastSquares``) trained by plain SGD under the mixin."""
+
+    def __init__(self, config: DeltaSAMConfig, w: Tensor, lr: float) -> None:
+        super().__init__()
+        self.model = LeastSquares(w)
+        self.deltasam = config
+        self.lr = lr
+
+    def per_sample_loss(self, batch):
+        return self.model.losses(batch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def wandb_history(path) -> tuple[list[dict], bool]:
+    """The history rows (``run.log`` calls) of an offline W&B run file as ``{key: value}`` dicts, and whether the
+    file holds the run's final ``exit`` record (the writer may lag behind ``wandb.finish()``).
+
+    The ``.wandb`` file is a LevelDB-format log (``:W&B`` header, 32 KiB blocks of checksummed chunks) of
+    ``wandb_internal_pb2.Record`` messages. wandb 0.31 no longer ships a Python reader (its
+    ``wandb.sdk.internal.datastore.DataStore`` is gone), so this reads the format directly; a record still being
+    written at the end of the file is left out.
+    """
+    import json
+    import struct
+    import zlib
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = open(path, "rb").read()
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    block, pos, chunks, rows, finished = 32768, 7, [], [], False
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # a block's trailer: too short for a chunk header
+            pos += left
+            continue
+        checksum, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0:  # zero padding up to the end of a block
+            pos += left
+            continue
+        body = data[pos + 7 : pos + 7 + length]
+        if len(body) < length:  # still being written
+            break
+        assert zlib.crc32(body, zlib.crc32(bytes([kind]))) == checksum, f"corrupt chunk at byte {pos} of {path}"
+        pos += 7 + length
+        chunks.append(body)
+        if kind in (1, 4):  # FULL or LAST: a record is complete
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(b"".join(chunks))
+            chunks = []
+            kind_of_record = record.WhichOneof("record_type")
+            finished = finished or kind_of_record == "exit"
+            if kind_of_record == "history":
+                rows.append({"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.history.item})
+    return rows, finished

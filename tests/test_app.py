@@ -1,14 +1,18 @@
 """The Hydra application: configs compose, every task and method runs, loggers and sweeps work."""
 
 import json
+import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import datasets
 import pytest
+import torch
 import yaml
+from helpers import wandb_history
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -62,16 +66,53 @@ def test_each_task_with_the_small_model_and_each_method(task, tmp_path):
         assert list((out / "checkpoints").glob("*.ckpt"))
 
 
-def test_wandb_offline_run_holds_the_sharpness_keys(tmp_path, monkeypatch):
+def test_wandb_offline_run_holds_the_sharpness_values(tmp_path, monkeypatch):
+    """The values read back from the offline run file mean what their names say: one row of sharpness metrics per
+    optimizer step, the probe's every 2 steps, and histograms of lambda and l_i(w+eps) - l_i(w) that agree with the
+    metrics logged at the same step."""
     monkeypatch.setenv("WANDB_MODE", "offline")
-    train(compose_train(["model=small", "debug=fast", "logger=wandb"], tmp_path))
+    cfg = compose_train(["model=small", "debug=fast", "logger=wandb"], tmp_path)
+    train(cfg)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    records = next(runs[0].glob("run-*.wandb")).read_bytes()  # the run's protobuf record log
-    keys = ["sam/sharpness", "sam/ess", "sam/max_weight", "sam/eps_norm", "sam/grad_norm", "sam/perturbed_loss"]
-    keys += ["probe/cos_sam", "probe/cos_deltasam", "probe/hessian_top_eig", "sam/lambda", "sam/loss_change"]
-    for key in keys:
-        assert key.encode() in records, key
+    deadline = time.monotonic() + 60
+    while True:  # wandb.finish() can return before its writer has flushed the run file
+        rows, finished = wandb_history(next(runs[0].glob("run-*.wandb")))
+        if finished or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert finished, "the offline run file never received its exit record"
+    method, n, steps_run = cfg.method, cfg.data.batch_size, cfg.trainer.max_steps
+    assert (method.method, method.estimator, method.accumulate_grad_batches) == ("deltasam", "head", 1)
+    steps = {row["trainer/global_step"]: row for row in rows if "sam/sharpness" in row}
+    assert sorted(steps) == list(range(steps_run))
+    for row in steps.values():
+        assert row["sam/rho"] == pytest.approx(method.rho, rel=1e-6)
+        assert row["sam/eps_norm"] == pytest.approx(method.rho, rel=1e-5)  # fp32 weights: eps moves them in full
+        assert math.isfinite(row["sam/sharpness"])
+        assert row["sam/sharpness"] == pytest.approx(row["sam/perturbed_loss"] - row["train/loss"], abs=1e-5)
+        assert 0 < row["sam/grad_norm"] < math.inf and 0 < row["sam/update_norm"] < math.inf
+        # the head scores vary: max n·lambda is above 1 and within the clip; sum lambda² <= max lambda bounds ess
+        assert 1 < row["sam/max_weight"] <= method.weight_max
+        assert n / row["sam/max_weight"] * (1 - 1e-5) <= row["sam/ess"] < n
+        assert row["sam/steps_skipped"] == 0 and row["sam/perturbation_skipped"] == 0
+    probes = [row for row in rows if "probe/cos_sam" in row]
+    assert len(probes) == steps_run // cfg.callbacks.sharpness_probe.every_n_steps
+    for row in probes:
+        assert -1 <= row["probe/cos_sam"] <= 1 and -1 <= row["probe/cos_deltasam"] <= 1
+        assert math.isfinite(row["probe/hessian_top_eig"])
+    histograms = [row for row in rows if "sam/lambda/values" in row]
+    assert len(histograms) == steps_run // method.histogram_every_n_steps
+    for row in histograms:
+        step = steps[row["trainer/global_step"]]  # the batch the histograms describe, on self.log's step axis
+        for name in ("sam/lambda", "sam/loss_change"):
+            assert row[f"{name}/_type"] == "histogram" and sum(row[f"{name}/values"]) == n
+        lam = row["sam/lambda/bins"]
+        assert lam[0] > 0 and n * lam[-1] == pytest.approx(step["sam/max_weight"], rel=1e-5)
+        for name, mean in (("sam/lambda", 1 / n), ("sam/loss_change", step["sam/sharpness"])):
+            bins, counts = torch.tensor(row[f"{name}/bins"]), torch.tensor(row[f"{name}/values"])
+            centers = (bins[1:] + bins[:-1]) / 2
+            assert ((counts * centers).sum() / n).item() == pytest.approx(mean, abs=(bins[1] - bins[0]).item() / 2)
 
 
 def test_glue_through_hf_datasets_saved_locally(tmp_path):

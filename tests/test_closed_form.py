@@ -4,12 +4,15 @@ import pytest
 import torch
 from helpers import (
     EXACT_WEIGHTS,
+    LS_CONFIGS,
     MLP,
     LeastSquares,
     classification_data,
     least_squares_problem,
     ls_grad,
     ls_instance_grads,
+    ls_sam_update,
+    probe_draws,
 )
 
 from lit_deltasam import DeltaSAM, DeltaSAMConfig
@@ -64,24 +67,6 @@ def test_deltasam_with_beta_zero_is_sam():
         updates.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*updates):
         assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize("estimator", ["head", "probe", "exact"])
-def test_deltasam_tends_to_sam_as_beta_tends_to_zero(estimator):
-    """The reweighted ascent itself (not the beta == 0 shortcut) reduces to SAM."""
-    x, y = classification_data()
-    updates = []
-    for config in (
-        DeltaSAMConfig(method="sam", rho=RHO),
-        DeltaSAMConfig(method="deltasam", rho=RHO, beta=1e-9, estimator=estimator),
-    ):
-        torch.manual_seed(1)
-        model = MLP().double()
-        result = DeltaSAM(model, config).step(model.losses, (x.double(), y))
-        updates.append([p.grad.clone() for p in model.parameters()])
-        torch.testing.assert_close(result.weights, torch.full_like(result.weights, 1 / x.shape[0]))
-    for a, b in zip(*updates):
-        torch.testing.assert_close(a, b, atol=1e-7, rtol=0)
 
 
 def test_beta_minus_one_with_exact_scores_perturbs_along_the_sum_of_unit_gradients():
@@ -149,6 +134,87 @@ def head_norms(model, losses, x, y):
         grads = torch.autograd.grad(losses((x[i : i + 1], y[i : i + 1]))[0], list(model.head.parameters()))
         norms.append(torch.cat([g.reshape(-1) for g in grads]).norm())
     return torch.stack(norms)
+
+
+def reference_scores(estimator, model, losses_at, batch, config, seed):
+    """s_i without the engine: gradient norms by an explicit loop, probe scores by re-running the reproduced draws."""
+    params = dict(model.named_parameters())
+    clean = losses_at(params, batch)
+    if estimator in ("exact", "head"):
+        wrt = list(model.parameters()) if estimator == "exact" else list(model.head.parameters())
+        norms = []
+        for i in range(clean.shape[0]):
+            grads = torch.autograd.grad(clean[i], wrt, retain_graph=True)
+            norms.append(torch.cat([g.reshape(-1) for g in grads]).norm())
+        return torch.stack(norms).detach()
+    curvature = estimator == "curvature"
+    directions = config.probe_samples // 2 if curvature else config.probe_samples
+    names = list(params)
+    clean = clean.detach()
+    terms = []
+    with torch.no_grad():
+        sigma = config.probe_sigma if config.probe_sigma is not None else config.rho
+        for u in probe_draws(list(params.values()), directions, sigma, seed):
+            plus = losses_at({n: params[n] + d for n, d in zip(names, u)}, batch)
+            if curvature:  # antithetic pairs: the same draw with both signs
+                minus = losses_at({n: params[n] - d for n, d in zip(names, u)}, batch)
+                terms.append((plus + minus - 2 * clean) / 2)
+            else:
+                terms.append((plus - clean) ** 2)
+    mean = torch.stack(terms).mean(0)
+    return mean.clamp_min(0) if curvature else mean.sqrt()
+
+
+@pytest.mark.parametrize(
+    "estimator,beta",
+    [
+        ("exact", 1.0),
+        ("exact", -1.0),
+        ("head", 1.0),
+        ("head", -1.0),
+        ("probe", 1.0),
+        ("probe", -1.0),
+        ("curvature", 1.0),
+    ],
+)
+def test_each_estimators_scores_drive_lambda_and_the_ascent(estimator, beta):
+    """lambda = s**beta / sum(s**beta) with s computed independently, and G = grad l(w + rho g_lambda / ||g_lambda||).
+
+    Without floor and clip the weights are the scores themselves: a different score (another estimator's, a
+    constant, a wrong exponent) gives different weights. The model is a body and a head, so that the head's
+    gradient norms differ from the whole model's; the probes cover every parameter with the shipped K.
+    """
+    torch.manual_seed(0)
+    model = HeadFirst(1).double()
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randn(8, generator=g, dtype=torch.float64))
+
+    def losses_at(params, batch):
+        out = torch.func.functional_call(model, params, (batch[0],))
+        return 0.5 * (out.squeeze(-1) - batch[1]) ** 2
+
+    def losses(batch):
+        return losses_at(dict(model.named_parameters()), batch)
+
+    # probe: the shipped K = 3, one-sided; curvature: two antithetic pairs, wide enough for float32 second differences
+    pairs = dict(probe_samples=4, probe_sigma=0.5) if estimator == "curvature" else {}
+    config = DeltaSAMConfig(method="deltasam", rho=RHO, beta=beta, estimator=estimator, **pairs, **EXACT_WEIGHTS)
+    scores = reference_scores(estimator, model, losses_at, batch, config, seed=5)
+    lam = scores**beta / (scores**beta).sum()
+    assert lam.max() > 1.5 * lam.min()  # far from uniform: SAM's weights would fail the check below
+    params = list(model.parameters())
+    g_lam = torch.autograd.grad((lam * losses(batch)).sum(), params)
+    norm = torch.cat([t.reshape(-1) for t in g_lam]).norm()
+    moved = {n: p + RHO * t / norm for (n, p), t in zip(model.named_parameters(), g_lam)}
+    expected = torch.autograd.grad(losses_at(moved, batch).mean(), params)
+
+    torch.manual_seed(5)
+    result = DeltaSAM(model, config).step(losses, batch)
+    # the engine computes the probe and head scores in float32
+    tol = dict(rtol=1e-10, atol=1e-12) if estimator == "exact" else dict(rtol=2e-5, atol=1e-12)
+    torch.testing.assert_close(result.weights, lam, **tol)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.grad, e, rtol=1e-5, atol=1e-9)
 
 
 @pytest.mark.parametrize("task", ["classification", "regression"])
@@ -267,22 +333,16 @@ def test_parameters_outside_params_get_the_descent_gradient_only():
 
 @pytest.mark.parametrize("method", ["erm", "sam", "deltasam", "per_instance"])
 def test_accumulating_micro_batches_sums_their_updates(method):
-    x, y = classification_data(n=24)
-    halves = [(x[:12], y[:12]), (x[12:], y[12:])]
-    config = DeltaSAMConfig(method=method, rho=RHO, estimator="exact")
-    torch.manual_seed(3)
-    model = MLP()
-    separate = []
-    for batch in halves:
-        model.zero_grad(set_to_none=True)
-        DeltaSAM(model, config).step(model.losses, batch)
-        separate.append([p.grad.clone() for p in model.parameters()])
-    model.zero_grad(set_to_none=True)
-    sam = DeltaSAM(model, config)
-    for batch in halves:
-        sam.step(model.losses, batch)
-    for p, a, b in zip(model.parameters(), *separate):
-        torch.testing.assert_close(p.grad, a + b, atol=1e-6, rtol=0)
+    """.grad after three micro-batches is the sum of their closed-form updates, each with its own ascent at w."""
+    x, y, w = least_squares_problem(n=12)
+    model = LeastSquares(w)
+    engine = DeltaSAM(model, DeltaSAMConfig(rho=RHO, **LS_CONFIGS[method]))
+    parts = [slice(0, 5), slice(5, 8), slice(8, 12)]
+    for part in parts:
+        engine.step(model.losses, (x[part], y[part]))
+    expected = sum(ls_sam_update(x[part], y[part], w, RHO, method) for part in parts)
+    torch.testing.assert_close(model.w.grad, expected, atol=1e-12, rtol=0)
+    assert torch.equal(model.w.detach(), w)
 
 
 def test_fidelity_against_the_least_squares_closed_form():

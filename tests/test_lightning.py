@@ -5,7 +5,18 @@ import copy
 import lightning as L
 import pytest
 import torch
-from helpers import METHODS, TinyModule, classification_data, flat_params, loader, trainer
+from helpers import (
+    LS_CONFIGS,
+    METHODS,
+    LeastSquaresModule,
+    TinyModule,
+    classification_data,
+    flat_params,
+    least_squares_problem,
+    loader,
+    ls_sam_update,
+    trainer,
+)
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins import MixedPrecision
@@ -32,19 +43,24 @@ def test_global_step_counts_optimizer_steps(accumulate):
     assert fit.global_step == counter.steps
 
 
-def test_accumulated_update_is_the_mean_of_micro_batch_updates():
-    config = DeltaSAMConfig(method="deltasam", rho=0.1, accumulate_grad_batches=2)
-    module = TinyModule(config, lr=0.5)
-    reference = copy.deepcopy(module.model)
-    trainer(max_steps=1).fit(module, loader(n=16, batch_size=8))
-    x, y = classification_data(n=16)
-    updates = []
-    for batch in ((x[:8], y[:8]), (x[8:], y[8:])):
-        reference.zero_grad(set_to_none=True)
-        DeltaSAM(reference, config).step(reference.losses, batch)
-        updates.append([p.grad.clone() for p in reference.parameters()])
-    for p, ref, g1, g2 in zip(module.model.parameters(), reference.parameters(), *updates):
-        torch.testing.assert_close(p.detach(), ref.detach() - 0.5 * (g1 + g2) / 2, atol=1e-6, rtol=0)
+@pytest.mark.parametrize("method", ["sam", "deltasam", "per_instance"])
+def test_accumulated_update_is_the_mean_of_micro_batch_updates(method):
+    """Least squares, 5 micro-batches of 4 with accumulate_grad_batches=3: a window of 3, then the epoch's partial
+    window of 2. Each optimizer step is w - lr * mean_j G_j(w), G_j the closed-form update of micro-batch j."""
+    x, y, w = least_squares_problem(n=20, d=5)
+    lr, rho = 0.3, 0.1
+    config = DeltaSAMConfig(rho=rho, accumulate_grad_batches=3, **LS_CONFIGS[method])
+    module = LeastSquaresModule(config, w, lr=lr)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    fit = trainer(max_epochs=1)
+    fit.fit(module, data)
+    assert fit.global_step == 2
+    expected = w.clone()
+    for window in ([0, 1, 2], [3, 4]):
+        parts = [slice(4 * j, 4 * j + 4) for j in window]
+        update = sum(ls_sam_update(x[part], y[part], expected, rho, method) for part in parts) / len(parts)
+        expected = expected - lr * update
+    torch.testing.assert_close(module.model.w.detach(), expected, atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("algorithm", ["norm", "value"])
