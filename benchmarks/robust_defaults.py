@@ -57,6 +57,31 @@ def mean_std(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
 
 
+def summary(args: argparse.Namespace, rows: dict) -> str:
+    """One line per method over every (task, setting, seed) it ran: stall rate and paired gaps to ERM."""
+    lines = [
+        "| method | runs | stalled | val − ERM (points, paired) | test − ERM (points, paired) | worst val − ERM |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method in grid(args)[1:]:
+        stalls, dval, dtest = 0, [], []
+        for task, setting, m, seed in units(args):
+            if m != method:
+                continue
+            row, erm = rows.get(key(task, setting, m, seed)), rows.get(key(task, setting, Method("erm"), seed))
+            if row is None or erm is None:
+                continue
+            stalls += row["stalled"]
+            dval.append(100 * (row["metrics"]["val/acc"] - erm["metrics"]["val/acc"]))
+            dtest.append(100 * (row["metrics"]["test_final/acc"] - erm["metrics"]["test_final/acc"]))
+        if dval:
+            lines.append(
+                f"| {method.label} | {len(dval)} | {stalls}/{len(dval)} | {statistics.mean(dval):+.1f} | "
+                f"{statistics.mean(dtest):+.1f} | {min(dval):+.1f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def report(args: argparse.Namespace) -> str:
     rows = rows_by_key()
     found: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
@@ -64,7 +89,7 @@ def report(args: argparse.Namespace) -> str:
         row = rows.get(key(task, setting, method, seed))
         if row is not None:
             found[(task, setting, method.label)].append(row)
-    lines = []
+    lines = ["**All settings together**\n", summary(args, rows)]
     for task in args.tasks:
         for setting in args.settings:
             erm = {r["seed"]: r for r in found.get((task, setting, "erm"), [])}
