@@ -15,8 +15,11 @@ and with the best-validation checkpoint.
 from __future__ import annotations
 
 import csv
+import dataclasses
+import functools
 import json
 import shutil
+import subprocess
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -26,6 +29,9 @@ from typing import Any, Optional
 import lightning as L
 import torch
 from common import RESULTS, ROOT, compose_config
+from omegaconf import OmegaConf
+
+from lit_deltasam import DeltaSAMConfig
 
 STORE = RESULTS / "runs.jsonl"
 MAX_LENGTH = 32
@@ -69,15 +75,56 @@ class Method:
         return out + [f"method.{k}={v}" for k, v in self.extra]
 
 
+def data_overrides(task: str, setting: str, seed: int) -> list[str]:
+    out = [f"task={task}", f"seed={seed}", f"data.max_length={MAX_LENGTH}"]
+    return sorted(out + [f"{k}={v}" for k, v in SETTINGS[setting].items()])
+
+
 def overrides(task: str, setting: str, method: Method, seed: int) -> list[str]:
     """The run's configuration: everything that sets it apart from ``python train.py``."""
-    out = [f"task={task}", f"seed={seed}", f"data.max_length={MAX_LENGTH}"]
-    out += [f"{k}={v}" for k, v in SETTINGS[setting].items()]
-    return sorted(out + method.overrides())
+    return sorted(data_overrides(task, setting, seed) + method.overrides())
+
+
+def relevant(config: DeltaSAMConfig) -> dict[str, Any]:
+    """The fields that change what ``config`` computes (ERM ignores ρ, SAM ignores β, and so on)."""
+    fields = ["method", "accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm", "share_dropout"]
+    fields += ["seed_steps", "ascent"]
+    if config.perturbs:
+        fields += ["rho", "rho_schedule", "interval", "reuse"]
+        fields += ["rho_warmup"] if config.rho_schedule in ("warmup", "start_step") else []
+        fields += ["reuse_alpha"] if config.reuse is not None else []
+    if config.method == "asam":
+        fields.append("asam_eta")
+    if config.reweights:
+        fields += ["beta", "estimator", "weight_floor", "weight_min", "weight_max", "weighted_descent", "head"]
+        if config.estimator in ("probe", "curvature"):
+            fields += ["probe_samples", "probe_sigma", "probe_antithetic", "probe_params", "probe_truncate"]
+    if config.method == "per_instance" or (config.reweights and config.estimator == "exact"):
+        fields += ["per_instance_impl", "per_instance_chunk"]
+    values = dataclasses.asdict(config)
+    return {name: values[name] for name in fields}
+
+
+@functools.lru_cache(maxsize=None)
+def _resolved(method_overrides: tuple[str, ...]) -> str:
+    cfg = compose_config(list(method_overrides), ROOT / "outputs" / "benchmarks" / "compose")
+    config = DeltaSAMConfig.coerce(OmegaConf.to_container(cfg.method, resolve=True))
+    return json.dumps(relevant(config), sort_keys=True)
+
+
+def resolved_method(method_overrides: list[str]) -> dict[str, Any]:
+    """The relevant fields of the DeltaSAMConfig that ``method_overrides`` give with the code's current defaults."""
+    return json.loads(_resolved(tuple(sorted(method_overrides))))
+
+
+def _key(data: list[str], method_config: dict[str, Any]) -> str:
+    return json.dumps({"data": sorted(data), "method": method_config}, sort_keys=True)
 
 
 def key(task: str, setting: str, method: Method, seed: int) -> str:
-    return " ".join(overrides(task, setting, method, seed))
+    """A run's identity: its data and the whole resolved method config, so that a default changed later
+    cannot make an old row count for the new default, and equal configurations share one row."""
+    return _key(data_overrides(task, setting, seed), resolved_method(method.overrides()))
 
 
 def load(path: Path = STORE) -> list[dict]:
@@ -87,7 +134,29 @@ def load(path: Path = STORE) -> list[dict]:
 
 
 def rows_by_key(path: Path = STORE) -> dict[str, dict]:
-    return {row["key"]: row for row in load(path)}
+    """Rows keyed as :func:`key` does; a row made before rows recorded their method config is resolved
+    with the current defaults (it must then be migrated before a default changes: :func:`migrate`)."""
+    out = {}
+    for row in load(path):
+        method_config = row.get("method_config")
+        if method_config is None:
+            method_config = resolved_method([o for o in row["overrides"] if o.startswith("method")])
+        data = [o for o in row["overrides"] if not o.startswith("method")]
+        out[_key(data, method_config)] = row
+    return out
+
+
+def migrate(path: Path = STORE) -> int:
+    """Write the resolved method config into rows that lack it; returns how many changed."""
+    rows = load(path)
+    changed = 0
+    for row in rows:
+        if "method_config" not in row:
+            row["method_config"] = resolved_method([o for o in row["overrides"] if o.startswith("method")])
+            changed += 1
+    if changed:
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return changed
 
 
 class FinalHessian(L.Callback):
@@ -103,6 +172,7 @@ class FinalHessian(L.Callback):
 
         loader = trainer.val_dataloaders
         batch = slice_batch(next(iter(loader)), slice(0, self.batch_size))
+        batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
         modes = {m: m.training for m in pl_module.modules()}
         pl_module.eval()
         try:
@@ -157,9 +227,12 @@ def run(task: str, setting: str, method: Method, seed: int, out: Path) -> dict:
     elapsed = time.perf_counter() - start
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     share = metrics.get("val/majority_share")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     return {
-        "key": " ".join(args),
+        "key": key(task, setting, method, seed),
         "overrides": args,
+        "method_config": resolved_method(method.overrides()),
+        "commit": commit.stdout.strip(),
         "task": task,
         "setting": setting,
         "method": method.label,
