@@ -183,6 +183,12 @@ class DeltaSAMConfig:
         _integer("interval", self.interval, low=1)
         _choice("reuse", self.reuse, REUSES)
         _number("reuse_alpha", self.reuse_alpha, low=0.0)
+        if self.reuse is not None and (self.interval == 1 or self.method == "erm"):
+            raise ValueError(
+                f"DeltaSAMConfig.reuse={self.reuse!r} reuses a full step's direction between full steps, but "
+                f"{'method=erm takes none' if self.method == 'erm' else 'interval=1 makes every step full'}; "
+                "set interval > 1 with a sharpness-aware method, or reuse=None"
+            )
         _integer("histogram_every_n_steps", self.histogram_every_n_steps, low=0)
         if self.per_instance_chunk is not None:
             _integer("per_instance_chunk", self.per_instance_chunk, low=1)

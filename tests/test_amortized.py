@@ -54,7 +54,7 @@ def test_reuse_formula_and_staleness():
 @pytest.mark.parametrize("method", [dict(method="sam"), dict(method="deltasam", estimator="exact", beta=-1.0)])
 def test_interval_one_is_the_method_bit_for_bit(method):
     finals = []
-    for extra in ({}, dict(interval=1, reuse="looksam")):
+    for extra in ({}, dict(interval=1)):
         torch.manual_seed(0)
         module = TinyModule(DeltaSAMConfig(**method, **extra), dropout=0.1)
         trainer(max_steps=4).fit(module, loader(n=32, batch_size=8, shuffle=True))
@@ -93,7 +93,29 @@ def test_full_steps_and_staleness_are_logged():
     assert [cos for _, cos in seen] == [False, False, True, True, True]  # from the second full step on
 
 
+def test_reuse_keeps_its_direction_through_a_non_finite_or_degenerate_full_step():
+    plain = [torch.tensor([1.0, 0.0], dtype=torch.float64)]
+    reuse = Reuse(alpha=1.0)
+    reuse.record([torch.tensor([1.0, 2.0], dtype=torch.float64)], plain)
+    stored = reuse.direction[0].clone()
+    assert reuse.record([torch.tensor([float("inf"), 1.0], dtype=torch.float64)], plain) is None  # overflowed G
+    assert reuse.record([torch.tensor([3.0, 1e-9], dtype=torch.float64)], plain) is None  # no orthogonal part
+    assert torch.equal(reuse.direction[0], stored)
+
+
+def test_reuse_leaves_parameters_without_a_gradient_alone_and_follows_the_schedule():
+    reuse = Reuse(alpha=1.0)
+    reuse.direction = [torch.tensor([0.0, 1.0]), torch.tensor([5.0])]
+    grads = [torch.tensor([2.0, 0.0]), None]
+    reuse.apply(grads, strength=0.5)
+    # ||g|| / ||g_v|| over what is present against the whole stored direction: 2 / sqrt(26)
+    torch.testing.assert_close(grads[0], torch.tensor([2.0, 0.5 * 2 / 26**0.5]))
+    assert grads[1] is None
+
+
 def test_bad_amortization_options_fail_naming_the_value():
+    with pytest.raises(ValueError, match=r"reuse='looksam' reuses .* interval=1 makes every step full"):
+        DeltaSAMConfig(method="sam", reuse="looksam")
     with pytest.raises(ValueError, match=r"interval=0 is not valid; it must be an integer >= 1"):
         DeltaSAMConfig(interval=0)
     with pytest.raises(ValueError, match=r"reuse='lookahead' is not valid; choose one of \[None, 'looksam'\]"):

@@ -145,3 +145,14 @@ def test_a_resumed_run_continues_the_schedule(tmp_path):
     rhos = [RHO * min(1.0, t / 6) for t in range(STEPS)]
     lrs = [LR * min(1.0, (t + 1) / 4) for t in range(STEPS)]
     torch.testing.assert_close(resumed.w.detach(), closed_form_trajectory(x, y, w, rhos, lrs), atol=1e-10, rtol=0)
+
+
+def test_follow_lr_remembers_the_peak_learning_rate_without_a_base_lr():
+    """ReduceLROnPlateau sets no initial_lr: the largest LR seen (checkpointed) is lr_max."""
+    from lit_deltasam.lightning.mixin import lr_ratio
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    ratio, peak = lr_ratio(opt)
+    assert (ratio, peak) == (1.0, 0.1)
+    opt.param_groups[0]["lr"] = 0.025  # a plateau cut
+    assert lr_ratio(opt, peak) == (0.25, 0.1)

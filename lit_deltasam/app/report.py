@@ -21,13 +21,16 @@ SUMMARIZED = ("sam/sharpness", "sam/ess", "sam/max_weight", "sam/grad_norm")
 
 
 class SharpnessSummary(Callback):
-    """Running means, over all training batches (micro-batches), of the per-step sharpness diagnostics."""
+    """Running means, over the perturbed training batches (micro-batches), of the per-step sharpness diagnostics."""
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        rho = trainer.callback_metrics.get("sam/rho")
+        if rho is not None and float(rho) == 0.0:
+            return  # a plain step (ρ schedule, interval): the values there are the last perturbed step's
         for key in SUMMARIZED:
             value = trainer.callback_metrics.get(key)
             if value is not None:

@@ -4,8 +4,10 @@ LookSAM (Liu et al., CVPR 2022) splits a full step's sharpness-aware gradient G_
 component along the plain gradient g and the rest, ``g_v = G_s - (G_s·g / ||g||²) g``,
 which carries the sharpness information and changes slowly. Between full steps it adds
 that direction to the plain gradient, rescaled to its norm:
-``G = g + alpha * (||g|| / ||g_v||) * g_v``. Both formulas are invariant to a common scale
-of G_s and g, so gradients under a loss scaler need no unscaling here.
+``G = g + alpha * (||g|| / ||g_v||) * g_v``. ``g_v`` is invariant to the scale of g and
+proportional to that of G_s, and the reused term depends on ``g_v``'s direction only, so
+G_s and g may each carry their own positive scale (a loss scaler's, a sum over ranks or
+micro-batches instead of a mean): nothing needs unscaling here.
 """
 
 from __future__ import annotations
@@ -16,12 +18,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .diagnostics import dot
 from .perturbation import total_norm
 from .sharding import NormReduce, local
 
+MIN_SHARE = 1e-3
+"""A full step whose orthogonal part is below this share of its norm records nothing: it is rounding noise."""
+
 
 def _dot(a: Sequence[Tensor], b: Sequence[Tensor], reduce: Optional[NormReduce]) -> Tensor:
-    value = torch.stack([(x.double() * y.double()).sum() for x, y in zip(a, b)]).sum()
+    value = dot([x.double() for x in a], [y.double() for y in b])
     return reduce(value) if reduce is not None else value
 
 
@@ -43,25 +49,37 @@ class Reuse:
         """Store ``g_v`` from a full step's G (``full``) and the plain gradient at w (``plain``).
 
         Returns the cosine between the stored direction it replaces and the fresh one
-        (how stale the reused direction had become), or ``None`` on the first full step.
+        (how stale the reused direction had become), or ``None`` when there was none. A
+        non-finite G (a step a loss scaler will skip) or one with no orthogonal part to
+        speak of (a skipped or vanishing perturbation) keeps the stored direction.
         """
         full, plain = [local(g) for g in full], [local(g) for g in plain]
-        squares = total_norm(plain, self.reduce).double().pow(2)
-        along = _dot(full, plain, self.reduce) / squares.clamp_min(torch.finfo(torch.float64).tiny)
+        full_norm, plain_norm = total_norm(full, self.reduce), total_norm(plain, self.reduce)
+        if not (torch.isfinite(full_norm) and torch.isfinite(plain_norm)) or plain_norm == 0:
+            return None
+        along = _dot(full, plain, self.reduce) / plain_norm.double().pow(2)
         fresh = [f - (along * p.double()).to(f.dtype) for f, p in zip(full, plain)]
+        fresh_norm = total_norm(fresh, self.reduce)
+        if not fresh_norm > MIN_SHARE * full_norm:
+            return None
         staleness = None
         if self.direction is not None:
-            norms = total_norm(self.direction, self.reduce) * total_norm(fresh, self.reduce)
-            staleness = (_dot(self.direction, fresh, self.reduce) / norms.double().clamp_min(1e-300)).item()
+            norms = total_norm(self.direction, self.reduce) * fresh_norm
+            staleness = (_dot(self.direction, fresh, self.reduce) / norms.double()).item()
         self.direction = fresh
         return staleness
 
     @torch.no_grad()
-    def apply(self, grads: Sequence[Tensor]) -> None:
-        """``g <- g + alpha * (||g|| / ||g_v||) * g_v`` in place; nothing before the first full step."""
-        if self.direction is None:
+    def apply(self, grads: Sequence[Optional[Tensor]], strength: float = 1.0) -> None:
+        """``g <- g + strength * alpha * (||g|| / ||g_v||) * g_v`` in place; nothing before the first full step.
+
+        ``grads`` lines up with the stored direction; a ``None`` entry (a parameter without
+        a gradient this step) is left alone. ``strength`` follows a ρ schedule (ρ_t / ρ).
+        """
+        if self.direction is None or strength == 0:
             return
-        grads = [local(g) for g in grads]
-        scale = total_norm(grads, self.reduce) / total_norm(self.direction, self.reduce).clamp_min(1e-30)
+        pairs = [(local(g), d) for g, d in zip(grads, self.direction) if g is not None]
+        present, directions = [g for g, _ in pairs], [d for _, d in pairs]
+        scale = total_norm(present, self.reduce) / total_norm(self.direction, self.reduce)
         if torch.isfinite(scale):
-            torch._foreach_add_(grads, torch._foreach_mul(self.direction, self.alpha * scale.item()))
+            torch._foreach_add_(present, directions, alpha=strength * self.alpha * scale.item())

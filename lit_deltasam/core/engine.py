@@ -146,10 +146,10 @@ def _refuse_sharded(config: DeltaSAMConfig) -> None:
         raise NotImplementedError(
             f"estimator={config.estimator!r} is not available under FSDP: {why}; choose one of ['head']"
         )
-    if config.reuse is not None and config.reweights:
+    if config.reuse is not None:
         raise NotImplementedError(
-            "reuse='looksam' with reweighted ascents is not available under FSDP: the plain gradient it needs "
-            "would not be reduce-scattered; use method='sam' or 'asam' with reuse='looksam', or reuse=None"
+            "reuse='looksam' is not available under FSDP: its stored direction is a shard per rank, which a "
+            "checkpoint would not hold; use interval=k with reuse=None for cheaper steps"
         )
 
 
@@ -269,7 +269,8 @@ class DeltaSAM:
         """
         backward = backward or _default_backward
         no_sync = no_sync or nullcontext
-        refuse_static_graph(no_sync)
+        if self.config.perturbs:
+            refuse_static_graph(no_sync)
         self._params_before.capture()
         self._buffers_before.capture()
         grads_before = take_grads(self.updated)
@@ -382,7 +383,7 @@ class DeltaSAM:
                 device=self.device,
             )
             del with_grad
-            if applied:
+            if applied and self.params[0].dtype in (torch.float16, torch.bfloat16):
                 # what the weights moved, after rounding to their dtype: 16-bit weights can round eps away
                 eps_norm = self._params_before.change_norm(self.reduce_squares, self.device)
                 self._warn_if_16_bit_weights(rho, eps_norm)
@@ -430,7 +431,7 @@ class DeltaSAM:
         return weights, mine
 
     def _warn_if_16_bit_weights(self, rho: float, eps_norm: Tensor) -> None:
-        if self._warned_16_bit_eps or self.params[0].dtype not in (torch.float16, torch.bfloat16):
+        if self._warned_16_bit_eps:
             return
         self._warned_16_bit_eps = True
         warnings.warn(

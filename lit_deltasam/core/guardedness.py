@@ -53,7 +53,7 @@ def find_head(module: nn.Module, path: Optional[str]) -> tuple[str, Optional[nn.
 
 
 # fp16 keeps about 3 significant digits and flushes below 6e-8: the head's output gradients are computed
-# at this scale, well inside fp16's range for a loss whose gradient per logit is at most 1 in magnitude
+# at this scale, inside fp16's range while they stay below 16 in magnitude (cross-entropy's are at most 1)
 _FP16_GRAD_SCALE = 4096.0
 
 
@@ -134,6 +134,9 @@ class HeadTap:
             raise ValueError(f"head layer {self.name!r} produced an output without gradient; is it frozen?")
         scale = _FP16_GRAD_SCALE if z.dtype == torch.float16 else 1.0
         (dz,) = torch.autograd.grad(losses.sum() * scale, z, retain_graph=True)
+        if scale != 1.0 and not torch.isfinite(dz).all():  # gradients too large for the scale: take them as they are
+            scale = 1.0
+            (dz,) = torch.autograd.grad(losses.sum(), z, retain_graph=True)
         bias = 1.0 if self.layer.bias is not None else 0.0
         return dz.float().norm(dim=1) / scale * (h.float().pow(2).sum(dim=1) + bias).sqrt()
 
@@ -324,6 +327,9 @@ class Prober:
         self._noise_buffers(targets)
         directions = self.samples // 2 if self.antithetic else self.samples
         clean = clean_losses.detach().float()
+        if self.curvature:
+            # the second difference is tiny: the clean loss comes from the same (no-grad) kernels as ℓ(w ± u)
+            clean = self._forward(loss_fn, batch, random_state, device)
         total = torch.zeros_like(clean_losses, dtype=torch.float32)
         try:
             for _ in range(directions):

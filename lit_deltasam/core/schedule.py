@@ -5,7 +5,6 @@ A radius of zero is a plain ERM step (one forward and backward), whatever the me
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 from ..config import DeltaSAMConfig
@@ -25,7 +24,7 @@ def warmup_steps(config: DeltaSAMConfig, total_steps: Optional[int] = None) -> i
             f"DeltaSAMConfig.rho_warmup={span} is a fraction of training, but the total number of optimizer steps "
             "is unknown; pass total_steps, or give rho_warmup in optimizer steps (>= 1)"
         )
-    return math.ceil(span * total_steps)
+    return int(span * total_steps)  # rounded as the app rounds its LR warm-up
 
 
 def scheduled_rho(config: DeltaSAMConfig, step: int, total_steps: Optional[int] = None, lr_ratio: float = 1.0) -> float:

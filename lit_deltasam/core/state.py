@@ -70,7 +70,6 @@ class Snapshot:
         """``||current - captured||`` over all tensors as one vector (summed over shards by ``reduce_squares``)."""
         current = [local(t) for t in self._source()]
         return total_norm(torch._foreach_sub(current, self._copies), reduce_squares, device=device)
-        """``||current - captured||`` over all tensors as one vector (summed over shards by ``reduce_squares``)."""
 
 
 def take_grads(params: Sequence[Tensor]) -> list[Optional[Tensor]]:

@@ -57,6 +57,7 @@ def _bounded(logits: Tensor, low: float, high: float, iterations: int = 200) -> 
     weights = n * torch.softmax(logits, dim=0)
     if bool(((weights >= low) & (weights <= high)).all()):
         return weights
+    device, logits = logits.device, logits.cpu()  # n numbers: the bisection stays off the accelerator
     # the sum is non-decreasing in t, from n * low (every entry at low) to n * high, and low <= 1 <= high
     lo = math.log(max(low, 1e-300)) - logits.max().item() - 1.0
     hi = math.log(min(high, 1e300)) - logits.min().item() + 1.0
@@ -67,7 +68,7 @@ def _bounded(logits: Tensor, low: float, high: float, iterations: int = 200) -> 
         else:
             hi = mid
     out = (logits + hi).exp().clamp(low, high)
-    return out * (n / out.sum())
+    return (out * (n / out.sum())).to(device)
 
 
 def effective_sample_size(weights: Tensor) -> Tensor:

@@ -48,6 +48,10 @@ class _LoopState:
     epochs_scheduled: int = 0
     """Epochs whose end has stepped the epoch-interval LR schedulers."""
     base_seed: Optional[int] = None
+    lr_peak: float = 0.0
+    """The largest learning rate seen, for ``rho_schedule="follow_lr"``."""
+    perturbing: int = 0
+    """Micro-batches whose step tried a perturbation (ρ_t > 0)."""
     plain_synced: bool = False
     """Whether ``plain_sum`` is already averaged over ranks."""
     plain_sum: Optional[list[Tensor]] = None
@@ -117,11 +121,15 @@ def optimizer_steps(trainer: Any, accumulate_grad_batches: int = 1) -> int:
     return max(1, int(total))
 
 
-def lr_ratio(optimizer: Any) -> float:
-    """lr_t / lr_max of the first parameter group; lr_max is OneCycleLR's ``max_lr``, else the scheduler's base LR."""
+def lr_ratio(optimizer: Any, peak_seen: float = 0.0) -> tuple[float, float]:
+    """lr_t / lr_max of the first parameter group, and lr_max.
+
+    lr_max is the largest of OneCycleLR's ``max_lr`` (else the scheduler's base LR) and
+    ``peak_seen``, the largest LR seen so far: a ReduceLROnPlateau sets no base LR.
+    """
     group = optimizer.param_groups[0]
-    peak = group.get("max_lr", group.get("initial_lr", group["lr"]))
-    return float(group["lr"]) / float(peak) if peak > 0 else 1.0
+    peak = max(float(group.get("max_lr", group.get("initial_lr", group["lr"]))), float(group["lr"]), peak_seen)
+    return (float(group["lr"]) / peak if peak > 0 else 1.0), peak
 
 
 def _remember_plateau_monitors(configure_optimizers: Callable[..., Any]) -> Callable[..., Any]:
@@ -313,8 +321,9 @@ class DeltaSAMMixin:
         state = self._deltasam_state
         state.micro += 1
         state.micro_batches += 1
-        if cfg.perturbs and rho > 0 and not result.perturbed:
-            state.perturbation_skipped += 1
+        if cfg.perturbs and rho > 0:
+            state.perturbing += 1
+            state.perturbation_skipped += not result.perturbed
         if result.plain_grad is not None:
             if state.plain_sum is None:
                 state.plain_sum = result.plain_grad
@@ -327,12 +336,15 @@ class DeltaSAMMixin:
         """ρ of the next optimizer step under ``rho_schedule`` (the same on every rank, and after a resume)."""
         module: LightningModule = self  # type: ignore[assignment]
         cfg = cfg or self._deltasam_config()
-        if cfg.rho_schedule == "constant":
+        if cfg.rho_schedule == "constant" or not cfg.perturbs:
             return cfg.rho
         total = None
-        if cfg.rho_schedule in ("warmup", "start_step") and cfg.rho_warmup < 1:
+        if cfg.rho_schedule in ("warmup", "start_step") and 0 < cfg.rho_warmup < 1:
             total = optimizer_steps(module.trainer, cfg.accumulate_grad_batches)
-        ratio = lr_ratio(module.optimizers(use_pl_optimizer=False)) if cfg.rho_schedule == "follow_lr" else 1.0
+        ratio = 1.0
+        if cfg.rho_schedule == "follow_lr":
+            state = self._deltasam_state
+            ratio, state.lr_peak = lr_ratio(module.optimizers(use_pl_optimizer=False), state.lr_peak)
         return scheduled_rho(cfg, module.global_step, total, ratio)
 
     def _deltasam_optimizer_step(
@@ -371,20 +383,19 @@ class DeltaSAMMixin:
         """LookSAM at the window's end, on the synchronized G: store g_v after a full step, add it after a plain one."""
         module: LightningModule = self  # type: ignore[assignment]
         state = self._deltasam_state
-        for p in engine.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in engine.params]
         reuse = Reuse(cfg.reuse_alpha, engine.reduce_squares)
-        if state.reuse_direction is not None:
-            reuse.direction = [d.to(g.device, g.dtype) for d, g in zip(state.reuse_direction, grads)]
+        if state.reuse_direction is not None:  # moved once to where the parameters are (after a resume)
+            state.reuse_direction = [d.to(p.device, p.dtype) for d, p in zip(state.reuse_direction, engine.params)]
+            reuse.direction = state.reuse_direction
         if plain is None:
-            reuse.apply(grads)
+            # the reused term follows the ρ schedule as the full steps do
+            reuse.apply([p.grad for p in engine.params], self.deltasam_rho(cfg) / cfg.rho if cfg.rho else 0.0)
             return
         if not state.plain_synced and world_size() > 1:
             for g in plain:
                 torch.distributed.all_reduce(g, op=torch.distributed.ReduceOp.SUM)
-        staleness = reuse.record(grads, plain)
+        full = [torch.zeros_like(p) if p.grad is None else p.grad for p in engine.params]
+        staleness = reuse.record(full, plain)
         state.reuse_direction = reuse.direction
         if staleness is not None:
             module.log("sam/reuse_cos", staleness, on_step=True, on_epoch=False)
@@ -477,7 +488,7 @@ class DeltaSAMMixin:
         if result.update_norm is not None:
             means["sam/update_norm"] = result.update_norm
         if cfg.perturbs:
-            means["sam/perturbation_skipped"] = torch.tensor(state.perturbation_skipped / max(state.micro_batches, 1))
+            means["sam/perturbation_skipped"] = torch.tensor(state.perturbation_skipped / max(state.perturbing, 1))
         means["sam/steps_skipped"] = torch.tensor(float(state.steps_skipped))
         metrics = reduce_over_ranks(means, maxima, device=result.losses.device)
         loss = metrics.pop("train/loss")
@@ -505,11 +516,6 @@ class DeltaSAMMixin:
                         torch.distributed.all_reduce(g, op=torch.distributed.ReduceOp.SUM)
                 saved["plain"] = [g.cpu() for g in plain]
         if state.reuse_direction is not None:
-            if cached is not None and any(is_sharded(p) for p in cached[2].params):
-                raise RuntimeError(
-                    "cannot checkpoint LookSAM's stored direction under FSDP: each rank holds its own shard of it; "
-                    "use reuse=None, or DDP, to checkpoint this run"
-                )
             saved["reuse"] = [d.detach().cpu() for d in state.reuse_direction]
         checkpoint["deltasam"] = saved
 
