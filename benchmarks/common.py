@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -51,3 +53,26 @@ def save(name: str, payload: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), **payload}, indent=2))
     return path
+
+
+def bootstrap(values: list[float], n: int = 5000, seed: int = 0) -> tuple[float, float]:
+    """The 95% percentile-bootstrap interval of the mean of ``values``."""
+    rng = random.Random(seed)
+    draws = sorted(statistics.mean(rng.choices(values, k=len(values))) for _ in range(n))
+    return draws[int(0.025 * n)], draws[int(0.975 * n) - 1]
+
+
+def mean_std(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    """``mean ± std`` of ``values`` times ``scale`` (one value alone; ``–`` for none)."""
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{scale * values[0]:.{digits}f}"
+    return f"{scale * statistics.mean(values):.{digits}f} ± {scale * statistics.stdev(values):.{digits}f}"
+
+
+def load_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON Lines file; none if it does not exist yet."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -35,7 +34,7 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
-from common import RESULTS, ROOT, compose_config, save
+from common import RESULTS, ROOT, bootstrap, compose_config, load_jsonl, save
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 
@@ -81,10 +80,7 @@ def shipped_variant() -> str:
 
 
 def load(path: Optional[Path] = None) -> list[dict]:
-    path = path or STORE
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return load_jsonl(path or STORE)
 
 
 class Probe(Callback):
@@ -180,7 +176,7 @@ def trajectory(task: str, method: str, args: argparse.Namespace) -> None:
         "total_steps": total,
     }
     rows = [r for r in load() if all(r[k] == v for k, v in ident.items())]
-    finished = {s for s in steps if sum(r["step"] == s for r in rows) == args.batches}
+    finished = {s for s in steps if sum(r["step"] == s for r in rows) >= args.batches}
     if finished == set(steps):
         print(f"{task}/{method}: done")
         return
@@ -193,12 +189,6 @@ def trajectory(task: str, method: str, args: argparse.Namespace) -> None:
     trainer = instantiate(cfg.trainer, max_epochs=-1, max_steps=total, logger=False, callbacks=[probe])
     print(f"{task}/{method}: {total} steps, probes at {steps}" + (f", resuming from {resume.name}" if resume else ""))
     trainer.fit(module, datamodule, ckpt_path=resume)
-
-
-def bootstrap(values: list[float], statistic=statistics.mean, n: int = 2000, seed: int = 0) -> tuple[float, float]:
-    rng = random.Random(seed)
-    draws = sorted(statistic(rng.choices(values, k=len(values))) for _ in range(n))
-    return draws[int(0.025 * n)], draws[int(0.975 * n) - 1]
 
 
 def summarize(rows: list[dict], names: list[str]) -> dict[str, dict[str, Any]]:
@@ -366,7 +356,8 @@ def main() -> None:
             for method in args.trajectories:
                 if method != "per_instance" or task in args.pi_tasks:
                     trajectory(task, method, args)
-    rows = [r for r in load() if r["model"] == args.model]
+    same = ("model", "seed", "probe_rho", "batch_size", "max_length")
+    rows = [r for r in load() if all(r[k] == getattr(args, k.replace("probe_", "")) for k in same)]
     text, summary = report(rows)
     save(
         args.name,

@@ -22,7 +22,7 @@ import argparse
 import statistics
 from collections import defaultdict
 
-from common import RESULTS, save
+from common import RESULTS, mean_std, save
 from runs import Method, key, rows_by_key, run_all
 
 SCHEDULES = ("constant", "warmup", "follow_lr", "start_step")
@@ -47,14 +47,6 @@ def units(args: argparse.Namespace) -> list[tuple]:
         for task in args.tasks
         for method in methods
     ]
-
-
-def mean_std(values: list[float]) -> str:
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return f"{100 * values[0]:.1f}"
-    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
 
 
 def summary(args: argparse.Namespace, rows: dict) -> str:
@@ -105,7 +97,7 @@ def report(args: argparse.Namespace) -> str:
                 if not rs:
                     continue
                 val = [r["metrics"]["val/acc"] for r in rs]
-                test = [r["metrics"].get("test_final/acc", r["metrics"]["test/acc"]) for r in rs]
+                test = [r["metrics"]["test_final/acc"] for r in rs]
                 diffs = [r["metrics"]["val/acc"] - erm[r["seed"]]["metrics"]["val/acc"] for r in rs if r["seed"] in erm]
                 gap = f"{100 * statistics.mean(diffs):+.1f}" if diffs and method.method != "erm" else "–"
                 stalled = sum(r["stalled"] for r in rs)
