@@ -120,3 +120,16 @@ def test_bad_amortization_options_fail_naming_the_value():
         DeltaSAMConfig(interval=0)
     with pytest.raises(ValueError, match=r"reuse='lookahead' is not valid; choose one of \[None, 'looksam'\]"):
         DeltaSAMConfig(reuse="lookahead")
+
+
+@pytest.mark.parametrize(
+    "config", [dict(method="sam"), dict(method="per_instance"), dict(method="deltasam", estimator="exact", beta=-1.0)]
+)
+def test_the_plain_gradient_lookSAM_needs_is_the_gradient_at_w(config):
+    from lit_deltasam import DeltaSAM
+    from test_schedule import LeastSquaresModule
+
+    x, y, w = least_squares_problem()
+    model = LeastSquaresModule(DeltaSAMConfig(**config, rho=RHO), x, y, w)
+    result = DeltaSAM(model, model.deltasam).step(model.per_sample_loss, (x, y), plain_grad=True)
+    torch.testing.assert_close(result.plain_grad[0], ls_grad(x, y, w), atol=1e-12, rtol=0)

@@ -18,7 +18,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .diagnostics import dot
 from .perturbation import total_norm
 from .sharding import NormReduce, local
 
@@ -27,7 +26,8 @@ MIN_SHARE = 1e-3
 
 
 def _dot(a: Sequence[Tensor], b: Sequence[Tensor], reduce: Optional[NormReduce]) -> Tensor:
-    value = dot([x.double() for x in a], [y.double() for y in b])
+    """Per-tensor dot products in the tensors' dtype, summed in float64 (no float64 copies of the gradients)."""
+    value = torch.stack([torch.vdot(x.reshape(-1), y.reshape(-1)).double() for x, y in zip(a, b)]).sum()
     return reduce(value) if reduce is not None else value
 
 
@@ -57,8 +57,8 @@ class Reuse:
         full_norm, plain_norm = total_norm(full, self.reduce), total_norm(plain, self.reduce)
         if not (torch.isfinite(full_norm) and torch.isfinite(plain_norm)) or plain_norm == 0:
             return None
-        along = _dot(full, plain, self.reduce) / plain_norm.double().pow(2)
-        fresh = [f - (along * p.double()).to(f.dtype) for f, p in zip(full, plain)]
+        along = (_dot(full, plain, self.reduce) / plain_norm.double().pow(2)).item()
+        fresh = torch._foreach_add(full, plain, alpha=-along)
         fresh_norm = total_norm(fresh, self.reduce)
         if not fresh_norm > MIN_SHARE * full_norm:
             return None

@@ -327,7 +327,9 @@ class DeltaSAM:
     ) -> StepResult:
         # per-instance passes are local: a synchronized DDP forward would arm the all-reduce for them
         with no_sync():
-            update, losses, perturbed, plain = self._instances.sam_gradient(loss_fn, batch, rho, self._params_before)
+            update, losses, perturbed, plain = self._instances.sam_gradient(
+                loss_fn, batch, rho, self._params_before, with_plain=plain_grad
+            )
         put_grads(self.updated, grads_before, copy=True)
         # d/dp sum_p <p, G_p> = G: routes G through the caller's backward (loss scaling, DDP all-reduce).
         surrogate = torch.stack([t.sum() for t in torch._foreach_mul(self.params, update)]).sum()
@@ -339,7 +341,7 @@ class DeltaSAM:
             losses=losses.detach(),
             perturbed_losses=perturbed.detach(),
             perturbed=True,
-            plain_grad=plain if plain_grad else None,
+            plain_grad=plain,
         )
 
     def _two_pass(self, loss_fn, batch, grads_before, backward, no_sync, sync_descent, rho, plain_grad) -> StepResult:

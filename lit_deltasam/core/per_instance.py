@@ -95,13 +95,13 @@ class PerInstance:
         return torch.stack(norms)
 
     def sam_gradient(
-        self, loss_fn: LossFn, batch: Batch, rho: float, snapshot: Snapshot
-    ) -> tuple[list[Tensor], Tensor, Tensor, list[Tensor]]:
+        self, loss_fn: LossFn, batch: Batch, rho: float, snapshot: Snapshot, with_plain: bool = False
+    ) -> tuple[list[Tensor], Tensor, Tensor, Optional[list[Tensor]]]:
         """``G = mean_i grad l_i(w + rho ĝ_i)`` with ``ĝ_i = g_i / ||g_i||``.
 
         Returns:
             ``G`` as one tensor per parameter, the losses ``l_i(w)``, the losses
-            ``l_i(w + rho ĝ_i)`` and the plain gradient ``mean_i g_i``. ``snapshot`` must
+            ``l_i(w + rho ĝ_i)`` and, ``with_plain``, the plain gradient ``mean_i g_i``. ``snapshot`` must
             hold ``params`` at ``w``; the parameters are restored from it.
         """
         check_instance_independent(self.module)
@@ -112,13 +112,14 @@ class PerInstance:
             )
         n = self._size(batch)
         total = [torch.zeros_like(p) for p in self.params]
-        plain = [torch.zeros_like(p) for p in self.params]
+        plain = [torch.zeros_like(p) for p in self.params] if with_plain else []
         clean, perturbed = [], []
         if self.impl == "vmap":
             for chunk in self._chunks(batch):
                 losses, grads, perturbed_losses, clean_grads = self._vmap(loss_fn, chunk, rho=rho)
                 torch._foreach_add_(total, [g.sum(0) for g in grads])
-                torch._foreach_add_(plain, [g.sum(0) for g in clean_grads])
+                if with_plain:
+                    torch._foreach_add_(plain, [g.sum(0) for g in clean_grads])
                 clean.append(losses)
                 perturbed.append(perturbed_losses)
         else:
@@ -128,7 +129,8 @@ class PerInstance:
                 random_state.capture()
                 loss = self._instance_loss(loss_fn, instance)
                 grads = self._grads(loss)
-                torch._foreach_add_(plain, grads)
+                if with_plain:
+                    torch._foreach_add_(plain, grads)
                 norm = total_norm(grads)
                 try:
                     if norm > 0 and torch.isfinite(norm):
@@ -142,8 +144,9 @@ class PerInstance:
                 clean.append(loss.detach().reshape(1))
                 perturbed.append(perturbed_loss.detach().reshape(1))
         torch._foreach_div_(total, n)
-        torch._foreach_div_(plain, n)
-        return total, torch.cat(clean), torch.cat(perturbed), plain
+        if with_plain:
+            torch._foreach_div_(plain, n)
+        return total, torch.cat(clean), torch.cat(perturbed), plain if with_plain else None
 
     @property
     def device(self) -> torch.device:
