@@ -6,7 +6,7 @@ from helpers import TinyModule, flat_params, least_squares_problem, loader, ls_g
 from test_lightning import SaveAt
 from test_schedule import LR, LeastSquaresModule, RecordRho
 
-from lit_deltasam import DeltaSAMConfig
+from lit_deltasam import DeltaSAM, DeltaSAMConfig
 from lit_deltasam.core.amortized import Reuse
 
 RHO, ALPHA = 0.2, 0.5
@@ -126,9 +126,6 @@ def test_bad_amortization_options_fail_naming_the_value():
     "config", [dict(method="sam"), dict(method="per_instance"), dict(method="deltasam", estimator="exact", beta=-1.0)]
 )
 def test_the_plain_gradient_lookSAM_needs_is_the_gradient_at_w(config):
-    from lit_deltasam import DeltaSAM
-    from test_schedule import LeastSquaresModule
-
     x, y, w = least_squares_problem()
     model = LeastSquaresModule(DeltaSAMConfig(**config, rho=RHO), x, y, w)
     result = DeltaSAM(model, model.deltasam).step(model.per_sample_loss, (x, y), plain_grad=True)
