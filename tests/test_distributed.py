@@ -16,25 +16,34 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 
-def run_worker(out: Path, **args) -> subprocess.CompletedProcess:
-    """Run ddp_worker.py (2 processes) with ``args``, writing under ``out``."""
+def run_script(script: str, out: Path, cwd: Path, timeout: int, **args) -> subprocess.CompletedProcess:
+    """Run a 2-process worker script with ``args`` (JSON), writing under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
     return subprocess.run(
-        [sys.executable, str(HERE / "ddp_worker.py"), json.dumps({"out": str(out), **args})],
-        cwd=out,
+        [sys.executable, str(HERE / script), json.dumps({"out": str(out), **args})],
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
     )
+
+
+def ranks_of(result: subprocess.CompletedProcess, out: Path) -> list[dict]:
+    """Each rank's records, once the worker has succeeded."""
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def run_worker(out: Path, **args) -> subprocess.CompletedProcess:
+    """Run ddp_worker.py (2 processes, Lightning) with ``args``."""
+    return run_script("ddp_worker.py", out, out, 600, **args)
 
 
 def run_ddp(out: Path, **args) -> list[dict]:
     """Run ddp_worker.py with 2 processes; return each rank's records."""
-    result = run_worker(out, **args)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return ranks_of(run_worker(out, **args), out)
 
 
 def reference_eps(config: DeltaSAMConfig, w: torch.Tensor, batch) -> torch.Tensor:
@@ -224,21 +233,11 @@ def run_raw_ddp(out: Path, **args) -> subprocess.CompletedProcess:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    out.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(
-        [sys.executable, str(HERE / "raw_ddp_worker.py"), json.dumps({"out": str(out), "port": port, **args})],
-        cwd=HERE,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_script("raw_ddp_worker.py", out, HERE, 300, port=port, **args)
 
 
 def raw_ddp(out: Path, **args) -> list[dict]:
-    result = run_raw_ddp(out, **args)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return ranks_of(run_raw_ddp(out, **args), out)
 
 
 def reference_update(config: DeltaSAMConfig, w: torch.Tensor, batch) -> torch.Tensor:
