@@ -5,7 +5,6 @@ Usage: python raw_ddp_worker.py '<json args>' with ``out``, ``config``, ``sizes`
 """
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -23,8 +22,9 @@ def flat(tensors):
 
 
 def worker(rank: int, args: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args["port"]))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    # a file rendezvous in the test's own folder: no port to race for with other runs on the machine
+    store = Path(args["out"]) / "rendezvous"
+    dist.init_process_group("gloo", init_method=store.absolute().as_uri(), rank=rank, world_size=2)
     torch.manual_seed(0)
     model = MLP()
     ddp = DistributedDataParallel(model, static_graph=args.get("static_graph", False))
