@@ -30,6 +30,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     task_cfg = OmegaConf.merge(OmegaConf.structured(schema.TaskSchema), record["task"], overrides)
     task = assemble.build_task(task_cfg)
     checkpoint.check_labels(saved, task)
+    if not overrides:
+        checkpoint.check_test_split(saved, task)
     module, tokenizer = checkpoint.rebuild(saved, cfg.paths.cache_dir, build_metrics(task))
     datamodule = TextDataModule(
         task,

@@ -95,6 +95,20 @@ def test_eval_reproduces_the_runs_test_metrics(trained, tmp_path):
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"] == result
 
 
+def test_eval_refuses_a_test_split_carved_from_changed_training_data(trained, tmp_path):
+    folder, _ = trained
+    data = folder / "reviews.csv"
+    original = data.read_bytes()
+    cfg = compose([f"ckpt_path={folder / 'run' / 'checkpoints' / 'last.ckpt'}"], tmp_path, "eval")
+    try:
+        write_csv(data, reviews({"positive": 18, "negative": 12, "neutral": 6}, start=1))
+        with pytest.raises(ValueError, match=f"the test split rebuilt from {data} differs from the one this"):
+            evaluate(cfg)
+    finally:
+        data.write_bytes(original)
+    evaluate(cfg)
+
+
 def test_predict_gives_names_and_probabilities_that_agree_with_eval(trained, tmp_path):
     folder, _ = trained
     ckpt = folder / "run" / "checkpoints" / "last.ckpt"

@@ -2,13 +2,15 @@
 
 Every checkpoint holds a run record under :data:`RECORD_KEY`: the model config, the
 tokenizer's files (a tokenizer fit on the training texts cannot be fit again without
-them), the task config with its file paths made absolute, and ``max_length``. The class
+them), the task config with its file paths made absolute, ``max_length`` and, for your own
+data, a digest of the test split, so that ``eval.py`` notices when the files changed. The class
 names are the module's ``label_names`` hyperparameter; ``labels.json`` in the run folder
 repeats them with the task kind.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -53,6 +55,8 @@ class RunRecord(Callback):
             "max_length": int(cfg.data.max_length),
             "tokenizer": _tokenizer_files(tokenizer),
         }
+        if task.name in CUSTOM_TASKS:
+            self.record["test_digest"] = split_digest(task.load()["test"])
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit" and trainer.is_global_zero:
@@ -67,6 +71,31 @@ def _absolute_paths(task: dict[str, Any]) -> dict[str, Any]:
     """The task config with its files and folders as absolute paths, so that it can be read from anywhere."""
     keys = ("data_dir", "train", "validation", "test") if task["name"] == "files" else ("data_dir",)
     return {key: str(Path(v).expanduser().resolve()) if key in keys and v else v for key, v in task.items()}
+
+
+def split_digest(examples: list[dict[str, Any]]) -> str:
+    """A fingerprint of a split's examples, in order."""
+    return hashlib.sha256(json.dumps(examples, sort_keys=True).encode()).hexdigest()
+
+
+def check_test_split(checkpoint: dict[str, Any], task: Task) -> None:
+    """Raise if ``task``'s test split is not the one the checkpoint's run was tested on.
+
+    Only for your own data read with the run's own task settings: a test split carved from a
+    training file that has changed since would silently differ, and could hold examples the
+    model was trained on.
+    """
+    record = checkpoint[RECORD_KEY]
+    if "test_digest" not in record or split_digest(task.load()["test"]) == record["test_digest"]:
+        return
+    settings = record["task"]
+    sources = ("train", "validation", "test", "data_dir", "dataset")
+    files = ", ".join(str(settings[key]) for key in sources if settings.get(key))
+    raise ValueError(
+        f"the test split rebuilt from {files} differs from the one this checkpoint's run was tested on: the data "
+        "changed since training, and a test split carved from changed training data can hold training examples; "
+        "restore the files, or evaluate on a labelled file of your own with task.test=<path>"
+    )
 
 
 def _tokenizer_files(tokenizer: PreTrainedTokenizerBase) -> dict[str, bytes]:
