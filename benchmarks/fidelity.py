@@ -200,10 +200,13 @@ def summarize(rows: list[dict], names: list[str]) -> dict[str, dict[str, Any]]:
             continue
         cos = [r["variants"][name]["cos"] for r in present]
         err = [r["variants"][name]["rel_err"] for r in present]
-        wins = [float(r["variants"][name]["cos"] > r["variants"]["sam"]["cos"]) for r in present]
+        gain = [r["variants"][name]["cos"] - r["variants"]["sam"]["cos"] for r in present]
+        wins = [float(g > 0) for g in gain]
         out[name] = {
             "cos": statistics.mean(cos),
             "rel_err": statistics.mean(err),
+            "gain": statistics.mean(gain),
+            "gain_ci": bootstrap(gain),
             "win": statistics.mean(wins),
             "win_ci": bootstrap(wins),
             "n": len(present),
@@ -219,6 +222,23 @@ def stage(row: dict) -> str:
 def fmt_win(s: dict) -> str:
     low, high = s["win_ci"]
     return f"{100 * s['win']:.0f}% [{100 * low:.0f}, {100 * high:.0f}]"
+
+
+def fmt_gain(s: dict) -> str:
+    low, high = s["gain_ci"]
+    return f"{s['gain']:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+def variant_table(title: str, s: dict[str, dict[str, Any]]) -> list[str]:
+    lines = [
+        f"\n**{title}**\n",
+        "| variant | cos | rel. error | cos − SAM's (95% CI) | beats SAM (95% CI) |",
+        "|---|---|---|---|---|",
+    ]
+    for name in sorted(s, key=lambda n: -s[n]["cos"]):
+        cells = "– | –" if name == "sam" else f"{fmt_gain(s[name])} | {fmt_win(s[name])}"
+        lines.append(f"| {name} | {s[name]['cos']:.3f} | {s[name]['rel_err']:.2f} | {cells} |")
+    return lines
 
 
 def report(rows: list[dict]) -> tuple[str, dict]:
@@ -268,23 +288,14 @@ def report(rows: list[dict]) -> tuple[str, dict]:
             f"{statistics.mean(paired):+.3f} cos, 95% CI [{low:+.3f}, {high:+.3f}], {len(paired)} pairs.\n"
         )
 
+    lines += variant_table(f"Every variant, all trajectories and tasks pooled ({len(rows)} batches)", overall)
     sections = {}
     for traj in TRAJECTORIES:
         rs = [r for r in rows if r["trajectory"] == traj]
         if not rs:
             continue
-        s = summarize(rs, names)
-        sections[traj] = s
-        lines += [
-            f"\n**Every variant along the {traj} trajectory** ({len(rs)} batches)\n",
-            "| variant | cos | rel. error | beats SAM (95% CI) |",
-            "|---|---|---|---|",
-        ]
-        for name in sorted(s, key=lambda n: -s[n]["cos"]):
-            lines.append(
-                f"| {name} | {s[name]['cos']:.3f} | {s[name]['rel_err']:.2f} | "
-                f"{'–' if name == 'sam' else fmt_win(s[name])} |"
-            )
+        sections[traj] = summarize(rs, names)
+        lines += variant_table(f"Every variant along the {traj} trajectory ({len(rs)} batches)", sections[traj])
     return "\n".join(lines) + "\n", {"overall": overall, "by_trajectory": sections, "best": best, "shipped": shipped}
 
 
