@@ -71,6 +71,21 @@ def variants(rho: float, model: str) -> dict[str, DeltaSAMConfig]:
     return out
 
 
+def variant_overrides(name: str) -> tuple[tuple[str, str], ...]:
+    """A variant name of this study (e.g. ``exact:-1:raw``) as ``method.*`` fields for the app's config."""
+    parts = name.split(":")
+    if parts[0] not in ESTIMATORS or len(parts) not in (2, 3) or parts[2:] not in ([], ["raw"]):
+        raise ValueError(
+            f"variant {name!r} is not valid; it is <estimator>:<beta>[:raw] with an estimator of {list(ESTIMATORS)}"
+        )
+
+    def value(v: Any) -> str:
+        return "[" + ",".join(f"'{x}'" for x in v) + "]" if isinstance(v, list) else str(v)
+
+    fields = {**ESTIMATORS[parts[0]], "beta": float(parts[1]), **(RAW if parts[2:] else {})}
+    return tuple((k, value(v)) for k, v in fields.items())
+
+
 def shipped_variant() -> str:
     """The variant name of the shipped δ-SAM default."""
     d = DeltaSAMConfig()

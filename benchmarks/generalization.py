@@ -4,35 +4,42 @@ Protocol (MiniLM, max length 32, the app's recipe; rows through benchmarks/runs.
 with the robust-defaults study):
 
 * settings: ``clean1k`` (seeded 1,000-instance training subsets, 5 epochs) and ``noisy1k``
-  (the same with 20% of the training labels flipped to another class); validation and
-  test are the full, clean splits;
-* methods: ERM, SAM and δ-SAM with the shipped ρ schedule, and ``--variant`` (the best
-  δ-SAM variant of the fidelity study); exact per-instance SAM on mr clean1k only
-  (``--per-instance``);
-* ρ: for each sharpness-aware method, task and setting, chosen from ``--rhos`` on mean
-  final validation accuracy over ``--select-seeds``, which the comparison does not use
-  (their test scores would be correlated with the selection); never on test;
+  (the same subsets with 20% of the training labels flipped to another class); validation
+  and test are the full, clean splits;
+* methods: ERM; SAM and δ-SAM with the shipped defaults (so SAM, too, runs the shipped ρ
+  schedule, ``follow_lr``); ``--variant``, the best δ-SAM variant of the fidelity study
+  (read from docs/results/fidelity.json by default, left out when it is the shipped
+  default); exact per-instance SAM on mr clean1k (``--no-per-instance`` leaves it out);
+* ρ: for each sharpness-aware method and task, chosen from ``--rhos`` on mean final
+  validation accuracy over ``--select-seeds`` in the ``--select-on`` setting and used in
+  both settings (``--select-on each`` chooses per setting, at twice the cost); the
+  selection seeds are not compared on test, and the comparison seeds did not choose the
+  shipped defaults (the robust-defaults study used seeds 1-3); never chosen on test;
 * final comparison: ``--seeds`` at the chosen ρ. The subset, the label noise and the data
   order depend on the seed only, so runs of one seed are paired across methods;
-* headline: test accuracy of the final weights (the best-validation checkpoint's is
-  reported beside it).
+* headline: test accuracy of the final weights; the best-validation checkpoint's is
+  reported beside it. Flatness of the final weights, measured the same way for every
+  method on 32 validation instances: the top Hessian eigenvalue and the SAM sharpness at
+  ρ₀ = 0.05 (runs.FinalFlatness).
 
 Resumable: finished runs are rows of docs/results/runs.jsonl and are skipped.
 
     python benchmarks/generalization.py                       # the whole protocol
     python benchmarks/generalization.py --report              # tables and plots from the rows there are
-    python benchmarks/generalization.py --tasks mr --settings noisy1k --seeds 1 2
+    python benchmarks/generalization.py --tasks mr --settings noisy1k --seeds 11 12
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from common import RESULTS, bootstrap, mean_std, save
-from runs import Method, key, rows_by_key, run_all
+from fidelity import variant_overrides
+from runs import Method, key, resolved_method, rows_by_key, run_all
 
 from lit_deltasam import DeltaSAMConfig
 
@@ -43,23 +50,51 @@ def shipped(method: str, rho: float, extra: tuple = ()) -> Method:
     return Method(method, rho, d.rho_schedule, warmup, extra)
 
 
-def parse_variant(text: Optional[str]) -> tuple:
-    if not text:
+def parse_variant(text: str) -> tuple:
+    """``--variant``: ``auto`` (the fidelity study's best), ``none``, a fidelity variant name such as
+    ``exact:-1:raw``, or ``method.*`` fields such as ``estimator=exact,beta=-1.0``."""
+    if text == "none":
         return ()
+    if text == "auto":
+        path = RESULTS / "fidelity.json"
+        if not path.exists():
+            raise SystemExit(
+                f"--variant auto reads the fidelity study's best variant from {path}, which is missing; "
+                "run benchmarks/fidelity.py, or pass --variant NAME or --variant none"
+            )
+        text = json.loads(path.read_text())["summary"]["best"]
+    if "=" not in text:
+        return variant_overrides(text)
     return tuple(tuple(part.split("=", 1)) for part in text.split(","))
 
 
-def candidates(args: argparse.Namespace, task: str, setting: str) -> dict[str, list[Method]]:
-    """Each method family with its ρ grid."""
+def grids(args: argparse.Namespace) -> dict[str, list[Method]]:
+    """Each sharpness-aware family whose ρ is chosen, with its grid; the variant only where it differs
+    from the shipped δ-SAM."""
     out = {
         "sam": [shipped("sam", r) for r in args.rhos],
         "deltasam": [shipped("deltasam", r) for r in args.rhos],
     }
-    if args.variant:
-        out["deltasam_variant"] = [shipped("deltasam", r, parse_variant(args.variant)) for r in args.rhos]
-    if args.per_instance and task == "mr" and setting == "clean1k":
-        out["per_instance"] = [shipped("per_instance", r) for r in args.rhos]
+    variant = [shipped("deltasam", r, args.variant) for r in args.rhos]
+    if args.variant and resolved_method(variant[0].overrides()) != resolved_method(out["deltasam"][0].overrides()):
+        out["deltasam_variant"] = variant
     return out
+
+
+def selection_setting(args: argparse.Namespace, setting: str) -> str:
+    return setting if args.select_on == "each" else args.select_on
+
+
+def selection_units(args: argparse.Namespace) -> list[tuple]:
+    settings = dict.fromkeys(selection_setting(args, s) for s in args.settings)
+    return [
+        (task, setting, method, seed)
+        for seed in args.select_seeds
+        for task in args.tasks
+        for setting in settings
+        for grid in grids(args).values()
+        for method in grid
+    ]
 
 
 def val(row: dict) -> float:
@@ -86,19 +121,50 @@ def choose(rows: dict, task: str, setting: str, grid: list[Method], seeds: list[
 
 
 def final_units(args: argparse.Namespace, rows: dict) -> tuple[list[tuple], dict]:
-    """The final comparison's runs, for the (task, setting, family) whose ρ is chosen already."""
+    """The final comparison's runs, seed by seed (per-instance SAM last), for the families whose ρ is chosen.
+
+    Per-instance SAM (mr clean1k) runs at SAM's chosen ρ: a grid of its own would cost six
+    runs of about ten minutes."""
     units, chosen = [], {}
     for task in args.tasks:
         for setting in args.settings:
-            for seed in args.seeds:
-                units.append((task, setting, Method("erm"), seed))
-            for family, grid in candidates(args, task, setting).items():
-                pick = choose(rows, task, setting, grid, args.select_seeds)
+            units += [(task, setting, Method("erm"), seed) for seed in args.seeds]
+            for family, grid in grids(args).items():
+                pick = choose(rows, task, selection_setting(args, setting), grid, args.select_seeds)
                 if pick is None:
                     continue
                 chosen[(task, setting, family)] = pick
                 units += [(task, setting, pick, seed) for seed in args.seeds]
+            if args.per_instance and (task, setting) == ("mr", "clean1k") and (task, setting, "sam") in chosen:
+                pick = shipped("per_instance", chosen[(task, setting, "sam")].rho)
+                chosen[(task, setting, "per_instance")] = pick
+                units += [(task, setting, pick, seed) for seed in args.seeds]
+    units.sort(key=lambda u: (u[2].method == "per_instance", args.seeds.index(u[3])))
     return units, chosen
+
+
+def flatness(rows: list[dict], name: str) -> list[float]:
+    return [r["metrics"][name] for r in rows if name in r["metrics"]]
+
+
+def differences(a: dict[int, dict], b: dict[int, dict], score) -> Optional[dict[str, Any]]:
+    """Paired differences in points over the seeds both have: mean, bootstrap 95% CI, wins of ``a``."""
+    seeds = sorted(set(a) & set(b))
+    d = [100 * (score(a[s]) - score(b[s])) for s in seeds]
+    if len(d) < 2:
+        return None
+    return {"mean": statistics.mean(d), "ci": list(bootstrap(d)), "n": len(d), "wins": sum(x > 0 for x in d)}
+
+
+COMPARISONS = (
+    ("sam", "erm"),
+    ("deltasam", "erm"),
+    ("deltasam", "sam"),
+    ("deltasam_variant", "erm"),
+    ("deltasam_variant", "sam"),
+    ("per_instance", "erm"),
+    ("per_instance", "sam"),
+)
 
 
 def report(args: argparse.Namespace) -> tuple[str, dict]:
@@ -106,12 +172,13 @@ def report(args: argparse.Namespace) -> tuple[str, dict]:
     _, chosen = final_units(args, rows)
     lines = [
         "| task | setting | method | ρ (chosen on val) | seeds | stalled | test acc, final weights | "
-        "test acc, best-val checkpoint | mean sharpness | final top Hessian eig. |",
+        "test acc, best-val checkpoint | SAM sharpness at ρ₀ = 0.05 | top Hessian eig. |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     diffs_lines = [
-        "| task | setting | comparison | pairs | mean difference (points) | 95% bootstrap CI |",
-        "|---|---|---|---|---|---|",
+        "| task | setting | comparison | pairs | final weights: mean (points) [95% CI] | wins | "
+        "best-val checkpoint: mean [95% CI] |",
+        "|---|---|---|---|---|---|---|",
     ]
     summary: dict = {}
     for task in args.tasks:
@@ -124,42 +191,28 @@ def report(args: argparse.Namespace) -> tuple[str, dict]:
                 if not rs:
                     continue
                 per_family[family] = rs
-                sharp = [
-                    r["metrics"]["sam/sharpness_mean"] for r in rs.values() if "sam/sharpness_mean" in r["metrics"]
-                ]
-                eig = [
-                    r["metrics"]["final/hessian_top_eig"]
-                    for r in rs.values()
-                    if "final/hessian_top_eig" in r["metrics"]
-                ]
                 lines.append(
                     f"| {task} | {setting} | {method.label} | {'–' if method.rho is None else f'{method.rho:g}'} | "
                     f"{len(rs)} | {sum(r['stalled'] for r in rs.values())} | "
                     f"{mean_std([test_final(r) for r in rs.values()])} | "
                     f"{mean_std([test_best(r) for r in rs.values()])} | "
-                    f"{mean_std(sharp, 1.0, 4)} | {mean_std(eig, 1.0, 2)} |"
+                    f"{mean_std(flatness(list(rs.values()), 'final/sam_sharpness'), 1.0, 4)} | "
+                    f"{mean_std(flatness(list(rs.values()), 'final/hessian_top_eig'), 1.0, 1)} |"
                 )
-            for a, b in (
-                ("sam", "erm"),
-                ("deltasam", "erm"),
-                ("deltasam", "sam"),
-                ("deltasam_variant", "sam"),
-                ("deltasam_variant", "erm"),
-                ("per_instance", "sam"),
-            ):
+            for a, b in COMPARISONS:
                 if a not in per_family or b not in per_family:
                     continue
-                seeds = sorted(set(per_family[a]) & set(per_family[b]))
-                d = [100 * (test_final(per_family[a][s]) - test_final(per_family[b][s])) for s in seeds]
-                if len(d) < 2:
+                final = differences(per_family[a], per_family[b], test_final)
+                best = differences(per_family[a], per_family[b], test_best)
+                if final is None:
                     continue
-                low, high = bootstrap(d)
-                summary[f"{task}/{setting}/{a}-{b}"] = {"mean": statistics.mean(d), "ci": [low, high], "n": len(d)}
+                summary[f"{task}/{setting}/{a}-{b}"] = {**final, "best_val": best}
                 diffs_lines.append(
-                    f"| {task} | {setting} | {a} − {b} | {len(d)} | {statistics.mean(d):+.2f} | "
-                    f"[{low:+.2f}, {high:+.2f}] |"
+                    f"| {task} | {setting} | {a} − {b} | {final['n']} | {final['mean']:+.2f} "
+                    f"[{final['ci'][0]:+.2f}, {final['ci'][1]:+.2f}] | {final['wins']}/{final['n']} | "
+                    f"{best['mean']:+.2f} [{best['ci'][0]:+.2f}, {best['ci'][1]:+.2f}] |"
                 )
-    text = "\n".join(lines) + "\n\n**Paired differences in test accuracy (final weights)**\n\n" + "\n".join(diffs_lines)
+    text = "\n".join(lines) + "\n\n**Paired differences in test accuracy**\n\n" + "\n".join(diffs_lines)
     return text + "\n", {"chosen": {"/".join(k): v.label for k, v in chosen.items()}, "differences": summary}
 
 
@@ -222,25 +275,42 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=["mr", "tweets"])
     parser.add_argument("--settings", nargs="+", default=["clean1k", "noisy1k"])
-    parser.add_argument("--rhos", nargs="+", type=float, default=[0.01, 0.02, 0.05], help="the ρ grid")
+    parser.add_argument(
+        "--rhos",
+        nargs="+",
+        type=float,
+        default=[0.02, 0.05],
+        help="the ρ grid: the shipped default and the common choice for fine-tuning (a third value costs ~45 min)",
+    )
     parser.add_argument(
         "--select-seeds", nargs="+", type=int, default=[101, 102], help="seeds that choose ρ (not compared on test)"
     )
-    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5], help="seeds of the comparison")
-    parser.add_argument("--variant", default=None, help="the best δ-SAM variant, e.g. 'estimator=exact,beta=-1.0'")
-    parser.add_argument("--per-instance", action="store_true", help="add exact per-instance SAM on mr clean1k")
+    parser.add_argument(
+        "--select-on",
+        default="clean1k",
+        help="the setting whose validation accuracy chooses ρ for every setting, or 'each' (default: clean1k)",
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, default=[11, 12, 13, 14, 15], help="seeds of the comparison")
+    parser.add_argument(
+        "--variant",
+        default="auto",
+        help="the δ-SAM variant beside the shipped one: 'auto' (the fidelity study's best, from "
+        "docs/results/fidelity.json), a fidelity variant name such as 'exact:-1:raw', method fields such as "
+        "'estimator=exact,beta=-1.0', or 'none'",
+    )
+    parser.add_argument(
+        "--no-per-instance",
+        dest="per_instance",
+        action="store_false",
+        help="leave out exact per-instance SAM (mr clean1k, at SAM's chosen ρ; about 3× a SAM run)",
+    )
     parser.add_argument("--report", action="store_true", help="only build the tables and plots")
     args = parser.parse_args()
+    if args.select_on != "each" and args.select_on not in args.settings:
+        parser.error(f"--select-on {args.select_on!r} is not valid; choose 'each' or one of --settings {args.settings}")
+    args.variant = parse_variant(args.variant)
     if not args.report:
-        selection = [
-            (task, setting, method, seed)
-            for seed in args.select_seeds
-            for task in args.tasks
-            for setting in args.settings
-            for grid in candidates(args, task, setting).values()
-            for method in grid
-        ]
-        for _ in run_all(selection, "generalization"):
+        for _ in run_all(selection_units(args), "generalization"):
             pass
         units, _ = final_units(args, rows_by_key())
         for _ in run_all(units, "generalization"):

@@ -159,35 +159,54 @@ def migrate(path: Path = STORE) -> int:
     return changed
 
 
-class FinalHessian(L.Callback):
-    """The top Hessian eigenvalue of the final weights on the first validation batch (eval mode)."""
+class FinalFlatness(L.Callback):
+    """Flatness of the final weights, one measure for every method, on the first ``batch_size`` validation
+    instances in eval mode: the top Hessian eigenvalue (power iteration) and the SAM sharpness
+    ``L(w + ρ₀ g/‖g‖) − L(w)`` at a fixed ``rho`` (each method's own ``sam/sharpness_mean`` is at its own ρ)."""
 
-    def __init__(self, batch_size: int = 16, iters: int = 20) -> None:
-        self.batch_size, self.iters = batch_size, iters
-        self.value: Optional[float] = None
+    def __init__(self, batch_size: int = 32, iters: int = 20, rho: float = 0.05) -> None:
+        self.batch_size, self.iters, self.rho = batch_size, iters, rho
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from lit_deltasam.core.batch import slice_batch
         from lit_deltasam.core.diagnostics import top_hessian_eigenvalue
 
-        loader = trainer.val_dataloaders
-        batch = slice_batch(next(iter(loader)), slice(0, self.batch_size))
+        batch = slice_batch(next(iter(trainer.val_dataloaders)), slice(0, self.batch_size))
         batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
+        params = [p for p in pl_module.parameters() if p.requires_grad]
         modes = {m: m.training for m in pl_module.modules()}
         pl_module.eval()
         try:
             with torch.enable_grad():
-                self.value = top_hessian_eigenvalue(
+                eig = top_hessian_eigenvalue(
                     pl_module,
                     pl_module.per_sample_loss,
                     batch,
+                    params,
                     iters=self.iters,
                     generator=torch.Generator().manual_seed(0),
                 )
+                sharpness = self._sam_sharpness(pl_module, batch, params)
         finally:
             for m, mode in modes.items():
                 m.training = mode
-        trainer.callback_metrics["final/hessian_top_eig"] = torch.tensor(self.value)
+        trainer.callback_metrics["final/hessian_top_eig"] = torch.tensor(eig)
+        trainer.callback_metrics["final/sam_sharpness"] = torch.tensor(sharpness)
+
+    def _sam_sharpness(self, module: L.LightningModule, batch: Any, params: list[torch.Tensor]) -> float:
+        from lit_deltasam.core import total_norm
+
+        loss = module.per_sample_loss(batch).mean()
+        grads = torch.autograd.grad(loss, params)
+        scale = self.rho / float(total_norm(grads))
+        saved = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            try:
+                torch._foreach_add_(params, grads, alpha=scale)
+                perturbed = module.per_sample_loss(batch).mean()
+            finally:
+                torch._foreach_copy_(params, saved)
+        return float(perturbed - loss)
 
 
 def _curve(out: Path, monitor: str) -> list[list[float]]:
@@ -217,7 +236,7 @@ def run(task: str, setting: str, method: Method, seed: int, out: Path) -> dict:
             "~callbacks.progress_bar",
             "callbacks.model_checkpoint.save_last=false",
             "+callbacks.model_checkpoint.save_weights_only=true",
-            "+callbacks.final_hessian._target_=runs.FinalHessian",
+            "+callbacks.final_flatness._target_=runs.FinalFlatness",
             "test_final=true",
         ],
         out,
