@@ -304,6 +304,23 @@ def report(rows: list[dict]) -> tuple[str, dict]:
         )
 
     lines += variant_table(f"Every variant, all trajectories and tasks pooled ({len(rows)} batches)", overall)
+    same = [n for n in names if n != shipped and all(r["variants"][n] == r["variants"][shipped] for r in rows)]
+    others = [n for n in names if n not in ("sam", shipped, *same)]
+    contenders = sorted(others, key=lambda n: -overall[n]["cos"])[:6]
+    lines += [
+        f"\n**The best variants against the shipped default {shipped}** (paired over all batches)\n",
+        f"| variant | cos − {shipped}'s (95% CI) | closer than {shipped} on |",
+        "|---|---|---|",
+    ]
+    against_shipped = {}
+    for name in contenders:
+        gain = [r["variants"][name]["cos"] - r["variants"][shipped]["cos"] for r in rows]
+        low, high = bootstrap(gain)
+        against_shipped[name] = {"gain": statistics.mean(gain), "gain_ci": [low, high]}
+        wins = statistics.mean(float(g > 0) for g in gain)
+        lines.append(f"| {name} | {statistics.mean(gain):+.3f} [{low:+.3f}, {high:+.3f}] | {100 * wins:.0f}% |")
+    if same:
+        lines.append(f"\nIdentical to {shipped} on every batch (its floor and bounds never bind): {', '.join(same)}.")
     sections = {}
     for traj in TRAJECTORIES:
         rs = [r for r in rows if r["trajectory"] == traj]
@@ -311,7 +328,8 @@ def report(rows: list[dict]) -> tuple[str, dict]:
             continue
         sections[traj] = summarize(rs, names)
         lines += variant_table(f"Every variant along the {traj} trajectory ({len(rs)} batches)", sections[traj])
-    return "\n".join(lines) + "\n", {"overall": overall, "by_trajectory": sections, "best": best, "shipped": shipped}
+    summary = {"overall": overall, "by_trajectory": sections, "best": best, "shipped": shipped}
+    return "\n".join(lines) + "\n", {**summary, "against_shipped": against_shipped}
 
 
 def plot(rows: list[dict], path: Path) -> None:
