@@ -115,8 +115,10 @@ def main() -> None:
     parser.add_argument("--rhos", nargs="+", type=float, default=[0.02, 0.05])
     parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=SCHEDULES)
     parser.add_argument("--deltasam", action=argparse.BooleanOptionalAction, default=True, help="include δ-SAM")
-    parser.add_argument("--deltasam-schedule", default="warmup", help="the schedule δ-SAM runs with")
-    parser.add_argument("--deltasam-rho", type=float, default=0.05)
+    parser.add_argument(
+        "--deltasam-schedule", default="follow_lr", help="the schedule δ-SAM runs with (default: the chosen one)"
+    )
+    parser.add_argument("--deltasam-rho", type=float, default=0.02, help="δ-SAM's ρ (default: the chosen one)")
     parser.add_argument("--report", action="store_true", help="only print and save the tables of the rows there are")
     args = parser.parse_args()
     if not args.report:

@@ -31,7 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lags", type=int, default=10)
-    parser.add_argument("--rho", type=float, default=0.05)
+    parser.add_argument("--rho", type=float, default=DeltaSAMConfig().rho, help="constant ρ (default: the shipped ρ)")
     parser.add_argument("--task", default="mr")
     parser.add_argument("--model", default="minilm")
     parser.add_argument("--seed", type=int, default=0)

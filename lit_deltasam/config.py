@@ -134,7 +134,7 @@ class DeltaSAMConfig:
     rho_schedule: str = "follow_lr"
     rho_warmup: float = 0.1
     # beta = -0.5 with the head estimator had the best fidelity to per-instance SAM among the
-    # δ-SAM variants measured (docs/benchmarks.md#fidelity); beta = -1 is the second-order candidate.
+    # δ-SAM variants measured (docs/benchmarks.md, "Fidelity"); beta = -1 is the second-order candidate.
     beta: float = -0.5
     estimator: str = "head"
     weight_floor: float = 0.1
