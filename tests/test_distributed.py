@@ -219,6 +219,12 @@ def test_fsdp_refuses_estimators_that_need_whole_parameters(tmp_path):
     assert "choose one of ['head']" in stderr
 
 
+def test_fsdp_refuses_looksam(tmp_path):
+    config = {"method": "sam", "ascent": "global", "interval": 2, "reuse": "looksam"}
+    stderr = failing_fsdp_run(tmp_path, config=config, steps=1)
+    assert "reuse='looksam' is not available under FSDP: its stored direction is a shard per rank" in stderr
+
+
 def test_fsdp_refuses_a_checkpoint_inside_an_accumulation_window(tmp_path):
     config = {"method": "sam", "ascent": "global", "accumulate_grad_batches": 2}
     stderr = failing_fsdp_run(tmp_path, config=config, steps=1, save_at_batch=0)
