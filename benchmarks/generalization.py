@@ -8,8 +8,9 @@ with the robust-defaults study):
   and test are the full, clean splits;
 * methods: ERM; SAM and δ-SAM with the shipped defaults (so SAM, too, runs the shipped ρ
   schedule, ``follow_lr``); ``--variant``, the best δ-SAM variant of the fidelity study
-  (read from docs/results/fidelity.json by default, left out when it is the shipped
-  default); exact per-instance SAM on mr clean1k (``--no-per-instance`` leaves it out);
+  (read from docs/results/fidelity.json by default: the closest to per-instance SAM among
+  the variants closer than the shipped one with a paired CI above 0; none if there is none);
+  exact per-instance SAM on mr clean1k (``--no-per-instance`` leaves it out);
 * ρ: for each sharpness-aware method and task, chosen from ``--rhos`` on mean final
   validation accuracy over ``--select-seeds`` in the ``--select-on`` setting and used in
   both settings (``--select-on each`` chooses per setting, at twice the cost); the
@@ -62,7 +63,15 @@ def parse_variant(text: str) -> tuple:
                 f"--variant auto reads the fidelity study's best variant from {path}, which is missing; "
                 "run benchmarks/fidelity.py, or pass --variant NAME or --variant none"
             )
-        text = json.loads(path.read_text())["summary"]["best"]
+        against = json.loads(path.read_text())["summary"]["against_shipped"]
+        better = [name for name, d in against.items() if d["gain_ci"][0] > 0]
+        if not better:
+            print(
+                "--variant auto: no fidelity variant is closer to per-instance SAM than the shipped δ-SAM with a CI "
+                "above 0; no variant arm"
+            )
+            return ()
+        text = max(better, key=lambda name: against[name]["gain"])
     if "=" not in text:
         return variant_overrides(text)
     return tuple(tuple(part.split("=", 1)) for part in text.split(","))
@@ -294,7 +303,8 @@ def main() -> None:
     parser.add_argument(
         "--variant",
         default="auto",
-        help="the δ-SAM variant beside the shipped one: 'auto' (the fidelity study's best, from "
+        help="the δ-SAM variant beside the shipped one: 'auto' (the fidelity variant closest to per-instance SAM "
+        "among those that beat the shipped one with a paired CI above 0, from "
         "docs/results/fidelity.json), a fidelity variant name such as 'exact:-1:raw', method fields such as "
         "'estimator=exact,beta=-1.0', or 'none'",
     )
