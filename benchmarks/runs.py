@@ -194,18 +194,19 @@ class FinalFlatness(L.Callback):
         trainer.callback_metrics["final/sam_sharpness"] = torch.tensor(sharpness)
 
     def _sam_sharpness(self, module: L.LightningModule, batch: Any, params: list[torch.Tensor]) -> float:
-        from lit_deltasam.core import total_norm
+        from lit_deltasam.core import perturb
+        from lit_deltasam.core.state import Snapshot
 
         loss = module.per_sample_loss(batch).mean()
         grads = torch.autograd.grad(loss, params)
-        scale = self.rho / float(total_norm(grads))
-        saved = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            try:
-                torch._foreach_add_(params, grads, alpha=scale)
+        snapshot = Snapshot(params)
+        snapshot.capture()
+        try:
+            perturb(params, grads, self.rho)
+            with torch.no_grad():
                 perturbed = module.per_sample_loss(batch).mean()
-            finally:
-                torch._foreach_copy_(params, saved)
+        finally:
+            snapshot.restore()
         return float(perturbed - loss)
 
 
