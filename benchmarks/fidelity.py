@@ -10,7 +10,8 @@ with per-instance SAM's ``C_PI``: ``cos(C_X, C_PI)`` and ``||C_X - C_PI|| / ||C_
 
 Variants: SAM, and δ-SAM with the head, exact, probe, probe_top (top layer and head) and
 curvature estimators, at β ∈ {-1, -0.5, 0.5, 1}, each with the default floor and clip and
-with them off (``:raw``).
+with them off (``:raw``). ``--variants`` measures a subset (SAM and the shipped δ-SAM always):
+the exact estimator's per-instance loop makes it most of a probe's cost.
 
 Resumable: one JSON row per (task, trajectory, step, batch) in
 ``docs/results/fidelity_rows.jsonl``; a trajectory resumes from the checkpoint of its last
@@ -20,15 +21,18 @@ skipped. ``--report`` only builds the tables and the plot from the rows there ar
     python benchmarks/fidelity.py                          # mr and tweets, ~3 h on 2 CPU cores
     python benchmarks/fidelity.py --report                 # tables and plot from the rows
     python benchmarks/fidelity.py --tasks mr --trajectories erm sam --points 3 --batches 2
+    python benchmarks/fidelity.py --tasks tweets --variants 'head:*' exact:-1 exact:-0.5   # a subset
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import math
 import statistics
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -58,7 +62,8 @@ TRAJECTORIES = ("erm", "sam", "deltasam", "per_instance")
 MIN_STEPS = 400
 
 
-def variants(rho: float, model: str) -> dict[str, DeltaSAMConfig]:
+def variants(rho: float, model: str, patterns: Sequence[str] = ("*",)) -> dict[str, DeltaSAMConfig]:
+    """SAM, the shipped δ-SAM and the variants whose names match one of ``patterns`` (shell-style: ``exact:-*``)."""
     out = {"sam": DeltaSAMConfig(method="sam", rho=rho)}
     for name, options in ESTIMATORS.items():
         if name == "probe_top" and model != "minilm":
@@ -68,7 +73,11 @@ def variants(rho: float, model: str) -> dict[str, DeltaSAMConfig]:
                 out[f"{name}:{beta:g}{suffix}"] = DeltaSAMConfig(
                     method="deltasam", rho=rho, beta=beta, **options, **guards
                 )
-    return out
+    for pattern in patterns:
+        if not fnmatch.filter(out, pattern):
+            raise ValueError(f"--variants pattern {pattern!r} matches no variant; the variants are {list(out)}")
+    keep = {"sam", shipped_variant()}
+    return {n: cfg for n, cfg in out.items() if n in keep or any(fnmatch.fnmatchcase(n, p) for p in patterns)}
 
 
 def variant_overrides(name: str) -> tuple[tuple[str, str], ...]:
@@ -101,8 +110,10 @@ def load(path: Optional[Path] = None) -> list[dict]:
 class Probe(Callback):
     """At each probe step: every variant on every held-out batch, one row per batch, then a resumable checkpoint."""
 
-    def __init__(self, ident: dict, steps: list[int], batches: list, rho: float, model: str, ckpt_dir: Path) -> None:
-        self.ident, self.steps, self.batches, self.rho, self.model = ident, steps, batches, rho, model
+    def __init__(
+        self, ident: dict, steps: list[int], batches: list, measured: dict[str, DeltaSAMConfig], ckpt_dir: Path
+    ) -> None:
+        self.ident, self.steps, self.batches, self.measured = ident, steps, batches, measured
         self.ckpt_dir = ckpt_dir
         self.done = {(r["step"], r["batch"]) for r in load() if all(r[k] == v for k, v in ident.items())}
 
@@ -120,9 +131,7 @@ class Probe(Callback):
                         continue
                     torch.manual_seed(1000 * step + index)
                     batch = module.transfer_batch_to_device(batch, module.device, 0)
-                    measured = corrections(
-                        module, module.per_sample_loss, batch, variants(self.rho, self.model), params, impl="loop"
-                    )
+                    measured = corrections(module, module.per_sample_loss, batch, self.measured, params, impl="loop")
                     row = {**self.ident, "step": step, "batch": index, "variants": measured}
                     with open(STORE, "a") as handle:
                         handle.write(json.dumps(row) + "\n")
@@ -200,7 +209,7 @@ def trajectory(task: str, method: str, args: argparse.Namespace) -> None:
     resume = resume if resume is not None and resume.exists() else None
     loader = iter(datamodule.val_dataloader())
     batches = [slice_batch(next(loader), slice(0, args.batch_size)) for _ in range(args.batches)]
-    probe = Probe(ident, steps, batches, args.rho, args.model, ckpt_dir)
+    probe = Probe(ident, steps, batches, variants(args.rho, args.model, args.variants), ckpt_dir)
     trainer = instantiate(cfg.trainer, max_epochs=-1, max_steps=total, logger=False, callbacks=[probe])
     print(f"{task}/{method}: {total} steps, probes at {steps}" + (f", resuming from {resume.name}" if resume else ""))
     trainer.fit(module, datamodule, ckpt_path=resume)
@@ -247,19 +256,19 @@ def fmt_gain(s: dict) -> str:
 def variant_table(title: str, s: dict[str, dict[str, Any]]) -> list[str]:
     lines = [
         f"\n**{title}**\n",
-        "| variant | cos | rel. error | cos − SAM's (95% CI) | beats SAM (95% CI) |",
-        "|---|---|---|---|---|",
+        "| variant | cos | rel. error | cos − SAM's (95% CI) | beats SAM (95% CI) | batches |",
+        "|---|---|---|---|---|---|",
     ]
     for name in sorted(s, key=lambda n: -s[n]["cos"]):
         cells = "– | –" if name == "sam" else f"{fmt_gain(s[name])} | {fmt_win(s[name])}"
-        lines.append(f"| {name} | {s[name]['cos']:.3f} | {s[name]['rel_err']:.2f} | {cells} |")
+        lines.append(f"| {name} | {s[name]['cos']:.3f} | {s[name]['rel_err']:.2f} | {cells} | {s[name]['n']} |")
     return lines
 
 
 def report(rows: list[dict]) -> tuple[str, dict]:
     if not rows:
         return "no rows yet\n", {}
-    names = list(rows[0]["variants"])
+    names = list(dict.fromkeys(n for r in rows for n in r["variants"]))
     shipped = shipped_variant()
     overall = summarize(rows, names)
     best = max((n for n in names if n != "sam"), key=lambda n: overall[n]["cos"])
@@ -303,22 +312,35 @@ def report(rows: list[dict]) -> tuple[str, dict]:
             f"{statistics.mean(paired):+.3f} cos, 95% CI [{low:+.3f}, {high:+.3f}], {len(paired)} pairs.\n"
         )
 
+    tasks = sorted({r["task"] for r in rows})
     lines += variant_table(f"Every variant, all trajectories and tasks pooled ({len(rows)} batches)", overall)
-    same = [n for n in names if n != shipped and all(r["variants"][n] == r["variants"][shipped] for r in rows)]
+    if len(tasks) > 1:
+        for task in tasks:
+            rs = [r for r in rows if r["task"] == task]
+            lines += variant_table(
+                f"Every variant on {task}, all its trajectories ({len(rs)} batches)", summarize(rs, names)
+            )
+    same = [
+        n
+        for n in names
+        if n != shipped and all(r["variants"][n] == r["variants"][shipped] for r in rows if n in r["variants"])
+    ]
     others = [n for n in names if n not in ("sam", shipped, *same)]
     contenders = sorted(others, key=lambda n: -overall[n]["cos"])[:6]
     lines += [
         f"\n**The best variants against the shipped default {shipped}** (paired over all batches)\n",
-        f"| variant | cos − {shipped}'s (95% CI) | closer than {shipped} on |",
-        "|---|---|---|",
+        f"| variant | cos − {shipped}'s (95% CI) | closer than {shipped} on | batches |",
+        "|---|---|---|---|",
     ]
     against_shipped = {}
     for name in contenders:
-        gain = [r["variants"][name]["cos"] - r["variants"][shipped]["cos"] for r in rows]
+        gain = [r["variants"][name]["cos"] - r["variants"][shipped]["cos"] for r in rows if name in r["variants"]]
         low, high = bootstrap(gain)
-        against_shipped[name] = {"gain": statistics.mean(gain), "gain_ci": [low, high]}
+        against_shipped[name] = {"gain": statistics.mean(gain), "gain_ci": [low, high], "n": len(gain)}
         wins = statistics.mean(float(g > 0) for g in gain)
-        lines.append(f"| {name} | {statistics.mean(gain):+.3f} [{low:+.3f}, {high:+.3f}] | {100 * wins:.0f}% |")
+        lines.append(
+            f"| {name} | {statistics.mean(gain):+.3f} [{low:+.3f}, {high:+.3f}] | {100 * wins:.0f}% | {len(gain)} |"
+        )
     if same:
         lines.append(f"\nIdentical to {shipped} on every batch (its floor and bounds never bind): {', '.join(same)}.")
     sections = {}
@@ -386,6 +408,13 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=8, help="held-out batches per probe point")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--rho", type=float, default=0.05, help="radius of every variant and of the oracle")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["*"],
+        help="shell-style patterns of the variants to measure (default: all); SAM and the shipped δ-SAM are always "
+        "measured, e.g. --variants 'head:*' 'exact:-*'",
+    )
     parser.add_argument("--max-length", type=int, default=32)
     parser.add_argument("--max-steps", type=int, default=None, help="trajectory length (default: max(400, 1 epoch))")
     parser.add_argument("--model", default="minilm")
