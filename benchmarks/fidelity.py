@@ -311,6 +311,14 @@ def report(rows: list[dict]) -> tuple[str, dict]:
             f"\nδ-SAM in situ minus SAM in situ, paired by (task, probe point, batch): "
             f"{statistics.mean(paired):+.3f} cos, 95% CI [{low:+.3f}, {high:+.3f}], {len(paired)} pairs.\n"
         )
+    at_target = [r for r in rows if r["trajectory"] == "per_instance"]
+    if at_target:
+        gain = [r["variants"][shipped]["cos"] - r["variants"]["sam"]["cos"] for r in at_target]
+        low, high = bootstrap(gain)
+        lines.append(
+            f"At per-instance SAM's own weights (its trajectory), δ-SAM minus SAM, paired by batch: "
+            f"{statistics.mean(gain):+.3f} cos, 95% CI [{low:+.3f}, {high:+.3f}], {len(gain)} batches.\n"
+        )
 
     tasks = sorted({r["task"] for r in rows})
     lines += variant_table(f"Every variant, all trajectories and tasks pooled ({len(rows)} batches)", overall)
