@@ -240,7 +240,7 @@ def summarize(rows: list[dict], names: list[str]) -> dict[str, dict[str, Any]]:
 
 def stage(row: dict) -> str:
     fraction = row["step"] / row["total_steps"]
-    return "early" if fraction <= 0.2 else "mid" if fraction <= 0.6 else "late"
+    return "early" if fraction < 0.3 else "mid" if fraction < 0.7 else "late"
 
 
 def fmt_win(s: dict) -> str:
