@@ -18,7 +18,7 @@ Resumable: one JSON row per (task, trajectory, step, batch) in
 finished probe point (kept under ``outputs/benchmarks/fidelity``), and a finished one is
 skipped. ``--report`` only builds the tables and the plot from the rows there are.
 
-    python benchmarks/fidelity.py                          # mr and tweets, ~3 h on 2 CPU cores
+    python benchmarks/fidelity.py                          # mr and tweets, all variants: ~5 h on 2 CPU cores
     python benchmarks/fidelity.py --report                 # tables and plot from the rows
     python benchmarks/fidelity.py --tasks mr --trajectories erm sam --points 3 --batches 2
     python benchmarks/fidelity.py --tasks tweets --variants 'head:*' exact:-1 exact:-0.5   # a subset
