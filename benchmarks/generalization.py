@@ -129,6 +129,24 @@ def choose(rows: dict, task: str, setting: str, grid: list[Method], seeds: list[
     return max(scores, key=scores.get)
 
 
+def selection_table(args: argparse.Namespace, rows: dict) -> str:
+    """Validation accuracy of every selection run, per family and ρ, with the choice marked."""
+    lines = ["| task | chosen on | family | ρ | val acc per seed | mean | chosen |", "|---|---|---|---|---|---|---|"]
+    for task in args.tasks:
+        for setting in dict.fromkeys(selection_setting(args, s) for s in args.settings):
+            for family, grid in grids(args).items():
+                pick = choose(rows, task, setting, grid, args.select_seeds)
+                for method in grid:
+                    found = [rows.get(key(task, setting, method, s)) for s in args.select_seeds]
+                    accs = [100 * val(r) for r in found if r is not None]
+                    lines.append(
+                        f"| {task} | {setting} | {family} | {method.rho:g} | "
+                        f"{', '.join(f'{a:.2f}' for a in accs) or '–'} | "
+                        f"{f'{statistics.mean(accs):.2f}' if accs else '–'} | {'✓' if method == pick else ''} |"
+                    )
+    return "\n".join(lines)
+
+
 def final_units(args: argparse.Namespace, rows: dict) -> tuple[list[tuple], dict]:
     """The final comparison's runs, seed by seed (per-instance SAM last), for the families whose ρ is chosen.
 
@@ -221,7 +239,18 @@ def report(args: argparse.Namespace) -> tuple[str, dict]:
                     f"[{final['ci'][0]:+.2f}, {final['ci'][1]:+.2f}] | {final['wins']}/{final['n']} | "
                     f"{best['mean']:+.2f} [{best['ci'][0]:+.2f}, {best['ci'][1]:+.2f}] |"
                 )
-    text = "\n".join(lines) + "\n\n**Paired differences in test accuracy**\n\n" + "\n".join(diffs_lines)
+    text = (
+        "**ρ chosen on validation accuracy** (selection seeds "
+        + ", ".join(map(str, args.select_seeds))
+        + ")\n\n"
+        + selection_table(args, rows)
+        + "\n\n**Final comparison** (seeds "
+        + ", ".join(map(str, args.seeds))
+        + "; mean ± std over the seeds there are)\n\n"
+        + "\n".join(lines)
+        + "\n\n**Paired differences in test accuracy**\n\n"
+        + "\n".join(diffs_lines)
+    )
     return text + "\n", {"chosen": {"/".join(k): v.label for k, v in chosen.items()}, "differences": summary}
 
 
@@ -255,7 +284,8 @@ def plot(args: argparse.Namespace, path: Path) -> None:
         ax.set_title(f"{task}, {setting}")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("validation accuracy (%)")
-        ax.legend(fontsize=6)
+        if ax.lines:
+            ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
