@@ -207,7 +207,7 @@ class FinalFlatness(L.Callback):
                 perturbed = module.per_sample_loss(batch).mean()
         finally:
             snapshot.restore()
-        return float(perturbed - loss)
+        return float(perturbed - loss.detach())
 
 
 def _curve(out: Path, monitor: str) -> list[list[float]]:

@@ -1,4 +1,4 @@
-"""The flatness measures behind the generalization study, against closed forms on least squares."""
+"""The generalization study's flatness measures against closed forms on least squares, and its ρ selection and pairing."""
 
 import sys
 from pathlib import Path
@@ -44,3 +44,58 @@ def test_final_flatness_matches_least_squares_closed_form():
     # power iteration stops once the estimate changes by less than 1e-3
     assert metrics["final/hessian_top_eig"].item() == pytest.approx(top.item(), rel=1e-2)
     assert torch.equal(module.linear.weight.detach().squeeze(0), before)
+
+
+def _args(**over):
+    base = dict(
+        tasks=["mr", "tweets"],
+        settings=["clean1k", "noisy1k"],
+        rhos=[0.02, 0.05],
+        select_seeds=[101, 102],
+        select_on="clean1k",
+        seeds=[11, 12, 13],
+        variant=(),
+        per_instance=True,
+    )
+    return SimpleNamespace(**{**base, **over})
+
+
+def _row(val, test_final, test_best=None):
+    return {
+        "metrics": {"val/acc": val, "test_final/acc": test_final, "test/acc": test_best or test_final},
+        "stalled": False,
+    }
+
+
+def test_generalization_chooses_rho_on_validation_and_pairs_runs_by_seed():
+    gen = pytest.importorskip("generalization")
+    args = _args(tasks=["mr"])
+    rows = {}
+    # ρ = 0.05 wins on mean validation accuracy for SAM although it loses on seed 101; test scores are decoys
+    for family, accs in {"sam": {0.02: (0.80, 0.70), 0.05: (0.78, 0.74)}, "deltasam": {0.02: (0.8, 0.8)}}.items():
+        for rho, (a, b) in accs.items():
+            for seed, v in zip(args.select_seeds, (a, b)):
+                rows[runs.key("mr", "clean1k", gen.shipped(family, rho), seed)] = _row(v, 1.0 - v)
+    units, chosen = gen.final_units(args, rows)
+    assert chosen[("mr", "clean1k", "sam")].rho == 0.05
+    assert chosen[("mr", "noisy1k", "sam")].rho == 0.05  # chosen on clean1k, used in both settings
+    assert ("mr", "clean1k", "deltasam") not in chosen  # its ρ = 0.05 selection runs are missing
+    assert chosen[("mr", "clean1k", "per_instance")] == gen.shipped("per_instance", 0.05)
+    assert ("mr", "noisy1k", "per_instance") not in chosen
+    # ERM and SAM in both settings for every seed, per-instance SAM last
+    assert len(units) == 2 * 2 * 3 + 3
+    assert all(u[2].method == "per_instance" for u in units[-3:])
+    assert [u[3] for u in units[:-3]] == sorted(u[3] for u in units[:-3])
+
+    for seed, (erm, sam) in zip(args.seeds, ((0.80, 0.83), (0.81, 0.82), (0.79, 0.80))):
+        rows[runs.key("mr", "clean1k", runs.Method("erm"), seed)] = _row(0.5, erm)
+        rows[runs.key("mr", "clean1k", chosen[("mr", "clean1k", "sam")], seed)] = _row(0.5, sam, test_best=erm)
+    rows.pop(runs.key("mr", "clean1k", runs.Method("erm"), 13))  # unpaired: seed 13 has SAM only
+    d = gen.differences(
+        {s: rows[runs.key("mr", "clean1k", runs.Method("erm"), s)] for s in (11, 12)},
+        {s: rows[runs.key("mr", "clean1k", chosen[("mr", "clean1k", "sam")], s)] for s in (11, 12, 13)},
+        gen.test_final,
+    )
+    assert d["n"] == 2 and d["wins"] == 0
+    assert d["mean"] == pytest.approx(-2.0)  # points: (−3 − 1) / 2
+    assert d["ci"][0] <= d["mean"] <= d["ci"][1]
