@@ -1,4 +1,4 @@
-"""The generalization study's flatness measures against closed forms on least squares, and its ρ selection and pairing."""
+"""The generalization study: flatness measures against least-squares closed forms; ρ selection and pairing."""
 
 import sys
 from pathlib import Path
