@@ -20,8 +20,8 @@ with the robust-defaults study):
   order depend on the seed only, so runs of one seed are paired across methods;
 * headline: test accuracy of the final weights; the best-validation checkpoint's is
   reported beside it. Flatness of the final weights, measured the same way for every
-  method on 32 validation instances: the top Hessian eigenvalue and the SAM sharpness at
-  ρ₀ = 0.05 (runs.FinalFlatness).
+  method on 32 validation instances: the Hessian eigenvalue of largest magnitude (power
+  iteration) and the SAM sharpness at ρ₀ = 0.05 (runs.FinalFlatness).
 
 Resumable: finished runs are rows of docs/results/runs.jsonl and are skipped.
 
@@ -199,7 +199,7 @@ def report(args: argparse.Namespace) -> tuple[str, dict]:
     _, chosen = final_units(args, rows)
     lines = [
         "| task | setting | method | ρ (chosen on val) | seeds | stalled | test acc, final weights | "
-        "test acc, best-val checkpoint | SAM sharpness at ρ₀ = 0.05 | top Hessian eig. |",
+        "test acc, best-val checkpoint | SAM sharpness at ρ₀ = 0.05 | Hessian eigenvalue of largest magnitude |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     diffs_lines = [

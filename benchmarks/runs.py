@@ -161,8 +161,9 @@ def migrate(path: Path = STORE) -> int:
 
 class FinalFlatness(L.Callback):
     """Flatness of the final weights, one measure for every method, on the first ``batch_size`` validation
-    instances in eval mode: the top Hessian eigenvalue (power iteration) and the SAM sharpness
-    ``L(w + ρ₀ g/‖g‖) − L(w)`` at a fixed ``rho`` (each method's own ``sam/sharpness_mean`` is at its own ρ)."""
+    instances in eval mode: the Hessian eigenvalue of largest magnitude (power iteration; negative where the
+    dominant curvature is) and the SAM sharpness ``L(w + ρ₀ g/‖g‖) − L(w)`` at a fixed ``rho`` (each method's
+    own ``sam/sharpness_mean`` is at its own ρ)."""
 
     def __init__(self, batch_size: int = 32, iters: int = 20, rho: float = 0.05) -> None:
         self.batch_size, self.iters, self.rho = batch_size, iters, rho
