@@ -40,7 +40,7 @@ from typing import Any, Optional
 
 from common import RESULTS, bootstrap, mean_std, save
 from fidelity import variant_overrides
-from runs import Method, key, resolved_method, rows_by_key, run_all
+from runs import SETTINGS, Method, key, resolved_method, rows_by_key, run_all
 
 from lit_deltasam import DeltaSAMConfig
 
@@ -346,8 +346,11 @@ def main() -> None:
     )
     parser.add_argument("--report", action="store_true", help="only build the tables and plots")
     args = parser.parse_args()
-    if args.select_on != "each" and args.select_on not in args.settings:
-        parser.error(f"--select-on {args.select_on!r} is not valid; choose 'each' or one of --settings {args.settings}")
+    for setting in args.settings:
+        if setting not in SETTINGS:
+            parser.error(f"--settings {setting!r} is not a setting; choose from {sorted(SETTINGS)}")
+    if args.select_on != "each" and args.select_on not in SETTINGS:
+        parser.error(f"--select-on {args.select_on!r} is not valid; choose 'each' or one of {sorted(SETTINGS)}")
     args.variant = parse_variant(args.variant)
     if not args.report:
         for _ in run_all(selection_units(args), "generalization"):
