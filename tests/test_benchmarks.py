@@ -46,20 +46,6 @@ def test_final_flatness_matches_least_squares_closed_form():
     assert torch.equal(module.linear.weight.detach().squeeze(0), before)
 
 
-def _args(**over):
-    base = dict(
-        tasks=["mr", "tweets"],
-        settings=["clean1k", "noisy1k"],
-        rhos=[0.02, 0.05],
-        select_seeds=[101, 102],
-        select_on="clean1k",
-        seeds=[11, 12, 13],
-        variant=(),
-        per_instance=True,
-    )
-    return SimpleNamespace(**{**base, **over})
-
-
 def _row(val, test_final, test_best=None):
     return {
         "metrics": {"val/acc": val, "test_final/acc": test_final, "test/acc": test_best or test_final},
@@ -69,7 +55,16 @@ def _row(val, test_final, test_best=None):
 
 def test_generalization_chooses_rho_on_validation_and_pairs_runs_by_seed():
     gen = pytest.importorskip("generalization")
-    args = _args(tasks=["mr"])
+    args = SimpleNamespace(
+        tasks=["mr"],
+        settings=["clean1k", "noisy1k"],
+        rhos=[0.02, 0.05],
+        select_seeds=[101, 102],
+        select_on="clean1k",
+        seeds=[11, 12, 13],
+        variant=(),
+        per_instance=True,
+    )
     rows = {}
     # ρ = 0.05 wins on mean validation accuracy for SAM although it loses on seed 101; test scores are decoys
     for family, accs in {"sam": {0.02: (0.80, 0.70), 0.05: (0.78, 0.74)}, "deltasam": {0.02: (0.8, 0.8)}}.items():
