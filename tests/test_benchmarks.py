@@ -1,5 +1,6 @@
-"""The generalization study: flatness measures against least-squares closed forms; ρ selection and pairing."""
+"""The generalization study: flatness against least-squares closed forms; ρ selection, pairing; the committed tables."""
 
+import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -94,3 +95,16 @@ def test_generalization_chooses_rho_on_validation_and_pairs_runs_by_seed():
     assert d["n"] == 2 and d["wins"] == 0
     assert d["mean"] == pytest.approx(-2.0)  # points: (−3 − 1) / 2
     assert d["ci"][0] <= d["mean"] <= d["ci"][1]
+
+
+def test_committed_generalization_tables_come_from_the_committed_rows():
+    gen = pytest.importorskip("generalization")
+    root = Path(__file__).resolve().parents[1]
+    saved = json.loads((root / "docs" / "results" / "generalization.json").read_text())
+
+    text, summary = gen.report(SimpleNamespace(**saved["args"]))
+
+    assert text == saved["table"]
+    assert summary["chosen"] == saved["chosen"]
+    assert summary["differences"] == saved["differences"]
+    assert saved["table"].strip() in (root / "docs" / "benchmarks.md").read_text()
