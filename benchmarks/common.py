@@ -62,6 +62,16 @@ def bootstrap(values: list[float], n: int = 5000, seed: int = 0) -> tuple[float,
     return draws[int(0.025 * n)], draws[int(0.975 * n) - 1]
 
 
+def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """The Student-t interval of the mean of ``values`` (df = n − 1), the one for a handful of paired seeds."""
+    from scipy import stats
+
+    n = len(values)
+    half = stats.t.ppf(0.5 + level / 2, n - 1) * statistics.stdev(values) / n**0.5
+    m = statistics.mean(values)
+    return m - half, m + half
+
+
 def mean_std(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
     """``mean ± std`` of ``values`` times ``scale`` (one value alone; ``–`` for none)."""
     if not values:

@@ -42,7 +42,10 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "clean1k": {"data.train_limit": 1000, "trainer.max_epochs": 5},
     "noisy1k": {"data.train_limit": 1000, "trainer.max_epochs": 5, "data.label_noise": 0.2},
     "4k1ep": {"data.train_limit": 4000, "trainer.max_epochs": 1, "trainer.val_check_interval": 0.25},
+    "noisy40": {"data.train_limit": 1000, "trainer.max_epochs": 5, "data.label_noise": 0.4},
 }
+LEGACY_LR = 5e-5
+"""The learning rate of every row made before rows recorded theirs (``optim.lr`` absent from the overrides)."""
 
 
 @dataclass(frozen=True)
@@ -75,14 +78,20 @@ class Method:
         return out + [f"method.{k}={v}" for k, v in self.extra]
 
 
-def data_overrides(task: str, setting: str, seed: int) -> list[str]:
+def lr_override(lr: float) -> str:
+    return f"optim.lr={float(lr)!r}"
+
+
+def data_overrides(task: str, setting: str, seed: int, lr: Optional[float] = None) -> list[str]:
+    """Everything but the method; ``lr`` written out (``None``: the shipped default, in rows of the earlier studies)."""
     out = [f"task={task}", f"seed={seed}", f"data.max_length={MAX_LENGTH}"]
+    out += [lr_override(lr)] if lr is not None else []
     return sorted(out + [f"{k}={v}" for k, v in SETTINGS[setting].items()])
 
 
-def overrides(task: str, setting: str, method: Method, seed: int) -> list[str]:
+def overrides(task: str, setting: str, method: Method, seed: int, lr: Optional[float] = None) -> list[str]:
     """The run's configuration: everything that sets it apart from ``python train.py``."""
-    return sorted(data_overrides(task, setting, seed) + method.overrides())
+    return sorted(data_overrides(task, setting, seed, lr) + method.overrides())
 
 
 def relevant(config: DeltaSAMConfig) -> dict[str, Any]:
@@ -92,6 +101,8 @@ def relevant(config: DeltaSAMConfig) -> dict[str, Any]:
     if config.perturbs:
         fields += ["rho", "rho_schedule", "interval", "reuse"]
         fields += ["rho_warmup"] if config.rho_schedule in ("warmup", "start_step") else []
+        # absent from rows made before m-sharpness existed, which all perturbed the whole batch
+        fields += ["m_sharpness"] if config.m_sharpness is not None else []
         fields += ["reuse_alpha"] if config.reuse is not None else []
     if config.method == "asam":
         fields.append("asam_eta")
@@ -121,10 +132,10 @@ def _key(data: list[str], method_config: dict[str, Any]) -> str:
     return json.dumps({"data": sorted(data), "method": method_config}, sort_keys=True)
 
 
-def key(task: str, setting: str, method: Method, seed: int) -> str:
+def key(task: str, setting: str, method: Method, seed: int, lr: Optional[float] = None) -> str:
     """A run's identity: its data and the whole resolved method config, so that a default changed later
     cannot make an old row count for the new default, and equal configurations share one row."""
-    return _key(data_overrides(task, setting, seed), resolved_method(method.overrides()))
+    return _key(data_overrides(task, setting, seed, lr), resolved_method(method.overrides()))
 
 
 def load(path: Path = STORE) -> list[dict]:
@@ -143,6 +154,9 @@ def rows_by_key(path: Path = STORE) -> dict[str, dict]:
             method_config = resolved_method([o for o in row["overrides"] if o.startswith("method")])
         data = [o for o in row["overrides"] if not o.startswith("method")]
         out[_key(data, method_config)] = row
+        if not any(o.startswith("optim.lr=") for o in data):
+            # the same run with its learning rate written out, as later studies name it
+            out[_key(data + [lr_override(LEGACY_LR)], method_config)] = row
     return out
 
 
@@ -222,11 +236,11 @@ def _curve(out: Path, monitor: str) -> list[list[float]]:
     return sorted(points)
 
 
-def run(task: str, setting: str, method: Method, seed: int, out: Path) -> dict:
+def run(task: str, setting: str, method: Method, seed: int, out: Path, lr: Optional[float] = None) -> dict:
     """Fine-tune once and return the row."""
     from train import train
 
-    args = overrides(task, setting, method, seed)
+    args = overrides(task, setting, method, seed, lr)
     cfg = compose_config(
         args
         + [
@@ -250,7 +264,7 @@ def run(task: str, setting: str, method: Method, seed: int, out: Path) -> dict:
     share = metrics.get("val/majority_share")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     return {
-        "key": key(task, setting, method, seed),
+        "key": key(task, setting, method, seed, lr),
         "overrides": args,
         "method_config": resolved_method(method.overrides()),
         "commit": commit.stdout.strip(),
@@ -266,17 +280,17 @@ def run(task: str, setting: str, method: Method, seed: int, out: Path) -> dict:
     }
 
 
-def run_all(
-    units: Iterable[tuple[str, str, Method, int]], name: str, path: Path = STORE
-) -> Iterator[tuple[tuple[str, str, Method, int], dict]]:
-    """Run every unit whose row is missing, appending each row as it finishes; yield every unit with its row."""
+def run_all(units: Iterable[tuple], name: str, path: Path = STORE) -> Iterator[tuple[tuple, dict]]:
+    """Run every unit ``(task, setting, method, seed[, lr])`` whose row is missing, appending each row as it
+    finishes; yield every unit with its row."""
     done = rows_by_key(path)
     for unit in units:
         k = key(*unit)
         if k not in done:
-            task, setting, method, seed = unit
+            task, setting, method, seed, *lr = unit
             slug = f"{task}-{setting}-{method.label.replace(' ', '_').replace('=', '')}-s{seed}"
-            row = run(task, setting, method, seed, ROOT / "outputs" / "benchmarks" / name / slug)
+            slug += f"-lr{lr[0]:g}" if lr else ""
+            row = run(task, setting, method, seed, ROOT / "outputs" / "benchmarks" / name / slug, *lr)
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "a") as handle:
                 handle.write(json.dumps(row) + "\n")

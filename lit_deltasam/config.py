@@ -16,6 +16,7 @@ PER_INSTANCE_IMPLS = ("loop", "vmap")
 CLIP_ALGORITHMS = ("norm", "value")
 RHO_SCHEDULES = ("constant", "warmup", "follow_lr", "start_step")
 REUSES = (None, "looksam")
+M_SHARPNESS_METHODS = ("sam", "asam", "deltasam")
 
 
 def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
@@ -107,6 +108,13 @@ class DeltaSAMConfig:
             (``torch.func``, small dropout-free models) for the ``exact`` estimator and
             the ``per_instance`` method.
         per_instance_chunk: instances per ``vmap`` call (``None``: the whole batch).
+        m_sharpness: one perturbation per group of ``m_sharpness`` instances (m-sharpness,
+            Foret et al., 2021): the local batch is split into contiguous groups of m in
+            batch order (the last one smaller when m does not divide n); group k's
+            perturbation comes from its own ascent gradient (λ normalized within the group
+            for ``deltasam``), and ``G = (1/n) sum_i grad l_i(w + eps_k(i))``. ``None``: the
+            whole local batch, as does any m >= n. ``sam`` with m = 1 is ``per_instance``.
+            Methods ``sam``, ``asam`` and ``deltasam``; a local ascent only.
         interval: a full sharpness-aware step every ``interval`` optimizer steps (counted
             by ``global_step``, across epochs), a plain ERM step otherwise.
         reuse: between full steps, ``None`` takes plain steps; ``looksam`` adds the last
@@ -152,6 +160,7 @@ class DeltaSAMConfig:
     ascent: str = "local"
     per_instance_impl: str = "loop"
     per_instance_chunk: Optional[int] = None
+    m_sharpness: Optional[int] = None
     interval: int = 1
     reuse: Optional[str] = None
     reuse_alpha: float = 0.7
@@ -191,6 +200,19 @@ class DeltaSAMConfig:
                 f"{'method=erm takes none' if self.method == 'erm' else 'interval=1 makes every step full'}; "
                 "set interval > 1 with a sharpness-aware method, or reuse=None"
             )
+        if self.m_sharpness is not None:
+            _integer("m_sharpness", self.m_sharpness, low=1)
+            if self.method not in M_SHARPNESS_METHODS:
+                raise ValueError(
+                    f"DeltaSAMConfig.m_sharpness={self.m_sharpness} splits the ascent into groups, but "
+                    f"method={self.method!r} {'takes no ascent' if self.method == 'erm' else 'perturbs each instance'}; "
+                    f"choose one of {list(M_SHARPNESS_METHODS)}, or m_sharpness=None"
+                )
+            if self.ascent == "global":
+                raise ValueError(
+                    f"DeltaSAMConfig.m_sharpness={self.m_sharpness} perturbs groups of each rank's local batch, which "
+                    "a global ascent (one all-reduced perturbation) cannot; use ascent='local' or m_sharpness=None"
+                )
         _integer("histogram_every_n_steps", self.histogram_every_n_steps, low=0)
         if self.per_instance_chunk is not None:
             _integer("per_instance_chunk", self.per_instance_chunk, low=1)

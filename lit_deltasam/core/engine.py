@@ -11,14 +11,14 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
 from ..config import PROBING, DeltaSAMConfig
-from .batch import Batch, LossFn, check_losses
+from .batch import Batch, LossFn, batch_size, check_losses, slice_batch
 from .distributed import arm_reducer, gather_instances, rank, refuse_static_graph, sum_over_ranks, world_size
 from .guardedness import ForwardCache, HeadTap, Prober, find_head, select_params
 from .per_instance import PerInstance
@@ -96,6 +96,41 @@ class StepResult:
     def max_weight(self) -> Optional[Tensor]:
         """``max_i n * lambda_i``: 1 for uniform weights."""
         return None if self.batch_weights is None else self.batch_weights.max() * self.batch_weights.numel()
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One call of :meth:`DeltaSAM.step`: what it computes on, and how it reaches the caller's autograd and sync."""
+
+    loss_fn: LossFn
+    batch: Batch
+    backward: Backward
+    no_sync: NoSync
+    sync_descent: bool
+    rho: float
+    plain_grad: bool
+
+
+def _merge_groups(parts: list[tuple[float, StepResult]]) -> StepResult:
+    """One m-sharpness step's result from its groups' (share of the batch, result)."""
+    results = [r for _, r in parts]
+    assert all(r.weights is not None and r.perturbed_losses is not None for r in results)
+    weights = torch.cat([r.weights * share for share, r in parts])  # type: ignore[operator]
+    plain = None
+    if results[0].plain_grad is not None:
+        plain = torch._foreach_mul(results[0].plain_grad, parts[0][0])
+        for share, r in parts[1:]:
+            torch._foreach_add_(plain, r.plain_grad, alpha=share)  # type: ignore[arg-type]
+    return StepResult(
+        losses=torch.cat([r.losses for r in results]),
+        perturbed_losses=torch.cat([r.perturbed_losses for r in results]),  # type: ignore[misc]
+        weights=weights,
+        batch_weights=weights,
+        grad_norm=torch.stack([r.grad_norm for r in results]).mean(),  # type: ignore[misc]
+        eps_norm=torch.stack([r.eps_norm for r in results]).mean(),  # type: ignore[misc]
+        perturbed=all(r.perturbed for r in results),
+        plain_grad=plain,
+    )
 
 
 def _default_backward(loss: Tensor) -> None:
@@ -274,16 +309,24 @@ class DeltaSAM:
         self._params_before.capture()
         self._buffers_before.capture()
         grads_before = take_grads(self.updated)
-        rho = self.config.rho if rho is None else rho
+        ctx = _Step(
+            loss_fn,
+            batch,
+            backward,
+            no_sync,
+            sync_descent,
+            self.config.rho if rho is None else rho,
+            plain_grad,
+        )
         try:
-            if self.config.method == "erm" or rho == 0:
-                result = self._erm(loss_fn, batch, grads_before, backward, no_sync, sync_descent)
+            if self.config.method == "erm" or ctx.rho == 0:
+                result = self._erm(ctx, grads_before)
             elif self.config.method == "per_instance":
-                result = self._per_instance(
-                    loss_fn, batch, grads_before, backward, no_sync, sync_descent, rho, plain_grad
-                )
+                result = self._per_instance(ctx, grads_before)
+            elif self._splits(batch):
+                result = self._m_sharpness(ctx, grads_before)
             else:
-                result = self._two_pass(loss_fn, batch, grads_before, backward, no_sync, sync_descent, rho, plain_grad)
+                result = self._two_pass(ctx, grads_before)
         except BaseException:
             self.rollback()
             put_grads(self.updated, grads_before)
@@ -315,28 +358,26 @@ class DeltaSAM:
         with nullcontext() if sync_descent else no_sync():
             yield
 
-    def _erm(self, loss_fn, batch, grads_before, backward, no_sync, sync_descent) -> StepResult:
+    def _erm(self, ctx: _Step, grads_before: list[Optional[Tensor]]) -> StepResult:
         put_grads(self.updated, grads_before, copy=True)
-        with self._descent_sync(no_sync, sync_descent):
-            losses = check_losses(loss_fn(batch), batch, self.device)
-            backward(losses.mean())
+        with self._descent_sync(ctx.no_sync, ctx.sync_descent):
+            losses = check_losses(ctx.loss_fn(ctx.batch), ctx.batch, self.device)
+            ctx.backward(losses.mean())
         return StepResult(losses=losses.detach())
 
-    def _per_instance(
-        self, loss_fn, batch, grads_before, backward, no_sync, sync_descent, rho, plain_grad
-    ) -> StepResult:
+    def _per_instance(self, ctx: _Step, grads_before: list[Optional[Tensor]]) -> StepResult:
         # per-instance passes are local: a synchronized DDP forward would arm the all-reduce for them
-        with no_sync():
+        with ctx.no_sync():
             update, losses, perturbed, plain = self._instances.sam_gradient(
-                loss_fn, batch, rho, self._params_before, with_plain=plain_grad
+                ctx.loss_fn, ctx.batch, ctx.rho, self._params_before, with_plain=ctx.plain_grad
             )
         put_grads(self.updated, grads_before, copy=True)
         # d/dp sum_p <p, G_p> = G: routes G through the caller's backward (loss scaling, DDP all-reduce).
         surrogate = torch.stack([t.sum() for t in torch._foreach_mul(self.params, update)]).sum()
-        with self._descent_sync(no_sync, sync_descent):
-            if sync_descent:
-                arm_reducer(no_sync, surrogate)
-            backward(surrogate)
+        with self._descent_sync(ctx.no_sync, ctx.sync_descent):
+            if ctx.sync_descent:
+                arm_reducer(ctx.no_sync, surrogate)
+            ctx.backward(surrogate)
         return StepResult(
             losses=losses.detach(),
             perturbed_losses=perturbed.detach(),
@@ -344,8 +385,35 @@ class DeltaSAM:
             plain_grad=plain,
         )
 
-    def _two_pass(self, loss_fn, batch, grads_before, backward, no_sync, sync_descent, rho, plain_grad) -> StepResult:
+    def _splits(self, batch: Batch) -> bool:
+        m, n = self.config.m_sharpness, batch_size(batch)
+        return m is not None and n is not None and m < n
+
+    def _m_sharpness(self, ctx: _Step, grads_before: list[Optional[Tensor]]) -> StepResult:
+        """One two-pass step per contiguous group of ``m_sharpness`` instances, each descent weighted by its
+        share of the batch, so that ``.grad`` gains ``(1/n) sum_i grad l_i(w + eps_k(i))``."""
+        n = batch_size(ctx.batch)
+        assert n is not None and self.config.m_sharpness is not None
+        parts: list[tuple[float, StepResult]] = []
+        grads = grads_before
+        for start in range(0, n, self.config.m_sharpness):
+            stop = min(start + self.config.m_sharpness, n)
+            group = replace(
+                ctx, batch=slice_batch(ctx.batch, slice(start, stop)), sync_descent=ctx.sync_descent and stop == n
+            )
+            share = (stop - start) / n
+            # the first group keeps grads_before pristine for a rollback; the later ones hand on the running sum
+            parts.append((share, self._two_pass(group, grads, share=share, copy=start == 0)))
+            if stop < n:
+                grads = take_grads(self.updated)
+        return _merge_groups(parts)
+
+    def _two_pass(
+        self, ctx: _Step, grads_before: list[Optional[Tensor]], *, share: float = 1.0, copy: bool = True
+    ) -> StepResult:
+        """Ascent and descent on ``ctx.batch``; the descent's loss is multiplied by ``share``."""
         cfg = self.config
+        loss_fn, batch, backward, no_sync, rho = ctx.loss_fn, ctx.batch, ctx.backward, ctx.no_sync, ctx.rho
         # A local ascent keeps both its forward and its backward out of the all-reduce:
         # raw DDP decides at forward time, Lightning at backward time.
         ascent_sync = no_sync if cfg.ascent == "local" else nullcontext
@@ -367,12 +435,12 @@ class DeltaSAM:
             weights = batch_weights[mine] * (world_size() if cfg.ascent == "global" else 1)
             ascent_loss = (weights.to(losses.dtype) * losses).sum() if cfg.reweights else losses.mean()
             plain = None
-            if plain_grad and cfg.reweights:
+            if ctx.plain_grad and cfg.reweights:
                 grads = torch.autograd.grad(losses.mean(), self.params, retain_graph=True, allow_unused=True)
                 plain = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
             with ascent_sync():
                 backward(ascent_loss)
-            if plain_grad and not cfg.reweights:
+            if ctx.plain_grad and not cfg.reweights:
                 plain = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in self.params]
             with_grad = [p for p in self.params if p.grad is not None]
             grad_norm, eps_norm, applied = perturb(
@@ -389,15 +457,15 @@ class DeltaSAM:
                 # what the weights moved, after rounding to their dtype: 16-bit weights can round eps away
                 eps_norm = self._params_before.change_norm(self.reduce_squares, self.device)
                 self._warn_if_16_bit_weights(rho, eps_norm)
-            put_grads(self.updated, grads_before, copy=True)
-            with self._descent_sync(no_sync, sync_descent):
+            put_grads(self.updated, grads_before, copy=copy)
+            with self._descent_sync(no_sync, ctx.sync_descent):
                 with random_state.replay() if random_state is not None else nullcontext():
                     perturbed = check_losses(loss_fn(batch), batch, self.device)
                 if cfg.weighted_descent:
                     descent_loss = (weights.to(perturbed.dtype) * perturbed).sum()
                 else:
                     descent_loss = perturbed.mean()
-                backward(descent_loss)
+                backward(descent_loss * share if share != 1.0 else descent_loss)
         finally:
             self._params_before.restore()
             self._buffers_clean.restore()

@@ -1,0 +1,399 @@
+"""Where sharpness-aware fine-tuning pays, and at what cost: m-sharpness, stronger label noise, the cheap modes.
+
+Protocol (MiniLM on mr, max length 32, the app's recipe but for the learning rate; rows
+through benchmarks/runs.py, shared with the earlier studies wherever a configuration is
+identical):
+
+* settings: ``noisy1k`` (setting 1, the headline: seeded 1,000-instance training subsets,
+  5 epochs, 20% of the training labels flipped) and ``noisy40`` (setting 2: the same with
+  40% flipped); validation and test are the full, clean splits;
+* step 0, the base recipe: ERM's learning rate, chosen from ``--lrs`` on mean final
+  validation accuracy over the selection seeds, in each setting; every arm of a setting runs
+  at its LR, and every row writes its LR into its overrides;
+* step 1, ρ: for SAM and for m-SAM with m = 4, from ``--rhos`` with the shipped ``follow_lr``
+  schedule, on mean final validation accuracy over the selection seeds in setting 1 (used in
+  both settings). The δ-SAM arms, ``interval`` and LookSAM take SAM's ρ; m = 8 and exact
+  per-instance SAM take m = 4's. m = 8 also runs on the selection seeds, so that the m-SAM arm
+  of setting 2 (the better of m = 4 and m = 8) is chosen on validation before any comparison;
+* arms of setting 1: ERM; SAM; δ-SAM as shipped; δ-SAM with β = +1 (up-weights sharp
+  instances, the RW-SAM reading); m-SAM with m = 8 and m = 4; exact per-instance SAM (m = 1);
+  SAM with ``interval=5``; SAM with LookSAM, k = 5. Arms of setting 2: ERM, SAM, δ-SAM and
+  the chosen m-SAM arm;
+* seeds: ``--seeds`` (11-18) for every arm, seed-major so that partial results stay paired
+  and balanced; ``--per-instance-seeds`` bounds the costly per-instance arm;
+* never chosen on test; no seed dropped. The test split is scored with the final weights
+  and with the best-validation checkpoint; every arm is compared, paired by seed, against
+  ERM's final weights, ERM's best-validation checkpoint (early-stopped ERM) and SAM, with
+  Student-t 95% intervals (df = pairs − 1) and the seeds won;
+* cost: each arm's step cost × ERM from ``benchmarks/overhead.py --preset regimes`` (one
+  interleaved run at batch 32, length 32, on an idle machine), read from
+  ``docs/results/overhead_regimes.json`` when it is there.
+
+Resumable: finished runs are rows of docs/results/runs.jsonl and are skipped.
+
+    python benchmarks/regimes.py                   # the whole protocol (about 6 h of CPU)
+    python benchmarks/regimes.py --stage select    # steps 0 and 1 only
+    python benchmarks/regimes.py --report          # docs/results/regimes.json, frontier.png, m_curve.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any, Optional
+
+from common import RESULTS, mean_std, save, t_interval
+from runs import SETTINGS, Method, key, rows_by_key, run_all
+
+from lit_deltasam import DeltaSAMConfig
+
+TASK = "mr"
+HEADLINE, STRONG = "noisy1k", "noisy40"
+COST_FILE = RESULTS / "overhead_regimes.json"
+
+
+def shipped(method: str, rho: Optional[float] = None, extra: tuple = ()) -> Method:
+    d = DeltaSAMConfig()
+    if method == "erm":
+        return Method("erm")
+    warmup = None if d.rho_schedule in ("constant", "follow_lr") else d.rho_warmup
+    return Method(method, rho, d.rho_schedule, warmup, extra)
+
+
+ARMS: dict[str, tuple[str, str, tuple]] = {
+    # name: (method, whose ρ, extra method fields)
+    "erm": ("erm", "", ()),
+    "sam": ("sam", "sam", ()),
+    "deltasam": ("deltasam", "sam", ()),
+    "deltasam β=+1": ("deltasam", "sam", (("beta", 1.0),)),
+    "m-sam m=8": ("sam", "m4", (("m_sharpness", 8),)),
+    "m-sam m=4": ("sam", "m4", (("m_sharpness", 4),)),
+    "per-instance (m=1)": ("per_instance", "m4", ()),
+    "sam interval=5": ("sam", "sam", (("interval", 5),)),
+    "sam looksam k=5": ("sam", "sam", (("interval", 5), ("reuse", "looksam"))),
+}
+M_ARMS = ("m-sam m=8", "m-sam m=4")
+COST_NAMES = {  # arm → its row in benchmarks/overhead.py
+    "erm": "erm",
+    "sam": "sam",
+    "deltasam": "deltasam(head)",
+    "deltasam β=+1": "deltasam(head)",
+    "m-sam m=8": "sam, m=8",
+    "m-sam m=4": "sam, m=4",
+    "per-instance (m=1)": "per_instance",
+    "sam interval=5": "sam, interval=5",
+    "sam looksam k=5": "sam, looksam k=5",
+}
+M_OF = {"per-instance (m=1)": 1, "m-sam m=4": 4, "m-sam m=8": 8, "sam": 32}
+
+
+def arm(name: str, rhos: dict[str, float]) -> Method:
+    method, whose, extra = ARMS[name]
+    return shipped(method, rhos.get(whose), extra)
+
+
+def val(row: dict) -> float:
+    return row["metrics"]["val/acc"]
+
+
+def test_final(row: dict) -> float:
+    return row["metrics"]["test_final/acc"]
+
+
+def test_best(row: dict) -> float:
+    return row["metrics"]["test/acc"]
+
+
+def best_of(rows: dict, candidates: dict[Any, list[str]]) -> Optional[Any]:
+    """The candidate with the highest mean validation accuracy over its rows' keys; None until all are there."""
+    scores = {}
+    for candidate, keys in candidates.items():
+        found = [rows.get(k) for k in keys]
+        if any(r is None for r in found):
+            return None
+        scores[candidate] = statistics.mean(val(r) for r in found)
+    return max(scores, key=scores.get)
+
+
+class Protocol:
+    """The study's choices as far as the rows there are allow, and the units still to run."""
+
+    def __init__(self, args: argparse.Namespace, rows: dict) -> None:
+        self.args, self.rows = args, rows
+        self.lr: dict[str, float] = {}
+        for setting in (HEADLINE, STRONG):
+            pick = best_of(rows, {lr: self._keys(setting, Method("erm"), lr) for lr in args.lrs})
+            if pick is not None:
+                self.lr[setting] = pick
+        self.rho: dict[str, float] = {}
+        if HEADLINE in self.lr:
+            for family, extra in (("sam", ()), ("m4", (("m_sharpness", 4),))):
+                grid = {r: self._keys(HEADLINE, shipped("sam", r, extra), self.lr[HEADLINE]) for r in args.rhos}
+                pick = best_of(rows, grid)
+                if pick is not None:
+                    self.rho[family] = pick
+        self.m_arm: Optional[str] = None
+        if "m4" in self.rho:
+            grid = {a: self._keys(HEADLINE, arm(a, self.rho), self.lr[HEADLINE]) for a in M_ARMS}
+            self.m_arm = best_of(rows, grid)
+
+    def _keys(self, setting: str, method: Method, lr: float) -> list[str]:
+        return [key(TASK, setting, method, s, lr) for s in self.args.select_seeds]
+
+    def selection_units(self) -> list[tuple]:
+        """Step 0, then step 1, each as far as the choices before it are made."""
+        a = self.args
+        units = [(TASK, s, Method("erm"), seed, lr) for seed in a.select_seeds for s in (HEADLINE, STRONG) for lr in a.lrs]
+        if HEADLINE in self.lr:
+            lr = self.lr[HEADLINE]
+            for seed in a.select_seeds:
+                for extra in ((), (("m_sharpness", 4),)):
+                    units += [(TASK, HEADLINE, shipped("sam", r, extra), seed, lr) for r in a.rhos]
+        if "m4" in self.rho:
+            units += [(TASK, HEADLINE, arm("m-sam m=8", self.rho), s, self.lr[HEADLINE]) for s in a.select_seeds]
+        return units
+
+    def arms(self, setting: str) -> list[str]:
+        if setting == HEADLINE:
+            return list(ARMS)
+        return ["erm", "sam", "deltasam"] + ([self.m_arm] if self.m_arm else [])
+
+    def ready(self) -> bool:
+        return len(self.lr) == 2 and len(self.rho) == 2 and self.m_arm is not None
+
+    def comparison_units(self) -> list[tuple]:
+        """Seed-major: every arm of both settings for one seed before the next seed."""
+        if not self.ready():
+            return []
+        a = self.args
+        units = []
+        for i, seed in enumerate(a.seeds):
+            for setting in (HEADLINE, STRONG):
+                if setting == STRONG and i >= a.strong_seeds:
+                    continue
+                for name in self.arms(setting):
+                    if name == "per-instance (m=1)" and i >= a.per_instance_seeds:
+                        continue
+                    units.append((TASK, setting, arm(name, self.rho), seed, self.lr[setting]))
+        return units
+
+    def arm_rows(self, setting: str, name: str) -> dict[int, dict]:
+        if setting not in self.lr or not self.ready():
+            return {}
+        method, lr = arm(name, self.rho), self.lr[setting]
+        return {s: self.rows[k] for s in self.args.seeds if (k := key(TASK, setting, method, s, lr)) in self.rows}
+
+
+def differences(a: dict[int, dict], score_a, b: dict[int, dict], score_b) -> Optional[dict[str, Any]]:
+    """Paired differences in points over the seeds both have: mean, Student-t 95% CI, seeds won by ``a``."""
+    seeds = sorted(set(a) & set(b))
+    d = [100 * (score_a(a[s]) - score_b(b[s])) for s in seeds]
+    if len(d) < 2:
+        return None
+    return {"mean": statistics.mean(d), "ci": list(t_interval(d)), "n": len(d), "wins": sum(x > 0 for x in d)}
+
+
+REFERENCES = (
+    ("ERM final", "erm", test_final),
+    ("early-stopped ERM", "erm", test_best),
+    ("SAM final", "sam", test_final),
+)
+
+
+def costs() -> dict[str, float]:
+    """Step cost × ERM per arm, from the interleaved overhead run at the study's batch and length."""
+    if not COST_FILE.exists():
+        return {}
+    methods = json.loads(COST_FILE.read_text())["results"]["minilm"]["methods"]
+    return {name: methods[row]["vs_erm"] for name, row in COST_NAMES.items() if row in methods}
+
+
+def _fmt(d: Optional[dict]) -> str:
+    if d is None:
+        return "–"
+    return f"{d['mean']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}] ({d['wins']}/{d['n']})"
+
+
+def report(args: argparse.Namespace) -> tuple[str, dict]:
+    rows = rows_by_key()
+    p = Protocol(args, rows)
+    cost = costs()
+    out: dict[str, Any] = {"lr": p.lr, "rho": p.rho, "m_arm_setting_2": p.m_arm, "cost_vs_erm": cost}
+    lines = ["**Step 0: ERM's learning rate** (final validation accuracy, selection seeds)\n"]
+    lines += ["| setting | lr | val acc per seed | mean | stalled | chosen |", "|---|---|---|---|---|---|"]
+    for setting in (HEADLINE, STRONG):
+        for lr in args.lrs:
+            found = [rows.get(k) for k in (key(TASK, setting, Method("erm"), s, lr) for s in args.select_seeds)]
+            accs = [100 * val(r) for r in found if r]
+            lines.append(
+                f"| {setting} | {lr:g} | {', '.join(f'{x:.2f}' for x in accs) or '–'} | "
+                f"{f'{statistics.mean(accs):.2f}' if accs else '–'} | {sum(r['stalled'] for r in found if r)} | "
+                f"{'✓' if p.lr.get(setting) == lr else ''} |"
+            )
+    lines += ["", f"**Step 1: ρ** (setting {HEADLINE}, lr {p.lr.get(HEADLINE, '–')}, selection seeds)\n"]
+    lines += ["| family | ρ | val acc per seed | mean | stalled | chosen |", "|---|---|---|---|---|---|"]
+    selection: dict[str, dict] = {}
+    for family, extra in (("sam", ()), ("m4", (("m_sharpness", 4),))):
+        for r in args.rhos:
+            if HEADLINE not in p.lr:
+                continue
+            method = shipped("sam", r, extra)
+            found = [rows.get(key(TASK, HEADLINE, method, s, p.lr[HEADLINE])) for s in args.select_seeds]
+            accs = [100 * val(x) for x in found if x]
+            stalled = sum(x["stalled"] for x in found if x)
+            selection[f"{family} rho={r:g}"] = {"val": accs, "stalled": stalled, "runs": len(accs)}
+            lines.append(
+                f"| {'SAM' if family == 'sam' else 'm-SAM m=4'} | {r:g} | {', '.join(f'{x:.2f}' for x in accs) or '–'} "
+                f"| {f'{statistics.mean(accs):.2f}' if accs else '–'} | {stalled}/{len(accs)} | "
+                f"{'✓' if p.rho.get(family) == r else ''} |"
+            )
+    out["selection"] = selection
+    if "m4" in p.rho:
+        lines += ["", f"m-SAM arm for setting {STRONG} (mean selection-seed validation accuracy): **{p.m_arm or '–'}**"]
+    table = [
+        "| setting | arm | ρ | seeds | stalled | cost × ERM | test acc, final | test acc, best-val | "
+        + " | ".join(f"− {name} (points, t-95% CI, won)" for name, _, _ in REFERENCES)
+        + " |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    arms_out: dict[str, dict] = {}
+    for setting in (HEADLINE, STRONG):
+        if not p.ready():
+            break
+        refs = {"erm": p.arm_rows(setting, "erm"), "sam": p.arm_rows(setting, "sam")}
+        for name in p.arms(setting):
+            rs = p.arm_rows(setting, name)
+            if not rs:
+                continue
+            method = arm(name, p.rho)
+            diffs = {label: differences(rs, test_final, refs[ref], score) for label, ref, score in REFERENCES}
+            if name == "erm":
+                diffs["ERM final"] = diffs["SAM final"] = None
+                diffs["early-stopped ERM"] = differences(rs, test_final, refs["erm"], test_best)
+            if name == "sam":
+                diffs["SAM final"] = None
+            arms_out[f"{setting}/{name}"] = {
+                "label": method.label,
+                "seeds": sorted(rs),
+                "stalled": sum(r["stalled"] for r in rs.values()),
+                "test_final": [test_final(r) for r in rs.values()],
+                "test_best": [test_best(r) for r in rs.values()],
+                "time_s": [r["time_s"] for r in rs.values()],
+                "differences": diffs,
+                "cost_vs_erm": cost.get(name),
+            }
+            table.append(
+                f"| {setting} | {name} | {'–' if method.rho is None else f'{method.rho:g}'} | {len(rs)} | "
+                f"{arms_out[f'{setting}/{name}']['stalled']} | "
+                f"{f'{cost[name]:.2f}' if name in cost else '–'} | {mean_std([test_final(r) for r in rs.values()])} | "
+                f"{mean_std([test_best(r) for r in rs.values()])} | "
+                + " | ".join(_fmt(diffs[label]) for label, _, _ in REFERENCES)
+                + " |"
+            )
+    out["arms"] = arms_out
+    lines += ["", "**Comparison** (test accuracy; mean ± std over seeds; paired differences of the final weights)\n"]
+    lines += table
+    return "\n".join(lines) + "\n", out
+
+
+def plot_frontier(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
+    for ax, setting in zip(axes[0], (HEADLINE, STRONG)):
+        for name, d in summary["arms"].items():
+            s, arm_name = name.split("/", 1)
+            gain = d["differences"]["early-stopped ERM"]
+            if s != setting or gain is None or d["cost_vs_erm"] is None:
+                continue
+            lo, hi = gain["ci"]
+            ax.errorbar(d["cost_vs_erm"], gain["mean"], yerr=[[gain["mean"] - lo], [hi - gain["mean"]]], fmt="o")
+            ax.annotate(f"{arm_name} (n={gain['n']})", (d["cost_vs_erm"], gain["mean"]), fontsize=7)
+        ax.axhline(0.0, color="grey", linestyle="--")
+        ax.set_xscale("log")
+        ax.set_xlabel("step cost × ERM (MiniLM, batch 32, length 32, CPU)")
+        ax.set_ylabel("test acc − early-stopped ERM (points, t-95% CI)")
+        ax.set_title(f"mr, {setting}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def plot_m_curve(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for label, marker in (("early-stopped ERM", "o"), ("ERM final", "s")):
+        points = []
+        for name, m in M_OF.items():
+            d = summary["arms"].get(f"{HEADLINE}/{name}")
+            gain = d and d["differences"][label]
+            if gain:
+                points.append((m, gain))
+        points.sort(key=lambda x: x[0])
+        if points:
+            ax.errorbar(
+                [m for m, _ in points],
+                [g["mean"] for _, g in points],
+                yerr=[[g["mean"] - g["ci"][0] for _, g in points], [g["ci"][1] - g["mean"] for _, g in points]],
+                marker=marker,
+                capsize=3,
+                label=f"− {label}",
+            )
+    ax.axhline(0.0, color="grey", linestyle="--")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([1, 4, 8, 32], ["1 (per-instance)", "4", "8", "32 (SAM)"])
+    ax.set_xlabel("instances per perturbation, m")
+    ax.set_ylabel("test acc gain (points, t-95% CI)")
+    ax.set_title(f"mr, {HEADLINE}: m-sharpness")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lrs", nargs="+", type=float, default=[5e-5, 1e-4, 2e-4], help="ERM's LR grid (step 0)")
+    parser.add_argument("--rhos", nargs="+", type=float, default=[0.02, 0.05, 0.1], help="ρ grid (step 1)")
+    parser.add_argument("--select-seeds", nargs="+", type=int, default=[101, 102], help="seeds of steps 0 and 1")
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(range(11, 19)), help="comparison seeds")
+    parser.add_argument(
+        "--strong-seeds", type=int, default=8, help=f"how many of --seeds setting {STRONG} runs (at least 5)"
+    )
+    parser.add_argument("--per-instance-seeds", type=int, default=8, help="how many of --seeds per-instance runs")
+    parser.add_argument("--stage", choices=["select", "all"], default="all", help="stop after steps 0 and 1")
+    parser.add_argument("--report", action="store_true", help="only build the JSON, plots and tables")
+    args = parser.parse_args()
+    for setting in (HEADLINE, STRONG):
+        assert setting in SETTINGS
+    if not args.report:
+        while True:  # each stage's choices open the next stage's units
+            units = Protocol(args, rows_by_key()).selection_units()
+            before = len(units)
+            for _ in run_all(units, "regimes"):
+                pass
+            if len(Protocol(args, rows_by_key()).selection_units()) == before:
+                break
+        if args.stage == "all":
+            protocol = Protocol(args, rows_by_key())
+            if not protocol.ready():
+                raise SystemExit("the selection is incomplete; rerun to finish it")
+            for _ in run_all(protocol.comparison_units(), "regimes"):
+                pass
+    text, summary = report(args)
+    save("regimes", {"args": vars(args), "table": text, **summary})
+    if summary["arms"]:
+        plot_frontier(summary, RESULTS / "frontier.png")
+        plot_m_curve(summary, RESULTS / "m_curve.png")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
