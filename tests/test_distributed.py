@@ -66,10 +66,14 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+LOCAL_CONFIGS = {**CONFIGS, "m-sam": dict(method="sam", rho=0.5, m_sharpness=3)}
+
+
+@pytest.mark.parametrize("name", sorted(LOCAL_CONFIGS))
 def test_local_ascent_perturbs_each_rank_with_its_own_sub_batch(name, tmp_path):
-    config = DeltaSAMConfig(ascent="local", **CONFIGS[name])
-    ranks = run_ddp(tmp_path, config={**CONFIGS[name], "ascent": "local"}, steps=2)
+    """m-sharpness subdivides each rank's sub-batch; eps is that of its last group."""
+    config = DeltaSAMConfig(ascent="local", **LOCAL_CONFIGS[name])
+    ranks = run_ddp(tmp_path, config={**LOCAL_CONFIGS[name], "ascent": "local"}, steps=2)
     for step in range(2):
         a, b = (r["records"][step] for r in ranks)
         assert torch.equal(a["w"], b["w"])
@@ -96,6 +100,7 @@ DDP_METHODS = [
     dict(method="deltasam", accumulate_grad_batches=2),
     dict(method="sam", interval=2, reuse="looksam"),
     dict(method="deltasam", interval=3, reuse="looksam", accumulate_grad_batches=2),
+    dict(method="deltasam", m_sharpness=3, accumulate_grad_batches=2),
 ]
 
 

@@ -307,6 +307,7 @@ RESUME_CONFIGS = [
     dict(method="sam", accumulate_grad_batches=1),
     dict(method="per_instance", accumulate_grad_batches=1),
     dict(method="sam", rho_schedule="follow_lr"),
+    dict(method="sam", m_sharpness=3, accumulate_grad_batches=2),
 ]
 
 
