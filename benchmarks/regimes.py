@@ -145,7 +145,9 @@ class Protocol:
     def selection_units(self) -> list[tuple]:
         """Step 0, then step 1, each as far as the choices before it are made."""
         a = self.args
-        units = [(TASK, s, Method("erm"), seed, lr) for seed in a.select_seeds for s in (HEADLINE, STRONG) for lr in a.lrs]
+        units = [
+            (TASK, s, Method("erm"), seed, lr) for seed in a.select_seeds for s in (HEADLINE, STRONG) for lr in a.lrs
+        ]
         if HEADLINE in self.lr:
             lr = self.lr[HEADLINE]
             for seed in a.select_seeds:

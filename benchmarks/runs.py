@@ -44,6 +44,11 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "4k1ep": {"data.train_limit": 4000, "trainer.max_epochs": 1, "trainer.val_check_interval": 0.25},
     "noisy40": {"data.train_limit": 1000, "trainer.max_epochs": 5, "data.label_noise": 0.4},
 }
+_DIRTY = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "lit_deltasam"], cwd=ROOT).returncode != 0
+CODE_COMMIT = subprocess.run(
+    ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+).stdout.strip() + ("+dirty" if _DIRTY else "")
+"""The commit whose code this process runs: read once at start, as later commits do not reach a running study."""
 LEGACY_LR = 5e-5
 """The learning rate of every row made before rows recorded theirs (``optim.lr`` absent from the overrides)."""
 
@@ -262,12 +267,11 @@ def run(task: str, setting: str, method: Method, seed: int, out: Path, lr: Optio
     elapsed = time.perf_counter() - start
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     share = metrics.get("val/majority_share")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     return {
         "key": key(task, setting, method, seed, lr),
         "overrides": args,
         "method_config": resolved_method(method.overrides()),
-        "commit": commit.stdout.strip(),
+        "commit": CODE_COMMIT,
         "task": task,
         "setting": setting,
         "method": method.label,

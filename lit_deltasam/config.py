@@ -205,7 +205,8 @@ class DeltaSAMConfig:
             if self.method not in M_SHARPNESS_METHODS:
                 raise ValueError(
                     f"DeltaSAMConfig.m_sharpness={self.m_sharpness} splits the ascent into groups, but "
-                    f"method={self.method!r} {'takes no ascent' if self.method == 'erm' else 'perturbs each instance'}; "
+                    f"method={self.method!r} "
+                    f"{'takes no ascent' if self.method == 'erm' else 'perturbs each instance'}; "
                     f"choose one of {list(M_SHARPNESS_METHODS)}, or m_sharpness=None"
                 )
             if self.ascent == "global":

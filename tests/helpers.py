@@ -117,10 +117,11 @@ class TinyModule(DeltaSAMMixin, L.LightningModule):
             return opt
         kind = self.scheduler.get("kind", "step")
         if kind == "plateau":
-            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", patience=0, factor=0.5)
+            mode = self.scheduler.get("mode", "max")
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=mode, patience=0, factor=0.5)
         else:
             sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-        conf = {k: v for k, v in self.scheduler.items() if k != "kind"}
+        conf = {k: v for k, v in self.scheduler.items() if k not in ("kind", "mode")}
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, **conf}}
 
 

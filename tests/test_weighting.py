@@ -1,6 +1,7 @@
 """lambda ∝ s**beta with a median floor and a clip of n*lambda."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,3 +90,27 @@ def test_negative_beta_never_gives_a_larger_score_more_weight(s):
     w = instance_weights(t, -1.0, floor=0.1, clip=(0.1, 10.0))
     order = torch.argsort(t)
     assert (w[order].diff() <= 1e-12).all()
+
+
+@pytest.mark.parametrize("beta", [-1.0, 1.0])
+def test_a_non_finite_score_counts_as_the_largest_finite_one(beta):
+    """An overflowed gradient norm is as exposed as the largest finite one, neither weightless nor dominant."""
+    got = instance_weights(torch.tensor([1.0, 2.0, 4.0, math.inf]), beta, **NO_FLOOR_OR_CLIP)
+    torch.testing.assert_close(got, instance_weights(torch.tensor([1.0, 2.0, 4.0, 4.0]), beta, **NO_FLOOR_OR_CLIP))
+
+
+def test_scores_clamped_at_zero_do_not_pull_the_floor_down():
+    """Curvature scores: half clamped at 0. The floor is 0.5 × the median of the positive scores (4), so under
+    beta < 0 the clamped instances weigh as much as a score of 2 (not all of the weight), and under beta > 0 least."""
+    scores = torch.tensor([0.0, 0.0, 0.0, 2.0, 4.0, 8.0])
+    floored = torch.tensor([2.0, 2.0, 2.0, 2.0, 4.0, 8.0])
+    for beta in (-1.0, 0.5):
+        got = instance_weights(scores, beta, floor=0.5, clip=(0.0, math.inf))
+        torch.testing.assert_close(got, instance_weights(floored, beta, **NO_FLOOR_OR_CLIP))
+
+
+def test_the_curvature_method_up_weights_large_curvature():
+    from omegaconf import OmegaConf
+
+    shipped = OmegaConf.load(Path(__file__).parents[1] / "conf" / "method" / "deltasam_curvature.yaml")
+    assert shipped.estimator == "curvature" and shipped.beta > 0

@@ -80,6 +80,7 @@ class Reuse:
             return
         pairs = [(local(g), d) for g, d in zip(grads, self.direction) if g is not None]
         present, directions = [g for g, _ in pairs], [d for _, d in pairs]
-        scale = total_norm(present, self.reduce) / total_norm(self.direction, self.reduce)
+        # both norms over the same parameters: those with a gradient this step
+        scale = total_norm(present, self.reduce) / total_norm(directions, self.reduce)
         if torch.isfinite(scale):
             torch._foreach_add_(present, directions, alpha=strength * self.alpha * scale.item())

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Optional
@@ -62,7 +63,7 @@ class HeadTap:
 
     Use as a context manager around the clean forward, then call :meth:`scores`
     before the graph is freed by the backward. Without a given layer, the first forward
-    watches every ``nn.Linear`` of ``module`` and the last one called becomes the head.
+    watches every ``nn.Linear`` of ``module`` and :meth:`_detect` chooses the head.
     """
 
     def __init__(self, name: str, layer: Optional[nn.Linear], module: Optional[nn.Module] = None) -> None:
@@ -71,9 +72,10 @@ class HeadTap:
         self._module = module
         self._handles: list[Any] = []
         self._calls = 0
-        self._order: list[tuple[str, nn.Linear]] = []
+        self._order: list[tuple[str, nn.Linear, Tensor, Tensor]] = []
         self._input: Optional[Tensor] = None
         self._output: Optional[Tensor] = None
+        self._checked = False
 
     def __enter__(self) -> HeadTap:
         self._calls, self._input, self._output, self._order = 0, None, None, []
@@ -92,17 +94,44 @@ class HeadTap:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        if self.layer is None and self._order:
-            self.name, self.layer = self._order[-1]
-            self._calls = sum(layer is self.layer for _, layer in self._order)
-        self._order = []
 
     def _watch(self, name: str, layer: nn.Linear) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> None:
-            self._order.append((name, layer))
-            self._input, self._output = _linear_input(args, kwargs).detach(), output
+            self._order.append((name, layer, _linear_input(args, kwargs).detach(), output))
 
         return hook
+
+    def _detect(self, losses: Tensor) -> None:
+        """Take as the head the last ``nn.Linear`` called whose ``[n, C]`` output reaches the loss.
+
+        A layer called after it whose output does not reach the loss (an auxiliary projection)
+        is passed over; two such layers of which neither feeds the other (parallel heads) are
+        ambiguous, and ``head=`` must choose.
+        """
+        n = losses.shape[0]
+        calls, self._order = self._order, []
+        rows = [c for c in calls if c[3].ndim == 2 and c[3].shape[0] == n and c[3].requires_grad]
+        grads = torch.autograd.grad(losses.sum(), [c[3] for c in rows], retain_graph=True, allow_unused=True)
+        reaching = [c for c, g in zip(rows, grads) if g is not None and bool(g.abs().sum() > 0)]
+        if not reaching:
+            names = sorted({c[0] for c in calls})
+            raise ValueError(
+                f"estimator='head' found no nn.Linear whose [n, C] output reaches the loss (called: {names}); set "
+                "DeltaSAMConfig.head to the classifier layer, or use estimator='probe' or 'exact'"
+            )
+        name, layer, h, z = reaching[-1]
+        others = [c for c in reaching if c[1] is not layer]
+        if others:
+            feeds = torch.autograd.grad(z.sum(), [c[3] for c in others], retain_graph=True, allow_unused=True)
+            parallel = sorted({c[0] for c, d in zip(others, feeds) if d is None})
+            if parallel:
+                raise ValueError(
+                    f"estimator='head' cannot tell the classifier layer: the outputs of {sorted(parallel + [name])}"
+                    " all reach the loss and none feeds the other; set DeltaSAMConfig.head to one of them"
+                )
+        self.name, self.layer = name, layer
+        self._calls = sum(c[1] is layer for c in calls)
+        self._input, self._output = h, z
 
     def _hook(self, layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> None:
         self._calls += 1
@@ -112,9 +141,26 @@ class HeadTap:
     def scores(self, losses: Tensor) -> Tensor:
         """``[n]`` per-instance gradient norms of the head's weight and bias."""
         try:
-            return self._scores(losses)
+            if self.layer is None:
+                self._detect(losses)
+            scores = self._scores(losses)
+            if not self._checked:
+                self._checked = True
+                self._warn_if_uninformative(scores)
+            return scores
         finally:
-            self._input, self._output = None, None  # the forward's graph is not kept past the step
+            self._input, self._output, self._order = None, None, []  # the forward's graph is not kept past the step
+
+    def _warn_if_uninformative(self, scores: Tensor) -> None:
+        """Once, on the first step: scores that are all zero or all equal make δ-SAM a plain SAM step."""
+        if scores.numel() > 1 and bool((scores.max() - scores.min()) <= 1e-6 * scores.abs().max()):
+            why = "all zero: its output does not reach the loss" if bool((scores == 0).all()) else "all equal"
+            warnings.warn(
+                f"the head estimator's scores from layer {self.name!r} are {why}, so every instance weighs the same "
+                "and δ-SAM takes SAM's step; set DeltaSAMConfig.head to the classifier layer",
+                RuntimeWarning,
+                stacklevel=6,
+            )
 
     def _scores(self, losses: Tensor) -> Tensor:
         n = losses.shape[0]
@@ -133,7 +179,9 @@ class HeadTap:
         if not z.requires_grad:
             raise ValueError(f"head layer {self.name!r} produced an output without gradient; is it frozen?")
         scale = _FP16_GRAD_SCALE if z.dtype == torch.float16 else 1.0
-        (dz,) = torch.autograd.grad(losses.sum() * scale, z, retain_graph=True)
+        (dz,) = torch.autograd.grad(losses.sum() * scale, z, retain_graph=True, allow_unused=True)
+        if dz is None:  # the layer's output does not reach the loss
+            return torch.zeros(n, device=z.device)
         if scale != 1.0 and not torch.isfinite(dz).all():  # gradients too large for the scale: take them as they are
             scale = 1.0
             (dz,) = torch.autograd.grad(losses.sum(), z, retain_graph=True)

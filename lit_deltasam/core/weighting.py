@@ -24,8 +24,9 @@ def instance_weights(
         scores: ``[n]`` non-negative estimates ``s_i`` of the per-instance gradient
             norms. Non-finite entries count as the largest finite score.
         beta: the exponent.
-        floor: ``s_i`` is floored at ``floor * median(s)`` so that a vanishing
-            gradient cannot claim all the weight when ``beta < 0``.
+        floor: ``s_i`` is floored at ``floor`` times the median of the positive scores, so
+            that a vanishing gradient (or a curvature clamped at 0) cannot claim all the
+            weight when ``beta < 0``.
         clip: bounds ``[low, high]`` on ``n * lambda_i`` (``low <= 1 <= high``), met after
             normalization: ``n * lambda_i = clamp(c * s_i ** beta, low, high)`` with ``c`` such
             that the weights sum to one.
@@ -47,7 +48,9 @@ def instance_weights(
     largest = torch.where(finite, s, torch.zeros_like(s)).max()
     s = torch.where(finite, s, largest)
     tiny = torch.finfo(torch.float64).tiny
-    s = s.clamp_min(floor * s.median()).clamp_min(tiny)
+    # the median of the positive scores: a score clamped at 0 (curvature) must not pull the floor down with it
+    reference = torch.where(s > 0, s, torch.full_like(s, math.nan)).nanmedian().nan_to_num(0.0)
+    s = s.clamp_min(floor * reference).clamp_min(tiny)
     return _bounded(beta * s.log(), *clip) / n
 
 

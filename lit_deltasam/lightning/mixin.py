@@ -11,7 +11,7 @@ import math
 import os
 import warnings
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Optional
@@ -83,6 +83,7 @@ class _MixinState:
     monitors: dict[int, tuple[Optional[str], bool]] = field(default_factory=dict)
     """``id(scheduler)`` → (monitor, strict) from ``configure_optimizers``."""
     clipped: bool = False
+    warned_lr_max: bool = False
     step_called: bool = False
     step_seen: bool = False
 
@@ -121,15 +122,36 @@ def optimizer_steps(trainer: Any, accumulate_grad_batches: int = 1) -> int:
     return max(1, int(total))
 
 
-def lr_ratio(optimizer: Any, peak_seen: float = 0.0) -> tuple[float, float]:
+def stated_lr_max(optimizer: Any, schedulers: Sequence[Any] = ()) -> Optional[float]:
+    """The largest LR that the first parameter group's schedule states in advance, if any states one:
+    OneCycleLR's ``max_lr``, a scheduler's base LR (``initial_lr``), CyclicLR's ``max_lrs``."""
+    group = optimizer.param_groups[0]
+    stated = [float(group[k]) for k in ("max_lr", "initial_lr") if k in group]
+    stated += [float(s.max_lrs[0]) for s in schedulers if getattr(s, "max_lrs", None)]
+    return max(stated) if stated else None
+
+
+def lr_ratio(optimizer: Any, peak_seen: float = 0.0, stated: Optional[float] = None) -> tuple[float, float]:
     """lr_t / lr_max of the first parameter group, and lr_max.
 
-    lr_max is the largest of OneCycleLR's ``max_lr`` (else the scheduler's base LR) and
-    ``peak_seen``, the largest LR seen so far: a ReduceLROnPlateau sets no base LR.
+    lr_max is the largest of the current LR, ``peak_seen`` (the largest LR seen so far: a
+    ReduceLROnPlateau sets no base LR) and ``stated`` (:func:`stated_lr_max`; without it the
+    group's ``max_lr``, else its ``initial_lr``).
     """
     group = optimizer.param_groups[0]
-    peak = max(float(group.get("max_lr", group.get("initial_lr", group["lr"]))), float(group["lr"]), peak_seen)
+    if stated is None:
+        stated = float(group.get("max_lr", group.get("initial_lr", group["lr"])))
+    peak = max(stated, float(group["lr"]), peak_seen)
     return (float(group["lr"]) / peak if peak > 0 else 1.0), peak
+
+
+def _no_closure() -> None:
+    """The closure handed to ``optimizer_step``: G is already in ``.grad``."""
+    return None
+
+
+def _overrides(module: Any, hook: str) -> bool:
+    return getattr(type(module), hook) is not getattr(LightningModule, hook)
 
 
 def _remember_plateau_monitors(configure_optimizers: Callable[..., Any]) -> Callable[..., Any]:
@@ -344,7 +366,19 @@ class DeltaSAMMixin:
         ratio = 1.0
         if cfg.rho_schedule == "follow_lr":
             state = self._deltasam_state
-            ratio, state.lr_peak = lr_ratio(module.optimizers(use_pl_optimizer=False), state.lr_peak)
+            optimizer = module.optimizers(use_pl_optimizer=False)
+            stated = stated_lr_max(optimizer, [c.scheduler for c in module.trainer.lr_scheduler_configs])
+            lr = float(optimizer.param_groups[0]["lr"])
+            if lr > max(stated or 0.0, state.lr_peak) and state.lr_peak > 0 and not _holder(self).warned_lr_max:
+                _holder(self).warned_lr_max = True
+                warnings.warn(
+                    f"rho_schedule='follow_lr' cannot tell lr_max: the LR rose from {state.lr_peak:g} to {lr:g} and "
+                    "no scheduler states its maximum, so ρ stays at its full value while the LR rises. State the "
+                    "peak in the parameter group (param_groups[0]['initial_lr'] = peak) or use rho_schedule='warmup'",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            ratio, state.lr_peak = lr_ratio(optimizer, state.lr_peak, stated)
         return scheduled_rho(cfg, module.global_step, total, ratio)
 
     def _deltasam_optimizer_step(
@@ -371,11 +405,21 @@ class DeltaSAMMixin:
             return
         if cfg.reuse is not None:
             self._deltasam_reuse(engine, cfg, plain)
+        before = module.global_step
+        batch_idx = module.trainer.fit_loop.epoch_loop.batch_idx
         try:
-            optimizer.step()  # clipping happens in on_before_optimizer_step, after a loss scaler unscales
+            # through the hook, so that an override (Lightning's LR warm-up recipe) runs as in automatic
+            # optimization; clipping happens in on_before_optimizer_step, after a loss scaler unscales
+            module.optimizer_step(module.current_epoch, batch_idx, optimizer, _no_closure)
         except BaseException:
             engine.rollback()
             raise
+        if module.global_step == before:
+            self._deltasam_zero_grad(engine, optimizer)
+            raise RuntimeError(
+                f"{type(self).__name__}.optimizer_step returned without stepping the optimizer: call "
+                "optimizer.step(closure=optimizer_closure) in it; the weights are unchanged"
+            )
         self._deltasam_zero_grad(engine, optimizer)
         self._deltasam_step_schedulers("step", module.global_step)
 
@@ -400,10 +444,11 @@ class DeltaSAMMixin:
         if staleness is not None:
             module.log("sam/reuse_cos", staleness, on_step=True, on_epoch=False)
 
-    @staticmethod
-    def _deltasam_zero_grad(engine: DeltaSAM, optimizer: Any) -> None:
-        """Zero the optimizer's gradients and those the step wrote to trainable parameters outside it."""
-        optimizer.zero_grad(set_to_none=True)
+    def _deltasam_zero_grad(self, engine: DeltaSAM, optimizer: Any) -> None:
+        """Zero the optimizer's gradients (through ``optimizer_zero_grad``, which a user may override) and
+        those the step wrote to trainable parameters outside it."""
+        module: LightningModule = self  # type: ignore[assignment]
+        module.optimizer_zero_grad(module.current_epoch, module.trainer.fit_loop.epoch_loop.batch_idx, optimizer)
         for p in engine.unperturbed:
             p.grad = None
 
@@ -411,10 +456,20 @@ class DeltaSAMMixin:
         """Clip G here: Lightning calls it inside the optimizer step, after a loss scaler has unscaled G."""
         super().on_before_optimizer_step(optimizer)  # type: ignore[misc]
         cfg = self._deltasam_config()
-        if cfg.gradient_clip_val is not None:
-            module: LightningModule = self  # type: ignore[assignment]
-            module.clip_gradients(optimizer, cfg.gradient_clip_val, cfg.gradient_clip_algorithm)
+        module: LightningModule = self  # type: ignore[assignment]
+        if cfg.gradient_clip_val is not None or _overrides(module, "configure_gradient_clipping"):
+            # the hook Lightning's automatic loop calls here, with the values from DeltaSAMConfig
+            module.configure_gradient_clipping(optimizer, cfg.gradient_clip_val, cfg.gradient_clip_algorithm)
             _holder(self).clipped = True
+
+    def on_validation_model_zero_grad(self) -> None:
+        """Keep the gradients of an open accumulation window through validation.
+
+        Lightning zeroes them before validation unless it is accumulating, and in manual
+        optimization it never knows that it is: the window would lose its micro-batches so far.
+        """
+        if self._deltasam_fit.loop.micro == 0:
+            super().on_validation_model_zero_grad()  # type: ignore[misc]
 
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()  # type: ignore[misc]
@@ -425,7 +480,9 @@ class DeltaSAMMixin:
         state = self._deltasam_state
         if state.epochs_scheduled <= module.current_epoch:
             state.epochs_scheduled = module.current_epoch + 1
-            self._deltasam_step_schedulers("epoch", state.epochs_scheduled)
+            # as Lightning's fit loop: an epoch cut short (by max_steps) does not step the epoch schedulers
+            if module.trainer.fit_loop.epoch_loop._num_ready_batches_reached():
+                self._deltasam_step_schedulers("epoch", state.epochs_scheduled)
 
     def _deltasam_catch_up_epochs(self) -> None:
         """Step the epoch schedulers of epochs whose end hook was overridden without ``super()``."""
