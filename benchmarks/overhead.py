@@ -18,12 +18,12 @@ import random
 import statistics
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from common import RESULTS, save
 
-from lit_deltasam import DeltaSAM, DeltaSAMConfig
-from lit_deltasam.core.amortized import Reuse
+from lit_deltasam import DeltaSAMConfig, DeltaSAMOptimizer
 from lit_deltasam.data import get_task
 from lit_deltasam.models import MiniLM, Small, TextClassifier
 
@@ -51,6 +51,10 @@ def methods(model: str) -> dict[str, DeltaSAMConfig]:
             method="deltasam", estimator="probe", probe_samples=3, probe_params=HEAD[model]
         ),
         "per_instance": DeltaSAMConfig(method="per_instance", per_instance_impl="loop"),
+        "per_instance(vmap)": DeltaSAMConfig(method="per_instance", per_instance_impl="vmap", share_dropout=False),
+        "sam, m=8": DeltaSAMConfig(method="sam", m_sharpness=8),
+        "sam, m=4": DeltaSAMConfig(method="sam", m_sharpness=4),
+        "deltasam(head), m=4": DeltaSAMConfig(method="deltasam", estimator="head", m_sharpness=4),
         "sam, interval=5": DeltaSAMConfig(method="sam", interval=5),
         "sam, looksam k=5": DeltaSAMConfig(method="sam", interval=5, reuse="looksam"),
         "sam, looksam k=10": DeltaSAMConfig(method="sam", interval=10, reuse="looksam"),
@@ -85,7 +89,9 @@ def reset_peak_rss() -> int:
     return 0
 
 
-def measure(model_name: str, rounds: int, warmup: int, batch_size: int, length: int) -> dict:
+def measure(
+    model_name: str, rounds: int, warmup: int, batch_size: int, length: int, names: Optional[list[str]] = None
+) -> dict:
     spec = MiniLM() if model_name == "minilm" else Small()
     tokenizer = spec.tokenizer(lambda: (e["text"] for e in get_task("mr").load()["train"]))
     module = TextClassifier(spec.build(2, tokenizer), DeltaSAMConfig(), num_labels=2)
@@ -93,26 +99,19 @@ def measure(model_name: str, rounds: int, warmup: int, batch_size: int, length: 
     module.to(device).train()
     batch = {k: v.to(device) for k, v in batch_of(tokenizer, batch_size, length, 2).items()}
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-5, fused=True)
-    engines = {name: DeltaSAM(module, cfg, list(module.parameters())) for name, cfg in methods(model_name).items()}
+    configs = methods(model_name)
+    if names:
+        unknown = sorted(set(names) - set(configs))
+        if unknown:
+            raise SystemExit(f"--methods {unknown} are not methods; choose from {sorted(configs)}")
+        configs = {n: c for n, c in configs.items() if n in names or n in ("erm", "sam")}
+    # every method drives the one base optimizer through the loop a user runs: schedule, interval, LookSAM
+    engines = {name: DeltaSAMOptimizer(module, optimizer, cfg) for name, cfg in configs.items()}
 
-    reuses = {name: Reuse(e.config.reuse_alpha) for name, e in engines.items() if e.config.reuse is not None}
-
-    def step(engine: DeltaSAM) -> None:
+    def step(engine: DeltaSAMOptimizer) -> None:
         """One optimizer step; for an amortized method, one whole cycle of ``interval`` steps."""
-        cfg = engine.config
-        reuse = next((reuses[n] for n, e in engines.items() if e is engine and n in reuses), None)
-        for t in range(cfg.interval):
-            result = engine.step(
-                module.per_sample_loss, batch, rho=None if t == 0 else 0.0, plain_grad=reuse is not None and t == 0
-            )
-            if reuse is not None:
-                grads = [p.grad for p in engine.params]
-                if t == 0:
-                    reuse.record(grads, result.plain_grad)
-                else:
-                    reuse.apply(grads)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        for _ in range(engine.config.interval):
+            engine.step(module.per_sample_loss, batch)
 
     times: dict[str, list[float]] = {name: [] for name in engines}
     order = list(engines)
@@ -171,6 +170,17 @@ TARGETS = {
     ("sam, interval=5", "vs_erm"): 1.25,
     ("sam, looksam k=5", "vs_erm"): 1.25,
     ("sam, looksam k=10", "vs_erm"): 1.15,
+    ("sam, m=8", "vs_sam"): 1.25,
+    ("sam, m=4", "vs_sam"): 1.5,
+}
+PRESETS = {
+    # the regimes study's arms at its batch and length (benchmarks/regimes.py reads overhead_regimes.json)
+    "regimes": dict(
+        models=["minilm"],
+        length=32,
+        name="overhead_regimes",
+        methods=["deltasam(head)", "sam, m=8", "sam, m=4", "per_instance", "sam, interval=5", "sam, looksam k=5"],
+    ),
 }
 
 
@@ -182,9 +192,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--length", type=int, default=48)
     parser.add_argument("--name", default="overhead")
+    parser.add_argument("--methods", nargs="+", help="only these methods (besides ERM and SAM, the references)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="models, length, name and methods of a study")
     args = parser.parse_args()
+    for k, v in PRESETS.get(args.preset, {}).items():
+        setattr(args, k, v)
 
-    results = {m: measure(m, args.rounds, args.warmup, args.batch_size, args.length) for m in args.models}
+    results = {m: measure(m, args.rounds, args.warmup, args.batch_size, args.length, args.methods) for m in args.models}
     path = save(
         args.name,
         {"args": vars(args), "results": results, "targets": {f"{k[0]} {k[1]}": v for k, v in TARGETS.items()}},
@@ -200,6 +214,8 @@ def main() -> None:
                 f"| {name} | {row['median_s']:.3f} | {row['vs_sam']:.2f} | {row['vs_erm']:.2f} | {row['peak_mb']:.0f} |"
             )
         for (name, key), target in TARGETS.items():
+            if name not in result["methods"]:
+                continue
             value = result["methods"][name][key]
             print(f"target {name} {key} <= {target}: {value:.3f} {'met' if value <= target else 'MISSED'}")
     plot(results, RESULTS / f"{args.name}.png")

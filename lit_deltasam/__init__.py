@@ -1,7 +1,8 @@
 """Sharpness-aware minimization with dynamic reweighting (δ-SAM) for PyTorch and Lightning.
 
-``DeltaSAM`` and ``DeltaSAMConfig`` are plain PyTorch; the Lightning pieces are
-imported on first use, so a hand-written loop never imports Lightning.
+``DeltaSAMOptimizer`` (the training loop's rules around the double step), ``DeltaSAM``
+(one micro-batch's double step) and ``DeltaSAMConfig`` are plain PyTorch; the Lightning
+pieces are imported on first use, so a hand-written loop never imports Lightning.
 """
 
 from importlib import import_module
@@ -9,12 +10,14 @@ from typing import Any
 
 from .config import DeltaSAMConfig
 from .core import DeltaSAM, StepResult, instance_weights
+from .core.loop import DeltaSAMOptimizer
 from .core.schedule import scheduled_rho
 
 __all__ = [
     "DeltaSAM",
     "DeltaSAMConfig",
     "DeltaSAMMixin",
+    "DeltaSAMOptimizer",
     "SharpnessProbe",
     "StepResult",
     "instance_weights",

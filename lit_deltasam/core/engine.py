@@ -60,6 +60,9 @@ class StepResult:
     perturbed parameter, up to a positive scale (a loss scaler's)."""
     plain_grad_synced: bool = False
     """Whether ``plain_grad`` is already averaged over ranks (a global ascent with uniform weights)."""
+    stepped: bool = False
+    """Set by :class:`~lit_deltasam.core.loop.DeltaSAMOptimizer`: this micro-batch ended a window and the base
+    optimizer stepped."""
 
     def local_finite(self) -> Tensor:
         """This rank's losses (and ascent gradient norm) are finite, as a 0-d bool tensor (no sync)."""
@@ -160,6 +163,21 @@ def _owned_parameters(module: nn.Module, params: Optional[Iterable[Tensor]]) -> 
     return chosen, [names[id(p)] for p in chosen]
 
 
+_LOOP_DEFAULTS = {"interval": 1, "reuse": None, "accumulate_grad_batches": 1, "gradient_clip_val": None}
+
+
+def _warn_of_loop_fields(config: DeltaSAMConfig) -> None:
+    """The engine alone runs one micro-batch: name the fields that only a training loop can apply."""
+    set_fields = [f"{k}={getattr(config, k)!r}" for k, v in _LOOP_DEFAULTS.items() if getattr(config, k) != v]
+    if set_fields:
+        warnings.warn(
+            f"DeltaSAM runs one micro-batch's double step and leaves {', '.join(sorted(set_fields))} to the training "
+            "loop; use DeltaSAMOptimizer (a hand-written loop) or DeltaSAMMixin (Lightning), which apply them",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 def _refuse_sharded(config: DeltaSAMConfig) -> None:
     """Fail, saying why and what can run instead, where ``config`` cannot run on sharded parameters (FSDP)."""
     if config.perturbs and config.ascent == "local":
@@ -200,6 +218,10 @@ class DeltaSAM:
         reduce_squares: maps a local sum of squares to the global one when each rank
             holds a shard of plain-tensor parameters (FSDP1). DTensor shards (FSDP2)
             are detected and reduced over their mesh without it.
+        driven: set by :class:`~lit_deltasam.core.loop.DeltaSAMOptimizer`, which applies the
+            config's loop fields (ρ schedule, ``interval``, LookSAM, accumulation, clipping,
+            seeds). Alone, the engine runs one micro-batch at radius ``rho`` and warns about
+            loop fields set away from their defaults.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
@@ -220,9 +242,14 @@ class DeltaSAM:
         params: Optional[Iterable[Tensor]] = None,
         *,
         reduce_squares: Optional[NormReduce] = None,
+        driven: bool = False,
     ) -> None:
         self.module = module
         self.config = config
+        self._driven = driven
+        self._warned_rho = False
+        if not driven:
+            _warn_of_loop_fields(config)
         self.params, self.names = _owned_parameters(module, params)
         chosen = {id(p) for p in self.params}
         self.unperturbed = [p for p in module.parameters() if p.requires_grad and id(p) not in chosen]
@@ -304,6 +331,16 @@ class DeltaSAM:
         """
         backward = backward or _default_backward
         no_sync = no_sync or nullcontext
+        if rho is None and not self._driven and not self._warned_rho and self.config.perturbs:
+            self._warned_rho = self.config.rho_schedule != "constant"
+            if self._warned_rho:
+                warnings.warn(
+                    f"DeltaSAM.step uses rho={self.config.rho:g} as given: rho_schedule="
+                    f"{self.config.rho_schedule!r} is applied by DeltaSAMOptimizer and DeltaSAMMixin; pass rho= "
+                    "(e.g. from lit_deltasam.scheduled_rho) or drive the engine with DeltaSAMOptimizer",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         if self.config.perturbs:
             refuse_static_graph(no_sync)
         self._params_before.capture()

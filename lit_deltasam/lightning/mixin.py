@@ -11,9 +11,9 @@ import math
 import os
 import warnings
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
@@ -26,41 +26,11 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from ..config import DeltaSAMConfig
 from ..core import DeltaSAM, StepResult
-from ..core.amortized import Reuse
 from ..core.batch import Batch
 from ..core.distributed import world_size
-from ..core.randomness import seeded, step_seed
-from ..core.schedule import scheduled_rho
-from ..core.sharding import is_sharded, local
+from ..core.loop import DeltaSAMOptimizer, LoopState, needs_total_steps
+from ..core.sharding import is_sharded
 from .logging import log_histograms, reduce_over_ranks
-
-
-@dataclass
-class _LoopState:
-    """What the mixin must carry across steps and checkpoints for an exact resume."""
-
-    micro: int = 0
-    """Micro-batches accumulated towards the next optimizer step."""
-    micro_batches: int = 0
-    """Micro-batches run in total; keys each step's random seed."""
-    perturbation_skipped: int = 0
-    steps_skipped: int = 0
-    epochs_scheduled: int = 0
-    """Epochs whose end has stepped the epoch-interval LR schedulers."""
-    base_seed: Optional[int] = None
-    lr_peak: float = 0.0
-    """The largest learning rate seen, for ``rho_schedule="follow_lr"``."""
-    perturbing: int = 0
-    """Micro-batches whose step tried a perturbation (ρ_t > 0)."""
-    plain_synced: bool = False
-    """Whether ``plain_sum`` is already averaged over ranks."""
-    plain_sum: Optional[list[Tensor]] = None
-    """LookSAM: the plain gradients at w summed over this window's micro-batches (full steps only)."""
-    reuse_direction: Optional[list[Tensor]] = None
-    """LookSAM: the stored direction g_v of the last full step."""
-
-
-_TENSOR_STATE = ("plain_sum", "reuse_direction")
 
 
 @dataclass
@@ -68,9 +38,9 @@ class _Fit:
     """What the mixin holds for the fit in progress."""
 
     trainer: Optional[weakref.ReferenceType] = None
-    loop: _LoopState = field(default_factory=_LoopState)
-    engine: Optional[tuple[Any, DeltaSAMConfig, DeltaSAM]] = None
-    """The engine, with the optimizer and the config it was built for."""
+    loop: LoopState = field(default_factory=LoopState)
+    driver: Optional[tuple[Any, DeltaSAMConfig, DeltaSAMOptimizer]] = None
+    """The loop driver, with the torch optimizer and the config it was built for."""
     pending_grads: Optional[list[Tensor]] = None
     """A resumed accumulation window's partial gradients, installed when the engine is built."""
 
@@ -83,7 +53,6 @@ class _MixinState:
     monitors: dict[int, tuple[Optional[str], bool]] = field(default_factory=dict)
     """``id(scheduler)`` → (monitor, strict) from ``configure_optimizers``."""
     clipped: bool = False
-    warned_lr_max: bool = False
     step_called: bool = False
     step_seen: bool = False
 
@@ -96,11 +65,6 @@ def _holder(module: Any) -> _MixinState:
     if state is None:
         state = module.__dict__["_deltasam"] = _MixinState()
     return state
-
-
-def optimizer_params(optimizer: Any) -> list[Tensor]:
-    """The parameters a (Lightning or torch) optimizer steps, in order."""
-    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 def optimizer_steps(trainer: Any, accumulate_grad_batches: int = 1) -> int:
@@ -120,29 +84,6 @@ def optimizer_steps(trainer: Any, accumulate_grad_batches: int = 1) -> int:
     if math.isinf(total):
         raise ValueError("the run has no end: set trainer.max_epochs or trainer.max_steps")
     return max(1, int(total))
-
-
-def stated_lr_max(optimizer: Any, schedulers: Sequence[Any] = ()) -> Optional[float]:
-    """The largest LR that the first parameter group's schedule states in advance, if any states one:
-    OneCycleLR's ``max_lr``, a scheduler's base LR (``initial_lr``), CyclicLR's ``max_lrs``."""
-    group = optimizer.param_groups[0]
-    stated = [float(group[k]) for k in ("max_lr", "initial_lr") if k in group]
-    stated += [float(s.max_lrs[0]) for s in schedulers if getattr(s, "max_lrs", None)]
-    return max(stated) if stated else None
-
-
-def lr_ratio(optimizer: Any, peak_seen: float = 0.0, stated: Optional[float] = None) -> tuple[float, float]:
-    """lr_t / lr_max of the first parameter group, and lr_max.
-
-    lr_max is the largest of the current LR, ``peak_seen`` (the largest LR seen so far: a
-    ReduceLROnPlateau sets no base LR) and ``stated`` (:func:`stated_lr_max`; without it the
-    group's ``max_lr``, else its ``initial_lr``).
-    """
-    group = optimizer.param_groups[0]
-    if stated is None:
-        stated = float(group.get("max_lr", group.get("initial_lr", group["lr"])))
-    peak = max(stated, float(group["lr"]), peak_seen)
-    return (float(group["lr"]) / peak if peak > 0 else 1.0), peak
 
 
 def _no_closure() -> None:
@@ -298,159 +239,71 @@ class DeltaSAMMixin:
             raise ValueError(
                 f"DeltaSAMMixin drives exactly one optimizer; configure_optimizers returned {len(optimizer)}"
             )
-        engine = self._deltasam_engine(cfg)
+        driver = self._deltasam_driver(cfg)
         self._deltasam_catch_up_epochs()
         state = self._deltasam_state
-        last = state.micro + 1 >= cfg.accumulate_grad_batches or module.trainer.is_last_batch
+        trainer = module.trainer
+        last = state.micro + 1 >= cfg.accumulate_grad_batches or trainer.is_last_batch
         full = module.global_step % cfg.interval == 0
         rho = self.deltasam_rho(cfg) if full else 0.0
-        result = self._deltasam_micro_step(engine, cfg, batch, last, rho)
-        self._deltasam_count(cfg, result, rho)
-        if last:
-            self._deltasam_optimizer_step(engine, optimizer, cfg, result)
-        self._deltasam_log(cfg, result, last, rho, full)
-        return result
-
-    def _deltasam_micro_step(
-        self, engine: DeltaSAM, cfg: DeltaSAMConfig, batch: Batch, last: bool, rho: float
-    ) -> StepResult:
-        """The engine's step on one micro-batch, under this step's seed, Lightning's backward and sync control."""
-        module: LightningModule = self  # type: ignore[assignment]
-        trainer = module.trainer
-        state = self._deltasam_state
         if state.base_seed is None:
             # without seed_everything the ranks' initial seeds differ; a checkpoint keeps rank 0's
             state.base_seed = trainer.strategy.broadcast(int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed())))
-        seed = step_seed(state.base_seed, state.micro_batches, module.global_rank)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        with seeded(seed, engine.device) if cfg.seed_steps else nullcontext():
-            result = engine.step(
-                module.per_sample_loss,
-                batch,
-                backward=module.manual_backward,
-                no_sync=getattr(trainer.strategy, "block_backward_sync", nullcontext),
-                sync_descent=last,
-                check_finite=scaler is None,
-                rho=rho,
-                plain_grad=cfg.reuse is not None and rho > 0,
-            )
+        result = driver.micro_step(
+            module.per_sample_loss,
+            batch,
+            rho=rho,
+            last=last,
+            backward=module.manual_backward,
+            no_sync=getattr(trainer.strategy, "block_backward_sync", nullcontext),
+            check_finite=scaler is None,
+            rank=module.global_rank,
+        )
         if scaler is not None and result.grad_norm is not None:
             result.grad_norm = result.grad_norm / scaler.get_scale()
+        if last:
+            result.stepped = driver.end_window(
+                result,
+                step=module.global_step,
+                optimizer_step=lambda: self._deltasam_optimizer_step(optimizer),
+                zero_grad=lambda: self._deltasam_zero_grad(optimizer),
+                schedulers=[c.scheduler for c in trainer.lr_scheduler_configs],
+                log=lambda name, value: module.log(name, value, on_step=True, on_epoch=False),
+            )
+            if result.stepped:
+                self._deltasam_step_schedulers("step", module.global_step)
+        self._deltasam_log(cfg, result, last, rho, full)
         return result
-
-    def _deltasam_count(self, cfg: DeltaSAMConfig, result: StepResult, rho: float) -> None:
-        """Advance the loop state by one micro-batch; sum LookSAM's plain gradients over the window."""
-        state = self._deltasam_state
-        state.micro += 1
-        state.micro_batches += 1
-        if cfg.perturbs and rho > 0:
-            state.perturbing += 1
-            state.perturbation_skipped += not result.perturbed
-        if result.plain_grad is not None:
-            if state.plain_sum is None:
-                state.plain_sum = result.plain_grad
-            else:  # a window resumed from a checkpoint holds its partial sum on the CPU
-                state.plain_sum = [a.to(b.device, b.dtype) for a, b in zip(state.plain_sum, result.plain_grad)]
-                torch._foreach_add_(state.plain_sum, result.plain_grad)
-            state.plain_synced = result.plain_grad_synced
 
     def deltasam_rho(self, cfg: Optional[DeltaSAMConfig] = None) -> float:
         """ρ of the next optimizer step under ``rho_schedule`` (the same on every rank, and after a resume)."""
         module: LightningModule = self  # type: ignore[assignment]
         cfg = cfg or self._deltasam_config()
-        if cfg.rho_schedule == "constant" or not cfg.perturbs:
-            return cfg.rho
-        total = None
-        if cfg.rho_schedule in ("warmup", "start_step") and 0 < cfg.rho_warmup < 1:
-            total = optimizer_steps(module.trainer, cfg.accumulate_grad_batches)
-        ratio = 1.0
-        if cfg.rho_schedule == "follow_lr":
-            state = self._deltasam_state
-            optimizer = module.optimizers(use_pl_optimizer=False)
-            stated = stated_lr_max(optimizer, [c.scheduler for c in module.trainer.lr_scheduler_configs])
-            lr = float(optimizer.param_groups[0]["lr"])
-            if lr > max(stated or 0.0, state.lr_peak) and state.lr_peak > 0 and not _holder(self).warned_lr_max:
-                _holder(self).warned_lr_max = True
-                warnings.warn(
-                    f"rho_schedule='follow_lr' cannot tell lr_max: the LR rose from {state.lr_peak:g} to {lr:g} and "
-                    "no scheduler states its maximum, so ρ stays at its full value while the LR rises. State the "
-                    "peak in the parameter group (param_groups[0]['initial_lr'] = peak) or use rho_schedule='warmup'",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-            ratio, state.lr_peak = lr_ratio(optimizer, state.lr_peak, stated)
-        return scheduled_rho(cfg, module.global_step, total, ratio)
+        total = optimizer_steps(module.trainer, cfg.accumulate_grad_batches) if needs_total_steps(cfg) else None
+        schedulers = [c.scheduler for c in module.trainer.lr_scheduler_configs]
+        return self._deltasam_driver(cfg).scheduled_rho(module.global_step, total, schedulers)
 
-    def _deltasam_optimizer_step(
-        self, engine: DeltaSAM, optimizer: Any, cfg: DeltaSAMConfig, result: StepResult
-    ) -> None:
+    def _deltasam_optimizer_step(self, optimizer: Any) -> bool:
+        """The base optimizer's step through the ``optimizer_step`` hook, so that an override (Lightning's LR
+        warm-up recipe) runs as in automatic optimization; clipping happens in ``on_before_optimizer_step``,
+        after a loss scaler unscales."""
         module: LightningModule = self  # type: ignore[assignment]
-        state = self._deltasam_state
-        window, state.micro = state.micro, 0
-        if window > 1:
-            with torch.no_grad():
-                torch._foreach_mul_([local(p.grad) for p in engine.params if p.grad is not None], 1.0 / window)
-            if result.update_norm is not None:
-                result.update_norm = result.update_norm / window
-        plain, state.plain_sum = state.plain_sum, None
-        if result.finite is False:
-            state.steps_skipped += 1
-            warnings.warn(
-                f"non-finite loss or gradient at global_step={module.global_step}: the optimizer step is skipped "
-                f"and the weights are unchanged ({state.steps_skipped} skipped so far)",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            self._deltasam_zero_grad(engine, optimizer)
-            return
-        if cfg.reuse is not None:
-            self._deltasam_reuse(engine, cfg, plain)
         before = module.global_step
-        batch_idx = module.trainer.fit_loop.epoch_loop.batch_idx
-        try:
-            # through the hook, so that an override (Lightning's LR warm-up recipe) runs as in automatic
-            # optimization; clipping happens in on_before_optimizer_step, after a loss scaler unscales
-            module.optimizer_step(module.current_epoch, batch_idx, optimizer, _no_closure)
-        except BaseException:
-            engine.rollback()
-            raise
+        module.optimizer_step(
+            module.current_epoch, module.trainer.fit_loop.epoch_loop.batch_idx, optimizer, _no_closure
+        )
         if module.global_step == before:
-            self._deltasam_zero_grad(engine, optimizer)
             raise RuntimeError(
                 f"{type(self).__name__}.optimizer_step returned without stepping the optimizer: call "
                 "optimizer.step(closure=optimizer_closure) in it; the weights are unchanged"
             )
-        self._deltasam_zero_grad(engine, optimizer)
-        self._deltasam_step_schedulers("step", module.global_step)
+        return True
 
-    def _deltasam_reuse(self, engine: DeltaSAM, cfg: DeltaSAMConfig, plain: Optional[list[Tensor]]) -> None:
-        """LookSAM at the window's end, on the synchronized G: store g_v after a full step, add it after a plain one."""
-        module: LightningModule = self  # type: ignore[assignment]
-        state = self._deltasam_state
-        reuse = Reuse(cfg.reuse_alpha, engine.reduce_squares)
-        if state.reuse_direction is not None:  # moved once to where the parameters are (after a resume)
-            state.reuse_direction = [d.to(p.device, p.dtype) for d, p in zip(state.reuse_direction, engine.params)]
-            reuse.direction = state.reuse_direction
-        if plain is None:
-            # the reused term follows the ρ schedule as the full steps do
-            reuse.apply([p.grad for p in engine.params], self.deltasam_rho(cfg) / cfg.rho if cfg.rho else 0.0)
-            return
-        if not state.plain_synced and world_size() > 1:
-            for g in plain:
-                torch.distributed.all_reduce(g, op=torch.distributed.ReduceOp.SUM)
-        full = [torch.zeros_like(p) if p.grad is None else p.grad for p in engine.params]
-        staleness = reuse.record(full, plain)
-        state.reuse_direction = reuse.direction
-        if staleness is not None:
-            module.log("sam/reuse_cos", staleness, on_step=True, on_epoch=False)
-
-    def _deltasam_zero_grad(self, engine: DeltaSAM, optimizer: Any) -> None:
-        """Zero the optimizer's gradients (through ``optimizer_zero_grad``, which a user may override) and
-        those the step wrote to trainable parameters outside it."""
+    def _deltasam_zero_grad(self, optimizer: Any) -> None:
+        """Zero through ``optimizer_zero_grad``, which a user may override."""
         module: LightningModule = self  # type: ignore[assignment]
         module.optimizer_zero_grad(module.current_epoch, module.trainer.fit_loop.epoch_loop.batch_idx, optimizer)
-        for p in engine.unperturbed:
-            p.grad = None
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
         """Clip G here: Lightning calls it inside the optimizer step, after a loss scaler has unscaled G."""
@@ -561,11 +414,10 @@ class DeltaSAMMixin:
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
         state = self._deltasam_state
-        scalars = {f.name: getattr(state, f.name) for f in fields(state) if f.name not in _TENSOR_STATE}
-        saved: dict[str, Any] = {"state": scalars}
-        cached = self._deltasam_fit.engine
+        saved: dict[str, Any] = {"state": state.scalars()}
+        cached = self._deltasam_fit.driver
         if state.micro and cached is not None:
-            saved["grads"] = self._deltasam_partial_grads(cached[2])
+            saved["grads"] = self._deltasam_partial_grads(cached[2].engine)
             if state.plain_sum is not None:
                 plain = [g.detach().clone() for g in state.plain_sum]
                 if not state.plain_synced and world_size() > 1:
@@ -614,12 +466,9 @@ class DeltaSAMMixin:
         if saved is None:
             # "processed" counts epochs whose end hook ran; checkpoints are saved after it
             progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
-            state = _LoopState(
-                epochs_scheduled=progress.get("current", {}).get("processed", checkpoint.get("epoch", 0))
-            )
+            state = LoopState(epochs_scheduled=progress.get("current", {}).get("processed", checkpoint.get("epoch", 0)))
         else:
-            known = {f.name for f in fields(_LoopState)} - set(_TENSOR_STATE)
-            state = _LoopState(**{k: v for k, v in saved["state"].items() if k in known})
+            state = LoopState.from_scalars(saved["state"])
             state.reuse_direction = saved.get("reuse")
             plain = saved.get("plain")
             if plain is not None and not state.plain_synced and module.global_rank != 0:
@@ -654,7 +503,7 @@ class DeltaSAMMixin:
         return fit
 
     @property
-    def _deltasam_state(self) -> _LoopState:
+    def _deltasam_state(self) -> LoopState:
         return self._deltasam_fit.loop
 
     def _deltasam_config(self) -> DeltaSAMConfig:
@@ -668,14 +517,13 @@ class DeltaSAMMixin:
             self.deltasam = cfg = DeltaSAMConfig.coerce(cfg)
         return cfg
 
-    def _deltasam_engine(self, cfg: DeltaSAMConfig) -> DeltaSAM:
+    def _deltasam_driver(self, cfg: DeltaSAMConfig) -> DeltaSAMOptimizer:
         module: LightningModule = self  # type: ignore[assignment]
         optimizer = module.optimizers(use_pl_optimizer=False)
         fit = self._deltasam_fit
-        cached = fit.engine
+        cached = fit.driver
         if cached is not None and cached[0] is optimizer and cached[1] == cfg:
             return cached[2]
-        params = optimizer_params(optimizer)
         strategy = module.trainer.strategy
         if isinstance(strategy, DeepSpeedStrategy):
             raise NotImplementedError(
@@ -685,11 +533,11 @@ class DeltaSAMMixin:
         # FSDP1's flat parameters are plain tensors: the strategy's all-reduce sums their norms over the shards
         fsdp1 = isinstance(strategy, FSDPStrategy)
         reduce_squares = (lambda squares: strategy.reduce(squares, reduce_op="sum")) if fsdp1 else None
-        engine = DeltaSAM(module, cfg, params, reduce_squares=reduce_squares)
+        driver = DeltaSAMOptimizer(module, optimizer, cfg, reduce_squares=reduce_squares, state=fit.loop)
         pending, fit.pending_grads = fit.pending_grads, None
         if pending is not None:
-            for p, g in zip(engine.params, pending):
+            for p, g in zip(driver.engine.params, pending):
                 g = g.to(device=p.device, dtype=p.dtype)
                 p.grad = g if module.global_rank == 0 else torch.zeros_like(g)
-        fit.engine = (optimizer, cfg, engine)
-        return engine
+        fit.driver = (optimizer, cfg, driver)
+        return driver

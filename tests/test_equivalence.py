@@ -1,0 +1,105 @@
+"""One config, one result: a hand-written loop over DeltaSAMOptimizer trains the weights the mixin trains, bit for
+bit, for every ρ schedule, interval and LookSAM, clipping and accumulation."""
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from helpers import TinyModule, flat_params, loader, trainer
+
+from lit_deltasam import DeltaSAM, DeltaSAMConfig, DeltaSAMOptimizer
+
+N, BATCH, EPOCHS, SEED = 72, 8, 2, 3
+CONFIGS = [
+    dict(method="sam", rho_schedule="constant"),
+    dict(method="sam", rho_schedule="follow_lr"),
+    dict(method="sam", rho_schedule="warmup", rho_warmup=0.3),
+    dict(method="sam", rho_schedule="start_step", rho_warmup=3),
+    dict(method="deltasam", estimator="probe"),
+    dict(method="sam", interval=3, reuse="looksam"),
+    dict(method="deltasam", interval=2, reuse="looksam", accumulate_grad_batches=2),
+    dict(method="sam", interval=4, accumulate_grad_batches=3),
+    dict(method="sam", gradient_clip_val=0.05),
+    dict(method="deltasam", gradient_clip_val=0.1, gradient_clip_algorithm="value", accumulate_grad_batches=2),
+    dict(method="sam", m_sharpness=3, accumulate_grad_batches=3),
+    dict(method="per_instance", accumulate_grad_batches=2),
+    dict(method="erm", accumulate_grad_batches=2),
+]
+SCHEDULER = dict(kind="step", interval="step", frequency=2)
+
+
+def config_of(options: dict) -> DeltaSAMConfig:
+    return DeltaSAMConfig(**{"rho": 0.2, **options})
+
+
+def module_of(options: dict) -> TinyModule:
+    L.seed_everything(SEED, verbose=False)
+    return TinyModule(config_of(options), optimizer="adamw", lr=0.01, dropout=0.2, scheduler=SCHEDULER)
+
+
+def mixin_fit(options: dict) -> torch.Tensor:
+    module = module_of(options)
+    trainer(max_epochs=EPOCHS).fit(module, loader(n=N, batch_size=BATCH, shuffle=True))
+    return flat_params(module)
+
+
+def plain_fit(options: dict, stop_after=None, resume=None):
+    """The loop a plain-PyTorch user writes; optionally stopped after ``stop_after`` micro-batches (returning
+    the state dicts) or resumed from them."""
+    module = module_of(options)
+    config = module.deltasam
+    optimizer = torch.optim.AdamW(module.parameters(), lr=module.lr)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    batches = math.ceil(N / BATCH)
+    total = math.ceil(batches / config.accumulate_grad_batches) * EPOCHS
+    sam = DeltaSAMOptimizer(module, optimizer, config, total_steps=total, seed=SEED)
+    data = loader(n=N, batch_size=BATCH, shuffle=True)
+    done = 0
+    if resume is not None:
+        sam.load_state_dict(resume["sam"])
+        scheduler.load_state_dict(resume["scheduler"])
+        module.load_state_dict(resume["module"])
+        data.load_state_dict(resume["data"])
+        done = resume["done"]
+    for epoch in range(done // batches, EPOCHS):
+        data.sampler.set_epoch(epoch)
+        for i, batch in enumerate(data, start=done % batches if epoch == done // batches else 0):
+            result = sam.step(module.per_sample_loss, batch, last=True if i == batches - 1 else None)
+            if result.stepped and sam.steps % SCHEDULER["frequency"] == 0:
+                scheduler.step()
+            done += 1
+            if done == stop_after:
+                return {
+                    "sam": sam.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "module": module.state_dict(),
+                    "data": data.state_dict(),
+                    "done": done,
+                }
+    return flat_params(module)
+
+
+@pytest.mark.parametrize("options", CONFIGS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_the_plain_loop_and_the_mixin_train_the_same_weights(options):
+    assert torch.equal(plain_fit(options), mixin_fit(options))
+
+
+@pytest.mark.parametrize("at", [5, 6])
+def test_the_plain_loop_resumes_exactly_from_its_state_dict(at):
+    """Micro-batch 5 is inside an accumulation window (and after a LookSAM full step), 6 ends one."""
+    options = dict(method="deltasam", interval=2, reuse="looksam", accumulate_grad_batches=2)
+    saved = plain_fit(options, stop_after=at)
+    assert ("grads" in saved["sam"]) == (at % 2 == 1)
+    assert torch.equal(plain_fit(options, resume=saved), plain_fit(options))
+
+
+def test_the_engine_alone_names_the_loop_fields_it_leaves_to_the_loop():
+    model = TinyModule(config_of({})).model
+    config = DeltaSAMConfig(method="sam", interval=2, accumulate_grad_batches=2, gradient_clip_val=1.0)
+    with pytest.warns(RuntimeWarning, match=r"accumulate_grad_batches=2, gradient_clip_val=1.0, interval=2 .*Opt"):
+        DeltaSAM(model, config)
+    engine = DeltaSAM(model, DeltaSAMConfig(method="sam", rho_schedule="follow_lr"))
+    batch = next(iter(loader()))
+    with pytest.warns(RuntimeWarning, match="rho_schedule='follow_lr' is applied by DeltaSAMOptimizer"):
+        engine.step(model.losses, batch)
