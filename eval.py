@@ -12,10 +12,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lit_deltasam.app import assemble, checkpoint, report, schema
+from lit_deltasam.app import assemble, checkpoint, console, report, schema
 from lit_deltasam.data import TextDataModule, build_metrics
 
 schema.register()
+console.quiet()
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -53,7 +54,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
     torch.set_float32_matmul_precision("high")
-    evaluate(cfg)
+    console.report_errors(lambda: evaluate(cfg))
 
 
 if __name__ == "__main__":

@@ -19,12 +19,13 @@ from omegaconf import DictConfig
 from rich.console import Console
 from torch.utils.data import DataLoader
 
-from lit_deltasam.app import checkpoint, schema
+from lit_deltasam.app import checkpoint, console, schema
 from lit_deltasam.data import read_table
 from lit_deltasam.data.custom import require_columns, row_texts
 from lit_deltasam.data.datamodule import collate
 
 schema.register()
+console.quiet()
 
 
 def predict(cfg: DictConfig) -> Path:
@@ -85,7 +86,7 @@ def predict(cfg: DictConfig) -> Path:
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
     torch.set_float32_matmul_precision("high")
-    predict(cfg)
+    console.report_errors(lambda: predict(cfg))
 
 
 if __name__ == "__main__":

@@ -20,9 +20,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from lit_deltasam.app import assemble, checkpoint, report, schema
+from lit_deltasam.app import assemble, checkpoint, console, report, schema
 
 schema.register()
+console.quiet()
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -61,7 +62,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     if trainer.is_global_zero:
         report.write_metrics(cfg.paths.output_dir, metrics, resolved)
-        report.print_table(f"{cfg.run_name} ({cfg.paths.output_dir})", metrics)
+        report.print_table(cfg.run_name, metrics, caption=str(cfg.paths.output_dir))
+        for logger in loggers:
+            if isinstance(logger, WandbLogger):  # the final table, test and time values included
+                logger.experiment.summary.update(metrics)
     if any(isinstance(logger, WandbLogger) for logger in loggers):
         import wandb
 
@@ -72,7 +76,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> Optional[float]:
     torch.set_float32_matmul_precision("high")
-    metrics = train(cfg)
+    metrics = console.report_errors(lambda: train(cfg))
     return metrics.get(cfg.optimized_metric) if cfg.optimized_metric else None
 
 

@@ -229,9 +229,9 @@ class LeastSquaresModule(DeltaSAMMixin, L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
-def wandb_history(path) -> tuple[list[dict], bool]:
-    """The history rows (``run.log`` calls) of an offline W&B run file as ``{key: value}`` dicts, and whether the
-    file holds the run's final ``exit`` record (the writer may lag behind ``wandb.finish()``).
+def wandb_history(path) -> tuple[list[dict], bool, dict]:
+    """The history rows (``run.log`` calls) of an offline W&B run file as ``{key: value}`` dicts, whether the
+    file holds the run's final ``exit`` record (the writer may lag behind ``wandb.finish()``), and the run summary.
 
     The ``.wandb`` file is a LevelDB-format log (``:W&B`` header, 32 KiB blocks of checksummed chunks) of
     ``wandb_internal_pb2.Record`` messages. wandb 0.31 no longer ships a Python reader (its
@@ -246,7 +246,7 @@ def wandb_history(path) -> tuple[list[dict], bool]:
 
     data = open(path, "rb").read()
     assert data[:4] == b":W&B", f"{path} is not a W&B run file"
-    block, pos, chunks, rows, finished = 32768, 7, [], [], False
+    block, pos, chunks, rows, finished, summary = 32768, 7, [], [], False, {}
     while pos + 7 <= len(data):
         left = block - pos % block
         if left < 7:  # a block's trailer: too short for a chunk header
@@ -270,4 +270,6 @@ def wandb_history(path) -> tuple[list[dict], bool]:
             finished = finished or kind_of_record == "exit"
             if kind_of_record == "history":
                 rows.append({"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.history.item})
-    return rows, finished
+            if kind_of_record == "summary":
+                summary.update({"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.summary.update})
+    return rows, finished, summary

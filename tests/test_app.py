@@ -46,6 +46,28 @@ def test_every_config_composes(group, tmp_path):
         instantiate(cfg.model)
 
 
+def test_values_written_in_train_yaml_take_effect(tmp_path):
+    """train.yaml comes after the schema in its defaults list, so its values win over the schema's."""
+    cfg = compose_train(["seed=3", "task=r8", "method=sam"], tmp_path)
+    assert cfg.run_name == "r8-minilm-sam-s3"
+    written = yaml.safe_load((CONF / "train.yaml").read_text())
+    assert cfg.data.max_length == written["data"]["max_length"]
+
+
+def test_a_data_error_prints_its_message_without_a_traceback(tmp_path):
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "task=files", "task.train=missing.csv", "logger=none"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HYDRA_FULL_ERROR": "0"},
+    )
+    assert run.returncode == 1
+    assert "Error: task.train='missing.csv': no such file" in run.stderr
+    assert "Traceback" not in run.stderr + run.stdout
+
+
 def test_method_configs_take_their_defaults_from_the_dataclass(tmp_path):
     cfg = compose_train(["method=deltasam"], tmp_path)
     assert instantiate(cfg.method) == DeltaSAMConfig(method="deltasam", estimator="head")
@@ -77,11 +99,15 @@ def test_wandb_offline_run_holds_the_sharpness_values(tmp_path, monkeypatch):
     assert len(runs) == 1
     deadline = time.monotonic() + 60
     while True:  # wandb.finish() can return before its writer has flushed the run file
-        rows, finished = wandb_history(next(runs[0].glob("run-*.wandb")))
+        rows, finished, summary = wandb_history(next(runs[0].glob("run-*.wandb")))
         if finished or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     assert finished, "the offline run file never received its exit record"
+    # the final table's values are the run summary, the test metrics and the sharpness means included
+    metrics = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
+    for key in ("test/acc", "sam/sharpness_mean", "time/fit_s", "val/acc"):
+        assert summary[key] == pytest.approx(metrics[key], rel=1e-6), key
     method, n, steps_run = cfg.method, cfg.data.batch_size, cfg.trainer.max_steps
     assert (method.method, method.estimator, method.accumulate_grad_batches) == ("deltasam", "head", 1)
     steps = {row["trainer/global_step"]: row for row in rows if "sam/sharpness" in row}

@@ -247,3 +247,42 @@ def test_the_readme_commands_train_evaluate_and_predict(tmp_path):
     result = run("train.py", "task=files", "task.train=reviews.csv", "task.label_column=stars", *FAST, cwd=tmp_path)
     assert result.returncode != 0
     assert "has no column 'stars' (task.label_column); its columns are: text, label" in result.stderr
+
+
+def test_predict_and_eval_need_nothing_but_the_checkpoint(tmp_path, monkeypatch):
+    """A pretrained encoder (a tiny BERT in a local folder), trained, then its folder deleted, the cache empty and
+    every index unreachable: eval and predict rebuild it from the checkpoint alone."""
+    import shutil
+
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from lit_deltasam.models.builders import fit_wordpiece
+
+    base = tmp_path / "tiny-bert"
+    rows = reviews({"positive": 18, "negative": 12, "neutral": 6})
+    tokenizer = fit_wordpiece((text for text, _ in rows), 200)
+    tokenizer.save_pretrained(base)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
+    BertForSequenceClassification(config.__class__(**{**config.to_dict(), "intermediate_size": 64})).save_pretrained(
+        base
+    )
+    data = write_csv(tmp_path / "reviews.csv", rows)
+    overrides = ["model=hf", f"model.name_or_path={base}", "debug=fast", "logger=none", "task=files"]
+    overrides += [f"task.train={data}", "task.text_column=review", "task.label_column=sentiment"]
+    metrics = train(compose(overrides, tmp_path / "run"))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+
+    shutil.rmtree(base)
+    for name, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PIP_NO_INDEX": "1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    empty = tmp_path / "empty-cache"
+    empty.mkdir()
+    result = evaluate(compose([f"ckpt_path={ckpt}", f"paths.cache_dir={empty}"], tmp_path / "eval", "eval"))
+    assert result["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
+    labelled = write_csv(tmp_path / "labelled.csv", reviews({"positive": 2, "negative": 2}, start=50))
+    output = predict(
+        compose([f"ckpt_path={ckpt}", f"input={labelled}", f"paths.cache_dir={empty}"], tmp_path / "p", "predict")
+    )
+    assert len(read_csv(output)) == 4
+    assert not any(empty.iterdir())

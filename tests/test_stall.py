@@ -60,7 +60,14 @@ def test_one_class_for_everything_warns_once_naming_the_method_and_the_remedy():
     message = str(stalls[0].message)
     assert "global_step=2 " in message  # the first validation past the two warm-up steps
     assert "method='sam', rho=0.05, rho_schedule='warmup'" in message
-    assert "try a smaller rho" in message
+    assert "try a smaller rho (now 0.05), rho_schedule='follow_lr'" in message
+    assert "majority" not in message  # the data may be balanced
+
+
+def test_the_advice_never_names_the_schedule_already_in_use():
+    _, stalls = fit(True, DeltaSAMConfig(method="sam", rho=0.05, rho_schedule="follow_lr"), steps=2)
+    assert len(stalls) == 1
+    assert "rho_schedule='warmup'" in str(stalls[0].message).split("try", 1)[1]
 
 
 def test_a_model_that_separates_the_classes_does_not_warn():

@@ -27,6 +27,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from ..config import DeltaSAMConfig
 from ..data import Task
 from ..models import TextClassifier
+from ..models.encoders import HFClassifier
 from .assemble import CUSTOM_TASKS
 
 RECORD_KEY = "lit_deltasam_run"
@@ -64,7 +65,11 @@ class RunRecord(Callback):
             (self.output_dir / "labels.json").write_text(json.dumps(self.labels, indent=2) + "\n")
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        checkpoint[RECORD_KEY] = self.record
+        record = dict(self.record)
+        encoder = getattr(pl_module, "encoder", None)
+        if isinstance(encoder, HFClassifier):
+            record["architecture"] = encoder.architecture()
+        checkpoint[RECORD_KEY] = record
 
 
 def _absolute_paths(task: dict[str, Any]) -> dict[str, Any]:
@@ -150,10 +155,13 @@ def rebuild(
 ) -> tuple[TextClassifier, PreTrainedTokenizerBase]:
     """The trained module, in eval mode, and its tokenizer.
 
+    A pretrained encoder is rebuilt from the architecture the checkpoint records and then
+    loaded with its weights, with no download: the base model is never fetched again.
+
     Args:
         checkpoint: from :func:`read`.
-        cache_dir: where this machine keeps pinned archives (the MiniLM weights), in place
-            of the training machine's.
+        cache_dir: where this machine keeps pinned archives, in place of the training
+            machine's (read only for a checkpoint older than the recorded architecture).
         metrics: the test metrics of the module.
     """
     record = checkpoint[RECORD_KEY]
@@ -166,7 +174,11 @@ def rebuild(
         model["cache_dir"] = cache_dir
     hparams = checkpoint["hyper_parameters"]
     num_labels = hparams["num_labels"]
-    encoder = instantiate(model).build(num_labels, tokenizer)
+    if "architecture" in record:  # a pretrained encoder: its architecture, never its base weights again
+        spec = instantiate(model)
+        encoder = HFClassifier(spec.name_or_path, num_labels, spec.attn_implementation, record["architecture"])
+    else:
+        encoder = instantiate(model).build(num_labels, tokenizer)
     module = TextClassifier(
         encoder, DeltaSAMConfig(method="erm"), num_labels, metrics, label_names=label_names(checkpoint)
     )

@@ -41,8 +41,11 @@ class SharpnessSummary(Callback):
         return {f"{key}_mean": self.sums[key] / self.counts[key] for key in self.sums}
 
 
-def print_table(title: str, metrics: dict[str, float], console: Optional[Console] = None) -> None:
-    table = Table(title=title)
+def print_table(
+    title: str, metrics: dict[str, float], console: Optional[Console] = None, caption: Optional[str] = None
+) -> None:
+    """The final table; ``caption`` (the run folder) goes under it, where a long path cannot wrap the title."""
+    table = Table(title=title, caption=caption)
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in sorted(metrics):

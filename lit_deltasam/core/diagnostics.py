@@ -22,10 +22,11 @@ from .state import put_grads, take_grads
 
 
 def update_of(sam: DeltaSAM, loss_fn: LossFn, batch: Batch) -> list[Tensor]:
-    """The G that ``sam.step`` produces on ``batch``, leaving ``.grad`` and the weights as they were."""
+    """The G that ``sam.step`` produces on ``batch`` at the config's ρ (a probe's fixed radius), leaving ``.grad``
+    and the weights as they were."""
     saved = take_grads(sam.updated)
     try:
-        sam.step(loss_fn, batch, check_finite=False)
+        sam.step(loss_fn, batch, check_finite=False, rho=sam.config.rho)
         return [torch.zeros_like(p) if p.grad is None else p.grad for p in sam.params]
     finally:
         put_grads(sam.updated, saved)

@@ -91,22 +91,25 @@ class TextClassifier(DeltaSAMMixin, L.LightningModule):
             self._warn_if_stalled(float(share))
 
     def _warn_if_stalled(self, share: float) -> None:
-        """Warn once when, past every warm-up, validation predictions are all one class."""
+        """Warn once (on rank 0) when, past every warm-up, validation predictions are all one class."""
         if share < 1.0 or self.global_step < self.warmup_steps or self.warned_stall:
             return
         self.warned_stall = True
+        if self.global_rank != 0:
+            return
         cfg = self._deltasam_config()
         method = f"method={cfg.method!r}" + (
             f", rho={cfg.rho}, rho_schedule={cfg.rho_schedule!r}" if cfg.perturbs else ""
         )
+        if cfg.perturbs:
+            schedules = [s for s in ("follow_lr", "warmup") if s != cfg.rho_schedule]
+            advice = f"try a smaller rho (now {cfg.rho}), rho_schedule={schedules[0]!r}, more steps or another LR"
+        else:
+            advice = "try more steps or another learning rate"
         warnings.warn(
             f"every validation prediction is one class at global_step={self.global_step} ({method}): the model "
-            "sits on the majority-class plateau. Sharpness-aware steps can hold it there on small or noisy data; "
-            + (
-                "try a smaller rho, rho_schedule='warmup' or 'follow_lr', or more steps"
-                if cfg.perturbs
-                else "try more steps or another learning rate"
-            ),
+            "predicts a single class for every input. Sharpness-aware steps can hold it there on small or noisy "
+            f"data; {advice}",
             RuntimeWarning,
             stacklevel=2,
         )

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModelForSequenceClassification
 
 
 def additive_mask(attention_mask: Tensor) -> Tensor:
@@ -35,16 +35,33 @@ class HFClassifier(nn.Module):
         attn_implementation: passed to ``from_pretrained`` (``sdpa`` or ``eager``).
     """
 
-    def __init__(self, name_or_path: Union[str, Path], num_labels: int, attn_implementation: str = "sdpa") -> None:
+    def __init__(
+        self,
+        name_or_path: Union[str, Path],
+        num_labels: int,
+        attn_implementation: str = "sdpa",
+        config: Optional[dict[str, Any]] = None,
+    ) -> None:
         super().__init__()
         self.name_or_path = str(name_or_path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            self.name_or_path,
-            num_labels=num_labels,
-            attn_implementation=attn_implementation,
-            problem_type="regression" if num_labels == 1 else "single_label_classification",
-        )
+        if config is not None:
+            # the architecture alone (a checkpoint's weights replace its random ones): nothing to fetch
+            hf_config = AutoConfig.for_model(**config)
+            hf_config._attn_implementation = attn_implementation
+            self.model = AutoModelForSequenceClassification.from_config(hf_config)
+        else:
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                self.name_or_path,
+                num_labels=num_labels,
+                attn_implementation=attn_implementation,
+                problem_type="regression" if num_labels == 1 else "single_label_classification",
+                ignore_mismatched_sizes=True,  # a fine-tuned base with another number of classes gets a new head
+            )
         self.model.train()  # from_pretrained returns the model in eval mode, and Lightning keeps module modes
+
+    def architecture(self) -> dict[str, Any]:
+        """The model's HF config as a dict: with the checkpoint's weights, all a rebuild needs."""
+        return self.model.config.to_dict()
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Optional[Tensor] = None) -> Tensor:
         kwargs = {} if token_type_ids is None else {"token_type_ids": token_type_ids}

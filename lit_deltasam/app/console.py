@@ -1,0 +1,67 @@
+"""What the CLI prints: third-party notices that tell the user nothing are silenced at their source, and the
+app's own errors (bad data, a bad path) print as one message, as Hydra prints a config error."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+PACKAGE = Path(__file__).resolve().parents[1]
+
+NOISE = (
+    "💡 Tip: For seamless cloud logging",  # Lightning advertising litlogger
+    "Loading `train_dataloader` to estimate",  # Lightning sizing the LR schedule
+    "=1.0)` was configured so",  # Lightning echoing a limit_*_batches or val_check_interval set to its default
+)
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in NOISE)
+
+
+def quiet() -> None:
+    """Silence the notices of Lightning, torchdata, W&B and Optuna's storage that say nothing about the run."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropNoise())
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # Optuna's RDB storage migrations, once per sweep
+    warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
+def report_errors(run: Callable[[], T]) -> T:
+    """Run ``run``; an error that the app itself raised about the user's input (a ``ValueError``,
+    ``FileNotFoundError`` or ``TypeError`` from inside lit_deltasam) prints as its message alone and exits
+    with status 1. ``HYDRA_FULL_ERROR=1`` shows the whole trace, as for Hydra's own errors."""
+    try:
+        return run()
+    except (ValueError, FileNotFoundError, TypeError) as error:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or not _raised_here(error):
+            raise
+        print(
+            f"Error: {error}\n\nSet the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace.",
+            file=sys.stderr,
+        )
+        sys.exit(1)
+
+
+def _raised_here(error: BaseException) -> bool:
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(PACKAGE)
+
+
+def wandb_logger(**kwargs: object) -> object:
+    """Lightning's ``WandbLogger``, without the ``anonymous=None`` it always hands ``wandb.init`` (which W&B
+    answers with a deprecation warning on every run)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    logger = WandbLogger(**kwargs)  # type: ignore[arg-type]
+    if logger._wandb_init.get("anonymous") is None:
+        logger._wandb_init.pop("anonymous", None)
+    return logger
