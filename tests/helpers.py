@@ -271,5 +271,6 @@ def wandb_history(path) -> tuple[list[dict], bool, dict]:
             if kind_of_record == "history":
                 rows.append({"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.history.item})
             if kind_of_record == "summary":
-                summary.update({"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.summary.update})
+                items = record.summary.update
+                summary.update({"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in items})
     return rows, finished, summary
