@@ -130,12 +130,32 @@ class PredictSchema:
     trainer: Any = None
 
 
+@dataclass
+class LandscapeSchema:
+    ckpt_paths: List[str] = MISSING
+    labels: Optional[List[str]] = None
+    dims: int = 1
+    points: int = 21
+    span: float = 1.0
+    split: str = "validation"
+    samples: int = 512
+    seed: int = 0
+    batch_size: int = 128
+    hessian_k: int = 3
+    hessian_batch: int = 32
+    hessian_iters: int = 20
+    output_dir: str = "."
+    paths: PathsSchema = field(default_factory=PathsSchema)
+
+
 def register() -> None:
-    """Make the schemas available to the defaults lists of ``conf/train.yaml``, ``eval.yaml`` and ``predict.yaml``."""
+    """Make the schemas available to the defaults lists of ``conf/train.yaml``, ``eval.yaml``, ``predict.yaml``
+    and ``landscape.yaml``."""
     store = ConfigStore.instance()
     store.store(name="schema", node=TrainSchema)
     store.store(name="eval_schema", node=EvalSchema)
     store.store(name="predict_schema", node=PredictSchema)
+    store.store(name="landscape_schema", node=LandscapeSchema)
 
 
 def compose(
@@ -143,7 +163,7 @@ def compose(
 ) -> DictConfig:
     """The config ``python train.py <overrides>`` would run, writing under ``output_dir``, without ``@hydra.main``.
 
-    ``config_name`` ``"eval"`` or ``"predict"`` composes the config of ``eval.py`` or ``predict.py`` instead.
+    ``config_name`` ``"eval"``, ``"predict"`` or ``"landscape"`` composes the config of that script instead.
 
     For tests and benchmarks that call ``train(cfg)`` in-process: the ``${hydra:...}``
     interpolations resolve against a Hydra config set up as the CLI would.

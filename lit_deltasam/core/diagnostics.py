@@ -108,19 +108,39 @@ def top_hessian_eigenvalue(
     Attention runs on the math SDPA kernel here: the fused kernels have no double
     backward. ``generator`` (a CPU generator) draws the starting vector.
     """
+    return top_hessian_eigenvalues(module, loss_fn, batch, params, 1, iters, tol, generator)[0]
+
+
+def top_hessian_eigenvalues(
+    module: nn.Module,
+    loss_fn: LossFn,
+    batch: Batch,
+    params: Optional[Iterable[Tensor]] = None,
+    k: int = 3,
+    iters: int = 20,
+    tol: float = 1e-3,
+    generator: Optional[torch.Generator] = None,
+) -> list[float]:
+    """The ``k`` largest-magnitude Hessian eigenvalues of the mean loss, by power iteration with deflation:
+    each eigenpair found is projected out (``H - sum_j lambda_j v_j v_jᵀ``) before the next is sought."""
     params = [p for p in (params if params is not None else module.parameters()) if p.requires_grad]
+    found: list[tuple[float, list[Tensor]]] = []
     with sdpa_kernel(SDPBackend.MATH):
         loss = loss_fn(batch).mean()
         grads = torch.autograd.grad(loss, params, create_graph=True)
-        vector = [torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in params]
-        eigenvalue = 0.0
-        for _ in range(iters):
-            vector = torch._foreach_div(vector, total_norm(vector))
-            product = torch.autograd.grad(grads, params, grad_outputs=vector, retain_graph=True)
-            estimate = dot(product, vector).item()
-            converged = abs(estimate - eigenvalue) <= tol * max(abs(estimate), 1e-12)
-            eigenvalue = estimate
-            vector = [h.detach() for h in product]
-            if converged:
-                break
-    return eigenvalue
+        for _ in range(k):
+            vector = [torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in params]
+            eigenvalue = 0.0
+            for _ in range(iters):
+                vector = torch._foreach_div(vector, total_norm(vector))
+                product = list(torch.autograd.grad(grads, params, grad_outputs=vector, retain_graph=True))
+                for value, v in found:
+                    torch._foreach_add_(product, v, alpha=-value * dot(v, vector).item())
+                estimate = dot(product, vector).item()
+                converged = abs(estimate - eigenvalue) <= tol * max(abs(estimate), 1e-12)
+                eigenvalue = estimate
+                vector = [h.detach() for h in product]
+                if converged:
+                    break
+            found.append((eigenvalue, torch._foreach_div(vector, total_norm(vector))))
+    return [value for value, _ in found]
