@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -90,11 +91,10 @@ def landscape(cfg: DictConfig) -> dict[str, Any]:
             elif [p.shape for p in params] != shapes:
                 raise ValueError(f"{path} has another architecture than {paths[0]}; compare checkpoints of one model")
             scaled = [filter_normalized(d, params) for d in directions]
-            regression = task.kind == "regression"
-            points = surface(
-                params, scaled, grid, lambda: _metrics(module, batches, regression), lambda: progress.advance(job)
-            )
-            result: dict[str, Any] = {"path": path, "task": task.name, "samples": sum(len(b["labels"]) for b in batches)}
+            evaluate = partial(_metrics, module, batches, task.kind == "regression")
+            points = surface(params, scaled, grid, evaluate, partial(progress.advance, job))
+            samples = sum(len(b["labels"]) for b in batches)
+            result: dict[str, Any] = {"path": path, "task": task.name, "samples": samples}
             for key in points[0]:
                 result[key] = [p[key] for p in points]
             if cfg.hessian_k:
