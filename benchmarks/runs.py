@@ -215,7 +215,7 @@ class FinalFlatness(L.Callback):
 
     def _sam_sharpness(self, module: L.LightningModule, batch: Any, params: list[torch.Tensor]) -> float:
         from lit_deltasam.core import perturb
-        from lit_deltasam.core.state import Snapshot
+        from lit_deltasam.core.snapshot import Snapshot
 
         loss = module.per_sample_loss(batch).mean()
         grads = torch.autograd.grad(loss, params)

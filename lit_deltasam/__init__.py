@@ -29,7 +29,7 @@ __version__ = "0.1.0"
 _LIGHTNING = {
     "DeltaSAMMixin": "lit_deltasam.lightning.mixin",
     "SharpnessProbe": "lit_deltasam.lightning.callbacks",
-    "optimizer_steps": "lit_deltasam.lightning.mixin",
+    "optimizer_steps": "lit_deltasam.lightning.schedulers",
 }
 
 

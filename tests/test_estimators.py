@@ -12,7 +12,7 @@ from lit_deltasam import DeltaSAM, DeltaSAMConfig
 from lit_deltasam.core.guardedness import ForwardCache, Prober
 from lit_deltasam.core.per_instance import PerInstance
 from lit_deltasam.core.randomness import RandomState
-from lit_deltasam.core.state import Snapshot
+from lit_deltasam.core.snapshot import Snapshot
 
 
 @pytest.mark.parametrize("antithetic", [True, False])

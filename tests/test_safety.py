@@ -9,7 +9,7 @@ from helpers import MLP, classification_data
 from lit_deltasam import DeltaSAM, DeltaSAMConfig
 from lit_deltasam.core.guardedness import Prober
 from lit_deltasam.core.randomness import RandomState
-from lit_deltasam.core.state import Snapshot
+from lit_deltasam.core.snapshot import Snapshot
 
 
 class Boom(Exception):

@@ -2,8 +2,9 @@
 
 from .engine import DeltaSAM, StepResult
 from .guardedness import HeadTap, Prober
+from .norms import total_norm
 from .per_instance import PerInstance
-from .perturbation import perturb, total_norm
+from .perturbation import perturb
 from .weighting import effective_sample_size, instance_weights
 
 __all__ = [

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .perturbation import total_norm
+from .norms import total_norm
 from .sharding import NormReduce, local
 
 MIN_SHARE = 1e-3

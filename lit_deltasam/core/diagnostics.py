@@ -17,8 +17,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..config import DeltaSAMConfig
 from .batch import Batch, LossFn
 from .engine import DeltaSAM
-from .perturbation import total_norm
-from .state import put_grads, take_grads
+from .norms import total_norm
+from .snapshot import put_grads, take_grads
 
 
 def update_of(sam: DeltaSAM, loss_fn: LossFn, batch: Batch) -> list[Tensor]:

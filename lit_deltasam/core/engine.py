@@ -21,11 +21,12 @@ from ..config import PROBING, DeltaSAMConfig
 from .batch import Batch, LossFn, batch_size, check_losses, slice_batch
 from .distributed import arm_reducer, gather_instances, rank, refuse_static_graph, sum_over_ranks, world_size
 from .guardedness import ForwardCache, HeadTap, Prober, find_head, select_params
+from .norms import total_norm
 from .per_instance import PerInstance
-from .perturbation import perturb, total_norm
+from .perturbation import perturb
 from .randomness import RandomState
 from .sharding import NormReduce, is_sharded, local, shard_reduction
-from .state import Snapshot, put_grads, take_grads
+from .snapshot import Snapshot, put_grads, take_grads
 from .weighting import effective_sample_size, instance_weights
 
 Backward = Callable[[Tensor], None]

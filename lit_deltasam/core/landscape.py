@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .state import Snapshot
+from .snapshot import Snapshot
 
 
 def random_directions(params: Sequence[Tensor], count: int, seed: int) -> list[list[Tensor]]:

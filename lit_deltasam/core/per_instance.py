@@ -20,9 +20,9 @@ from torch.func import functional_call, grad_and_value, vmap
 from torch.utils._pytree import tree_map
 
 from .batch import Batch, LossFn, batch_size, check_losses, slice_batch
-from .perturbation import total_norm
+from .norms import total_norm
 from .randomness import RandomState
-from .state import Snapshot
+from .snapshot import Snapshot
 
 
 class _LossModule(nn.Module):

@@ -9,24 +9,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .norms import total_norm
 from .sharding import NormReduce, local
-
-
-def total_norm(
-    tensors: Sequence[Tensor], reduce_squares: Optional[NormReduce] = None, *, device: Optional[torch.device] = None
-) -> Tensor:
-    """The 2-norm of all ``tensors`` taken as one flat vector, computed with ``foreach`` kernels.
-
-    With ``reduce_squares`` every rank joins the reduction, also one holding no tensor
-    (its zero goes to ``device``).
-    """
-    if tensors:
-        norm = torch.nn.utils.get_total_norm(tensors, norm_type=2.0, foreach=True)
-    else:
-        norm = torch.zeros((), device=device)
-    if reduce_squares is None:
-        return norm
-    return reduce_squares(norm.pow(2)).sqrt()
 
 
 @torch.no_grad()

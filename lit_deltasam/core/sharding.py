@@ -23,7 +23,7 @@ def is_sharded(t: Tensor) -> bool:
 
 
 def local(t: Tensor) -> Tensor:
-    """The part of ``t`` this rank holds, outside autograd (see :class:`~lit_deltasam.core.state.Snapshot`)."""
+    """The part of ``t`` this rank holds, outside autograd (see :class:`~lit_deltasam.core.snapshot.Snapshot`)."""
     data = t.data
     return data.to_local() if is_sharded(data) else data
 

@@ -16,7 +16,7 @@ from ..config import PER_INSTANCE_IMPLS, DeltaSAMConfig
 from ..core.batch import Batch, slice_batch
 from ..core.diagnostics import fidelity, top_hessian_eigenvalue
 from ..core.sharding import is_sharded
-from .logging import logging_step
+from .metrics import logging_step
 
 
 class SharpnessProbe(Callback):

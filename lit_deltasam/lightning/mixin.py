@@ -6,23 +6,18 @@ plugins, strategies, validation, test and predict.
 
 from __future__ import annotations
 
-import functools
-import math
 import os
 import warnings
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional, cast
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
-from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from ..config import DeltaSAMConfig
 from ..core import DeltaSAM, StepResult
@@ -30,143 +25,17 @@ from ..core.batch import Batch
 from ..core.distributed import world_size
 from ..core.loop import DeltaSAMOptimizer, LoopState, needs_total_steps
 from ..core.sharding import is_sharded
-from .logging import log_histograms, reduce_over_ranks
-
-
-@dataclass
-class _Fit:
-    """What the mixin holds for the fit in progress."""
-
-    trainer: Optional[weakref.ReferenceType] = None
-    loop: LoopState = field(default_factory=LoopState)
-    driver: Optional[tuple[Any, DeltaSAMConfig, DeltaSAMOptimizer]] = None
-    """The loop driver, with the torch optimizer and the config it was built for."""
-    pending_grads: Optional[list[Tensor]] = None
-    """A resumed accumulation window's partial gradients, installed when the engine is built."""
-
-
-@dataclass
-class _MixinState:
-    """All the mixin keeps on a module: the fit in progress, and what its hook wrappers note."""
-
-    fit: Optional[_Fit] = None
-    monitors: dict[int, tuple[Optional[str], bool]] = field(default_factory=dict)
-    """``id(scheduler)`` → (monitor, strict) from ``configure_optimizers``."""
-    clipped: bool = False
-    step_called: bool = False
-    step_seen: bool = False
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "fit": None}  # a pickled module leaves its fit (and trainer) behind
-
-
-def _holder(module: Any) -> _MixinState:
-    state = module.__dict__.get("_deltasam")
-    if state is None:
-        state = module.__dict__["_deltasam"] = _MixinState()
-    return state
-
-
-def optimizer_steps(trainer: Any, accumulate_grad_batches: int = 1) -> int:
-    """Optimizer steps in the run under the mixin's accumulation, for sizing LR schedules.
-
-    Lightning's ``trainer.estimated_stepping_batches`` counts micro-batches in manual
-    optimization: with ``accumulate_grad_batches=k`` a schedule sized from it runs k times
-    too long. This counts accumulation windows per epoch (the last may be partial) × epochs,
-    capped at ``max_steps`` (which alone bounds a run over an iterable of unknown length).
-    """
-    _ = trainer.estimated_stepping_batches  # loads the train dataloader, which sets num_training_batches
-    batches = trainer.num_training_batches
-    per_epoch = math.ceil(batches / accumulate_grad_batches) if math.isfinite(batches) else math.inf
-    total = per_epoch * trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else math.inf
-    if trainer.max_steps and trainer.max_steps > 0:
-        total = min(total, trainer.max_steps)
-    if math.isinf(total):
-        raise ValueError("the run has no end: set trainer.max_epochs or trainer.max_steps")
-    return max(1, int(total))
-
-
-def _no_closure() -> None:
-    """The closure handed to ``optimizer_step``: G is already in ``.grad``."""
-    return None
-
-
-def _overrides(module: Any, hook: str) -> bool:
-    return getattr(type(module), hook) is not getattr(LightningModule, hook)
-
-
-def _remember_plateau_monitors(configure_optimizers: Callable[..., Any]) -> Callable[..., Any]:
-    """Keep each scheduler's ``monitor``: Lightning drops it in manual optimization.
-
-    Both of Lightning's forms count: ``{"scheduler": s, "monitor": m}`` and
-    ``{"optimizer": o, "lr_scheduler": s, "monitor": m}``.
-    """
-
-    def monitors(out: Any) -> Iterator[tuple[Any, Optional[str], bool]]:
-        if isinstance(out, Mapping):
-            if "scheduler" in out:
-                yield out["scheduler"], out.get("monitor"), out.get("strict", True)
-            elif "optimizer" in out and "lr_scheduler" in out and not isinstance(out["lr_scheduler"], Mapping):
-                yield out["lr_scheduler"], out.get("monitor"), True
-            for value in out.values():
-                yield from monitors(value)
-        elif isinstance(out, (list, tuple)):
-            for value in out:
-                yield from monitors(value)
-
-    @functools.wraps(configure_optimizers)
-    def wrapped(self: Any) -> Any:
-        out = configure_optimizers(self)
-        _holder(self).monitors = {id(s): (m, strict) for s, m, strict in monitors(out)}
-        return out
-
-    wrapped._deltasam_wrapped = True  # type: ignore[attr-defined]
-    return wrapped
-
-
-def _require_clipping(hook: Callable[..., Any]) -> Callable[..., Any]:
-    """Fail before the update when an override of ``on_before_optimizer_step`` skipped the mixin's clipping."""
-
-    @functools.wraps(hook)
-    def wrapped(self: Any, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
-        _holder(self).clipped = False
-        out = hook(self, optimizer, *args, **kwargs)
-        if self._deltasam_config().gradient_clip_val is not None and not _holder(self).clipped:
-            raise RuntimeError(
-                "DeltaSAMConfig.gradient_clip_val is set but no clipping ran: on_before_optimizer_step was overridden "
-                "without calling super().on_before_optimizer_step(optimizer); the weights are unchanged"
-            )
-        return out
-
-    wrapped._deltasam_wrapped = True  # type: ignore[attr-defined]
-    return wrapped
-
-
-def _require_deltasam_step(training_step: Callable[..., Any]) -> Callable[..., Any]:
-    """Fail on the first batch when a custom ``training_step`` never calls ``deltasam_step``.
-
-    Under manual optimization such a step (left over from automatic optimization) would
-    train nothing, silently, and a run bounded only by ``max_steps`` would never end.
-    """
-
-    @functools.wraps(training_step)
-    def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
-        holder = _holder(self)
-        if holder.step_seen:
-            return training_step(self, *args, **kwargs)
-        holder.step_called = False
-        out = training_step(self, *args, **kwargs)
-        if not holder.step_called:
-            raise RuntimeError(
-                f"{type(self).__name__}.training_step returned without calling self.deltasam_step(batch): under "
-                "DeltaSAMMixin (manual optimization) nothing would be trained. Delete training_step to let the mixin "
-                "own it, or call self.deltasam_step(batch) from it (it returns a StepResult with .loss)"
-            )
-        holder.step_seen = True
-        return out
-
-    wrapped._deltasam_wrapped = True  # type: ignore[attr-defined]
-    return wrapped
+from .hooks import (
+    Fit,
+    mixin_state,
+    no_closure,
+    overridden,
+    remember_plateau_monitors,
+    require_clipping,
+    require_deltasam_step,
+)
+from .metrics import log_histograms, reduce_over_ranks
+from .schedulers import optimizer_steps, step_schedulers
 
 
 class DeltaSAMMixin:
@@ -205,13 +74,18 @@ class DeltaSAMMixin:
         super().__init_subclass__(**kwargs)
         configure = getattr(cls, "configure_optimizers", None)
         if configure is not None and not getattr(configure, "_deltasam_wrapped", False):
-            cls.configure_optimizers = _remember_plateau_monitors(configure)
+            cls.configure_optimizers = remember_plateau_monitors(configure)
         hook = cls.on_before_optimizer_step
         if hook is not DeltaSAMMixin.on_before_optimizer_step and not getattr(hook, "_deltasam_wrapped", False):
-            cls.on_before_optimizer_step = _require_clipping(hook)  # type: ignore[method-assign]
+            cls.on_before_optimizer_step = require_clipping(hook)  # type: ignore[method-assign]
         step = cls.training_step
         if step is not DeltaSAMMixin.training_step and not getattr(step, "_deltasam_wrapped", False):
-            cls.training_step = _require_deltasam_step(step)  # type: ignore[method-assign]
+            cls.training_step = require_deltasam_step(step)  # type: ignore[method-assign]
+
+    @property
+    def _deltasam_module(self) -> LightningModule:
+        """``self`` as the LightningModule it is mixed into (the one cast of the mixin)."""
+        return cast(LightningModule, self)
 
     @property
     def automatic_optimization(self) -> bool:
@@ -231,8 +105,8 @@ class DeltaSAMMixin:
 
     def deltasam_step(self, batch: Batch) -> StepResult:
         """Run one micro-batch of the double step; step the optimizer at the end of each accumulation window."""
-        _holder(self).step_called = True
-        module: LightningModule = self  # type: ignore[assignment]
+        mixin_state(self).step_called = True
+        module = self._deltasam_module
         cfg = self._deltasam_config()
         optimizer = module.optimizers()
         if isinstance(optimizer, list):
@@ -272,13 +146,13 @@ class DeltaSAMMixin:
                 log=lambda name, value: module.log(name, value, on_step=True, on_epoch=False),
             )
             if result.stepped:
-                self._deltasam_step_schedulers("step", module.global_step)
+                step_schedulers(module, "step", module.global_step)
         self._deltasam_log(cfg, result, last, rho, full)
         return result
 
     def deltasam_rho(self, cfg: Optional[DeltaSAMConfig] = None) -> float:
         """ρ of the next optimizer step under ``rho_schedule`` (the same on every rank, and after a resume)."""
-        module: LightningModule = self  # type: ignore[assignment]
+        module = self._deltasam_module
         cfg = cfg or self._deltasam_config()
         total = optimizer_steps(module.trainer, cfg.accumulate_grad_batches) if needs_total_steps(cfg) else None
         schedulers = [c.scheduler for c in module.trainer.lr_scheduler_configs]
@@ -288,11 +162,9 @@ class DeltaSAMMixin:
         """The base optimizer's step through the ``optimizer_step`` hook, so that an override (Lightning's LR
         warm-up recipe) runs as in automatic optimization; clipping happens in ``on_before_optimizer_step``,
         after a loss scaler unscales."""
-        module: LightningModule = self  # type: ignore[assignment]
+        module = self._deltasam_module
         before = module.global_step
-        module.optimizer_step(
-            module.current_epoch, module.trainer.fit_loop.epoch_loop.batch_idx, optimizer, _no_closure
-        )
+        module.optimizer_step(module.current_epoch, module.trainer.fit_loop.epoch_loop.batch_idx, optimizer, no_closure)
         if module.global_step == before:
             raise RuntimeError(
                 f"{type(self).__name__}.optimizer_step returned without stepping the optimizer: call "
@@ -302,18 +174,18 @@ class DeltaSAMMixin:
 
     def _deltasam_zero_grad(self, optimizer: Any) -> None:
         """Zero through ``optimizer_zero_grad``, which a user may override."""
-        module: LightningModule = self  # type: ignore[assignment]
+        module = self._deltasam_module
         module.optimizer_zero_grad(module.current_epoch, module.trainer.fit_loop.epoch_loop.batch_idx, optimizer)
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
         """Clip G here: Lightning calls it inside the optimizer step, after a loss scaler has unscaled G."""
         super().on_before_optimizer_step(optimizer)  # type: ignore[misc]
         cfg = self._deltasam_config()
-        module: LightningModule = self  # type: ignore[assignment]
-        if cfg.gradient_clip_val is not None or _overrides(module, "configure_gradient_clipping"):
+        module = self._deltasam_module
+        if cfg.gradient_clip_val is not None or overridden(module, "configure_gradient_clipping"):
             # the hook Lightning's automatic loop calls here, with the values from DeltaSAMConfig
             module.configure_gradient_clipping(optimizer, cfg.gradient_clip_val, cfg.gradient_clip_algorithm)
-            _holder(self).clipped = True
+            mixin_state(self).clipped = True
 
     def on_validation_model_zero_grad(self) -> None:
         """Keep the gradients of an open accumulation window through validation.
@@ -329,17 +201,17 @@ class DeltaSAMMixin:
         self._deltasam_epoch_end()
 
     def _deltasam_epoch_end(self) -> None:
-        module: LightningModule = self  # type: ignore[assignment]
+        module = self._deltasam_module
         state = self._deltasam_state
         if state.epochs_scheduled <= module.current_epoch:
             state.epochs_scheduled = module.current_epoch + 1
             # as Lightning's fit loop: an epoch cut short (by max_steps) does not step the epoch schedulers
             if module.trainer.fit_loop.epoch_loop._num_ready_batches_reached():
-                self._deltasam_step_schedulers("epoch", state.epochs_scheduled)
+                step_schedulers(module, "epoch", state.epochs_scheduled)
 
     def _deltasam_catch_up_epochs(self) -> None:
         """Step the epoch schedulers of epochs whose end hook was overridden without ``super()``."""
-        module: LightningModule = self  # type: ignore[assignment]
+        module = self._deltasam_module
         state = self._deltasam_state
         while state.epochs_scheduled < module.current_epoch:
             warnings.warn(
@@ -349,36 +221,10 @@ class DeltaSAMMixin:
                 stacklevel=3,
             )
             state.epochs_scheduled += 1
-            self._deltasam_step_schedulers("epoch", state.epochs_scheduled)
-
-    def _deltasam_step_schedulers(self, interval: str, count: int) -> None:
-        """Lightning's scheduler rules (interval, frequency, ReduceLROnPlateau monitor) in manual optimization."""
-        module: LightningModule = self  # type: ignore[assignment]
-        trainer = module.trainer
-        for config in trainer.lr_scheduler_configs:
-            if config.interval != interval or count % config.frequency:
-                continue
-            metric = None
-            if isinstance(config.scheduler, ReduceLROnPlateau):
-                monitor, strict = _holder(self).monitors.get(id(config.scheduler), (None, True))
-                if monitor is None:
-                    raise MisconfigurationException(
-                        f"ReduceLROnPlateau (scheduler #{trainer.lr_scheduler_configs.index(config)}) needs a metric: "
-                        'return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val/loss"}} or '
-                        '{"optimizer": opt, "lr_scheduler": sched, "monitor": "val/loss"} from configure_optimizers'
-                    )
-                metric = trainer.callback_metrics.get(monitor)
-                if metric is None:
-                    if strict:
-                        raise MisconfigurationException(
-                            f"ReduceLROnPlateau conditioned on metric {monitor!r}, which is not available; "
-                            f"available metrics are {sorted(trainer.callback_metrics)}"
-                        )
-                    continue
-            module.lr_scheduler_step(config.scheduler, metric)
+            step_schedulers(module, "epoch", state.epochs_scheduled)
 
     def _deltasam_log(self, cfg: DeltaSAMConfig, result: StepResult, last: bool, rho: float, full: bool) -> None:
-        module: LightningModule = self  # type: ignore[assignment]
+        module = self._deltasam_module
         state = self._deltasam_state
         means: dict[str, Tensor] = {"train/loss": result.loss}
         if cfg.perturbs:
@@ -434,7 +280,7 @@ class DeltaSAMMixin:
         On resume rank 0 takes the sum and the others start from zero, so the window's
         final all-reduce averages the same total (up to the order of the additions).
         """
-        module: LightningModule = self  # type: ignore[assignment]
+        module = self._deltasam_module
         if isinstance(module.trainer.strategy, FSDPStrategy) or any(is_sharded(p) for p in engine.params):
             raise RuntimeError(
                 f"cannot checkpoint inside a gradient accumulation window under FSDP (micro-batch "
@@ -458,7 +304,7 @@ class DeltaSAMMixin:
                 RuntimeWarning,
                 stacklevel=2,
             )
-        module: LightningModule = self  # type: ignore[assignment]
+        module = self._deltasam_module
         self._deltasam_forget()
         trainer = module._trainer
         if trainer is None or trainer.state.fn != TrainerFn.FITTING:
@@ -475,29 +321,29 @@ class DeltaSAMMixin:
                 plain = [torch.zeros_like(g) for g in plain]  # rank 0 carries the sum over ranks
             state.plain_sum = plain
         pending = saved.get("grads") if saved is not None else None
-        _holder(self).fit = _Fit(trainer=weakref.ref(trainer), loop=state, pending_grads=pending)
+        mixin_state(self).fit = Fit(trainer=weakref.ref(trainer), loop=state, pending_grads=pending)
 
     def _deltasam_forget(self) -> None:
         """Drop the fit's state: loop state, engine and any gradients an open accumulation window left."""
-        module: LightningModule = self  # type: ignore[assignment]
-        holder = _holder(self)
+        module = self._deltasam_module
+        holder = mixin_state(self)
         if holder.fit is not None and holder.fit.loop.micro:
             for p in module.parameters():
                 p.grad = None
         holder.fit = None
 
     @property
-    def _deltasam_fit(self) -> _Fit:
+    def _deltasam_fit(self) -> Fit:
         """The current fit's state: loaded from a checkpoint, carried on by the same trainer, or new."""
-        module: LightningModule = self  # type: ignore[assignment]
+        module = self._deltasam_module
         trainer = module._trainer
-        holder = _holder(self)
+        holder = mixin_state(self)
         fit = holder.fit
         if fit is not None and trainer is not None and fit.trainer is not None and fit.trainer() is not trainer:
             self._deltasam_forget()
             fit = None
         if fit is None:
-            fit = holder.fit = _Fit()
+            fit = holder.fit = Fit()
         if fit.trainer is None and trainer is not None:
             fit.trainer = weakref.ref(trainer)
         return fit
@@ -518,7 +364,7 @@ class DeltaSAMMixin:
         return cfg
 
     def _deltasam_driver(self, cfg: DeltaSAMConfig) -> DeltaSAMOptimizer:
-        module: LightningModule = self  # type: ignore[assignment]
+        module = self._deltasam_module
         optimizer = module.optimizers(use_pl_optimizer=False)
         fit = self._deltasam_fit
         cached = fit.driver

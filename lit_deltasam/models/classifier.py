@@ -15,7 +15,8 @@ from transformers import get_linear_schedule_with_warmup
 
 from ..config import DeltaSAMConfig
 from ..core.schedule import warmup_steps
-from ..lightning.mixin import DeltaSAMMixin, optimizer_steps
+from ..lightning.mixin import DeltaSAMMixin
+from ..lightning.schedulers import optimizer_steps
 
 
 class TextClassifier(DeltaSAMMixin, L.LightningModule):

@@ -8,7 +8,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .perturbation import total_norm
+from .norms import total_norm
 from .sharding import NormReduce, local
 
 
