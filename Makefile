@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: setup train test test-slow clean
+.PHONY: setup train test test-slow lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ train: setup
 # Exit code 5 means no test was collected.
 test: setup
 	$(BIN)/python -m pytest $(ARGS) || [ $$? -eq 5 ]
+
+lint: setup
+	$(BIN)/ruff check lit_deltasam tests benchmarks train.py eval.py predict.py landscape.py
+	$(BIN)/mypy
 
 test-slow: setup
 	$(BIN)/python -m pytest -m slow $(ARGS) || [ $$? -eq 5 ]

@@ -19,7 +19,7 @@ REUSES = (None, "looksam")
 M_SHARPNESS_METHODS = ("sam", "asam", "deltasam")
 
 
-def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+def _choice(name: str, value: object, choices: tuple[object, ...]) -> None:
     if value not in choices:
         raise ValueError(f"DeltaSAMConfig.{name}={value!r} is not valid; choose one of {list(choices)}")
 
@@ -33,10 +33,10 @@ def _number(
     open_low: bool = False,
     allow_inf: bool = False,
 ) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
-    ok = ok and (allow_inf or math.isfinite(value))
+    number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    ok = not math.isnan(number) and (allow_inf or math.isfinite(number))
     if ok:
-        ok = (value > low if open_low else value >= low) and value <= high
+        ok = (number > low if open_low else number >= low) and number <= high
     if not ok:
         kind = "a number" if allow_inf else "a finite number"
         bound = f"{'(' if open_low else '['}{low}, {high}]"
@@ -245,7 +245,7 @@ class DeltaSAMConfig:
     @classmethod
     def coerce(cls, value: Union[DeltaSAMConfig, Mapping[str, Any]]) -> DeltaSAMConfig:
         """A config from itself or from a mapping of its fields (a Hydra node's ``_target_`` is ignored)."""
-        if isinstance(value, cls):
+        if isinstance(value, DeltaSAMConfig):
             return value
         known = {f.name for f in fields(cls)}
         unknown = sorted(str(k) for k in value if k not in known and k != "_target_")

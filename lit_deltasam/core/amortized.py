@@ -58,7 +58,7 @@ class Reuse:
         if not (torch.isfinite(full_norm) and torch.isfinite(plain_norm)) or plain_norm == 0:
             return None
         along = (_dot(full, plain, self.reduce) / plain_norm.double().pow(2)).item()
-        fresh = torch._foreach_add(full, plain, alpha=-along)
+        fresh = list(torch._foreach_add(full, plain, alpha=-along))
         fresh_norm = total_norm(fresh, self.reduce)
         if not fresh_norm > MIN_SHARE * full_norm:
             return None

@@ -132,7 +132,7 @@ def top_hessian_eigenvalues(
             vector = [torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in params]
             eigenvalue = 0.0
             for _ in range(iters):
-                vector = torch._foreach_div(vector, total_norm(vector))
+                vector = list(torch._foreach_div(vector, total_norm(vector)))
                 product = list(torch.autograd.grad(grads, params, grad_outputs=vector, retain_graph=True))
                 for value, v in found:
                     torch._foreach_add_(product, v, alpha=-value * dot(v, vector).item())
@@ -142,5 +142,5 @@ def top_hessian_eigenvalues(
                 vector = [h.detach() for h in product]
                 if converged:
                     break
-            found.append((eigenvalue, torch._foreach_div(vector, total_norm(vector))))
+            found.append((eigenvalue, list(torch._foreach_div(vector, total_norm(vector)))))
     return [value for value, _ in found]

@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, replace
-from typing import Callable, Optional
+from typing import Callable, Optional, cast
 
 import torch
 from torch import Tensor, nn
@@ -119,10 +119,10 @@ def _merge_groups(parts: list[tuple[float, StepResult]]) -> StepResult:
     """One m-sharpness step's result from its groups' (share of the batch, result)."""
     results = [r for _, r in parts]
     assert all(r.weights is not None and r.perturbed_losses is not None for r in results)
-    weights = torch.cat([r.weights * share for share, r in parts])  # type: ignore[operator]
+    weights = torch.cat([cast(Tensor, r.weights) * share for share, r in parts])
     plain = None
     if results[0].plain_grad is not None:
-        plain = torch._foreach_mul(results[0].plain_grad, parts[0][0])
+        plain = list(torch._foreach_mul(results[0].plain_grad, parts[0][0]))
         for share, r in parts[1:]:
             torch._foreach_add_(plain, r.plain_grad, alpha=share)  # type: ignore[arg-type]
     return StepResult(
@@ -161,7 +161,7 @@ def _owned_parameters(module: nn.Module, params: Optional[Iterable[Tensor]]) -> 
         seen.add(id(p))
     if not chosen:
         raise ValueError(f"{type(module).__name__} has no trainable parameter to perturb")
-    return chosen, [names[id(p)] for p in chosen]
+    return list(chosen), [names[id(p)] for p in chosen]
 
 
 _LOOP_DEFAULTS = {"interval": 1, "reuse": None, "accumulate_grad_batches": 1, "gradient_clip_val": None}
@@ -253,7 +253,7 @@ class DeltaSAM:
             _warn_of_loop_fields(config)
         self.params, self.names = _owned_parameters(module, params)
         chosen = {id(p) for p in self.params}
-        self.unperturbed = [p for p in module.parameters() if p.requires_grad and id(p) not in chosen]
+        self.unperturbed: list[Tensor] = [p for p in module.parameters() if p.requires_grad and id(p) not in chosen]
         self.updated = self.params + self.unperturbed
         """Every parameter whose ``.grad`` a step writes."""
         if self.unperturbed and config.method == "per_instance":
@@ -483,7 +483,7 @@ class DeltaSAM:
             with_grad = [p for p in self.params if p.grad is not None]
             grad_norm, eps_norm, applied = perturb(
                 with_grad,
-                [p.grad for p in with_grad],
+                [cast(Tensor, p.grad) for p in with_grad],
                 rho,
                 adaptive=cfg.method == "asam",
                 eta=cfg.asam_eta,

@@ -186,10 +186,12 @@ class PerInstance:
         def norm_one(params: dict[str, Tensor], instance: Batch):
             return (norm_of(grad_and_value(loss_one)(params, instance)[0]),)
 
+        radius = 0.0 if rho is None else rho
+
         def sam_one(params: dict[str, Tensor], instance: Batch):
             grads, loss = grad_and_value(loss_one)(params, instance)
             norm = norm_of(grads)
-            scale = torch.where((norm > 0) & torch.isfinite(norm), rho / norm, torch.zeros_like(norm))
+            scale = torch.where((norm > 0) & torch.isfinite(norm), radius / norm, torch.zeros_like(norm))
             moved = {k: v + scale * grads[k] for k, v in params.items()}
             moved_grads, perturbed_loss = grad_and_value(loss_one)(moved, instance)
             return loss, [moved_grads[k] for k in params], perturbed_loss, [grads[k] for k in params]

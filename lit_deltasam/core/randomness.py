@@ -52,7 +52,7 @@ class RandomState:
         if self._cpu is None:
             raise RuntimeError("RandomState.restore() needs a capture() first")
         torch.set_rng_state(self._cpu)
-        if self._accel is not None:
+        if self._accel is not None and self._module is not None:
             self._module.set_rng_state(self._accel, self.device)
 
     @contextmanager

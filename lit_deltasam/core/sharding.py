@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Callable, Optional
+from typing import Callable, Optional, cast
 
 import torch.distributed as dist
 from torch import Tensor
@@ -25,7 +25,7 @@ def is_sharded(t: Tensor) -> bool:
 def local(t: Tensor) -> Tensor:
     """The part of ``t`` this rank holds, outside autograd (see :class:`~lit_deltasam.core.snapshot.Snapshot`)."""
     data = t.data
-    return data.to_local() if is_sharded(data) else data
+    return cast("DTensor", data).to_local() if is_sharded(data) else data
 
 
 def shard_reduction(params: Sequence[Tensor]) -> Optional[NormReduce]:
@@ -34,7 +34,7 @@ def shard_reduction(params: Sequence[Tensor]) -> Optional[NormReduce]:
     Supports FSDP2's layout: every parameter sharded along one mesh dimension of the
     same 1-D mesh.
     """
-    sharded = [p for p in params if is_sharded(p)]
+    sharded = [cast("DTensor", p) for p in params if is_sharded(p)]
     if not sharded:
         return None
     mesh = sharded[0].device_mesh

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import lightning as L
 import torch
@@ -13,7 +13,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 
 from ..config import PER_INSTANCE_IMPLS, DeltaSAMConfig
-from ..core.batch import Batch, slice_batch
+from ..core.batch import Batch, LossFn, slice_batch
 from ..core.diagnostics import fidelity, top_hessian_eigenvalue
 from ..core.sharding import is_sharded
 from .metrics import logging_step
@@ -84,7 +84,7 @@ class SharpnessProbe(Callback):
 
     def _configs(self, pl_module: L.LightningModule) -> dict[str, DeltaSAMConfig]:
         """The methods to compare; a probe is a computation on one rank, so every ascent is local."""
-        own: DeltaSAMConfig = pl_module._deltasam_config()  # type: ignore[attr-defined]
+        own: DeltaSAMConfig = pl_module._deltasam_config()  # type: ignore[attr-defined, operator]
         methods = (
             self.methods
             if self.methods is not None
@@ -109,7 +109,7 @@ class SharpnessProbe(Callback):
     def _probe(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         batch = self._held_out(trainer, pl_module)
         params = [p for p in pl_module.parameters() if p.requires_grad]
-        loss_fn = pl_module.per_sample_loss  # type: ignore[attr-defined]
+        loss_fn = cast(LossFn, pl_module.per_sample_loss)
         modes = {m: m.training for m in pl_module.modules()}
         pl_module.eval()
         try:

@@ -39,9 +39,8 @@ def log_histograms(module: LightningModule, values: dict[str, Optional[Tensor]])
         if isinstance(logger, WandbLogger):
             import wandb
 
-            logger.experiment.log(
-                {name: wandb.Histogram(v.numpy()) for name, v in gathered.items()} | {"trainer/global_step": step}
-            )
+            histograms = {name: wandb.Histogram(v.numpy()) for name, v in gathered.items()}  # type: ignore[arg-type]
+            logger.experiment.log(histograms | {"trainer/global_step": step})
         elif isinstance(logger, TensorBoardLogger):
             for name, v in gathered.items():
                 logger.experiment.add_histogram(name, v, step)

@@ -74,7 +74,7 @@ class DeltaSAMMixin:
         super().__init_subclass__(**kwargs)
         configure = getattr(cls, "configure_optimizers", None)
         if configure is not None and not getattr(configure, "_deltasam_wrapped", False):
-            cls.configure_optimizers = remember_plateau_monitors(configure)
+            cls.configure_optimizers = remember_plateau_monitors(configure)  # type: ignore[attr-defined]
         hook = cls.on_before_optimizer_step
         if hook is not DeltaSAMMixin.on_before_optimizer_step and not getattr(hook, "_deltasam_wrapped", False):
             cls.on_before_optimizer_step = require_clipping(hook)  # type: ignore[method-assign]
@@ -125,7 +125,7 @@ class DeltaSAMMixin:
             state.base_seed = trainer.strategy.broadcast(int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed())))
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         result = driver.micro_step(
-            module.per_sample_loss,
+            self.per_sample_loss,
             batch,
             rho=rho,
             last=last,
@@ -365,7 +365,7 @@ class DeltaSAMMixin:
 
     def _deltasam_driver(self, cfg: DeltaSAMConfig) -> DeltaSAMOptimizer:
         module = self._deltasam_module
-        optimizer = module.optimizers(use_pl_optimizer=False)
+        optimizer = cast(torch.optim.Optimizer, module.optimizers(use_pl_optimizer=False))
         fit = self._deltasam_fit
         cached = fit.driver
         if cached is not None and cached[0] is optimizer and cached[1] == cfg:
