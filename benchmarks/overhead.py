@@ -4,7 +4,8 @@ Each round runs one full step (the double step and the AdamW step) of every meth
 in a shuffled order, on the same batch; an amortized method (``interval=k``, with or
 without LookSAM reuse) runs one whole cycle of k steps, timed per step. The report gives
 median times, the ratios to SAM and to ERM (medians of per-round ratios), and the peak
-memory of the step (of the cycle's full step, for an amortized method).
+tensor memory of two steps of each method, each in a fresh process (from the profiler's allocation
+events on CPU, CUDA's allocator peak on a GPU), in MB and in copies of the parameters.
 
     python benchmarks/overhead.py                      # MiniLM and the small model, batch 32, length 48
     python benchmarks/overhead.py --models small --rounds 5
@@ -13,9 +14,11 @@ memory of the step (of the cycle's full step, for an amortized method).
 from __future__ import annotations
 
 import argparse
-import ctypes
+import json
 import random
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -72,26 +75,64 @@ def batch_of(tokenizer, size: int, length: int, num_labels: int) -> dict[str, to
     return batch
 
 
-def peak_rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
+PLAIN = "plain loop (no engine)"
+"""The memory reference: ERM through the engine keeps a snapshot of w too, for a bit-exact rollback."""
 
 
-def reset_peak_rss() -> int:
-    """Return freed heap to the OS, reset the kernel's peak-RSS counter to the current RSS, and return it."""
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    Path("/proc/self/clear_refs").write_text("5")
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+def live_peak_bytes(profiler: torch.profiler.profile) -> int:
+    """The most bytes tensors held at once during the profile, above what they held at its start: every
+    allocation and free the profiler recorded, in time order (allocations are charged to the op that made them)."""
+    events = sorted((e for e in profiler.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    live = peak = 0
+    for event in events:
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
 
 
-def measure(
-    model_name: str, rounds: int, warmup: int, batch_size: int, length: int, names: Optional[list[str]] = None
-) -> dict:
+def memory_of(model_name: str, name: str, batch_size: int, length: int) -> dict:
+    """Peak tensor memory of two optimizer steps (two cycles of an amortized method) of ``name``, counted from
+    before its loop object exists, so that what it keeps across steps (the snapshot of w, LookSAM's direction)
+    is counted with the gradients, the optimizer's state and the activations. On a GPU, CUDA's allocator peak."""
+    module, batch, optimizer, device = setup(model_name, batch_size, length)
+    param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+
+    def run() -> None:
+        if name == PLAIN:  # the loop with no engine: backward, step; nothing kept for a rollback
+            for _ in range(2):
+                module.per_sample_loss(batch).mean().backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            return
+        config = methods(model_name)[name]
+        engine = DeltaSAMOptimizer(module, optimizer, config)
+        for _ in range(2 * config.interval):
+            engine.step(module.per_sample_loss, batch)
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            run()
+        peak = live_peak_bytes(prof)
+    return {"peak_mb": peak / 2**20, "parameter_copies": peak / param_bytes}
+
+
+def memory_in_fresh_process(model_name: str, name: str, batch_size: int, length: int) -> dict:
+    """:func:`memory_of` in a process of its own: nothing another method allocated or cached can blur it."""
+    args = [sys.executable, __file__, "--memory-of", name, "--models", model_name]
+    args += ["--batch-size", str(batch_size), "--length", str(length)]
+    out = subprocess.run(args, capture_output=True, text=True, check=True, cwd=Path(__file__).parent)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def setup(model_name: str, batch_size: int, length: int):
+    """The module (in train mode), one batch and an AdamW base optimizer, on the GPU if there is one."""
     spec = MiniLM() if model_name == "minilm" else Small()
     tokenizer = spec.tokenizer(lambda: (e["text"] for e in get_task("mr").load()["train"]))
     module = TextClassifier(spec.build(2, tokenizer), DeltaSAMConfig(), num_labels=2)
@@ -99,6 +140,13 @@ def measure(
     module.to(device).train()
     batch = {k: v.to(device) for k, v in batch_of(tokenizer, batch_size, length, 2).items()}
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-5, fused=True)
+    return module, batch, optimizer, device
+
+
+def measure(
+    model_name: str, rounds: int, warmup: int, batch_size: int, length: int, names: Optional[list[str]] = None
+) -> dict:
+    module, batch, optimizer, device = setup(model_name, batch_size, length)
     configs = methods(model_name)
     if names:
         unknown = sorted(set(names) - set(configs))
@@ -128,17 +176,7 @@ def measure(
             if r >= warmup:  # per optimizer step
                 times[name].append((time.perf_counter() - start) / engines[name].config.interval)
 
-    memory = {}  # the step's peak working set above the resting state (CPU: resident memory)
-    for name, engine in engines.items():
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            step(engine)
-            memory[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
-        else:
-            base = reset_peak_rss()
-            step(engine)
-            memory[name] = (peak_rss_bytes() - base) / 2**20
+    memory = {name: memory_in_fresh_process(model_name, name, batch_size, length) for name in [PLAIN, *engines]}
 
     def ratio(name: str, reference: str) -> float:
         return statistics.median(a / b for a, b in zip(times[name], times[reference]))
@@ -148,7 +186,8 @@ def measure(
             "median_s": statistics.median(times[name]),
             "vs_sam": ratio(name, "sam"),
             "vs_erm": ratio(name, "erm"),
-            "peak_mb": memory[name],
+            "peak_mb": memory[name]["peak_mb"],
+            "parameter_copies": memory[name]["parameter_copies"],
         }
         for name in engines
     }
@@ -159,6 +198,7 @@ def measure(
         "rounds": rounds,
         "device": str(device),
         "methods": rows,
+        "memory_reference": memory[PLAIN],
         "times": times,
     }
 
@@ -194,7 +234,11 @@ def main() -> None:
     parser.add_argument("--name", default="overhead")
     parser.add_argument("--methods", nargs="+", help="only these methods (besides ERM and SAM, the references)")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="models, length, name and methods of a study")
+    parser.add_argument("--memory-of", metavar="METHOD", help=argparse.SUPPRESS)  # one method's memory, as JSON
     args = parser.parse_args()
+    if args.memory_of:
+        print(json.dumps(memory_of(args.models[0], args.memory_of, args.batch_size, args.length)))
+        return
     for k, v in PRESETS.get(args.preset, {}).items():
         setattr(args, k, v)
 
@@ -207,11 +251,12 @@ def main() -> None:
         print(
             f"\n{model} ({result['parameters'] / 1e6:.1f}M parameters, batch {args.batch_size}, length {args.length})"
         )
-        print("| method | median step (s) | × SAM | × ERM | peak extra memory (MB) |")
-        print("|---|---|---|---|---|")
+        print("| method | median step (s) | × SAM | × ERM | peak tensor memory (MB) | parameter copies |")
+        print("|---|---|---|---|---|---|")
         for name, row in result["methods"].items():
             print(
-                f"| {name} | {row['median_s']:.3f} | {row['vs_sam']:.2f} | {row['vs_erm']:.2f} | {row['peak_mb']:.0f} |"
+                f"| {name} | {row['median_s']:.3f} | {row['vs_sam']:.2f} | {row['vs_erm']:.2f} | "
+                f"{row['peak_mb']:.0f} | {row['parameter_copies']:.2f} |"
             )
         for (name, key), target in TARGETS.items():
             if name not in result["methods"]:
