@@ -53,6 +53,12 @@ def find_head(module: nn.Module, path: Optional[str]) -> tuple[str, Optional[nn.
     return "", None
 
 
+_NO_CALL = (
+    "estimator='head' saw no nn.Linear run in the forward: its forward hooks did not fire. Inside a "
+    "torch.compile'd module they never do; compile the body and leave the classifier eager (e.g. "
+    "model.encoder = torch.compile(model.encoder)), or use estimator='probe' or 'exact'"
+)
+
 # fp16 keeps about 3 significant digits and flushes below 6e-8: the head's output gradients are computed
 # at this scale, inside fp16's range while they stay below 16 in magnitude (cross-entropy's are at most 1)
 _FP16_GRAD_SCALE = 4096.0
@@ -111,6 +117,8 @@ class HeadTap:
         n = losses.shape[0]
         calls, self._order = self._order, []
         rows = [c for c in calls if c[3].ndim == 2 and c[3].shape[0] == n and c[3].requires_grad]
+        if not calls:
+            raise RuntimeError(_NO_CALL)
         grads = torch.autograd.grad(losses.sum(), [c[3] for c in rows], retain_graph=True, allow_unused=True)
         reaching = [c for c, g in zip(rows, grads) if g is not None and bool(g.abs().sum() > 0)]
         if not reaching:
@@ -164,6 +172,8 @@ class HeadTap:
 
     def _scores(self, losses: Tensor) -> Tensor:
         n = losses.shape[0]
+        if self._calls == 0:
+            raise RuntimeError(_NO_CALL)
         if self._calls != 1:
             raise RuntimeError(
                 f"head layer {self.name!r} ran {self._calls} times in one forward; the head estimator needs exactly "
