@@ -131,11 +131,30 @@ def memory_in_fresh_process(model_name: str, name: str, batch_size: int, length:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+MODELS = ("minilm", "small", "bert-base")
+
+
+def build(model_name: str) -> tuple[TextClassifier, object]:
+    """``minilm`` (pretrained), ``small`` (from scratch) or ``bert-base``: BERT-base's architecture with random
+    weights (``BertConfig()``, 110M parameters, nothing to download) and MiniLM's uncased BERT vocabulary."""
+    if model_name not in MODELS:
+        raise SystemExit(f"model {model_name!r} is not one of {list(MODELS)}")
+    spec = Small() if model_name == "small" else MiniLM()
+    tokenizer = spec.tokenizer(lambda: (e["text"] for e in get_task("mr").load()["train"]))
+    if model_name == "bert-base":
+        from transformers import BertConfig
+
+        from lit_deltasam.models.encoders import HFClassifier
+
+        encoder = HFClassifier("bert-base (random)", 2, "sdpa", BertConfig(num_labels=2).to_dict())
+    else:
+        encoder = spec.build(2, tokenizer)
+    return TextClassifier(encoder, DeltaSAMConfig(), num_labels=2), tokenizer
+
+
 def setup(model_name: str, batch_size: int, length: int):
     """The module (in train mode), one batch and an AdamW base optimizer, on the GPU if there is one."""
-    spec = MiniLM() if model_name == "minilm" else Small()
-    tokenizer = spec.tokenizer(lambda: (e["text"] for e in get_task("mr").load()["train"]))
-    module = TextClassifier(spec.build(2, tokenizer), DeltaSAMConfig(), num_labels=2)
+    module, tokenizer = build(model_name)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     module.to(device).train()
     batch = {k: v.to(device) for k, v in batch_of(tokenizer, batch_size, length, 2).items()}

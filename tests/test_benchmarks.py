@@ -108,3 +108,24 @@ def test_committed_generalization_tables_come_from_the_committed_rows():
     assert summary["chosen"] == saved["chosen"]
     assert summary["differences"] == saved["differences"]
     assert saved["table"].strip() in (root / "docs" / "benchmarks.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_gpu_check_runs_in_its_smoke_mode(tmp_path):
+    """benchmarks/gpu_check.py --smoke: every part runs on the CPU; the injected overflow is skipped under bf16."""
+    import subprocess
+
+    out = tmp_path / "gpu_check.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    run = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for name in ("bf16-mixed sam", "bf16-mixed deltasam"):
+        part = result["precision"][name]
+        assert part["ok"] and part["moved"][1] is False and part["steps_skipped"] == 1.0, part
+    assert "skipped" in result["precision"]["16-mixed sam"] and "skipped" in result["fsdp"]
+    rows = result["cost"]["small"]["methods"]
+    assert {"erm", "sam", "deltasam(head)"} <= set(rows) and rows["sam"]["vs_erm"] > 1
+    assert result["memory"]["small"]["sam"] > 0
+    for name in ("erm", "sam"):
+        assert result["compile"][name]["max_weight_difference"] < 1e-3

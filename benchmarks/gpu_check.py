@@ -1,0 +1,187 @@
+"""What only a GPU can measure, in one command that finishes in under 8 minutes on one GPU and writes one JSON.
+
+* **precision**: ``16-mixed`` and ``bf16-mixed`` fits of SAM and δ-SAM (MiniLM) through Lightning, with an
+  overflow injected into one step: under fp16 the loss scaler must skip it (weights unchanged, scale halved),
+  under bf16 the mixin skips it (``sam/steps_skipped``); every other step moves the weights;
+* **cost**: step-cost ratios of the methods at batch 32 and length 128, for MiniLM and a BERT-base-sized
+  encoder with random weights (``BertConfig()``), interleaved as ``overhead.py`` does;
+* **memory**: ``torch.cuda.max_memory_allocated`` of two steps per method, each in a fresh process (the cost
+  part's ``peak_mb``, repeated per model);
+* **compile**: ``torch.compile`` against eager for ERM and SAM (speed ratio, and how far the weights drift);
+* **fsdp**: Lightning's FSDP on one GPU with δ-SAM (head estimator, global ascent).
+
+``--smoke`` runs a few steps of each part on the CPU with the small model at batch 8 and length 32 (FSDP and
+fp16 need CUDA and are reported as skipped), as the test suite does, so that the GPU run is known to work
+before a GPU is lent.
+
+    python benchmarks/gpu_check.py                     # on the GPU machine: docs/results/gpu_check.json
+    python benchmarks/gpu_check.py --smoke --out /tmp/gpu_check_smoke.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning as L
+import torch
+from common import RESULTS, machine
+from overhead import measure, setup
+
+from lit_deltasam import DeltaSAMConfig, DeltaSAMOptimizer
+
+METHODS = {"sam": dict(method="sam"), "deltasam": dict(method="deltasam", estimator="head")}
+COST_METHODS = ["deltasam(head)", "per_instance", "sam, m=8", "sam, m=4", "sam, looksam k=5", "sam, interval=5"]
+
+
+def _timed(part: Callable[[], Any]) -> dict[str, Any]:
+    start = time.perf_counter()
+    try:
+        out = part()
+    except Exception as error:  # a part that fails is reported, and the others still run
+        out = {"error": f"{type(error).__name__}: {error}"}
+    return {**out, "wall_s": time.perf_counter() - start} if isinstance(out, dict) else out
+
+
+class Poisoned(L.Callback):
+    """Makes the loss of the training batch ``at`` infinite, and records which steps moved the weights."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.moved, self.scales = at, [], []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
+        self.before = torch.cat([p.detach().reshape(-1).float().clone() for p in pl_module.parameters()])
+        if idx == self.at:
+            pl_module.poison = True  # read by the module's per_sample_loss
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        self.scales.append(None if scaler is None else float(scaler.get_scale()))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        pl_module.poison = False
+        after = torch.cat([p.detach().reshape(-1).float() for p in pl_module.parameters()])
+        self.moved.append(not torch.equal(after, self.before))
+
+
+def precision_part(model_name: str, steps: int, smoke: bool) -> dict[str, Any]:
+    cuda = torch.cuda.is_available()
+    out: dict[str, Any] = {}
+    for precision in ("16-mixed", "bf16-mixed"):
+        for name, options in METHODS.items():
+            key = f"{precision} {name}"
+            if precision == "16-mixed" and not cuda:
+                out[key] = {"skipped": "fp16 mixed precision with a loss scaler needs CUDA"}
+                continue
+            module, batch, _, device = setup(model_name, 16, 64)
+            module.deltasam = DeltaSAMConfig(rho_schedule="constant", **options)
+            module.poison = False
+            per_sample = module.per_sample_loss
+
+            def poisoned_loss(b: dict, module: Any = module, per_sample: Callable = per_sample) -> torch.Tensor:
+                losses = per_sample(b)
+                return losses * float("inf") if module.poison else losses
+
+            module.per_sample_loss = poisoned_loss
+            data = torch.utils.data.DataLoader([batch] * steps, batch_size=None)
+            watch = Poisoned(at=1)
+            trainer = L.Trainer(
+                accelerator="gpu" if cuda else "cpu",
+                devices=1,
+                precision=precision,
+                max_steps=steps,
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                callbacks=[watch],
+            )
+            trainer.fit(module, data)
+            out[key] = {
+                "steps": trainer.global_step,
+                "moved": watch.moved,
+                "scales": watch.scales,
+                "steps_skipped": float(trainer.callback_metrics.get("sam/steps_skipped", torch.tensor(0.0))),
+                "finite": bool(all(torch.isfinite(p).all() for p in module.parameters())),
+                "ok": not watch.moved[1] and all(watch.moved[:1] + watch.moved[2:]),
+            }
+    return out
+
+
+def compile_part(model_name: str, rounds: int, batch_size: int, length: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in ("erm", "sam"):
+        times: dict[str, list[float]] = {"eager": [], "compiled": []}
+        finals = {}
+        for mode in ("eager", "compiled"):
+            torch.manual_seed(0)
+            module, batch, optimizer, device = setup(model_name, batch_size, length)
+            if mode == "compiled":
+                module.encoder = torch.compile(module.encoder)
+            loop = DeltaSAMOptimizer(module, optimizer, DeltaSAMConfig(method=name, rho_schedule="constant"))
+            for r in range(rounds + 2):  # two warm-up steps: the compilation
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                loop.step(module.per_sample_loss, batch)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if r >= 2:
+                    times[mode].append(time.perf_counter() - start)
+            finals[mode] = torch.cat([p.detach().reshape(-1).float() for p in module.parameters()])
+        out[name] = {
+            "compiled_vs_eager": statistics.median(times["compiled"]) / statistics.median(times["eager"]),
+            "max_weight_difference": (finals["compiled"] - finals["eager"]).abs().max().item(),
+        }
+    return out
+
+
+def fsdp_part(model_name: str, steps: int) -> dict[str, Any]:
+    if not torch.cuda.is_available():
+        return {"skipped": "Lightning's FSDPStrategy needs CUDA"}
+    module, batch, _, _ = setup(model_name, 16, 64)
+    module.deltasam = DeltaSAMConfig(method="deltasam", estimator="head", ascent="global")
+    trainer = L.Trainer(
+        accelerator="gpu",
+        devices=1,
+        strategy="fsdp",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, torch.utils.data.DataLoader([batch] * steps, batch_size=None))
+    return {"steps": trainer.global_step, "loss": float(trainer.callback_metrics["train/loss"])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="a few steps of each part, on the CPU, small model")
+    parser.add_argument("--out", type=Path, default=RESULTS / "gpu_check.json")
+    args = parser.parse_args()
+    models = ["small"] if args.smoke else ["minilm", "bert-base"]
+    main_model = models[0]
+    rounds, steps = (1, 3) if args.smoke else (8, 6)
+    result: dict[str, Any] = {"machine": machine(), "smoke": args.smoke, "cuda": torch.cuda.is_available()}
+    result["precision"] = _timed(lambda: precision_part(main_model, steps, args.smoke))
+    batch_size, length = (8, 32) if args.smoke else (32, 128)
+    cost_methods = COST_METHODS[:1] if args.smoke else COST_METHODS
+    result["cost"] = {m: _timed(lambda m=m: measure(m, rounds, 1, batch_size, length, cost_methods)) for m in models}
+    for m in models:  # the per-round times are long and in the cost rows' medians already
+        result["cost"][m].pop("times", None)
+    result["memory"] = {
+        m: {name: row.get("peak_mb") for name, row in result["cost"][m].get("methods", {}).items()} for m in models
+    }
+    result["compile"] = _timed(lambda: compile_part(main_model, rounds, batch_size, length))
+    result["fsdp"] = _timed(lambda: fsdp_part(main_model, steps))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=1)[:4000])
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
