@@ -9,6 +9,7 @@ python train.py task=files task.train=reviews.csv     # your own data; then eval
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Optional
 
@@ -81,4 +82,5 @@ def main(cfg: DictConfig) -> Optional[float]:
 
 
 if __name__ == "__main__":
+    console.check_override_keys(sys.argv[1:], schema.TYPED_GROUPS)
     main()

@@ -163,7 +163,8 @@ def run_cli(*args, cwd=ROOT, env=None):
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("method.rhoo=0.1", "Key 'rhoo' not in 'MethodSchema'"),
+        ("method.rhoo=0.1", "method has no key 'rhoo'. Did you mean method.rho? Valid keys of method: "),
+        ("data.batchsize=8", "Did you mean data.batch_size? Valid keys of data: batch_size, eval_batch_size"),
         ("method.rho=big", "Value 'big' of type 'str' could not be converted to Float"),
         ("method=sharp", "Could not find 'method/sharp'"),
         (

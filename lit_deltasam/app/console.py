@@ -65,3 +65,29 @@ def wandb_logger(**kwargs: object) -> object:
     if logger._wandb_init.get("anonymous") is None:
         logger._wandb_init.pop("anonymous", None)
     return logger
+
+
+def check_override_keys(arguments: list[str], typed: dict[str, type]) -> None:
+    """Stop before Hydra runs when a command-line override names a key that a typed config group lacks, naming
+    the valid keys (Hydra's own error names only the bad one). ``typed`` maps a group to its dataclass schema."""
+    import dataclasses
+    import difflib
+
+    for argument in arguments:
+        key, equals, _ = argument.partition("=")
+        if not equals or key.startswith(("+", "~", "hydra.", "-")) or "." not in key:
+            continue
+        group, name = key.split(".")[0], key.split(".")[1]
+        schema = typed.get(group)
+        if schema is None:
+            continue
+        valid = sorted(f.name for f in dataclasses.fields(schema) if not f.name.startswith("_"))
+        if name not in valid:
+            close = difflib.get_close_matches(name, valid, n=1)
+            hint = f" Did you mean {group}.{close[0]}?" if close else ""
+            print(
+                f"Error: {key}={argument.split('=', 1)[1]}: {group} has no key {name!r}.{hint} "
+                f"Valid keys of {group}: {', '.join(valid)}",
+                file=sys.stderr,
+            )
+            sys.exit(1)

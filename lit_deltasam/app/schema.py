@@ -107,6 +107,16 @@ class TrainSchema:
     debug: Any = None
 
 
+TYPED_GROUPS: dict[str, type] = {
+    "method": MethodSchema,
+    "task": TaskSchema,
+    "data": DataSchema,
+    "optim": OptimSchema,
+    "paths": PathsSchema,
+}
+"""The groups of train.py whose keys are fixed; a misspelled override of one is refused naming the valid keys."""
+
+
 @dataclass
 class EvalSchema:
     ckpt_path: str = MISSING
