@@ -46,7 +46,7 @@ def main() -> None:
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     schedule = get_linear_schedule_with_warmup(optimizer, int(0.1 * args.steps), args.steps)
-    engine = DeltaSAM(module, DeltaSAMConfig(method="sam", rho=args.rho), params)
+    engine = DeltaSAM(module, DeltaSAMConfig(method="sam", rho=args.rho, rho_schedule="constant"), params)
     history: deque[list[torch.Tensor]] = deque(maxlen=args.lags)
     cosines: dict[int, list[float]] = {k: [] for k in range(1, args.lags + 1)}
     step = 0
@@ -75,8 +75,25 @@ def main() -> None:
         rows.append(f"| {k} | {lag[k]:.3f} | {within:.3f} |")
     table = "\n".join(rows) + "\n"
     path = save("staleness", {"args": vars(args), "cos_by_lag": lag, "table": table})
+    plot(lag, path.with_suffix(".png"))
     print(table)
     print(f"wrote {path}")
+
+
+def plot(lag: dict[int, float], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(list(lag), list(lag.values()), marker="o")
+    ax.set_xlabel("lag k (optimizer steps)")
+    ax.set_ylabel("mean cos(g_v(t − k), g_v(t))")
+    ax.set_title("LookSAM: how stale the reused direction gets")
+    ax.set_ylim(0, 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

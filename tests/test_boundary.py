@@ -30,17 +30,20 @@ def test_validation_inside_an_accumulation_window_leaves_the_step_alone(tmp_path
     """Windows of 3 micro-batches, validation every 2: the fit equals one without validation, bit for bit, and
     the checkpoint saved at that validation holds the window's partial gradients."""
 
-    def fit(validate, callbacks=()):
+    def fit(validate, callbacks=(), ckpt_path=None):
         torch.manual_seed(0)
-        module = TinyModule(DeltaSAMConfig(**SAM, accumulate_grad_batches=3))
+        module = TinyModule(DeltaSAMConfig(**SAM, accumulate_grad_batches=3), dropout=0.2)
         kwargs = dict(val_check_interval=2, limit_val_batches=1) if validate else dict(limit_val_batches=0)
         trainer(max_epochs=2, callbacks=list(callbacks), **kwargs).fit(
-            module, loader(n=48), loader(n=16) if validate else None
+            module, loader(n=48, shuffle=True), loader(n=16) if validate else None, ckpt_path=ckpt_path
         )
         return flat_params(module)
 
     save = SaveAtValidation(tmp_path / "val.ckpt")
-    assert torch.equal(fit(True, [save]), fit(False))
+    full = fit(True, [save])
+    assert torch.equal(full, fit(False))
+    # resumed from the validation inside the window: exact, as Lightning's own mid-epoch resume is
+    assert torch.equal(fit(True, ckpt_path=tmp_path / "val.ckpt"), full)
     assert all(g is not None and g.abs().sum() > 0 for g in save.grads)  # after 2 of 3 micro-batches
     saved = torch.load(tmp_path / "val.ckpt", weights_only=False)["deltasam"]
     assert saved["state"]["micro"] == 2

@@ -21,3 +21,46 @@ def test_readme_example_runs(index, tmp_path):
     script.write_text(BLOCKS[index])
     result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+SCRIPTS = ("train.py", "eval.py", "predict.py", "landscape.py")
+COMMANDS = [
+    line
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
+    for line in block.splitlines()
+    if line.startswith("python ") and line.split()[1] in SCRIPTS
+]
+
+
+def first_of_each_sweep(arguments: list[str]) -> list[str]:
+    """A multirun's first job: ``-m`` dropped and every ``key=a,b`` swept value cut to ``a``."""
+    out = []
+    for argument in arguments:
+        if argument == "-m":
+            continue
+        key, equals, value = argument.partition("=")
+        if equals and "," in value and not value.startswith("["):
+            argument = f"{key}={value.split(',')[0]}"
+        out.append(argument)
+    return out
+
+
+def test_the_readme_shows_the_cli():
+    assert len(COMMANDS) >= 10
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_readme_command_composes_as_written(command, tmp_path):
+    """Every ``python <script>.py ...`` line of the README's shell blocks composes its config (``--cfg job``)."""
+    import shlex
+
+    script, *arguments = shlex.split(command, comments=True)[1:]
+    root = README.parent
+    result = subprocess.run(
+        [sys.executable, str(root / script), *first_of_each_sweep(arguments), "--cfg", "job"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
