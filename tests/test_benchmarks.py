@@ -110,6 +110,64 @@ def test_committed_generalization_tables_come_from_the_committed_rows():
     assert saved["table"].strip() in (root / "docs" / "benchmarks.md").read_text()
 
 
+def test_regimes_chooses_on_validation_in_order_and_pairs_by_seed():
+    """Step 0 (LR per setting), step 1 (ρ for SAM and m = 4, on setting 1), then setting 2's m-SAM arm, each on
+    validation only, each opening the next step's units; the comparison is seed-major and paired."""
+    reg = pytest.importorskip("regimes")
+    args = SimpleNamespace(
+        lrs=[5e-5, 2e-4],
+        rhos=[0.02, 0.05],
+        select_seeds=[101, 102],
+        seeds=[11, 12],
+        strong_seeds=1,
+        per_instance_seeds=1,
+    )
+    rows = {}
+    assert len(reg.Protocol(args, rows).selection_units()) == 2 * 2 * 2  # seeds × settings × LRs, nothing else
+    for setting, best in ((reg.HEADLINE, 2e-4), (reg.STRONG, 5e-5)):
+        for lr in args.lrs:
+            for seed in args.select_seeds:
+                rows[runs.key("mr", setting, runs.Method("erm"), seed, lr)] = _row(0.7 if lr == best else 0.6, 0.0)
+    protocol = reg.Protocol(args, rows)
+    assert protocol.lr == {reg.HEADLINE: 2e-4, reg.STRONG: 5e-5} and not protocol.rho
+    assert len(protocol.selection_units()) == 8 + 2 * 2 * 2  # + ρ grids of SAM and m = 4 at setting 1's LR
+    for rho, (sam, m4) in {0.02: (0.71, 0.75), 0.05: (0.73, 0.72)}.items():
+        for seed in args.select_seeds:
+            rows[runs.key("mr", reg.HEADLINE, reg.shipped("sam", rho), seed, 2e-4)] = _row(sam, 1.0)
+            m = reg.shipped("sam", rho, (("m_sharpness", 4),))
+            rows[runs.key("mr", reg.HEADLINE, m, seed, 2e-4)] = _row(m4, 1.0)
+    protocol = reg.Protocol(args, rows)
+    assert protocol.rho == {"sam": 0.05, "m4": 0.02} and protocol.m_arm is None  # m = 8's runs are missing
+    for seed in args.select_seeds:
+        rows[runs.key("mr", reg.HEADLINE, reg.arm("m-sam m=8", protocol.rho), seed, 2e-4)] = _row(0.76, 0.0)
+    protocol = reg.Protocol(args, rows)
+    assert protocol.m_arm == "m-sam m=8" and protocol.ready()
+    units = protocol.comparison_units()
+    assert [u[3] for u in units] == sorted(u[3] for u in units)  # seed-major
+    assert {u[4] for u in units if u[1] == reg.STRONG} == {5e-5}  # setting 2 at its own LR
+    assert sum(u[2].method == "per_instance" for u in units) == 1 and all(
+        u[3] == 11 for u in units if u[1] == reg.STRONG
+    )
+    assert reg.arm("deltasam", protocol.rho).rho == 0.05 and reg.arm("per-instance (m=1)", protocol.rho).rho == 0.02
+    d = reg.differences(
+        {11: _row(0.5, 0.80), 12: _row(0.5, 0.84)}, reg.test_final, {11: _row(0.5, 0.79)}, reg.test_final
+    )
+    assert d is None  # one pair: no interval
+
+
+def test_committed_regimes_tables_come_from_the_committed_rows():
+    reg = pytest.importorskip("regimes")
+    root = Path(__file__).resolve().parents[1]
+    saved = json.loads((root / "docs" / "results" / "regimes.json").read_text())
+    text, summary = reg.report(SimpleNamespace(**saved["args"]))
+    assert text == saved["table"]
+    assert (
+        json.loads(json.dumps(summary["arms"])) == saved["arms"]
+        and summary["m_arm_setting_2"] == saved["m_arm_setting_2"]
+    )
+    assert saved["table"].strip() in (root / "docs" / "benchmarks.md").read_text()
+
+
 @pytest.mark.slow
 def test_the_gpu_check_runs_in_its_smoke_mode(tmp_path):
     """benchmarks/gpu_check.py --smoke: every part runs on the CPU; the injected overflow is skipped under bf16."""
