@@ -140,3 +140,14 @@ def test_mixin_accepts_a_mapping_config():
 def test_mixin_refuses_automatic_optimization():
     with pytest.raises(ValueError, match="automatic_optimization cannot be set to True"):
         TinyModule(DeltaSAMConfig()).automatic_optimization = True
+
+
+def test_the_mixin_listed_after_lightning_module_is_refused_naming_the_fix():
+    import lightning as L
+
+    from lit_deltasam import DeltaSAMMixin
+
+    with pytest.raises(TypeError, match=r"class Wrong\(DeltaSAMMixin, L.LightningModule\)"):
+
+        class Wrong(L.LightningModule, DeltaSAMMixin):
+            pass

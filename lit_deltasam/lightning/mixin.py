@@ -72,6 +72,13 @@ class DeltaSAMMixin:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        if LightningModule in mro and mro.index(LightningModule) < mro.index(DeltaSAMMixin):
+            raise TypeError(
+                f"class {cls.__name__}: DeltaSAMMixin must come before LightningModule in the bases, "
+                f"class {cls.__name__}(DeltaSAMMixin, L.LightningModule), or LightningModule's own training_step "
+                "and automatic optimization shadow the mixin's"
+            )
         configure = getattr(cls, "configure_optimizers", None)
         if configure is not None and not getattr(configure, "_deltasam_wrapped", False):
             cls.configure_optimizers = remember_plateau_monitors(configure)  # type: ignore[attr-defined]
