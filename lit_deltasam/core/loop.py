@@ -124,6 +124,7 @@ class DeltaSAMOptimizer:
             (CyclicLR); stepping them stays the caller's, after a :meth:`step` that stepped.
         seed: base of the per-step seeds (``seed_steps``); default ``torch.initial_seed()``.
         reduce_squares: as for :class:`DeltaSAM` (FSDP1 shards).
+        state: the loop state to continue (the mixin passes the one a checkpoint restored).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
