@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from common import RESULTS, mean_std, save, t_interval
+from generalization import test_best, test_final, val
 from runs import SETTINGS, Method, key, rows_by_key, run_all
 
 from lit_deltasam import DeltaSAMConfig
@@ -92,18 +93,6 @@ M_OF = {"per-instance (m=1)": 1, "m-sam m=4": 4, "m-sam m=8": 8, "sam": 32}
 def arm(name: str, rhos: dict[str, float]) -> Method:
     method, whose, extra = ARMS[name]
     return shipped(method, rhos.get(whose), extra)
-
-
-def val(row: dict) -> float:
-    return row["metrics"]["val/acc"]
-
-
-def test_final(row: dict) -> float:
-    return row["metrics"]["test_final/acc"]
-
-
-def test_best(row: dict) -> float:
-    return row["metrics"]["test/acc"]
 
 
 def best_of(rows: dict, candidates: dict[Any, list[str]]) -> Optional[Any]:
