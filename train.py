@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from lit_deltasam.app import assemble, checkpoint, console, report, schema
+from lit_deltasam.app import assemble, checkpoint, console, lr_finder, report, schema
 
 schema.register()
 console.quiet()
@@ -30,8 +30,10 @@ console.quiet()
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, then test the best checkpoint (and with ``test_final`` the final weights first, as ``test_final/*``).
 
+    With ``tune_lr`` the LR comes from Lightning's range test first (:mod:`lit_deltasam.app.lr_finder`).
     Returns the metrics, also written to ``metrics.json``.
     """
+    tuned = lr_finder.apply(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule, module = assemble.build(cfg)
     summary = report.SharpnessSummary()
@@ -45,7 +47,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     start = time.perf_counter()
     trainer.fit(module, datamodule, ckpt_path=cfg.ckpt_path)
-    metrics = {"time/fit_s": time.perf_counter() - start}
+    metrics = {"time/fit_s": time.perf_counter() - start, **tuned}
     metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
     metrics.update(summary.summary())
     if cfg.test:

@@ -43,6 +43,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "noisy1k": {"data.train_limit": 1000, "trainer.max_epochs": 5, "data.label_noise": 0.2},
     "4k1ep": {"data.train_limit": 4000, "trainer.max_epochs": 1, "trainer.val_check_interval": 0.25},
     "noisy40": {"data.train_limit": 1000, "trainer.max_epochs": 5, "data.label_noise": 0.4},
+    # a short many-class run (the base-recipe study, on r8)
+    "2k3ep": {"data.train_limit": 2000, "trainer.max_epochs": 3, "data.max_length": 64},
 }
 _DIRTY = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "lit_deltasam"], cwd=ROOT).returncode != 0
 CODE_COMMIT = subprocess.run(
@@ -83,18 +85,24 @@ class Method:
         return out + [f"method.{k}={v}" for k, v in self.extra]
 
 
-def lr_override(lr: float) -> str:
-    return f"optim.lr={float(lr)!r}"
+TUNE = "tune"
+"""The ``lr`` of a run whose learning rate Lightning's range test chooses (``tune_lr=true``)."""
 
 
-def data_overrides(task: str, setting: str, seed: int, lr: Optional[float] = None) -> list[str]:
-    """Everything but the method; ``lr`` written out (``None``: the shipped default, in rows of the earlier studies)."""
-    out = [f"task={task}", f"seed={seed}", f"data.max_length={MAX_LENGTH}"]
+def lr_override(lr: float | str) -> str:
+    return "tune_lr=true" if lr == TUNE else f"optim.lr={float(lr)!r}"
+
+
+def data_overrides(task: str, setting: str, seed: int, lr: Optional[float | str] = None) -> list[str]:
+    """Everything but the method; ``lr`` written out (``None``: the shipped default, in rows of the earlier studies;
+    :data:`TUNE`: the range test's)."""
+    out = [f"task={task}", f"seed={seed}"]
+    out += [] if "data.max_length" in SETTINGS[setting] else [f"data.max_length={MAX_LENGTH}"]
     out += [lr_override(lr)] if lr is not None else []
     return sorted(out + [f"{k}={v}" for k, v in SETTINGS[setting].items()])
 
 
-def overrides(task: str, setting: str, method: Method, seed: int, lr: Optional[float] = None) -> list[str]:
+def overrides(task: str, setting: str, method: Method, seed: int, lr: Optional[float | str] = None) -> list[str]:
     """The run's configuration: everything that sets it apart from ``python train.py``."""
     return sorted(data_overrides(task, setting, seed, lr) + method.overrides())
 
@@ -137,7 +145,7 @@ def _key(data: list[str], method_config: dict[str, Any]) -> str:
     return json.dumps({"data": sorted(data), "method": method_config}, sort_keys=True)
 
 
-def key(task: str, setting: str, method: Method, seed: int, lr: Optional[float] = None) -> str:
+def key(task: str, setting: str, method: Method, seed: int, lr: Optional[float | str] = None) -> str:
     """A run's identity: its data and the whole resolved method config, so that a default changed later
     cannot make an old row count for the new default, and equal configurations share one row."""
     return _key(data_overrides(task, setting, seed, lr), resolved_method(method.overrides()))
@@ -159,7 +167,7 @@ def rows_by_key(path: Path = STORE) -> dict[str, dict]:
             method_config = resolved_method([o for o in row["overrides"] if o.startswith("method")])
         data = [o for o in row["overrides"] if not o.startswith("method")]
         out[_key(data, method_config)] = row
-        if not any(o.startswith("optim.lr=") for o in data):
+        if not any(o.startswith(("optim.lr=", "tune_lr=")) for o in data):
             # the same run with its learning rate written out, as later studies name it
             out[_key(data + [lr_override(LEGACY_LR)], method_config)] = row
     return out
@@ -241,7 +249,7 @@ def _curve(out: Path, monitor: str) -> list[list[float]]:
     return sorted(points)
 
 
-def run(task: str, setting: str, method: Method, seed: int, out: Path, lr: Optional[float] = None) -> dict:
+def run(task: str, setting: str, method: Method, seed: int, out: Path, lr: Optional[float | str] = None) -> dict:
     """Fine-tune once and return the row."""
     from train import train
 
@@ -293,7 +301,7 @@ def run_all(units: Iterable[tuple], name: str, path: Path = STORE) -> Iterator[t
         if k not in done:
             task, setting, method, seed, *lr = unit
             slug = f"{task}-{setting}-{method.label.replace(' ', '_').replace('=', '')}-s{seed}"
-            slug += f"-lr{lr[0]:g}" if lr else ""
+            slug += (f"-lr{lr[0]:g}" if lr[0] != TUNE else "-tune_lr") if lr else ""
             row = run(task, setting, method, seed, ROOT / "outputs" / "benchmarks" / name / slug, *lr)
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "a") as handle:

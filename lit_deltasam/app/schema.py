@@ -79,6 +79,17 @@ class OptimSchema:
 
 
 @dataclass
+class LrFindSchema:
+    """Lightning's LR range test (``Tuner.lr_find``) for ``tune_lr=true``."""
+
+    min_lr: float = 1e-7
+    max_lr: float = 1e-2
+    num_training: int = 100
+    mode: str = "exponential"
+    early_stop_threshold: Optional[float] = 4.0
+
+
+@dataclass
 class PathsSchema:
     cache_dir: str = "~/.cache/lit_deltasam"
     output_dir: str = "."
@@ -91,6 +102,8 @@ class TrainSchema:
     tags: List[str] = field(default_factory=list)
     data: DataSchema = field(default_factory=DataSchema)
     optim: OptimSchema = field(default_factory=OptimSchema)
+    tune_lr: bool = False
+    lr_find: LrFindSchema = field(default_factory=LrFindSchema)
     test: bool = True
     test_final: bool = False
     ckpt_path: Optional[str] = None
@@ -112,6 +125,7 @@ TYPED_GROUPS: dict[str, type] = {
     "task": TaskSchema,
     "data": DataSchema,
     "optim": OptimSchema,
+    "lr_find": LrFindSchema,
     "paths": PathsSchema,
 }
 """The groups of train.py whose keys are fixed; a misspelled override of one is refused naming the valid keys."""

@@ -1,0 +1,66 @@
+"""``tune_lr=true``: Lightning's LR range test on an ERM copy, then the run at its suggestion."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_app import FAST, ROOT, compose_train, train
+
+SEARCH = ["tune_lr=true", "lr_find.num_training=24", "lr_find.min_lr=1e-6", "lr_find.max_lr=1.0"]
+# MiniLM: the small model's WordPiece vocabulary is fit per run, and HF's trainer breaks ties differently each time
+MINILM = [o for o in FAST if o != "model=small"]
+
+
+@pytest.mark.slow
+def test_a_tuned_run_is_the_run_at_the_suggested_lr(tmp_path):
+    tuned = train(compose_train([*MINILM, "method=deltasam", *SEARCH], tmp_path / "tuned"))
+    lr = tuned["tune_lr/lr"]
+    assert lr != 5e-5 and 1e-6 <= lr <= 1.0
+    assert json.loads((tmp_path / "tuned" / "lr_find.json").read_text())["suggestion"] == lr
+    assert (tmp_path / "tuned" / "lr_find.png").stat().st_size > 0
+    assert not list((tmp_path / "tuned").glob(".lr_find_*.ckpt"))  # the range test's start is deleted
+    plain = train(compose_train([*MINILM, "method=deltasam", f"optim.lr={lr!r}"], tmp_path / "plain"))
+    for name in ("train/loss", "val/loss", "test/loss", "sam/sharpness_mean"):
+        assert tuned[name] == plain[name], name
+
+
+def test_the_range_test_trains_erm_and_leaves_the_method_alone(tmp_path, monkeypatch):
+    from lit_deltasam.app import lr_finder
+
+    seen = []
+    real = lr_finder.Tuner.lr_find
+
+    def spy(self, model, **kwargs):
+        seen.append(model.deltasam)
+        return real(self, model, **kwargs)
+
+    monkeypatch.setattr(lr_finder.Tuner, "lr_find", spy)
+    cfg = compose_train([*FAST, "method=sam", "method.accumulate_grad_batches=2", *SEARCH], tmp_path)
+    metrics = train(cfg)
+    assert [(c.method, c.accumulate_grad_batches) for c in seen] == [("erm", 2)]
+    assert cfg.method.method == "sam" and cfg.optim.lr == metrics["tune_lr/lr"]
+    assert "sam/sharpness_mean" in metrics
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["tune_lr=true", "optim.lr=1e-3"], "'optim.lr=1e-3' and tune_lr=true: the LR finder chooses optim.lr"),
+        (["lr_find.num_training=50"], "lr_find.num_training=50 set with tune_lr=false: add tune_lr=true"),
+    ],
+)
+def test_settings_the_lr_finder_would_lose_are_refused(overrides, message, tmp_path):
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *FAST, *overrides],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HYDRA_FULL_ERROR": "0"},
+    )
+    assert run.returncode == 1, run.stderr
+    assert message in run.stderr
+    assert not list(Path(tmp_path).rglob("*.ckpt"))
