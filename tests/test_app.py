@@ -231,3 +231,37 @@ def test_the_cluster_launcher_config_composes():
         cfg = compose("train", overrides=["hydra/launcher=cluster"], return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
     assert cfg.hydra.launcher.timeout_min == 240
+
+
+def test_the_first_screen_holds_no_third_party_noise(tmp_path):
+    """A default run (MiniLM, W&B offline) prints none of the notices quiet() silences, and still trains."""
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "debug=fast", "trainer.max_steps=1", "test=false"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    screen = run.stdout + run.stderr
+    for noise in ("LOAD REPORT", "Tip: For seamless", "was configured so", "set_vital", "LeafSpec", "anonymous"):
+        assert noise not in screen, noise
+    assert "train/loss" in screen
+
+
+def test_a_load_report_naming_more_than_the_new_head_stays():
+    import logging
+
+    from lit_deltasam.app.console import _DropNewHeadReport
+
+    def record(rows):
+        table = "Key | Status | \n---+---+-\n" + "\n".join(f"{k} | {s} | " for k, s in rows)
+        message = f"X LOAD REPORT\n{table}"
+        return logging.LogRecord("transformers.modeling_utils", logging.WARNING, "", 0, message, (), None)
+
+    keep = _DropNewHeadReport().filter
+    assert not keep(record([("classifier.weight", "MISSING"), ("classifier.bias", "MISSING")]))
+    assert keep(record([("classifier.weight", "MISSING"), ("bert.encoder.layer.0.output.dense.weight", "MISSING")]))
+    assert keep(record([("classifier.weight", "UNEXPECTED")]))
+    assert keep(logging.LogRecord("t", logging.WARNING, "", 0, "another warning", (), None))

@@ -27,9 +27,24 @@ class _DropNoise(logging.Filter):
         return not any(text in record.getMessage() for text in NOISE)
 
 
+class _DropNewHeadReport(logging.Filter):
+    """transformers' LOAD REPORT when all it reports is the classification head, which fine-tuning initializes
+    anew by design; a report that names any other key (a wrong or truncated checkpoint) stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "LOAD REPORT" not in message:
+            return True
+        rows = [[cell.strip() for cell in line.split("|")] for line in message.splitlines() if "|" in line]
+        rows = [row for row in rows if len(row) >= 2 and row[0] and row[0] != "Key"]
+        return not rows or not all(row[1] == "MISSING" and row[0].startswith("classifier.") for row in rows)
+
+
 def quiet() -> None:
-    """Silence the notices of Lightning, torchdata, W&B and Optuna's storage that say nothing about the run."""
+    """Silence the notices of Lightning, torchdata, W&B, Optuna's storage and transformers that say nothing
+    about the run."""
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropNoise())
+    logging.getLogger("transformers.modeling_utils").addFilter(_DropNewHeadReport())
     logging.getLogger("alembic").setLevel(logging.WARNING)  # Optuna's RDB storage migrations, once per sweep
     warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
