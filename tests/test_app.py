@@ -55,14 +55,7 @@ def test_values_written_in_train_yaml_take_effect(tmp_path):
 
 
 def test_a_data_error_prints_its_message_without_a_traceback(tmp_path):
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "task=files", "task.train=missing.csv", "logger=none"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "HYDRA_FULL_ERROR": "0"},
-    )
+    run = run_cli("task=files", "task.train=missing.csv", "logger=none", cwd=tmp_path, env={"HYDRA_FULL_ERROR": "0"})
     assert run.returncode == 1
     assert "Error: task.train='missing.csv': no such file" in run.stderr
     assert "Traceback" not in run.stderr + run.stdout
@@ -156,8 +149,10 @@ def test_glue_through_hf_datasets_saved_locally(tmp_path):
 
 
 def run_cli(*args, cwd=ROOT, env=None):
+    """``python train.py <args>`` in a subprocess (W&B disabled unless ``env`` says otherwise)."""
     env = {**os.environ, "WANDB_MODE": "disabled", **(env or {})}
-    return subprocess.run([sys.executable, "train.py", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    command = [sys.executable, str(ROOT / "train.py"), *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)
 
 
 @pytest.mark.parametrize(
@@ -235,14 +230,8 @@ def test_the_cluster_launcher_config_composes():
 
 def test_the_first_screen_holds_no_third_party_noise(tmp_path):
     """A default run (MiniLM, W&B offline) prints none of the notices quiet() silences, and still trains."""
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "debug=fast", "trainer.max_steps=1", "test=false"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)},
-    )
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)}
+    run = run_cli("debug=fast", "trainer.max_steps=1", "test=false", cwd=tmp_path, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     screen = run.stdout + run.stderr
     for noise in ("LOAD REPORT", "Tip: For seamless", "was configured so", "set_vital", "LeafSpec", "anonymous"):

@@ -1,13 +1,10 @@
 """``tune_lr=true``: Lightning's LR range test on an ERM copy, then the run at its suggestion."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from test_app import FAST, ROOT, compose_train, train
+from test_app import FAST, compose_train, run_cli, train
 
 SEARCH = ["tune_lr=true", "lr_find.num_training=24", "lr_find.min_lr=1e-6", "lr_find.max_lr=1.0"]
 # MiniLM: the small model's WordPiece vocabulary is fit per run, and HF's trainer breaks ties differently each time
@@ -53,14 +50,7 @@ def test_the_range_test_trains_erm_and_leaves_the_method_alone(tmp_path, monkeyp
     ],
 )
 def test_settings_the_lr_finder_would_lose_are_refused(overrides, message, tmp_path):
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *FAST, *overrides],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "HYDRA_FULL_ERROR": "0"},
-    )
+    run = run_cli(*FAST, *overrides, cwd=tmp_path, env={"HYDRA_FULL_ERROR": "0"})
     assert run.returncode == 1, run.stderr
     assert message in run.stderr
     assert not list(Path(tmp_path).rglob("*.ckpt"))
