@@ -254,3 +254,25 @@ def test_a_load_report_naming_more_than_the_new_head_stays():
     assert keep(record([("classifier.weight", "MISSING"), ("bert.encoder.layer.0.output.dense.weight", "MISSING")]))
     assert keep(record([("classifier.weight", "UNEXPECTED")]))
     assert keep(logging.LogRecord("t", logging.WARNING, "", 0, "another warning", (), None))
+
+
+def test_the_small_models_vocabulary_is_fit_once_per_training_set(tmp_path, monkeypatch):
+    """HF's WordPiece trainer breaks frequency ties differently per process; the cached fit makes runs repeat."""
+    from lit_deltasam.models import builders
+
+    texts = [f"word{i % 97} token{i % 13} thing{i * 7 % 31} alpha beta gamma" for i in range(500)]
+    first = builders.Small(vocab_size=150, cache_dir=str(tmp_path)).tokenizer(lambda: iter(texts))
+    (cached,) = (tmp_path / "wordpiece").glob("*.json")
+
+    def no_fit(*args):
+        raise AssertionError("fit again")
+
+    monkeypatch.setattr(builders, "fit_wordpiece", no_fit)
+    again = builders.Small(vocab_size=150, cache_dir=str(tmp_path)).tokenizer(lambda: iter(texts))
+    assert again.get_vocab() == first.get_vocab()
+    assert again("word12 token3 alphabet")["input_ids"] == first("word12 token3 alphabet")["input_ids"]
+    with pytest.raises(AssertionError, match="fit again"):  # another training set, or another size, is fit anew
+        builders.Small(vocab_size=150, cache_dir=str(tmp_path)).tokenizer(lambda: iter(texts[:-1]))
+    with pytest.raises(AssertionError, match="fit again"):
+        builders.Small(vocab_size=149, cache_dir=str(tmp_path)).tokenizer(lambda: iter(texts))
+    assert cached.exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -52,17 +54,38 @@ class MiniLM(Pretrained):
 class Small:
     """A small Transformer trained from scratch, with a WordPiece vocabulary fit on the training texts.
 
+    Hugging Face's WordPiece trainer breaks ties between equally frequent merges differently
+    in every process, so two fits on the same texts can differ. With ``cache_dir`` the
+    vocabulary is fit once per training set and vocabulary size and read back after, so
+    that a seeded run repeats.
+
     Args:
         vocab_size: the WordPiece vocabulary to fit.
+        cache_dir: where fitted vocabularies are kept (``None``: fit every time).
         encoder: passed to :class:`~lit_deltasam.models.encoders.SmallEncoder` (``dim``, ``layers``, ...).
     """
 
-    def __init__(self, vocab_size: int = 8000, **encoder: Any) -> None:
+    def __init__(self, vocab_size: int = 8000, cache_dir: Optional[str] = None, **encoder: Any) -> None:
         self.vocab_size = vocab_size
+        self.cache_dir = cache_dir
         self.encoder = encoder
 
     def tokenizer(self, train_texts: TrainTexts) -> PreTrainedTokenizerBase:
-        return fit_wordpiece(train_texts(), self.vocab_size)
+        if self.cache_dir is None:
+            return fit_wordpiece(train_texts(), self.vocab_size)
+        texts = list(train_texts())
+        digest = hashlib.sha256(f"wordpiece-v1 {self.vocab_size}".encode())
+        for text in texts:
+            digest.update(text.encode() + b"\0")
+        path = Path(self.cache_dir).expanduser() / "wordpiece" / f"{digest.hexdigest()}.json"
+        if path.is_file():
+            return _fast(Tokenizer.from_file(str(path)))
+        tokenizer = fit_wordpiece(texts, self.vocab_size)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.partial")
+        tokenizer.backend_tokenizer.save(str(partial))
+        os.replace(partial, path)  # whole or absent, also when two runs fit at once
+        return tokenizer
 
     def build(self, num_labels: int, tokenizer: PreTrainedTokenizerBase) -> nn.Module:
         return SmallEncoder(len(tokenizer), num_labels, **self.encoder)
@@ -79,6 +102,10 @@ def fit_wordpiece(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerF
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
     )
+    return _fast(tokenizer)
+
+
+def _fast(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"
     )
