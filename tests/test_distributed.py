@@ -146,6 +146,19 @@ def test_train_py_under_ddp_writes_one_run(tmp_path):
     assert result.stdout.count("test/acc") == 1
 
 
+def test_tune_lr_under_ddp_chooses_one_lr_for_the_run(tmp_path):
+    """The range test runs on both ranks (Lightning broadcasts its curve) and the run trains at its suggestion."""
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    args = ["model=small", "debug=fast", "logger=none", "trainer=ddp_cpu", "tune_lr=true", "lr_find.num_training=15"]
+    args.append(f"hydra.run.dir={tmp_path}")
+    result = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    curve = json.loads((tmp_path / "lr_find.json").read_text())
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["metrics"]["tune_lr/lr"] == curve["suggestion"] and len(curve["lr"]) == 15
+    assert metrics["config"]["optim"]["lr"] == curve["suggestion"]
+
+
 EQUIVALENT = [
     ("ddp", dict(method="sam")),
     ("ddp", dict(method="deltasam", estimator="exact", weighted_descent=True)),
