@@ -168,6 +168,25 @@ def test_committed_regimes_tables_come_from_the_committed_rows():
     assert saved["table"].strip() in (root / "docs" / "benchmarks.md").read_text()
 
 
+def test_committed_recipe_table_comes_from_the_committed_rows():
+    recipe = pytest.importorskip("recipe")
+    root = Path(__file__).resolve().parents[1]
+    saved = json.loads((root / "docs" / "results" / "recipe.json").read_text())
+    text, summary = recipe.report(SimpleNamespace(**saved["args"]))
+    assert text == saved["table"] and json.loads(json.dumps(summary["settings"])) == saved["settings"]
+    assert saved["table"].strip() in (root / "docs" / "benchmarks.md").read_text()
+
+
+def test_a_tuned_lr_is_its_own_run_key():
+    """``tune_lr=true`` rows never stand in for a fixed LR's, nor for the rows made before LRs were written."""
+    erm = runs.Method("erm")
+    keys = {runs.key("r8", "2k3ep", erm, 1, lr) for lr in (runs.TUNE, 5e-5, None)}
+    assert len(keys) == 3
+    assert "tune_lr=true" in runs.overrides("r8", "2k3ep", erm, 1, runs.TUNE)
+    assert "data.max_length=64" in runs.overrides("r8", "2k3ep", erm, 1, runs.TUNE)
+    assert f"data.max_length={runs.MAX_LENGTH}" in runs.overrides("mr", "noisy1k", erm, 1, runs.TUNE)
+
+
 @pytest.mark.slow
 def test_the_gpu_check_runs_in_its_smoke_mode(tmp_path):
     """benchmarks/gpu_check.py --smoke: every part runs on the CPU; the injected overflow is skipped under bf16."""

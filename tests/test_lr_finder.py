@@ -44,6 +44,10 @@ def test_the_range_test_trains_erm_and_leaves_the_method_alone(tmp_path, monkeyp
     [
         (["tune_lr=true", "optim.lr=1e-3"], "'optim.lr=1e-3' and tune_lr=true: the LR finder chooses optim.lr"),
         (["lr_find.num_training=50"], "lr_find.num_training=50 set with tune_lr=false: add tune_lr=true"),
+        (["tune_lr=true", "lr_find.mode=cosine"], "lr_find.mode='cosine': choose one of ['exponential', 'linear']"),
+        (["tune_lr=true", "lr_find.num_training=5"], "lr_find.num_training=5: the suggestion needs at least 12"),
+        (["tune_lr=true", "lr_find.min_lr=0.1"], "lr_find.min_lr=0.1, lr_find.max_lr=0.01: need 0 < min_lr < max_lr"),
+        (["tune_lr=true", "lr_find.early_stop_threshold=0.5"], "lr_find.early_stop_threshold=0.5: the search"),
     ],
 )
 def test_settings_the_lr_finder_would_lose_are_refused(overrides, message, tmp_path):

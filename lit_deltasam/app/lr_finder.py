@@ -37,6 +37,7 @@ def apply(cfg: DictConfig) -> dict[str, float]:
         if changed:
             raise ValueError(f"{', '.join(changed)} set with tune_lr=false: add tune_lr=true, or drop them")
         return {}
+    check(cfg.lr_find)
     found = find_lr(cfg)
     cfg.optim.lr = found["lr"]
     rank_zero_info(
@@ -44,6 +45,28 @@ def apply(cfg: DictConfig) -> dict[str, float]:
         f"the curve is in {Path(cfg.paths.output_dir) / 'lr_find.json'}"
     )
     return {"tune_lr/lr": found["lr"]}
+
+
+MODES = ("exponential", "linear")
+MIN_STEPS = 12
+"""Lightning's suggestion skips the curve's first 10 points and its last."""
+
+
+def check(search: DictConfig) -> None:
+    if search.mode not in MODES:
+        raise ValueError(f"lr_find.mode={search.mode!r}: choose one of {list(MODES)}")
+    if search.num_training < MIN_STEPS:
+        raise ValueError(
+            f"lr_find.num_training={search.num_training}: the suggestion needs at least {MIN_STEPS} steps "
+            "(Lightning skips the curve's first 10 points and its last)"
+        )
+    if not 0 < search.min_lr < search.max_lr:
+        raise ValueError(f"lr_find.min_lr={search.min_lr}, lr_find.max_lr={search.max_lr}: need 0 < min_lr < max_lr")
+    if search.early_stop_threshold is not None and not search.early_stop_threshold > 1:
+        raise ValueError(
+            f"lr_find.early_stop_threshold={search.early_stop_threshold}: the search stops once the loss exceeds "
+            "this many times its best; give a value above 1, or null to never stop early"
+        )
 
 
 def refuse_explicit_lr(cfg: DictConfig) -> None:
