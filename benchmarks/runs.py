@@ -7,8 +7,8 @@ identical. Rows are appended to ``docs/results/runs.jsonl`` as runs finish; a re
 skips every key already there.
 
 The fine-tuning recipe is the app's (MiniLM, AdamW 5e-5, linear warm-up over 10% then
-decay, batch 32), at maximum length 32. Validation runs at the end of every epoch (four
-times in the one-epoch setting). The test split is scored twice: with the final weights
+decay, batch 32), at maximum length 32 unless a setting gives its own. Validation runs at
+the end of every epoch (four times in the one-epoch setting). The test split is scored twice: with the final weights
 and with the best-validation checkpoint.
 """
 
@@ -87,10 +87,19 @@ class Method:
 
 TUNE = "tune"
 """The ``lr`` of a run whose learning rate Lightning's range test chooses (``tune_lr=true``)."""
+LEGACY_LR_FIND = dict(min_lr=1e-07, max_lr=0.01, num_training=100, mode="exponential", early_stop_threshold=4.0)
+"""The range test of every ``tune_lr=true`` row made before rows recorded its ``lr_find.*`` values."""
 
 
-def lr_override(lr: float | str) -> str:
-    return "tune_lr=true" if lr == TUNE else f"optim.lr={float(lr)!r}"
+def lr_overrides(lr: float | str, search: Optional[dict[str, Any]] = None) -> list[str]:
+    """``optim.lr=...``; for :data:`TUNE`, ``tune_lr=true`` and the range test's settings (``search``, else the
+    current defaults), so that a default changed later cannot make an old row count for the new search."""
+    if lr != TUNE:
+        return [f"optim.lr={float(lr)!r}"]
+    from lit_deltasam.app.schema import LrFindSchema
+
+    search = dataclasses.asdict(LrFindSchema()) if search is None else search
+    return ["tune_lr=true"] + [f"lr_find.{k}={v}" for k, v in search.items()]
 
 
 def data_overrides(task: str, setting: str, seed: int, lr: Optional[float | str] = None) -> list[str]:
@@ -98,7 +107,7 @@ def data_overrides(task: str, setting: str, seed: int, lr: Optional[float | str]
     :data:`TUNE`: the range test's)."""
     out = [f"task={task}", f"seed={seed}"]
     out += [] if "data.max_length" in SETTINGS[setting] else [f"data.max_length={MAX_LENGTH}"]
-    out += [lr_override(lr)] if lr is not None else []
+    out += lr_overrides(lr) if lr is not None else []
     return sorted(out + [f"{k}={v}" for k, v in SETTINGS[setting].items()])
 
 
@@ -169,7 +178,11 @@ def rows_by_key(path: Path = STORE) -> dict[str, dict]:
         out[_key(data, method_config)] = row
         if not any(o.startswith(("optim.lr=", "tune_lr=")) for o in data):
             # the same run with its learning rate written out, as later studies name it
-            out[_key(data + [lr_override(LEGACY_LR)], method_config)] = row
+            out[_key(data + lr_overrides(LEGACY_LR), method_config)] = row
+        elif "tune_lr=true" in data and not any(o.startswith("lr_find.") for o in data):
+            # the same run with its range test written out
+            legacy = [o for o in data if o != "tune_lr=true"] + lr_overrides(TUNE, LEGACY_LR_FIND)
+            out[_key(legacy, method_config)] = row
     return out
 
 

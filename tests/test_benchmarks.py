@@ -177,14 +177,20 @@ def test_committed_recipe_table_comes_from_the_committed_rows():
     assert saved["table"].strip() in (root / "docs" / "benchmarks.md").read_text()
 
 
-def test_a_tuned_lr_is_its_own_run_key():
+def test_a_tuned_lr_is_its_own_run_key(tmp_path):
     """``tune_lr=true`` rows never stand in for a fixed LR's, nor for the rows made before LRs were written."""
     erm = runs.Method("erm")
     keys = {runs.key("r8", "2k3ep", erm, 1, lr) for lr in (runs.TUNE, 5e-5, None)}
     assert len(keys) == 3
-    assert "tune_lr=true" in runs.overrides("r8", "2k3ep", erm, 1, runs.TUNE)
+    assert {"tune_lr=true", "lr_find.num_training=100"} <= set(runs.overrides("r8", "2k3ep", erm, 1, runs.TUNE))
     assert "data.max_length=64" in runs.overrides("r8", "2k3ep", erm, 1, runs.TUNE)
     assert f"data.max_length={runs.MAX_LENGTH}" in runs.overrides("mr", "noisy1k", erm, 1, runs.TUNE)
+    # a row made before rows wrote the range test's settings counts for the settings of its time
+    written = [o for o in runs.overrides("r8", "2k3ep", erm, 1, runs.TUNE) if not o.startswith("lr_find.")]
+    store = tmp_path / "rows.jsonl"
+    store.write_text(json.dumps({"overrides": written, "method_config": runs.resolved_method(erm.overrides())}) + "\n")
+    legacy = runs.data_overrides("r8", "2k3ep", 1, None) + runs.lr_overrides(runs.TUNE, runs.LEGACY_LR_FIND)
+    assert runs._key(legacy, runs.resolved_method(["method=erm"])) in runs.rows_by_key(store)
 
 
 @pytest.mark.slow

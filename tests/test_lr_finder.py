@@ -1,6 +1,7 @@
 """``tune_lr=true``: Lightning's LR range test on an ERM copy, then the run at its suggestion."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,26 @@ def test_the_range_test_trains_erm_and_leaves_the_method_alone(tmp_path, monkeyp
     assert [(c.method, c.accumulate_grad_batches) for c in seen] == [("erm", 2)]
     assert cfg.method.method == "sam" and cfg.optim.lr == metrics["tune_lr/lr"]
     assert "sam/sharpness_mean" in metrics
+    # one point per optimizer step, not per micro-batch: the LR moves once per accumulation window
+    curve = json.loads((tmp_path / "lr_find.json").read_text())
+    assert len(curve["lr"]) == 24 and len(set(curve["lr"])) == 24
+    assert curve["suggestion"] > 10 * curve["lr"][0]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optim.lr=1e-3"], "and tune_lr=true: the LR finder chooses optim.lr; drop one of them"),
+        (["ckpt_path=last.ckpt"], "ckpt_path='last.ckpt' and tune_lr=true: a resumed run continues"),
+        (["+trainer.fast_dev_run=true"], "trainer.fast_dev_run and tune_lr=true"),
+    ],
+)
+def test_settings_a_tuned_run_would_overwrite_are_refused_in_process(overrides, message, tmp_path):
+    from lit_deltasam.app import lr_finder
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        lr_finder.apply(compose_train([*FAST, *SEARCH, *overrides], tmp_path))
+    assert not list(tmp_path.rglob("*.ckpt"))
 
 
 @pytest.mark.parametrize(
@@ -55,3 +76,12 @@ def test_settings_the_lr_finder_would_lose_are_refused(overrides, message, tmp_p
     assert run.returncode == 1, run.stderr
     assert message in run.stderr
     assert not list(Path(tmp_path).rglob("*.ckpt"))
+
+
+def test_an_lr_a_config_sets_is_refused_with_tune_lr(tmp_path):
+    from lit_deltasam.app import lr_finder
+
+    cfg = compose_train([*FAST, *SEARCH], tmp_path)
+    cfg.optim.lr = 2e-4  # as an experiment config would set it
+    with pytest.raises(ValueError, match=re.escape("optim.lr=0.0002 (from a config) and tune_lr=true")):
+        lr_finder.apply(cfg)

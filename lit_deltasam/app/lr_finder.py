@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,22 +30,24 @@ LOOP_FIELDS = ("accumulate_grad_batches", "gradient_clip_val", "gradient_clip_al
 
 
 def apply(cfg: DictConfig) -> dict[str, float]:
-    """With ``tune_lr``, set ``optim.lr`` to the range test's suggestion and return ``{"tune_lr/lr": lr}``;
-    without it, refuse any ``lr_find.*`` value that differs from its default (it would do nothing)."""
+    """With ``tune_lr``, set ``optim.lr`` to the range test's suggestion and return ``{"tune_lr/lr": lr,
+    "time/tune_s": seconds}``; without it, refuse any ``lr_find.*`` value that differs from its default
+    (it would do nothing)."""
     if not cfg.tune_lr:
         defaults = schema.LrFindSchema()
         changed = [f"lr_find.{k}={v}" for k, v in cfg.lr_find.items() if v != getattr(defaults, k)]
         if changed:
             raise ValueError(f"{', '.join(changed)} set with tune_lr=false: add tune_lr=true, or drop them")
         return {}
-    check(cfg.lr_find)
+    check(cfg)
+    start = time.perf_counter()
     found = find_lr(cfg)
     cfg.optim.lr = found["lr"]
     rank_zero_info(
         f"tune_lr: Lightning's LR range test ({len(found['lrs'])} ERM steps) suggests optim.lr={found['lr']:.3g}; "
         f"the curve is in {Path(cfg.paths.output_dir) / 'lr_find.json'}"
     )
-    return {"tune_lr/lr": found["lr"]}
+    return {"tune_lr/lr": found["lr"], "time/tune_s": time.perf_counter() - start}
 
 
 MODES = ("exponential", "linear")
@@ -52,7 +55,9 @@ MIN_STEPS = 12
 """Lightning's suggestion skips the curve's first 10 points and its last."""
 
 
-def check(search: DictConfig) -> None:
+def check(cfg: DictConfig) -> None:
+    """Refuse a search that cannot run or suggest, and every setting the suggestion would overwrite or not reach."""
+    search = cfg.lr_find
     if search.mode not in MODES:
         raise ValueError(f"lr_find.mode={search.mode!r}: choose one of {list(MODES)}")
     if search.num_training < MIN_STEPS:
@@ -67,26 +72,36 @@ def check(search: DictConfig) -> None:
             f"lr_find.early_stop_threshold={search.early_stop_threshold}: the search stops once the loss exceeds "
             "this many times its best; give a value above 1, or null to never stop early"
         )
+    if cfg.ckpt_path is not None:
+        raise ValueError(
+            f"ckpt_path={cfg.ckpt_path!r} and tune_lr=true: a resumed run continues at its checkpoint's LR "
+            "schedule; drop tune_lr to resume"
+        )
+    if cfg.trainer.get("fast_dev_run"):
+        raise ValueError("trainer.fast_dev_run and tune_lr=true: Lightning skips the LR finder in a fast dev run")
+    refuse_explicit_lr(cfg)
 
 
 def refuse_explicit_lr(cfg: DictConfig) -> None:
-    """``tune_lr=true`` sets ``optim.lr``; an ``optim.lr`` given on the command line as well would be lost."""
-    if not HydraConfig.initialized():
-        return
-    for override in HydraConfig.get().overrides.task:
-        if override.lstrip("+~").split("=", 1)[0] == "optim.lr":
-            raise ValueError(
-                f"{override!r} and tune_lr=true: the LR finder chooses optim.lr; drop one of them "
-                f"(the range test spans lr_find.min_lr={cfg.lr_find.min_lr} to lr_find.max_lr={cfg.lr_find.max_lr})"
-            )
+    """``tune_lr=true`` sets ``optim.lr``: one given on the command line, or by a config, would be lost."""
+    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    given = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] in ("optim", "optim.lr")]
+    default = schema.OptimSchema().lr
+    if given or cfg.optim.lr != default:
+        where = repr(given[0]) if given else f"optim.lr={cfg.optim.lr} (from a config)"
+        raise ValueError(
+            f"{where} and tune_lr=true: the LR finder chooses optim.lr; drop one of them "
+            f"(the range test spans lr_find.min_lr={cfg.lr_find.min_lr} to lr_find.max_lr={cfg.lr_find.max_lr})"
+        )
 
 
 def find_lr(cfg: DictConfig) -> dict[str, Any]:
-    """Run the range test; return ``{"lr": suggestion, "lrs": [...], "losses": [...]}`` and plot it.
+    """Run the range test and save its curve; return ``{"lr": suggestion, "lrs": [...], "losses": [...]}``,
+    one point per optimizer step.
 
-    Raises ``RuntimeError`` when the test finds no descent (too few steps, or a flat loss).
+    Raises ``ValueError`` when the curve gives no suggestion (a flat loss, or a search that
+    diverged within its first points); the curve is saved first.
     """
-    refuse_explicit_lr(cfg)
     search = cfg.lr_find
     L.seed_everything(cfg.seed, workers=True)
     datamodule, module = assemble.build(cfg)
@@ -101,6 +116,9 @@ def find_lr(cfg: DictConfig) -> dict[str, Any]:
         enable_model_summary=False,
         max_epochs=-1,
         max_steps=search.num_training,
+        min_epochs=None,  # a minimum would hold off the stop on divergence
+        min_steps=None,
+        max_time=None,
         check_val_every_n_epoch=None,
         val_check_interval=10**9,  # the range test needs no validation
         default_root_dir=cfg.paths.output_dir,  # for its checkpoint of the start, which it deletes
@@ -114,16 +132,33 @@ def find_lr(cfg: DictConfig) -> dict[str, Any]:
         mode=search.mode,
         early_stop_threshold=search.early_stop_threshold,
     )
-    assert finder is not None
+    assert finder is not None  # None only in a fast dev run, refused above
+    per_optimizer_step(finder)
     lr = finder.suggestion()
-    if lr is None or not math.isfinite(lr):
-        raise RuntimeError(
-            f"the LR range test found no descent in {len(finder.results['lr'])} steps from "
-            f"{search.min_lr} to {search.max_lr}: raise lr_find.num_training or widen the range, or set optim.lr"
-        )
     if trainer.is_global_zero:
         save_curve(finder, Path(cfg.paths.output_dir))
+    if lr is None or not math.isfinite(lr):
+        points = len(finder.results["lr"])
+        stopped = points < search.num_training
+        raise ValueError(
+            f"the LR range test gave no suggestion from {points} points between lr_find.min_lr={search.min_lr} and "
+            + (
+                f"{finder.results['lr'][-1]:.3g}, where the loss diverged: lower lr_find.max_lr or raise "
+                "lr_find.early_stop_threshold"
+                if stopped
+                else f"lr_find.max_lr={search.max_lr}: the loss barely moved; raise lr_find.num_training or max_lr"
+            )
+            + f"; the curve is in {Path(cfg.paths.output_dir) / 'lr_find.json'}. Or set optim.lr and drop tune_lr"
+        )
     return {"lr": float(lr), "lrs": finder.results["lr"], "losses": finder.results["loss"]}
+
+
+def per_optimizer_step(finder: Any) -> None:
+    """Keep the curve's last point per LR: the callback records every micro-batch, the LR moves once per
+    optimizer step (with the mixin's accumulation, k micro-batches; a skipped step repeats its LR)."""
+    lrs, losses = finder.results["lr"], finder.results["loss"]
+    keep = [i for i in range(len(lrs)) if i + 1 == len(lrs) or lrs[i + 1] != lrs[i]]
+    finder.results = {"lr": [lrs[i] for i in keep], "loss": [losses[i] for i in keep]}
 
 
 def save_curve(finder: Any, out: Path) -> None:
@@ -132,9 +167,11 @@ def save_curve(finder: Any, out: Path) -> None:
     curve = {"suggestion": finder.suggestion(), **finder.results}
     (out / "lr_find.json").write_text(json.dumps(curve, indent=1))
     try:
+        import matplotlib.pyplot as plt
         from matplotlib.figure import Figure
     except ImportError:
         return
     figure = finder.plot(suggest=True)
     assert isinstance(figure, Figure)
     figure.savefig(out / "lr_find.png", dpi=120, bbox_inches="tight")
+    plt.close(figure)
