@@ -86,20 +86,29 @@ class Method:
 
 
 TUNE = "tune"
-"""The ``lr`` of a run whose learning rate Lightning's range test chooses (``tune_lr=true``)."""
-LEGACY_LR_FIND = dict(min_lr=1e-07, max_lr=0.01, num_training=100, mode="exponential", early_stop_threshold=4.0)
+"""The ``lr`` of a run whose learning rate Lightning's range test chooses (``tune_lr=true``); ``"tune:<rule>"``
+reads it off the curve with another ``lr_find.rule``."""
+LEGACY_LR_FIND = dict(
+    min_lr=1e-07, max_lr=0.01, num_training=100, mode="exponential", early_stop_threshold=4.0, rule="steepest"
+)
 """The range test of every ``tune_lr=true`` row made before rows recorded its ``lr_find.*`` values."""
 
 
 def lr_overrides(lr: float | str, search: Optional[dict[str, Any]] = None) -> list[str]:
     """``optim.lr=...``; for :data:`TUNE`, ``tune_lr=true`` and the range test's settings (``search``, else the
     current defaults), so that a default changed later cannot make an old row count for the new search."""
-    if lr != TUNE:
+    if not is_tuned(lr):
         return [f"optim.lr={float(lr)!r}"]
     from lit_deltasam.app.schema import LrFindSchema
 
     search = dataclasses.asdict(LrFindSchema()) if search is None else search
+    if str(lr) != TUNE:
+        search = {**search, "rule": str(lr).split(":", 1)[1]}
     return ["tune_lr=true"] + [f"lr_find.{k}={v}" for k, v in search.items()]
+
+
+def is_tuned(lr: float | str) -> bool:
+    return isinstance(lr, str) and (lr == TUNE or lr.startswith(TUNE + ":"))
 
 
 def data_overrides(task: str, setting: str, seed: int, lr: Optional[float | str] = None) -> list[str]:
@@ -314,7 +323,8 @@ def run_all(units: Iterable[tuple], name: str, path: Path = STORE) -> Iterator[t
         if k not in done:
             task, setting, method, seed, *lr = unit
             slug = f"{task}-{setting}-{method.label.replace(' ', '_').replace('=', '')}-s{seed}"
-            slug += (f"-lr{lr[0]:g}" if lr[0] != TUNE else "-tune_lr") if lr else ""
+            if lr:
+                slug += f"-lr{lr[0]:g}" if not is_tuned(lr[0]) else "-" + str(lr[0]).replace(TUNE, "tune_lr", 1)
             row = run(task, setting, method, seed, ROOT / "outputs" / "benchmarks" / name / slug, *lr)
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "a") as handle:

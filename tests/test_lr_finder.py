@@ -66,6 +66,7 @@ def test_settings_a_tuned_run_would_overwrite_are_refused_in_process(overrides, 
         (["tune_lr=true", "optim.lr=1e-3"], "'optim.lr=1e-3' and tune_lr=true: the LR finder chooses optim.lr"),
         (["lr_find.num_training=50"], "lr_find.num_training=50 set with tune_lr=false: add tune_lr=true"),
         (["tune_lr=true", "lr_find.mode=cosine"], "lr_find.mode='cosine': choose one of ['exponential', 'linear']"),
+        (["tune_lr=true", "lr_find.rule=valley"], "lr_find.rule='valley': choose one of ['steepest', 'minimum']"),
         (["tune_lr=true", "lr_find.num_training=5"], "lr_find.num_training=5: the suggestion needs at least 12"),
         (["tune_lr=true", "lr_find.min_lr=0.1"], "lr_find.min_lr=0.1, lr_find.max_lr=0.01: need 0 < min_lr < max_lr"),
         (["tune_lr=true", "lr_find.early_stop_threshold=0.5"], "lr_find.early_stop_threshold=0.5: the search"),
@@ -85,3 +86,24 @@ def test_an_lr_a_config_sets_is_refused_with_tune_lr(tmp_path):
     cfg.optim.lr = 2e-4  # as an experiment config would set it
     with pytest.raises(ValueError, match=re.escape("optim.lr=0.0002 (from a config) and tune_lr=true")):
         lr_finder.apply(cfg)
+
+
+def test_the_rules_read_the_curve():
+    """``minimum``: a tenth of the LR at the lowest loss past the skipped points; ``steepest``: Lightning's."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.tuner.lr_finder import _LRFinder
+
+    from lit_deltasam.app import lr_finder
+
+    lrs = [10 ** (-6 + i / 5) for i in range(30)]
+    losses = [2.0] * 12 + [2.0 - 0.1 * i for i in range(10)] + [5.0] * 8  # lowest at index 21
+    finder = _LRFinder("exponential", lrs[0], lrs[-1], len(lrs))
+    finder.results = {"lr": lrs, "loss": losses}
+    assert lr_finder.suggestion(finder, "minimum") == pytest.approx(lrs[21] / 10)
+    assert lr_finder.suggestion(finder, "steepest") == finder.suggestion(skip_begin=10, skip_end=1)
+    assert lr_finder.suggestion(SimpleNamespace(results={"lr": lrs, "loss": [float("nan")] * 30}), "minimum") is None
+    # the mixin's accumulation: every LR k times, one point per optimizer step kept (the window's last)
+    repeated = SimpleNamespace(results={"lr": [1, 1, 2, 2, 3, 3], "loss": [9, 8, 7, 6, 5, 4]})
+    lr_finder.per_optimizer_step(repeated)
+    assert repeated.results == {"lr": [1, 2, 3], "loss": [8, 6, 4]}

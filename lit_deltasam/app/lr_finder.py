@@ -14,9 +14,10 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import lightning as L
+import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.tuner import Tuner
@@ -51,6 +52,11 @@ def apply(cfg: DictConfig) -> dict[str, float]:
 
 
 MODES = ("exponential", "linear")
+RULES = ("steepest", "minimum")
+"""``steepest``: Lightning's suggestion, where the smoothed loss falls fastest; ``minimum``: a tenth of the LR
+at the lowest smoothed loss (the rule of Smith, 2017, and fastai's ``lr_min``)."""
+SKIP_BEGIN, SKIP_END = 10, 1
+"""The curve's points both rules pass over (Lightning's defaults)."""
 MIN_STEPS = 12
 """Lightning's suggestion skips the curve's first 10 points and its last."""
 
@@ -60,6 +66,8 @@ def check(cfg: DictConfig) -> None:
     search = cfg.lr_find
     if search.mode not in MODES:
         raise ValueError(f"lr_find.mode={search.mode!r}: choose one of {list(MODES)}")
+    if search.rule not in RULES:
+        raise ValueError(f"lr_find.rule={search.rule!r}: choose one of {list(RULES)}")
     if search.num_training < MIN_STEPS:
         raise ValueError(
             f"lr_find.num_training={search.num_training}: the suggestion needs at least {MIN_STEPS} steps "
@@ -131,12 +139,13 @@ def find_lr(cfg: DictConfig) -> dict[str, Any]:
         num_training=search.num_training,
         mode=search.mode,
         early_stop_threshold=search.early_stop_threshold,
+        update_attr=False,
     )
     assert finder is not None  # None only in a fast dev run, refused above
     per_optimizer_step(finder)
-    lr = finder.suggestion()
+    lr = suggestion(finder, search.rule)
     if trainer.is_global_zero:
-        save_curve(finder, Path(cfg.paths.output_dir))
+        save_curve(finder, lr, search.rule, Path(cfg.paths.output_dir))
     if lr is None or not math.isfinite(lr):
         points = len(finder.results["lr"])
         stopped = points < search.num_training
@@ -161,17 +170,31 @@ def per_optimizer_step(finder: Any) -> None:
     finder.results = {"lr": [lrs[i] for i in keep], "loss": [losses[i] for i in keep]}
 
 
-def save_curve(finder: Any, out: Path) -> None:
+def suggestion(finder: Any, rule: str) -> Optional[float]:
+    """The LR that ``rule`` (one of :data:`RULES`) reads off the curve; ``None`` where it finds none."""
+    if rule == "steepest":
+        return finder.suggestion(skip_begin=SKIP_BEGIN, skip_end=SKIP_END)
+    lrs = finder.results["lr"][SKIP_BEGIN:-SKIP_END]
+    losses = np.asarray(finder.results["loss"][SKIP_BEGIN:-SKIP_END], dtype=float)
+    if not np.isfinite(losses).any():
+        return None
+    return float(lrs[int(np.nanargmin(np.where(np.isfinite(losses), losses, np.nan)))]) / 10
+
+
+def save_curve(finder: Any, lr: Optional[float], rule: str, out: Path) -> None:
     """``lr_find.json`` (the curve and the suggestion) and, where matplotlib is installed, ``lr_find.png``."""
     out.mkdir(parents=True, exist_ok=True)
-    curve = {"suggestion": finder.suggestion(), **finder.results}
+    curve = {"suggestion": lr, "rule": rule, **finder.results}
     (out / "lr_find.json").write_text(json.dumps(curve, indent=1))
     try:
         import matplotlib.pyplot as plt
         from matplotlib.figure import Figure
     except ImportError:
         return
-    figure = finder.plot(suggest=True)
+    figure = finder.plot(suggest=False)
     assert isinstance(figure, Figure)
+    if lr is not None:
+        figure.axes[0].axvline(lr, color="red", linestyle="--", label=f"{rule}: {lr:.3g}")
+        figure.axes[0].legend()
     figure.savefig(out / "lr_find.png", dpi=120, bbox_inches="tight")
     plt.close(figure)
