@@ -52,12 +52,14 @@ def arms(task: str, lrs: list[float]) -> list[tuple[str, Method, float | str]]:
 
 
 def units(args: argparse.Namespace) -> list[tuple]:
-    return [
+    """ERM's arms seed by seed first (they choose the recipe), then δ-SAM's."""
+    every = [
         (task, setting, method, seed, lr)
         for seed in args.seeds
         for task, setting in SETTINGS
         for _, method, lr in arms(task, args.lrs)
     ]
+    return sorted(every, key=lambda unit: unit[2].method != "erm")
 
 
 def report(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
