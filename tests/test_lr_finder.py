@@ -42,6 +42,7 @@ def test_the_range_test_trains_erm_and_leaves_the_method_alone(tmp_path, monkeyp
     curve = json.loads((tmp_path / "lr_find.json").read_text())
     assert len(curve["lr"]) == 24 and len(set(curve["lr"])) == 24
     assert curve["suggestion"] > 10 * curve["lr"][0]
+    assert curve["loss"][0] == pytest.approx(curve["raw_loss"][0])  # no pull toward zero at the start
 
 
 @pytest.mark.parametrize(
@@ -103,7 +104,8 @@ def test_the_rules_read_the_curve():
     assert lr_finder.suggestion(finder, "minimum") == pytest.approx(lrs[21] / 10)
     assert lr_finder.suggestion(finder, "steepest") == finder.suggestion(skip_begin=10, skip_end=1)
     assert lr_finder.suggestion(SimpleNamespace(results={"lr": lrs, "loss": [float("nan")] * 30}), "minimum") is None
-    # the mixin's accumulation: every LR k times, one point per optimizer step kept (the window's last)
-    repeated = SimpleNamespace(results={"lr": [1, 1, 2, 2, 3, 3], "loss": [9, 8, 7, 6, 5, 4]})
-    lr_finder.per_optimizer_step(repeated)
-    assert repeated.results == {"lr": [1, 2, 3], "loss": [8, 6, 4]}
+    # the mixin's accumulation: every LR k times, one point per optimizer step (the mean of its window)
+    curve = lr_finder.smoothed_curve([(1, 9.0), (1, 7.0), (2, 6.0), (2, 4.0), (3, 5.0), (3, 5.0)], beta=0.5)
+    assert curve["lr"] == [1, 2, 3] and curve["raw_loss"] == [8.0, 5.0, 5.0]
+    # bias-corrected: the first point is the first loss, then EMA / (1 - beta^(i+1))
+    assert curve["loss"] == pytest.approx([8.0, (0.25 * 8 + 0.5 * 5) / 0.75, (0.125 * 8 + 0.25 * 5 + 0.5 * 5) / 0.875])

@@ -115,6 +115,7 @@ def find_lr(cfg: DictConfig) -> dict[str, Any]:
     datamodule, module = assemble.build(cfg)
     method = module.deltasam
     module.deltasam = type(method)(method="erm", **{f: getattr(method, f) for f in LOOP_FIELDS})
+    recorded = record_losses(module)
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         logger=False,
@@ -142,7 +143,7 @@ def find_lr(cfg: DictConfig) -> dict[str, Any]:
         update_attr=False,
     )
     assert finder is not None  # None only in a fast dev run, refused above
-    per_optimizer_step(finder)
+    finder.results = trainer.strategy.broadcast(smoothed_curve(recorded))  # rank 0's, as Lightning's own
     lr = suggestion(finder, search.rule)
     if trainer.is_global_zero:
         save_curve(finder, lr, search.rule, Path(cfg.paths.output_dir))
@@ -162,12 +163,50 @@ def find_lr(cfg: DictConfig) -> dict[str, Any]:
     return {"lr": float(lr), "lrs": finder.results["lr"], "losses": finder.results["loss"]}
 
 
-def per_optimizer_step(finder: Any) -> None:
-    """Keep the curve's last point per LR: the callback records every micro-batch, the LR moves once per
-    optimizer step (with the mixin's accumulation, k micro-batches; a skipped step repeats its LR)."""
-    lrs, losses = finder.results["lr"], finder.results["loss"]
-    keep = [i for i in range(len(lrs)) if i + 1 == len(lrs) or lrs[i + 1] != lrs[i]]
-    finder.results = {"lr": [lrs[i] for i in keep], "loss": [losses[i] for i in keep]}
+BETA = 0.98
+"""The smoothing of the loss curve (Lightning's)."""
+
+
+def record_losses(module: Any) -> list[tuple[float, float]]:
+    """Record ``(lr, loss)`` of every training step of ``module`` (micro-batches, with accumulation).
+
+    Lightning's callback keeps only its smoothed curve, whose bias correction divides by one
+    term too many (``1 - β^(global_step + 1)`` after ``global_step`` losses), which pulls the
+    first points down by up to half: on a flat curve the lowest point is then the first one.
+    The raw losses let :func:`smoothed_curve` smooth them as they were.
+    """
+    records: list[tuple[float, float]] = []
+    step = module.training_step
+
+    def training_step(*args: Any, **kwargs: Any) -> Any:
+        lr = module.trainer.optimizers[0].param_groups[0]["lr"]  # the LR this step's update uses
+        loss = step(*args, **kwargs)
+        records.append((float(lr), float(loss)))
+        return loss
+
+    module.training_step = training_step
+    return records
+
+
+def smoothed_curve(records: list[tuple[float, float]], beta: float = BETA) -> dict[str, list[float]]:
+    """One point per optimizer step (the mean loss of its micro-batches: the LR moves once per window, and a
+    skipped step repeats its LR), smoothed by a bias-corrected exponential moving average."""
+    lrs: list[float] = []
+    means: list[float] = []
+    count = 0
+    for lr, loss in records:
+        if lrs and lr == lrs[-1]:
+            count += 1
+            means[-1] += (loss - means[-1]) / count
+        else:
+            lrs.append(lr)
+            means.append(loss)
+            count = 1
+    smoothed, average = [], 0.0
+    for i, loss in enumerate(means):
+        average = beta * average + (1 - beta) * loss
+        smoothed.append(average / (1 - beta ** (i + 1)))
+    return {"lr": lrs, "loss": smoothed, "raw_loss": means}
 
 
 def suggestion(finder: Any, rule: str) -> Optional[float]:
@@ -191,7 +230,7 @@ def save_curve(finder: Any, lr: Optional[float], rule: str, out: Path) -> None:
         from matplotlib.figure import Figure
     except ImportError:
         return
-    figure = finder.plot(suggest=False)
+    figure = finder.plot(suggest=False)  # plots results["lr"] and results["loss"]
     assert isinstance(figure, Figure)
     if lr is not None:
         figure.axes[0].axvline(lr, color="red", linestyle="--", label=f"{rule}: {lr:.3g}")
