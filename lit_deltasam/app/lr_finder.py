@@ -172,7 +172,8 @@ def record_losses(module: Any) -> list[tuple[float, float]]:
 
     Lightning's callback keeps only its smoothed curve, whose bias correction divides by one
     term too many (``1 - β^(global_step + 1)`` after ``global_step`` losses), which pulls the
-    first points down by up to half: on a flat curve the lowest point is then the first one.
+    first points down by up to half (the rising start of its curves, Lightning-AI/pytorch-lightning#14167):
+    on a flat curve the lowest point is then the first one.
     The raw losses let :func:`smoothed_curve` smooth them as they were.
     """
     records: list[tuple[float, float]] = []
