@@ -7,8 +7,8 @@ shared with the regimes study where a configuration is identical):
   64; validation is the held-out 10% of train, test the official split) and ``mr noisy1k``
   (the regimes study's headline setting: 1,000 movie reviews, 20% of the labels flipped,
   5 epochs, max length 32), whose fixed-LR ERM rows are the regimes study's step 0;
-* arms: ERM at each LR of ``--lrs`` and ERM with ``tune_lr=true``, with Lightning's suggestion
-  (``lr_find.rule=steepest``, the default) and with ``lr_find.rule=minimum``; on r8 also δ-SAM as shipped
+* arms: ERM at each LR of ``--lrs`` and ERM with ``tune_lr=true``, with ``lr_find.rule=minimum``
+  (the default) and with ``lr_find.rule=steepest`` (Lightning's rule); on r8 also δ-SAM as shipped
   (5e-5) and δ-SAM with ``tune_lr=true`` (the range test runs on an ERM copy; δ-SAM trains
   at its LR);
 * seeds: ``--seeds`` (the regimes study's selection seeds), on validation: the recipe is
@@ -45,9 +45,11 @@ def deltasam() -> Method:
 def arms(task: str, lrs: list[float]) -> list[tuple[str, Method, float | str]]:
     """Every arm on r8; on mr, whose fixed-LR δ-SAM runs are the regimes study's, ERM's only."""
     out: list[tuple[str, Method, float | str]] = [(f"erm lr={lr:g}", Method("erm"), lr) for lr in lrs]
-    out += [("erm tune_lr", Method("erm"), TUNE), ("erm tune_lr rule=minimum", Method("erm"), f"{TUNE}:minimum")]
+    out += [("erm tune_lr rule=minimum", Method("erm"), f"{TUNE}:minimum")]
+    out += [("erm tune_lr rule=steepest", Method("erm"), f"{TUNE}:steepest")]
     if task == "r8":
-        out += [(f"deltasam lr={SHIPPED_LR:g}", deltasam(), SHIPPED_LR), ("deltasam tune_lr", deltasam(), TUNE)]
+        out += [(f"deltasam lr={SHIPPED_LR:g}", deltasam(), SHIPPED_LR)]
+        out += [("deltasam tune_lr rule=minimum", deltasam(), f"{TUNE}:minimum")]
     return out
 
 

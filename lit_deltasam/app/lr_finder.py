@@ -52,9 +52,9 @@ def apply(cfg: DictConfig) -> dict[str, float]:
 
 
 MODES = ("exponential", "linear")
-RULES = ("steepest", "minimum")
-"""``steepest``: Lightning's suggestion, where the smoothed loss falls fastest; ``minimum``: a tenth of the LR
-at the lowest smoothed loss (the rule of Smith, 2017, and fastai's ``lr_min``)."""
+RULES = ("minimum", "steepest")
+"""``minimum`` (the default): a tenth of the LR at the lowest smoothed loss (Smith, 2017; fastai's ``lr_min``);
+``steepest``: where the smoothed loss falls fastest (Lightning's rule, read off the corrected curve)."""
 SKIP_BEGIN, SKIP_END = 10, 1
 """The curve's points both rules pass over (Lightning's defaults)."""
 MIN_STEPS = 12

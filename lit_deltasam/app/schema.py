@@ -87,7 +87,7 @@ class LrFindSchema:
     num_training: int = 100
     mode: str = "exponential"
     early_stop_threshold: Optional[float] = 4.0
-    rule: str = "steepest"
+    rule: str = "minimum"
 
 
 @dataclass
