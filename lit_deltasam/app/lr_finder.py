@@ -1,8 +1,8 @@
 """``tune_lr=true``: Lightning's LR range test on an ERM copy of the run, before the run.
 
 The range test (Smith, 2017; Lightning's ``Tuner.lr_find``) trains for ``num_training``
-steps while the LR grows from ``min_lr`` to ``max_lr`` and suggests the LR where the
-smoothed loss falls fastest. It runs on a throw-away ERM copy of the model, built from the
+steps while the LR grows from ``min_lr`` to ``max_lr``; a rule (:data:`RULES`) reads the
+LR off the smoothed loss curve. It runs on a throw-away ERM copy of the model, built from the
 same seed, config and data: the LR is chosen for ERM and every method then trains at it
 (the regimes study's base-recipe rule), and the sharpness-aware state of the real run is
 never touched. The run that follows is the run ``optim.lr=<suggestion>`` would be.
@@ -57,8 +57,7 @@ RULES = ("minimum", "steepest")
 ``steepest``: where the smoothed loss falls fastest (Lightning's rule, read off the corrected curve)."""
 SKIP_BEGIN, SKIP_END = 10, 1
 """The curve's points both rules pass over (Lightning's defaults)."""
-MIN_STEPS = 12
-"""Lightning's suggestion skips the curve's first 10 points and its last."""
+MIN_STEPS = SKIP_BEGIN + SKIP_END + 1
 
 
 def check(cfg: DictConfig) -> None:
