@@ -1,46 +1,67 @@
 """Host synchronizations per optimizer step, counted by patching the Tensor methods that copy to the host.
 
-Today: ERM 1 (the joint decision whether the update is finite), SAM and ASAM 2 (plus the norm that decides
-whether ε is applied or skipped), δ-SAM 3 (plus the check whether the weights need their bounds), m-sharpness one
-more per group. The GPU target, at most one per step, needs those decisions on the device; it is not met yet,
-and these counts keep it from getting worse.
+On the host path (CPU tensors) the decisions are Python values: ERM reads 1 value per step (the joint
+decision whether the update is finite), SAM and ASAM 2 (plus the norm that decides whether ε is applied),
+δ-SAM 3 (plus the check whether the weights need their bounds), m-sharpness one more per group. On the
+device path (every accelerator; forced here on the CPU) every method reads exactly the one value that
+decides whether the base optimizer steps, and none on the micro-batches inside an accumulation window.
 """
 
-import collections
+import math
 
 import pytest
 import torch
-from helpers import MLP, classification_data
+from helpers import MLP, TinyData, TinyModule, classification_data
+from helpers import trainer as make_trainer
 
 from lit_deltasam import DeltaSAMConfig, DeltaSAMOptimizer
+from lit_deltasam.core.decisions import decisions_on_device
+from lit_deltasam.core.weighting import _bounded, _bounded_exact
 
 HOST = ("item", "tolist", "__bool__", "__float__", "__int__")
 
 
-def syncs_of_one_step(options):
-    x, y = classification_data(n=16)
-    torch.manual_seed(0)
-    model = MLP()
-    opt = DeltaSAMOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), DeltaSAMConfig(**options))
-    opt.step(model.losses, (x, y))  # first steps may check more, once
-    counts = collections.Counter()
-    originals = {name: getattr(torch.Tensor, name) for name in HOST}
+class counting_host_reads:
+    """Counts calls of the Tensor methods that read a value on the host."""
 
-    def counting(name, method):
-        def wrapped(self, *args, **kwargs):
-            counts[name] += 1
-            return method(self, *args, **kwargs)
+    def __enter__(self):
+        self.count = 0
+        self.originals = {name: getattr(torch.Tensor, name) for name in HOST}
 
-        return wrapped
+        def counting(method):
+            def wrapped(tensor, *args, **kwargs):
+                self.count += 1
+                return method(tensor, *args, **kwargs)
 
-    try:
-        for name, method in originals.items():
-            setattr(torch.Tensor, name, counting(name, method))
-        opt.step(model.losses, (x, y))
-    finally:
-        for name, method in originals.items():
+            return wrapped
+
+        for name, method in self.originals.items():
+            setattr(torch.Tensor, name, counting(method))
+        return self
+
+    def __exit__(self, *exc):
+        for name, method in self.originals.items():
             setattr(torch.Tensor, name, method)
-    return sum(counts.values())
+
+
+def batch(i, n=16):
+    x, y = classification_data(n=64)
+    idx = torch.randperm(64, generator=torch.Generator().manual_seed(i))[:n]
+    return x[idx], y[idx]
+
+
+def optimizer_for(options, seed=0):
+    torch.manual_seed(seed)
+    model = MLP()
+    return model, DeltaSAMOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), DeltaSAMConfig(**options))
+
+
+def syncs_of_one_step(options):
+    model, opt = optimizer_for(options)
+    opt.step(model.losses, batch(0))  # first steps may check more, once
+    with counting_host_reads() as reads:
+        opt.step(model.losses, batch(1))
+    return reads.count
 
 
 @pytest.mark.parametrize(
@@ -56,3 +77,128 @@ def syncs_of_one_step(options):
 )
 def test_host_synchronizations_per_step(options, expected):
     assert syncs_of_one_step(options) == expected
+
+
+DEVICE_CASES = {
+    "erm": dict(method="erm"),
+    "sam": dict(method="sam"),
+    "asam": dict(method="asam", rho=0.5),
+    "deltasam": dict(method="deltasam", estimator="head"),
+    "deltasam-bounds": dict(method="deltasam", estimator="head", beta=-2.0, weight_min=0.5, weight_max=1.5),
+    "deltasam-probe": dict(method="deltasam", estimator="probe"),
+    "deltasam-exact": dict(method="deltasam", estimator="exact"),
+    "m-sam-3": dict(method="sam", m_sharpness=3),
+    "per-instance": dict(method="per_instance"),
+    "interval": dict(method="sam", interval=3),
+    "looksam": dict(method="sam", interval=2, reuse="looksam"),
+    "looksam-deltasam": dict(method="deltasam", estimator="head", interval=2, reuse="looksam"),
+}
+
+
+@pytest.mark.parametrize("options", DEVICE_CASES.values(), ids=DEVICE_CASES)
+def test_one_synchronization_per_step_on_device(options):
+    model, opt = optimizer_for(dict(options, accumulate_grad_batches=2))
+    with decisions_on_device():
+        for i in range(2):
+            opt.step(model.losses, batch(i))
+        for i in range(2, 8):
+            with counting_host_reads() as reads:
+                result = opt.step(model.losses, batch(i))
+            assert reads.count == (1 if result.stepped else 0), (i, result.stepped)
+    assert opt.steps == 4
+
+
+@pytest.mark.parametrize("options", DEVICE_CASES.values(), ids=DEVICE_CASES)
+def test_device_decisions_train_the_host_paths_weights(options):
+    trained = []
+    for on_device in (False, True):
+        model, opt = optimizer_for(options)
+        with decisions_on_device(on_device):
+            for i in range(6):
+                opt.step(model.losses, batch(i))
+        trained.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        assert opt.state.scalars()["perturbation_skipped"] == 0
+    torch.testing.assert_close(trained[1], trained[0], rtol=0, atol=2e-6)
+
+
+class Constant(MLP):
+    """Zero gradient at the first step for half the training: ‖g‖ = 0, ε is skipped."""
+
+    def losses(self, batch):
+        return super().losses(batch) * 0.0
+
+
+@pytest.mark.parametrize("method", ["sam", "asam", "per_instance"])
+def test_device_path_skips_a_vanishing_perturbation(method):
+    for on_device in (False, True):
+        torch.manual_seed(0)
+        model = Constant()
+        before = [p.detach().clone() for p in model.parameters()]
+        opt = DeltaSAMOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), DeltaSAMConfig(method=method))
+        with decisions_on_device(on_device):
+            result = opt.step(model.losses, batch(0))
+        # per-instance SAM skips ε_i instance by instance and counts no skipped step
+        assert result.stepped and opt.state.scalars()["perturbation_skipped"] == (method != "per_instance")
+        assert torch.equal(result.perturbed_losses, result.losses)
+        for p, b in zip(model.parameters(), before):
+            assert torch.equal(p, b)
+
+
+@pytest.mark.parametrize("method", ["sam", "deltasam", "per_instance"])
+def test_device_path_skips_a_non_finite_step(method):
+    torch.manual_seed(0)
+    model = MLP()
+    opt = DeltaSAMOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), DeltaSAMConfig(method=method))
+    x, y = batch(1)
+    x[3] = math.nan
+    with decisions_on_device():
+        opt.step(model.losses, batch(0))
+        before = [p.detach().clone() for p in model.parameters()]
+        with pytest.warns(RuntimeWarning, match="optimizer step is skipped"):
+            result = opt.step(model.losses, (x, y))
+    assert not result.stepped and opt.state.steps_skipped == 1
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)
+
+
+@pytest.mark.parametrize("low, high", [(0.1, 10.0), (0.5, 1.5), (0.0, 2.0), (0.3, math.inf), (0.9, 1.1), (1.0, 1.0)])
+def test_bounds_solved_on_device_equal_the_bisection(low, high):
+    g = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        n = 1 + trial
+        logits = torch.randn(n, generator=g, dtype=torch.float64) * (8 * trial / 40)
+        logits[: n // 3] = logits[0]  # ties among the breakpoints
+        expected = _bounded(logits, low, high)
+        exact = _bounded_exact(logits, low, high)
+        torch.testing.assert_close(exact, expected, rtol=0, atol=1e-12)
+        assert float(exact.min()) >= low - 1e-12 and float(exact.max()) <= high + 1e-12
+        with decisions_on_device():
+            torch.testing.assert_close(_bounded(logits, low, high), expected, rtol=0, atol=1e-12)
+
+
+def test_looksam_on_device_adds_nothing_before_a_direction_is_recorded():
+    """A first full step with no orthogonal part records zeros (the host path records nothing): the plain steps
+    after it are plain."""
+    from lit_deltasam.core.amortized import Reuse
+
+    full = [torch.ones(3), torch.ones(2)]
+    with decisions_on_device():
+        reuse = Reuse(alpha=0.7)
+        assert reuse.record(full, [2 * f for f in full]) is None  # G parallel to g
+        grads = [torch.full((3,), 0.5), torch.full((2,), -1.0)]
+        reuse.apply(grads)
+    assert torch.equal(grads[0], torch.full((3,), 0.5)) and torch.equal(grads[1], torch.full((2,), -1.0))
+
+
+def test_mixin_gathers_diagnostics_only_on_logging_steps_under_ddp(monkeypatch, tmp_path):
+    """Under DDP the diagnostics' all-gather runs on the steps the loggers record (here a stand-in world of 2)."""
+    import lit_deltasam.lightning.mixin as mixin
+
+    gathered = []
+    monkeypatch.setattr(mixin, "world_size", lambda: 2)
+    monkeypatch.setattr(
+        mixin, "reduce_over_ranks", lambda means, maxima, device: gathered.append(1) or {**means, **maxima}
+    )
+    trainer = make_trainer(max_steps=9, log_every_n_steps=3, default_root_dir=tmp_path)
+    trainer.fit(TinyModule(DeltaSAMConfig(method="sam")), datamodule=TinyData())
+    assert len(gathered) == 3

@@ -12,12 +12,14 @@ micro-batches instead of a mean): nothing needs unscaling here.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from .decisions import on_device
 from .norms import total_norm
 from .sharding import NormReduce, local
 
@@ -45,7 +47,7 @@ class Reuse:
         self.direction: Optional[list[Tensor]] = None
 
     @torch.no_grad()
-    def record(self, full: Sequence[Tensor], plain: Sequence[Tensor]) -> Optional[float]:
+    def record(self, full: Sequence[Tensor], plain: Sequence[Tensor]) -> Optional[float | Tensor]:
         """Store ``g_v`` from a full step's G (``full``) and the plain gradient at w (``plain``).
 
         Returns the cosine between the stored direction it replaces and the fresh one
@@ -55,6 +57,8 @@ class Reuse:
         """
         full, plain = [local(g) for g in full], [local(g) for g in plain]
         full_norm, plain_norm = total_norm(full, self.reduce), total_norm(plain, self.reduce)
+        if on_device(full_norm.device):
+            return self._record_on_device(full, plain, full_norm, plain_norm)
         if not (torch.isfinite(full_norm) and torch.isfinite(plain_norm)) or plain_norm == 0:
             return None
         along = (_dot(full, plain, self.reduce) / plain_norm.double().pow(2)).item()
@@ -66,6 +70,30 @@ class Reuse:
         if self.direction is not None:
             norms = total_norm(self.direction, self.reduce) * fresh_norm
             staleness = (_dot(self.direction, fresh, self.reduce) / norms.double()).item()
+        self.direction = fresh
+        return staleness
+
+    def _record_on_device(
+        self, full: list[Tensor], plain: list[Tensor], full_norm: Tensor, plain_norm: Tensor
+    ) -> Optional[Tensor]:
+        """:meth:`record` with its decision taken on the device; the cosine is NaN on a full step that kept the
+        stored direction. A direction never recorded is kept as zeros, which :meth:`apply` adds nothing of."""
+        along = _dot(full, plain, self.reduce) / plain_norm.double().pow(2)
+        fresh = list(torch._foreach_mul(plain, (-along).to(plain[0].dtype)))
+        torch._foreach_add_(fresh, full)
+        fresh_norm = total_norm(fresh, self.reduce)
+        ok = torch.isfinite(full_norm) & torch.isfinite(plain_norm) & (plain_norm > 0)
+        ok = ok & (fresh_norm > MIN_SHARE * full_norm)
+        staleness = None
+        if self.direction is None:
+            for f in fresh:
+                f.masked_fill_(~ok, 0.0)
+        else:
+            norms = total_norm(self.direction, self.reduce) * fresh_norm
+            cosine = _dot(self.direction, fresh, self.reduce) / norms.double()
+            staleness = torch.where(ok, cosine, torch.full_like(cosine, math.nan))
+            for f, d in zip(fresh, self.direction):
+                f.copy_(torch.where(ok, f, d))
         self.direction = fresh
         return staleness
 
@@ -82,5 +110,8 @@ class Reuse:
         present, directions = [g for g, _ in pairs], [d for _, d in pairs]
         # both norms over the same parameters: those with a gradient this step
         scale = total_norm(present, self.reduce) / total_norm(directions, self.reduce)
-        if torch.isfinite(scale):
+        if on_device(scale.device):  # 0 where the stored direction is zeros (none recorded yet) or g is not finite
+            factor = torch.where(torch.isfinite(scale), scale * (strength * self.alpha), 0.0).to(present[0].dtype)
+            torch._foreach_addcmul_(present, directions, [factor] * len(present))
+        elif torch.isfinite(scale):
             torch._foreach_add_(present, directions, alpha=strength * self.alpha * scale.item())

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..config import PROBING, DeltaSAMConfig
 from .batch import Batch, LossFn, batch_size, check_losses, slice_batch
+from .decisions import all_of
 from .distributed import arm_reducer, gather_instances, rank, refuse_static_graph, sum_over_ranks, world_size
 from .guardedness import ForwardCache, HeadTap, Prober, find_head, select_params
 from .norms import total_norm
@@ -49,8 +50,9 @@ class StepResult:
     """``||g_lambda||`` (``||T g||`` for ASAM), the norm that normalized eps."""
     eps_norm: Optional[Tensor] = None
     """``||eps||``; zero when the perturbation was skipped."""
-    perturbed: bool = False
-    """False when eps was set to zero because ``||g||`` was zero or not finite."""
+    perturbed: bool | Tensor = False
+    """False when eps was set to zero because ``||g||`` was zero or not finite; a 0-d bool tensor where the
+    decision was taken on the device (:mod:`~lit_deltasam.core.decisions`)."""
     update_norm: Optional[Tensor] = None
     """``||G||`` of the accumulated ``.grad``, when the step checked it."""
     finite: Optional[bool] = None
@@ -132,7 +134,7 @@ def _merge_groups(parts: list[tuple[float, StepResult]]) -> StepResult:
         batch_weights=weights,
         grad_norm=torch.stack([r.grad_norm for r in results]).mean(),  # type: ignore[misc]
         eps_norm=torch.stack([r.eps_norm for r in results]).mean(),  # type: ignore[misc]
-        perturbed=all(r.perturbed for r in results),
+        perturbed=all_of([r.perturbed for r in results]),
         plain_grad=plain,
     )
 
@@ -491,7 +493,7 @@ class DeltaSAM:
                 device=self.device,
             )
             del with_grad
-            if applied and self.params[0].dtype in (torch.float16, torch.bfloat16):
+            if applied is not False and self.params[0].dtype in (torch.float16, torch.bfloat16):
                 # what the weights moved, after rounding to their dtype: 16-bit weights can round eps away
                 eps_norm = self._params_before.change_norm(self.reduce_squares, self.device)
                 self._warn_if_16_bit_weights(rho, eps_norm)

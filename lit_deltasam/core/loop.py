@@ -41,7 +41,8 @@ class LoopState:
     """Micro-batches accumulated towards the next optimizer step."""
     micro_batches: int = 0
     """Micro-batches run in total; keys each step's random seed."""
-    perturbation_skipped: int = 0
+    perturbation_skipped: int | Tensor = 0
+    """Perturbations skipped (ε = 0); a 0-d tensor while decisions are taken on the device."""
     steps_skipped: int = 0
     epochs_scheduled: int = 0
     """Epochs whose end has stepped the epoch-interval LR schedulers (the Lightning mixin's)."""
@@ -60,7 +61,8 @@ class LoopState:
     TENSORS = ("plain_sum", "reuse_direction")
 
     def scalars(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.TENSORS}
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.TENSORS}
+        return {k: int(v) if isinstance(v, Tensor) else v for k, v in values.items()}
 
     @classmethod
     def from_scalars(cls, saved: dict[str, Any]) -> LoopState:
@@ -241,7 +243,8 @@ class DeltaSAMOptimizer:
         state.micro_batches += 1
         if self.config.perturbs and rho > 0:
             state.perturbing += 1
-            state.perturbation_skipped += not result.perturbed
+            perturbed = result.perturbed
+            state.perturbation_skipped += (~perturbed).int() if isinstance(perturbed, Tensor) else not perturbed
         if result.plain_grad is not None:
             if state.plain_sum is None:
                 state.plain_sum = result.plain_grad
@@ -258,7 +261,7 @@ class DeltaSAMOptimizer:
         optimizer_step: Callable[[], bool],
         zero_grad: Callable[[], None],
         schedulers: Optional[Sequence[Any]] = None,
-        log: Optional[Callable[[str, float], None]] = None,
+        log: Optional[Callable[[str, float | Tensor], None]] = None,
     ) -> bool:
         """Close the accumulation window: average G, skip a non-finite step, apply LookSAM, step, zero.
 
@@ -304,7 +307,7 @@ class DeltaSAMOptimizer:
         plain: Optional[list[Tensor]],
         step: int,
         schedulers: Optional[Sequence[Any]],
-        log: Optional[Callable[[str, float], None]],
+        log: Optional[Callable[[str, float | Tensor], None]],
     ) -> None:
         """LookSAM at the window's end, on the synchronized G: store g_v after a full step, add it after a plain one."""
         cfg, state, engine = self.config, self.state, self.engine

@@ -20,6 +20,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from torch.utils._pytree import tree_map
 
 from .batch import Batch, LossFn, batch_size, check_losses, slice_batch
+from .decisions import on_device, scale_or_zero
 from .norms import total_norm
 from .randomness import RandomState
 from .snapshot import Snapshot
@@ -133,7 +134,11 @@ class PerInstance:
                     torch._foreach_add_(plain, grads)
                 norm = total_norm(grads)
                 try:
-                    if norm > 0 and torch.isfinite(norm):
+                    if on_device(norm.device):  # eps_i = 0 where ||g_i|| is 0 or not finite, with no value read
+                        with torch.no_grad():
+                            torch._foreach_mul_(grads, scale_or_zero(rho, norm))
+                            torch._foreach_add_(self.params, grads)
+                    elif norm > 0 and torch.isfinite(norm):
                         with torch.no_grad():
                             torch._foreach_add_(self.params, grads, alpha=rho / norm.item())
                     with random_state.replay() if self.share_dropout else nullcontext():

@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .decisions import on_device, scale_or_zero
 from .norms import total_norm
 from .sharding import NormReduce, local
 
@@ -23,7 +24,7 @@ def perturb(
     eta: float = 0.0,
     reduce_squares: Optional[NormReduce] = None,
     device: Optional[torch.device] = None,
-) -> tuple[Tensor, Tensor, bool]:
+) -> tuple[Tensor, Tensor, bool | Tensor]:
     """Move ``params`` in place to ``w + eps``.
 
     SAM: ``eps = rho * g / ||g||``. ASAM (``adaptive``): ``eps = rho * T² g / ||T g||``
@@ -33,27 +34,41 @@ def perturb(
     Sharded parameters and gradients (DTensors) are updated shard by shard, with
     ``reduce_squares`` summing the norms over shards.
 
+    On an accelerator the decision is taken on the device (:mod:`.decisions`): the gradients are
+    scaled in place into eps (the caller replaces them with the descent's), and ``applied`` is a 0-d
+    bool tensor. A non-finite norm then leaves the weights non-finite for the descent, whose G is
+    non-finite too: the step is skipped, as the host path skips it.
+
     Returns:
         ``(||g||, ||eps||, applied)``, where ``||g||`` is the norm that normalized eps.
     """
     params, grads = [local(p) for p in params], [local(g) for g in grads]
+    scale: Optional[Sequence[Tensor]] = None
     if adaptive:
         scale = torch._foreach_abs(params)
         torch._foreach_add_(scale, eta)
-        scaled = torch._foreach_mul(scale, grads)
+        scaled = torch._foreach_mul(scale, grads)  # type: ignore[arg-type]
         norm = total_norm(scaled, reduce_squares, device=device)
     else:
         norm = total_norm(grads, reduce_squares, device=device)
-    value = norm.item()
-    if not (math.isfinite(value) and value > 0):
-        return norm, torch.zeros_like(norm), False
-    factor = rho / value
-    if adaptive:
-        torch._foreach_mul_(scaled, scale)
+    if on_device(norm.device):
+        factor: float | Tensor = scale_or_zero(rho, norm)
+        applied: bool | Tensor = factor > 0
+    else:
+        value = norm.item()
+        if not (math.isfinite(value) and value > 0):
+            return norm, torch.zeros_like(norm), False
+        factor, applied = rho / value, True
+    if scale is not None:
+        torch._foreach_mul_(scaled, scale)  # type: ignore[arg-type]
         torch._foreach_mul_(scaled, factor)
         eps_norm = total_norm(scaled, reduce_squares, device=device)
         torch._foreach_add_(params, scaled)
+    elif isinstance(factor, Tensor):
+        torch._foreach_mul_(grads, factor)
+        eps_norm = torch.where(factor > 0, rho, 0.0).to(norm.dtype)
+        torch._foreach_add_(params, grads)
     else:
         eps_norm = torch.as_tensor(rho, dtype=norm.dtype, device=norm.device)
         torch._foreach_add_(params, grads, alpha=factor)
-    return norm, eps_norm, True
+    return norm, eps_norm, applied

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor
 
+from .decisions import on_device
+
 
 def instance_weights(
     scores: Tensor,
@@ -58,7 +60,10 @@ def _bounded(logits: Tensor, low: float, high: float, iterations: int = 200) -> 
     """``clamp(exp(logits + t), low, high)`` with ``t`` such that the result sums to ``n`` (bisection on ``t``)."""
     n = logits.numel()
     weights = n * torch.softmax(logits, dim=0)
-    if bool(((weights >= low) & (weights <= high)).all()):
+    inside = ((weights >= low) & (weights <= high)).all()
+    if on_device(logits.device):
+        return torch.where(inside, weights, _bounded_exact(logits, low, high))
+    if bool(inside):
         return weights
     device, logits = logits.device, logits.cpu()  # n numbers: the bisection stays off the accelerator
     # the sum is non-decreasing in t, from n * low (every entry at low) to n * high, and low <= 1 <= high
@@ -72,6 +77,40 @@ def _bounded(logits: Tensor, low: float, high: float, iterations: int = 200) -> 
             hi = mid
     out = (logits + hi).exp().clamp(low, high)
     return (out * (n / out.sum())).to(device)
+
+
+def _bounded_exact(logits: Tensor, low: float, high: float) -> Tensor:
+    """:func:`_bounded` solved exactly in a fixed number of batched ops, with no value read on the host.
+
+    ``f(t) = sum_i clamp(exp(l_i + t), low, high)`` is piecewise ``c_low * low + c_high * high + e^t * S``
+    between the sorted breakpoints ``log(low) - l_i`` and ``log(high) - l_i``; every interval solves for its
+    ``t`` at once, and the first whose ``t`` lies inside it is the root (or, where no entry is free, the first
+    interval whose constant sum is n).
+    """
+    n = logits.numel()
+    if low >= high:  # low <= 1 <= high: every weight is 1
+        return torch.ones_like(logits)
+    shifted = logits - logits.max()
+    below = (math.log(low) if low > 0 else -math.inf) - shifted
+    above = (math.log(high) if high < math.inf else math.inf) - shifted
+    edges = torch.cat([below, above]).sort().values
+    start, stop = edges[:-1], edges[1:]
+    at_low = below[None, :] >= stop[:, None]
+    at_high = above[None, :] <= start[:, None]
+    free = ~(at_low | at_high)
+    rest = (
+        n
+        - low * at_low.sum(1, dtype=logits.dtype)
+        - (high * at_high.sum(1, dtype=logits.dtype) if high < math.inf else 0)
+    )
+    mass = torch.logsumexp(torch.where(free, shifted[None, :], -math.inf), dim=1)
+    moving = free.any(1)
+    t = torch.where(moving, rest.clamp_min(0).log() - mass, (start + stop) / 2)
+    # an interval with no free entry is a root where its constant sum is n (every weight at a bound)
+    root_in = torch.where(moving, (t >= start) & (t <= stop) & (rest > 0), rest.abs() <= 1e-12 * n)
+    root = t[root_in.int().argmax()]
+    out = (shifted + root).exp().clamp(low, high)
+    return out * (n / out.sum())
 
 
 def effective_sample_size(weights: Tensor) -> Tensor:

@@ -233,6 +233,8 @@ class DeltaSAMMixin:
     def _deltasam_log(self, cfg: DeltaSAMConfig, result: StepResult, last: bool, rho: float, full: bool) -> None:
         module = self._deltasam_module
         state = self._deltasam_state
+        if world_size() > 1 and not module.trainer._logger_connector.should_update_logs:
+            return  # the diagnostics' all-gather runs on the steps the loggers record (log_every_n_steps)
         means: dict[str, Tensor] = {"train/loss": result.loss}
         if cfg.perturbs:
             module.log("sam/rho", rho, on_step=True, on_epoch=False)
@@ -251,7 +253,7 @@ class DeltaSAMMixin:
         if result.update_norm is not None:
             means["sam/update_norm"] = result.update_norm
         if cfg.perturbs:
-            means["sam/perturbation_skipped"] = torch.tensor(state.perturbation_skipped / max(state.perturbing, 1))
+            means["sam/perturbation_skipped"] = torch.as_tensor(state.perturbation_skipped / max(state.perturbing, 1))
         means["sam/steps_skipped"] = torch.tensor(float(state.steps_skipped))
         metrics = reduce_over_ranks(means, maxima, device=result.losses.device)
         loss = metrics.pop("train/loss")

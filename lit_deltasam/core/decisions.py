@@ -1,0 +1,54 @@
+"""Where a step takes its data-dependent decisions: skip ε, bound λ, keep LookSAM's direction, count skips.
+
+On an accelerator every read of a tensor's value on the host waits for the queue of kernels
+before it, so there the decisions are tensors (``torch.where``, masks) and a step reads one
+value: the joint check that decides whether the base optimizer steps at all (a loss scaler
+takes the same read). On the CPU a read costs nothing; the decisions are Python values there,
+and that path's arithmetic is the one every committed result was made with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+_forced: Optional[bool] = None
+
+
+def on_device(device: torch.device) -> bool:
+    """Whether steps on ``device`` keep their decisions on the device (every device but the CPU)."""
+    return _forced if _forced is not None else device.type != "cpu"
+
+
+@contextmanager
+def decisions_on_device(enabled: bool = True) -> Iterator[None]:
+    """Take the decisions on the device (or on the host) whatever the device: to check one path on the other's
+    hardware, as the tests do on the CPU."""
+    global _forced
+    before, _forced = _forced, enabled
+    try:
+        yield
+    finally:
+        _forced = before
+
+
+def scale_or_zero(numerator: float, norm: Tensor) -> Tensor:
+    """``numerator / norm`` where ``norm`` is positive and finite, else 0, as a 0-d float32 tensor (computed in
+    float64, as the host path divides)."""
+    ok = torch.isfinite(norm) & (norm > 0)
+    return torch.where(ok, numerator / norm.double(), torch.zeros((), dtype=torch.float64, device=norm.device)).float()
+
+
+def all_of(flags: list[bool | Tensor]) -> bool | Tensor:
+    """``all(flags)``, as a 0-d bool tensor when any flag is one."""
+    if all(isinstance(f, bool) for f in flags):
+        return all(flags)
+    return torch.stack([torch.as_tensor(f, device=_device(flags)) for f in flags]).all()
+
+
+def _device(flags: list[bool | Tensor]) -> torch.device:
+    return next(f.device for f in flags if isinstance(f, Tensor))
