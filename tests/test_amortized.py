@@ -41,17 +41,19 @@ def test_least_squares_trajectory_in_closed_form(interval, reuse):
     torch.testing.assert_close(module.w.detach(), expected, atol=1e-10, rtol=0)
 
 
-def test_reuse_formula_and_staleness():
+def test_reuse_formula_in_the_plain_gradients_buffers():
     plain = [torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)]
     full = [torch.tensor([2.0, 3.0, 0.0], dtype=torch.float64)]
     reuse = Reuse(alpha=0.5)
-    assert reuse.record(full, plain) is None
+    reuse.record(full, plain)
     torch.testing.assert_close(reuse.direction[0], torch.tensor([0.0, 3.0, 0.0], dtype=torch.float64))
+    assert (
+        reuse.direction[0].data_ptr() == plain[0].data_ptr()
+    )  # no copy of the parameters' size beside the plain gradient
+    assert float(reuse.norm) == 3.0
     grads = [torch.tensor([0.0, 0.0, 4.0], dtype=torch.float64)]
     reuse.apply(grads)
     torch.testing.assert_close(grads[0], torch.tensor([0.0, 2.0, 4.0], dtype=torch.float64))  # + 0.5 * 4/3 * g_v
-    staleness = reuse.record([torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)], plain)
-    assert staleness == pytest.approx(1 / 2**0.5)  # old (0, 3, 0) against fresh (0, 1, 1)
 
 
 @pytest.mark.parametrize("method", [dict(method="sam"), dict(method="deltasam", estimator="exact", beta=-1.0)])
@@ -97,28 +99,55 @@ def test_resume_mid_interval_is_exact(at, tmp_path):
     assert torch.equal(flat_params(resumed), flat_params(full))
 
 
-def test_full_steps_and_staleness_are_logged():
+def test_full_steps_are_logged():
     module = TinyModule(DeltaSAMConfig(method="sam", interval=2, reuse="looksam"))
     seen = []
 
     class Watch(RecordRho):
         def on_train_batch_end(self, trainer, pl_module, *args):
-            metrics = trainer.callback_metrics
-            seen.append((float(metrics["sam/full_step"]), "sam/reuse_cos" in metrics))
+            seen.append(float(trainer.callback_metrics["sam/full_step"]))
 
     trainer(max_steps=5, callbacks=[Watch()]).fit(module, loader(n=64, batch_size=8))
-    assert [full for full, _ in seen] == [1.0, 0.0, 1.0, 0.0, 1.0]
-    assert [cos for _, cos in seen] == [False, False, True, True, True]  # from the second full step on
+    assert seen == [1.0, 0.0, 1.0, 0.0, 1.0]
 
 
-def test_reuse_keeps_its_direction_through_a_non_finite_or_degenerate_full_step():
-    plain = [torch.tensor([1.0, 0.0], dtype=torch.float64)]
-    reuse = Reuse(alpha=1.0)
-    reuse.record([torch.tensor([1.0, 2.0], dtype=torch.float64)], plain)
-    stored = reuse.direction[0].clone()
-    assert reuse.record([torch.tensor([float("inf"), 1.0], dtype=torch.float64)], plain) is None  # overflowed G
-    assert reuse.record([torch.tensor([3.0, 1e-9], dtype=torch.float64)], plain) is None  # no orthogonal part
-    assert torch.equal(reuse.direction[0], stored)
+def test_reuse_stores_nothing_from_a_non_finite_or_degenerate_full_step():
+    for full in ([float("inf"), 1.0], [3.0, 1e-9]):  # an overflowed G; one with no orthogonal part
+        reuse = Reuse(alpha=1.0)
+        reuse.record([torch.tensor([1.0, 2.0], dtype=torch.float64)], [torch.tensor([1.0, 0.0], dtype=torch.float64)])
+        assert reuse.direction is not None
+        reuse.record([torch.tensor(full, dtype=torch.float64)], [torch.tensor([1.0, 0.0], dtype=torch.float64)])
+        assert reuse.direction is None and reuse.norm is None
+        grads = [torch.tensor([0.5, -1.0], dtype=torch.float64)]
+        reuse.apply(grads)
+        assert torch.equal(grads[0], torch.tensor([0.5, -1.0], dtype=torch.float64))  # a plain step
+
+
+def test_a_full_step_drops_the_stored_direction_before_its_passes():
+    """The second pass of a full step holds the plain gradient and the snapshot of w, as SAM's does, and no
+    older direction beside them: LookSAM's memory is SAM's plus the one stored direction."""
+    from helpers import MLP, classification_data
+
+    from lit_deltasam import DeltaSAMOptimizer
+
+    torch.manual_seed(0)
+    model = MLP()
+    config = DeltaSAMConfig(method="sam", interval=2, reuse="looksam", accumulate_grad_batches=2)
+    opt = DeltaSAMOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), config)
+    held = []
+    step = opt.engine.step
+
+    def watching(*args, **kwargs):
+        held.append(opt.state.reuse_direction is not None)
+        return step(*args, **kwargs)
+
+    x, y = classification_data(n=16)
+    with mock.patch.object(opt.engine, "step", watching):
+        for _ in range(8):
+            opt.step(model.losses, (x, y))
+    # windows of 2 micro-batches: full, plain, full, plain
+    assert held == [False, False, True, True, False, False, True, True]
+    assert opt.state.reuse_direction is not None
 
 
 def test_reuse_leaves_parameters_without_a_gradient_alone_and_follows_the_schedule():

@@ -12,7 +12,6 @@ micro-batches instead of a mean): nothing needs unscaling here.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Optional
 
@@ -36,66 +35,64 @@ def _dot(a: Sequence[Tensor], b: Sequence[Tensor], reduce: Optional[NormReduce])
 class Reuse:
     """The stored orthogonal direction ``g_v`` of LookSAM, one local tensor (shard) per parameter.
 
+    It holds one copy of the parameters' size, and nothing else across steps: the loop drops the
+    stored direction when a full step starts, so that the full step's second pass holds the plain
+    gradient and the snapshot of w as SAM's does, and no older direction beside them.
+
     Args:
         alpha: weight of the reused direction between full steps.
         reduce: sums a local scalar over the shards of sharded parameters (``None``: whole tensors).
     """
 
-    def __init__(self, alpha: float, reduce: Optional[NormReduce] = None) -> None:
+    def __init__(
+        self,
+        alpha: float,
+        reduce: Optional[NormReduce] = None,
+        direction: Optional[list[Tensor]] = None,
+        norm: Optional[Tensor] = None,
+    ) -> None:
         self.alpha = alpha
         self.reduce = reduce
-        self.direction: Optional[list[Tensor]] = None
+        self.direction = direction
+        self.norm = norm
+        """``||g_v||``, kept from :meth:`record` (``None``: computed at the next :meth:`apply`)."""
 
     @torch.no_grad()
-    def record(self, full: Sequence[Tensor], plain: Sequence[Tensor]) -> Optional[float | Tensor]:
-        """Store ``g_v`` from a full step's G (``full``) and the plain gradient at w (``plain``).
+    def record(self, full: Sequence[Tensor], plain: Sequence[Tensor]) -> None:
+        """Store ``g_v`` from a full step's G (``full``) and the plain gradient at w (``plain``), written into
+        ``plain``'s buffers.
 
-        Returns the cosine between the stored direction it replaces and the fresh one
-        (how stale the reused direction had become), or ``None`` when there was none. A
-        non-finite G (a step a loss scaler will skip) or one with no orthogonal part to
-        speak of (a skipped or vanishing perturbation) keeps the stored direction.
+        A non-finite G (a step a loss scaler will skip) or one with no orthogonal part to speak
+        of (a skipped or vanishing perturbation) stores nothing: the plain steps until the next
+        full step are plain.
         """
         full, plain = [local(g) for g in full], [local(g) for g in plain]
         full_norm, plain_norm = total_norm(full, self.reduce), total_norm(plain, self.reduce)
         if on_device(full_norm.device):
-            return self._record_on_device(full, plain, full_norm, plain_norm)
+            self._record_on_device(full, plain, full_norm, plain_norm)
+            return
+        self.direction = self.norm = None
         if not (torch.isfinite(full_norm) and torch.isfinite(plain_norm)) or plain_norm == 0:
-            return None
+            return
         along = (_dot(full, plain, self.reduce) / plain_norm.double().pow(2)).item()
-        fresh = list(torch._foreach_add(full, plain, alpha=-along))
-        fresh_norm = total_norm(fresh, self.reduce)
-        if not fresh_norm > MIN_SHARE * full_norm:
-            return None
-        staleness = None
-        if self.direction is not None:
-            norms = total_norm(self.direction, self.reduce) * fresh_norm
-            staleness = (_dot(self.direction, fresh, self.reduce) / norms.double()).item()
-        self.direction = fresh
-        return staleness
+        for g, p in zip(full, plain):  # g_v written over the plain gradient, which nothing needs after this
+            torch.add(g, p, alpha=-along, out=p)
+        fresh_norm = total_norm(plain, self.reduce)
+        if fresh_norm > MIN_SHARE * full_norm:
+            self.direction, self.norm = plain, fresh_norm
 
-    def _record_on_device(
-        self, full: list[Tensor], plain: list[Tensor], full_norm: Tensor, plain_norm: Tensor
-    ) -> Optional[Tensor]:
-        """:meth:`record` with its decision taken on the device; the cosine is NaN on a full step that kept the
-        stored direction. A direction never recorded is kept as zeros, which :meth:`apply` adds nothing of."""
+    def _record_on_device(self, full: list[Tensor], plain: list[Tensor], full_norm: Tensor, plain_norm: Tensor) -> None:
+        """:meth:`record` with its decision taken on the device: a full step that stores nothing stores zeros,
+        which :meth:`apply` adds nothing of."""
         along = _dot(full, plain, self.reduce) / plain_norm.double().pow(2)
-        fresh = list(torch._foreach_mul(plain, (-along).to(plain[0].dtype)))
-        torch._foreach_add_(fresh, full)
-        fresh_norm = total_norm(fresh, self.reduce)
+        torch._foreach_mul_(plain, (-along).to(plain[0].dtype))
+        torch._foreach_add_(plain, full)
+        fresh_norm = total_norm(plain, self.reduce)
         ok = torch.isfinite(full_norm) & torch.isfinite(plain_norm) & (plain_norm > 0)
         ok = ok & (fresh_norm > MIN_SHARE * full_norm)
-        staleness = None
-        if self.direction is None:
-            for f in fresh:
-                f.masked_fill_(~ok, 0.0)
-        else:
-            norms = total_norm(self.direction, self.reduce) * fresh_norm
-            cosine = _dot(self.direction, fresh, self.reduce) / norms.double()
-            staleness = torch.where(ok, cosine, torch.full_like(cosine, math.nan))
-            for f, d in zip(fresh, self.direction):
-                f.copy_(torch.where(ok, f, d))
-        self.direction = fresh
-        return staleness
+        for f in plain:
+            f.masked_fill_(~ok, 0.0)
+        self.direction, self.norm = plain, torch.where(ok, fresh_norm, 0.0)
 
     @torch.no_grad()
     def apply(self, grads: Sequence[Optional[Tensor]], strength: float = 1.0) -> None:
@@ -109,8 +106,14 @@ class Reuse:
         pairs = [(local(g), d) for g, d in zip(grads, self.direction) if g is not None]
         present, directions = [g for g, _ in pairs], [d for _, d in pairs]
         # both norms over the same parameters: those with a gradient this step
-        scale = total_norm(present, self.reduce) / total_norm(directions, self.reduce)
-        if on_device(scale.device):  # 0 where the stored direction is zeros (none recorded yet) or g is not finite
+        if len(present) < len(self.direction):
+            direction_norm = total_norm(directions, self.reduce)
+        else:
+            if self.norm is None:
+                self.norm = total_norm(directions, self.reduce)
+            direction_norm = self.norm
+        scale = total_norm(present, self.reduce) / direction_norm
+        if on_device(scale.device):  # 0 where the stored direction is zeros (none recorded) or g is not finite
             factor = torch.where(torch.isfinite(scale), scale * (strength * self.alpha), 0.0).to(present[0].dtype)
             torch._foreach_addcmul_(present, directions, [factor] * len(present))
         elif torch.isfinite(scale):

@@ -56,9 +56,11 @@ class LoopState:
     plain_sum: Optional[list[Tensor]] = None
     """LookSAM: the plain gradients at w summed over this window's micro-batches (full steps only)."""
     reuse_direction: Optional[list[Tensor]] = None
-    """LookSAM: the stored direction g_v of the last full step."""
+    """LookSAM: the stored direction g_v of the last full step (dropped when the next one starts)."""
+    reuse_norm: Optional[Tensor] = None
+    """LookSAM: ``||g_v||``, not saved (a resumed run computes it again, to the same bits)."""
 
-    TENSORS = ("plain_sum", "reuse_direction")
+    TENSORS = ("plain_sum", "reuse_direction", "reuse_norm")
 
     def scalars(self) -> dict[str, Any]:
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.TENSORS}
@@ -222,6 +224,9 @@ class DeltaSAMOptimizer:
         if state.base_seed is None:
             state.base_seed = torch.initial_seed()
         seed = step_seed(state.base_seed, state.micro_batches, rank)
+        if cfg.reuse is not None and rho > 0 and state.micro == 0:
+            # a full step replaces the stored direction: not held beside the plain gradient and the snapshot
+            state.reuse_direction = state.reuse_norm = None
         with seeded(seed, self.engine.device) if cfg.seed_steps else nullcontext():
             result = self.engine.step(
                 loss_fn,
@@ -261,7 +266,6 @@ class DeltaSAMOptimizer:
         optimizer_step: Callable[[], bool],
         zero_grad: Callable[[], None],
         schedulers: Optional[Sequence[Any]] = None,
-        log: Optional[Callable[[str, float | Tensor], None]] = None,
     ) -> bool:
         """Close the accumulation window: average G, skip a non-finite step, apply LookSAM, step, zero.
 
@@ -287,7 +291,7 @@ class DeltaSAMOptimizer:
             self._zero(zero_grad)
             return False
         if self.config.reuse is not None:
-            self._reuse(plain, step, schedulers, log)
+            self._reuse(plain, step, schedulers)
         try:
             stepped = optimizer_step()
         except BaseException:
@@ -302,32 +306,24 @@ class DeltaSAMOptimizer:
         for p in self.engine.unperturbed:
             p.grad = None
 
-    def _reuse(
-        self,
-        plain: Optional[list[Tensor]],
-        step: int,
-        schedulers: Optional[Sequence[Any]],
-        log: Optional[Callable[[str, float | Tensor], None]],
-    ) -> None:
+    def _reuse(self, plain: Optional[list[Tensor]], step: int, schedulers: Optional[Sequence[Any]]) -> None:
         """LookSAM at the window's end, on the synchronized G: store g_v after a full step, add it after a plain one."""
         cfg, state, engine = self.config, self.state, self.engine
-        reuse = Reuse(cfg.reuse_alpha, engine.reduce_squares)
         if state.reuse_direction is not None:  # moved once to where the parameters are (after a resume)
             state.reuse_direction = [d.to(p.device, p.dtype) for d, p in zip(state.reuse_direction, engine.params)]
-            reuse.direction = state.reuse_direction
+        reuse = Reuse(cfg.reuse_alpha, engine.reduce_squares, state.reuse_direction, state.reuse_norm)
         if plain is None:
             # the reused term follows the ρ schedule as the full steps do
             strength = self.scheduled_rho(step, schedulers=schedulers) / cfg.rho if cfg.rho else 0.0
             reuse.apply([p.grad for p in engine.params], strength)
+            state.reuse_norm = reuse.norm
             return
         if not state.plain_synced and world_size() > 1:
             for g in plain:
                 torch.distributed.all_reduce(g, op=torch.distributed.ReduceOp.SUM)
         full = [torch.zeros_like(p) if p.grad is None else p.grad for p in engine.params]
-        staleness = reuse.record(full, plain)
-        state.reuse_direction = reuse.direction
-        if staleness is not None and log is not None:
-            log("sam/reuse_cos", staleness)
+        reuse.record(full, plain)
+        state.reuse_direction, state.reuse_norm = reuse.direction, reuse.norm
 
     # ---- a hand-written loop ----
 

@@ -150,7 +150,6 @@ class DeltaSAMMixin:
                 optimizer_step=lambda: self._deltasam_optimizer_step(optimizer),
                 zero_grad=lambda: self._deltasam_zero_grad(optimizer),
                 schedulers=[c.scheduler for c in trainer.lr_scheduler_configs],
-                log=lambda name, value: module.log(name, value, on_step=True, on_epoch=False),
             )
             if result.stepped:
                 step_schedulers(module, "step", module.global_step)
