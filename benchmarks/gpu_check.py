@@ -8,7 +8,9 @@
 * **memory**: ``torch.cuda.max_memory_allocated`` of two steps per method, each in a fresh process (the cost
   part's ``peak_mb``, repeated per model);
 * **compile**: ``torch.compile`` against eager for ERM and SAM (speed ratio, and how far the weights drift);
-* **fsdp**: Lightning's FSDP on one GPU with δ-SAM (head estimator, global ascent).
+* **fsdp**: Lightning's FSDP on one GPU with δ-SAM (head estimator, global ascent);
+* **syncs**: host reads per optimizer step with the step's decisions on the device (one is the target: the
+  finite check), and how far three steps' weights are from those of the host path.
 
 ``--smoke`` runs a few steps of each part on the CPU with the small model at batch 8 and length 32 (FSDP and
 fp16 need CUDA and are reported as skipped), as the test suite does, so that the GPU run is known to work
@@ -21,6 +23,7 @@ before a GPU is lent.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -33,6 +36,7 @@ from common import RESULTS, machine
 from overhead import measure, setup
 
 from lit_deltasam import DeltaSAMConfig, DeltaSAMOptimizer
+from lit_deltasam.core.decisions import HostReads, decisions_on_device
 
 METHODS = {"sam": dict(method="sam"), "deltasam": dict(method="deltasam", estimator="head")}
 COST_METHODS = ["deltasam(head)", "per_instance", "sam, m=8", "sam, m=4", "sam, looksam k=5", "sam, interval=5"]
@@ -138,6 +142,44 @@ def compile_part(model_name: str, rounds: int, batch_size: int, length: int) -> 
     return out
 
 
+SYNC_METHODS = {
+    "erm": dict(method="erm"),
+    "sam": dict(method="sam"),
+    "deltasam(head)": dict(method="deltasam", estimator="head"),
+    "sam, m=8": dict(method="sam", m_sharpness=8),
+    "per_instance": dict(method="per_instance"),
+    "sam, looksam k=2": dict(method="sam", interval=2, reuse="looksam"),
+}
+
+
+def syncs_part(model_name: str, batch_size: int, length: int, smoke: bool) -> dict[str, Any]:
+    """Host reads per optimizer step with the decisions on the device (forced on the CPU in smoke mode), and how
+    far three steps' weights are from the host path's."""
+    out: dict[str, Any] = {}
+    torch.manual_seed(0)
+    module, batch, optimizer, device = setup(model_name, batch_size, length)
+    initial = copy.deepcopy(module.state_dict())
+    for name, options in SYNC_METHODS.items():
+        finals, reads = {}, []
+        for on_device in (True, False):
+            module.load_state_dict(initial)
+            optimizer = torch.optim.AdamW(module.parameters(), lr=1e-5, fused=True)  # as setup builds it
+            loop = DeltaSAMOptimizer(module, optimizer, DeltaSAMConfig(rho_schedule="constant", **options), seed=0)
+            with decisions_on_device(on_device):
+                loop.step(module.per_sample_loss, batch)  # the first step checks more, once
+                for _ in range(3):
+                    with HostReads() as counted:
+                        loop.step(module.per_sample_loss, batch)
+                    reads.append(counted.count) if on_device else None
+            finals[on_device] = torch.cat([p.detach().reshape(-1).float() for p in module.parameters()])
+        out[name] = {
+            "host_reads_per_step": reads,
+            "max_weight_difference_to_host_path": (finals[True] - finals[False]).abs().max().item(),
+            "forced_on_cpu": device.type == "cpu",
+        }
+    return out
+
+
 def fsdp_part(model_name: str, steps: int) -> dict[str, Any]:
     if not torch.cuda.is_available():
         return {"skipped": "Lightning's FSDPStrategy needs CUDA"}
@@ -177,6 +219,7 @@ def main() -> None:
     }
     result["compile"] = _timed(lambda: compile_part(main_model, rounds, batch_size, length))
     result["fsdp"] = _timed(lambda: fsdp_part(main_model, steps))
+    result["syncs"] = _timed(lambda: syncs_part(main_model, batch_size, length, args.smoke))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=1)[:4000])

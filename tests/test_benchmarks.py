@@ -212,3 +212,7 @@ def test_the_gpu_check_runs_in_its_smoke_mode(tmp_path):
     assert result["memory"]["small"]["sam"] > 0
     for name in ("erm", "sam"):
         assert result["compile"][name]["max_weight_difference"] < 1e-3
+    for name, part in result["syncs"].items():
+        if name != "wall_s":
+            assert part["forced_on_cpu"] and part["host_reads_per_step"] == [1, 1, 1], (name, part)
+            assert part["max_weight_difference_to_host_path"] < 1e-4, (name, part)  # AdamW at lr 1e-5, 4 steps

@@ -15,33 +15,8 @@ from helpers import MLP, TinyData, TinyModule, classification_data
 from helpers import trainer as make_trainer
 
 from lit_deltasam import DeltaSAMConfig, DeltaSAMOptimizer
-from lit_deltasam.core.decisions import decisions_on_device
+from lit_deltasam.core.decisions import HostReads, decisions_on_device
 from lit_deltasam.core.weighting import _bounded, _bounded_exact
-
-HOST = ("item", "tolist", "__bool__", "__float__", "__int__")
-
-
-class counting_host_reads:
-    """Counts calls of the Tensor methods that read a value on the host."""
-
-    def __enter__(self):
-        self.count = 0
-        self.originals = {name: getattr(torch.Tensor, name) for name in HOST}
-
-        def counting(method):
-            def wrapped(tensor, *args, **kwargs):
-                self.count += 1
-                return method(tensor, *args, **kwargs)
-
-            return wrapped
-
-        for name, method in self.originals.items():
-            setattr(torch.Tensor, name, counting(method))
-        return self
-
-    def __exit__(self, *exc):
-        for name, method in self.originals.items():
-            setattr(torch.Tensor, name, method)
 
 
 def batch(i, n=16):
@@ -59,7 +34,7 @@ def optimizer_for(options, seed=0):
 def syncs_of_one_step(options):
     model, opt = optimizer_for(options)
     opt.step(model.losses, batch(0))  # first steps may check more, once
-    with counting_host_reads() as reads:
+    with HostReads() as reads:
         opt.step(model.losses, batch(1))
     return reads.count
 
@@ -102,7 +77,7 @@ def test_one_synchronization_per_step_on_device(options):
         for i in range(2):
             opt.step(model.losses, batch(i))
         for i in range(2, 8):
-            with counting_host_reads() as reads:
+            with HostReads() as reads:
                 result = opt.step(model.losses, batch(i))
             assert reads.count == (1 if result.stepped else 0), (i, result.stepped)
     assert opt.steps == 4

@@ -52,3 +52,35 @@ def all_of(flags: list[bool | Tensor]) -> bool | Tensor:
 
 def _device(flags: list[bool | Tensor]) -> torch.device:
     return next(f.device for f in flags if isinstance(f, Tensor))
+
+
+class HostReads:
+    """Counts, while active, the calls of the Tensor methods that read a value on the host (``item``,
+    ``tolist``, ``bool``, ``float``, ``int``): the synchronizations a step takes on an accelerator.
+
+    Example:
+        >>> with HostReads() as reads:
+        ...     _ = float(torch.ones(()))
+        >>> reads.count
+        1
+    """
+
+    METHODS = ("item", "tolist", "__bool__", "__float__", "__int__")
+
+    def __enter__(self) -> HostReads:
+        self.count = 0
+        self._originals = {name: getattr(Tensor, name) for name in self.METHODS}
+        for name, method in self._originals.items():
+            setattr(Tensor, name, self._counting(method))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name, method in self._originals.items():
+            setattr(Tensor, name, method)
+
+    def _counting(self, method):  # type: ignore[no-untyped-def]
+        def counted(tensor, *args, **kwargs):  # type: ignore[no-untyped-def]
+            self.count += 1
+            return method(tensor, *args, **kwargs)
+
+        return counted
