@@ -233,12 +233,22 @@ TARGETS = {
     ("sam, m=4", "vs_sam"): 1.5,
 }
 PRESETS = {
-    # the regimes study's arms at its batch and length (benchmarks/regimes.py reads overhead_regimes.json)
+    # the regimes study's arms at its batch and length (benchmarks/regimes.py reads overhead_regimes.json), and
+    # LookSAM's other targets (k = 10, δ-SAM(head) with k = 5)
     "regimes": dict(
         models=["minilm"],
         length=32,
         name="overhead_regimes",
-        methods=["deltasam(head)", "sam, m=8", "sam, m=4", "per_instance", "sam, interval=5", "sam, looksam k=5"],
+        methods=[
+            "deltasam(head)",
+            "sam, m=8",
+            "sam, m=4",
+            "per_instance",
+            "sam, interval=5",
+            "sam, looksam k=5",
+            "sam, looksam k=10",
+            "deltasam(head), looksam k=5",
+        ],
     ),
 }
 
