@@ -9,6 +9,7 @@ events on CPU, CUDA's allocator peak on a GPU), in MB and in copies of the param
 
     python benchmarks/overhead.py                      # MiniLM and the small model, batch 32, length 48
     python benchmarks/overhead.py --models small --rounds 5
+    python benchmarks/overhead.py --profile per_instance --models minilm --length 32   # where its time goes
 """
 
 from __future__ import annotations
@@ -129,6 +130,32 @@ def memory_in_fresh_process(model_name: str, name: str, batch_size: int, length:
     args += ["--batch-size", str(batch_size), "--length", str(length)]
     out = subprocess.run(args, capture_output=True, text=True, check=True, cwd=Path(__file__).parent)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def profile(model_name: str, name: str, batch_size: int, length: int, top: int = 15) -> dict:
+    """The ops that take the most self CPU time in one optimizer step (one cycle of an amortized method) of
+    ``name``, after a warm-up step, from ``torch.profiler``; shares of the step's self CPU time."""
+    configs = methods(model_name)
+    if name not in configs:
+        raise SystemExit(f"--profile {name!r} is not a method; choose from {sorted(configs)}")
+    module, batch, optimizer, _ = setup(model_name, batch_size, length)
+    loop = DeltaSAMOptimizer(module, optimizer, configs[name])
+    loop.step(module.per_sample_loss, batch)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(configs[name].interval):
+            loop.step(module.per_sample_loss, batch)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    ranked = sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]
+    ops = [{"op": e.key, "share": e.self_cpu_time_total / total, "calls": e.count} for e in ranked]
+    return {
+        "model": model_name,
+        "method": name,
+        "batch_size": batch_size,
+        "length": length,
+        "self_cpu_s": total / 1e6,
+        "ops": ops,
+    }
 
 
 MODELS = ("minilm", "small", "bert-base")
@@ -264,9 +291,18 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", help="only these methods (besides ERM and SAM, the references)")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="models, length, name and methods of a study")
     parser.add_argument("--memory-of", metavar="METHOD", help=argparse.SUPPRESS)  # one method's memory, as JSON
+    parser.add_argument(
+        "--profile", metavar="METHOD", help="where one step of METHOD spends its time (first of --models), as JSON"
+    )
     args = parser.parse_args()
     if args.memory_of:
         print(json.dumps(memory_of(args.models[0], args.memory_of, args.batch_size, args.length)))
+        return
+    if args.profile:
+        result = profile(args.models[0], args.profile, args.batch_size, args.length)
+        slug = "".join(c if c.isalnum() else "_" for c in args.profile).strip("_")
+        print(json.dumps(result, indent=1))
+        print(f"wrote {save(f'profile_{slug}', {'args': vars(args), **result})}")
         return
     for k, v in PRESETS.get(args.preset, {}).items():
         setattr(args, k, v)

@@ -193,6 +193,19 @@ def test_a_tuned_lr_is_its_own_run_key(tmp_path):
     assert runs._key(legacy, runs.resolved_method(["method=erm"])) in runs.rows_by_key(store)
 
 
+def test_profile_names_the_ops_of_a_step():
+    """overhead.py --profile: the shares are of one step's self CPU time, largest first, and a SAM step's
+    matrix products are among them."""
+    import overhead
+
+    result = overhead.profile("small", "sam", 4, 16)
+    shares = [op["share"] for op in result["ops"]]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
+    assert {"aten::mm", "aten::addmm"} & {op["op"] for op in result["ops"]}
+    with pytest.raises(SystemExit, match="'sharp' is not a method"):
+        overhead.profile("small", "sharp", 4, 16)
+
+
 @pytest.mark.slow
 def test_the_gpu_check_runs_in_its_smoke_mode(tmp_path):
     """benchmarks/gpu_check.py --smoke: every part runs on the CPU; the injected overflow is skipped under bf16."""
