@@ -18,6 +18,7 @@ before a GPU is lent.
 
     python benchmarks/gpu_check.py                     # on the GPU machine: docs/results/gpu_check.json
     python benchmarks/gpu_check.py --smoke --out /tmp/gpu_check_smoke.json
+    python benchmarks/gpu_check.py --parts compile --out docs/results/compile_cpu.json   # one part, here the CPU
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ SYNC_METHODS = {
 }
 
 
-def syncs_part(model_name: str, batch_size: int, length: int, smoke: bool) -> dict[str, Any]:
+def syncs_part(model_name: str, batch_size: int, length: int) -> dict[str, Any]:
     """Host reads per optimizer step with the decisions on the device (forced on the CPU in smoke mode), and how
     far three steps' weights are from the host path's."""
     out: dict[str, Any] = {}
@@ -199,27 +200,37 @@ def fsdp_part(model_name: str, steps: int) -> dict[str, Any]:
     return {"steps": trainer.global_step, "loss": float(trainer.callback_metrics["train/loss"])}
 
 
+PARTS = ("precision", "cost", "compile", "fsdp", "syncs")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="a few steps of each part, on the CPU, small model")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="run only these parts")
     parser.add_argument("--out", type=Path, default=RESULTS / "gpu_check.json")
     args = parser.parse_args()
     models = ["small"] if args.smoke else ["minilm", "bert-base"]
     main_model = models[0]
     rounds, steps = (1, 3) if args.smoke else (8, 6)
-    result: dict[str, Any] = {"machine": machine(), "smoke": args.smoke, "cuda": torch.cuda.is_available()}
-    result["precision"] = _timed(lambda: precision_part(main_model, steps, args.smoke))
     batch_size, length = (8, 32) if args.smoke else (32, 128)
-    cost_methods = COST_METHODS[:1] if args.smoke else COST_METHODS
-    result["cost"] = {m: _timed(lambda m=m: measure(m, rounds, 1, batch_size, length, cost_methods)) for m in models}
-    for m in models:  # the per-round times are long and in the cost rows' medians already
-        result["cost"][m].pop("times", None)
-    result["memory"] = {
-        m: {name: row.get("peak_mb") for name, row in result["cost"][m].get("methods", {}).items()} for m in models
-    }
-    result["compile"] = _timed(lambda: compile_part(main_model, rounds, batch_size, length))
-    result["fsdp"] = _timed(lambda: fsdp_part(main_model, steps))
-    result["syncs"] = _timed(lambda: syncs_part(main_model, batch_size, length, args.smoke))
+    result: dict[str, Any] = {"machine": machine(), "smoke": args.smoke, "cuda": torch.cuda.is_available()}
+    if "precision" in args.parts:
+        result["precision"] = _timed(lambda: precision_part(main_model, steps, args.smoke))
+    if "cost" in args.parts:
+        cost_methods = COST_METHODS[:1] if args.smoke else COST_METHODS
+        cost = {m: _timed(lambda m=m: measure(m, rounds, 1, batch_size, length, cost_methods)) for m in models}
+        for m in models:  # the per-round times are long and in the cost rows' medians already
+            cost[m].pop("times", None)
+        result["cost"] = cost
+        result["memory"] = {
+            m: {name: row.get("peak_mb") for name, row in cost[m].get("methods", {}).items()} for m in models
+        }
+    if "compile" in args.parts:
+        result["compile"] = _timed(lambda: compile_part(main_model, rounds, batch_size, length))
+    if "fsdp" in args.parts:
+        result["fsdp"] = _timed(lambda: fsdp_part(main_model, steps))
+    if "syncs" in args.parts:
+        result["syncs"] = _timed(lambda: syncs_part(main_model, batch_size, length))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=1)[:4000])
