@@ -10,7 +10,9 @@
 * **compile**: ``torch.compile`` against eager for ERM and SAM (speed ratio, and how far the weights drift);
 * **fsdp**: Lightning's FSDP on one GPU with δ-SAM (head estimator, global ascent);
 * **syncs**: host reads per optimizer step with the step's decisions on the device (one is the target: the
-  finite check), and how far three steps' weights are from those of the host path.
+  finite check), the synchronizing CUDA calls per step (``torch.cuda.set_sync_debug_mode``, which also sees
+  blocking copies), the same for a Lightning fit with the mixin (its logging included), and how far three
+  steps' weights are from those of the host path.
 
 ``--smoke`` runs a few steps of each part on the CPU with the small model at batch 8 and length 32 (FSDP and
 fp16 need CUDA and are reported as skipped), as the test suite does, so that the GPU run is known to work
@@ -28,6 +30,9 @@ import copy
 import json
 import statistics
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -161,7 +166,7 @@ def syncs_part(model_name: str, batch_size: int, length: int) -> dict[str, Any]:
     module, batch, optimizer, device = setup(model_name, batch_size, length)
     initial = copy.deepcopy(module.state_dict())
     for name, options in SYNC_METHODS.items():
-        finals, reads = {}, []
+        finals, reads, syncs = {}, [], []
         for on_device in (True, False):
             module.load_state_dict(initial)
             optimizer = torch.optim.AdamW(module.parameters(), lr=1e-5, fused=True)  # as setup builds it
@@ -169,16 +174,63 @@ def syncs_part(model_name: str, batch_size: int, length: int) -> dict[str, Any]:
             with decisions_on_device(on_device):
                 loop.step(module.per_sample_loss, batch)  # the first step checks more, once
                 for _ in range(3):
-                    with HostReads() as counted:
+                    with HostReads() as counted, cuda_syncs(device) as synced:
                         loop.step(module.per_sample_loss, batch)
-                    reads.append(counted.count) if on_device else None
+                    if on_device:
+                        reads.append(counted.count)
+                        syncs.append(len(synced))
             finals[on_device] = torch.cat([p.detach().reshape(-1).float() for p in module.parameters()])
         out[name] = {
             "host_reads_per_step": reads,
+            "cuda_syncs_per_step": syncs if device.type == "cuda" else None,
             "max_weight_difference_to_host_path": (finals[True] - finals[False]).abs().max().item(),
             "forced_on_cpu": device.type == "cpu",
         }
+    if device.type == "cuda":  # the mixin, with Lightning's own logging and progress bar: what a user's fit costs
+        module.load_state_dict(initial)
+        module.deltasam = DeltaSAMConfig(method="sam", rho_schedule="constant")
+        counter = SyncsPerStep()
+        trainer = L.Trainer(
+            accelerator="gpu", devices=1, max_steps=6, logger=False, enable_checkpointing=False, callbacks=[counter]
+        )
+        trainer.fit(module, torch.utils.data.DataLoader([batch] * 6, batch_size=None))
+        out["mixin sam, Lightning logging every step"] = {"cuda_syncs_per_step": counter.counts}
     return out
+
+
+@contextmanager
+def cuda_syncs(device: torch.device) -> Iterator[list]:
+    """The synchronizing CUDA calls (``.item()``, blocking copies, ...) made inside, from
+    ``torch.cuda.set_sync_debug_mode``'s warnings; nothing on the CPU."""
+    if device.type != "cuda":
+        yield []
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield caught
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+class SyncsPerStep(L.Callback):
+    """Counts the synchronizing CUDA calls of each training batch after the first."""
+
+    def __init__(self) -> None:
+        self.counts: list[int] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self._caught = warnings.catch_warnings(record=True)
+        self._records = self._caught.__enter__()
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        torch.cuda.set_sync_debug_mode("default")
+        self._caught.__exit__(None, None, None)
+        if trainer.global_step > 1:
+            self.counts.append(sum("synchroniz" in str(w.message) for w in self._records))
 
 
 def fsdp_part(model_name: str, steps: int) -> dict[str, Any]:

@@ -108,7 +108,7 @@ def _bounded_exact(logits: Tensor, low: float, high: float) -> Tensor:
     t = torch.where(moving, rest.clamp_min(0).log() - mass, (start + stop) / 2)
     # an interval with no free entry is a root where its constant sum is n (every weight at a bound)
     root_in = torch.where(moving, (t >= start) & (t <= stop) & (rest > 0), rest.abs() <= 1e-12 * n)
-    root = t[root_in.int().argmax()]
+    root = t.gather(0, root_in.int().argmax().reshape(1))  # a device index: no read on the host
     out = (shifted + root).exp().clamp(low, high)
     return out * (n / out.sum())
 
