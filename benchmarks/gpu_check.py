@@ -178,7 +178,7 @@ def syncs_part(model_name: str, batch_size: int, length: int) -> dict[str, Any]:
                         loop.step(module.per_sample_loss, batch)
                     if on_device:
                         reads.append(counted.count)
-                        syncs.append(len(synced))
+                        syncs.append(sum("synchroniz" in str(w.message) for w in synced))
             finals[on_device] = torch.cat([p.detach().reshape(-1).float() for p in module.parameters()])
         out[name] = {
             "host_reads_per_step": reads,

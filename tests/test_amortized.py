@@ -177,3 +177,17 @@ def test_the_plain_gradient_lookSAM_needs_is_the_gradient_at_w(config):
     model = LeastSquaresModule(DeltaSAMConfig(**config, rho=RHO), x, y, w)
     result = DeltaSAM(model, model.deltasam).step(model.per_sample_loss, (x, y), plain_grad=True)
     torch.testing.assert_close(result.plain_grad[0], ls_grad(x, y, w), atol=1e-12, rtol=0)
+
+
+def test_the_loop_takes_the_plain_gradient_it_writes_g_v_over():
+    """A caller's StepResult does not expose the buffers LookSAM now holds as its stored direction."""
+    from helpers import MLP, classification_data
+
+    from lit_deltasam import DeltaSAMOptimizer
+
+    torch.manual_seed(0)
+    model = MLP()
+    config = DeltaSAMConfig(method="sam", interval=2, reuse="looksam")
+    opt = DeltaSAMOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), config)
+    result = opt.step(model.losses, classification_data(n=16))
+    assert result.stepped and result.plain_grad is None and opt.state.reuse_direction is not None

@@ -177,3 +177,58 @@ def test_mixin_gathers_diagnostics_only_on_logging_steps_under_ddp(monkeypatch, 
     trainer = make_trainer(max_steps=9, log_every_n_steps=3, default_root_dir=tmp_path)
     trainer.fit(TinyModule(DeltaSAMConfig(method="sam")), datamodule=TinyData())
     assert len(gathered) == 3
+
+
+def test_bounds_on_device_when_the_root_sits_on_a_breakpoint():
+    """An unclamped weight equal to a bound up to rounding (found by review): the device path must still find
+    the bisection's weights."""
+    from lit_deltasam.core.weighting import instance_weights
+
+    scores = torch.tensor([5.0, 5, 3, 2, 3, 4, 5, 3, 4, 4, 4, 5, 1])
+    expected = instance_weights(scores, 1.0, floor=0.0, clip=(0.8, 1.25))
+    with decisions_on_device():
+        torch.testing.assert_close(instance_weights(scores, 1.0, floor=0.0, clip=(0.8, 1.25)), expected)
+    g = torch.Generator().manual_seed(1)
+    for trial in range(300):  # integer scores: many ties, many roots on breakpoints
+        scores = torch.randint(1, 8, (int(torch.randint(1, 40, (), generator=g)),), generator=g).double()
+        beta, clip = [1.0, -1.0, 2.0][trial % 3], [(0.8, 1.25), (0.1, 10.0), (0.5, math.inf)][trial % 3]
+        expected = instance_weights(scores, beta, floor=0.0, clip=clip)
+        with decisions_on_device():
+            torch.testing.assert_close(instance_weights(scores, beta, floor=0.0, clip=clip), expected)
+
+
+def test_looksam_on_device_stores_zeros_from_a_non_finite_or_degenerate_full_step():
+    from lit_deltasam.core.amortized import Reuse
+
+    for full in ([float("inf"), 1.0], [float("nan"), 1.0], [3.0, 1e-9]):
+        with decisions_on_device():
+            reuse = Reuse(alpha=1.0)
+            reuse.record([torch.tensor(full, dtype=torch.float64)], [torch.tensor([1.0, 0.0], dtype=torch.float64)])
+            assert torch.equal(reuse.direction[0], torch.zeros(2, dtype=torch.float64)), full
+            grads = [torch.tensor([0.5, -1.0], dtype=torch.float64)]
+            reuse.apply(grads)
+        assert torch.equal(grads[0], torch.tensor([0.5, -1.0], dtype=torch.float64)), full  # a plain step
+
+
+def test_a_gradient_autograd_shares_between_parameters_is_stored_once_per_parameter():
+    """``x @ (a + b)``: autograd hands one tensor to a and b; LookSAM writes g_v over the plain gradients."""
+    from torch import nn
+
+    from lit_deltasam import DeltaSAM
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Parameter(torch.randn(6, 3)), nn.Parameter(torch.randn(6, 3))
+            self.head = nn.Linear(3, 3)
+
+        def losses(self, batch):
+            x, y = batch
+            return nn.functional.cross_entropy(self.head(x @ (self.a + self.b)), y, reduction="none")
+
+    torch.manual_seed(0)
+    model = Shared()
+    engine = DeltaSAM(model, DeltaSAMConfig(method="deltasam", estimator="head"))
+    result = engine.step(model.losses, batch(0), plain_grad=True)
+    a, b = result.plain_grad[0], result.plain_grad[1]
+    assert a.data_ptr() != b.data_ptr() and torch.equal(a, b)

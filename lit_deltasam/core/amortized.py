@@ -84,9 +84,9 @@ class Reuse:
     def _record_on_device(self, full: list[Tensor], plain: list[Tensor], full_norm: Tensor, plain_norm: Tensor) -> None:
         """:meth:`record` with its decision taken on the device: a full step that stores nothing stores zeros,
         which :meth:`apply` adds nothing of."""
-        along = _dot(full, plain, self.reduce) / plain_norm.double().pow(2)
-        torch._foreach_mul_(plain, (-along).to(plain[0].dtype))
-        torch._foreach_add_(plain, full)
+        along = (-_dot(full, plain, self.reduce) / plain_norm.double().pow(2)).to(plain[0].dtype)
+        for g, p in zip(full, plain):  # g_v = G - along * g over the plain gradient's buffers, one rounding
+            torch.addcmul(g, p, along, out=p)
         fresh_norm = total_norm(plain, self.reduce)
         ok = torch.isfinite(full_norm) & torch.isfinite(plain_norm) & (plain_norm > 0)
         ok = ok & (fresh_norm > MIN_SHARE * full_norm)
@@ -104,6 +104,8 @@ class Reuse:
         if self.direction is None or strength == 0:
             return
         pairs = [(local(g), d) for g, d in zip(grads, self.direction) if g is not None]
+        if not pairs:
+            return
         present, directions = [g for g, _ in pairs], [d for _, d in pairs]
         # both norms over the same parameters: those with a gradient this step
         if len(present) < len(self.direction):

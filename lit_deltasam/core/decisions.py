@@ -1,10 +1,11 @@
 """Where a step takes its data-dependent decisions: skip ε, bound λ, keep LookSAM's direction, count skips.
 
-On an accelerator every read of a tensor's value on the host waits for the queue of kernels
-before it, so there the decisions are tensors (``torch.where``, masks) and a step reads one
+On a GPU every read of a tensor's value on the host waits for the queue of kernels before
+it, so there the decisions are tensors (``torch.where``, masks) and a step reads one
 value: the joint check that decides whether the base optimizer steps at all (a loss scaler
 takes the same read). On the CPU a read costs nothing; the decisions are Python values there,
-and that path's arithmetic is the one every committed result was made with.
+and that path's arithmetic is the one every committed result was made with. Other devices
+(MPS, XLA) keep the host path, which needs no float64 on the device.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ _forced: Optional[bool] = None
 
 
 def on_device(device: torch.device) -> bool:
-    """Whether steps on ``device`` keep their decisions on the device (every device but the CPU)."""
-    return _forced if _forced is not None else device.type != "cpu"
+    """Whether steps on ``device`` keep their decisions on the device: on CUDA (and ROCm) GPUs; other devices
+    keep the host path."""
+    return _forced if _forced is not None else device.type == "cuda"
 
 
 @contextmanager

@@ -60,7 +60,8 @@ class StepResult:
     last synchronized step; ``None`` when not checked."""
     plain_grad: Optional[list[Tensor]] = None
     """With ``step(plain_grad=True)`` on a sharpness-aware step: the plain gradient at w, one tensor per
-    perturbed parameter, up to a positive scale (a loss scaler's)."""
+    perturbed parameter, up to a positive scale (a loss scaler's). :class:`~lit_deltasam.core.loop.DeltaSAMOptimizer`
+    takes it for LookSAM (and leaves ``None``)."""
     plain_grad_synced: bool = False
     """Whether ``plain_grad`` is already averaged over ranks (a global ascent with uniform weights)."""
     stepped: bool = False
@@ -137,6 +138,17 @@ def _merge_groups(parts: list[tuple[float, StepResult]]) -> StepResult:
         perturbed=all_of([r.perturbed for r in results]),
         plain_grad=plain,
     )
+
+
+def _distinct(tensors: list[Tensor]) -> list[Tensor]:
+    """``tensors`` with every buffer held once: autograd may hand one gradient tensor to two parameters
+    (``x @ (a + b)``), and the loop writes into these in place."""
+    seen: set[int] = set()
+    out = []
+    for t in tensors:
+        out.append(t.clone() if t.data_ptr() in seen else t)
+        seen.add(t.data_ptr())
+    return out
 
 
 def _default_backward(loss: Tensor) -> None:
@@ -477,7 +489,7 @@ class DeltaSAM:
             plain = None
             if ctx.plain_grad and cfg.reweights:
                 grads = torch.autograd.grad(losses.mean(), self.params, retain_graph=True, allow_unused=True)
-                plain = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
+                plain = _distinct([torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)])
             with ascent_sync():
                 backward(ascent_loss)
             if ctx.plain_grad and not cfg.reweights:

@@ -251,11 +251,13 @@ class DeltaSAMOptimizer:
             perturbed = result.perturbed
             state.perturbation_skipped += (~perturbed).int() if isinstance(perturbed, Tensor) else not perturbed
         if result.plain_grad is not None:
+            # the loop owns it from here: LookSAM writes g_v over these buffers
+            plain, result.plain_grad = result.plain_grad, None
             if state.plain_sum is None:
-                state.plain_sum = result.plain_grad
+                state.plain_sum = plain
             else:  # a window resumed from a checkpoint holds its partial sum on the CPU
-                state.plain_sum = [a.to(b.device, b.dtype) for a, b in zip(state.plain_sum, result.plain_grad)]
-                torch._foreach_add_(state.plain_sum, result.plain_grad)
+                state.plain_sum = [a.to(b.device, b.dtype) for a, b in zip(state.plain_sum, plain)]
+                torch._foreach_add_(state.plain_sum, plain)
             state.plain_synced = result.plain_grad_synced
 
     def end_window(

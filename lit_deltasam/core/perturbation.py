@@ -37,7 +37,8 @@ def perturb(
     On an accelerator the decision is taken on the device (:mod:`.decisions`): the gradients are
     scaled in place into eps (the caller replaces them with the descent's), and ``applied`` is a 0-d
     bool tensor. A non-finite norm then leaves the weights non-finite for the descent, whose G is
-    non-finite too: the step is skipped, as the host path skips it.
+    non-finite too: the finite check skips the step, as it does on the host path (under a loss
+    scaler, which checks instead, the scaler skips it where the host path descends at w).
 
     Returns:
         ``(||g||, ||eps||, applied)``, where ``||g||`` is the norm that normalized eps.

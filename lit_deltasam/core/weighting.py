@@ -82,33 +82,32 @@ def _bounded(logits: Tensor, low: float, high: float, iterations: int = 200) -> 
 def _bounded_exact(logits: Tensor, low: float, high: float) -> Tensor:
     """:func:`_bounded` solved exactly in a fixed number of batched ops, with no value read on the host.
 
-    ``f(t) = sum_i clamp(exp(l_i + t), low, high)`` is piecewise ``c_low * low + c_high * high + e^t * S``
-    between the sorted breakpoints ``log(low) - l_i`` and ``log(high) - l_i``; every interval solves for its
-    ``t`` at once, and the first whose ``t`` lies inside it is the root (or, where no entry is free, the first
-    interval whose constant sum is n).
+    ``f(t) = sum_i clamp(exp(l_i + t), low, high)`` is non-decreasing, and between consecutive sorted
+    breakpoints ``log(low) - l_i`` and ``log(high) - l_i`` it is ``c_low * low + c_high * high + e^t * S``,
+    where the entries at a bound are a prefix and a suffix of the logits in sorted order. The root lies in
+    the last interval whose ``f`` at its start is at most n; O(n log n) work and O(n) memory.
     """
     n = logits.numel()
     if low >= high:  # low <= 1 <= high: every weight is 1
         return torch.ones_like(logits)
     shifted = logits - logits.max()
-    below = (math.log(low) if low > 0 else -math.inf) - shifted
-    above = (math.log(high) if high < math.inf else math.inf) - shifted
+    ordered = shifted.sort().values
+    below = ((math.log(low) if low > 0 else -math.inf) - ordered).flip(0)  # ascending
+    above = ((math.log(high) if high < math.inf else math.inf) - ordered).flip(0)
     edges = torch.cat([below, above]).sort().values
     start, stop = edges[:-1], edges[1:]
-    at_low = below[None, :] >= stop[:, None]
-    at_high = above[None, :] <= start[:, None]
-    free = ~(at_low | at_high)
-    rest = (
-        n
-        - low * at_low.sum(1, dtype=logits.dtype)
-        - (high * at_high.sum(1, dtype=logits.dtype) if high < math.inf else 0)
-    )
-    mass = torch.logsumexp(torch.where(free, shifted[None, :], -math.inf), dim=1)
-    moving = free.any(1)
-    t = torch.where(moving, rest.clamp_min(0).log() - mass, (start + stop) / 2)
-    # an interval with no free entry is a root where its constant sum is n (every weight at a bound)
-    root_in = torch.where(moving, (t >= start) & (t <= stop) & (rest > 0), rest.abs() <= 1e-12 * n)
-    root = t.gather(0, root_in.int().argmax().reshape(1))  # a device index: no read on the host
+    # at low in [start, stop]: below_i >= stop (the smallest logits); at high: above_i <= start (the largest)
+    n_low = n - torch.searchsorted(below, stop, right=False)
+    n_high = torch.searchsorted(above, start, right=True)
+    mass = torch.cat([ordered.new_zeros(1), ordered.exp().cumsum(0)])
+    free = (mass[n - n_high] - mass[n_low]).clamp_min(0)
+    bounded = low * n_low.to(logits.dtype) + torch.where(n_high > 0, high * n_high.to(logits.dtype), 0.0)
+    at_start = bounded + torch.where(free > 0, start.exp() * free, 0.0)
+    k = ((at_start <= n).sum() - 1).clamp(0, start.numel() - 1).reshape(1)
+    t = ((n - bounded).clamp_min(0).log() - free.log()).gather(0, k)
+    fallback = torch.where(torch.isfinite(start.gather(0, k)), start.gather(0, k), stop.gather(0, k))
+    t = torch.where(free.gather(0, k) > 0, t, fallback)  # no free entry: every weight at a bound
+    root = torch.minimum(torch.maximum(t, start.gather(0, k)), stop.gather(0, k))
     out = (shifted + root).exp().clamp(low, high)
     return out * (n / out.sum())
 

@@ -29,6 +29,17 @@ def reduce_over_ranks(means: dict[str, Tensor], maxima: dict[str, Tensor], devic
     return dict(zip(names, values.unbind()))
 
 
+def scalars_on(device: torch.device, values: dict[str, float]) -> dict[str, Tensor]:
+    """Python numbers as 0-d float32 tensors on ``device``, in one copy; on a GPU from pinned memory and without
+    waiting (a blocking copy would stall the host until the queued kernels ran)."""
+    stacked = torch.tensor(list(values.values()), dtype=torch.float32)
+    if device.type == "cuda":
+        stacked = stacked.pin_memory().to(device, non_blocking=True)
+    elif device.type != "cpu":
+        stacked = stacked.to(device)
+    return dict(zip(values, stacked.unbind()))
+
+
 def log_histograms(module: LightningModule, values: dict[str, Optional[Tensor]]) -> None:
     """Gather per-instance values from every rank and log them as histograms (W&B, TensorBoard)."""
     gathered = {name: gather_instances(v.detach().float())[0].cpu() for name, v in values.items() if v is not None}

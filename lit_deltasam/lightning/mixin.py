@@ -34,7 +34,7 @@ from .hooks import (
     require_clipping,
     require_deltasam_step,
 )
-from .metrics import log_histograms, reduce_over_ranks
+from .metrics import log_histograms, reduce_over_ranks, scalars_on
 from .schedulers import optimizer_steps, step_schedulers
 
 
@@ -235,10 +235,21 @@ class DeltaSAMMixin:
         if world_size() > 1 and not module.trainer._logger_connector.should_update_logs:
             return  # the diagnostics' all-gather runs on the steps the loggers record (log_every_n_steps)
         means: dict[str, Tensor] = {"train/loss": result.loss}
+        host = {"sam/steps_skipped": float(state.steps_skipped)}
         if cfg.perturbs:
-            module.log("sam/rho", rho, on_step=True, on_epoch=False)
+            host["sam/rho"] = rho
+            skipped = state.perturbation_skipped
+            if isinstance(skipped, Tensor):  # counted on the device
+                means["sam/perturbation_skipped"] = skipped / max(state.perturbing, 1)
+            else:
+                host["sam/perturbation_skipped"] = skipped / max(state.perturbing, 1)
         if cfg.perturbs and cfg.interval > 1:
-            module.log("sam/full_step", float(full), on_step=True, on_epoch=False)
+            host["sam/full_step"] = float(full)
+        moved = scalars_on(result.losses.device, host)
+        for name in ("sam/rho", "sam/full_step"):
+            if name in moved:
+                module.log(name, moved.pop(name), on_step=True, on_epoch=False)
+        means.update(moved)
         maxima: dict[str, Tensor] = {}
         if result.perturbed_losses is not None:
             means["sam/perturbed_loss"] = result.perturbed_loss  # type: ignore[assignment]
@@ -251,9 +262,6 @@ class DeltaSAMMixin:
             maxima["sam/max_weight"] = result.max_weight  # type: ignore[assignment]
         if result.update_norm is not None:
             means["sam/update_norm"] = result.update_norm
-        if cfg.perturbs:
-            means["sam/perturbation_skipped"] = torch.as_tensor(state.perturbation_skipped / max(state.perturbing, 1))
-        means["sam/steps_skipped"] = torch.tensor(float(state.steps_skipped))
         metrics = reduce_over_ranks(means, maxima, device=result.losses.device)
         loss = metrics.pop("train/loss")
         module.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
