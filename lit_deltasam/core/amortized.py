@@ -110,10 +110,10 @@ class Reuse:
         # both norms over the same parameters: those with a gradient this step
         if len(present) < len(self.direction):
             direction_norm = total_norm(directions, self.reduce)
-        else:
-            if self.norm is None:
-                self.norm = total_norm(directions, self.reduce)
+        elif self.norm is not None:
             direction_norm = self.norm
+        else:
+            direction_norm = self.norm = total_norm(directions, self.reduce)
         scale = total_norm(present, self.reduce) / direction_norm
         if on_device(scale.device):  # 0 where the stored direction is zeros (none recorded) or g is not finite
             factor = torch.where(torch.isfinite(scale), scale * (strength * self.alpha), 0.0).to(present[0].dtype)
