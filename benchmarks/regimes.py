@@ -186,11 +186,20 @@ def differences(a: dict[int, dict], score_a, b: dict[int, dict], score_b) -> Opt
     return {"mean": statistics.mean(d), "ci": list(t_interval(d)), "n": len(d), "wins": sum(x > 0 for x in d)}
 
 
-REFERENCES = (
-    ("ERM final", "erm", test_final),
-    ("early-stopped ERM", "erm", test_best),
-    ("SAM final", "sam", test_final),
+REFERENCES = (  # (label, the arm's score, reference arm, the reference's score)
+    ("ERM final", test_final, "erm", test_final),
+    ("early-stopped ERM", test_final, "erm", test_best),
+    ("SAM final", test_final, "sam", test_final),
+    ("early-stopped ERM, arm early-stopped too", test_best, "erm", test_best),
 )
+
+
+COLUMNS = {
+    "ERM final": "final − ERM final",
+    "early-stopped ERM": "final − early-stopped ERM",
+    "SAM final": "final − SAM final",
+    "early-stopped ERM, arm early-stopped too": "best-val − early-stopped ERM",
+}
 
 
 def costs() -> dict[str, float]:
@@ -245,9 +254,9 @@ def report(args: argparse.Namespace) -> tuple[str, dict]:
         lines += ["", f"m-SAM arm for setting {STRONG} (mean selection-seed validation accuracy): **{p.m_arm or '–'}**"]
     table = [
         "| setting | arm | ρ | seeds | stalled | cost × ERM | test acc, final | test acc, best-val | "
-        + " | ".join(f"− {name} (points, t-95% CI, won)" for name, _, _ in REFERENCES)
+        + " | ".join(f"{COLUMNS[name]} (points, t-95% CI, won)" for name, *_ in REFERENCES)
         + " |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---" * (8 + len(REFERENCES)) + "|",
     ]
     arms_out: dict[str, dict] = {}
     for setting in (HEADLINE, STRONG):
@@ -259,10 +268,9 @@ def report(args: argparse.Namespace) -> tuple[str, dict]:
             if not rs:
                 continue
             method = arm(name, p.rho)
-            diffs = {label: differences(rs, test_final, refs[ref], score) for label, ref, score in REFERENCES}
+            diffs = {label: differences(rs, mine, refs[ref], theirs) for label, mine, ref, theirs in REFERENCES}
             if name == "erm":
-                diffs["ERM final"] = diffs["SAM final"] = None
-                diffs["early-stopped ERM"] = differences(rs, test_final, refs["erm"], test_best)
+                diffs["ERM final"] = diffs["SAM final"] = diffs["early-stopped ERM, arm early-stopped too"] = None
             if name == "sam":
                 diffs["SAM final"] = None
             arms_out[f"{setting}/{name}"] = {
@@ -280,16 +288,23 @@ def report(args: argparse.Namespace) -> tuple[str, dict]:
                 f"{arms_out[f'{setting}/{name}']['stalled']} | "
                 f"{f'{cost[name]:.2f}' if name in cost else '–'} | {mean_std([test_final(r) for r in rs.values()])} | "
                 f"{mean_std([test_best(r) for r in rs.values()])} | "
-                + " | ".join(_fmt(diffs[label]) for label, _, _ in REFERENCES)
+                + " | ".join(_fmt(diffs[label]) for label, *_ in REFERENCES)
                 + " |"
             )
     out["arms"] = arms_out
-    lines += ["", "**Comparison** (test accuracy; mean ± std over seeds; paired differences of the final weights)\n"]
+    lines += [
+        "",
+        "**Comparison** (test accuracy, mean ± std over seeds; paired differences by seed of the arm's final weights, "
+        "or of its best-validation checkpoint, against a reference)\n",
+    ]
     lines += table
     return "\n".join(lines) + "\n", out
 
 
 def plot_frontier(summary: dict, path: Path) -> None:
+    """Cost against the gain over early-stopped ERM. An arm whose mean falls far below the others (it stalled on
+    some seeds) is drawn as a triangle on the lower edge with its mean written beside it, so that it cannot
+    squeeze the intervals of the others into a line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -297,54 +312,81 @@ def plot_frontier(summary: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
     for ax, setting in zip(axes[0], (HEADLINE, STRONG)):
+        points = []
         for name, d in summary["arms"].items():
             s, arm_name = name.split("/", 1)
             gain = d["differences"]["early-stopped ERM"]
-            if s != setting or gain is None or d["cost_vs_erm"] is None:
+            if s == setting and gain is not None and d["cost_vs_erm"] is not None:
+                points.append((arm_name, d, gain))
+        unstalled = [g["ci"][0] for _, d, g in points if not d["stalled"]]
+        floor = min(unstalled) - 1.0 if unstalled else None
+        for arm_name, d, gain in points:
+            x, (lo, hi), mean = d["cost_vs_erm"], gain["ci"], gain["mean"]
+            label = f"{arm_name} (n={gain['n']}" + (f", stalled {d['stalled']})" if d["stalled"] else ")")
+            if floor is not None and lo < floor:
+                ax.plot(x, floor, "v", color="tab:red")
+                ax.annotate(
+                    f"{label}: {mean:+.1f} [{lo:+.1f}, {hi:+.1f}]",
+                    (x, floor),
+                    xytext=(-4, 4),
+                    textcoords="offset points",
+                    ha="right",
+                    fontsize=7,
+                    color="tab:red",
+                )
                 continue
-            lo, hi = gain["ci"]
-            ax.errorbar(d["cost_vs_erm"], gain["mean"], yerr=[[gain["mean"] - lo], [hi - gain["mean"]]], fmt="o")
-            ax.annotate(f"{arm_name} (n={gain['n']})", (d["cost_vs_erm"], gain["mean"]), fontsize=7)
+            ax.errorbar(x, mean, yerr=[[mean - lo], [hi - mean]], fmt="o", capsize=3)
+            ax.annotate(label, (x, mean), fontsize=7)
+        if floor is not None:
+            ax.set_ylim(bottom=floor - 0.5)
         ax.axhline(0.0, color="grey", linestyle="--")
         ax.set_xscale("log")
         ax.set_xlabel("step cost × ERM (MiniLM, batch 32, length 32, CPU)")
         ax.set_ylabel("test acc − early-stopped ERM (points, t-95% CI)")
-        ax.set_title(f"mr, {setting}")
+        ax.set_title(f"mr, {setting}: final weights")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def plot_m_curve(summary: dict, path: Path) -> None:
+    """Gain against m, final weights; each tick says the arm's ρ (m = 32 is SAM at its own ρ) and its stalls."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for label, marker in (("early-stopped ERM", "o"), ("ERM final", "s")):
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    ticks = {}
+    for (label, marker), shift in zip((("early-stopped ERM", "o"), ("ERM final", "s")), (0.96, 1.04)):
         points = []
         for name, m in M_OF.items():
             d = summary["arms"].get(f"{HEADLINE}/{name}")
             gain = d and d["differences"][label]
             if gain:
                 points.append((m, gain))
+                rho = arm(name, summary.get("rho", {})).rho
+                ticks[m] = f"{m}{' (SAM)' if name == 'sam' else ''}\nρ {rho:g}" + (
+                    f"\nstalled {d['stalled']}/{gain['n']}" if d["stalled"] else ""
+                )
         points.sort(key=lambda x: x[0])
         if points:
             ax.errorbar(
-                [m for m, _ in points],
+                [m * shift for m, _ in points],
                 [g["mean"] for _, g in points],
                 yerr=[[g["mean"] - g["ci"][0] for _, g in points], [g["ci"][1] - g["mean"] for _, g in points]],
                 marker=marker,
                 capsize=3,
-                label=f"− {label}",
+                label=f"final − {label}",
             )
     ax.axhline(0.0, color="grey", linestyle="--")
     ax.set_xscale("log", base=2)
-    ax.set_xticks([1, 4, 8, 32], ["1 (per-instance)", "4", "8", "32 (SAM)"])
+    ax.set_xticks(sorted(ticks), [ticks[m] for m in sorted(ticks)])
+    ax.minorticks_off()
     ax.set_xlabel("instances per perturbation, m")
     ax.set_ylabel("test acc gain (points, t-95% CI)")
     ax.set_title(f"mr, {HEADLINE}: m-sharpness")
-    ax.legend(fontsize=7)
+    if ticks:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
