@@ -46,7 +46,7 @@ from typing import Any, Optional
 
 from common import RESULTS, mean_std, save, t_interval
 from generalization import test_best, test_final, val
-from runs import SETTINGS, Method, key, rows_by_key, run_all
+from runs import SETTINGS, STALL_SHARE, Method, key, rows_by_key, run_all
 
 from lit_deltasam import DeltaSAMConfig
 
@@ -298,7 +298,44 @@ def report(args: argparse.Namespace) -> tuple[str, dict]:
         "or of its best-validation checkpoint, against a reference)\n",
     ]
     lines += table
+    stalls = stall_table(p)
+    if stalls:
+        lines += [
+            "",
+            f"**Stalled comparison runs** (≥ {STALL_SHARE:.0%} of the final validation predictions one class): from "
+            "which epoch on, what the run had reached before, its final validation loss (ln 2 = 0.6931 is a constant "
+            "50/50 output) and how flat it ended against ERM on the same seed\n",
+            "| setting | arm | seed | one class from epoch | best val acc before | final val loss | "
+            "final top Hessian eigenvalue (ERM, same seed) |",
+            "|---|---|---|---|---|---|---|",
+            *stalls,
+        ]
     return "\n".join(lines) + "\n", out
+
+
+def stall_table(p: Protocol) -> list[str]:
+    """One line per stalled comparison run: the epoch from which the majority share stays ≥ STALL_SHARE."""
+    lines = []
+    for setting in (HEADLINE, STRONG):
+        erm = p.arm_rows(setting, "erm")
+        for name in p.arms(setting) if p.ready() else ():
+            for seed, r in sorted(p.arm_rows(setting, name).items()):
+                if not r["stalled"]:
+                    continue
+                curve = r["curve"]
+                epoch = len(curve)
+                while epoch > 1 and curve[epoch - 2][2] >= STALL_SHARE:
+                    epoch -= 1
+                before = [c[1] for c in curve[: epoch - 1]]
+                ref = erm.get(seed)
+                eig = r["metrics"].get("final/hessian_top_eig")
+                ref_eig = ref["metrics"].get("final/hessian_top_eig") if ref else None
+                lines.append(
+                    f"| {setting} | {name} | {seed} | {epoch} of {len(curve)} | "
+                    f"{f'{100 * max(before):.1f}' if before else '–'} | {r['metrics']['val/loss']:.4f} | "
+                    f"{'–' if eig is None else f'{eig:.2f}'} ({'–' if ref_eig is None else f'{ref_eig:.2f}'}) |"
+                )
+    return lines
 
 
 def plot_frontier(summary: dict, path: Path) -> None:
