@@ -1,4 +1,6 @@
-"""Put a study's committed tables into docs/benchmarks.md between its markers, so that the page and the JSON agree.
+"""Put a study's committed tables into the docs between its markers, so that the pages and the JSON agree.
+
+docs/benchmarks.md gets the JSON's ``table``; the README gets its ``headline``, where the JSON has one.
 
 python benchmarks/fill_docs.py regimes
 """
@@ -7,21 +9,28 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from common import RESULTS, ROOT
 
 
 def fill(name: str) -> None:
-    page = ROOT / "docs" / "benchmarks.md"
+    saved = json.loads((RESULTS / f"{name}.json").read_text())
+    write(ROOT / "docs" / "benchmarks.md", name, saved["table"])
+    if "headline" in saved:
+        write(ROOT / "README.md", f"{name}-headline", saved["headline"])
+
+
+def write(page: Path, name: str, table: str) -> None:
     text = page.read_text()
-    begin = f"<!-- {name}:begin (written by the command below from {name}.json) -->"
+    study = name.split("-")[0]
+    begin = f"<!-- {name}:begin (written by the command below from {study}.json) -->"
     end = f"<!-- {name}:end -->"
     if begin not in text or end not in text:
-        raise SystemExit(f"docs/benchmarks.md has no {begin} ... {end} markers")
-    table = json.loads((RESULTS / f"{name}.json").read_text())["table"].strip()
+        raise SystemExit(f"{page.relative_to(ROOT)} has no {begin} ... {end} markers")
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
-    page.write_text(f"{head}{begin}\n\n{table}\n\n`python benchmarks/fill_docs.py {name}`\n{end}{tail}")
+    page.write_text(f"{head}{begin}\n\n{table.strip()}\n\n`python benchmarks/fill_docs.py {study}`\n{end}{tail}")
 
 
 if __name__ == "__main__":

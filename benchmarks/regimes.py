@@ -275,6 +275,7 @@ def report(args: argparse.Namespace) -> tuple[str, dict]:
                 diffs["SAM final"] = None
             arms_out[f"{setting}/{name}"] = {
                 "label": method.label,
+                "rho": method.rho,
                 "seeds": sorted(rs),
                 "stalled": sum(r["stalled"] for r in rs.values()),
                 "test_final": [test_final(r) for r in rs.values()],
@@ -292,6 +293,7 @@ def report(args: argparse.Namespace) -> tuple[str, dict]:
                 + " |"
             )
     out["arms"] = arms_out
+    out["headline"] = headline(arms_out)
     lines += [
         "",
         "**Comparison** (test accuracy, mean ± std over seeds; paired differences by seed of the arm's final weights, "
@@ -311,6 +313,29 @@ def report(args: argparse.Namespace) -> tuple[str, dict]:
             *stalls,
         ]
     return "\n".join(lines) + "\n", out
+
+
+def headline(arms_out: dict[str, dict]) -> str:
+    """The README's short table: every arm's cost, stalls and gains, from the same numbers as the full one."""
+    lines = [
+        "| setting | arm | cost × ERM | seeds (stalled) | final − early-stopped ERM | final − SAM | "
+        "best-val − early-stopped ERM |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, d in arms_out.items():
+        setting, arm_name = name.split("/", 1)
+        diffs = d["differences"]
+        cost = "–" if d["cost_vs_erm"] is None else f"{d['cost_vs_erm']:.2f}"
+        rho = "" if d["rho"] is None else f", ρ {d['rho']:g}"
+        lines.append(
+            f"| {SETTINGS_SHORT[setting]} | {arm_name}{rho} | {cost} | {len(d['seeds'])} ({d['stalled']}) | "
+            f"{_fmt(diffs['early-stopped ERM'])} | {_fmt(diffs['SAM final'])} | "
+            f"{_fmt(diffs['early-stopped ERM, arm early-stopped too'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+SETTINGS_SHORT = {HEADLINE: "mr, 20% noise", STRONG: "mr, 40% noise"}
 
 
 def stall_table(p: Protocol) -> list[str]:
