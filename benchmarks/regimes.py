@@ -68,6 +68,7 @@ ARMS: dict[str, tuple[str, str, tuple]] = {
     # name: (method, whose ρ, extra method fields)
     "erm": ("erm", "", ()),
     "sam": ("sam", "sam", ()),
+    "sam at m-sam's ρ": ("sam", "m4", ()),
     "deltasam": ("deltasam", "sam", ()),
     "deltasam β=+1": ("deltasam", "sam", (("beta", 1.0),)),
     "m-sam m=8": ("sam", "m4", (("m_sharpness", 8),)),
@@ -80,6 +81,7 @@ M_ARMS = ("m-sam m=8", "m-sam m=4")
 COST_NAMES = {  # arm → its row in benchmarks/overhead.py
     "erm": "erm",
     "sam": "sam",
+    "sam at m-sam's ρ": "sam",
     "deltasam": "deltasam(head)",
     "deltasam β=+1": "deltasam(head)",
     "m-sam m=8": "sam, m=8",
@@ -88,7 +90,8 @@ COST_NAMES = {  # arm → its row in benchmarks/overhead.py
     "sam interval=5": "sam, interval=5",
     "sam looksam k=5": "sam, looksam k=5",
 }
-M_OF = {"per-instance (m=1)": 1, "m-sam m=4": 4, "m-sam m=8": 8, "sam": 32}
+M_OF = {"per-instance (m=1)": 1, "m-sam m=4": 4, "m-sam m=8": 8, "sam at m-sam's ρ": 32}
+SAME_RHO = "sam at m-sam's ρ"  # SAM at the ρ of the m-SAM and per-instance arms: their reference at equal radius
 
 
 def arm(name: str, rhos: dict[str, float]) -> Method:
@@ -150,7 +153,7 @@ class Protocol:
     def arms(self, setting: str) -> list[str]:
         if setting == HEADLINE:
             return list(ARMS)
-        return ["erm", "sam", "deltasam"] + ([self.m_arm] if self.m_arm else [])
+        return ["erm", "sam", SAME_RHO, "deltasam"] + ([self.m_arm] if self.m_arm else [])
 
     def ready(self) -> bool:
         return len(self.lr) == 2 and len(self.rho) == 2 and self.m_arm is not None
@@ -191,6 +194,7 @@ REFERENCES = (  # (label, the arm's score, reference arm, the reference's score)
     ("ERM final", test_final, "erm", test_final),
     ("early-stopped ERM", test_final, "erm", test_best),
     ("SAM final", test_final, "sam", test_final),
+    ("SAM final, same ρ", test_final, "same-ρ sam", test_final),
     ("early-stopped ERM, arm early-stopped too", test_best, "erm", test_best),
 )
 
@@ -199,6 +203,7 @@ COLUMNS = {
     "ERM final": "final − ERM final",
     "early-stopped ERM": "final − early-stopped ERM",
     "SAM final": "final − SAM final",
+    "SAM final, same ρ": "final − SAM final at the same ρ",
     "early-stopped ERM, arm early-stopped too": "best-val − early-stopped ERM",
 }
 
@@ -263,17 +268,25 @@ def report(args: argparse.Namespace) -> tuple[str, dict]:
     for setting in (HEADLINE, STRONG):
         if not p.ready():
             break
-        refs = {"erm": p.arm_rows(setting, "erm"), "sam": p.arm_rows(setting, "sam")}
+        by_rho = {arm(n, p.rho).rho: n for n in (SAME_RHO, "sam")}
         for name in p.arms(setting):
             rs = p.arm_rows(setting, name)
             if not rs:
                 continue
             method = arm(name, p.rho)
+            same = by_rho.get(method.rho)
+            refs = {
+                "erm": p.arm_rows(setting, "erm"),
+                "sam": p.arm_rows(setting, "sam"),
+                "same-ρ sam": p.arm_rows(setting, same) if same else {},
+            }
             diffs = {label: differences(rs, mine, refs[ref], theirs) for label, mine, ref, theirs in REFERENCES}
             if name == "erm":
-                diffs["ERM final"] = diffs["SAM final"] = diffs["early-stopped ERM, arm early-stopped too"] = None
+                diffs = {label: d if label == "early-stopped ERM" else None for label, d in diffs.items()}
             if name == "sam":
                 diffs["SAM final"] = None
+            if name in ("sam", SAME_RHO):
+                diffs["SAM final, same ρ"] = None
             arms_out[f"{setting}/{name}"] = {
                 "label": method.label,
                 "rho": method.rho,
@@ -319,7 +332,7 @@ def report(args: argparse.Namespace) -> tuple[str, dict]:
 def headline(arms_out: dict[str, dict]) -> str:
     """The README's short table: every arm's cost, stalls and gains, from the same numbers as the full one."""
     lines = [
-        "| setting | arm | cost × ERM | seeds (stalled) | final − early-stopped ERM | final − SAM | "
+        "| setting | arm | cost × ERM | seeds (stalled) | final − early-stopped ERM | final − SAM at the same ρ | "
         "best-val − early-stopped ERM |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -330,7 +343,7 @@ def headline(arms_out: dict[str, dict]) -> str:
         rho = "" if d["rho"] is None else f", ρ {d['rho']:g}"
         lines.append(
             f"| {SETTINGS_SHORT[setting]} | {arm_name}{rho} | {cost} | {len(d['seeds'])} ({d['stalled']}) | "
-            f"{_fmt(diffs['early-stopped ERM'])} | {_fmt(diffs['SAM final'])} | "
+            f"{_fmt(diffs['early-stopped ERM'])} | {_fmt(diffs['SAM final, same ρ'])} | "
             f"{_fmt(diffs['early-stopped ERM, arm early-stopped too'])} |"
         )
     return "\n".join(lines) + "\n"
@@ -412,7 +425,8 @@ def plot_frontier(summary: dict, path: Path) -> None:
 
 
 def plot_m_curve(summary: dict, path: Path) -> None:
-    """Gain against m, final weights; each tick says the arm's ρ (m = 32 is SAM at its own ρ) and its stalls."""
+    """Gain against m, final weights, every m at m-SAM's ρ (m = 32 is SAM, one perturbation per batch); each tick
+    says the arm's ρ and its stalls."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -428,7 +442,7 @@ def plot_m_curve(summary: dict, path: Path) -> None:
             if gain:
                 points.append((m, gain))
                 rho = arm(name, summary.get("rho", {})).rho
-                ticks[m] = f"{m}{' (SAM)' if name == 'sam' else ''}\nρ {rho:g}" + (
+                ticks[m] = f"{m}{' (SAM)' if name == SAME_RHO else ''}\nρ {rho:g}" + (
                     f"\nstalled {d['stalled']}/{gain['n']}" if d["stalled"] else ""
                 )
         points.sort(key=lambda x: x[0])

@@ -110,7 +110,7 @@ def test_committed_generalization_tables_come_from_the_committed_rows():
     assert saved["table"].strip() in (root / "docs" / "benchmarks.md").read_text()
 
 
-def test_regimes_chooses_on_validation_in_order_and_pairs_by_seed():
+def test_regimes_chooses_on_validation_in_order_and_pairs_by_seed(monkeypatch):
     """Step 0 (LR per setting), step 1 (ρ for SAM and m = 4, on setting 1), then setting 2's m-SAM arm, each on
     validation only, each opening the next step's units; the comparison is seed-major and paired."""
     reg = pytest.importorskip("regimes")
@@ -153,6 +153,19 @@ def test_regimes_chooses_on_validation_in_order_and_pairs_by_seed():
         {11: _row(0.5, 0.80), 12: _row(0.5, 0.84)}, reg.test_final, {11: _row(0.5, 0.79)}, reg.test_final
     )
     assert d is None  # one pair: no interval
+    # m-SAM is compared with SAM at its own ρ (0.02) as well as with SAM at SAM's (0.05)
+    assert reg.arm(reg.SAME_RHO, protocol.rho).rho == 0.02 and reg.SAME_RHO in protocol.arms(reg.STRONG)
+    for seed, accs in {11: (0.70, 0.74, 0.75, 0.72), 12: (0.71, 0.76, 0.78, 0.70)}.items():
+        for name, acc in zip(("sam", reg.SAME_RHO, "m-sam m=8", "deltasam"), accs):
+            rows[runs.key("mr", reg.HEADLINE, reg.arm(name, protocol.rho), seed, 2e-4)] = {
+                **_row(0.5, acc),
+                "time_s": 1,
+            }
+    monkeypatch.setattr(reg, "rows_by_key", lambda: rows)
+    diffs = {name: d["differences"] for name, d in reg.report(args)[1]["arms"].items()}
+    m8, delta = diffs[f"{reg.HEADLINE}/m-sam m=8"], diffs[f"{reg.HEADLINE}/deltasam"]
+    assert m8["SAM final"]["mean"] == pytest.approx(6.0) and m8["SAM final, same ρ"]["mean"] == pytest.approx(1.5)
+    assert delta["SAM final, same ρ"] == delta["SAM final"] and delta["SAM final"]["mean"] == pytest.approx(0.5)
 
 
 def test_committed_regimes_tables_come_from_the_committed_rows():
