@@ -15,10 +15,10 @@ identical):
   both settings). The δ-SAM arms, ``interval`` and LookSAM take SAM's ρ; m = 8 and exact
   per-instance SAM take m = 4's. m = 8 also runs on the selection seeds, so that the m-SAM arm
   of setting 2 (the better of m = 4 and m = 8) is chosen on validation before any comparison;
-* arms of setting 1: ERM; SAM; δ-SAM as shipped; δ-SAM with β = +1 (up-weights sharp
-  instances, the RW-SAM reading); m-SAM with m = 8 and m = 4; exact per-instance SAM (m = 1);
-  SAM with ``interval=5``; SAM with LookSAM, k = 5. Arms of setting 2: ERM, SAM, δ-SAM and
-  the chosen m-SAM arm;
+* arms of setting 1: ERM; SAM; SAM at m-SAM's ρ (the m-SAM arms' reference at equal radius);
+  δ-SAM as shipped; δ-SAM with β = +1 (up-weights sharp instances, the RW-SAM reading); m-SAM
+  with m = 8 and m = 4; exact per-instance SAM (m = 1); SAM with ``interval=5``; SAM with
+  LookSAM, k = 5. Arms of setting 2: ERM, SAM, SAM at m-SAM's ρ, δ-SAM and the chosen m-SAM arm;
 * seeds: ``--seeds`` (11-18) for every arm, seed-major so that partial results stay paired
   and balanced; ``--per-instance-seeds`` bounds the costly per-instance arm (5 by default: at
   10.6× ERM a step it is a third of a seed's CPU time);
