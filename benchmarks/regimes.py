@@ -64,11 +64,12 @@ def shipped(method: str, rho: Optional[float] = None, extra: tuple = ()) -> Meth
     return Method(method, rho, d.rho_schedule, warmup, extra)
 
 
+SAME_RHO = "sam at m-sam's ρ"  # SAM at the ρ of the m-SAM and per-instance arms: their reference at equal radius
 ARMS: dict[str, tuple[str, str, tuple]] = {
     # name: (method, whose ρ, extra method fields)
     "erm": ("erm", "", ()),
     "sam": ("sam", "sam", ()),
-    "sam at m-sam's ρ": ("sam", "m4", ()),
+    SAME_RHO: ("sam", "m4", ()),
     "deltasam": ("deltasam", "sam", ()),
     "deltasam β=+1": ("deltasam", "sam", (("beta", 1.0),)),
     "m-sam m=8": ("sam", "m4", (("m_sharpness", 8),)),
@@ -81,7 +82,7 @@ M_ARMS = ("m-sam m=8", "m-sam m=4")
 COST_NAMES = {  # arm → its row in benchmarks/overhead.py
     "erm": "erm",
     "sam": "sam",
-    "sam at m-sam's ρ": "sam",
+    SAME_RHO: "sam",
     "deltasam": "deltasam(head)",
     "deltasam β=+1": "deltasam(head)",
     "m-sam m=8": "sam, m=8",
@@ -90,8 +91,7 @@ COST_NAMES = {  # arm → its row in benchmarks/overhead.py
     "sam interval=5": "sam, interval=5",
     "sam looksam k=5": "sam, looksam k=5",
 }
-M_OF = {"per-instance (m=1)": 1, "m-sam m=4": 4, "m-sam m=8": 8, "sam at m-sam's ρ": 32}
-SAME_RHO = "sam at m-sam's ρ"  # SAM at the ρ of the m-SAM and per-instance arms: their reference at equal radius
+M_OF = {"per-instance (m=1)": 1, "m-sam m=4": 4, "m-sam m=8": 8, SAME_RHO: 32}
 
 
 def arm(name: str, rhos: dict[str, float]) -> Method:
@@ -268,17 +268,16 @@ def report(args: argparse.Namespace) -> tuple[str, dict]:
     for setting in (HEADLINE, STRONG):
         if not p.ready():
             break
-        by_rho = {arm(n, p.rho).rho: n for n in (SAME_RHO, "sam")}
+        sam_at = {arm(n, p.rho).rho: p.arm_rows(setting, n) for n in (SAME_RHO, "sam")}
         for name in p.arms(setting):
             rs = p.arm_rows(setting, name)
             if not rs:
                 continue
             method = arm(name, p.rho)
-            same = by_rho.get(method.rho)
             refs = {
                 "erm": p.arm_rows(setting, "erm"),
-                "sam": p.arm_rows(setting, "sam"),
-                "same-ρ sam": p.arm_rows(setting, same) if same else {},
+                "sam": sam_at[p.rho["sam"]],
+                "same-ρ sam": sam_at.get(method.rho, {}),
             }
             diffs = {label: differences(rs, mine, refs[ref], theirs) for label, mine, ref, theirs in REFERENCES}
             if name == "erm":
