@@ -1,6 +1,6 @@
 """Where sharpness-aware fine-tuning pays, and at what cost: m-sharpness, stronger label noise, the cheap modes.
 
-Protocol (MiniLM on mr, max length 32, the app's recipe but for the learning rate; rows
+Protocol (MiniLM on mr, and tweets for a repeat, max length 32, the app's recipe but for the learning rate; rows
 through benchmarks/runs.py, shared with the earlier studies wherever a configuration is
 identical):
 
@@ -19,6 +19,9 @@ identical):
   δ-SAM as shipped; δ-SAM with β = +1 (up-weights sharp instances, the RW-SAM reading); m-SAM
   with m = 8 and m = 4; exact per-instance SAM (m = 1); SAM with ``interval=5``; SAM with
   LookSAM, k = 5. Arms of setting 2: ERM, SAM, SAM at m-SAM's ρ, δ-SAM and the chosen m-SAM arm;
+* the tweets repeat, so that the reading does not rest on one task: ``tweets noisy1k`` (tweets, otherwise
+  setting 1), with its own step 0 and setting 2's arms at setting 1's ρ, on the first ``--tweets-seeds`` of
+  ``--seeds``; its comparison runs after the mr comparison is complete, as it is the budget's remainder;
 * seeds: ``--seeds`` (11-18) for every arm, seed-major so that partial results stay paired
   and balanced; ``--per-instance-seeds`` bounds the costly per-instance arm (5 by default: at
   10.6× ERM a step it is a third of a seed's CPU time);
@@ -51,8 +54,9 @@ from runs import SETTINGS, STALL_SHARE, Method, key, rows_by_key, run_all
 
 from lit_deltasam import DeltaSAMConfig
 
-TASK = "mr"
-HEADLINE, STRONG = "noisy1k", "noisy40"
+HEADLINE, STRONG, TWEETS = "noisy1k", "noisy40", "tweets noisy1k"
+PLACES = {HEADLINE: ("mr", "noisy1k"), STRONG: ("mr", "noisy40"), TWEETS: ("tweets", "noisy1k")}
+"""Each study setting's task and its benchmarks/runs.py setting."""
 COST_FILE = RESULTS / "overhead_regimes.json"
 
 
@@ -115,8 +119,9 @@ class Protocol:
 
     def __init__(self, args: argparse.Namespace, rows: dict) -> None:
         self.args, self.rows = args, rows
+        self.settings = (HEADLINE, STRONG) + ((TWEETS,) if args.tweets_seeds else ())
         self.lr: dict[str, float] = {}
-        for setting in (HEADLINE, STRONG):
+        for setting in self.settings:
             pick = best_of(rows, {lr: self._keys(setting, Method("erm"), lr) for lr in args.lrs})
             if pick is not None:
                 self.lr[setting] = pick
@@ -133,21 +138,20 @@ class Protocol:
             self.m_arm = best_of(rows, grid)
 
     def _keys(self, setting: str, method: Method, lr: float) -> list[str]:
-        return [key(TASK, setting, method, s, lr) for s in self.args.select_seeds]
+        return [key(*PLACES[setting], method, s, lr) for s in self.args.select_seeds]
 
     def selection_units(self) -> list[tuple]:
         """Step 0, then step 1, each as far as the choices before it are made."""
         a = self.args
-        units = [
-            (TASK, s, Method("erm"), seed, lr) for seed in a.select_seeds for s in (HEADLINE, STRONG) for lr in a.lrs
-        ]
+        erm = Method("erm")
+        units = [(*PLACES[s], erm, seed, lr) for seed in a.select_seeds for s in self.settings for lr in a.lrs]
         if HEADLINE in self.lr:
             lr = self.lr[HEADLINE]
             for seed in a.select_seeds:
                 for extra in ((), (("m_sharpness", 4),)):
-                    units += [(TASK, HEADLINE, shipped("sam", r, extra), seed, lr) for r in a.rhos]
+                    units += [(*PLACES[HEADLINE], shipped("sam", r, extra), seed, lr) for r in a.rhos]
         if "m4" in self.rho:
-            units += [(TASK, HEADLINE, arm("m-sam m=8", self.rho), s, self.lr[HEADLINE]) for s in a.select_seeds]
+            units += [(*PLACES[HEADLINE], arm("m-sam m=8", self.rho), s, self.lr[HEADLINE]) for s in a.select_seeds]
         return units
 
     def arms(self, setting: str) -> list[str]:
@@ -156,10 +160,11 @@ class Protocol:
         return ["erm", "sam", SAME_RHO, "deltasam"] + ([self.m_arm] if self.m_arm else [])
 
     def ready(self) -> bool:
-        return len(self.lr) == 2 and len(self.rho) == 2 and self.m_arm is not None
+        return {HEADLINE, STRONG} <= set(self.lr) and len(self.rho) == 2 and self.m_arm is not None
 
     def comparison_units(self) -> list[tuple]:
-        """Seed-major: every arm of both settings for one seed before the next seed."""
+        """Seed-major: every arm of both mr settings for one seed before the next seed; then the tweets repeat,
+        seed-major too, as it runs only if the budget remains."""
         if not self.ready():
             return []
         a = self.args
@@ -171,14 +176,18 @@ class Protocol:
                 for name in self.arms(setting):
                     if name == "per-instance (m=1)" and i >= a.per_instance_seeds:
                         continue
-                    units.append((TASK, setting, arm(name, self.rho), seed, self.lr[setting]))
+                    units.append((*PLACES[setting], arm(name, self.rho), seed, self.lr[setting]))
+        if TWEETS in self.lr:
+            for seed in a.seeds[: a.tweets_seeds]:
+                units += [(*PLACES[TWEETS], arm(n, self.rho), seed, self.lr[TWEETS]) for n in self.arms(TWEETS)]
         return units
 
     def arm_rows(self, setting: str, name: str) -> dict[int, dict]:
         if setting not in self.lr or not self.ready():
             return {}
         method, lr = arm(name, self.rho), self.lr[setting]
-        return {s: self.rows[k] for s in self.args.seeds if (k := key(TASK, setting, method, s, lr)) in self.rows}
+        keys = {s: key(*PLACES[setting], method, s, lr) for s in self.args.seeds}
+        return {s: self.rows[k] for s, k in keys.items() if k in self.rows}
 
 
 def differences(a: dict[int, dict], score_a, b: dict[int, dict], score_b) -> Optional[dict[str, Any]]:
@@ -229,9 +238,9 @@ def report(args: argparse.Namespace) -> tuple[str, dict]:
     out: dict[str, Any] = {"lr": p.lr, "rho": p.rho, "m_arm_setting_2": p.m_arm, "cost_vs_erm": cost}
     lines = ["**Step 0: ERM's learning rate** (final validation accuracy, selection seeds)\n"]
     lines += ["| setting | lr | val acc per seed | mean | stalled | chosen |", "|---|---|---|---|---|---|"]
-    for setting in (HEADLINE, STRONG):
+    for setting in p.settings:
         for lr in args.lrs:
-            found = [rows.get(k) for k in (key(TASK, setting, Method("erm"), s, lr) for s in args.select_seeds)]
+            found = [rows.get(k) for k in (key(*PLACES[setting], Method("erm"), s, lr) for s in args.select_seeds)]
             accs = [100 * val(r) for r in found if r]
             lines.append(
                 f"| {setting} | {lr:g} | {', '.join(f'{x:.2f}' for x in accs) or '–'} | "
@@ -246,7 +255,7 @@ def report(args: argparse.Namespace) -> tuple[str, dict]:
             if HEADLINE not in p.lr:
                 continue
             method = shipped("sam", r, extra)
-            found = [rows.get(key(TASK, HEADLINE, method, s, p.lr[HEADLINE])) for s in args.select_seeds]
+            found = [rows.get(key(*PLACES[HEADLINE], method, s, p.lr[HEADLINE])) for s in args.select_seeds]
             accs = [100 * val(x) for x in found if x]
             stalled = sum(x["stalled"] for x in found if x)
             selection[f"{family} rho={r:g}"] = {"val": accs, "stalled": stalled, "runs": len(accs)}
@@ -265,7 +274,7 @@ def report(args: argparse.Namespace) -> tuple[str, dict]:
         "|---" * (8 + len(REFERENCES)) + "|",
     ]
     arms_out: dict[str, dict] = {}
-    for setting in (HEADLINE, STRONG):
+    for setting in p.settings:
         if not p.ready():
             break
         sam_at = {arm(n, p.rho).rho: p.arm_rows(setting, n) for n in (SAME_RHO, "sam")}
@@ -348,13 +357,13 @@ def headline(arms_out: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-SETTINGS_SHORT = {HEADLINE: "mr, 20% noise", STRONG: "mr, 40% noise"}
+SETTINGS_SHORT = {HEADLINE: "mr, 20% noise", STRONG: "mr, 40% noise", TWEETS: "tweets, 20% noise"}
 
 
 def stall_table(p: Protocol) -> list[str]:
     """One line per stalled comparison run: the epoch from which the majority share stays ≥ STALL_SHARE."""
     lines = []
-    for setting in (HEADLINE, STRONG):
+    for setting in p.settings:
         erm = p.arm_rows(setting, "erm")
         for name in p.arms(setting) if p.ready() else ():
             for seed, r in sorted(p.arm_rows(setting, name).items()):
@@ -385,8 +394,9 @@ def plot_frontier(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
-    for ax, setting in zip(axes[0], (HEADLINE, STRONG)):
+    settings = [s for s in PLACES if any(name.startswith(f"{s}/") for name in summary["arms"])]
+    fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4), squeeze=False)
+    for ax, setting in zip(axes[0], settings):
         points = []
         for name, d in summary["arms"].items():
             s, arm_name = name.split("/", 1)
@@ -418,7 +428,7 @@ def plot_frontier(summary: dict, path: Path) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("step cost × ERM (MiniLM, batch 32, length 32, CPU)")
         ax.set_ylabel("test acc − early-stopped ERM (points, t-95% CI)")
-        ax.set_title(f"mr, {setting}: final weights")
+        ax.set_title(f"{SETTINGS_SHORT[setting]}: final weights")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -477,11 +487,16 @@ def main() -> None:
         "--strong-seeds", type=int, default=8, help=f"how many of --seeds setting {STRONG} runs (at least 5)"
     )
     parser.add_argument("--per-instance-seeds", type=int, default=5, help="how many of --seeds per-instance runs")
+    parser.add_argument(
+        "--tweets-seeds",
+        type=int,
+        default=5,
+        help="how many of --seeds the tweets repeat runs, after the mr comparison is complete (0: none)",
+    )
     parser.add_argument("--stage", choices=["select", "all"], default="all", help="stop after steps 0 and 1")
     parser.add_argument("--report", action="store_true", help="only build the JSON, plots and tables")
     args = parser.parse_args()
-    for setting in (HEADLINE, STRONG):
-        assert setting in SETTINGS
+    assert all(setting in SETTINGS for _, setting in PLACES.values())
     if not args.report:
         while True:  # each stage's choices open the next stage's units
             units = Protocol(args, rows_by_key()).selection_units()

@@ -121,6 +121,7 @@ def test_regimes_chooses_on_validation_in_order_and_pairs_by_seed(monkeypatch):
         seeds=[11, 12],
         strong_seeds=1,
         per_instance_seeds=1,
+        tweets_seeds=0,
     )
     rows = {}
     assert len(reg.Protocol(args, rows).selection_units()) == 2 * 2 * 2  # seeds × settings × LRs, nothing else
@@ -149,6 +150,19 @@ def test_regimes_chooses_on_validation_in_order_and_pairs_by_seed(monkeypatch):
         u[3] == 11 for u in units if u[1] == reg.STRONG
     )
     assert reg.arm("deltasam", protocol.rho).rho == 0.05 and reg.arm("per-instance (m=1)", protocol.rho).rho == 0.02
+    # the tweets repeat: its own step 0 among the selection units, its comparison after all of mr's, at its own LR
+    args.tweets_seeds = 1
+    assert len(reg.Protocol(args, rows).selection_units()) == len(protocol.selection_units()) + 2 * 2
+    assert reg.Protocol(args, rows).comparison_units() == units  # no tweets unit before its LR is chosen
+    for lr in args.lrs:
+        for seed in args.select_seeds:
+            rows[runs.key("tweets", "noisy1k", runs.Method("erm"), seed, lr)] = _row(0.8 if lr == 5e-5 else 0.6, 0.0)
+    tweets = reg.Protocol(args, rows)
+    assert tweets.lr[reg.TWEETS] == 5e-5 and tweets.comparison_units()[: len(units)] == units
+    extra = tweets.comparison_units()[len(units) :]
+    assert {(u[0], u[1], u[3], u[4]) for u in extra} == {("tweets", "noisy1k", 11, 5e-5)}
+    assert [u[2] for u in extra] == [reg.arm(n, protocol.rho) for n in tweets.arms(reg.STRONG)]
+    args.tweets_seeds = 0
     d = reg.differences(
         {11: _row(0.5, 0.80), 12: _row(0.5, 0.84)}, reg.test_final, {11: _row(0.5, 0.79)}, reg.test_final
     )
