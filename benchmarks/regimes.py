@@ -268,10 +268,10 @@ def report(args: argparse.Namespace) -> tuple[str, dict]:
     if "m4" in p.rho:
         lines += ["", f"m-SAM arm for setting {STRONG} (mean selection-seed validation accuracy): **{p.m_arm or '–'}**"]
     table = [
-        "| setting | arm | ρ | seeds | stalled | cost × ERM | test acc, final | test acc, best-val | "
+        "| setting | arm | ρ | seeds | stalled | cost × ERM | val acc, final | test acc, final | test acc, best-val | "
         + " | ".join(f"{COLUMNS[name]} (points, t-95% CI, won)" for name, *_ in REFERENCES)
         + " |",
-        "|---" * (8 + len(REFERENCES)) + "|",
+        "|---" * (9 + len(REFERENCES)) + "|",
     ]
     arms_out: dict[str, dict] = {}
     for setting in p.settings:
@@ -300,6 +300,7 @@ def report(args: argparse.Namespace) -> tuple[str, dict]:
                 "rho": method.rho,
                 "seeds": sorted(rs),
                 "stalled": sum(r["stalled"] for r in rs.values()),
+                "val_final": [val(r) for r in rs.values()],
                 "test_final": [test_final(r) for r in rs.values()],
                 "test_best": [test_best(r) for r in rs.values()],
                 "time_s": [r["time_s"] for r in rs.values()],
@@ -309,7 +310,8 @@ def report(args: argparse.Namespace) -> tuple[str, dict]:
             table.append(
                 f"| {setting} | {name} | {'–' if method.rho is None else f'{method.rho:g}'} | {len(rs)} | "
                 f"{arms_out[f'{setting}/{name}']['stalled']} | "
-                f"{f'{cost[name]:.2f}' if name in cost else '–'} | {mean_std([test_final(r) for r in rs.values()])} | "
+                f"{f'{cost[name]:.2f}' if name in cost else '–'} | {mean_std([val(r) for r in rs.values()])} | "
+                f"{mean_std([test_final(r) for r in rs.values()])} | "
                 f"{mean_std([test_best(r) for r in rs.values()])} | "
                 + " | ".join(_fmt(diffs[label]) for label, *_ in REFERENCES)
                 + " |"
