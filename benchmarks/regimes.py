@@ -332,7 +332,7 @@ def report(args: argparse.Namespace) -> tuple[str, dict]:
             "which epoch on, what the run had reached before, its final validation loss (ln 2 = 0.6931 is a constant "
             "50/50 output) and how flat it ended against ERM on the same seed\n",
             "| setting | arm | seed | one class from epoch | best val acc before | final val loss | "
-            "final top Hessian eigenvalue (ERM, same seed) |",
+            "final largest-magnitude Hessian eigenvalue (ERM, same seed) |",
             "|---|---|---|---|---|---|---|",
             *stalls,
         ]
