@@ -295,24 +295,23 @@ def report(args: argparse.Namespace) -> tuple[str, dict]:
                 diffs["SAM final"] = None
             if name in ("sam", SAME_RHO):
                 diffs["SAM final, same ρ"] = None
-            arms_out[f"{setting}/{name}"] = {
+            by_seed = [rs[s] for s in sorted(rs)]
+            entry = arms_out[f"{setting}/{name}"] = {
                 "label": method.label,
                 "rho": method.rho,
                 "seeds": sorted(rs),
-                "stalled": sum(r["stalled"] for r in rs.values()),
-                "val_final": [val(r) for r in rs.values()],
-                "test_final": [test_final(r) for r in rs.values()],
-                "test_best": [test_best(r) for r in rs.values()],
-                "time_s": [r["time_s"] for r in rs.values()],
+                "stalled": sum(r["stalled"] for r in by_seed),
+                "val_final": [val(r) for r in by_seed],
+                "test_final": [test_final(r) for r in by_seed],
+                "test_best": [test_best(r) for r in by_seed],
+                "time_s": [r["time_s"] for r in by_seed],
                 "differences": diffs,
                 "cost_vs_erm": cost.get(name),
             }
             table.append(
                 f"| {setting} | {name} | {'–' if method.rho is None else f'{method.rho:g}'} | {len(rs)} | "
-                f"{arms_out[f'{setting}/{name}']['stalled']} | "
-                f"{f'{cost[name]:.2f}' if name in cost else '–'} | {mean_std([val(r) for r in rs.values()])} | "
-                f"{mean_std([test_final(r) for r in rs.values()])} | "
-                f"{mean_std([test_best(r) for r in rs.values()])} | "
+                f"{entry['stalled']} | {f'{cost[name]:.2f}' if name in cost else '–'} | "
+                f"{mean_std(entry['val_final'])} | {mean_std(entry['test_final'])} | {mean_std(entry['test_best'])} | "
                 + " | ".join(_fmt(diffs[label]) for label, *_ in REFERENCES)
                 + " |"
             )
