@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .decisions import on_device, scale_or_zero
+from .decisions import on_device, scale_or_zero, zero_non_finite_
 from .norms import total_norm
 from .sharding import NormReduce, local
 
@@ -36,9 +36,8 @@ def perturb(
 
     On an accelerator the decision is taken on the device (:mod:`.decisions`): the gradients are
     scaled in place into eps (the caller replaces them with the descent's), and ``applied`` is a 0-d
-    bool tensor. A non-finite norm then leaves the weights non-finite for the descent, whose G is
-    non-finite too: the finite check skips the step, as it does on the host path (under a loss
-    scaler, which checks instead, the scaler skips it where the host path descends at w).
+    bool tensor. A zero or non-finite norm gives eps = 0 exactly there too (its non-finite entries,
+    scaled by 0, are zeroed), so the descent runs at w, as on the host path.
 
     Returns:
         ``(||g||, ||eps||, applied)``, where ``||g||`` is the norm that normalized eps.
@@ -63,13 +62,17 @@ def perturb(
     if scale is not None:
         torch._foreach_mul_(scaled, scale)  # type: ignore[arg-type]
         torch._foreach_mul_(scaled, factor)
+        if isinstance(factor, Tensor):
+            zero_non_finite_(scaled)
         eps_norm = total_norm(scaled, reduce_squares, device=device)
         torch._foreach_add_(params, scaled)
     elif isinstance(factor, Tensor):
         torch._foreach_mul_(grads, factor)
+        zero_non_finite_(grads)
         eps_norm = torch.where(factor > 0, rho, 0.0).to(norm.dtype)
         torch._foreach_add_(params, grads)
     else:
         eps_norm = torch.as_tensor(rho, dtype=norm.dtype, device=norm.device)
         torch._foreach_add_(params, grads, alpha=factor)
     return norm, eps_norm, applied
+
