@@ -1,67 +1,256 @@
-"""The base recipe on a short many-class run: fixed learning rates against Lightning's LR range test (``tune_lr``).
+"""The base recipe, chosen across regimes: candidate optimizer recipes on a suite of short runs, by worst-case regret.
 
-Protocol (MiniLM, the app's recipe but for the learning rate; rows through benchmarks/runs.py,
-shared with the regimes study where a configuration is identical):
+Protocol (MiniLM, ERM, the app's recipe but for the ``optim.*`` fields a candidate sets; rows through
+benchmarks/runs.py, shared with the other studies where a configuration is identical):
 
-* settings: ``r8 2k3ep`` (Reuters R8, 8 topics: 2,000 training texts, 3 epochs, max length
-  64; validation is the held-out 10% of train, test the official split) and ``mr noisy1k``
-  (the regimes study's headline setting: 1,000 movie reviews, 20% of the labels flipped,
-  5 epochs, max length 32), whose fixed-LR ERM rows are the regimes study's step 0;
-* arms: ERM at each LR of ``--lrs`` and ERM with ``tune_lr=true``, with ``lr_find.rule=minimum``
-  (the default) and with ``lr_find.rule=steepest`` (Lightning's rule); on r8 also δ-SAM as shipped
-  (5e-5) and δ-SAM with ``tune_lr=true`` (the range test runs on an ERM copy; δ-SAM trains
-  at its LR);
-* seeds: ``--seeds`` (the regimes study's selection seeds), on validation: the recipe is
-  chosen on mean final validation accuracy; test accuracy (final weights) is reported beside
-  it and chooses nothing.
+* suite (:data:`SUITE`, cheapest first): ``mr noisy1k`` (1,000 reviews, 20% of the labels flipped, 5 epochs,
+  max length 32), ``r8 2k3ep``, ``mr 2k3ep`` and ``tweets 2k3ep`` (2,000 clean training texts, 3 epochs, max
+  length 64), and the main job ``mr full1ep`` (the whole training split, one epoch, max length 48);
+* candidates (:data:`CANDIDATES`): the LR grid 5e-5 (the old default), 1e-4, 2e-4, 3e-4; then the levers at
+  the higher LRs (layer-wise LR decay, a larger LR for the classifier head, a longer warm-up, more weight
+  decay); then ``tune_lr=true`` (``lr_find.rule=minimum``), reported beside the fixed recipes and never chosen;
+* selection (seeds 101–102, validation only): a candidate's regret on a setting is the best candidate's mean
+  final validation accuracy there minus its own; the recipe chosen has the least worst-case regret over the suite
+  (ties: the earlier candidate), once every fixed candidate has both seeds on every setting. The same regret with
+  the best-validation checkpoint's accuracy (the curve's maximum, what the CLI's ``test/*`` uses) is reported
+  beside it and chooses nothing;
+* confirmation (seeds 103–105): the chosen recipe against the old default (5e-5) on every setting, on test
+  (the best-validation checkpoint's ``test/acc`` and the final weights'), paired by seed with Student-t 95%
+  intervals; then SAM and δ-SAM (the shipped ρ = 0.02 following the LR) at both recipes on ``mr full1ep`` and
+  ``mr noisy1k``.
 
-Resumable: finished runs are rows of docs/results/runs.jsonl and are skipped.
+A row whose overrides leave an ``optim.*`` field out ran at :data:`runs.LEGACY_OPTIM` (``optim.lr`` 5e-5), never
+at the current default. Resumable: finished runs are rows of docs/results/runs.jsonl and are skipped; the
+tables (docs/results/recipe_suite.json) are rewritten after every new row. Run it with one thread so that a core
+stays free (about 3 hours of CPU for the LR grid alone):
 
-    python benchmarks/recipe.py            # the runs (about 40 min of CPU), then the table
-    python benchmarks/recipe.py --report   # docs/results/recipe.json from the rows
+    cd benchmarks && OMP_NUM_THREADS=1 nohup ../.venv/bin/python recipe.py >> /tmp/recipe_study.log 2>&1 &
+    echo $! > /tmp/recipe_study.pid
+    python recipe.py --report   # docs/results/recipe_suite.json and recipe.json (the earlier r8 table) from the rows
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+from dataclasses import dataclass
 from typing import Any, Optional
 
-from common import save
-from runs import TUNE, Method, key, rows_by_key, run_all
+from common import save, t_interval
+from runs import LEGACY_LR, TUNE, Method, is_tuned, key, rows_by_key, run_all
 
 from lit_deltasam import DeltaSAMConfig
-from lit_deltasam.app.schema import OptimSchema
 
-SETTINGS = (("r8", "2k3ep"), ("mr", "noisy1k"))
-SHIPPED_LR = OptimSchema().lr
+SUITE = (("mr", "noisy1k"), ("r8", "2k3ep"), ("mr", "2k3ep"), ("tweets", "2k3ep"), ("mr", "full1ep"))
+SELECT_SEEDS = (101, 102)
+CONFIRM_SEEDS = (103, 104, 105)
+METHOD_SETTINGS = (("mr", "full1ep"), ("mr", "noisy1k"))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A candidate: the LR (or :data:`runs.TUNE`) and the other ``optim.*`` fields it sets."""
+
+    lr: float | str
+    optim: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def label(self) -> str:
+        base = f"lr={self.lr:g}" if not is_tuned(self.lr) else f"tune_lr rule={str(self.lr).split(':', 1)[1]}"
+        return " ".join([base] + [f"{k}={v:g}" for k, v in self.optim])
+
+    def unit(self, task: str, setting: str, method: Method, seed: int) -> tuple:
+        return (task, setting, method, seed, self.lr, self.optim)
+
+
+OLD = Recipe(LEGACY_LR)
+GRID = tuple(Recipe(lr) for lr in (5e-5, 1e-4, 2e-4, 3e-4))
+LEVERS = (
+    Recipe(2e-4, (("layer_decay", 0.8),)),
+    Recipe(5e-5, (("head_lr_mult", 20.0),)),
+    Recipe(1e-4, (("head_lr_mult", 10.0), ("layer_decay", 0.8))),
+    Recipe(1e-4, (("layer_decay", 0.8),)),
+    Recipe(2e-4, (("warmup_ratio", 0.2),)),
+    Recipe(2e-4, (("weight_decay", 0.1),)),
+)
+TUNED = Recipe(f"{TUNE}:minimum")
+CANDIDATES = GRID + LEVERS + (TUNED,)
+ERM = Method("erm")
+
+
+def shipped(method: str) -> Method:
+    d = DeltaSAMConfig()
+    return Method(method, d.rho, d.rho_schedule)
+
+
+def selection_units() -> list[tuple]:
+    """The grid on every setting (cheapest first, seed by seed), then the levers, then ``tune_lr``."""
+    phases = (GRID, LEVERS, (TUNED,))
+    return [r.unit(*s, ERM, seed) for phase in phases for s in SUITE for seed in SELECT_SEEDS for r in phase]
+
+
+def val_final(row: dict) -> float:
+    return row["metrics"]["val/acc"]
+
+
+def val_best(row: dict) -> float:
+    return max(point[1] for point in row["curve"])
+
+
+def selection(rows: dict[str, dict]) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{setting: {candidate: {"seeds", "val", "val_best"}}}``: mean validation accuracies on the selection seeds,
+    only where both are done."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for task, setting in SUITE:
+        name = f"{task} {setting}"
+        out[name] = {}
+        for recipe in CANDIDATES:
+            found = [rows.get(key(*recipe.unit(task, setting, ERM, s))) for s in SELECT_SEEDS]
+            done = [r for r in found if r is not None]
+            entry: dict[str, Any] = {"seeds": [r["seed"] for r in done]}
+            if len(done) == len(SELECT_SEEDS):
+                entry["val"] = statistics.mean(val_final(r) for r in done)
+                entry["val_best"] = statistics.mean(val_best(r) for r in done)
+                if is_tuned(recipe.lr):
+                    entry["lr"] = [r["metrics"]["tune_lr/lr"] for r in done]
+            out[name][recipe.label] = entry
+    return out
+
+
+def regrets(table: dict[str, dict[str, dict[str, Any]]], field: str) -> dict[str, dict[str, float]]:
+    """``{candidate: {setting: regret}}`` on the settings where the candidate is done: the best done candidate's
+    ``field`` minus its own."""
+    out: dict[str, dict[str, float]] = {r.label: {} for r in CANDIDATES}
+    for setting, entries in table.items():
+        done = {label: e[field] for label, e in entries.items() if field in e}
+        for label, value in done.items():
+            out[label][setting] = max(done.values()) - value
+    return out
+
+
+def choose(table: dict[str, dict[str, dict[str, Any]]]) -> Optional[str]:
+    """The fixed candidate with the least worst-case regret (ties: the earlier), once every fixed candidate is done
+    on every setting; ``None`` before."""
+    fixed = [r.label for r in CANDIDATES if not is_tuned(r.lr)]
+    if any("val" not in table[s][label] for s in table for label in fixed):
+        return None
+    worst = regrets(table, "val")
+    return min(fixed, key=lambda label: max(worst[label].values()))
+
+
+def chosen_recipe(rows: dict[str, dict]) -> Optional[Recipe]:
+    label = choose(selection(rows))
+    return next(r for r in CANDIDATES if r.label == label) if label else None
+
+
+def confirmation_units(rows: dict[str, dict]) -> list[tuple]:
+    """Once chosen: the chosen recipe and the old default on every setting (ERM), then SAM and δ-SAM at both on
+    :data:`METHOD_SETTINGS`; nothing before."""
+    chosen = chosen_recipe(rows)
+    if chosen is None:
+        return []
+    pair = [chosen, OLD] if chosen != OLD else [OLD]
+    units = [r.unit(*s, ERM, seed) for s in SUITE for seed in CONFIRM_SEEDS for r in pair]
+    methods = [shipped("deltasam"), shipped("sam")]
+    units += [r.unit(*s, m, seed) for s in METHOD_SETTINGS for seed in CONFIRM_SEEDS for m in methods for r in pair]
+    return units
+
+
+def test_best(row: dict) -> float:
+    return row["metrics"]["test/acc"]
+
+
+def test_final(row: dict) -> float:
+    return row["metrics"].get("test_final/acc", row["metrics"]["test/acc"])
+
+
+def confirmation(rows: dict[str, dict], chosen: Recipe) -> dict[str, Any]:
+    """Paired by seed, chosen minus old, per setting and method: test accuracy of the best-validation checkpoint and
+    of the final weights, with Student-t 95% intervals (two or more seeds)."""
+    out: dict[str, Any] = {}
+    cases = [(s, ERM) for s in SUITE] + [(s, shipped(m)) for s in METHOD_SETTINGS for m in ("deltasam", "sam")]
+    for (task, setting), method in cases:
+        pairs = [
+            (rows.get(key(*chosen.unit(task, setting, method, s))), rows.get(key(*OLD.unit(task, setting, method, s))))
+            for s in CONFIRM_SEEDS
+        ]
+        done = [(a, b) for a, b in pairs if a is not None and b is not None]
+        entry: dict[str, Any] = {"seeds": [a["seed"] for a, _ in done]}
+        for name, metric in (("test_best", test_best), ("test_final", test_final)):
+            d = [metric(a) - metric(b) for a, b in done]
+            entry[name] = {
+                "chosen": [metric(a) for a, _ in done],
+                "old": [metric(b) for _, b in done],
+                "diff": statistics.mean(d) if d else None,
+                "ci": list(t_interval(d)) if len(d) > 1 else None,
+            }
+        out[f"{task} {setting} {method.label}"] = entry
+    return out
+
+
+def suite_report() -> tuple[str, dict[str, Any]]:
+    rows = rows_by_key()
+    table = selection(rows)
+    regret = {field: regrets(table, field) for field in ("val", "val_best")}
+    settings = list(table)
+    lines = [
+        "| candidate | " + " | ".join(settings) + " | worst regret | worst regret (best checkpoint) |",
+        "|---|" + "---|" * (len(settings) + 2),
+    ]
+    for recipe in CANDIDATES:
+        label = recipe.label
+        cells = [_pct(table[s][label].get("val")) for s in settings]
+        worst = [max(regret[f][label].values(), default=None) for f in ("val", "val_best")]
+        partial = len(regret["val"][label]) < len(settings)
+        lines.append(
+            f"| {label} | "
+            + " | ".join(cells)
+            + " | "
+            + " | ".join(_pct(w) + (" (partial)" if partial and w is not None else "") for w in worst)
+            + " |"
+        )
+    label = choose(table)
+    out: dict[str, Any] = {"selection": table, "regret": regret, "chosen": label}
+    lines += ["", f"chosen (least worst-case regret of final validation accuracy): {label or 'not yet (rows missing)'}"]
+    if label:
+        chosen = next(r for r in CANDIDATES if r.label == label)
+        out["confirmation"] = confirmation(rows, chosen)
+        lines += ["", f"| setting, method | seeds | test (best ckpt): {label} − lr=5e-05, 95% CI | test (final) |"]
+        lines += ["|---|---|---|---|"]
+        for case, e in out["confirmation"].items():
+            lines.append(f"| {case} | {len(e['seeds'])} | {_diff(e['test_best'])} | {_diff(e['test_final'])} |")
+    return "\n".join(lines), out
+
+
+def _pct(value: Optional[float]) -> str:
+    return "–" if value is None else f"{100 * value:.2f}"
+
+
+def _diff(entry: dict[str, Any]) -> str:
+    if entry["diff"] is None:
+        return "–"
+    ci = entry["ci"]
+    return f"{100 * entry['diff']:+.2f}" + (f" [{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]" if ci else "")
+
+
+# The earlier study (r8 and noisy mr, ERM at fixed LRs against tune_lr): docs/results/recipe.json.
+EARLY_SETTINGS = (("r8", "2k3ep"), ("mr", "noisy1k"))
+EARLY_ARGS = {"lrs": [5e-5, 1e-4, 2e-4], "seeds": [101, 102], "report": True}
 
 
 def deltasam() -> Method:
-    d = DeltaSAMConfig()
-    return Method("deltasam", d.rho, d.rho_schedule)
+    return shipped("deltasam")
 
 
 def arms(task: str, lrs: list[float]) -> list[tuple[str, Method, float | str]]:
     """Every arm on r8; on mr, whose fixed-LR δ-SAM runs are the regimes study's, ERM's only."""
-    out: list[tuple[str, Method, float | str]] = [(f"erm lr={lr:g}", Method("erm"), lr) for lr in lrs]
-    out += [("erm tune_lr rule=minimum", Method("erm"), f"{TUNE}:minimum")]
-    out += [("erm tune_lr rule=steepest", Method("erm"), f"{TUNE}:steepest")]
+    out: list[tuple[str, Method, float | str]] = [(f"erm lr={lr:g}", ERM, lr) for lr in lrs]
+    out += [("erm tune_lr rule=minimum", ERM, f"{TUNE}:minimum")]
+    out += [("erm tune_lr rule=steepest", ERM, f"{TUNE}:steepest")]
     if task == "r8":
-        out += [(f"deltasam lr={SHIPPED_LR:g}", deltasam(), SHIPPED_LR)]
+        out += [(f"deltasam lr={LEGACY_LR:g}", deltasam(), LEGACY_LR)]
         out += [("deltasam tune_lr rule=minimum", deltasam(), f"{TUNE}:minimum")]
     return out
-
-
-def units(args: argparse.Namespace) -> list[tuple]:
-    """ERM's arms seed by seed first (they choose the recipe), then δ-SAM's."""
-    every = [
-        (task, setting, method, seed, lr)
-        for seed in args.seeds
-        for task, setting in SETTINGS
-        for _, method, lr in arms(task, args.lrs)
-    ]
-    return sorted(every, key=lambda unit: unit[2].method != "erm")
 
 
 def report(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
@@ -71,7 +260,7 @@ def report(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         "| setting | arm | LR (per seed) | val acc (final) | test acc (final) | seeds |",
         "|---|---|---|---|---|---|",
     ]
-    for task, setting in SETTINGS:
+    for task, setting in EARLY_SETTINGS:
         name = f"{task} {setting}"
         table[name] = {}
         for label, method, lr in arms(task, args.lrs):
@@ -96,22 +285,25 @@ def report(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     return text, {"settings": table}
 
 
-def _pct(value: Optional[float]) -> str:
-    return "–" if value is None else f"{100 * value:.2f}"
+def write_reports() -> str:
+    text, summary = suite_report()
+    save("recipe_suite", {"command": "python recipe.py --report", "table": text, **summary})
+    early, early_summary = report(argparse.Namespace(**EARLY_ARGS))
+    save("recipe", {"args": EARLY_ARGS, "table": early, **early_summary})
+    return text
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lrs", nargs="+", type=float, default=[5e-5, 1e-4, 2e-4], help="the fixed LRs")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[101, 102], help="seeds (validation only)")
-    parser.add_argument("--report", action="store_true", help="only build the JSON and the table")
+    parser.add_argument("--report", action="store_true", help="only build the JSONs and the table")
     args = parser.parse_args()
     if not args.report:
-        for _ in run_all(units(args), "recipe"):
-            pass
-    text, summary = report(args)
-    save("recipe", {"args": vars(args), "table": text, **summary})
-    print(text)
+        for phase in (lambda _: selection_units(), confirmation_units):
+            before = set(rows_by_key())
+            for unit, _ in run_all(phase(rows_by_key()), "recipe"):
+                if key(*unit) not in before:
+                    write_reports()
+    print(write_reports())
 
 
 if __name__ == "__main__":

@@ -45,14 +45,24 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "noisy40": {"data.train_limit": 1000, "trainer.max_epochs": 5, "data.label_noise": 0.4},
     # a short many-class run (the base-recipe study, on r8)
     "2k3ep": {"data.train_limit": 2000, "trainer.max_epochs": 3, "data.max_length": 64},
+    # the main job: the whole training split for one epoch at the app's length (the recipe suite)
+    "full1ep": {"trainer.max_epochs": 1, "data.max_length": 48},
 }
 _DIRTY = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "lit_deltasam"], cwd=ROOT).returncode != 0
 CODE_COMMIT = subprocess.run(
     ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
 ).stdout.strip() + ("+dirty" if _DIRTY else "")
 """The commit whose code this process runs: read once at start, as later commits do not reach a running study."""
-LEGACY_LR = 5e-5
-"""The learning rate of every row made before rows recorded theirs (``optim.lr`` absent from the overrides)."""
+LEGACY_OPTIM: dict[str, float] = {
+    "lr": 5e-5,
+    "weight_decay": 0.01,
+    "warmup_ratio": 0.1,
+    "head_lr_mult": 1.0,
+    "layer_decay": 1.0,
+}
+"""What a row ran at for each ``optim.*`` field its overrides leave out: every row made before rows wrote a field
+ran at these values, whatever the app's default is now. Studies that give no value (``lr=None``) mean these."""
+LEGACY_LR = LEGACY_OPTIM["lr"]
 
 
 @dataclass(frozen=True)
@@ -98,7 +108,7 @@ def lr_overrides(lr: float | str, search: Optional[dict[str, Any]] = None) -> li
     """``optim.lr=...``; for :data:`TUNE`, ``tune_lr=true`` and the range test's settings (``search``, else the
     current defaults), so that a default changed later cannot make an old row count for the new search."""
     if not is_tuned(lr):
-        return [f"optim.lr={float(lr)!r}"]
+        return [_optim("lr", lr)]
     from lit_deltasam.app.schema import LrFindSchema
 
     search = dataclasses.asdict(LrFindSchema()) if search is None else search
@@ -111,18 +121,53 @@ def is_tuned(lr: float | str) -> bool:
     return isinstance(lr, str) and (lr == TUNE or lr.startswith(TUNE + ":"))
 
 
-def data_overrides(task: str, setting: str, seed: int, lr: Optional[float | str] = None) -> list[str]:
-    """Everything but the method; ``lr`` written out (``None``: the shipped default, in rows of the earlier studies;
-    :data:`TUNE`: the range test's)."""
+def _optim(name: str, value: Any) -> str:
+    return f"optim.{name}={float(value)!r}"
+
+
+def explicit(data: list[str]) -> list[str]:
+    """``data`` with every ``optim.*`` value written out in one form: those it sets, and the others at
+    :data:`LEGACY_OPTIM` (``optim.lr`` too unless the range test sets it)."""
+    given = {}
+    rest = []
+    for o in data:
+        name, _, value = o.partition("=")
+        if name.startswith("optim."):
+            given[name.removeprefix("optim.")] = value
+        else:
+            rest.append(o)
+    unknown = set(given) - set(LEGACY_OPTIM)
+    if unknown:
+        raise ValueError(f"optim fields {sorted(unknown)} have no legacy value: add them to LEGACY_OPTIM")
+    tuned = "tune_lr=true" in rest
+    out = {k: given.get(k, v) for k, v in LEGACY_OPTIM.items() if not (k == "lr" and tuned and k not in given)}
+    return sorted(rest + [_optim(k, v) for k, v in out.items()])
+
+
+def data_overrides(
+    task: str, setting: str, seed: int, lr: Optional[float | str] = None, optim: tuple[tuple[str, float], ...] = ()
+) -> list[str]:
+    """Everything but the method, every ``optim.*`` field written out: ``lr`` (``None``: :data:`LEGACY_LR`, as in
+    the rows of the studies that gave none; :data:`TUNE`: the range test's) and ``optim`` (the other fields; those
+    left out at :data:`LEGACY_OPTIM`)."""
     out = [f"task={task}", f"seed={seed}"]
     out += [] if "data.max_length" in SETTINGS[setting] else [f"data.max_length={MAX_LENGTH}"]
-    out += lr_overrides(lr) if lr is not None else []
-    return sorted(out + [f"{k}={v}" for k, v in SETTINGS[setting].items()])
+    out += lr_overrides(LEGACY_LR if lr is None else lr)
+    out += [_optim(k, v) for k, v in optim]
+    return explicit(out + [f"{k}={v}" for k, v in SETTINGS[setting].items()])
 
 
-def overrides(task: str, setting: str, method: Method, seed: int, lr: Optional[float | str] = None) -> list[str]:
-    """The run's configuration: everything that sets it apart from ``python train.py``."""
-    return sorted(data_overrides(task, setting, seed, lr) + method.overrides())
+def overrides(
+    task: str,
+    setting: str,
+    method: Method,
+    seed: int,
+    lr: Optional[float | str] = None,
+    optim: tuple[tuple[str, float], ...] = (),
+) -> list[str]:
+    """The run's configuration: everything that sets it apart from ``python train.py`` with the defaults of
+    :data:`LEGACY_OPTIM`."""
+    return sorted(data_overrides(task, setting, seed, lr, optim) + method.overrides())
 
 
 def relevant(config: DeltaSAMConfig) -> dict[str, Any]:
@@ -137,6 +182,8 @@ def relevant(config: DeltaSAMConfig) -> dict[str, Any]:
         fields += ["reuse_alpha"] if config.reuse is not None else []
     if config.method == "asam":
         fields.append("asam_eta")
+        # absent from rows made before asam_scope existed, which all scaled every parameter
+        fields += ["asam_scope"] if config.asam_scope != "all" else []
     if config.reweights:
         fields += ["beta", "estimator", "weight_floor", "weight_min", "weight_max", "weighted_descent", "head"]
         if config.estimator in ("probe", "curvature"):
@@ -163,10 +210,17 @@ def _key(data: list[str], method_config: dict[str, Any]) -> str:
     return json.dumps({"data": sorted(data), "method": method_config}, sort_keys=True)
 
 
-def key(task: str, setting: str, method: Method, seed: int, lr: Optional[float | str] = None) -> str:
-    """A run's identity: its data and the whole resolved method config, so that a default changed later
-    cannot make an old row count for the new default, and equal configurations share one row."""
-    return _key(data_overrides(task, setting, seed, lr), resolved_method(method.overrides()))
+def key(
+    task: str,
+    setting: str,
+    method: Method,
+    seed: int,
+    lr: Optional[float | str] = None,
+    optim: tuple[tuple[str, float], ...] = (),
+) -> str:
+    """A run's identity: its data, every ``optim.*`` value and the whole resolved method config, so that a
+    default changed later cannot make an old row count for the new default, and equal configurations share one row."""
+    return _key(data_overrides(task, setting, seed, lr, optim), resolved_method(method.overrides()))
 
 
 def load(path: Path = STORE) -> list[dict]:
@@ -176,22 +230,19 @@ def load(path: Path = STORE) -> list[dict]:
 
 
 def rows_by_key(path: Path = STORE) -> dict[str, dict]:
-    """Rows keyed as :func:`key` does; a row made before rows recorded their method config is resolved
-    with the current defaults (it must then be migrated before a default changes: :func:`migrate`)."""
+    """Rows keyed as :func:`key` does: each ``optim.*`` field a row leaves out at :data:`LEGACY_OPTIM`, never at
+    the current default. A row made before rows recorded their method config is resolved with the current
+    defaults (it must then be migrated before a default changes: :func:`migrate`)."""
     out = {}
     for row in load(path):
         method_config = row.get("method_config")
         if method_config is None:
             method_config = resolved_method([o for o in row["overrides"] if o.startswith("method")])
-        data = [o for o in row["overrides"] if not o.startswith("method")]
-        out[_key(data, method_config)] = row
-        if not any(o.startswith(("optim.lr=", "tune_lr=")) for o in data):
-            # the same run with its learning rate written out, as later studies name it
-            out[_key(data + lr_overrides(LEGACY_LR), method_config)] = row
-        elif "tune_lr=true" in data and not any(o.startswith("lr_find.") for o in data):
+        data = explicit([o for o in row["overrides"] if not o.startswith("method")])
+        if "tune_lr=true" in data and not any(o.startswith("lr_find.") for o in data):
             # the same run with its range test written out
-            legacy = [o for o in data if o != "tune_lr=true"] + lr_overrides(TUNE, LEGACY_LR_FIND)
-            out[_key(legacy, method_config)] = row
+            data = [o for o in data if o != "tune_lr=true"] + lr_overrides(TUNE, LEGACY_LR_FIND)
+        out[_key(data, method_config)] = row
     return out
 
 
@@ -271,11 +322,19 @@ def _curve(out: Path, monitor: str) -> list[list[float]]:
     return sorted(points)
 
 
-def run(task: str, setting: str, method: Method, seed: int, out: Path, lr: Optional[float | str] = None) -> dict:
+def run(
+    task: str,
+    setting: str,
+    method: Method,
+    seed: int,
+    out: Path,
+    lr: Optional[float | str] = None,
+    optim: tuple[tuple[str, float], ...] = (),
+) -> dict:
     """Fine-tune once and return the row."""
     from train import train
 
-    args = overrides(task, setting, method, seed, lr)
+    args = overrides(task, setting, method, seed, lr, optim)
     cfg = compose_config(
         args
         + [
@@ -298,7 +357,7 @@ def run(task: str, setting: str, method: Method, seed: int, out: Path, lr: Optio
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     share = metrics.get("val/majority_share")
     return {
-        "key": key(task, setting, method, seed, lr),
+        "key": key(task, setting, method, seed, lr, optim),
         "overrides": args,
         "method_config": resolved_method(method.overrides()),
         "commit": CODE_COMMIT,
@@ -310,22 +369,25 @@ def run(task: str, setting: str, method: Method, seed: int, out: Path, lr: Optio
         "curve": _curve(out, "val/acc"),
         "stalled": bool(share is not None and share >= STALL_SHARE),
         "time_s": elapsed,
+        "torch_threads": torch.get_num_threads(),
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
     }
 
 
 def run_all(units: Iterable[tuple], name: str, path: Path = STORE) -> Iterator[tuple[tuple, dict]]:
-    """Run every unit ``(task, setting, method, seed[, lr])`` whose row is missing, appending each row as it
-    finishes; yield every unit with its row."""
+    """Run every unit ``(task, setting, method, seed[, lr[, optim]])`` whose row is missing, appending each row as
+    it finishes; yield every unit with its row."""
     done = rows_by_key(path)
     for unit in units:
         k = key(*unit)
         if k not in done:
-            task, setting, method, seed, *lr = unit
+            task, setting, method, seed, *rest = unit
             slug = f"{task}-{setting}-{method.label.replace(' ', '_').replace('=', '')}-s{seed}"
-            if lr:
-                slug += f"-lr{lr[0]:g}" if not is_tuned(lr[0]) else "-" + str(lr[0]).replace(TUNE, "tune_lr", 1)
-            row = run(task, setting, method, seed, ROOT / "outputs" / "benchmarks" / name / slug, *lr)
+            if rest and rest[0] is not None:
+                lr = rest[0]
+                slug += f"-lr{lr:g}" if not is_tuned(lr) else "-" + str(lr).replace(TUNE, "tune_lr", 1)
+            slug += "".join(f"-{f}{v:g}" for f, v in (rest[1] if len(rest) > 1 else ()))
+            row = run(task, setting, method, seed, ROOT / "outputs" / "benchmarks" / name / slug, *rest)
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "a") as handle:
                 handle.write(json.dumps(row) + "\n")

@@ -76,6 +76,8 @@ class OptimSchema:
     lr: float = 5e-5
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
+    head_lr_mult: float = 1.0
+    layer_decay: float = 1.0
 
 
 @dataclass

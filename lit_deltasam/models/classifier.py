@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Sequence
 from typing import Any, Optional
@@ -32,6 +33,11 @@ class TextClassifier(DeltaSAMMixin, L.LightningModule):
         num_labels: classes, or 1 for regression.
         metrics: validation and test metrics, fed with predictions and labels.
         lr, weight_decay, warmup_ratio: the optimizer and its schedule.
+        head_lr_mult: the classifier head's LR (the encoder's last ``nn.Linear``, freshly initialised) is
+            ``lr * head_lr_mult``.
+        layer_decay: layer-wise LR decay: a parameter ``d`` layers below the top trains at ``lr * layer_decay**d``
+            (embeddings at the bottom, each numbered layer, ``layer.<i>`` or ``layers.<i>``, one step up;
+            the rest, head included, at the top); 1 for none.
         label_names: the class names in label-index order (empty for regression); saved with
             the hyperparameters, so a checkpoint's predictions can be read as names.
     """
@@ -46,8 +52,17 @@ class TextClassifier(DeltaSAMMixin, L.LightningModule):
         weight_decay: float = 0.01,
         warmup_ratio: float = 0.1,
         label_names: Sequence[str] = (),
+        head_lr_mult: float = 1.0,
+        layer_decay: float = 1.0,
     ) -> None:
         super().__init__()
+        check_optim(
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup_ratio=warmup_ratio,
+            head_lr_mult=head_lr_mult,
+            layer_decay=layer_decay,
+        )
         if label_names and len(label_names) != num_labels:
             raise ValueError(f"{len(label_names)} label_names for num_labels={num_labels}: {list(label_names)}")
         self.save_hyperparameters(ignore=["encoder", "deltasam", "metrics"])
@@ -131,12 +146,8 @@ class TextClassifier(DeltaSAMMixin, L.LightningModule):
         return {"prediction": self.predictions(logits), "probabilities": logits.float().softmax(-1)}
 
     def configure_optimizers(self) -> dict[str, Any]:
-        decay, no_decay = [], []
-        for p in self.parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim < 2 else decay).append(p)
         hp = self.hparams
-        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = param_groups(self, hp.lr, hp.weight_decay, hp.head_lr_mult, hp.layer_decay)
         # A fused optimizer unscales inside its step, which leaves no point at which to clip G under fp16.
         fused = self.device.type in ("cpu", "cuda") and getattr(self.trainer.precision_plugin, "scaler", None) is None
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, fused=fused)
@@ -147,3 +158,60 @@ class TextClassifier(DeltaSAMMixin, L.LightningModule):
         self.warmup_steps = max(lr_warmup, rho_warmup)  # the stall warning waits for both
         scheduler = get_linear_schedule_with_warmup(optimizer, lr_warmup, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def check_optim(**values: float) -> None:
+    """Refuse, by name, an optimizer setting outside its range."""
+    ranges = {
+        "lr": (lambda v: v > 0, "> 0"),
+        "weight_decay": (lambda v: v >= 0, ">= 0"),
+        "warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "head_lr_mult": (lambda v: v > 0, "> 0"),
+        "layer_decay": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    }
+    for name, value in values.items():
+        ok, expected = ranges[name]
+        if not ok(value):
+            raise ValueError(f"optim.{name}={value}: must be {expected}")
+
+
+def layer_depths(module: nn.Module) -> dict[str, Optional[int]]:
+    """Each parameter's layer from the bottom: 0 for embeddings (an ``nn.Embedding``'s, or a name with
+    ``embed``), ``i + 1`` for ``layer.<i>``/``layers.<i>``, ``None`` (the top) for the rest."""
+    embedded = {id(p) for m in module.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    out: dict[str, Optional[int]] = {}
+    for name, p in module.named_parameters():
+        found = re.search(r"(?:^|\.)layers?\.(\d+)\.", name)
+        out[name] = int(found.group(1)) + 1 if found else 0 if "embed" in name or id(p) in embedded else None
+    return out
+
+
+def param_groups(
+    module: nn.Module, lr: float, weight_decay: float, head_lr_mult: float = 1.0, layer_decay: float = 1.0
+) -> list[dict[str, Any]]:
+    """AdamW's parameter groups: weight decay on matrices only; each group's ``lr`` scaled by the head
+    multiplier and the layer-wise decay (groups in order of their scale's first parameter, decayed first:
+    with both at 1, the two groups of the unscaled recipe)."""
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    head = {id(p) for p in linears[-1].parameters()} if linears else set()
+    if head_lr_mult != 1.0 and not head:
+        raise ValueError(f"optim.head_lr_mult={head_lr_mult}: the model has no nn.Linear head to apply it to")
+    depths = layer_depths(module)
+    top = max([d for d in depths.values() if d is not None], default=0) + 1
+    if layer_decay != 1.0 and top == 1:
+        raise ValueError(
+            f"optim.layer_decay={layer_decay}: no parameter name has a numbered layer ('layer.<i>.' or "
+            "'layers.<i>.'), so there are no layers to decay over"
+        )
+    buckets: dict[float, tuple[list, list]] = {}
+    for name, p in named:
+        depth = depths[name]
+        scale = layer_decay ** (top - (top if depth is None else depth))
+        scale *= head_lr_mult if id(p) in head else 1.0
+        buckets.setdefault(scale, ([], []))[p.ndim < 2].append(p)
+    groups = []
+    for scale, (decay, no_decay) in buckets.items():
+        groups += [{"params": decay, "weight_decay": weight_decay, "lr": lr * scale}]
+        groups += [{"params": no_decay, "weight_decay": 0.0, "lr": lr * scale}]
+    return [g for g in groups if g["params"]]
