@@ -1,6 +1,6 @@
 """Put a study's committed tables into the docs between its markers, so that the pages and the JSON agree.
 
-docs/benchmarks.md gets the JSON's ``table``; the README gets its ``headline``, where the JSON has one.
+docs/benchmarks.md gets the JSON's ``table``; docs/results.md gets its ``headline``, where the JSON has one.
 
 python benchmarks/fill_docs.py regimes
 """
@@ -18,7 +18,7 @@ def fill(name: str) -> None:
     saved = json.loads((RESULTS / f"{name}.json").read_text())
     write(ROOT / "docs" / "benchmarks.md", name, saved["table"])
     if "headline" in saved:
-        write(ROOT / "README.md", f"{name}-headline", saved["headline"])
+        write(ROOT / "docs" / "results.md", f"{name}-headline", saved["headline"])
 
 
 def write(page: Path, name: str, table: str) -> None:

@@ -48,7 +48,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Optional
 
-from common import RESULTS, mean_std, save, t_interval
+from common import RESULTS, holm, mean_std, paired, save
 from generalization import test_best, test_final, val
 from runs import SETTINGS, STALL_SHARE, Method, key, rows_by_key, run_all
 
@@ -191,12 +191,20 @@ class Protocol:
 
 
 def differences(a: dict[int, dict], score_a, b: dict[int, dict], score_b) -> Optional[dict[str, Any]]:
-    """Paired differences in points over the seeds both have: mean, Student-t 95% CI, seeds won by ``a``."""
+    """Paired differences in points over the seeds both have (``common.paired``: mean, Student-t 95% CI, p, and
+    ``a``'s wins, ties and losses)."""
     seeds = sorted(set(a) & set(b))
     d = [100 * (score_a(a[s]) - score_b(b[s])) for s in seeds]
-    if len(d) < 2:
-        return None
-    return {"mean": statistics.mean(d), "ci": list(t_interval(d)), "n": len(d), "wins": sum(x > 0 for x in d)}
+    return paired(d) if len(d) >= 2 else None
+
+
+def adjust(arms_out: dict[str, dict]) -> int:
+    """Holm's adjustment over the study's whole family: every paired difference of the comparison table, all settings
+    and references together. Writes each one's ``p_holm``; returns the family's size."""
+    family = [d for entry in arms_out.values() for d in entry["differences"].values() if d is not None]
+    for d, adjusted in zip(family, holm([d["p"] for d in family])):
+        d["p_holm"] = adjusted
+    return len(family)
 
 
 REFERENCES = (  # (label, the arm's score, reference arm, the reference's score)
@@ -225,10 +233,28 @@ def costs() -> dict[str, float]:
     return {name: methods[row]["vs_erm"] for name, row in COST_NAMES.items() if row in methods}
 
 
+POST_HOC = {SAME_RHO, TWEETS}
+"""Added after the first comparison results were in (the equal-radius SAM arm, the tweets repeat): marked in every
+table, as their comparisons were not planned before the data were seen."""
+MARK = " (post hoc)"
+
+
 def _fmt(d: Optional[dict]) -> str:
+    """``mean [CI] (wins/ties/losses, Holm p)``."""
     if d is None:
         return "–"
-    return f"{d['mean']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}] ({d['wins']}/{d['n']})"
+    return (
+        f"{d['mean']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}] "
+        f"({d['wins']}/{d['ties']}/{d['losses']}, {_p(d['p_holm'])})"
+    )
+
+
+def _p(p: float) -> str:
+    return "p_H < 0.001" if p < 0.001 else f"p_H {p:.3f}"
+
+
+def _named(name: str) -> str:
+    return name + MARK if name in POST_HOC else name
 
 
 def report(args: argparse.Namespace) -> tuple[str, dict]:
@@ -269,7 +295,7 @@ def report(args: argparse.Namespace) -> tuple[str, dict]:
         lines += ["", f"m-SAM arm for setting {STRONG} (mean selection-seed validation accuracy): **{p.m_arm or '–'}**"]
     table = [
         "| setting | arm | ρ | seeds | stalled | cost × ERM | val acc, final | test acc, final | test acc, best-val | "
-        + " | ".join(f"{COLUMNS[name]} (points, t-95% CI, won)" for name, *_ in REFERENCES)
+        + " | ".join(f"{COLUMNS[name]} (points, t-95% CI, W/T/L, Holm p)" for name, *_ in REFERENCES)
         + " |",
         "|---" * (9 + len(REFERENCES)) + "|",
     ]
@@ -308,19 +334,25 @@ def report(args: argparse.Namespace) -> tuple[str, dict]:
                 "differences": diffs,
                 "cost_vs_erm": cost.get(name),
             }
-            table.append(
-                f"| {setting} | {name} | {'–' if method.rho is None else f'{method.rho:g}'} | {len(rs)} | "
-                f"{entry['stalled']} | {f'{cost[name]:.2f}' if name in cost else '–'} | "
-                f"{mean_std(entry['val_final'])} | {mean_std(entry['test_final'])} | {mean_std(entry['test_best'])} | "
-                + " | ".join(_fmt(diffs[label]) for label, *_ in REFERENCES)
-                + " |"
-            )
+    family = adjust(arms_out)
+    for name, entry in arms_out.items():
+        setting, arm_name = name.split("/", 1)
+        rho, cost_x = entry["rho"], entry["cost_vs_erm"]
+        table.append(
+            f"| {_named(setting)} | {_named(arm_name)} | {'–' if rho is None else f'{rho:g}'} | "
+            f"{len(entry['seeds'])} | {entry['stalled']} | {'–' if cost_x is None else f'{cost_x:.2f}'} | "
+            f"{mean_std(entry['val_final'])} | {mean_std(entry['test_final'])} | {mean_std(entry['test_best'])} | "
+            + " | ".join(_fmt(entry["differences"][label]) for label, *_ in REFERENCES)
+            + " |"
+        )
     out["arms"] = arms_out
-    out["headline"] = headline(arms_out)
+    out["family"] = family
+    out["headline"] = headline(arms_out, family)
     lines += [
         "",
         "**Comparison** (test accuracy, mean ± std over seeds; paired differences by seed of the arm's final weights, "
         "or of its best-validation checkpoint, against a reference)\n",
+        multiplicity(family) + "\n",
     ]
     lines += table
     stalls = stall_table(p)
@@ -338,8 +370,8 @@ def report(args: argparse.Namespace) -> tuple[str, dict]:
     return "\n".join(lines) + "\n", out
 
 
-def headline(arms_out: dict[str, dict]) -> str:
-    """The README's short table: every arm's cost, stalls and gains, from the same numbers as the full one."""
+def headline(arms_out: dict[str, dict], family: int) -> str:
+    """The results page's short table: every arm's cost, stalls and gains, from the same numbers as the full one."""
     lines = [
         "| setting | arm | cost × ERM | seeds (stalled) | final − early-stopped ERM | final − SAM at the same ρ | "
         "best-val − early-stopped ERM |",
@@ -351,11 +383,21 @@ def headline(arms_out: dict[str, dict]) -> str:
         cost = "–" if d["cost_vs_erm"] is None else f"{d['cost_vs_erm']:.2f}"
         rho = "" if d["rho"] is None else f", ρ {d['rho']:g}"
         lines.append(
-            f"| {SETTINGS_SHORT[setting]} | {arm_name}{rho} | {cost} | {len(d['seeds'])} ({d['stalled']}) | "
+            f"| {SETTINGS_SHORT[setting]}{MARK if setting in POST_HOC else ''} | {_named(arm_name)}{rho} | {cost} | "
+            f"{len(d['seeds'])} ({d['stalled']}) | "
             f"{_fmt(diffs['early-stopped ERM'])} | {_fmt(diffs['SAM final, same ρ'])} | "
             f"{_fmt(diffs['early-stopped ERM, arm early-stopped too'])} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + multiplicity(family) + "\n"
+
+
+def multiplicity(family: int) -> str:
+    return (
+        f"W/T/L: the seeds on which the arm won, tied (exactly the same test accuracy) and lost. Holm p: the paired "
+        f"t-test's two-sided p, Holm-adjusted over all {family} differences of the comparison table (every setting "
+        f"and reference); an interval that excludes 0 with a Holm p above 0.05 does not survive the correction. "
+        f'"{MARK.strip()}" marks an arm or a setting added after the first comparison results were in.'
+    )
 
 
 SETTINGS_SHORT = {HEADLINE: "mr, 20% noise", STRONG: "mr, 40% noise", TWEETS: "tweets, 20% noise"}

@@ -193,7 +193,8 @@ def test_committed_regimes_tables_come_from_the_committed_rows():
         and summary["m_arm_setting_2"] == saved["m_arm_setting_2"]
     )
     assert saved["table"].strip() in (root / "docs" / "benchmarks.md").read_text()
-    assert summary["headline"] == saved["headline"] and saved["headline"].strip() in (root / "README.md").read_text()
+    assert summary["headline"] == saved["headline"]
+    assert saved["headline"].strip() in (root / "docs" / "results.md").read_text()
 
 
 def test_committed_recipe_table_comes_from_the_committed_rows():

@@ -341,8 +341,8 @@ class DeltaSAM:
                 backward through the clean graph for reweighted ascents.
 
         Raises:
-            Whatever ``loss_fn`` or ``backward`` raise. Parameters, buffers and
-            ``.grad`` are then bit-identical to their values before the call.
+            Exception: whatever ``loss_fn`` or ``backward`` raise. Parameters, buffers and
+                ``.grad`` are then bit-identical to their values before the call.
         """
         backward = backward or _default_backward
         no_sync = no_sync or nullcontext
