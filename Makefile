@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: setup train test test-slow lint clean
+.PHONY: setup train test test-slow lint docs clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,16 @@ lint: setup
 	$(BIN)/ruff check lit_deltasam tests benchmarks train.py eval.py predict.py landscape.py
 	$(BIN)/mypy
 
+# The docs site (mkdocs.yml): strict, so a broken link, anchor or API reference fails; offline.
+$(VENV)/.docs-installed: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[docs]'
+	touch $@
+
+docs: $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
 test-slow: setup
 	$(BIN)/python -m pytest -m slow $(ARGS) || [ $$? -eq 5 ]
 
 clean:
-	rm -rf $(VENV) outputs multirun .pytest_cache
+	rm -rf $(VENV) outputs multirun .pytest_cache site
