@@ -21,6 +21,7 @@ from ..config import PROBING, DeltaSAMConfig
 from .batch import Batch, LossFn, batch_size, check_losses, slice_batch
 from .decisions import all_of
 from .distributed import arm_reducer, gather_instances, rank, refuse_static_graph, sum_over_ranks, world_size
+from .groups import BatchedGroups, GroupBuffers, unbatchable, warn_once
 from .guardedness import ForwardCache, HeadTap, Prober, find_head, select_params
 from .norms import total_norm
 from .per_instance import PerInstance
@@ -418,6 +419,9 @@ class DeltaSAM:
         return StepResult(losses=losses.detach())
 
     def _per_instance(self, ctx: _Step, grads_before: list[Optional[Tensor]]) -> StepResult:
+        batched = self._batched(ctx, grads_before, 1)
+        if batched is not None:
+            return batched
         # per-instance passes are local: a synchronized DDP forward would arm the all-reduce for them
         with ctx.no_sync():
             update, losses, perturbed, plain = self._instances.sam_gradient(
@@ -446,8 +450,13 @@ class DeltaSAM:
         share of the batch, so that ``.grad`` gains ``(1/n) sum_i grad l_i(w + eps_k(i))``."""
         n = batch_size(ctx.batch)
         assert n is not None and self.config.m_sharpness is not None
+        batched = self._batched(ctx, grads_before, self.config.m_sharpness)
+        if batched is not None:
+            return batched
         parts: list[tuple[float, StepResult]] = []
         grads = grads_before
+        buffers = GroupBuffers(self.module)
+        buffers.start()
         for start in range(0, n, self.config.m_sharpness):
             stop = min(start + self.config.m_sharpness, n)
             group = replace(
@@ -456,9 +465,68 @@ class DeltaSAM:
             share = (stop - start) / n
             # the first group keeps grads_before pristine for a rollback; the later ones hand on the running sum
             parts.append((share, self._two_pass(group, grads, share=share, copy=start == 0)))
+            buffers.record(share)
             if stop < n:
                 grads = take_grads(self.updated)
+        buffers.finish()
         return _merge_groups(parts)
+
+    def _batched(self, ctx: _Step, grads_before: list[Optional[Tensor]], m: int) -> Optional[StepResult]:
+        """The groups of m in batched passes (:mod:`.groups`); ``None`` where they run in the loop (said once)."""
+        cfg = self.config
+        if getattr(cfg, "group_impl", "loop") != "batched" or self.__dict__.get("_unbatchable"):
+            return None
+        reason = unbatchable(self.module, cfg.method, self.params)
+        if reason is not None:
+            warn_once(self, reason)
+            return None
+        groups = self.__dict__.get("_groups")
+        if groups is None:
+            groups = self._groups = BatchedGroups(
+                self.module, self.params, self.names, self.unperturbed, getattr(cfg, "group_chunk", None)
+            )
+        put_grads(self.updated, grads_before, copy=True)
+        try:
+            step = groups.step(
+                ctx.loss_fn,
+                ctx.batch,
+                m,
+                ctx.rho,
+                backward=ctx.backward,
+                ascent_sync=ctx.no_sync,
+                descent_sync=lambda last: self._descent_sync(ctx.no_sync, ctx.sync_descent and last),
+                adaptive=cfg.method == "asam",
+                eta=cfg.asam_eta or 0.0,
+                unscaled=getattr(self, "_unscaled", None),
+                share_dropout=cfg.share_dropout,
+                plain_grad=ctx.plain_grad,
+            )
+        except RuntimeError as error:  # an op vmap cannot batch: this model runs the loop from now on
+            if "vmap" not in str(error) and "atching rule" not in str(error):
+                raise
+            self.rollback()
+            self._unbatchable = True
+            warn_once(self, f"vmap cannot run this model ({str(error).splitlines()[0][:200]})")
+            return None
+        if cfg.method == "per_instance":
+            return StepResult(
+                losses=step.losses, perturbed_losses=step.perturbed_losses, perturbed=True, plain_grad=step.plain_grad
+            )
+        n = sum(step.sizes)
+        device = step.losses.device
+        weights = torch.cat(
+            [torch.full((k,), 1.0 / k, dtype=torch.float64, device=device) * (k / n) for k in step.sizes]
+        )
+        return StepResult(
+            losses=step.losses,
+            perturbed_losses=step.perturbed_losses,
+            weights=weights,
+            batch_weights=weights,
+            grad_norm=step.grad_norms.mean(),
+            eps_norm=step.eps_norms.mean(),
+            perturbed=step.applied,
+            plain_grad=step.plain_grad,
+        )
 
     def _two_pass(
         self, ctx: _Step, grads_before: list[Optional[Tensor]], *, share: float = 1.0, copy: bool = True

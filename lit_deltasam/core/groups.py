@@ -1,0 +1,316 @@
+"""m-sharpness and per-instance SAM in batched passes, and the buffers of grouped steps.
+
+The loop in :meth:`~lit_deltasam.core.engine.DeltaSAM._m_sharpness` runs a pair of passes per group of m
+instances. :class:`BatchedGroups` stacks the groups of a chunk instead: ``vmap`` of ``functional_call`` runs
+every group's clean forward in one pass over G views of w (expanded, not copied), whose backward gives every
+group's ascent gradient ``g_k``; ``g_k`` becomes ``w + eps_k`` in place, and a second ``vmap`` pass over those
+runs every group's perturbed descent, whose gradients sum into ``w``'s ``.grad`` through the caller's backward.
+The FLOPs are SAM's; the memory is about 2G parameter copies per chunk (``w + eps_k``, and the descent's
+gradient for each), which ``chunk`` bounds. Per-instance SAM is the case m = 1.
+
+Dropout: under ``vmap`` each group draws its own masks, and the descent replays the clean forward's random
+state, so every instance sees the same masks in its two forwards, as in the loop; the masks are drawn layer by
+layer across the chunk's groups instead of group by group, so they are other draws of the same distribution
+than the loop's.
+
+:class:`GroupBuffers` keeps a grouped step's buffers to one move, as a whole-batch step makes: each group's
+clean pass starts from the step's buffers, and they end moved by the share-weighted mean of the groups' moves.
+For BatchNorm's running mean that is the whole batch's update; its running variance becomes the weighted mean
+of the groups' variances (in training mode each group is normalised with its own statistics).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from functools import partial
+from typing import Optional, cast
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+from torch.utils._pytree import tree_map
+
+from .batch import Batch, LossFn, batch_size, check_losses, slice_batch
+from .decisions import on_device
+from .distributed import world_size
+from .per_instance import _LossModule
+from .randomness import RandomState
+from .sharding import is_sharded
+
+IMPLS = ("loop", "batched")
+BATCHED_METHODS = ("sam", "asam", "per_instance")
+
+
+def _hooked(module: nn.Module) -> Optional[str]:
+    hook_dicts = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    for name, layer in module.named_modules():
+        if any(getattr(layer, d, None) for d in hook_dicts):
+            return name or type(module).__name__
+    return None
+
+
+def _instances(t: object) -> bool:
+    return isinstance(t, Tensor) and t.ndim > 0
+
+
+def unbatchable(module: nn.Module, method: str, params: Sequence[Tensor]) -> Optional[str]:
+    """Why the groups of a step on ``module`` cannot run batched, or ``None`` when they can."""
+    if method not in BATCHED_METHODS:
+        return f"method={method!r} scores its instances on the clean forward; batched groups run {BATCHED_METHODS}"
+    if world_size() > 1:
+        return "under data parallelism the batched passes would bypass the wrapper's forward (DDP's reducer)"
+    if any(is_sharded(p) for p in params):
+        return "the parameters are sharded (FSDP)"
+    if params[0].dtype in (torch.float16, torch.bfloat16):
+        return f"the weights are {params[0].dtype}, and eps must be measured after rounding to them"
+    for name, layer in module.named_modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.training:
+            return f"{name!r} is a {type(layer).__name__} in training mode, which normalises each group on its own"
+    hooked = _hooked(module)
+    if hooked is not None:
+        return f"module {hooked!r} has hooks, which would see vmap's batched tensors"
+    return None
+
+
+class _Moved(torch.autograd.Function):
+    """``moved`` (G stacked ``w + eps_k``) as a function of ``w``: the gradient reaching it sums over the groups
+    into ``w``, with no copy of ``moved`` in the graph."""
+
+    @staticmethod
+    def forward(ctx, param: Tensor, moved: Tensor) -> Tensor:  # type: ignore[override]
+        return moved.view_as(moved)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return grad.sum(0), None
+
+
+@dataclass
+class GroupedStep:
+    """What the groups of one step measured, in instance order (group order for the per-group tensors)."""
+
+    losses: Tensor
+    perturbed_losses: Tensor
+    sizes: list[int]
+    """Each group's number of instances."""
+    grad_norms: Tensor
+    eps_norms: Tensor
+    applied: bool | Tensor
+    plain_grad: Optional[list[Tensor]]
+
+
+class BatchedGroups:
+    """Every group's ascent in one ``vmap`` pass and every group's descent in another, ``chunk`` groups at a time.
+
+    Args:
+        module: the model; ``loss_fn`` must compute through it.
+        params: the perturbed parameters, named ``names`` in ``module.named_parameters()``.
+        unperturbed: the other trainable parameters (held at ``w`` in the ascent, differentiated in the descent).
+        chunk: groups per batched pass; ``None`` for all of a batch's equal-sized groups.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        params: Sequence[Tensor],
+        names: Sequence[str],
+        unperturbed: Sequence[Tensor],
+        chunk: Optional[int] = None,
+    ) -> None:
+        self.module = module
+        self.params = list(params)
+        self.names = [f"module.{n}" for n in names]
+        owned = {id(p): name for name, p in module.named_parameters()}
+        self.unperturbed = {f"module.{owned[id(p)]}": p for p in unperturbed}
+        self.chunk = chunk
+
+    def passes(self, n: int, m: int) -> list[tuple[int, int, int]]:
+        """``(start, groups, size)`` of each batched pass: the full groups of m, ``chunk`` at a time, then the
+        remainder (n mod m instances) as one group of its own."""
+        full, rest = divmod(n, m)
+        step = self.chunk or max(full, 1)
+        out = [(k * m, min(step, full - k), m) for k in range(0, full, step)]
+        return out + ([(full * m, 1, rest)] if rest else [])
+
+    def step(
+        self,
+        loss_fn: LossFn,
+        batch: Batch,
+        m: int,
+        rho: float,
+        *,
+        backward: Callable[[Tensor], None],
+        ascent_sync: Callable[[], AbstractContextManager],
+        descent_sync: Callable[[bool], AbstractContextManager],
+        adaptive: bool = False,
+        eta: float = 0.0,
+        unscaled: Optional[Sequence[bool]] = None,
+        share_dropout: bool = True,
+        plain_grad: bool = False,
+    ) -> GroupedStep:
+        """Add ``(1/n) sum_i grad l_i(w + eps_k(i))`` to ``.grad`` through ``backward``; the weights stay at w.
+
+        ``descent_sync(last)`` is the context of a pass's descent, ``last`` for the batch's final pass.
+        """
+        n = batch_size(batch)
+        assert n is not None
+        self._loss = _LossModule(self.module, loss_fn)
+        self._ascent_sync, self._backward, self._share_dropout = ascent_sync, backward, share_dropout
+        self._rho, self._adaptive, self._eta, self._unscaled = rho, adaptive, eta, unscaled
+        plain = [torch.zeros_like(p) for p in self.params] if plain_grad else None
+        passes = self.passes(n, m)
+        out = []
+        for index, (start, count, size) in enumerate(passes):
+            part = slice_batch(batch, slice(start, start + count * size))
+            out.append(self._pass(part, count, size, n, plain, partial(descent_sync, index == len(passes) - 1)))
+        ok = torch.cat([o[4] for o in out]).all()
+        return GroupedStep(
+            losses=torch.cat([o[0] for o in out]),
+            perturbed_losses=torch.cat([o[1] for o in out]),
+            sizes=[size for _, count, size in passes for _ in range(count)],
+            grad_norms=torch.cat([o[2] for o in out]),
+            eps_norms=torch.cat([o[3] for o in out]),
+            applied=ok if on_device(ok.device) else bool(ok),
+            plain_grad=plain,
+        )
+
+    def _losses(self, stacked: dict[str, Tensor], shared: dict[str, Tensor], part: Batch, count: int) -> Tensor:
+        """``[count, size]`` losses of the groups of ``part``, group k at the parameters ``stacked[:, k]``."""
+        grouped = tree_map(lambda t: t.unflatten(0, (count, -1)) if _instances(t) else t, part)
+        in_dims = tree_map(lambda t: 0 if _instances(t) else None, grouped)
+
+        def group_losses(params: dict[str, Tensor], group: Batch) -> Tensor:
+            return functional_call(self._loss, {**params, **shared}, (group,))
+
+        out = vmap(group_losses, in_dims=(0, in_dims), randomness="different")(stacked, grouped)
+        return check_losses(out.reshape(-1), part, self.params[0].device).reshape(count, -1)
+
+    def _pass(
+        self,
+        part: Batch,
+        count: int,
+        size: int,
+        n: int,
+        plain: Optional[list[Tensor]],
+        descent_sync: Callable[[], AbstractContextManager],
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The ascent and descent of ``count`` groups of ``size``: losses, perturbed losses, and per group
+        ``||g_k||``, ``||eps_k||`` and whether eps_k was applied."""
+        device = self.params[0].device
+        random_state = RandomState(device) if self._share_dropout else None
+        if random_state is not None:
+            random_state.capture()
+        views = [p.detach().expand(count, *p.shape).requires_grad_() for p in self.params]
+        fixed = {name: p.detach() for name, p in self.unperturbed.items()}
+        with self._ascent_sync():
+            clean = self._losses(dict(zip(self.names, views)), fixed, part, count)
+            self._backward(clean.mean(1).sum())
+        grads = [v.grad for v in views]
+        del views
+        live = [i for i, g in enumerate(grads) if g is not None]
+        if plain is not None:
+            share = torch.full((count,), size / n, dtype=self.params[0].dtype, device=device)
+            for i in live:
+                plain[i].add_(torch.tensordot(share, grads[i], dims=1))  # type: ignore[arg-type]
+        self._count = count
+        norm, eps_norm, ok = self._to_moved(
+            [self.params[i] for i in live],
+            [cast(Tensor, grads[i]) for i in live],
+            [self._unscaled[i] for i in live] if self._unscaled is not None else None,
+        )
+        moved = {
+            name: p.expand(count, *p.shape) if g is None else _Moved.apply(p, g)
+            for name, p, g in zip(self.names, self.params, grads)
+        }
+        del grads
+        with descent_sync():
+            with random_state.replay() if random_state is not None else nullcontext():
+                perturbed = self._losses(moved, self.unperturbed, part, count)
+            self._backward(perturbed.sum() / n)
+        return clean.detach().reshape(-1), perturbed.detach().reshape(-1), norm, eps_norm, ok
+
+    @torch.no_grad()
+    def _to_moved(
+        self, params: list[Tensor], grads: list[Tensor], unscaled: Optional[list[bool]]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Turn each ``[G, ...]`` gradient into ``w + eps_k`` in place; ``eps_k = 0`` where group k's norm is 0 or
+        not finite. Returns the per-group ``||g_k||`` (``||T g_k||`` for ASAM), ``||eps_k||`` and whether
+        ``eps_k`` was applied."""
+        if not grads:
+            zero = torch.zeros(self._count, device=self.params[0].device)
+            return zero, zero, zero > 0
+        count, rho = grads[0].shape[0], self._rho
+        scale: Optional[list[Tensor]] = None
+        if self._adaptive:
+            scale = [p.abs().add_(self._eta) for p in params]
+            for t, flat in zip(scale, unscaled or ()):
+                if flat:
+                    t.fill_(1.0)
+            for g, t in zip(grads, scale):
+                g.mul_(t)
+        norm = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g.reshape(count, -1), dim=1) for g in grads]), dim=0
+        )
+        ok = torch.isfinite(norm) & (norm > 0)
+        factor = torch.where(ok, rho / norm.double(), torch.zeros((), dtype=torch.float64, device=norm.device))
+        for i, g in enumerate(grads):
+            f = factor.to(g.dtype).reshape(count, *([1] * (g.ndim - 1)))
+            if scale is not None:
+                g.mul_(scale[i])
+            g.mul_(f)
+        if on_device(norm.device) or not bool(ok.all()):  # inf * 0 is NaN: eps_k must be exactly 0
+            for g in grads:
+                torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+        if self._adaptive:
+            eps_norm = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(g.reshape(count, -1), dim=1) for g in grads]), dim=0
+            )
+        else:
+            eps_norm = ok.to(norm.dtype) * rho
+        for g, p in zip(grads, params):
+            g.add_(p.detach())
+        return norm, eps_norm, ok
+
+
+class GroupBuffers:
+    """A grouped step's buffers moved once: each group's clean pass starts from the step's buffers, and they end
+    at the step's plus the share-weighted mean of the groups' moves (a non-floating buffer, such as BatchNorm's
+    ``num_batches_tracked``, takes the first group's value)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    @torch.no_grad()
+    def start(self) -> None:
+        self._before = [b.detach().clone() for b in self.module.buffers()]
+        self._moves: list[Optional[Tensor]] = [None] * len(self._before)
+
+    @torch.no_grad()
+    def record(self, share: float) -> None:
+        """Take one group's move (since :meth:`start`) at weight ``share``, and put the buffers back."""
+        for i, (b, before) in enumerate(zip(self.module.buffers(), self._before)):
+            if torch.equal(b, before):
+                continue
+            if not b.is_floating_point():
+                self._moves[i] = b.clone() if self._moves[i] is None else self._moves[i]
+            else:
+                move = (b - before).mul_(share)
+                self._moves[i] = move if self._moves[i] is None else self._moves[i].add_(move)  # type: ignore
+            b.copy_(before)
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        for b, before, move in zip(self.module.buffers(), self._before, self._moves):
+            if move is not None:
+                b.copy_(move if not b.is_floating_point() else before + move)
+
+
+def warn_once(owner: object, reason: str) -> None:
+    """Say once per ``owner`` (an engine) why its groups run in the loop."""
+    said: set[str] = owner.__dict__.setdefault("_group_fallbacks", set())
+    if reason not in said:
+        said.add(reason)
+        warnings.warn(f"group_impl='batched' runs the loop instead: {reason}", RuntimeWarning, stacklevel=4)

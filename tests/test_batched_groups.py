@@ -1,0 +1,236 @@
+"""Batched groups (m-sharpness and per-instance SAM in vmapped passes) against closed forms and the loop; the
+loop's fallbacks; dropout; BatchNorm's running statistics under m-sharpness."""
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+from helpers import MLP, LeastSquares, classification_data, least_squares_problem, ls_sam_update
+from torch import nn
+
+from lit_deltasam import DeltaSAM, DeltaSAMConfig
+
+RHO = 0.1
+
+
+def grouped(impl: str, chunk=None, **options) -> DeltaSAMConfig:
+    """A config with ``group_impl`` and ``group_chunk`` (set on the frozen config until it has the fields)."""
+    config = DeltaSAMConfig(rho_schedule="constant", **options)
+    try:
+        return dataclasses.replace(config, group_impl=impl, group_chunk=chunk)
+    except TypeError:
+        object.__setattr__(config, "group_impl", impl)
+        object.__setattr__(config, "group_chunk", chunk)
+        return config
+
+
+def groups(n: int, m: int) -> list[slice]:
+    return [slice(start, min(start + m, n)) for start in range(0, n, m)]
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+@pytest.mark.parametrize("m", [4, 5, 1])
+def test_least_squares_closed_form(m, chunk):
+    """m = 4 divides n = 16, m = 5 leaves a group of 1, m = 1 is per-instance SAM; chunk = 2 splits the passes."""
+    x, y, w = least_squares_problem(n=16)
+    model = LeastSquares(w)
+    engine = DeltaSAM(model, grouped("batched", chunk, method="sam", rho=RHO, m_sharpness=m))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback
+        result = engine.step(model.losses, (x, y))
+    expected = sum((k.stop - k.start) / 16 * ls_sam_update(x[k], y[k], w, RHO, "sam") for k in groups(16, m))
+    torch.testing.assert_close(model.w.grad, expected, atol=1e-12, rtol=0)
+    assert torch.equal(model.w.detach(), w)
+    moved = []
+    for k in groups(16, m):
+        g = x[k].T @ (x[k] @ w - y[k]) / (k.stop - k.start)
+        moved.append(0.5 * (x[k] @ (w + RHO * g / g.norm()) - y[k]) ** 2)
+    torch.testing.assert_close(result.perturbed_losses, torch.cat(moved), atol=1e-12, rtol=0)
+    torch.testing.assert_close(result.losses, 0.5 * (x @ w - y) ** 2, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_per_instance_least_squares_closed_form(chunk):
+    x, y, w = least_squares_problem(n=10)
+    model = LeastSquares(w)
+    DeltaSAM(model, grouped("batched", chunk, method="per_instance", rho=RHO)).step(model.losses, (x, y))
+    torch.testing.assert_close(model.w.grad, ls_sam_update(x, y, w, RHO, "per_instance"), atol=1e-12, rtol=0)
+
+
+def run(config, model_seed=0, n=16, dropout=0.0, plain_grad=False, prior_grad=True):
+    x, y = classification_data(n=n)
+    torch.manual_seed(model_seed)
+    model = MLP(dropout=dropout).double()
+    if prior_grad:  # G is added to what .grad held
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 0.5)
+    torch.manual_seed(1)
+    result = DeltaSAM(model, config).step(model.losses, (x.double(), y), plain_grad=plain_grad)
+    return model, result
+
+
+@pytest.mark.parametrize("options", [dict(method="sam"), dict(method="asam", rho=0.5)], ids=str)
+@pytest.mark.parametrize("m", [4, 5])
+def test_batched_equals_the_loop(options, m):
+    options = {"rho": RHO, **options, "m_sharpness": m}
+    (loop_model, loop), (model, batched) = (
+        run(grouped(impl, **options), plain_grad=True) for impl in ("loop", "batched")
+    )
+    for a, b in zip(loop_model.parameters(), model.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-12, rtol=0)
+        assert torch.equal(a.detach(), b.detach())
+    for field in ("losses", "perturbed_losses", "weights", "grad_norm", "eps_norm"):
+        torch.testing.assert_close(getattr(batched, field), getattr(loop, field), atol=1e-12, rtol=0)
+    for a, b in zip(loop.plain_grad, batched.plain_grad):
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=0)
+    assert batched.perturbed is True
+
+
+def test_per_instance_batched_equals_the_loop():
+    (loop_model, loop), (model, batched) = (
+        run(grouped(impl, 4, method="per_instance", rho=RHO), n=10, plain_grad=True) for impl in ("loop", "batched")
+    )
+    for a, b in zip(loop_model.parameters(), model.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-12, rtol=0)
+    torch.testing.assert_close(batched.perturbed_losses, loop.perturbed_losses, atol=1e-12, rtol=0)
+    for a, b in zip(loop.plain_grad, batched.plain_grad):
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=0)
+
+
+def test_a_group_with_zero_gradient_is_not_perturbed():
+    """eps_k = 0 where ||g_k|| = 0, as in the loop: a group fitted exactly takes its plain gradient (zero)."""
+    x, y, w = least_squares_problem(n=8)
+    x[:4] = 0.0  # the first group of 4 has no gradient
+    model = LeastSquares(w)
+    result = DeltaSAM(model, grouped("batched", method="sam", rho=RHO, m_sharpness=4)).step(model.losses, (x, y))
+    expected = 0.5 * ls_sam_update(x[4:], y[4:], w, RHO, "sam")
+    torch.testing.assert_close(model.w.grad, expected, atol=1e-12, rtol=0)
+    assert result.perturbed is False
+    torch.testing.assert_close(result.eps_norm, torch.tensor(RHO / 2, dtype=torch.float64))
+
+
+class Masks(nn.Module):
+    """l_i = sum_j dropout(1)_ij * w_j: the losses show the dropout masks."""
+
+    def __init__(self, d: int, p: float) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(d, dtype=torch.float64))
+        self.drop = nn.Dropout(p)
+
+    def losses(self, batch):
+        (x,) = batch
+        return (self.drop(torch.ones_like(x)) * self.w).sum(1)
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_dropout_masks_shared_by_an_instances_two_forwards(share):
+    """With share_dropout, l_i(w + eps_k) - l_i(w) = z_i · eps_k, at most rho ||z_i||; other masks move it by O(1)."""
+    n, d, p, rho = 32, 50, 0.3, 1e-6
+    torch.manual_seed(0)
+    model = Masks(d, p)
+    config = grouped("batched", method="sam", rho=rho, m_sharpness=4, share_dropout=share)
+    result = DeltaSAM(model, config).step(model.losses, (torch.zeros(n, d, dtype=torch.float64),))
+    change = (result.perturbed_losses - result.losses).abs()
+    if share:
+        assert change.max() <= rho * d**0.5 / (1 - p)
+    else:
+        assert change.max() > 1.0
+
+
+def test_dropout_masks_are_independent_draws_of_the_loops_distribution():
+    """Each instance keeps each unit with probability 1 - p, independently across instances and groups."""
+    n, d, p = 64, 200, 0.25
+    kept = {}
+    for impl in ("loop", "batched"):
+        torch.manual_seed(0)
+        model = Masks(d, p)
+        config = grouped(impl, method="sam", rho=RHO, m_sharpness=4)
+        result = DeltaSAM(model, config).step(model.losses, (torch.zeros(n, d, dtype=torch.float64),))
+        kept[impl] = result.losses * (1 - p)  # units kept by each instance: Binomial(d, 1 - p)
+    mean, var = d * (1 - p), d * p * (1 - p)
+    for impl, k in kept.items():
+        assert abs(k.mean() - mean) < 4 * (var / n) ** 0.5, impl
+        assert 0.5 * var < k.var() < 1.6 * var, impl
+    assert len(set(kept["batched"].tolist())) > n // 4  # not one mask repeated across groups
+
+
+@pytest.mark.parametrize(
+    "setup, match",
+    [
+        (lambda m: m.net.insert(1, nn.BatchNorm1d(12).double()), "BatchNorm1d in training mode"),
+        (lambda m: m.net[0].register_forward_hook(lambda *a: None), "has hooks"),
+    ],
+    ids=["batchnorm", "hook"],
+)
+def test_unbatchable_models_run_the_loop_and_say_why_once(setup, match):
+    x, y = classification_data(n=16)
+    results = []
+    for impl in ("loop", "batched"):
+        torch.manual_seed(0)
+        model = MLP().double()
+        setup(model)
+        engine = DeltaSAM(model, grouped(impl, method="sam", rho=RHO, m_sharpness=4))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.manual_seed(1)
+            for _ in range(2):
+                engine.step(model.losses, (x.double(), y))
+        said = [w for w in caught if "runs the loop instead" in str(w.message)]
+        assert len(said) == (1 if impl == "batched" else 0)
+        if said:
+            assert match in str(said[0].message)
+        results.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_deltasam_runs_the_loop_and_says_why():
+    x, y = classification_data(n=16)
+    model = MLP().double()
+    engine = DeltaSAM(model, grouped("batched", method="deltasam", estimator="head", rho=RHO, m_sharpness=4))
+    with pytest.warns(RuntimeWarning, match="method='deltasam' scores its instances"):
+        engine.step(model.losses, (x.double(), y))
+
+
+def test_a_failing_batched_step_leaves_weights_and_gradients_as_they_were():
+    x, y = classification_data(n=16)
+    model = MLP()
+    engine = DeltaSAM(model, grouped("batched", method="sam", rho=RHO, m_sharpness=4))
+    engine.step(model.losses, (x, y))
+    before = [p.detach().clone() for p in model.parameters()]
+    grads = [p.grad.clone() for p in model.parameters()]
+    calls = []
+
+    def failing(batch):
+        calls.append(1)
+        if len(calls) == 2:  # the descent's forward
+            raise ValueError("injected")
+        return model.losses(batch)
+
+    with pytest.raises(ValueError, match="injected"):
+        engine.step(failing, (x, y))
+    for p, b, g in zip(model.parameters(), before, grads):
+        assert torch.equal(p.detach(), b)
+        assert torch.equal(p.grad, g)
+
+
+def test_m_sharpness_moves_batchnorm_statistics_once_per_step():
+    """Issue 36 item 4: the running mean takes the whole batch's update; the running variance the share-weighted
+    mean of the groups' (unbiased) variances; num_batches_tracked goes up by one."""
+    n, m = 14, 4  # groups of 4, 4, 4 and 2
+    x, y = classification_data(n=n)
+    x = x.double()
+    torch.manual_seed(0)
+    model = MLP(batchnorm=True).double()
+    bn = model.net[1]
+    bn.running_mean.uniform_(-1, 1)
+    mean0, var0 = bn.running_mean.clone(), bn.running_var.clone()
+    with torch.no_grad():
+        h = model.net[0](x)
+    DeltaSAM(model, grouped("loop", method="sam", rho=RHO, m_sharpness=m)).step(model.losses, (x, y))
+    assert bn.num_batches_tracked.item() == 1
+    mom = bn.momentum
+    torch.testing.assert_close(bn.running_mean, (1 - mom) * mean0 + mom * h.mean(0), atol=1e-12, rtol=0)
+    group_var = sum((k.stop - k.start) / n * h[k].var(0, unbiased=True) for k in groups(n, m))
+    torch.testing.assert_close(bn.running_var, (1 - mom) * var0 + mom * group_var, atol=1e-12, rtol=0)
