@@ -234,3 +234,29 @@ def test_m_sharpness_moves_batchnorm_statistics_once_per_step():
     torch.testing.assert_close(bn.running_mean, (1 - mom) * mean0 + mom * h.mean(0), atol=1e-12, rtol=0)
     group_var = sum((k.stop - k.start) / n * h[k].var(0, unbiased=True) for k in groups(n, m))
     torch.testing.assert_close(bn.running_var, (1 - mom) * var0 + mom * group_var, atol=1e-12, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", [dict(method="sam", m_sharpness=4), dict(method="per_instance")], ids=str)
+def test_minilm_weights_after_three_steps_equal_the_loops(options):
+    """MiniLM in eval mode (no dropout: the two paths draw other masks), batch 8, AdamW, three steps."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from overhead import setup
+
+    finals = {}
+    for impl in ("loop", "batched"):
+        torch.manual_seed(0)
+        module, batch, optimizer, _ = setup("minilm", 8, 16)
+        module.eval()
+        engine = DeltaSAM(module, grouped(impl, 4, rho=0.05, **options))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # no fallback
+            for _ in range(3):
+                engine.step(module.per_sample_loss, batch)
+                optimizer.step()
+                optimizer.zero_grad()
+        finals[impl] = torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+    torch.testing.assert_close(finals["batched"], finals["loop"], atol=2e-6, rtol=0)
