@@ -22,9 +22,11 @@ benchmarks/runs.py, shared with the other studies where a configuration is ident
 A row whose overrides leave an ``optim.*`` field out ran at :data:`runs.LEGACY_OPTIM` (``optim.lr`` 5e-5), never
 at the current default. Resumable: finished runs are rows of docs/results/runs.jsonl and are skipped; the
 tables (docs/results/recipe_suite.json) are rewritten after every new row. Run it with one thread so that a core
-stays free (about 3 hours of CPU for the LR grid alone):
+stays free (at one thread on the shared 2-core machine a run takes about 5–15 minutes: the 28 new runs of the LR
+grid about 4–5 hours, the levers about 8 more, the confirmation about 5 more); the same command resumes it:
 
-    cd benchmarks && OMP_NUM_THREADS=1 nohup ../.venv/bin/python recipe.py >> /tmp/recipe_study.log 2>&1 &
+    cd benchmarks
+    OMP_NUM_THREADS=1 nohup ../.venv/bin/python recipe.py >> /tmp/recipe_study.log 2>&1 &
     echo $! > /tmp/recipe_study.pid
     python recipe.py --report   # docs/results/recipe_suite.json and recipe.json (the earlier r8 table) from the rows
 """
