@@ -211,3 +211,10 @@ def test_the_recipe_chosen_has_the_least_worst_case_regret_and_waits_for_every_r
 
 def test_nothing_is_confirmed_before_a_recipe_is_chosen():
     assert recipe.confirmation_units({}) == []
+
+
+def test_committed_suite_table_comes_from_the_committed_rows():
+    saved = json.loads((ROOT / "docs" / "results" / "recipe_suite.json").read_text())
+    text, summary = recipe.suite_report()
+    assert text == saved["table"]
+    assert json.loads(json.dumps(summary["regret"])) == saved["regret"] and summary["chosen"] == saved["chosen"]
