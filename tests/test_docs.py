@@ -1,0 +1,107 @@
+"""The front door and the docs site: the README's limits and order, every link it holds, every page one click from
+it, and the site built strictly (broken links, anchors and API references fail)."""
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+DOCS = ROOT / "docs"
+
+
+def headings(text: str, level: str) -> list[str]:
+    prose = re.sub(r"^```.*?^```$", "", text, flags=re.S | re.M)
+    return re.findall(rf"^{level} (.+)$", prose, flags=re.M)
+
+
+def test_the_readme_is_short_and_in_the_issued_order():
+    """≤ 3,000 words; what it is and the reconstruction note, the two commands, the Lightning and the plain-PyTorch
+    quick starts, which mode to use, the command line, the guide."""
+    assert len(README.split()) <= 3000
+    assert "documented reconstruction" in README.split("\n## ")[0]
+    order = ["Two commands", "Quick start: the mixin", "Quick start: plain PyTorch", "Which mode", "The command line"]
+    order += ["The guide"]
+    found = headings(README, "##")
+    assert [next(i for i, h in enumerate(found) if h.startswith(name)) for name in order] == list(range(len(order)))
+
+
+def test_which_mode_to_use_has_six_rows_at_most_each_with_a_cost_and_its_evidence():
+    section = README.split("## Which mode to use")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| your situation")]
+    header = next(line for line in section.splitlines() if line.startswith("| your situation"))
+    assert 0 < len(rows) <= 6 and "cost" in header
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert re.search(r"\d", cells[2]), row  # the cost
+        assert re.search(r"\]\(docs/[\w-]+\.md(#[\w-]+)?\)", cells[3]), row  # a link to the evidence
+
+
+def slugify(heading: str) -> str:
+    """The anchor mkdocs.yml's toc gives a heading (pymdownx's slugify, lower case), as GitHub gives it."""
+    from pymdownx.slugs import slugify as make
+
+    return make(case="lower")(heading, "-")
+
+
+def anchors(page: Path) -> set[str]:
+    text = page.read_text()
+    return {slugify(re.sub(r"[`*]", "", h)) for level in ("#", "##", "###", "####") for h in headings(text, level)}
+
+
+def test_every_link_of_the_readme_resolves():
+    """Every relative link names a file that exists, and every anchor a heading of that page."""
+    pytest.importorskip("pymdownx")
+    links = re.findall(r"\]\(([^)\s]+)\)", README)
+    relative = [link for link in links if not re.match(r"https?://", link)]
+    assert relative
+    for link in relative:
+        path, _, anchor = link.partition("#")
+        target = ROOT / path if path else ROOT / "README.md"
+        assert target.exists(), link
+        if anchor:
+            assert anchor in anchors(target), f"{link}: no heading with that anchor"
+
+
+def test_every_docs_page_is_one_click_from_the_readme():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_multi_constructor("tag:yaml.org,2002:python/", lambda loader, suffix, node: None)
+    config = yaml.load((ROOT / "mkdocs.yml").read_text(), Loader=Loader)
+
+    def pages(nav):
+        for item in nav:
+            value = next(iter(item.values())) if isinstance(item, dict) else item
+            yield from pages(value) if isinstance(value, list) else [value]
+
+    nav = set(pages(config["nav"]))
+    assert nav == {p.name for p in DOCS.glob("*.md")}  # no page left out of the site
+    linked = {m.group(1) for m in re.finditer(r"\]\(docs/([\w-]+\.md)(#[\w-]+)?\)", README)}
+    assert nav <= linked, sorted(nav - linked)
+
+
+@pytest.mark.skipif(shutil.which("mkdocs", path=str(Path(sys.executable).parent)) is None, reason="docs extra")
+def test_the_docs_site_builds_strictly_with_the_api_reference(tmp_path):
+    site = tmp_path / "site"
+    mkdocs = Path(sys.executable).parent / "mkdocs"
+    build = subprocess.run(
+        [str(mkdocs), "build", "--strict", "--site-dir", str(site)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"NO_MKDOCS_2_WARNING": "1", "PATH": str(Path(sys.executable).parent)},
+    )
+    assert build.returncode == 0, build.stderr[-3000:]
+    api = (site / "api" / "index.html").read_text()
+    from lit_deltasam import __all__
+
+    for name in __all__:  # every public name has its own entry, documented from its docstring
+        assert re.search(rf'id="lit_deltasam(\.\w+)*\.{name}"', api), name
+    assert "How each training step perturbs the weights" in api  # DeltaSAMConfig's docstring, rendered
