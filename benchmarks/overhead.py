@@ -10,11 +10,14 @@ events on CPU, CUDA's allocator peak on a GPU), in MB and in copies of the param
     python benchmarks/overhead.py                      # MiniLM and the small model, batch 32, length 48
     python benchmarks/overhead.py --models small --rounds 5
     python benchmarks/overhead.py --profile per_instance --models minilm --length 32   # where its time goes
+    python benchmarks/overhead.py --preset groups --length 32 --name overhead_groups_32   # issue 37's group rows
+    python benchmarks/overhead.py --smoke              # the group methods once, small model, to /tmp
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import statistics
@@ -25,7 +28,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from common import RESULTS, save
+from common import RESULTS, machine, save
 
 from lit_deltasam import DeltaSAMConfig, DeltaSAMOptimizer
 from lit_deltasam.data import get_task
@@ -39,6 +42,16 @@ HEAD = {  # only what sits above the last Transformer layer
     "minilm": ["encoder.model.bert.pooler.*", "encoder.model.classifier.*"],
     "small": ["encoder.norm.*", "encoder.classifier.*"],
 }
+
+
+def batched(config: DeltaSAMConfig, chunk: Optional[int] = None) -> DeltaSAMConfig:
+    """``config`` with its groups (m-sharpness, per-instance SAM) in batched passes of ``chunk`` groups."""
+    try:
+        return dataclasses.replace(config, group_impl="batched", group_chunk=chunk)  # type: ignore[call-arg]
+    except TypeError:  # a config without the fields yet: the engine reads them with getattr
+        object.__setattr__(config, "group_impl", "batched")
+        object.__setattr__(config, "group_chunk", chunk)
+        return config
 
 
 def methods(model: str) -> dict[str, DeltaSAMConfig]:
@@ -58,6 +71,10 @@ def methods(model: str) -> dict[str, DeltaSAMConfig]:
         "per_instance(vmap)": DeltaSAMConfig(method="per_instance", per_instance_impl="vmap", share_dropout=False),
         "sam, m=8": DeltaSAMConfig(method="sam", m_sharpness=8),
         "sam, m=4": DeltaSAMConfig(method="sam", m_sharpness=4),
+        "sam, m=8 (batched)": batched(DeltaSAMConfig(method="sam", m_sharpness=8)),
+        "sam, m=4 (batched)": batched(DeltaSAMConfig(method="sam", m_sharpness=4)),
+        "per_instance (batched, chunk 8)": batched(DeltaSAMConfig(method="per_instance"), 8),
+        "per_instance (batched, chunk 16)": batched(DeltaSAMConfig(method="per_instance"), 16),
         "deltasam(head), m=4": DeltaSAMConfig(method="deltasam", estimator="head", m_sharpness=4),
         "sam, interval=5": DeltaSAMConfig(method="sam", interval=5),
         "sam, looksam k=5": DeltaSAMConfig(method="sam", interval=5, reuse="looksam"),
@@ -258,7 +275,21 @@ TARGETS = {
     ("sam, looksam k=10", "vs_erm"): 1.15,
     ("sam, m=8", "vs_sam"): 1.25,
     ("sam, m=4", "vs_sam"): 1.5,
+    ("sam, m=8 (batched)", "vs_sam"): 1.25,
+    ("sam, m=4 (batched)", "vs_sam"): 1.5,
+    ("per_instance", "vs_erm"): 6.0,
+    ("per_instance (batched, chunk 8)", "vs_erm"): 6.0,
+    ("per_instance (batched, chunk 16)", "vs_erm"): 6.0,
 }
+GROUP_METHODS = [
+    "sam, m=8",
+    "sam, m=4",
+    "sam, m=8 (batched)",
+    "sam, m=4 (batched)",
+    "per_instance",
+    "per_instance (batched, chunk 8)",
+    "per_instance (batched, chunk 16)",
+]
 PRESETS = {
     # the regimes study's arms at its batch and length (benchmarks/regimes.py reads overhead_regimes.json), and
     # LookSAM's other targets (k = 10, δ-SAM(head) with k = 5)
@@ -277,6 +308,8 @@ PRESETS = {
             "deltasam(head), looksam k=5",
         ],
     ),
+    # issue 37: the groups of m-sharpness and per-instance SAM, in the loop and batched (run at --length 32 and 48)
+    "groups": dict(models=["minilm"], methods=GROUP_METHODS),
 }
 
 
@@ -290,6 +323,10 @@ def main() -> None:
     parser.add_argument("--name", default="overhead")
     parser.add_argument("--methods", nargs="+", help="only these methods (besides ERM and SAM, the references)")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="models, length, name and methods of a study")
+    parser.add_argument(
+        "--smoke", action="store_true", help="the group methods once on the small model (batch 8, length 16), to --out"
+    )
+    parser.add_argument("--out", type=Path, help="write the JSON here instead of docs/results/NAME.json")
     parser.add_argument("--memory-of", metavar="METHOD", help=argparse.SUPPRESS)  # one method's memory, as JSON
     parser.add_argument(
         "--profile", metavar="METHOD", help="where one step of METHOD spends its time (first of --models), as JSON"
@@ -306,12 +343,23 @@ def main() -> None:
         return
     for k, v in PRESETS.get(args.preset, {}).items():
         setattr(args, k, v)
+    if args.smoke:
+        args.models, args.rounds, args.warmup, args.batch_size, args.length = ["small"], 1, 0, 8, 16
+        args.methods = args.methods or GROUP_METHODS
+        args.out = args.out or Path("/tmp/overhead_smoke.json")
 
     results = {m: measure(m, args.rounds, args.warmup, args.batch_size, args.length, args.methods) for m in args.models}
-    path = save(
-        args.name,
-        {"args": vars(args), "results": results, "targets": {f"{k[0]} {k[1]}": v for k, v in TARGETS.items()}},
-    )
+    payload = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "results": results,
+        "targets": {f"{k[0]} {k[1]}": v for k, v in TARGETS.items()},
+    }
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"machine": machine(), **payload}, indent=2))
+        path = args.out
+    else:
+        path = save(args.name, payload)
     for model, result in results.items():
         print(
             f"\n{model} ({result['parameters'] / 1e6:.1f}M parameters, batch {args.batch_size}, length {args.length})"
@@ -328,7 +376,8 @@ def main() -> None:
                 continue
             value = result["methods"][name][key]
             print(f"target {name} {key} <= {target}: {value:.3f} {'met' if value <= target else 'MISSED'}")
-    plot(results, RESULTS / f"{args.name}.png")
+    if args.out is None:
+        plot(results, RESULTS / f"{args.name}.png")
     print(f"wrote {path}")
 
 
