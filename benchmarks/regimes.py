@@ -28,7 +28,8 @@ identical):
 * never chosen on test; no seed dropped. The test split is scored with the final weights
   and with the best-validation checkpoint; every arm is compared, paired by seed, against
   ERM's final weights, ERM's best-validation checkpoint (early-stopped ERM) and SAM, with
-  Student-t 95% intervals (df = pairs − 1) and the seeds won;
+  Student-t 95% intervals (df = pairs − 1), wins/ties/losses and the paired t-test's p, Holm-adjusted over every
+  difference of the comparison table; the arms and settings added after the first results (``POST_HOC``) are marked;
 * cost: each arm's step cost × ERM from ``benchmarks/overhead.py --preset regimes`` (one
   interleaved run at batch 32, length 32, on an idle machine), read from
   ``docs/results/overhead_regimes.json`` when it is there.
