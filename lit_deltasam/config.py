@@ -19,8 +19,8 @@ REUSES = (None, "looksam")
 M_SHARPNESS_METHODS = ("sam", "asam", "deltasam")
 
 
-def _choice(name: str, value: object, choices: tuple[object, ...]) -> None:
-    if value not in choices:
+def _choice(name: str, value: object, choices: tuple[object, ...], *, optional: bool = False) -> None:
+    if value not in choices and not (optional and value is None):
         raise ValueError(f"DeltaSAMConfig.{name}={value!r} is not valid; choose one of {list(choices)}")
 
 
@@ -70,17 +70,23 @@ class DeltaSAMConfig:
       diagonal second-order terms.
     * ``per_instance``: exact per-instance SAM, ``G = mean_i grad l_i(w + rho ĝ_i)``.
 
+    A field that the chosen method (with its ``beta`` and ``estimator``) never reads must be left unset: setting it
+    raises ``ValueError`` naming it, so that nothing set is silently ignored. Unset fields (``None``) that the
+    method reads take the per-method defaults below; the others stay ``None``.
+
     Args:
         method: one of ``erm``, ``sam``, ``asam``, ``deltasam``, ``per_instance``.
-        rho: perturbation radius, ``>= 0``.
+        rho: perturbation radius, ``>= 0``; default 0.02, and 0.5 for ``asam`` (whose ``||eps||`` is
+            about ``rho * |w|``). Not used by ``erm``.
         rho_schedule: ρ along training (:mod:`lit_deltasam.core.schedule`): ``constant``;
             ``warmup`` (linear from 0 over ``rho_warmup``); ``follow_lr``
             (``rho * lr_t / lr_max``, GSAM); ``start_step`` (plain steps for
             ``rho_warmup``, then ``rho``). A step whose ρ is 0 is a plain ERM step.
         rho_warmup: length of the ``warmup`` ramp and of the plain steps of
-            ``start_step``: optimizer steps when ``>= 1``, a fraction of training when ``< 1``.
-        beta: exponent of the instance weights, ``lambda_i ∝ s_i ** beta``.
-        estimator: where ``s_i`` comes from: ``head`` (free, the classifier layer's
+            ``start_step``: optimizer steps when ``>= 1``, a fraction of training when ``< 1`` (default 0.1).
+        beta: exponent of the instance weights, ``lambda_i ∝ s_i ** beta``: default -0.5 for ``deltasam``;
+            with ``asam``, unset is plain ASAM and a value reweights ASAM's ascent (an adaptive δ-SAM).
+        estimator: where ``s_i`` comes from (default ``head``): ``head`` (free, the classifier layer's
             per-instance gradient norm in closed form), ``probe`` (random weight
             perturbations, ``probe_samples`` no-grad forwards), ``curvature`` (the
             curvature along random directions, ``mean_k (l_i(w+u_k) + l_i(w-u_k) - 2 l_i(w)) / 2``
@@ -91,8 +97,10 @@ class DeltaSAMConfig:
         weight_min: lower bound of ``n * lambda_i`` (``<= 1``), met after normalization.
         weight_max: upper bound of ``n * lambda_i`` (``>= 1``; ``inf`` disables), met after normalization.
         weighted_descent: descend on ``sum_i lambda_i l_i(w + eps)`` instead of the mean.
-        asam_eta: ASAM's offset ``eta`` in ``T = |w| + eta``.
-        probe_samples: forwards per step of the ``probe`` estimator (K).
+        asam_eta: ASAM's offset ``eta`` in ``T = |w| + eta`` (default 0.01).
+        asam_scope: where ASAM's ``T`` applies: ``all`` (default: every parameter, biases included) or
+            ``weights`` (the ASAM authors' code: parameters whose name contains "weight"; ``T = 1`` elsewhere).
+        probe_samples: forwards per step of the ``probe`` estimator (K; default 3).
         probe_sigma: RMS norm of each probe perturbation; ``None`` means ``rho``.
         probe_antithetic: probe with pairs ``±u`` (``probe_samples`` must be even).
         probe_params: ``fnmatch`` patterns of parameter names to probe (``None``: all).
@@ -137,33 +145,35 @@ class DeltaSAMConfig:
 
     method: str = "deltasam"
     # rho = 0.02 following the LR: no stall in any run of the robust-defaults study, where rho = 0.05 held
-    # mr on the majority-class plateau under every schedule but follow_lr (docs/benchmarks.md#robust-defaults)
-    rho: float = 0.02
+    # mr on the majority-class plateau under every schedule but follow_lr (docs/benchmarks.md#robust-defaults);
+    # ASAM's 0.5 acts on |w|-scaled coordinates (its ||eps|| is about rho * |w|).
+    rho: Optional[float] = None
     rho_schedule: str = "follow_lr"
-    rho_warmup: float = 0.1
+    rho_warmup: Optional[float] = None
     # beta = -0.5 with the head estimator had the best fidelity to per-instance SAM among the
     # δ-SAM variants measured (docs/benchmarks.md, "Fidelity"); beta = -1 is the second-order candidate.
-    beta: float = -0.5
-    estimator: str = "head"
-    weight_floor: float = 0.1
-    weight_min: float = 0.1
-    weight_max: float = 10.0
+    beta: Optional[float] = None
+    estimator: Optional[str] = None
+    weight_floor: Optional[float] = None
+    weight_min: Optional[float] = None
+    weight_max: Optional[float] = None
     weighted_descent: bool = False
-    asam_eta: float = 0.01
-    probe_samples: int = 3
+    asam_eta: Optional[float] = None
+    asam_scope: Optional[str] = None
+    probe_samples: Optional[int] = None
     probe_sigma: Optional[float] = None
     probe_antithetic: bool = False
     probe_params: Optional[List[str]] = None
-    probe_truncate: bool = True
+    probe_truncate: Optional[bool] = None
     head: Optional[str] = None
     share_dropout: bool = True
     ascent: str = "local"
-    per_instance_impl: str = "loop"
+    per_instance_impl: Optional[str] = None
     per_instance_chunk: Optional[int] = None
     m_sharpness: Optional[int] = None
     interval: int = 1
     reuse: Optional[str] = None
-    reuse_alpha: float = 0.7
+    reuse_alpha: Optional[float] = None
     accumulate_grad_batches: int = 1
     gradient_clip_val: Optional[float] = None
     gradient_clip_algorithm: str = "norm"
@@ -172,28 +182,30 @@ class DeltaSAMConfig:
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
-        _choice("estimator", self.estimator, ESTIMATORS)
+        given = [f.name for f in fields(self) if f.name in _APPLIES and getattr(self, f.name) != f.default]
+        _choice("estimator", self.estimator, ESTIMATORS, optional=True)
         _choice("ascent", self.ascent, ASCENTS)
-        _choice("per_instance_impl", self.per_instance_impl, PER_INSTANCE_IMPLS)
+        _choice("asam_scope", self.asam_scope, ASAM_SCOPES, optional=True)
+        _choice("per_instance_impl", self.per_instance_impl, PER_INSTANCE_IMPLS, optional=True)
         _choice("gradient_clip_algorithm", self.gradient_clip_algorithm, CLIP_ALGORITHMS)
-        _number("rho", self.rho, low=0.0)
+        if self.rho is not None:
+            _number("rho", self.rho, low=0.0)
         _choice("rho_schedule", self.rho_schedule, RHO_SCHEDULES)
-        _number("rho_warmup", self.rho_warmup, low=0.0)
-        if self.rho_warmup >= 1 and self.rho_warmup != int(self.rho_warmup):
+        if self.rho_warmup is not None:
+            _number("rho_warmup", self.rho_warmup, low=0.0)
+        if self.rho_warmup is not None and self.rho_warmup >= 1 and self.rho_warmup != int(self.rho_warmup):
             raise ValueError(
                 f"DeltaSAMConfig.rho_warmup={self.rho_warmup!r} is not valid; it must be a whole number of optimizer "
                 "steps (>= 1) or a fraction of training (< 1)"
             )
-        _number("beta", self.beta)
-        _number("weight_floor", self.weight_floor, low=0.0, high=1.0)
-        _number("weight_min", self.weight_min, low=0.0, high=1.0)
-        _number("weight_max", self.weight_max, low=1.0, allow_inf=True)
-        _number("asam_eta", self.asam_eta, low=0.0)
-        _integer("probe_samples", self.probe_samples, low=1)
+        for name, low, high, allow_inf in _NUMBERS:
+            if getattr(self, name) is not None:
+                _number(name, getattr(self, name), low=low, high=high, allow_inf=allow_inf)
+        if self.probe_samples is not None:
+            _integer("probe_samples", self.probe_samples, low=1)
         _integer("accumulate_grad_batches", self.accumulate_grad_batches, low=1)
         _integer("interval", self.interval, low=1)
         _choice("reuse", self.reuse, REUSES)
-        _number("reuse_alpha", self.reuse_alpha, low=0.0)
         if self.reuse is not None and (self.interval == 1 or self.method == "erm"):
             raise ValueError(
                 f"DeltaSAMConfig.reuse={self.reuse!r} reuses a full step's direction between full steps, but "
@@ -221,14 +233,10 @@ class DeltaSAMConfig:
             _number("probe_sigma", self.probe_sigma, low=0.0, open_low=True)
         if self.gradient_clip_val is not None:
             _number("gradient_clip_val", self.gradient_clip_val, low=0.0, open_low=True)
-        if (self.probe_antithetic or self.estimator == "curvature") and self.probe_samples % 2:
-            why = "estimator='curvature'" if self.estimator == "curvature" else "probe_antithetic=True"
-            raise ValueError(
-                f"DeltaSAMConfig.probe_samples={self.probe_samples} must be even with {why}: it probes with "
-                "antithetic pairs ±u, two forwards each; e.g. probe_samples=2 or 4"
-            )
-        for name in ("weighted_descent", "probe_antithetic", "probe_truncate", "share_dropout", "seed_steps"):
+        for name in ("weighted_descent", "probe_antithetic", "share_dropout", "seed_steps"):
             _flag(name, getattr(self, name))
+        if self.probe_truncate is not None:
+            _flag("probe_truncate", self.probe_truncate)
         if self.head is not None and not isinstance(self.head, str):
             raise ValueError(f"DeltaSAMConfig.head={self.head!r} is not valid; it must be a module path or None")
         if self.probe_params is not None:
@@ -241,6 +249,14 @@ class DeltaSAMConfig:
             object.__setattr__(self, "probe_params", list(patterns))
             if not self.probe_params:
                 raise ValueError("DeltaSAMConfig.probe_params=[] selects nothing; use None to probe every parameter")
+        self._resolve()
+        self._refuse_unused(given)
+        if _probes(self) and (self.probe_antithetic or self.estimator == "curvature") and (self.probe_samples or 0) % 2:
+            why = "estimator='curvature'" if self.estimator == "curvature" else "probe_antithetic=True"
+            raise ValueError(
+                f"DeltaSAMConfig.probe_samples={self.probe_samples} must be even with {why}: it probes with "
+                "antithetic pairs ±u, two forwards each; e.g. probe_samples=2 or 4"
+            )
 
     @classmethod
     def coerce(cls, value: Union[DeltaSAMConfig, Mapping[str, Any]]) -> DeltaSAMConfig:
@@ -260,5 +276,138 @@ class DeltaSAMConfig:
 
     @property
     def reweights(self) -> bool:
-        """Whether the ascent uses instance weights other than uniform."""
-        return self.method == "deltasam" and self.beta != 0.0
+        """Whether the ascent uses instance weights other than uniform: δ-SAM with beta != 0, or ASAM given a
+        beta (an adaptive δ-SAM)."""
+        return self.method in REWEIGHTING and self.beta is not None and self.beta != 0.0
+
+    def applies(self, name: str) -> bool:
+        """Whether field ``name`` changes what this config computes (with the method, beta and estimator given)."""
+        rule = _APPLIES.get(name)
+        return rule is None or rule(self)
+
+    def _refuse_unused(self, given: list[str]) -> None:
+        """A field set away from its default that the method, beta or estimator never reads is an error."""
+        unused = [name for name in given if not self.applies(name)]
+        if unused:
+            name = unused[0]
+            value = getattr(self, name)
+            raise ValueError(
+                f"DeltaSAMConfig.{name}={value!r} does nothing with {self._context()}: {_WHERE[name]}; "
+                f"remove it (leave it unset) or change the method"
+                + (f" (also unused: {', '.join(unused[1:])})" if unused[1:] else "")
+            )
+
+    def _context(self) -> str:
+        out = f"method={self.method!r}"
+        if self.method in REWEIGHTING and self.beta is not None:
+            out += f", beta={self.beta!r}"
+        if self.estimator is not None:
+            out += f", estimator={self.estimator!r}"
+        return out
+
+    def _resolve(self) -> None:
+        """Fill the unset fields that this method reads with their per-method defaults (one place for them)."""
+        for name, default in _DEFAULTS.items():
+            if getattr(self, name) is None and self.applies(name):
+                object.__setattr__(self, name, default(self) if callable(default) else default)
+
+
+ASAM_SCOPES = ("all", "weights")
+"""ASAM's scaling T = |w| + eta on every parameter (``all``), or, as the ASAM authors' code, on the parameters
+whose name contains "weight" only, with T = 1 on the others (biases)."""
+REWEIGHTING = ("deltasam", "asam")
+"""Methods that take ``beta``: δ-SAM, and ASAM as an adaptive δ-SAM."""
+
+_NUMBERS = (
+    ("beta", -math.inf, math.inf, False),
+    ("weight_floor", 0.0, 1.0, False),
+    ("weight_min", 0.0, 1.0, False),
+    ("weight_max", 1.0, math.inf, True),
+    ("asam_eta", 0.0, math.inf, False),
+    ("reuse_alpha", 0.0, math.inf, False),
+)
+
+
+def _perturbs(c: DeltaSAMConfig) -> bool:
+    return c.method != "erm"
+
+
+def _probes(c: DeltaSAMConfig) -> bool:
+    return c.reweights and c.estimator in PROBING
+
+
+def _per_instance_oracle(c: DeltaSAMConfig) -> bool:
+    return c.method == "per_instance" or (c.reweights and c.estimator == "exact")
+
+
+_APPLIES: dict[str, Any] = {
+    "rho": _perturbs,
+    "rho_schedule": _perturbs,
+    "rho_warmup": lambda c: _perturbs(c) and c.rho_schedule in ("warmup", "start_step"),
+    "beta": lambda c: c.method in REWEIGHTING,
+    "estimator": lambda c: c.reweights,
+    "weight_floor": lambda c: c.reweights,
+    "weight_min": lambda c: c.reweights,
+    "weight_max": lambda c: c.reweights,
+    "weighted_descent": lambda c: c.reweights,
+    "head": lambda c: c.reweights and c.estimator in (None, "head"),
+    "asam_eta": lambda c: c.method == "asam",
+    "asam_scope": lambda c: c.method == "asam",
+    "probe_samples": _probes,
+    "probe_sigma": _probes,
+    "probe_antithetic": _probes,
+    "probe_params": _probes,
+    "probe_truncate": lambda c: _probes(c) and c.probe_params is not None,
+    "per_instance_impl": _per_instance_oracle,
+    "per_instance_chunk": lambda c: _per_instance_oracle(c) and c.per_instance_impl == "vmap",
+    "share_dropout": _perturbs,
+    "ascent": _perturbs,
+    "interval": _perturbs,
+    "reuse_alpha": lambda c: c.reuse is not None,
+    "histogram_every_n_steps": _perturbs,
+}
+"""When each method-specific field is read; the others (accumulation, clipping, seeds) always are."""
+
+_WHERE = {
+    "rho": "ERM takes no ascent",
+    "rho_schedule": "ERM takes no ascent",
+    "rho_warmup": "it is the length of rho_schedule='warmup' and 'start_step'",
+    "beta": f"instance weights apply to methods {list(REWEIGHTING)}",
+    "estimator": "it scores instances for the weights, which need method='deltasam' (or 'asam') with beta != 0",
+    "weight_floor": "it bounds the instance weights of method='deltasam' (or 'asam') with beta != 0",
+    "weight_min": "it bounds the instance weights of method='deltasam' (or 'asam') with beta != 0",
+    "weight_max": "it bounds the instance weights of method='deltasam' (or 'asam') with beta != 0",
+    "weighted_descent": "it weights the descent by the instance weights (method='deltasam' or 'asam', beta != 0)",
+    "head": "it names the layer of estimator='head'",
+    "asam_eta": "it is ASAM's offset (method='asam')",
+    "asam_scope": "it is ASAM's scaling rule (method='asam')",
+    "probe_samples": "it sets the probes of estimator='probe' or 'curvature'",
+    "probe_sigma": "it sets the probes of estimator='probe' or 'curvature'",
+    "probe_antithetic": "it sets the probes of estimator='probe' or 'curvature'",
+    "probe_params": "it selects what estimator='probe' or 'curvature' perturbs",
+    "probe_truncate": "it applies with probe_params",
+    "per_instance_impl": "it runs the per-instance gradients of method='per_instance' and estimator='exact'",
+    "per_instance_chunk": "it sizes the batched calls of per_instance_impl='vmap'",
+    "share_dropout": "ERM takes one forward",
+    "ascent": "ERM takes no ascent",
+    "interval": "ERM takes no sharpness-aware step",
+    "reuse_alpha": "it weights reuse='looksam'",
+    "histogram_every_n_steps": "ERM logs no sharpness histograms",
+}
+
+_DEFAULTS: dict[str, Any] = {
+    "rho": lambda c: 0.5 if c.method == "asam" else 0.02,
+    "rho_warmup": 0.1,
+    "beta": lambda c: -0.5 if c.method == "deltasam" else None,
+    "estimator": "head",
+    "weight_floor": 0.1,
+    "weight_min": 0.1,
+    "weight_max": 10.0,
+    "asam_eta": 0.01,
+    "asam_scope": "all",
+    "probe_samples": 3,
+    "probe_truncate": True,
+    "per_instance_impl": "loop",
+    "reuse_alpha": 0.7,
+}
+"""Per-method defaults of the fields left unset, filled where the method reads them."""

@@ -274,3 +274,8 @@ def wandb_history(path) -> tuple[list[dict], bool, dict]:
                 items = record.summary.update
                 summary.update({"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in items})
     return rows, finished, summary
+
+
+def with_rho(options: dict, rho: float) -> dict:
+    """``options`` with radius ``rho``, which ERM takes none of (DeltaSAMConfig refuses a rho for ERM)."""
+    return dict(options) if options.get("method") == "erm" else {"rho": rho, **options}

@@ -32,7 +32,8 @@ def looksam_trajectory(x, y, w, interval, alpha, steps=8, reuse=True):
 @pytest.mark.parametrize("interval, reuse", [(3, "looksam"), (2, "looksam"), (3, None)])
 def test_least_squares_trajectory_in_closed_form(interval, reuse):
     x, y, w = least_squares_problem()
-    config = DeltaSAMConfig(method="sam", rho=RHO, interval=interval, reuse=reuse, reuse_alpha=ALPHA)
+    alpha = dict(reuse_alpha=ALPHA) if reuse is not None else {}
+    config = DeltaSAMConfig(method="sam", rho=RHO, interval=interval, reuse=reuse, **alpha)
     module = LeastSquaresModule(config, x, y, w)
     record = RecordRho()
     trainer(max_epochs=1, callbacks=[record]).fit(module)
@@ -138,7 +139,7 @@ def test_a_full_step_drops_the_stored_direction_before_its_passes():
     step = opt.engine.step
 
     def watching(*args, **kwargs):
-        held.append(opt.state.reuse_direction is not None)
+        held.append(opt.loop_state.reuse_direction is not None)
         return step(*args, **kwargs)
 
     x, y = classification_data(n=16)
@@ -147,7 +148,7 @@ def test_a_full_step_drops_the_stored_direction_before_its_passes():
             opt.step(model.losses, (x, y))
     # windows of 2 micro-batches: full, plain, full, plain
     assert held == [False, False, True, True, False, False, True, True]
-    assert opt.state.reuse_direction is not None
+    assert opt.loop_state.reuse_direction is not None
 
 
 def test_reuse_leaves_parameters_without_a_gradient_alone_and_follows_the_schedule():
@@ -190,4 +191,4 @@ def test_the_loop_takes_the_plain_gradient_it_writes_g_v_over():
     config = DeltaSAMConfig(method="sam", interval=2, reuse="looksam")
     opt = DeltaSAMOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), config)
     result = opt.step(model.losses, classification_data(n=16))
-    assert result.stepped and result.plain_grad is None and opt.state.reuse_direction is not None
+    assert result.stepped and result.plain_grad is None and opt.loop_state.reuse_direction is not None

@@ -1,13 +1,26 @@
 """The API's edges (issue 36): decisions on the device against their host twins on non-finite input, a loss scaler
 in the plain loop, radii and settings that would otherwise be ignored."""
 
+import dataclasses
 import math
 
+import lightning as L
 import pytest
 import torch
-from helpers import MLP, classification_data
+from helpers import (
+    EXACT_WEIGHTS,
+    MLP,
+    LeastSquares,
+    classification_data,
+    flat_params,
+    least_squares_problem,
+    loader,
+    ls_grad,
+    ls_instance_grads,
+    trainer,
+)
 
-from lit_deltasam import DeltaSAM, DeltaSAMConfig
+from lit_deltasam import DeltaSAM, DeltaSAMConfig, DeltaSAMOptimizer
 from lit_deltasam.core.decisions import decisions_on_device
 
 
@@ -53,3 +66,269 @@ def test_an_overflowing_ascent_descends_at_w_on_the_device_as_on_the_host(option
     assert torch.isfinite(grads[True]).all()
     torch.testing.assert_close(grads[True], grads[False], rtol=0, atol=0)
     torch.testing.assert_close(grads[False], expected, rtol=0, atol=0)
+
+
+# ---- nothing set is silently ignored ----
+
+UNUSED = [
+    (dict(method="sam", beta=-1.0), "beta=-1.0 does nothing with method='sam'"),
+    (dict(method="sam", estimator="exact"), "estimator='exact' does nothing with method='sam'"),
+    (dict(method="sam", weighted_descent=True), "weighted_descent=True does nothing with method='sam'"),
+    (dict(method="sam", probe_params=["net.0.*"]), "probe_params=\\['net.0.\\*'\\] does nothing with method='sam'"),
+    (dict(method="sam", per_instance_chunk=4), "per_instance_chunk=4 does nothing with method='sam'"),
+    (dict(method="sam", asam_eta=0.1), "asam_eta=0.1 does nothing with method='sam'"),
+    (dict(method="deltasam", beta=0.0, estimator="probe"), "estimator='probe' does nothing with .*beta=0.0"),
+    (dict(method="deltasam", estimator="head", probe_params=["x*"]), "probe_params=\\['x\\*'\\] does nothing"),
+    (dict(method="deltasam", head="net.3", estimator="probe"), "head='net.3' does nothing"),
+    (dict(method="erm", rho=0.05), "rho=0.05 does nothing with method='erm'"),
+    (dict(method="erm", ascent="global"), "ascent='global' does nothing with method='erm'"),
+    (dict(method="sam", rho_warmup=5), "rho_warmup=5 does nothing"),
+    (dict(method="sam", reuse_alpha=0.5), "reuse_alpha=0.5 does nothing"),
+    (dict(method="per_instance", per_instance_chunk=4), "per_instance_chunk=4 does nothing"),
+]
+
+
+@pytest.mark.parametrize("options, match", UNUSED, ids=[str(o) for o, _ in UNUSED])
+def test_a_setting_the_method_never_reads_is_refused_by_name(options, match):
+    with pytest.raises(ValueError, match=match):
+        DeltaSAMConfig(**options)
+
+
+def test_unset_fields_take_per_method_defaults_and_round_trip():
+    assert DeltaSAMConfig(method="asam").rho == 0.5 and DeltaSAMConfig(method="sam").rho == 0.02
+    assert DeltaSAMConfig(method="erm").rho is None
+    d = DeltaSAMConfig()
+    assert (d.beta, d.estimator, d.weight_floor, d.weight_min, d.weight_max) == (-0.5, "head", 0.1, 0.1, 10.0)
+    assert DeltaSAMConfig(method="sam").beta is None and DeltaSAMConfig(method="asam").asam_eta == 0.01
+    for cfg in (d, DeltaSAMConfig(method="sam"), DeltaSAMConfig(method="asam", beta=-1.0)):
+        assert dataclasses.replace(cfg) == cfg
+
+
+def test_asam_with_beta_is_an_adaptive_deltasam_in_closed_form():
+    """eps = rho T² g_λ / ||T g_λ|| with g_λ = Σ λ_i g_i and λ_i ∝ ||g_i||^β (exact scores, no bounds)."""
+    x, y, w = least_squares_problem()
+    eta, beta, rho, lr = 0.01, -1.0, 0.1, 0.05
+    config = DeltaSAMConfig(method="asam", rho=rho, asam_eta=eta, beta=beta, estimator="exact", **EXACT_WEIGHTS)
+    model = LeastSquares(w)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    result = DeltaSAM(model, config).step(model.losses, (x, y))
+    opt.step()
+    g_i = ls_instance_grads(x, y, w)
+    lam = g_i.norm(dim=1) ** beta
+    lam = lam / lam.sum()
+    g = (lam[:, None] * g_i).sum(0)
+    t = w.abs() + eta
+    eps = rho * t * t * g / (t * g).norm()
+    torch.testing.assert_close(model.w.detach(), w - lr * ls_grad(x, y, w + eps), atol=1e-9, rtol=0)
+    torch.testing.assert_close(result.weights, lam)
+
+
+class AffineLeastSquares(torch.nn.Module):
+    """l_i = (x_i·w + b - y_i)² / 2: a weight and a bias, for ASAM's two conventions."""
+
+    def __init__(self, w, b):
+        super().__init__()
+        self.weight = torch.nn.Parameter(w.clone())
+        self.bias = torch.nn.Parameter(b.clone())
+
+    def losses(self, batch):
+        x, y = batch
+        return 0.5 * (x @ self.weight + self.bias - y) ** 2
+
+
+@pytest.mark.parametrize("scope", ["all", "weights"])
+def test_asam_scales_biases_as_its_scope_says(scope):
+    """``all``: T = |w| + eta on the bias too (ours); ``weights``: T = 1 on the bias (the ASAM authors' code)."""
+    x, y, w = least_squares_problem()
+    b = torch.tensor([0.3], dtype=torch.float64)
+    eta, rho = 0.01, 0.1
+    model = AffineLeastSquares(w, b)
+    DeltaSAM(model, DeltaSAMConfig(method="asam", rho=rho, asam_eta=eta, asam_scope=scope)).step(model.losses, (x, y))
+
+    def grads(v, c):
+        r = x @ v + c - y
+        return x.T @ r / len(y), r.mean().reshape(1)
+
+    gw, gb = grads(w, b)
+    tw = w.abs() + eta
+    tb = b.abs() + eta if scope == "all" else torch.ones_like(b)
+    norm = torch.cat([tw * gw, tb * gb]).norm()
+    ew, eb = rho * tw * tw * gw / norm, rho * tb * tb * gb / norm
+    expected_w, expected_b = grads(w + ew, b + eb)
+    torch.testing.assert_close(model.weight.grad, expected_w, atol=1e-12, rtol=0)
+    torch.testing.assert_close(model.bias.grad, expected_b, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("rho", [-0.05, math.nan, math.inf])
+def test_the_engine_refuses_a_radius_that_is_not_a_finite_non_negative_number(rho):
+    model = MLP()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=f"rho={rho!r}"):
+        DeltaSAM(model, DeltaSAMConfig(method="sam")).step(model.losses, _batch(), rho=rho)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+# ---- DeltaSAMOptimizer: a loss scaler, a closure, a torch.optim.Optimizer ----
+
+
+def _sam(options=None, scaler=None, lr=0.1, seed=0):
+    torch.manual_seed(seed)
+    model = MLP()
+    config = DeltaSAMConfig(**(options or dict(method="sam", rho=0.05, rho_schedule="constant")))
+    return model, DeltaSAMOptimizer(model, torch.optim.SGD(model.parameters(), lr=lr), config, scaler=scaler)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(method="sam", rho=0.05, rho_schedule="constant"),
+        dict(method="asam", rho_schedule="constant"),
+        dict(method="deltasam", rho_schedule="constant"),
+        dict(method="sam", m_sharpness=4, rho_schedule="constant", gradient_clip_val=0.05),
+    ],
+    ids=["sam", "asam", "deltasam", "m-sam+clip"],
+)
+def test_a_grad_scaler_gives_the_unscaled_step(options):
+    """Scaling by 2**10 is exact in floating point: the weights equal the unscaled run's after 3 steps (before the
+    fix the base optimizer stepped on the scaled G, a 1,000x update, and clipping acted on it)."""
+    trained = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0**10)):
+        model, opt = _sam(options, scaler)
+        for i in range(3):
+            result = opt.step(model.losses, _batch(seed=i))
+            assert result.stepped
+        trained.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        if scaler is not None:
+            assert result.grad_norm is not None and result.grad_norm < 100  # reported unscaled
+    torch.testing.assert_close(trained[1], trained[0], rtol=0, atol=1e-7)
+
+
+def test_a_grad_scaler_skips_an_overflowing_step_and_backs_off():
+    model, opt = _sam(scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10))
+    opt.step(model.losses, _batch())
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = _batch(seed=2)
+    x[0] = math.inf
+    result = opt.step(model.losses, (x, y))
+    assert not result.stepped and opt.steps == 1 and opt.scaler.get_scale() == 2.0**9
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_scaler_and_a_backward_of_ones_own_are_refused():
+    model, opt = _sam(scaler=torch.amp.GradScaler("cpu"))
+    with pytest.raises(ValueError, match="backward= and the optimizer has a scaler"):
+        opt.step(model.losses, _batch(), backward=lambda loss: loss.backward())
+
+
+@pytest.mark.parametrize("method", ["sam", "asam", "erm"])
+def test_a_closure_or_a_scalar_loss_trains_the_per_instance_losses_weights(method):
+    """torch's step(closure) and a scalar mean loss give the weights of per-instance losses, bit for bit."""
+    options = dict(method=method, rho_schedule="constant") if method != "erm" else dict(method="erm")
+    trained = []
+    for kind in ("per-instance", "scalar", "closure"):
+        model, opt = _sam(options)
+        for i in range(3):
+            batch = _batch(seed=i)
+            if kind == "per-instance":
+                opt.step(model.losses, batch)
+            elif kind == "scalar":
+                opt.step(lambda b: model.losses(b).mean(), batch)
+            else:
+
+                def closure(batch=batch):
+                    opt.zero_grad()
+                    loss = model.losses(batch).mean()
+                    loss.backward()
+                    return loss
+
+                result = opt.step(closure)
+                assert result.stepped and result.perturbed_loss is not None or method == "erm"
+        trained.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(trained[1], trained[0], rtol=0, atol=0)
+    torch.testing.assert_close(trained[2], trained[0], rtol=0, atol=0)
+
+
+def test_a_scalar_loss_is_refused_where_the_method_needs_one_loss_per_instance():
+    model, opt = _sam(dict(method="deltasam"))
+    with pytest.raises(ValueError, match="scalar mean loss serves only methods erm, sam and asam"):
+        opt.step(lambda b: model.losses(b).mean(), _batch())
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (dict(method="sam", accumulate_grad_batches=2), "accumulate_grad_batches=2"),
+        (dict(method="sam", m_sharpness=4), "m_sharpness=4"),
+        (dict(method="deltasam"), "per-instance losses"),
+    ],
+)
+def test_a_closure_refuses_what_it_cannot_run(options, match):
+    model, opt = _sam(options)
+    with pytest.raises(ValueError, match=match):
+        opt.step(lambda: model.losses(_batch()).mean())
+
+
+def test_a_closure_refuses_gradients_left_in_grad():
+    """Lightning's accumulation passes only the window's last closure, after the earlier backwards."""
+    model, opt = _sam()
+    model.losses(_batch()).mean().backward()
+    with pytest.raises(ValueError, match="found gradients already in .grad"):
+        opt.step(lambda: model.losses(_batch()).mean())
+
+
+def test_a_step_without_a_closure_names_lightnings_16_mixed():
+    """GradScaler.step(optimizer) calls optimizer.step() with nothing: Lightning's 16-mixed under automatic
+    optimization."""
+    model, opt = _sam()
+    with pytest.raises(TypeError, match="16-mixed"):
+        opt.step()
+
+
+def test_lr_schedulers_accept_the_optimizer_and_move_the_base_lr():
+    model, opt = _sam()
+    assert isinstance(opt, torch.optim.Optimizer) and opt.param_groups is opt.optimizer.param_groups
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for i in range(2):
+        opt.step(model.losses, _batch(seed=i))
+        scheduler.step()
+    assert opt.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.25)
+
+
+class AutomaticSAM(L.LightningModule):
+    """A plain LightningModule that returns DeltaSAMOptimizer from configure_optimizers (automatic optimization)."""
+
+    def __init__(self, config):
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = MLP()
+        self.config = config
+
+    def training_step(self, batch, batch_idx):
+        return self.model.losses(batch).mean()
+
+    def configure_optimizers(self):
+        sam = DeltaSAMOptimizer(self, torch.optim.SGD(self.parameters(), lr=0.1), self.config)
+        return {"optimizer": sam, "lr_scheduler": torch.optim.lr_scheduler.StepLR(sam, step_size=1, gamma=0.7)}
+
+
+@pytest.mark.parametrize("method", ["sam", "asam"])
+def test_automatic_optimization_trains_the_plain_loops_weights(method):
+    config = DeltaSAMConfig(method=method, rho_schedule="constant")
+    module = AutomaticSAM(config)
+    trainer(max_epochs=2).fit(module, loader(n=32, batch_size=8))
+    torch.manual_seed(0)
+    model = MLP()
+    sam = DeltaSAMOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), config)
+    scheduler = torch.optim.lr_scheduler.StepLR(sam, step_size=1, gamma=0.7)
+    for _ in range(2):
+        for batch in loader(n=32, batch_size=8):
+            sam.step(model.losses, batch)
+        scheduler.step()
+    torch.testing.assert_close(flat_params(module.model), flat_params(model), rtol=0, atol=0)
+
+
+def test_automatic_optimization_with_accumulation_is_refused_by_name():
+    module = AutomaticSAM(DeltaSAMConfig(method="sam"))
+    with pytest.raises(ValueError, match="found gradients already in .grad"):
+        trainer(max_epochs=1, accumulate_grad_batches=2).fit(module, loader(n=32, batch_size=8))

@@ -272,7 +272,8 @@ def test_head_scores_survive_fp16_logits():
 @pytest.mark.parametrize("impl", ["vmap", "loop"])
 def test_per_instance_least_squares_closed_form(impl):
     x, y, w = least_squares_problem()
-    config = DeltaSAMConfig(method="per_instance", rho=RHO, per_instance_impl=impl, per_instance_chunk=3)
+    chunk = dict(per_instance_chunk=3) if impl == "vmap" else {}
+    config = DeltaSAMConfig(method="per_instance", rho=RHO, per_instance_impl=impl, **chunk)
     new_w, result = sgd_step(LeastSquares(w), config, (x, y))
     g_i = ls_instance_grads(x, y, w)
     moved = w + RHO * g_i / g_i.norm(dim=1, keepdim=True)
@@ -303,7 +304,8 @@ def test_per_instance_equals_an_explicit_loop_over_instances(impl):
         for acc, g in zip(expected, moved):
             acc += g / x.shape[0]
     before = [p.detach().clone() for p in params]
-    config = DeltaSAMConfig(method="per_instance", rho=RHO, per_instance_impl=impl, per_instance_chunk=4)
+    chunk = dict(per_instance_chunk=4) if impl == "vmap" else {}
+    config = DeltaSAMConfig(method="per_instance", rho=RHO, per_instance_impl=impl, **chunk)
     DeltaSAM(model, config).step(model.losses, (x, y))
     for p, b, e in zip(params, before, expected):
         torch.testing.assert_close(p.grad, e, atol=1e-10, rtol=0)
@@ -336,7 +338,8 @@ def test_accumulating_micro_batches_sums_their_updates(method):
     """.grad after three micro-batches is the sum of their closed-form updates, each with its own ascent at w."""
     x, y, w = least_squares_problem(n=12)
     model = LeastSquares(w)
-    engine = DeltaSAM(model, DeltaSAMConfig(rho=RHO, **LS_CONFIGS[method]))
+    radius = {} if method == "erm" else dict(rho=RHO)
+    engine = DeltaSAM(model, DeltaSAMConfig(**radius, **LS_CONFIGS[method]))
     parts = [slice(0, 5), slice(5, 8), slice(8, 12)]
     for part in parts:
         engine.step(model.losses, (x[part], y[part]))

@@ -6,7 +6,7 @@ import math
 import lightning as L
 import pytest
 import torch
-from helpers import TinyModule, flat_params, loader, trainer
+from helpers import TinyModule, flat_params, loader, trainer, with_rho
 
 from lit_deltasam import DeltaSAM, DeltaSAMConfig, DeltaSAMOptimizer
 
@@ -30,7 +30,7 @@ SCHEDULER = dict(kind="step", interval="step", frequency=2)
 
 
 def config_of(options: dict) -> DeltaSAMConfig:
-    return DeltaSAMConfig(**{"rho": 0.2, **options})
+    return DeltaSAMConfig(**with_rho(options, 0.2))
 
 
 def module_of(options: dict) -> TinyModule:
@@ -66,7 +66,8 @@ def plain_fit(options: dict, stop_after=None, resume=None):
         data.sampler.set_epoch(epoch)
         for i, batch in enumerate(data, start=done % batches if epoch == done // batches else 0):
             result = sam.step(module.per_sample_loss, batch, last=True if i == batches - 1 else None)
-            if result.stepped and sam.steps % SCHEDULER["frequency"] == 0:
+            # Lightning's rule: a step scheduler's frequency counts the epoch's batches, checked at optimizer steps
+            if result.stepped and (i + 1) % SCHEDULER["frequency"] == 0:
                 scheduler.step()
             done += 1
             if done == stop_after:

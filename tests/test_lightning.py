@@ -16,6 +16,7 @@ from helpers import (
     loader,
     ls_sam_update,
     trainer,
+    with_rho,
 )
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
@@ -85,20 +86,64 @@ def test_clipping_acts_on_the_descent_gradient_only(algorithm):
         torch.testing.assert_close(p.detach(), ref.detach() - step, atol=1e-7, rtol=0)
 
 
+class LRs(Callback):
+    """The LR at the start of every training batch, and after the fit."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_train_end(self, trainer, pl_module):
+        self.seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+class Automatic(L.LightningModule):
+    """TinyModule's optimizer and scheduler under Lightning's automatic optimization: the reference."""
+
+    def __init__(self, scheduler):
+        super().__init__()
+        self.tiny = TinyModule(DeltaSAMConfig(method="erm"), scheduler=scheduler)
+
+    def training_step(self, batch, batch_idx):
+        return self.tiny.per_sample_loss(batch).mean()
+
+    def configure_optimizers(self):
+        return TinyModule.configure_optimizers(self.tiny)
+
+
 @pytest.mark.parametrize(
-    "scheduler,expected",
+    "scheduler",
     [
-        (dict(kind="step", interval="step", frequency=2), lambda steps, epochs: 0.5 ** (steps // 2)),
-        (dict(kind="step", interval="epoch", frequency=1), lambda steps, epochs: 0.5**epochs),
-        (dict(kind="step", interval="epoch", frequency=2), lambda steps, epochs: 0.5 ** (epochs // 2)),
+        dict(kind="step", interval="step", frequency=1),
+        dict(kind="step", interval="step", frequency=2),
+        dict(kind="step", interval="step", frequency=4),
+        dict(kind="step", interval="epoch", frequency=1),
+        dict(kind="step", interval="epoch", frequency=2),
     ],
+    ids=lambda s: f"{s['interval']}-every-{s['frequency']}",
 )
-def test_lr_schedulers_follow_interval_and_frequency(scheduler, expected):
-    module = TinyModule(DeltaSAMConfig(method="sam", accumulate_grad_batches=2), scheduler=scheduler)
-    fit = trainer(max_epochs=3)
-    fit.fit(module, loader(n=48, batch_size=8))
-    lr = module.optimizers().param_groups[0]["lr"]
-    assert lr == pytest.approx(0.1 * expected(fit.global_step, 3))
+@pytest.mark.parametrize("accumulate", [1, 2, 3])
+def test_lr_schedulers_step_as_under_automatic_optimization(scheduler, accumulate):
+    """10 batches x 2 epochs: the LR before every batch equals automatic optimization's (Lightning counts a step
+    scheduler's frequency in batches of the epoch, not in global steps: 4 halvings, not 5, at frequency 4)."""
+    seen = []
+    for automatic in (True, False):
+        watch = LRs()
+        if automatic:
+            module = Automatic(scheduler)
+            fit = trainer(max_epochs=2, accumulate_grad_batches=accumulate, callbacks=[watch])
+        else:
+            config = DeltaSAMConfig(method="sam", accumulate_grad_batches=accumulate)
+            module, fit = TinyModule(config, scheduler=scheduler), trainer(max_epochs=2, callbacks=[watch])
+        fit.fit(module, loader(n=80, batch_size=8))
+        seen.append(watch.seen)
+    assert seen[1] == seen[0]
+    if accumulate == 1:
+        assert len(set(seen[0])) > 1
+    if accumulate == 1 and scheduler == dict(kind="step", interval="step", frequency=4):
+        assert seen[0][-1] == pytest.approx(0.1 * 0.5**4)
 
 
 @pytest.mark.parametrize("mode, halvings", [("max", 3), ("min", 0)])
@@ -333,7 +378,7 @@ def test_resume_from_a_mid_epoch_checkpoint_is_exact(options, at, tmp_path):
 
     def run(ckpt_path=None, callbacks=()):
         module = TinyModule(
-            DeltaSAMConfig(rho=0.2, **options),
+            DeltaSAMConfig(**with_rho(options, 0.2)),
             optimizer="adamw",
             lr=0.01,
             dropout=0.2,

@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import MLP, classification_data
+from helpers import MLP, classification_data, with_rho
 
 from lit_deltasam import DeltaSAM, DeltaSAMConfig
 from lit_deltasam.core.guardedness import Prober
@@ -61,7 +61,7 @@ def test_exception_in_a_perturbed_forward_leaves_everything_bit_identical(option
         p.grad = torch.randn_like(p)
     grads = [p.grad.clone() for p in model.parameters()]
     before = state_of(model)
-    sam = DeltaSAM(model, DeltaSAMConfig(rho=0.5, **options))
+    sam = DeltaSAM(model, DeltaSAMConfig(**with_rho(options, 0.5)))
     with pytest.raises(exc):
         sam.step(failing_on_call(model, fail_at, exc), batch)
     assert_bit_identical(model, before)
@@ -114,7 +114,7 @@ def test_batchnorm_statistics_are_those_of_the_clean_pass(options):
     reference = MLP(batchnorm=True)
     reference.load_state_dict(model.state_dict())
     reference.losses(batch)  # one clean training-mode forward
-    DeltaSAM(model, DeltaSAMConfig(rho=0.5, **options)).step(model.losses, batch)
+    DeltaSAM(model, DeltaSAMConfig(**with_rho(options, 0.5))).step(model.losses, batch)
     bn, ref = model.net[1], reference.net[1]
     assert torch.equal(bn.running_mean, ref.running_mean)
     assert torch.equal(bn.running_var, ref.running_var)

@@ -113,7 +113,8 @@ def closed_form_trajectory(x, y, w, rhos, lrs):
 )
 def test_each_step_of_a_lightning_run_uses_its_scheduled_rho(schedule, warmup, lr_warmup, expected_rhos):
     x, y, w = least_squares_problem()
-    config = DeltaSAMConfig(method="sam", rho=RHO, rho_schedule=schedule, rho_warmup=warmup)
+    span = dict(rho_warmup=warmup) if schedule in ("warmup", "start_step") else {}
+    config = DeltaSAMConfig(method="sam", rho=RHO, rho_schedule=schedule, **span)
     module = LeastSquaresModule(config, x, y, w, lr_warmup=lr_warmup)
     record = RecordRho()
     trainer(max_epochs=1, callbacks=[record]).fit(module)

@@ -92,7 +92,7 @@ def test_device_decisions_train_the_host_paths_weights(options):
             for i in range(6):
                 opt.step(model.losses, batch(i))
         trained.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-        assert opt.state.scalars()["perturbation_skipped"] == 0
+        assert opt.loop_state.scalars()["perturbation_skipped"] == 0
     torch.testing.assert_close(trained[1], trained[0], rtol=0, atol=2e-6)
 
 
@@ -113,7 +113,7 @@ def test_device_path_skips_a_vanishing_perturbation(method):
         with decisions_on_device(on_device):
             result = opt.step(model.losses, batch(0))
         # per-instance SAM skips ε_i instance by instance and counts no skipped step
-        assert result.stepped and opt.state.scalars()["perturbation_skipped"] == (method != "per_instance")
+        assert result.stepped and opt.loop_state.scalars()["perturbation_skipped"] == (method != "per_instance")
         assert torch.equal(result.perturbed_losses, result.losses)
         for p, b in zip(model.parameters(), before):
             assert torch.equal(p, b)
@@ -131,7 +131,7 @@ def test_device_path_skips_a_non_finite_step(method):
         before = [p.detach().clone() for p in model.parameters()]
         with pytest.warns(RuntimeWarning, match="optimizer step is skipped"):
             result = opt.step(model.losses, (x, y))
-    assert not result.stepped and opt.state.steps_skipped == 1
+    assert not result.stepped and opt.loop_state.steps_skipped == 1
     for p, b in zip(model.parameters(), before):
         assert torch.equal(p, b)
 

@@ -22,7 +22,7 @@ from lit_deltasam import DeltaSAM, DeltaSAMConfig
         (dict(weight_min=2.0), r"weight_min=2.0"),
         (dict(weight_max=0.5), r"weight_max=0.5"),
         (dict(probe_samples=0), r"probe_samples=0"),
-        (dict(probe_samples=3, probe_antithetic=True), r"probe_samples=3 must be even"),
+        (dict(estimator="probe", probe_samples=3, probe_antithetic=True), r"probe_samples=3 must be even"),
         (dict(accumulate_grad_batches=0), r"accumulate_grad_batches=0"),
         (dict(gradient_clip_val=0.0), r"gradient_clip_val=0.0"),
         (dict(gradient_clip_algorithm="l3"), r"gradient_clip_algorithm='l3' .*\['norm', 'value'\]"),

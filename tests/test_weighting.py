@@ -1,14 +1,16 @@
 """lambda ∝ s**beta with a median floor and a clip of n*lambda."""
 
+import dataclasses
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import LeastSquares, least_squares_problem
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lit_deltasam import instance_weights
+from lit_deltasam import DeltaSAM, DeltaSAMConfig, instance_weights
 from lit_deltasam.core import effective_sample_size
 
 NO_FLOOR_OR_CLIP = dict(floor=0.0, clip=(0.0, math.inf))
@@ -109,8 +111,17 @@ def test_scores_clamped_at_zero_do_not_pull_the_floor_down():
         torch.testing.assert_close(got, instance_weights(floored, beta, **NO_FLOOR_OR_CLIP))
 
 
-def test_the_curvature_method_up_weights_large_curvature():
+def test_the_shipped_curvature_method_up_weights_large_curvature():
+    """Least squares has Hessian x_i x_iᵀ: the instance whose x is 10x larger has 100x the curvature along every
+    direction, and the shipped curvature config (beta > 0) must give it the largest weight, above uniform."""
     from omegaconf import OmegaConf
 
     shipped = OmegaConf.load(Path(__file__).parents[1] / "conf" / "method" / "deltasam_curvature.yaml")
-    assert shipped.estimator == "curvature" and shipped.beta > 0
+    config = dataclasses.replace(DeltaSAMConfig.coerce(OmegaConf.to_container(shipped)), rho_schedule="constant")
+    x, y, w = least_squares_problem(n=8)
+    x[3] *= 10
+    model = LeastSquares(w)
+    torch.manual_seed(0)
+    result = DeltaSAM(model, config).step(model.losses, (x, y))
+    assert int(result.weights.argmax()) == 3 and float(result.weights[3]) > 1 / 8
+    assert float(result.weights[3]) > 2 * float(result.weights[torch.arange(8) != 3].max())

@@ -26,8 +26,11 @@ def slice_batch(batch: Batch, index: slice) -> Batch:
     return tree_map(lambda t: t[index] if isinstance(t, Tensor) and t.ndim > 0 else t, batch)
 
 
-def check_losses(losses: Any, batch: Batch, device: torch.device) -> Tensor:
-    """Validate what the user's loss function returned: a floating ``[n]`` tensor on ``device``."""
+def check_losses(losses: Any, batch: Batch, device: torch.device, *, scalar: Optional[str] = None) -> Tensor:
+    """Validate what the user's loss function returned: a floating ``[n]`` tensor on ``device``.
+
+    With ``scalar`` (the name of a method that needs no per-instance loss), a 0-d mean loss is accepted too and
+    returned as shape ``[1]``."""
     name = "the per-sample loss (per_sample_loss / loss_fn)"
     expected = batch_size(batch)
     if expected == 0:
@@ -36,10 +39,13 @@ def check_losses(losses: Any, batch: Batch, device: torch.device) -> Tensor:
         raise TypeError(
             f"{name} must return a Tensor of per-instance losses with shape [n], got {type(losses).__name__}"
         )
-    if losses.ndim != 1 or (expected is not None and losses.shape[0] != expected):
+    if losses.ndim == 0 and scalar is not None:
+        losses = losses.reshape(1)
+    elif losses.ndim != 1 or (expected is not None and losses.shape[0] != expected):
         want = f"[{expected}]" if expected is not None else "[n]"
+        why = "" if losses.ndim else " (a scalar mean loss serves only methods erm, sam and asam without beta)"
         raise ValueError(
-            f"{name} returned shape {list(losses.shape)} but must return one loss per instance, shape {want}; "
+            f"{name} returned shape {list(losses.shape)} but must return one loss per instance, shape {want}{why}; "
             "compute the loss with reduction='none'"
         )
     if losses.numel() == 0:

@@ -8,6 +8,7 @@ optimizer. Derivation and step order: ``docs/method-card.md``.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
@@ -292,6 +293,7 @@ class DeltaSAM:
             self._probed = select_params(self.names, config.probe_params)
             probed = [self.params[i] for i in self._probed]
             sigma = config.probe_sigma if config.probe_sigma is not None else config.rho
+            assert config.probe_samples is not None and sigma is not None  # resolved by DeltaSAMConfig
             truncate = config.probe_truncate and config.probe_params is not None
             cache = ForwardCache(module, probed, config.share_dropout) if truncate else None
             curvature = config.estimator == "curvature"
@@ -302,8 +304,15 @@ class DeltaSAM:
         self._warned_16_bit = False
         self._warned_16_bit_eps = False
         self._instances = PerInstance(
-            module, self.params, self.names, config.per_instance_impl, config.per_instance_chunk, config.share_dropout
+            module,
+            self.params,
+            self.names,
+            config.per_instance_impl or "loop",
+            config.per_instance_chunk,
+            config.share_dropout,
         )
+        self._scalar = None if config.reweights or config.method == "per_instance" else config.method
+        self._unscaled = [config.asam_scope == "weights" and "weight" not in name for name in self.names]
 
     @property
     def device(self) -> torch.device:
@@ -345,6 +354,8 @@ class DeltaSAM:
             Exception: whatever ``loss_fn`` or ``backward`` raise. Parameters, buffers and
                 ``.grad`` are then bit-identical to their values before the call.
         """
+        if rho is not None and not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho >= 0):
+            raise ValueError(f"DeltaSAM.step(rho={rho!r}) is not valid; the radius must be a finite number >= 0")
         backward = backward or _default_backward
         no_sync = no_sync or nullcontext
         if rho is None and not self._driven and not self._warned_rho and self.config.perturbs:
@@ -368,7 +379,7 @@ class DeltaSAM:
             backward,
             no_sync,
             sync_descent,
-            self.config.rho if rho is None else rho,
+            (self.config.rho or 0.0) if rho is None else float(rho),
             plain_grad,
         )
         try:
@@ -414,7 +425,7 @@ class DeltaSAM:
     def _erm(self, ctx: _Step, grads_before: list[Optional[Tensor]]) -> StepResult:
         put_grads(self.updated, grads_before, copy=True)
         with self._descent_sync(ctx.no_sync, ctx.sync_descent):
-            losses = check_losses(ctx.loss_fn(ctx.batch), ctx.batch, self.device)
+            losses = check_losses(ctx.loss_fn(ctx.batch), ctx.batch, self.device, scalar=self._scalar)
             ctx.backward(losses.mean())
         return StepResult(losses=losses.detach())
 
@@ -546,7 +557,7 @@ class DeltaSAM:
                 taps.enter_context(self._head)
             if self._prober is not None and self._prober.cache is not None:
                 taps.enter_context(self._prober.cache.record())
-            losses = check_losses(loss_fn(batch), batch, self.device)
+            losses = check_losses(loss_fn(batch), batch, self.device, scalar=self._scalar)
         self._buffers_clean.capture()
         try:
             batch_weights, mine = self._weights(loss_fn, batch, losses, random_state, no_sync)
@@ -562,13 +573,14 @@ class DeltaSAM:
                 backward(ascent_loss)
             if ctx.plain_grad and not cfg.reweights:
                 plain = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in self.params]
-            with_grad = [p for p in self.params if p.grad is not None]
+            with_grad = [i for i, p in enumerate(self.params) if p.grad is not None]
             grad_norm, eps_norm, applied = perturb(
-                with_grad,
-                [cast(Tensor, p.grad) for p in with_grad],
+                [self.params[i] for i in with_grad],
+                [cast(Tensor, self.params[i].grad) for i in with_grad],
                 rho,
                 adaptive=cfg.method == "asam",
-                eta=cfg.asam_eta,
+                eta=cfg.asam_eta or 0.0,
+                unscaled=[self._unscaled[i] for i in with_grad],
                 reduce_squares=self.reduce_squares,
                 device=self.device,
             )
@@ -580,7 +592,7 @@ class DeltaSAM:
             put_grads(self.updated, grads_before, copy=copy)
             with self._descent_sync(no_sync, ctx.sync_descent):
                 with random_state.replay() if random_state is not None else nullcontext():
-                    perturbed = check_losses(loss_fn(batch), batch, self.device)
+                    perturbed = check_losses(loss_fn(batch), batch, self.device, scalar=self._scalar)
                 if cfg.weighted_descent:
                     descent_loss = (weights.to(perturbed.dtype) * perturbed).sum()
                 else:
@@ -617,7 +629,9 @@ class DeltaSAM:
             scores, mine = gather_instances(scores)
         else:
             mine = slice(0, n)
-        weights = instance_weights(scores, cfg.beta, floor=cfg.weight_floor, clip=(cfg.weight_min, cfg.weight_max))
+        beta, floor, low, high = cfg.beta, cfg.weight_floor, cfg.weight_min, cfg.weight_max
+        assert beta is not None and floor is not None and low is not None and high is not None  # resolved
+        weights = instance_weights(scores, beta, floor=floor, clip=(low, high))
         return weights, mine
 
     def _warn_if_16_bit_weights(self, rho: float, eps_norm: Tensor) -> None:

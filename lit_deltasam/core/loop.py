@@ -62,6 +62,14 @@ class LoopState:
 
     TENSORS = ("plain_sum", "reuse_direction", "reuse_norm")
 
+    def plain_over_ranks(self, plain: list[Tensor]) -> list[Tensor]:
+        """LookSAM's summed plain gradients ``plain`` (``plain_sum`` or a copy of it), summed over ranks in place
+        unless a global ascent already averaged them."""
+        if not self.plain_synced and world_size() > 1:
+            for g in plain:
+                torch.distributed.all_reduce(g, op=torch.distributed.ReduceOp.SUM)
+        return plain
+
     def scalars(self) -> dict[str, Any]:
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.TENSORS}
         return {k: int(v) if isinstance(v, Tensor) else v for k, v in values.items()}
@@ -102,7 +110,7 @@ def lr_ratio(optimizer: Any, peak_seen: float = 0.0, stated: Optional[float] = N
 
 def needs_total_steps(config: DeltaSAMConfig) -> bool:
     """Whether ρ's schedule is a fraction of training, which needs the run's number of optimizer steps."""
-    return config.perturbs and config.rho_schedule in ("warmup", "start_step") and 0 < config.rho_warmup < 1
+    return config.perturbs and config.rho_warmup is not None and 0 < config.rho_warmup < 1
 
 
 def clip_gradients(params: Sequence[Tensor], config: DeltaSAMConfig) -> None:
@@ -115,14 +123,37 @@ def clip_gradients(params: Sequence[Tensor], config: DeltaSAMConfig) -> None:
         torch.nn.utils.clip_grad_value_(params, config.gradient_clip_val)
 
 
-class DeltaSAMOptimizer:
+class _Skipped(Exception):
+    """A closure returned ``None`` (Lightning's way of skipping a batch): the step is not taken."""
+
+
+_NO_BATCH = object()
+
+
+class DeltaSAMOptimizer(torch.optim.Optimizer):
     """A base optimizer driven by sharpness-aware steps: every field of :class:`~lit_deltasam.DeltaSAMConfig`
-    honoured in a hand-written loop.
+    honoured in a hand-written loop, and a ``torch.optim.Optimizer`` that LR schedulers and tooling accept.
+
+    Its ``param_groups`` are the base optimizer's (a scheduler of either moves both). Three ways to step:
+
+    * ``step(loss_fn, batch)``: ``loss_fn(batch)`` returns per-instance losses ``[n]`` (every method), or
+      a scalar mean loss (``erm``, ``sam``, ``asam`` and their m-sharpness; not ``deltasam`` or
+      ``per_instance``, which need one loss per instance);
+    * ``step(closure)``: torch's convention (``closure()`` zeroes, computes the loss, calls backward and
+      returns the loss), called twice per step; for ``erm``, ``sam`` and ``asam`` without m-sharpness or
+      accumulation (a closure is one optimizer step on one batch). This is what Lightning's automatic
+      optimization calls; its 16-mixed precision, which runs the closure once before a loss-scaler step,
+      and its gradient accumulation, which passes only the last micro-batch's closure, are refused by name:
+      use :class:`~lit_deltasam.DeltaSAMMixin` for those;
+    * the pieces :meth:`micro_step` and :meth:`end_window`, as the Lightning mixin calls them through :meth:`drive`.
 
     Args:
         module: the model; ``loss_fn`` must compute through it.
         optimizer: the base optimizer (any ``torch.optim.Optimizer``); its parameters are perturbed.
-        config: the method and its hyperparameters.
+        config: the method and its hyperparameters (default: ``DeltaSAMConfig()``).
+        scaler: a ``torch.amp.GradScaler`` for mixed precision: the losses are scaled for both backward
+            passes, G is unscaled before clipping and the base step, and a step whose G overflowed is
+            skipped by the scaler (``result.stepped`` is False) while the scale backs off.
         total_steps: optimizer steps in the run, needed only when ``rho_warmup`` is a fraction.
         schedulers: LR schedulers of ``optimizer`` whose maximum ``follow_lr`` should read
             (CyclicLR); stepping them stays the caller's, after a :meth:`step` that stepped.
@@ -145,23 +176,36 @@ class DeltaSAMOptimizer:
         self,
         module: nn.Module,
         optimizer: torch.optim.Optimizer,
-        config: DeltaSAMConfig,
+        config: Optional[DeltaSAMConfig] = None,
         *,
+        scaler: Optional[Any] = None,
         total_steps: Optional[int] = None,
         schedulers: Sequence[Any] = (),
         seed: Optional[int] = None,
         reduce_squares: Optional[NormReduce] = None,
         state: Optional[LoopState] = None,
     ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"DeltaSAMOptimizer wraps a torch.optim.Optimizer, got {type(optimizer).__name__}; pass e.g. "
+                "torch.optim.AdamW(model.parameters())"
+            )
+        config = config if config is not None else DeltaSAMConfig()
+        super().__init__(optimizer.param_groups, optimizer.defaults)
+        # shared: a scheduler or tool that sets an LR, or moves the optimizer state to a device, acts on the base's
+        self.param_groups = optimizer.param_groups
+        self.defaults = optimizer.defaults
+        self.state = optimizer.state
         self.module = module
         self.optimizer = optimizer
         self.config = config
+        self.scaler = scaler
         self.engine = DeltaSAM(module, config, optimizer_params(optimizer), reduce_squares=reduce_squares, driven=True)
-        self.state = state if state is not None else LoopState()
+        self.loop_state = state if state is not None else LoopState()
         self.total_steps = total_steps
         self.schedulers = list(schedulers)
-        if seed is not None and self.state.base_seed is None:
-            self.state.base_seed = seed
+        if seed is not None and self.loop_state.base_seed is None:
+            self.loop_state.base_seed = seed
         self.steps = 0
         """Optimizer steps taken by :meth:`step` (a hand-written loop's ``global_step``)."""
         self.warned_lr_max = False
@@ -181,7 +225,7 @@ class DeltaSAMOptimizer:
         """ρ of optimizer step ``step`` under ``rho_schedule`` (the same on every rank, and after a resume)."""
         cfg = self.config
         if cfg.rho_schedule == "constant" or not cfg.perturbs:
-            return cfg.rho
+            return scheduled_rho(cfg, step)
         total = None
         if needs_total_steps(cfg):
             total = total_steps if total_steps is not None else self.total_steps
@@ -192,7 +236,7 @@ class DeltaSAMOptimizer:
                 )
         ratio = 1.0
         if cfg.rho_schedule == "follow_lr":
-            state = self.state
+            state = self.loop_state
             stated = stated_lr_max(self.optimizer, self.schedulers if schedulers is None else schedulers)
             lr = float(self.optimizer.param_groups[0]["lr"])
             if lr > max(stated or 0.0, state.lr_peak) and state.lr_peak > 0 and not self.warned_lr_max:
@@ -220,7 +264,7 @@ class DeltaSAMOptimizer:
         rank: int = 0,
     ) -> StepResult:
         """One micro-batch's double step at radius ``rho`` under this step's seed; counted in the loop state."""
-        cfg, state = self.config, self.state
+        cfg, state = self.config, self.loop_state
         if state.base_seed is None:
             state.base_seed = torch.initial_seed()
         seed = step_seed(state.base_seed, state.micro_batches, rank)
@@ -243,7 +287,7 @@ class DeltaSAMOptimizer:
 
     def _count(self, result: StepResult, rho: float) -> None:
         """Advance the loop state by one micro-batch; sum LookSAM's plain gradients over the window."""
-        state = self.state
+        state = self.loop_state
         state.micro += 1
         state.micro_batches += 1
         if self.config.perturbs and rho > 0:
@@ -274,7 +318,7 @@ class DeltaSAMOptimizer:
         ``optimizer_step`` takes the base optimizer's step (clipping included) and returns whether
         it stepped; ``step`` is the optimizer step this window ends. Returns whether it stepped.
         """
-        state, engine = self.state, self.engine
+        state, engine = self.loop_state, self.engine
         window, state.micro = state.micro, 0
         if window > 1:
             with torch.no_grad():
@@ -310,9 +354,10 @@ class DeltaSAMOptimizer:
 
     def _reuse(self, plain: Optional[list[Tensor]], step: int, schedulers: Optional[Sequence[Any]]) -> None:
         """LookSAM at the window's end, on the synchronized G: store g_v after a full step, add it after a plain one."""
-        cfg, state, engine = self.config, self.state, self.engine
+        cfg, state, engine = self.config, self.loop_state, self.engine
         if state.reuse_direction is not None:  # moved once to where the parameters are (after a resume)
             state.reuse_direction = [d.to(p.device, p.dtype) for d, p in zip(state.reuse_direction, engine.params)]
+        assert cfg.reuse_alpha is not None  # resolved by DeltaSAMConfig where reuse is set
         reuse = Reuse(cfg.reuse_alpha, engine.reduce_squares, state.reuse_direction, state.reuse_norm)
         if plain is None:
             # the reused term follows the ρ schedule as the full steps do
@@ -320,62 +365,199 @@ class DeltaSAMOptimizer:
             reuse.apply([p.grad for p in engine.params], strength)
             state.reuse_norm = reuse.norm
             return
-        if not state.plain_synced and world_size() > 1:
-            for g in plain:
-                torch.distributed.all_reduce(g, op=torch.distributed.ReduceOp.SUM)
+        plain = state.plain_over_ranks(plain)
         full = [torch.zeros_like(p) if p.grad is None else p.grad for p in engine.params]
         reuse.record(full, plain)
         state.reuse_direction, state.reuse_norm = reuse.direction, reuse.norm
 
-    # ---- a hand-written loop ----
+    # ---- one driver for every loop ----
 
-    def step(
+    def window_ends(self, last_batch: bool = False) -> bool:
+        """Whether the next micro-batch closes the accumulation window: the window is full, or the data ends."""
+        return last_batch or self.loop_state.micro + 1 >= self.config.accumulate_grad_batches
+
+    def full_step(self, step: int) -> bool:
+        """Whether optimizer step ``step`` is a full sharpness-aware step under ``interval``."""
+        return step % self.config.interval == 0
+
+    def drive(
         self,
         loss_fn: LossFn,
         batch: Batch,
         *,
+        step: int,
+        last: bool,
+        optimizer_step: Callable[[], bool],
+        zero_grad: Callable[[], None],
+        rho: Optional[float] = None,
+        backward: Optional[Backward] = None,
+        no_sync: Optional[NoSync] = None,
+        check_finite: bool = True,
+        rank: int = 0,
+        schedulers: Optional[Sequence[Any]] = None,
+    ) -> StepResult:
+        """One micro-batch of optimizer step ``step`` at its scheduled ρ (``rho`` if given); when ``last``, close
+        the window with ``optimizer_step`` and ``zero_grad``. The hand-written loop and the mixin both run this."""
+        if rho is None:
+            rho = self.rho(step, schedulers=schedulers)
+        result = self.micro_step(
+            loss_fn, batch, rho=rho, last=last, backward=backward, no_sync=no_sync, check_finite=check_finite, rank=rank
+        )
+        if last:
+            result.stepped = self.end_window(
+                result, step=step, optimizer_step=optimizer_step, zero_grad=zero_grad, schedulers=schedulers
+            )
+        return result
+
+    # ---- a hand-written loop, and torch's step(closure) ----
+
+    def step(  # type: ignore[override]
+        self,
+        loss_fn: Optional[Callable[..., Any]] = None,
+        batch: Batch = _NO_BATCH,
+        *,
+        closure: Optional[Callable[[], Any]] = None,
         backward: Optional[Backward] = None,
         no_sync: Optional[NoSync] = None,
         last: Optional[bool] = None,
-    ) -> StepResult:
+    ) -> Optional[StepResult]:
         """One micro-batch; at the end of each accumulation window, one step of the base optimizer.
 
         Args:
-            loss_fn: maps ``batch`` to ``[n]`` per-instance losses through ``module``.
+            loss_fn: maps ``batch`` to ``[n]`` per-instance losses through ``module`` (or to a scalar
+                mean loss, for the methods that need no per-instance loss). Called with no ``batch``, it
+                is a closure, as ``closure``.
             batch: any pytree whose tensors have the instances on dimension 0.
-            backward: as for :meth:`DeltaSAM.step`.
+            closure: torch's closure (zeroes, computes the loss, runs backward, returns the loss),
+                evaluated at w and at w + eps; one closure is one optimizer step.
+            backward: as for :meth:`DeltaSAM.step` (not with ``scaler``, which scales the losses itself).
             no_sync: DDP's ``no_sync``, so that only a window's last micro-batch all-reduces.
             last: end the window with this micro-batch (an epoch's last, shorter window);
                 default: after ``accumulate_grad_batches`` micro-batches.
 
         Returns:
             The micro-batch's :class:`StepResult`; ``result.stepped`` tells whether the base
-            optimizer stepped (then step the LR schedulers).
+            optimizer stepped (then step the LR schedulers). ``None`` when a closure returned ``None``
+            (a skipped batch): nothing was stepped.
         """
-        cfg = self.config
-        if last is None:
-            last = self.state.micro + 1 >= cfg.accumulate_grad_batches
-        result = self.micro_step(
-            loss_fn, batch, rho=self.rho(self.steps), last=last, backward=backward, no_sync=no_sync, rank=this_rank()
-        )
-        if last:
-            result.stepped = self.end_window(
-                result, step=self.steps, optimizer_step=self._optimizer_step, zero_grad=self.zero_grad
+        if batch is _NO_BATCH and closure is None:
+            closure, loss_fn = loss_fn, None
+        if closure is not None:
+            if loss_fn is not None or batch is not _NO_BATCH:
+                raise TypeError("DeltaSAMOptimizer.step takes a closure or loss_fn and batch, not both")
+            return self._closure_step(closure)
+        if loss_fn is None:
+            raise TypeError(
+                "DeltaSAMOptimizer.step() got neither loss_fn and batch nor a closure: a sharpness-aware step "
+                "evaluates the loss twice. (Lightning's precision='16-mixed' runs the closure once and steps through "
+                "its GradScaler without one: use DeltaSAMMixin there, or DeltaSAMOptimizer(..., scaler=) in your "
+                "own loop.)"
             )
-            self.steps += result.stepped
+        if backward is not None and self.scaler is not None:
+            raise ValueError(
+                "DeltaSAMOptimizer.step got backward= and the optimizer has a scaler: the scaler scales the losses "
+                "itself; drop backward= (or build the optimizer without scaler= and scale in your backward)"
+            )
+        if self.scaler is not None:
+            scaler = self.scaler
+            backward = lambda loss: scaler.scale(loss).backward()  # noqa: E731
+        if last is None:
+            last = self.window_ends()
+        result = self.drive(
+            loss_fn,
+            batch,
+            step=self.steps,
+            last=last,
+            optimizer_step=self._optimizer_step,
+            zero_grad=self.zero_grad,
+            backward=backward,
+            no_sync=no_sync,
+            check_finite=self.scaler is None,
+            rank=this_rank(),
+        )
+        if self.scaler is not None and result.grad_norm is not None:
+            result.grad_norm = result.grad_norm / self.scaler.get_scale()
+        self.steps += result.stepped
+        return result
+
+    def _closure_step(self, closure: Callable[[], Any]) -> Optional[StepResult]:
+        cfg = self.config
+        refused = [
+            (cfg.accumulate_grad_batches > 1, f"accumulate_grad_batches={cfg.accumulate_grad_batches}"),
+            (cfg.m_sharpness is not None, f"m_sharpness={cfg.m_sharpness}"),
+            (cfg.reweights or cfg.method == "per_instance", f"method={cfg.method!r} (per-instance losses)"),
+            (self.scaler is not None, "scaler= (the closure runs its own backward)"),
+            (cfg.ascent == "local" and cfg.perturbs and world_size() > 1, "ascent='local' under DDP"),
+        ]
+        for bad, what in refused:
+            if bad:
+                raise ValueError(
+                    f"DeltaSAMOptimizer.step(closure) cannot run {what}: a closure is one scalar loss of one batch, "
+                    "evaluated with its own backward (all-reduced under DDP); call step(loss_fn, batch) with per-"
+                    "instance losses, or use DeltaSAMMixin in Lightning"
+                )
+        stale = [p for p in self.engine.updated if p.grad is not None]
+        if stale:
+            raise ValueError(
+                "DeltaSAMOptimizer.step(closure) found gradients already in .grad: it evaluates the closure itself at "
+                "w and at w + eps, and gradients from before would be mixed into both (Lightning passes only the last "
+                "closure of an accumulation window; davda54/sam's example runs a backward before step(closure), which "
+                "is not needed here). Zero them first (optimizer.zero_grad())"
+            )
+
+        def loss_of(_: Batch) -> Tensor:
+            with torch.enable_grad():
+                loss = closure()
+            if loss is None:
+                raise _Skipped
+            return torch.as_tensor(loss).detach().reshape(1)
+
+        try:
+            result = self.drive(
+                loss_of,
+                None,
+                step=self.steps,
+                last=True,
+                optimizer_step=self._optimizer_step,
+                zero_grad=self.zero_grad,
+                backward=lambda loss: None,
+            )
+        except _Skipped:
+            self.zero_grad()
+            self.loop_state.micro = 0
+            return None
+        self.steps += result.stepped
         return result
 
     def _optimizer_step(self) -> bool:
-        clip_gradients(optimizer_params(self.optimizer), self.config)
-        self.optimizer.step()
-        return True
+        params = optimizer_params(self.optimizer)
+        if self.scaler is None:
+            clip_gradients(params, self.config)
+            self.optimizer.step()
+            return True
+        self.scaler.unscale_(self.optimizer)
+        clip_gradients(params, self.config)
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        # the scale backs off exactly when the scaler found inf or NaN in G and skipped the step
+        return self.scaler.get_scale() >= scale
 
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "engine" not in self.__dict__:  # torch.optim.Optimizer.__init__ registering the base's groups
+            super().add_param_group(param_group)
+            return
+        raise NotImplementedError(
+            "DeltaSAMOptimizer perturbs the parameters it was built with; build a new one around the base optimizer "
+            "after adding the group to it"
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state, the loop state and an open window's partial gradients (this rank's)."""
-        state = self.state
+        state = self.loop_state
         out: dict[str, Any] = {"optimizer": self.optimizer.state_dict(), "loop": state.scalars(), "steps": self.steps}
         if state.micro:
             out["grads"] = [
@@ -385,14 +567,18 @@ class DeltaSAMOptimizer:
             out["plain"] = [g.detach().clone() for g in state.plain_sum]
         if state.reuse_direction is not None:
             out["reuse"] = [d.detach().clone() for d in state.reuse_direction]
+        if self.scaler is not None:
+            out["scaler"] = self.scaler.state_dict()
         return out
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(saved["optimizer"])
-        self.state = LoopState.from_scalars(saved["loop"])
-        self.state.plain_sum = saved.get("plain")
-        self.state.reuse_direction = saved.get("reuse")
+        self.loop_state = LoopState.from_scalars(saved["loop"])
+        self.loop_state.plain_sum = saved.get("plain")
+        self.loop_state.reuse_direction = saved.get("reuse")
         self.steps = saved["steps"]
+        if self.scaler is not None and "scaler" in saved:
+            self.scaler.load_state_dict(saved["scaler"])
         grads = saved.get("grads")
         for i, p in enumerate(self.engine.params):
             p.grad = None if grads is None else grads[i].to(p.device, p.dtype).clone()

@@ -22,14 +22,15 @@ def perturb(
     *,
     adaptive: bool = False,
     eta: float = 0.0,
+    unscaled: Optional[Sequence[bool]] = None,
     reduce_squares: Optional[NormReduce] = None,
     device: Optional[torch.device] = None,
 ) -> tuple[Tensor, Tensor, bool | Tensor]:
     """Move ``params`` in place to ``w + eps``.
 
     SAM: ``eps = rho * g / ||g||``. ASAM (``adaptive``): ``eps = rho * T² g / ||T g||``
-    with ``T = |w| + eta``, element-wise. When ``||g||`` (or ``||T g||``) is zero or
-    not finite, the parameters are left at ``w`` and ``eps = 0``.
+    with ``T = |w| + eta``, element-wise (``T = 1`` on the parameters flagged in ``unscaled``).
+    When ``||g||`` (or ``||T g||``) is zero or not finite, the parameters are left at ``w`` and ``eps = 0``.
 
     Sharded parameters and gradients (DTensors) are updated shard by shard, with
     ``reduce_squares`` summing the norms over shards.
@@ -47,6 +48,9 @@ def perturb(
     if adaptive:
         scale = torch._foreach_abs(params)
         torch._foreach_add_(scale, eta)
+        for t, flat in zip(scale, unscaled or ()):
+            if flat:
+                t.fill_(1.0)
         scaled = torch._foreach_mul(scale, grads)  # type: ignore[arg-type]
         norm = total_norm(scaled, reduce_squares, device=device)
     else:

@@ -16,7 +16,7 @@ def warmup_steps(config: DeltaSAMConfig, total_steps: Optional[int] = None) -> i
     ``config.rho_warmup`` counts optimizer steps when it is at least 1, and is a fraction
     of ``total_steps`` below 1.
     """
-    span = config.rho_warmup
+    span = config.rho_warmup or 0.0
     if span >= 1 or span == 0:
         return int(span)
     if total_steps is None:
@@ -36,8 +36,10 @@ def scheduled_rho(config: DeltaSAMConfig, step: int, total_steps: Optional[int] 
       = lr_t / lr_max clamped to [0, 1].
     * ``start_step``: 0 (plain steps) for the first N steps, then ρ.
     """
+    if not config.perturbs or config.rho is None:
+        return 0.0
     schedule, rho = config.rho_schedule, config.rho
-    if schedule == "constant" or not config.perturbs:
+    if schedule == "constant":
         return rho
     if schedule == "follow_lr":
         return rho * min(max(lr_ratio, 0.0), 1.0)

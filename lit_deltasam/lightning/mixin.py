@@ -124,35 +124,31 @@ class DeltaSAMMixin:
         self._deltasam_catch_up_epochs()
         state = self._deltasam_state
         trainer = module.trainer
-        last = state.micro + 1 >= cfg.accumulate_grad_batches or trainer.is_last_batch
-        full = module.global_step % cfg.interval == 0
+        last = driver.window_ends(trainer.is_last_batch)
+        full = driver.full_step(module.global_step)
         rho = self.deltasam_rho(cfg) if full else 0.0
         if state.base_seed is None:
             # without seed_everything the ranks' initial seeds differ; a checkpoint keeps rank 0's
             state.base_seed = trainer.strategy.broadcast(int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed())))
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        result = driver.micro_step(
+        result = driver.drive(
             self.per_sample_loss,
             batch,
-            rho=rho,
+            step=module.global_step,
             last=last,
+            optimizer_step=lambda: self._deltasam_optimizer_step(optimizer),
+            zero_grad=lambda: self._deltasam_zero_grad(optimizer),
+            rho=rho,
             backward=module.manual_backward,
             no_sync=getattr(trainer.strategy, "block_backward_sync", nullcontext),
             check_finite=scaler is None,
             rank=module.global_rank,
+            schedulers=[c.scheduler for c in trainer.lr_scheduler_configs],
         )
         if scaler is not None and result.grad_norm is not None:
             result.grad_norm = result.grad_norm / scaler.get_scale()
-        if last:
-            result.stepped = driver.end_window(
-                result,
-                step=module.global_step,
-                optimizer_step=lambda: self._deltasam_optimizer_step(optimizer),
-                zero_grad=lambda: self._deltasam_zero_grad(optimizer),
-                schedulers=[c.scheduler for c in trainer.lr_scheduler_configs],
-            )
-            if result.stepped:
-                step_schedulers(module, "step", module.global_step)
+        if result.stepped:
+            step_schedulers(module, "step")
         self._deltasam_log(cfg, result, last, rho, full)
         return result
 
@@ -281,10 +277,7 @@ class DeltaSAMMixin:
         if state.micro and cached is not None:
             saved["grads"] = self._deltasam_partial_grads(cached[2].engine)
             if state.plain_sum is not None:
-                plain = [g.detach().clone() for g in state.plain_sum]
-                if not state.plain_synced and world_size() > 1:
-                    for g in plain:
-                        torch.distributed.all_reduce(g, op=torch.distributed.ReduceOp.SUM)
+                plain = state.plain_over_ranks([g.detach().clone() for g in state.plain_sum])
                 saved["plain"] = [g.cpu() for g in plain]
         if state.reuse_direction is not None:
             saved["reuse"] = [d.detach().cpu() for d in state.reuse_direction]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional
 
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -31,10 +31,17 @@ def optimizer_steps(trainer: Any, accumulate_grad_batches: int = 1) -> int:
     return max(1, int(total))
 
 
-def step_schedulers(module: LightningModule, interval: str, count: int) -> None:
+def step_schedulers(module: LightningModule, interval: str, count: Optional[int] = None) -> None:
     """Lightning's scheduler rules (interval, frequency, ReduceLROnPlateau monitor) in manual optimization:
-    step the schedulers of ``interval`` (``"step"`` or ``"epoch"``) whose ``frequency`` divides ``count``."""
+    step the schedulers of ``interval`` (``"step"`` or ``"epoch"``) whose ``frequency`` divides ``count``.
+
+    As in Lightning's automatic loop, a ``"step"`` scheduler counts the batches of the current epoch
+    (``batch_idx + 1``, micro-batches under accumulation), checked at each optimizer step; an ``"epoch"``
+    scheduler counts epochs (``count``).
+    """
     trainer = module.trainer
+    if count is None:
+        count = trainer.fit_loop.epoch_loop.batch_idx + 1
     for config in trainer.lr_scheduler_configs:
         if config.interval != interval or count % config.frequency:
             continue
