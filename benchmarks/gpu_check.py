@@ -5,6 +5,9 @@
   under bf16 the mixin skips it (``sam/steps_skipped``); every other step moves the weights;
 * **cost**: step-cost ratios of the methods at batch 32 and length 128, for MiniLM and a BERT-base-sized
   encoder with random weights (``BertConfig()``), interleaved as ``overhead.py`` does;
+* **ascent overflow**: fp16 with a GradScaler whose ascent gradients overflow (each clean loss × 1e4): every
+  group of SAM, m-sharpness (loop and batched) and batched per-instance SAM takes eps = 0, and the step is the
+  ERM step, taken, with finite weights; runs with the cost part, on CUDA only;
 * **memory**: ``torch.cuda.max_memory_allocated`` of two steps per method, each in a fresh process (the cost
   part's ``peak_mb``, repeated per model);
 * **compile**: ``torch.compile`` against eager for ERM and SAM (speed ratio, and how far the weights drift);
@@ -33,19 +36,33 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 import lightning as L
 import torch
 from common import RESULTS, machine
-from overhead import measure, setup
+from overhead import batched, measure, setup
 
-from lit_deltasam import DeltaSAMConfig, DeltaSAMOptimizer
+from lit_deltasam import DeltaSAM, DeltaSAMConfig, DeltaSAMOptimizer
 from lit_deltasam.core.decisions import HostReads, decisions_on_device
 
 METHODS = {"sam": dict(method="sam"), "deltasam": dict(method="deltasam", estimator="head")}
-COST_METHODS = ["deltasam(head)", "per_instance", "sam, m=8", "sam, m=4", "sam, looksam k=5", "sam, interval=5"]
+COST_METHODS = [
+    "deltasam(head)",
+    "per_instance",
+    "sam, m=8",
+    "sam, m=4",
+    "sam, m=8 (batched)",
+    "sam, m=4 (batched)",
+    "per_instance (batched, chunk 8)",
+    "per_instance (batched, chunk 16)",
+    "sam, looksam k=5",
+    "sam, interval=5",
+]
+SMOKE_COST_METHODS = ["deltasam(head)", "sam, m=4 (batched)", "per_instance (batched, chunk 8)"]
+GPU_TARGETS = {("sam, m=4 (batched)", "vs_sam"): 1.2, ("per_instance (batched, chunk 8)", "vs_erm"): 3.0}
 
 
 def _timed(part: Callable[[], Any]) -> dict[str, Any]:
@@ -145,6 +162,63 @@ def compile_part(model_name: str, rounds: int, batch_size: int, length: int) -> 
             "compiled_vs_eager": statistics.median(times["compiled"]) / statistics.median(times["eager"]),
             "max_weight_difference": (finals["compiled"] - finals["eager"]).abs().max().item(),
         }
+    return out
+
+
+OVERFLOW_METHODS = {
+    "sam": DeltaSAMConfig(method="sam", rho_schedule="constant"),
+    "sam, m=4": DeltaSAMConfig(method="sam", m_sharpness=4, rho_schedule="constant"),
+    "sam, m=4 (batched)": batched(DeltaSAMConfig(method="sam", m_sharpness=4, rho_schedule="constant")),
+    "per_instance (batched, chunk 8)": batched(DeltaSAMConfig(method="per_instance", rho_schedule="constant"), 8),
+}
+
+
+def scaled_backward(scaler: torch.amp.GradScaler, loss: torch.Tensor) -> None:
+    scaler.scale(loss).backward()
+
+
+def ascent_overflow_part(model_name: str) -> dict[str, Any]:
+    """fp16 autocast with a GradScaler whose ascent overflows: every clean forward's loss is multiplied by 1e4, so
+    the scaled ascent gradients are inf in fp16 while the descent's are finite. Each group (instance) must then take
+    eps = 0 and the step must be an ERM step, taken (the scale not backed off), with finite weights. Eval mode: the
+    step is compared with an ERM step from the same weights."""
+    if not torch.cuda.is_available():
+        return {"skipped": "fp16 autocast with a loss scaler needs CUDA"}
+    out: dict[str, Any] = {}
+    for name, config in {"erm": DeltaSAMConfig(method="erm"), **OVERFLOW_METHODS}.items():
+        torch.manual_seed(0)
+        module, batch, optimizer, _ = setup(model_name, 16, 64)
+        module.eval()
+        before = torch.cat([p.detach().reshape(-1).float() for p in module.parameters()])
+        scaler = torch.amp.GradScaler("cuda", init_scale=2.0**16)
+        engine = DeltaSAM(module, config)
+        calls = [0]
+
+        def loss_fn(b: dict, module: Any = module, calls: list = calls, poison: bool = name != "erm") -> torch.Tensor:
+            calls[0] += 1
+            with torch.autocast("cuda", dtype=torch.float16):
+                losses = module.per_sample_loss(b)
+            return losses * 1e4 if poison and calls[0] % 2 == 1 else losses  # the clean forwards
+
+        backward = partial(scaled_backward, scaler)
+        result = engine.step(loss_fn, batch, backward=backward, check_finite=False)
+        scale = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        after = torch.cat([p.detach().reshape(-1).float() for p in module.parameters()])
+        out[name] = {
+            "perturbed": bool(result.perturbed),
+            "eps_norm": None if result.eps_norm is None else float(result.eps_norm),
+            "scale_kept": scaler.get_scale() >= scale,
+            "finite": bool(torch.isfinite(after).all()),
+            "moved": not torch.equal(after, before),
+            "weights": after,
+        }
+    erm = out["erm"].pop("weights")
+    for name in OVERFLOW_METHODS:
+        row = out[name]
+        row["max_weight_difference_to_erm"] = (row.pop("weights") - erm).abs().max().item()
+        row["ok"] = row["scale_kept"] and row["finite"] and row["moved"] and row["max_weight_difference_to_erm"] < 2e-6
     return out
 
 
@@ -269,11 +343,16 @@ def main() -> None:
     if "precision" in args.parts:
         result["precision"] = _timed(lambda: precision_part(main_model, steps, args.smoke))
     if "cost" in args.parts:
-        cost_methods = COST_METHODS[:1] if args.smoke else COST_METHODS
+        cost_methods = SMOKE_COST_METHODS if args.smoke else COST_METHODS
         cost = {m: _timed(lambda m=m: measure(m, rounds, 1, batch_size, length, cost_methods)) for m in models}
         for m in models:  # the per-round times are long and in the cost rows' medians already
             cost[m].pop("times", None)
+            for (name, key), target in GPU_TARGETS.items():
+                row = cost[m].get("methods", {}).get(name)
+                if row is not None:
+                    row[f"gpu_target_{key}"] = {"target": target, "met": row[key] <= target}
         result["cost"] = cost
+        result["ascent_overflow"] = _timed(lambda: ascent_overflow_part(main_model))
         result["memory"] = {
             m: {name: row.get("peak_mb") for name, row in cost[m].get("methods", {}).items()} for m in models
         }

@@ -260,3 +260,33 @@ def test_minilm_weights_after_three_steps_equal_the_loops(options):
                 optimizer.zero_grad()
         finals[impl] = torch.cat([p.detach().reshape(-1) for p in module.parameters()])
     torch.testing.assert_close(finals["batched"], finals["loop"], atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+@pytest.mark.parametrize("impl", ["loop", "batched"])
+def test_a_group_whose_ascent_overflows_descends_at_w(impl, on_device):
+    """A non-finite ascent gradient in group 1 (as an fp16 scaler's overflow gives): eps_1 = 0 exactly, on the
+    host path and on the device path (forced on the CPU), and the other groups are perturbed as usual."""
+    from lit_deltasam.core.decisions import decisions_on_device
+
+    x, y, w = least_squares_problem(n=16)
+    poisoned = torch.arange(16) < 4
+    model = LeastSquares(w)
+    calls = []
+
+    def loss_fn(batch):
+        x, y, flags = batch
+        calls.append(1)
+        losses = model.losses((x, y))
+        scale = torch.where(flags, float("inf"), 1.0).to(losses.dtype)
+        return losses * scale if len(calls) % 2 == 1 else losses  # the clean passes
+
+    with decisions_on_device(on_device):
+        result = DeltaSAM(model, grouped(impl, method="sam", rho=RHO, m_sharpness=4)).step(loss_fn, (x, y, poisoned))
+    expected = 0.25 * ls_sam_update(x[:4], y[:4], w, 0.0, "erm")
+    expected += sum(0.25 * ls_sam_update(x[k], y[k], w, RHO, "sam") for k in groups(16, 4)[1:])
+    # the loop's device path rounds rho / ||g|| to float32 (decisions.scale_or_zero)
+    tolerance = 1e-8 if on_device and impl == "loop" else 1e-12
+    torch.testing.assert_close(model.w.grad, expected, atol=tolerance, rtol=0)
+    assert torch.equal(model.w.detach(), w)
+    assert bool(result.perturbed) is False
