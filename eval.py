@@ -6,6 +6,8 @@ python eval.py ckpt_path=... task.test=more_labelled.csv     # the same task, an
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import hydra
 import lightning as L
 import torch
@@ -47,13 +49,17 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         resolved = {**OmegaConf.to_container(cfg, resolve=True), "task": OmegaConf.to_container(task_cfg)}
         report.write_metrics(cfg.paths.output_dir, metrics, resolved)
-        report.print_table(f"{cfg.ckpt_path} on {task.name} ({cfg.paths.output_dir})", metrics)
+        report.print_table(f"a checkpoint on {task.name}", metrics)
+        report.print_paths(
+            {"checkpoint": Path(cfg.ckpt_path).expanduser().absolute(), "run folder": cfg.paths.output_dir}
+        )
     return metrics
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
     torch.set_float32_matmul_precision("high")
+    console.log_to_file()
     console.report_errors(lambda: evaluate(cfg))
 
 

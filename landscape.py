@@ -1,7 +1,7 @@
 """Pictures of flatness: checkpoints of train.py compared along the same random filter-normalized directions.
 
 python landscape.py 'ckpt_paths=[outputs/A/checkpoints/last.ckpt,outputs/B/checkpoints/last.ckpt]'
-python landscape.py 'ckpt_paths=[...]' dims=2 points=11 labels=[erm,sam]
+python landscape.py 'ckpt_paths=[...]' dims=2 points=11 'labels=[ERM,δ-SAM]'   # quoted: the shell reads [ and ]
 
 Writes ``landscape.json`` and ``landscape.png`` to the run folder (``outputs/landscape/<date>/<time>/``).
 """
@@ -9,7 +9,10 @@ Writes ``landscape.json`` and ``landscape.png`` to the run folder (``outputs/lan
 from __future__ import annotations
 
 import json
+import math
 import random
+import sys
+import time
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.progress import Progress
 
-from lit_deltasam.app import assemble, checkpoint, console, schema
+from lit_deltasam.app import assemble, checkpoint, console, report, schema
 from lit_deltasam.core.diagnostics import top_hessian_eigenvalues
 from lit_deltasam.core.landscape import filter_normalized, random_directions, surface
 from lit_deltasam.data import TextDataModule
@@ -62,8 +65,23 @@ def _metrics(module: torch.nn.Module, batches: list[dict], regression: bool) -> 
     return out
 
 
+class _Lines:
+    """Progress as a line every tenth of the points, where stdout is no terminal (a pipe, a log file) and a bar
+    would print nothing."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.start = total, 0, time.perf_counter()
+
+    def advance(self) -> None:
+        self.done += 1
+        if self.done * 10 // self.total > (self.done - 1) * 10 // self.total:
+            elapsed = time.perf_counter() - self.start
+            print(f"loss landscape: {self.done}/{self.total} points, {elapsed:.0f} s", flush=True)
+
+
 def landscape(cfg: DictConfig) -> dict[str, Any]:
-    """The loss (and accuracy) of every checkpoint at ``w + a d1 (+ b d2)``, and its top Hessian eigenvalues."""
+    """The loss (and accuracy) of every checkpoint at ``w + a d1 (+ b d2)``, and its ``hessian_k`` largest-magnitude
+    Hessian eigenvalues, largest magnitude first."""
     if cfg.dims not in (1, 2):
         raise ValueError(f"dims={cfg.dims} is not valid; choose 1 (a slice) or 2 (a contour)")
     if cfg.split not in SPLITS:
@@ -78,8 +96,10 @@ def landscape(cfg: DictConfig) -> dict[str, Any]:
     grid = [(a,) for a in axis] if cfg.dims == 1 else [(a, b) for b in axis for a in axis]
     out: dict[str, Any] = {"axis": axis, "dims": cfg.dims, "split": cfg.split, "seed": cfg.seed, "checkpoints": {}}
     directions = None
-    with Progress(transient=True) as progress:
+    terminal = sys.stdout.isatty()
+    with Progress(transient=True, disable=not terminal) as progress:
         job = progress.add_task("loss landscape", total=len(paths) * len(grid))
+        advance = partial(progress.advance, job) if terminal else _Lines(len(paths) * len(grid)).advance
         for path, label in zip(paths, labels):
             saved = checkpoint.read(path)
             module, tokenizer = checkpoint.rebuild(saved, cfg.paths.cache_dir)
@@ -92,15 +112,16 @@ def landscape(cfg: DictConfig) -> dict[str, Any]:
                 raise ValueError(f"{path} has another architecture than {paths[0]}; compare checkpoints of one model")
             scaled = [filter_normalized(d, params) for d in directions]
             evaluate = partial(_metrics, module, batches, task.kind == "regression")
-            points = surface(params, scaled, grid, evaluate, partial(progress.advance, job))
+            points = surface(params, scaled, grid, evaluate, advance)
             samples = sum(len(b["labels"]) for b in batches)
             result: dict[str, Any] = {"path": path, "task": task.name, "samples": samples}
             for key in points[0]:
                 result[key] = [p[key] for p in points]
             if cfg.hessian_k:
+                print(f"{label}: the {cfg.hessian_k} largest-magnitude Hessian eigenvalues", flush=True)
                 hessian_batch = {k: v[: cfg.hessian_batch] for k, v in batches[0].items()}
                 with torch.enable_grad():
-                    result["hessian_top"] = top_hessian_eigenvalues(
+                    eigenvalues = top_hessian_eigenvalues(
                         module,
                         module.per_sample_loss,
                         hessian_batch,
@@ -108,6 +129,8 @@ def landscape(cfg: DictConfig) -> dict[str, Any]:
                         iters=cfg.hessian_iters,
                         generator=torch.Generator().manual_seed(cfg.seed),
                     )
+                # deflation finds them roughly in that order, but not exactly after few iterations
+                result["hessian_top"] = sorted(eigenvalues, key=abs, reverse=True)
             out["checkpoints"][label] = result
     folder = Path(cfg.output_dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -115,13 +138,31 @@ def landscape(cfg: DictConfig) -> dict[str, Any]:
     plot(out, folder / "landscape.png")
     for label, result in out["checkpoints"].items():
         centre = result["loss"][len(grid) // 2]
-        eig = ", ".join(f"{v:.1f}" for v in result.get("hessian_top", []))
-        print(f"{label}: loss at w {centre:.4f}; top Hessian eigenvalues [{eig}]")
-    print(f"wrote {folder / 'landscape.json'} and {folder / 'landscape.png'}")
+        eig = ", ".join(f"{v:.4g}" for v in result.get("hessian_top", []))
+        print(f"{label}: loss at w {centre:.4f}; largest-magnitude Hessian eigenvalues [{eig}]")
+    report.print_paths({"values": folder / "landscape.json", "plot": folder / "landscape.png"})
     return out
 
 
-def plot(result: dict[str, Any], path: Path) -> None:
+def significant(values: list[float], digits: int = 2) -> list[str]:
+    """``values`` in plain decimals, each to at least ``digits`` significant digits, and more until the distinct
+    values read apart (4.9 and 4.6, not 5 and 5)."""
+
+    def plain(value: float, digits: int) -> str:
+        if value == 0 or not math.isfinite(value):
+            return f"{value:g}"
+        return f"{value:.{max(0, digits - 1 - math.floor(math.log10(abs(value))))}f}"
+
+    for more in range(digits, 17):
+        labels = [plain(v, more) for v in values]
+        if len(set(labels)) == len(set(values)):
+            return labels
+    return [repr(v) for v in values]
+
+
+def plot(result: dict[str, Any], path: Path) -> Any:
+    """Draw ``result`` to ``path``; returns the (closed) matplotlib figure. α = 0 (each checkpoint's own weights) is
+    marked; the legend gives each checkpoint's largest-magnitude eigenvalue λ."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -131,10 +172,13 @@ def plot(result: dict[str, Any], path: Path) -> None:
     if result["dims"] == 1:
         metrics = [m for m in ("loss", "acc") if all(m in r for r in checkpoints.values())]
         fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
+        tops = [r["hessian_top"][0] for r in checkpoints.values() if r.get("hessian_top")]
+        lam = dict(zip(tops, significant(tops)))
         for ax, metric in zip(axes[0], metrics):
+            ax.axvline(0.0, color="0.6", linewidth=0.8, linestyle=":", label="α = 0: the checkpoint")
             for label, r in checkpoints.items():
                 eig = r.get("hessian_top")
-                ax.plot(axis, r[metric], label=label + (f" (λ_max {eig[0]:.0f})" if eig else ""))
+                ax.plot(axis, r[metric], label=label + (f" (λ {lam[eig[0]]})" if eig else ""))
             ax.set_xlabel("α along a filter-normalized direction")
             ax.set_ylabel(f"{result['split']} {metric}")
             ax.legend(fontsize=7)
@@ -149,16 +193,20 @@ def plot(result: dict[str, Any], path: Path) -> None:
             z = torch.tensor(r["loss"]).reshape(n, n)
             contour = ax.contour(axis, axis, z.numpy(), levels=levels)
             ax.clabel(contour, fontsize=6)
+            ax.plot([0.0], [0.0], marker="+", color="black", markersize=9, linestyle="none", label="α = β = 0")
             ax.set_title(label)
             ax.set_xlabel("α (direction 1)")
             ax.set_ylabel("β (direction 2)")
         fig.suptitle(f"{result['split']} loss around each checkpoint, the same directions for all")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return fig
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="landscape")
 def main(cfg: DictConfig) -> None:
+    console.log_to_file()
     console.report_errors(lambda: landscape(cfg))
 
 

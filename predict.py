@@ -16,10 +16,9 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from rich.console import Console
 from torch.utils.data import DataLoader
 
-from lit_deltasam.app import checkpoint, console, schema
+from lit_deltasam.app import checkpoint, console, report, schema
 from lit_deltasam.data import read_table
 from lit_deltasam.data.custom import require_columns, row_texts
 from lit_deltasam.data.datamodule import collate
@@ -78,14 +77,16 @@ def predict(cfg: DictConfig) -> Path:
     output = Path(cfg.output).expanduser()
     output.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(str(output), index=False)
-    counts = f": {dict(Counter(columns['prediction']).most_common())}" if names else ""
-    Console().print(f"{len(kept)} predictions written to {output}{counts}")
+    counts = f" {dict(Counter(columns['prediction']).most_common())}" if names else ""
+    print(f"{len(kept)} predictions{counts}")
+    report.print_paths({"written to": output.absolute()})
     return output
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
     torch.set_float32_matmul_precision("high")
+    console.log_to_file()
     console.report_errors(lambda: predict(cfg))
 
 

@@ -33,6 +33,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     With ``tune_lr`` the LR comes from Lightning's range test first (:mod:`lit_deltasam.app.lr_finder`).
     Returns the metrics, also written to ``metrics.json``.
     """
+    method = assemble.method_config(cfg.method)  # a bad method value stops the run before the model loads
     tuned = lr_finder.apply(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule, module = assemble.build(cfg)
@@ -50,12 +51,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics = {"time/fit_s": time.perf_counter() - start, **tuned}
     metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
     metrics.update(summary.summary())
+    saved = trainer.checkpoint_callback if isinstance(trainer.checkpoint_callback, ModelCheckpoint) else None
+    best = saved.best_model_path if saved else ""
+    kept = checkpoint.kept(saved, tested=cfg.test) if saved else {}  # read before testing, which reloads them
+    written = [*saved.best_k_models, saved.last_model_path] if saved else []
     if cfg.test:
-        best = (
-            trainer.checkpoint_callback.best_model_path
-            if isinstance(trainer.checkpoint_callback, ModelCheckpoint)
-            else ""
-        )
         if cfg.test_final and best:
             for result in trainer.test(module, datamodule, verbose=False):
                 metrics.update({k.replace("test/", "test_final/", 1): float(v) for k, v in result.items()})
@@ -65,10 +65,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     if trainer.is_global_zero:
         report.write_metrics(cfg.paths.output_dir, metrics, resolved)
-        report.print_table(cfg.run_name, metrics, caption=str(cfg.paths.output_dir))
+        report.print_table(cfg.run_name, report.shown(metrics, method.method))
         for logger in loggers:
             if isinstance(logger, WandbLogger):  # the final table, test and time values included
                 logger.experiment.summary.update(metrics)
+        if not cfg.keep_checkpoints:
+            checkpoint.delete(written)
+        report.print_paths({"run folder": cfg.paths.output_dir, **(kept if cfg.keep_checkpoints else {})})
     if any(isinstance(logger, WandbLogger) for logger in loggers):
         import wandb
 
@@ -79,6 +82,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> Optional[float]:
     torch.set_float32_matmul_precision("high")
+    console.log_to_file()
     metrics = console.report_errors(lambda: train(cfg))
     return metrics.get(cfg.optimized_metric) if cfg.optimized_metric else None
 

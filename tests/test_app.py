@@ -1,5 +1,6 @@
 """The Hydra application: configs compose, every task and method runs, loggers and sweeps work."""
 
+import csv
 import json
 import math
 import os
@@ -79,6 +80,8 @@ def test_each_task_with_the_small_model_and_each_method(task, tmp_path):
         assert monitor in metrics, (method, sorted(metrics))
         assert (out / "metrics.json").exists()
         assert list((out / "checkpoints").glob("*.ckpt"))
+        if task == "mr":  # ERM makes no correction whose fidelity the probe could measure; SAM's is still probed
+            assert ("probe/cos_erm" in metrics, "probe/cos_sam" in metrics) == (False, True) or method != "erm"
 
 
 def test_wandb_offline_run_holds_the_sharpness_values(tmp_path, monkeypatch):
@@ -86,7 +89,8 @@ def test_wandb_offline_run_holds_the_sharpness_values(tmp_path, monkeypatch):
     optimizer step, the probe's every 2 steps, and histograms of lambda and l_i(w+eps) - l_i(w) that agree with the
     metrics logged at the same step."""
     monkeypatch.setenv("WANDB_MODE", "offline")
-    cfg = compose_train(["model=small", "debug=fast", "logger=wandb", "method.rho_schedule=constant"], tmp_path)
+    overrides = ["model=small", "debug=fast", "logger=wandb", "method.rho_schedule=constant"]
+    cfg = compose_train([*overrides, "method.histogram_every_n_steps=2"], tmp_path)
     train(cfg)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
@@ -97,11 +101,22 @@ def test_wandb_offline_run_holds_the_sharpness_values(tmp_path, monkeypatch):
             break
         time.sleep(0.5)
     assert finished, "the offline run file never received its exit record"
+    # the same history, read without W&B: every value W&B holds is in history/metrics.csv at the same step
+    with open(tmp_path / "history" / "metrics.csv") as handle:
+        local = {(int(row["step"]), k): float(v) for row in csv.DictReader(handle) for k, v in row.items() if v}
+    logged = {
+        (row["trainer/global_step"], k): v
+        for row in rows
+        for k, v in row.items()
+        if isinstance(v, (int, float)) and not k.startswith(("_", "trainer/"))
+    }
+    assert len(logged) > 50 and {k for _, k in logged} >= {"train/loss", "sam/sharpness", "val/acc", "probe/cos_sam"}
+    assert {key: local.get(key) for key in logged} == pytest.approx(logged, rel=1e-12)
     # the final table's values are the run summary, the test metrics and the sharpness means included
     metrics = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
     for key in ("test/acc", "sam/sharpness_mean", "time/fit_s", "val/acc"):
         assert summary[key] == pytest.approx(metrics[key], rel=1e-6), key
-    method, n, steps_run = cfg.method, cfg.data.batch_size, cfg.trainer.max_steps
+    method, n, steps_run = instantiate(cfg.method), cfg.data.batch_size, cfg.trainer.max_steps
     assert (method.method, method.estimator, method.accumulate_grad_batches) == ("deltasam", "head", 1)
     steps = {row["trainer/global_step"]: row for row in rows if "sam/sharpness" in row}
     assert sorted(steps) == list(range(steps_run))
@@ -190,6 +205,55 @@ def test_optuna_sweep_over_rho_and_beta(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     best = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
     assert {"method.rho", "method.beta"} == set(best["best_params"])
+    assert len(list(tmp_path.glob("*/metrics.json"))) == 2
+    assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.glob("*/checkpoints"))  # tested, then deleted
+    assert "best checkpoint" not in result.stdout
+
+
+def test_multirun_jobs_have_distinct_wandb_names(tmp_path):
+    """Optuna trials and multirun jobs: the W&B name ends in the job's number; a single run keeps run_name."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict, read_write
+
+    cfg = compose_train(["logger=wandb"], tmp_path)
+    assert instantiate(cfg.logger.wandb)._wandb_init["name"] == cfg.run_name == "mr-minilm-deltasam-s0"
+    names = set()
+    for job in (0, 1):
+        with read_write(HydraConfig.get()), open_dict(HydraConfig.get()):
+            HydraConfig.get().mode, HydraConfig.get().job.num = RunMode.MULTIRUN, job
+        names.add(instantiate(cfg.logger.wandb)._wandb_init["name"])
+    assert names == {"mr-minilm-deltasam-s0-job0", "mr-minilm-deltasam-s0-job1"}
+
+
+def test_a_bad_method_value_stops_before_the_model_loads(tmp_path):
+    run = run_cli("method.rho=-1", "logger=none", cwd=tmp_path, env={"HYDRA_FULL_ERROR": "0"})
+    assert run.returncode == 1
+    first, *rest = run.stderr.strip().splitlines()
+    assert first == "Error: DeltaSAMConfig.rho=-1.0 is not valid; it must be a finite number in [0.0, inf]"
+    assert rest == ["", "Set the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace."]
+    assert "Seed set" not in run.stdout + run.stderr  # stopped before the seed, the LR test and the model
+
+
+def test_the_final_table_reads_small_values_and_leaves_out_what_the_method_lacks():
+    from rich.console import Console
+
+    from lit_deltasam.app.report import cell, print_table, shown
+
+    assert [cell(v) for v in (6.25e-06, 0.0, 0.8398, 26.5344, 0.004543, 123456.0)] == [
+        "6.25e-06",
+        "0.0000",
+        "0.8398",
+        "26.5344",
+        "0.004543",
+        "1.235e+05",
+    ]
+    metrics = {"lr-AdamW/pg1": 6.25e-06, "sam/update_norm": 0.9, "sam/steps_skipped": 0.0, "val/acc": 0.84}
+    assert set(shown(metrics, "erm")) == {"lr-AdamW/pg1", "sam/steps_skipped", "val/acc"}
+    assert shown(metrics, "sam") == metrics
+    screen = Console(record=True, width=80)
+    print_table("run", metrics, console=screen)
+    assert "│ lr-AdamW/pg1    │ 6.25e-06 │" in screen.export_text()
 
 
 def test_wandb_sweep_yaml_drives_train_through_hydra_overrides(tmp_path):

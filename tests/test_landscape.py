@@ -78,12 +78,14 @@ def small_checkpoint(tmp_path_factory):
 
 
 @pytest.mark.parametrize("dims, points", [(1, 5), (2, 3)])
-def test_landscape_py_on_two_checkpoints(small_checkpoint, dims, points, tmp_path):
+def test_landscape_py_on_two_checkpoints(small_checkpoint, dims, points, tmp_path, capsys):
     from landscape import landscape
 
     overrides = [f"ckpt_paths=[{small_checkpoint},{small_checkpoint}]", "labels=[a,b]", f"dims={dims}"]
     overrides += [f"points={points}", "samples=40", "hessian_k=2", "hessian_iters=3", f"output_dir={tmp_path}"]
     out = landscape(schema.compose(ROOT / "conf", overrides, tmp_path, "landscape"))
+    total = 2 * points**dims  # stdout is no terminal here: progress comes as lines, the last at every point done
+    assert f"loss landscape: {total}/{total} points" in capsys.readouterr().out
     saved = json.loads((tmp_path / "landscape.json").read_text())
     assert (tmp_path / "landscape.png").stat().st_size > 0
     assert set(saved["checkpoints"]) == {"a", "b"} and saved == json.loads(json.dumps(out))
@@ -101,3 +103,46 @@ def test_landscape_py_refuses_bad_options(small_checkpoint, tmp_path):
         cfg = schema.compose(ROOT / "conf", [f"ckpt_paths=[{small_checkpoint}]", option], tmp_path, "landscape")
         with pytest.raises(ValueError, match=message):
             landscape(cfg)
+
+
+def test_the_eigenvalues_come_largest_magnitude_first(small_checkpoint, tmp_path, monkeypatch, capsys):
+    """Deflation after a few power iterations can return them out of order, as [4.9, 1.4, -2.0]."""
+    import landscape as script
+
+    monkeypatch.setattr(script, "top_hessian_eigenvalues", lambda *args, **kwargs: [4.9, 1.4, -2.0])
+    overrides = [f"ckpt_paths=[{small_checkpoint}]", "points=3", "samples=8", f"output_dir={tmp_path}"]
+    out = script.landscape(schema.compose(ROOT / "conf", overrides, tmp_path, "landscape"))
+    (result,) = out["checkpoints"].values()
+    assert result["hessian_top"] == [4.9, -2.0, 1.4]
+    assert "largest-magnitude Hessian eigenvalues [4.9, -2, 1.4]" in capsys.readouterr().out
+
+
+def test_lambda_labels_keep_the_digits_that_tell_them_apart():
+    from landscape import significant
+
+    assert significant([4.9, 4.6]) == ["4.9", "4.6"]  # rounded to integers both read 5
+    assert significant([117.3, 111.0]) == ["117", "111"]
+    assert significant([4.91, 4.94, 4.91]) == ["4.91", "4.94", "4.91"]
+    assert significant([0.01234, -2.5]) == ["0.012", "-2.5"]
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_the_plot_marks_the_checkpoint_and_names_each_lambda(dims, tmp_path):
+    from landscape import plot
+
+    axis = [-1.0, 0.0, 1.0]
+    n = len(axis) ** dims
+    result = {"axis": axis, "dims": dims, "split": "validation"}
+    result["checkpoints"] = {
+        label: {"loss": [float(i % 4) for i in range(n)], "acc": [0.5] * n, "hessian_top": [lam, 1.0]}
+        for label, lam in (("ERM", 4.9), ("SAM", 4.6))
+    }
+    figure = plot(result, tmp_path / "landscape.png")
+    assert (tmp_path / "landscape.png").stat().st_size > 0
+    for ax in figure.axes[: 2 if dims == 1 else 2]:
+        marks = [(list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()]
+        if dims == 1:  # a vertical line at α = 0, and the legend's λ to one decimal
+            assert ([0.0, 0.0], [0, 1]) in marks
+            assert [t.get_text() for t in ax.get_legend().get_texts()][1:] == ["ERM (λ 4.9)", "SAM (λ 4.6)"]
+        else:
+            assert ([0.0], [0.0]) in marks

@@ -1,5 +1,6 @@
 """The majority-class plateau: the metric that shows it, the warning that names it, the label noise."""
 
+import logging
 import random
 import warnings
 
@@ -12,6 +13,7 @@ from lit_deltasam import DeltaSAMConfig
 from lit_deltasam.data.datamodule import flip_labels
 from lit_deltasam.data.tasks import MajorityShare, build_metrics
 from lit_deltasam.models import TextClassifier
+from lit_deltasam.models.classifier import PLATEAU_SHARE, PLATEAU_STEPS
 
 N, LENGTH, VOCAB = 32, 6, 50
 
@@ -43,45 +45,86 @@ def loader():
     return torch.utils.data.DataLoader(batches, batch_size=None)
 
 
-def fit(constant: bool, config: DeltaSAMConfig, steps: int = 4, warmup_ratio: float = 0.0):
+def fit(constant: bool, config: DeltaSAMConfig, steps: int = 4, warmup_ratio: float = 0.0, every: int = 1):
+    """Train for ``steps`` optimizer steps, validating every ``every``; the plateau warnings logged, and the Python
+    warnings raised (none: the plateau is a log record, which prints no source line)."""
     module = TextClassifier(TokenEncoder(constant), config, 2, build_metrics("mr"), lr=1e-6, warmup_ratio=warmup_ratio)
-    run = trainer(max_steps=steps, val_check_interval=1, check_val_every_n_epoch=None, limit_val_batches=2)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        run.fit(module, loader(), loader())
-    stalls = [w for w in caught if "one class" in str(w.message)]
-    return run, stalls
+    run = trainer(max_steps=steps, val_check_interval=every, check_val_every_n_epoch=None, limit_val_batches=2)
+    handler = Records()
+    logging.getLogger("lit_deltasam.models.classifier").addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run.fit(module, loader(), loader())
+    finally:
+        logging.getLogger("lit_deltasam.models.classifier").removeHandler(handler)
+    assert not [w for w in caught if "one class" in str(w.message)]
+    return run, [r.getMessage() for r in handler.records if "one class" in r.getMessage()]
+
+
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def first_validation_past(steps: int, every: int, warmup: int = 0) -> int:
+    """Where the warning must fire: the first validation at or past the warm-up, PLATEAU_STEPS and PLATEAU_SHARE of
+    the run, counted here from the validation schedule."""
+    wait = max(warmup, PLATEAU_STEPS, PLATEAU_SHARE * steps)
+    return next(step for step in range(every, steps + 1, every) if step >= wait)
 
 
 def test_one_class_for_everything_warns_once_naming_the_method_and_the_remedy():
-    run, stalls = fit(True, DeltaSAMConfig(method="sam", rho=0.05, rho_schedule="warmup", rho_warmup=2))
+    run, stalls = fit(True, DeltaSAMConfig(method="sam", rho=0.05, rho_schedule="warmup", rho_warmup=2), 200, every=8)
     assert run.callback_metrics["val/majority_share"] == 1.0
     assert len(stalls) == 1
-    message = str(stalls[0].message)
-    assert "global_step=2 " in message  # the first validation past the two warm-up steps
-    assert "method='sam', rho=0.05, rho_schedule='warmup'" in message
+    (message,) = stalls
+    assert first_validation_past(200, 8) == 152
+    assert "at step 152 of 200 (method='sam', rho=0.05, rho_schedule='warmup')" in message
+    assert "the perturbation can hold it there" in message
     assert "try a smaller rho (now 0.05), rho_schedule='follow_lr'" in message
     assert "majority" not in message  # the data may be balanced
 
 
+def test_for_erm_the_warning_names_no_perturbation():
+    _, stalls = fit(True, DeltaSAMConfig(method="erm"), 120, every=8)
+    (message,) = stalls
+    assert f"at step {first_validation_past(120, 8)} of 120 (method='erm')" in message
+    assert "learning rate" in message
+    for word in ("rho", "perturbation", "harpness"):
+        assert word not in message
+
+
 def test_the_advice_never_names_the_schedule_already_in_use():
-    _, stalls = fit(True, DeltaSAMConfig(method="sam", rho=0.05, rho_schedule="follow_lr"), steps=2)
+    _, stalls = fit(True, DeltaSAMConfig(method="sam", rho=0.05, rho_schedule="follow_lr"), 104, every=8)
     assert len(stalls) == 1
-    assert "rho_schedule='warmup'" in str(stalls[0].message).split("try", 1)[1]
+    assert "rho_schedule='warmup'" in stalls[0].split("try", 1)[1]
+
+
+def test_a_short_run_on_the_plateau_does_not_warn():
+    """As long as healthy runs can still be there (debug=fast's 4 steps; 96 steps; the first 74% of a run)."""
+    for steps, every in ((4, 1), (96, 8)):
+        _, stalls = fit(True, DeltaSAMConfig(method="sam", rho=0.05), steps, every=every)
+        assert stalls == [], steps
+    _, stalls = fit(True, DeltaSAMConfig(method="sam", rho=0.05), 200, every=8)
+    assert len(stalls) == 1 and "at step 152 of 200" in stalls[0]  # not at 104 or 144: before 75% of the run
 
 
 def test_a_model_that_separates_the_classes_does_not_warn():
-    run, stalls = fit(False, DeltaSAMConfig(method="sam", rho=0.05))
+    run, stalls = fit(False, DeltaSAMConfig(method="sam", rho=0.05), 120, every=8)
     assert run.callback_metrics["val/acc"] == 1.0
     assert run.callback_metrics["val/majority_share"] < 0.75
     assert stalls == []
 
 
 def test_the_warning_waits_for_the_learning_rate_warm_up():
-    _, stalls = fit(True, DeltaSAMConfig(method="erm"), steps=4, warmup_ratio=0.75)
-    assert len(stalls) == 1
-    assert "global_step=3 (method='erm')" in str(stalls[0].message)
-    assert "try more steps" in str(stalls[0].message)
+    _, stalls = fit(True, DeltaSAMConfig(method="erm"), 120, warmup_ratio=0.9, every=8)
+    assert first_validation_past(120, 8, warmup=108) == 112
+    assert len(stalls) == 1 and "at step 112 of 120 (method='erm')" in stalls[0]
 
 
 def test_majority_share_counts_the_most_frequent_prediction():

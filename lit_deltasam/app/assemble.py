@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from omegaconf import DictConfig
 
+from ..config import DeltaSAMConfig
 from ..data import Task, TextDataModule, build_metrics, files_task, get_task, hub_task
 from ..models import TextClassifier
 
@@ -44,6 +46,17 @@ def task_data_dir(task: DictConfig) -> str | None:
     return None if task.name in CUSTOM_TASKS else task.data_dir
 
 
+def method_config(method: DictConfig) -> DeltaSAMConfig:
+    """The method ``cfg.method`` configures; a value it refuses raises its own error (a ``ValueError`` naming the
+    value and the choices), not Hydra's wrapper of it."""
+    try:
+        return instantiate(method)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, (ValueError, TypeError)):
+            raise error.__cause__ from None
+        raise
+
+
 def build(cfg: DictConfig) -> tuple[TextDataModule, TextClassifier]:
     """The datamodule and the module for ``cfg``: task, tokenizer, encoder and method.
 
@@ -64,7 +77,7 @@ def build(cfg: DictConfig) -> tuple[TextDataModule, TextClassifier]:
     datamodule = TextDataModule(task, tokenizer, seed=cfg.seed, cache_dir=cache_dir, data_dir=data_dir, **cfg.data)
     module = TextClassifier(
         spec.build(task.num_labels, tokenizer),
-        instantiate(cfg.method),
+        method_config(cfg.method),
         task.num_labels,
         build_metrics(task),
         label_names=task.label_names,

@@ -13,13 +13,14 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics import MetricCollection
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -70,6 +71,60 @@ class RunRecord(Callback):
         if isinstance(encoder, HFClassifier):
             record["architecture"] = encoder.architecture()
         checkpoint[RECORD_KEY] = record
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` whose ``last.ckpt`` (``save_last=True``) holds the last validated step and is
+    a link to the top-k checkpoint of that step when there is one: one file when the last step is the best.
+
+    Lightning writes ``last.ckpt`` only at a step that saved a top-k file, so with ``save_top_k=1`` it is a second
+    copy of the best checkpoint, and not the last step's weights, whenever the last validation was not the best.
+    """
+
+    def __init__(self, save_last: bool = True, **kwargs: Any) -> None:
+        if not isinstance(save_last, bool):
+            raise ValueError(f"callbacks.model_checkpoint.save_last={save_last!r} is not valid; choose true or false")
+        super().__init__(save_last=save_last, **kwargs)
+        self._saved_now = False
+
+    def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
+        before = self._last_checkpoint_saved
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
+        self._saved_now = self._last_checkpoint_saved != before
+        if self.save_last:
+            self._last_global_step_saved = trainer.global_step  # so that Lightning goes on to write last.ckpt
+
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
+        if not self.save_last:
+            return
+        last = Path(self.format_checkpoint_name(monitor_candidates, self.CHECKPOINT_NAME_LAST))
+        if not self._saved_now and trainer.is_global_zero and last.is_symlink():
+            last.unlink()  # a copy written through the link would overwrite the file it points to
+        self.save_last = "link" if self._saved_now else True
+        try:
+            super()._save_last_checkpoint(trainer, monitor_candidates)
+        finally:
+            self.save_last, self._saved_now = True, False
+
+
+def kept(saved: ModelCheckpoint, tested: bool) -> dict[str, str]:
+    """The checkpoints a run keeps, under the labels the end of a run prints them with. Read before testing:
+    ``trainer.test(ckpt_path=...)`` loads the callback's state as the checkpoint saved it."""
+    best, last = saved.best_model_path, saved.last_model_path
+    paths = {f"best checkpoint ({saved.monitor})" + (", tested above" if tested else ""): best}
+    if last and Path(last).is_symlink() and Path(last).resolve() == Path(best).resolve():
+        paths["last checkpoint (a link to the best: the last step was the best)"] = last
+    else:
+        paths["last checkpoint"] = last
+    return {label: path for label, path in paths.items() if path}
+
+
+def delete(paths: Iterable[str]) -> None:
+    """Delete checkpoint files, and their folder if that leaves it empty."""
+    for path in (Path(p) for p in paths if p):
+        path.unlink(missing_ok=True)
+        if path.parent.is_dir() and not any(path.parent.iterdir()):
+            path.parent.rmdir()
 
 
 def _absolute_paths(task: dict[str, Any]) -> dict[str, Any]:

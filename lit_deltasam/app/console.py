@@ -50,6 +50,26 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
+LOGGED = ("lightning.pytorch", "lightning.fabric", "lit_deltasam.report")
+"""Loggers that do not propagate to the root logger, whose file handler Hydra opens: Lightning's (imported before
+Hydra configures logging, it prints through its own handler) and the final report's (the screen has it already)."""
+
+
+def log_to_file() -> None:
+    """Send the records of :data:`LOGGED` to the log files Hydra opened for the run (``train.log``), beside where
+    they print now: without this the file stays empty."""
+    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    for name in LOGGED:
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        if logger.propagate:
+            continue
+        for handler in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:
+            logger.removeHandler(handler)  # the previous job's, in a multirun
+        for handler in files:
+            logger.addHandler(handler)
+
+
 def report_errors(run: Callable[[], T]) -> T:
     """Run ``run``; an error that the app itself raised about the user's input (a ``ValueError``,
     ``FileNotFoundError`` or ``TypeError`` from inside lit_deltasam) prints as its message alone and exits
@@ -73,9 +93,14 @@ def _raised_here(error: BaseException) -> bool:
 
 def wandb_logger(**kwargs: object) -> object:
     """Lightning's ``WandbLogger``, without the ``anonymous=None`` it always hands ``wandb.init`` (which W&B
-    answers with a deprecation warning on every run)."""
+    answers with a deprecation warning on every run); in a multirun (Optuna trials included) the ``name`` ends in
+    ``-job<N>``, Hydra's job number, so that the sweep's runs can be told apart."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
     from lightning.pytorch.loggers import WandbLogger
 
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        kwargs["name"] = f"{kwargs.get('name') or 'run'}-job{HydraConfig.get().job.num}"
     logger = WandbLogger(**kwargs)  # type: ignore[arg-type]
     if logger._wandb_init.get("anonymous") is None:
         logger._wandb_init.pop("anonymous", None)

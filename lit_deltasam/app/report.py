@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import math
 import statistics
 from collections import defaultdict
@@ -18,6 +20,12 @@ from rich.console import Console
 from rich.table import Table
 
 SUMMARIZED = ("sam/sharpness", "sam/ess", "sam/max_weight", "sam/grad_norm")
+ERM_MEANINGLESS = ("sam/update_norm",)
+"""Logged for every method, but named and read as the sharpness-aware step's: left out of an ERM run's table."""
+FILE_LOG = logging.getLogger("lit_deltasam.report")
+"""Writes to the log file of the run only (:func:`~lit_deltasam.app.console.log_to_file`): the screen has the
+table already."""
+FILE_LOG.propagate = False
 
 
 class SharpnessSummary(Callback):
@@ -41,16 +49,38 @@ class SharpnessSummary(Callback):
         return {f"{key}_mean": self.sums[key] / self.counts[key] for key in self.sums}
 
 
-def print_table(
-    title: str, metrics: dict[str, float], console: Optional[Console] = None, caption: Optional[str] = None
-) -> None:
-    """The final table; ``caption`` (the run folder) goes under it, where a long path cannot wrap the title."""
-    table = Table(title=title, caption=caption)
+def cell(value: float) -> str:
+    """A table cell: four decimals, or four significant digits where four decimals would hide the value
+    (a learning rate of 6.25e-06) or overflow the column."""
+    if value == 0 or not math.isfinite(value) or 1e-2 <= abs(value) < 1e5:
+        return f"{value:.4f}"
+    return f"{value:.4g}"
+
+
+def shown(metrics: dict[str, float], method: str) -> dict[str, float]:
+    """The metrics of the final table: those that mean something for ``method``."""
+    return {k: v for k, v in metrics.items() if not (method == "erm" and k in ERM_MEANINGLESS)}
+
+
+def print_table(title: str, metrics: dict[str, float], console: Optional[Console] = None) -> None:
+    """The final table, also written to the run's log file (``train.log``, ``eval.log``)."""
+    table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in sorted(metrics):
-        table.add_row(key, f"{metrics[key]:.4f}")
+        table.add_row(key, cell(metrics[key]))
     (console or Console()).print(table)
+    text = Console(file=io.StringIO(), width=100)
+    text.print(table)
+    FILE_LOG.info("%s", text.file.getvalue().rstrip())  # type: ignore[attr-defined]
+
+
+def print_paths(paths: dict[str, Any]) -> None:
+    """Each path whole on a line of its own under its label, never wrapped, to be copied into the next command;
+    also written to the run's log file."""
+    lines = [line for label, path in paths.items() if path for line in (f"{label}:", str(path))]
+    print("\n".join(lines), flush=True)
+    FILE_LOG.info("%s", "\n".join(lines))
 
 
 def write_metrics(directory: str | Path, metrics: dict[str, float], config: dict[str, Any]) -> Path:
@@ -105,4 +135,5 @@ class ComparisonTable(HydraCallback):
             return
         table = comparison_markdown(runs, self.metrics, self.group_by)
         (sweep_dir / "comparison.md").write_text(table)
-        Console().print(table)
+        print(table)  # as written: rich would read the markdown's brackets as markup and wrap its rows
+        print_paths({"comparison table": sweep_dir / "comparison.md"})

@@ -109,6 +109,7 @@ class TrainSchema:
     lr_find: LrFindSchema = field(default_factory=LrFindSchema)
     test: bool = True
     test_final: bool = False
+    keep_checkpoints: bool = True
     ckpt_path: Optional[str] = None
     optimized_metric: Optional[str] = None
     task: TaskSchema = field(default_factory=TaskSchema)

@@ -36,7 +36,7 @@ class SharpnessProbe(Callback):
         batch_size: instances in the held-out batch (the first ones of the first
             validation batch).
         methods: name → config of each method to compare; by default SAM and the
-            module's own ``deltasam`` config.
+            module's own ``deltasam`` config (SAM alone under ERM, which has no correction to compare).
         hessian_iters: power iterations; 0 disables the eigenvalue.
         per_instance_impl: how the oracle computes per-instance SAM (``loop`` works for any model).
         seed: seeds the power iteration's starting vector.
@@ -85,11 +85,9 @@ class SharpnessProbe(Callback):
     def _configs(self, pl_module: L.LightningModule) -> dict[str, DeltaSAMConfig]:
         """The methods to compare; a probe is a computation on one rank, so every ascent is local."""
         own: DeltaSAMConfig = pl_module._deltasam_config()  # type: ignore[attr-defined, operator]
-        methods = (
-            self.methods
-            if self.methods is not None
-            else {"sam": DeltaSAMConfig(method="sam", rho=own.rho), own.method: own}
-        )
+        methods = self.methods
+        if methods is None:  # ERM makes no sharpness correction to compare: its cosine would be a constant 0
+            methods = {"sam": DeltaSAMConfig(method="sam", rho=own.rho), **({own.method: own} if own.perturbs else {})}
         return {name: replace(DeltaSAMConfig.coerce(cfg), ascent="local") for name, cfg in methods.items()}
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
