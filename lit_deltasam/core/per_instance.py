@@ -6,13 +6,19 @@ gives an instance the same dropout masks in its two forwards. ``vmap`` maps
 ``torch.func.grad`` of a ``functional_call`` over the instances, in chunks; it can be
 faster for small models whose forward is free of data-dependent control flow, and it
 refuses active dropout for the per-instance SAM gradient, whose masks it cannot share.
+
+In the loop, an embedding table's per-instance gradient is the few rows its instance's tokens select:
+on the host path (a CPU), the loop asks ``nn.Embedding`` for sparse gradients and perturbs, restores and
+accumulates those rows alone (:class:`Rows`). On an accelerator it keeps dense gradients, since coalescing
+rows reads their count on the host. A row's repeated tokens are summed in another order than in a dense
+gradient, so the results can differ from dense arithmetic in the last bits.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import nullcontext
-from typing import Optional
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import Optional, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +26,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from torch.utils._pytree import tree_map
 
 from .batch import Batch, LossFn, batch_size, check_losses, slice_batch
-from .decisions import on_device, scale_or_zero
+from .decisions import on_device, scale_or_zero, zero_non_finite_
 from .norms import total_norm
 from .randomness import RandomState
 from .snapshot import Snapshot
@@ -53,6 +59,59 @@ def check_instance_independent(module: nn.Module) -> None:
             )
 
 
+Grad = Union[Tensor, tuple[Tensor, Tensor]]
+"""A parameter's per-instance gradient: dense, or an embedding table's ``(rows, values)`` (rows distinct)."""
+
+
+class Rows:
+    """The embedding tables among ``params``, whose per-instance gradients the loop takes as the rows touched."""
+
+    def __init__(self, module: nn.Module, params: Sequence[Tensor]) -> None:
+        ids = {id(p) for p in params}
+        self.layers = [
+            m for m in module.modules() if isinstance(m, nn.Embedding) and id(m.weight) in ids and m.max_norm is None
+        ]
+
+    @contextmanager
+    def sparse(self) -> Iterator[None]:
+        """Forwards whose embedding gradients come back sparse, where decisions are taken on the host: on an
+        accelerator, coalescing the rows would read their count on the host once per gradient."""
+        layers = [m for m in self.layers if not on_device(m.weight.device)]
+        flags = [m.sparse for m in layers]
+        for m in layers:
+            m.sparse = True
+        try:
+            yield
+        finally:
+            for m, flag in zip(layers, flags):
+                m.sparse = flag
+
+
+def _rows(grads: Sequence[Tensor]) -> list[Grad]:
+    out: list[Grad] = []
+    for g in grads:
+        if g.is_sparse:
+            g = g.coalesce()
+            out.append((g.indices()[0], g.values()))
+        else:
+            out.append(g)
+    return out
+
+
+def _values(grads: Sequence[Grad]) -> list[Tensor]:
+    return [g[1] if isinstance(g, tuple) else g for g in grads]
+
+
+def _add_(targets: Sequence[Tensor], grads: Sequence[Grad]) -> None:
+    """``targets += grads``, a sparse gradient into its rows."""
+    dense = [(t, g) for t, g in zip(targets, grads) if not isinstance(g, tuple)]
+    if dense:
+        torch._foreach_add_([t for t, _ in dense], [g for _, g in dense])
+    for t, g in zip(targets, grads):
+        if isinstance(g, tuple):
+            t.index_add_(0, g[0], g[1])
+
+
 class PerInstance:
     """Per-instance gradient norms and per-instance SAM gradients of a loss function on ``module``.
 
@@ -81,6 +140,7 @@ class PerInstance:
         self.names = list(names)
         self.impl = impl
         self.chunk = chunk
+        self.rows = Rows(module, self.params)
 
     def grad_norms(self, loss_fn: LossFn, batch: Batch) -> Tensor:
         """``[n]`` norms ``||grad l_i(w)||`` over ``params``."""
@@ -90,9 +150,10 @@ class PerInstance:
         norms = []
         for i in range(self._size(batch)):
             instance = slice_batch(batch, slice(i, i + 1))
-            loss = self._instance_loss(loss_fn, instance)
-            grads = self._grads(loss)
-            norms.append(total_norm(grads))
+            with self.rows.sparse():
+                loss = self._instance_loss(loss_fn, instance)
+                grads = _rows(self._grads(loss))
+            norms.append(total_norm(_values(grads)))
         return torch.stack(norms)
 
     def sam_gradient(
@@ -128,30 +189,61 @@ class PerInstance:
             for i in range(n):
                 instance = slice_batch(batch, slice(i, i + 1))
                 random_state.capture()
-                loss = self._instance_loss(loss_fn, instance)
-                grads = self._grads(loss)
+                with self.rows.sparse():
+                    loss = self._instance_loss(loss_fn, instance)
+                    grads = _rows(self._grads(loss))
                 if with_plain:
-                    torch._foreach_add_(plain, grads)
-                norm = total_norm(grads)
+                    _add_(plain, grads)
+                norm = total_norm(_values(grads))
                 try:
                     if on_device(norm.device):  # eps_i = 0 where ||g_i|| is 0 or not finite, with no value read
-                        with torch.no_grad():
-                            torch._foreach_mul_(grads, scale_or_zero(rho, norm))
-                            torch._foreach_add_(self.params, grads)
+                        saved = self._perturb(grads, scale_or_zero(rho, norm))
                     elif norm > 0 and torch.isfinite(norm):
-                        with torch.no_grad():
-                            torch._foreach_add_(self.params, grads, alpha=rho / norm.item())
-                    with random_state.replay() if self.share_dropout else nullcontext():
+                        saved = self._perturb(grads, rho / norm.item())
+                    else:
+                        saved = []
+                    with self.rows.sparse(), random_state.replay() if self.share_dropout else nullcontext():
                         perturbed_loss = self._instance_loss(loss_fn, instance)
-                    torch._foreach_add_(total, self._grads(perturbed_loss))
-                finally:
+                        _add_(total, _rows(self._grads(perturbed_loss)))
+                except BaseException:
                     snapshot.restore()
+                    raise
+                self._restore(snapshot, saved)
                 clean.append(loss.detach().reshape(1))
                 perturbed.append(perturbed_loss.detach().reshape(1))
         torch._foreach_div_(total, n)
         if with_plain:
             torch._foreach_div_(plain, n)
         return total, torch.cat(clean), torch.cat(perturbed), plain if with_plain else None
+
+    @torch.no_grad()
+    def _perturb(self, grads: list[Grad], factor: Union[float, Tensor]) -> list[tuple[int, Tensor, Tensor]]:
+        """Move the parameters by ``factor * grads``: a dense gradient everywhere, a sparse one on its rows alone.
+        Returns the rows moved, ``(parameter index, rows, their values before)``."""
+        dense = [i for i, g in enumerate(grads) if not isinstance(g, tuple)]
+        moves = [cast(Tensor, grads[i]) for i in dense]
+        saved = []
+        for i, g in enumerate(grads):
+            if isinstance(g, tuple):
+                saved.append((i, g[0], self.params[i][g[0]]))
+                moves.append(g[1])
+        if isinstance(factor, Tensor):
+            torch._foreach_mul_(moves, factor)
+            zero_non_finite_(moves)  # inf * 0 is NaN: eps_i must be exactly 0
+            torch._foreach_add_([self.params[i] for i in dense], moves[: len(dense)])
+        else:
+            torch._foreach_add_([self.params[i] for i in dense], moves[: len(dense)], alpha=factor)
+        for (i, rows, _), values in zip(saved, moves[len(dense) :]):
+            self.params[i].index_add_(0, rows, values, alpha=1.0 if isinstance(factor, Tensor) else factor)
+        return saved
+
+    @torch.no_grad()
+    def _restore(self, snapshot: Snapshot, saved: list[tuple[int, Tensor, Tensor]]) -> None:
+        """Put back the parameters moved by :meth:`_perturb`: the dense ones from ``snapshot``, the rows by copy."""
+        moved_rows = {i for i, _, _ in saved}
+        snapshot.restore([i for i in range(len(self.params)) if i not in moved_rows])
+        for i, rows, values in saved:
+            self.params[i].index_copy_(0, rows, values)
 
     @property
     def device(self) -> torch.device:
