@@ -185,11 +185,39 @@ def test_unbatchable_models_run_the_loop_and_say_why_once(setup, match):
         assert torch.equal(a, b)
 
 
-def test_deltasam_runs_the_loop_and_says_why():
+@pytest.mark.parametrize("weighted_descent", [False, True])
+@pytest.mark.parametrize("m", [4, 5])
+def test_deltasam_head_batched_equals_the_loop(m, weighted_descent):
+    """δ-SAM with the head estimator: lambda from each group's head scores, normalized within the group. The
+    first step finds the head layer in the loop; the second runs batched."""
+    x, y = classification_data(n=16)
+    options = dict(method="deltasam", estimator="head", beta=-1.0, rho=RHO, m_sharpness=m)
+    out = {}
+    for impl in ("loop", "batched"):
+        torch.manual_seed(0)
+        model = MLP().double()
+        engine = DeltaSAM(model, grouped(impl, weighted_descent=weighted_descent, **options))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # no fallback
+            for _ in range(2):
+                model.zero_grad(set_to_none=True)
+                result = engine.step(model.losses, (x.double(), y), plain_grad=True)
+        out[impl] = ([p.grad.clone() for p in model.parameters()], result)
+    (loop_grads, loop), (grads, batched) = out["loop"], out["batched"]
+    for a, b in zip(loop_grads, grads):
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=0)
+    for field in ("losses", "perturbed_losses", "weights", "grad_norm", "eps_norm"):
+        torch.testing.assert_close(getattr(batched, field), getattr(loop, field), atol=1e-12, rtol=0)
+    for a, b in zip(loop.plain_grad, batched.plain_grad):
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=0)
+    assert not torch.allclose(batched.weights, torch.full_like(batched.weights, 1 / 16))  # lambda is not uniform
+
+
+def test_deltasam_with_a_probing_estimator_runs_the_loop_and_says_why():
     x, y = classification_data(n=16)
     model = MLP().double()
-    engine = DeltaSAM(model, grouped("batched", method="deltasam", estimator="head", rho=RHO, m_sharpness=4))
-    with pytest.warns(RuntimeWarning, match="method='deltasam' scores its instances"):
+    engine = DeltaSAM(model, grouped("batched", method="deltasam", estimator="probe", rho=RHO, m_sharpness=4))
+    with pytest.warns(RuntimeWarning, match="estimator='probe' scores each group"):
         engine.step(model.losses, (x.double(), y))
 
 

@@ -487,9 +487,11 @@ class DeltaSAM:
         cfg = self.config
         if getattr(cfg, "group_impl", "loop") != "batched" or self.__dict__.get("_unbatchable"):
             return None
-        reason = unbatchable(self.module, cfg.method, self.params)
+        reason = unbatchable(self.module, cfg.method, self.params, cfg.estimator)
         if reason is not None:
             warn_once(self, reason)
+            return None
+        if self._head is not None and self._head.layer is None:  # the loop's first step finds the head layer
             return None
         groups = self.__dict__.get("_groups")
         if groups is None:
@@ -511,6 +513,9 @@ class DeltaSAM:
                 unscaled=getattr(self, "_unscaled", None),
                 share_dropout=cfg.share_dropout,
                 plain_grad=ctx.plain_grad,
+                head=self._head,
+                weigh=self._group_weights if cfg.reweights else None,
+                weighted_descent=cfg.weighted_descent,
             )
         except RuntimeError as error:  # an op vmap cannot batch: this model runs the loop from now on
             if "vmap" not in str(error) and "atching rule" not in str(error):
@@ -525,9 +530,13 @@ class DeltaSAM:
             )
         n = sum(step.sizes)
         device = step.losses.device
-        weights = torch.cat(
-            [torch.full((k,), 1.0 / k, dtype=torch.float64, device=device) * (k / n) for k in step.sizes]
-        )
+        if step.weights is not None:
+            shares = torch.tensor([k / n for k in step.sizes], dtype=torch.float64, device=device)
+            weights = step.weights * shares.repeat_interleave(torch.tensor(step.sizes, device=device))
+        else:
+            weights = torch.cat(
+                [torch.full((k,), 1.0 / k, dtype=torch.float64, device=device) * (k / n) for k in step.sizes]
+            )
         return StepResult(
             losses=step.losses,
             perturbed_losses=step.perturbed_losses,
@@ -538,6 +547,11 @@ class DeltaSAM:
             perturbed=step.applied,
             plain_grad=step.plain_grad,
         )
+
+    def _group_weights(self, scores: Tensor) -> Tensor:
+        """One group's lambda from its instances' scores."""
+        cfg = self.config
+        return instance_weights(scores, cfg.beta, floor=cfg.weight_floor, clip=(cfg.weight_min, cfg.weight_max))
 
     def _two_pass(
         self, ctx: _Step, grads_before: list[Optional[Tensor]], *, share: float = 1.0, copy: bool = True

@@ -36,12 +36,13 @@ from torch.utils._pytree import tree_map
 from .batch import Batch, LossFn, batch_size, check_losses, slice_batch
 from .decisions import on_device
 from .distributed import world_size
+from .guardedness import HeadTap
 from .per_instance import _LossModule
 from .randomness import RandomState
 from .sharding import is_sharded
 
 IMPLS = ("loop", "batched")
-BATCHED_METHODS = ("sam", "asam", "per_instance")
+BATCHED_METHODS = ("sam", "asam", "per_instance", "deltasam")
 
 
 def _hooked(module: nn.Module) -> Optional[str]:
@@ -56,10 +57,14 @@ def _instances(t: object) -> bool:
     return isinstance(t, Tensor) and t.ndim > 0
 
 
-def unbatchable(module: nn.Module, method: str, params: Sequence[Tensor]) -> Optional[str]:
+def unbatchable(
+    module: nn.Module, method: str, params: Sequence[Tensor], estimator: Optional[str] = None
+) -> Optional[str]:
     """Why the groups of a step on ``module`` cannot run batched, or ``None`` when they can."""
     if method not in BATCHED_METHODS:
-        return f"method={method!r} scores its instances on the clean forward; batched groups run {BATCHED_METHODS}"
+        return f"method={method!r} is not one of {BATCHED_METHODS}"
+    if method == "deltasam" and estimator != "head":
+        return f"estimator={estimator!r} scores each group with passes of its own; batched groups score with 'head'"
     if world_size() > 1:
         return "under data parallelism the batched passes would bypass the wrapper's forward (DDP's reducer)"
     if any(is_sharded(p) for p in params):
@@ -94,6 +99,8 @@ class GroupedStep:
 
     losses: Tensor
     perturbed_losses: Tensor
+    weights: Optional[Tensor]
+    """Each instance's lambda within its group (``None`` for uniform weights)."""
     sizes: list[int]
     """Each group's number of instances."""
     grad_norms: Tensor
@@ -150,16 +157,22 @@ class BatchedGroups:
         unscaled: Optional[Sequence[bool]] = None,
         share_dropout: bool = True,
         plain_grad: bool = False,
+        head: Optional[HeadTap] = None,
+        weigh: Optional[Callable[[Tensor], Tensor]] = None,
+        weighted_descent: bool = False,
     ) -> GroupedStep:
         """Add ``(1/n) sum_i grad l_i(w + eps_k(i))`` to ``.grad`` through ``backward``; the weights stay at w.
 
-        ``descent_sync(last)`` is the context of a pass's descent, ``last`` for the batch's final pass.
+        ``descent_sync(last)`` is the context of a pass's descent, ``last`` for the batch's final pass. With
+        ``head`` (a :class:`HeadTap` whose layer is known) and ``weigh`` (one group's scores to its lambda), each
+        group's ascent is ``sum_i lambda_i grad l_i(w)``, and with ``weighted_descent`` its descent is weighted too.
         """
         n = batch_size(batch)
         assert n is not None
         self._loss = _LossModule(self.module, loss_fn)
         self._ascent_sync, self._backward, self._share_dropout = ascent_sync, backward, share_dropout
         self._rho, self._adaptive, self._eta, self._unscaled = rho, adaptive, eta, unscaled
+        self._head, self._weigh, self._weighted_descent = head, weigh, weighted_descent
         plain = [torch.zeros_like(p) for p in self.params] if plain_grad else None
         passes = self.passes(n, m)
         out = []
@@ -170,6 +183,7 @@ class BatchedGroups:
         return GroupedStep(
             losses=torch.cat([o[0] for o in out]),
             perturbed_losses=torch.cat([o[1] for o in out]),
+            weights=torch.cat([cast(Tensor, o[5]) for o in out]) if weigh is not None else None,
             sizes=[size for _, count, size in passes for _ in range(count)],
             grad_norms=torch.cat([o[2] for o in out]),
             eps_norms=torch.cat([o[3] for o in out]),
@@ -177,16 +191,56 @@ class BatchedGroups:
             plain_grad=plain,
         )
 
-    def _losses(self, stacked: dict[str, Tensor], shared: dict[str, Tensor], part: Batch, count: int) -> Tensor:
-        """``[count, size]`` losses of the groups of ``part``, group k at the parameters ``stacked[:, k]``."""
+    def _losses(
+        self, stacked: dict[str, Tensor], shared: dict[str, Tensor], part: Batch, count: int, tap: bool = False
+    ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        """``[count, size]`` losses of the groups of ``part``, group k at the parameters ``stacked[:, k]``; with
+        ``tap``, also the head layer's ``[count, size, D]`` input and a zero ``[n, C]`` leaf added to its output,
+        whose gradient is the loss's gradient at the head's output (vmap's outputs are not in the graph)."""
         grouped = tree_map(lambda t: t.unflatten(0, (count, -1)) if _instances(t) else t, part)
         in_dims = tree_map(lambda t: 0 if _instances(t) else None, grouped)
+        layer = self._head.layer if tap and self._head is not None else None
+        device = self.params[0].device
+        if layer is None:
 
-        def group_losses(params: dict[str, Tensor], group: Batch) -> Tensor:
-            return functional_call(self._loss, {**params, **shared}, (group,))
+            def group_losses(params: dict[str, Tensor], group: Batch) -> Tensor:
+                return functional_call(self._loss, {**params, **shared}, (group,))
 
-        out = vmap(group_losses, in_dims=(0, in_dims), randomness="different")(stacked, grouped)
-        return check_losses(out.reshape(-1), part, self.params[0].device).reshape(count, -1)
+            out = vmap(group_losses, in_dims=(0, in_dims), randomness="different")(stacked, grouped)
+            return check_losses(out.reshape(-1), part, device).reshape(count, -1), None, None
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        zero = torch.zeros(
+            batch_size(part), layer.out_features, dtype=dtype or layer.weight.dtype, device=device, requires_grad=True
+        )
+
+        def tapped_losses(params: dict[str, Tensor], group: Batch, added: Tensor) -> tuple[Tensor, Tensor]:
+            inputs: list[Tensor] = []
+
+            def hook(_: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> Tensor:
+                inputs.append(args[0])
+                return out + added.to(out.dtype)
+
+            handle = layer.register_forward_hook(hook)
+            try:
+                losses = functional_call(self._loss, {**params, **shared}, (group,))
+            finally:
+                handle.remove()
+            if len(inputs) != 1:
+                raise RuntimeError(f"the head layer ran {len(inputs)} times in one forward; the head estimator needs 1")
+            return losses, inputs[0]
+
+        losses, h = vmap(tapped_losses, in_dims=(0, in_dims, 0), randomness="different")(
+            stacked, grouped, zero.unflatten(0, (count, -1))
+        )
+        return check_losses(losses.reshape(-1), part, device).reshape(count, -1), h, zero
+
+    def _weights(self, clean: Tensor, h: Tensor, z: Tensor) -> Tensor:
+        """Each group's lambda from the head's scores, ``[count, size]``."""
+        assert self._head is not None and self._weigh is not None
+        tap = self._head  # hand it the batched forward's head input and output, as its hook would
+        tap._input, tap._output, tap._calls = h.flatten(0, 1).detach(), z, 1
+        scores = tap.scores(clean.reshape(-1)).reshape(clean.shape)
+        return torch.stack([self._weigh(group) for group in scores])
 
     def _pass(
         self,
@@ -196,22 +250,33 @@ class BatchedGroups:
         n: int,
         plain: Optional[list[Tensor]],
         descent_sync: Callable[[], AbstractContextManager],
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """The ascent and descent of ``count`` groups of ``size``: losses, perturbed losses, and per group
-        ``||g_k||``, ``||eps_k||`` and whether eps_k was applied."""
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Optional[Tensor]]:
+        """The ascent and descent of ``count`` groups of ``size``: losses, perturbed losses, per group ``||g_k||``,
+        ``||eps_k||`` and whether eps_k was applied, and each instance's lambda (``None`` when uniform)."""
         device = self.params[0].device
         random_state = RandomState(device) if self._share_dropout else None
         if random_state is not None:
             random_state.capture()
         views = [p.detach().expand(count, *p.shape).requires_grad_() for p in self.params]
         fixed = {name: p.detach() for name, p in self.unperturbed.items()}
+        weights = None
         with self._ascent_sync():
-            clean = self._losses(dict(zip(self.names, views)), fixed, part, count)
-            self._backward(clean.mean(1).sum())
+            clean, h, z = self._losses(dict(zip(self.names, views)), fixed, part, count, tap=self._weigh is not None)
+            if h is not None and z is not None:
+                weights = self._weights(clean, h, z)
+                if plain is not None:
+                    mean = torch.autograd.grad(clean.sum() / n, views, retain_graph=True, allow_unused=True)
+                    for p, g in zip(plain, mean):
+                        if g is not None:
+                            p.add_(g.sum(0))
+                ascent = (weights.to(clean.dtype) * clean).sum()
+            else:
+                ascent = clean.mean(1).sum()
+            self._backward(ascent)
         grads = [v.grad for v in views]
         del views
         live = [i for i, g in enumerate(grads) if g is not None]
-        if plain is not None:
+        if plain is not None and weights is None:
             share = torch.full((count,), size / n, dtype=self.params[0].dtype, device=device)
             for i in live:
                 plain[i].add_(torch.tensordot(share, grads[i], dims=1))  # type: ignore[arg-type]
@@ -228,9 +293,13 @@ class BatchedGroups:
         del grads
         with descent_sync():
             with random_state.replay() if random_state is not None else nullcontext():
-                perturbed = self._losses(moved, self.unperturbed, part, count)
-            self._backward(perturbed.sum() / n)
-        return clean.detach().reshape(-1), perturbed.detach().reshape(-1), norm, eps_norm, ok
+                perturbed = self._losses(moved, self.unperturbed, part, count)[0]
+            if weights is not None and self._weighted_descent:
+                self._backward((weights.to(perturbed.dtype) * perturbed).sum() * (size / n))
+            else:
+                self._backward(perturbed.sum() / n)
+        flat = None if weights is None else weights.reshape(-1)
+        return clean.detach().reshape(-1), perturbed.detach().reshape(-1), norm, eps_norm, ok, flat
 
     @torch.no_grad()
     def _to_moved(
