@@ -265,9 +265,18 @@ def test_m_sharpness_moves_batchnorm_statistics_once_per_step():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("options", [dict(method="sam", m_sharpness=4), dict(method="per_instance")], ids=str)
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(method="sam", m_sharpness=4),
+        dict(method="deltasam", estimator="head", m_sharpness=4),
+        dict(method="per_instance"),
+    ],
+    ids=str,
+)
 def test_minilm_weights_after_three_steps_equal_the_loops(options):
-    """MiniLM in eval mode (no dropout: the two paths draw other masks), batch 8, AdamW, three steps."""
+    """MiniLM in eval mode (no dropout: the two paths draw other masks), batch 8, AdamW, three steps (δ-SAM's
+    first step finds the head layer in the loop)."""
     import sys
     from pathlib import Path
 
@@ -318,3 +327,31 @@ def test_a_group_whose_ascent_overflows_descends_at_w(impl, on_device):
     torch.testing.assert_close(model.w.grad, expected, atol=tolerance, rtol=0)
     assert torch.equal(model.w.detach(), w)
     assert bool(result.perturbed) is False
+
+
+class Branching(MLP):
+    """Reads a value in its forward (data-dependent control flow), which vmap cannot batch."""
+
+    def forward(self, x):
+        return self.net(x) if x.sum() > -1e9 else -self.net(x)
+
+
+def test_a_model_vmap_cannot_run_falls_back_to_the_loop_and_says_why_once():
+    x, y = classification_data(n=16)
+    grads = []
+    for impl in ("loop", "batched"):
+        torch.manual_seed(0)
+        model = Branching().double()
+        engine = DeltaSAM(model, grouped(impl, method="sam", rho=RHO, m_sharpness=4))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                model.zero_grad(set_to_none=True)
+                engine.step(model.losses, (x.double(), y))
+        said = [w for w in caught if "runs the loop instead" in str(w.message)]
+        assert len(said) == (impl == "batched")
+        if said:
+            assert "vmap cannot run this model" in str(said[0].message)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
