@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, List, Optional, Union
@@ -286,16 +287,25 @@ class DeltaSAMConfig:
         return rule is None or rule(self)
 
     def _refuse_unused(self, given: list[str]) -> None:
-        """A field set away from its default that the method, beta or estimator never reads is an error."""
+        """A field set away from its default that the method, beta or estimator never reads is an error; under
+        ERM, the baseline of every comparison sweep, which reads no method field, a warning naming them."""
         unused = [name for name in given if not self.applies(name)]
-        if unused:
-            name = unused[0]
-            value = getattr(self, name)
-            raise ValueError(
-                f"DeltaSAMConfig.{name}={value!r} does nothing with {self._context()}: {_WHERE[name]}; "
-                f"remove it (leave it unset) or change the method"
-                + (f" (also unused: {', '.join(unused[1:])})" if unused[1:] else "")
+        if not unused:
+            return
+        if self.method == "erm":
+            settings = ", ".join(f"{name}={getattr(self, name)!r}" for name in unused)
+            warnings.warn(
+                f"DeltaSAMConfig(method='erm') takes plain steps: {settings} have no effect",
+                UserWarning,
+                stacklevel=4,
             )
+            return
+        name = unused[0]
+        raise ValueError(
+            f"DeltaSAMConfig.{name}={getattr(self, name)!r} does nothing with {self._context()}: {_WHERE[name]}; "
+            f"remove it (leave it unset) or change the method"
+            + (f" (also unused: {', '.join(unused[1:])})" if unused[1:] else "")
+        )
 
     def _context(self) -> str:
         out = f"method={self.method!r}"

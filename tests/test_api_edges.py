@@ -80,8 +80,6 @@ UNUSED = [
     (dict(method="deltasam", beta=0.0, estimator="probe"), "estimator='probe' does nothing with .*beta=0.0"),
     (dict(method="deltasam", estimator="head", probe_params=["x*"]), "probe_params=\\['x\\*'\\] does nothing"),
     (dict(method="deltasam", head="net.3", estimator="probe"), "head='net.3' does nothing"),
-    (dict(method="erm", rho=0.05), "rho=0.05 does nothing with method='erm'"),
-    (dict(method="erm", ascent="global"), "ascent='global' does nothing with method='erm'"),
     (dict(method="sam", rho_warmup=5), "rho_warmup=5 does nothing"),
     (dict(method="sam", reuse_alpha=0.5), "reuse_alpha=0.5 does nothing"),
     (dict(method="per_instance", per_instance_chunk=4), "per_instance_chunk=4 does nothing"),
@@ -92,6 +90,12 @@ UNUSED = [
 def test_a_setting_the_method_never_reads_is_refused_by_name(options, match):
     with pytest.raises(ValueError, match=match):
         DeltaSAMConfig(**options)
+
+
+def test_erm_the_baseline_of_a_sweep_warns_of_the_method_fields_it_ignores():
+    with pytest.warns(UserWarning, match=r"method='erm'\) takes plain steps: rho=0.05, rho_schedule='constant', beta"):
+        config = DeltaSAMConfig(method="erm", rho=0.05, rho_schedule="constant", beta=-1.0)
+    assert config.rho == 0.05 and not config.perturbs
 
 
 def test_unset_fields_take_per_method_defaults_and_round_trip():
