@@ -355,3 +355,34 @@ def test_a_model_vmap_cannot_run_falls_back_to_the_loop_and_says_why_once():
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+
+
+def test_hugging_face_attention_runs_eager_in_the_batched_passes_and_sdpa_after():
+    """A BERT with SDPA: the batched passes use its eager attention (SDPA has no vmap batching rule, so vmap
+    would warn and run it group by group), agree with the loop's SDPA step, and leave SDPA chosen."""
+    from transformers import BertConfig
+
+    from lit_deltasam.models.encoders import HFClassifier
+
+    spec = BertConfig(
+        vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, num_labels=2
+    ).to_dict()
+    g = torch.Generator().manual_seed(0)
+    ids, labels = torch.randint(1, 30, (8, 6), generator=g), torch.randint(0, 2, (8,), generator=g)
+    mask = torch.ones_like(ids)
+    mask[:, -2:] = 0
+    grads = []
+    for impl in ("loop", "batched"):
+        torch.manual_seed(0)
+        model = HFClassifier("tiny", 2, "sdpa", spec).double().eval()
+
+        def losses(batch, model=model):
+            return nn.functional.cross_entropy(model(batch[0], batch[1]), batch[2], reduction="none")
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # vmap's "performance drop" warning for a kernel without a batching rule
+            DeltaSAM(model, grouped(impl, method="sam", rho=RHO, m_sharpness=2)).step(losses, (ids, mask, labels))
+        assert model.model.config._attn_implementation == "sdpa"
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=0)

@@ -11,7 +11,8 @@ gradient for each), which ``chunk`` bounds. Per-instance SAM is the case m = 1.
 Dropout: under ``vmap`` each group draws its own masks, and the descent replays the clean forward's random
 state, so every instance sees the same masks in its two forwards, as in the loop; the masks are drawn layer by
 layer across the chunk's groups instead of group by group, so they are other draws of the same distribution
-than the loop's.
+than the loop's. Hugging Face models run their eager attention in these passes (:func:`eager_attention`),
+whose dropout on the attention probabilities draws other masks than SDPA's.
 
 :class:`GroupBuffers` keeps a grouped step's buffers to one move, as a whole-batch step makes: each group's
 clean pass starts from the step's buffers, and they end moved by the share-weighted mean of the groups' moves.
@@ -22,8 +23,8 @@ of the groups' variances (in training mode each group is normalised with its own
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Optional, cast
@@ -78,6 +79,24 @@ def unbatchable(
     if hooked is not None:
         return f"module {hooked!r} has hooks, which would see vmap's batched tensors"
     return None
+
+
+@contextmanager
+def eager_attention(module: nn.Module) -> Iterator[None]:
+    """Hugging Face attention through its eager kernels: SDPA has no vmap batching rule, and vmap would run it
+    one group at a time. HF reads the choice at every forward; it is put back after."""
+    configs = {}
+    for layer in module.modules():
+        config = getattr(layer, "config", None)
+        if getattr(config, "_attn_implementation", None) == "sdpa":
+            configs[id(config)] = config
+    for config in configs.values():
+        config._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        for config in configs.values():
+            config._attn_implementation = "sdpa"
 
 
 class _Moved(torch.autograd.Function):
@@ -176,9 +195,10 @@ class BatchedGroups:
         plain = [torch.zeros_like(p) for p in self.params] if plain_grad else None
         passes = self.passes(n, m)
         out = []
-        for index, (start, count, size) in enumerate(passes):
-            part = slice_batch(batch, slice(start, start + count * size))
-            out.append(self._pass(part, count, size, n, plain, partial(descent_sync, index == len(passes) - 1)))
+        with eager_attention(self.module):
+            for index, (start, count, size) in enumerate(passes):
+                part = slice_batch(batch, slice(start, start + count * size))
+                out.append(self._pass(part, count, size, n, plain, partial(descent_sync, index == len(passes) - 1)))
         ok = torch.cat([o[4] for o in out]).all()
         return GroupedStep(
             losses=torch.cat([o[0] for o in out]),
