@@ -37,11 +37,12 @@ grid about 4–5 hours, the levers about 8 more, the confirmation about 5 more);
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from common import save, t_interval
+from common import RESULTS, save, t_interval
 from runs import LEGACY_LR, TUNE, Method, is_tuned, key, rows_by_key, run_all
 
 from lit_deltasam import DeltaSAMConfig
@@ -294,7 +295,9 @@ def write_reports() -> str:
     text, summary = suite_report()
     save("recipe_suite", {"command": "python recipe.py --report", "table": text, **summary})
     early, early_summary = report(argparse.Namespace(**EARLY_ARGS))
-    save("recipe", {"args": EARLY_ARGS, "table": early, **early_summary})
+    saved = RESULTS / "recipe.json"
+    if not saved.exists() or json.loads(saved.read_text())["table"] != early:
+        save("recipe", {"args": EARLY_ARGS, "table": early, **early_summary})
     return text
 
 
