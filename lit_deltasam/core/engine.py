@@ -551,67 +551,31 @@ class DeltaSAM:
     def _group_weights(self, scores: Tensor) -> Tensor:
         """One group's lambda from its instances' scores."""
         cfg = self.config
-        return instance_weights(scores, cfg.beta, floor=cfg.weight_floor, clip=(cfg.weight_min, cfg.weight_max))
+        beta, floor, low, high = cfg.beta, cfg.weight_floor, cfg.weight_min, cfg.weight_max
+        assert beta is not None and floor is not None and low is not None and high is not None  # resolved
+        return instance_weights(scores, beta, floor=floor, clip=(low, high))
 
     def _two_pass(
         self, ctx: _Step, grads_before: list[Optional[Tensor]], *, share: float = 1.0, copy: bool = True
     ) -> StepResult:
         """Ascent and descent on ``ctx.batch``; the descent's loss is multiplied by ``share``."""
         cfg = self.config
-        loss_fn, batch, backward, no_sync, rho = ctx.loss_fn, ctx.batch, ctx.backward, ctx.no_sync, ctx.rho
         # A local ascent keeps both its forward and its backward out of the all-reduce:
         # raw DDP decides at forward time, Lightning at backward time.
-        ascent_sync = no_sync if cfg.ascent == "local" else nullcontext
+        ascent_sync = ctx.no_sync if cfg.ascent == "local" else nullcontext
         random_state = RandomState(self.device) if cfg.share_dropout else None
         if random_state is not None:
             random_state.capture()
-        with ExitStack() as taps:
-            taps.enter_context(ascent_sync())
-            if self._head is not None:
-                taps.enter_context(self._head)
-            if self._prober is not None and self._prober.cache is not None:
-                taps.enter_context(self._prober.cache.record())
-            losses = check_losses(loss_fn(batch), batch, self.device, scalar=self._scalar)
+        losses = self._clean_pass(ctx, ascent_sync)
         self._buffers_clean.capture()
         try:
-            batch_weights, mine = self._weights(loss_fn, batch, losses, random_state, no_sync)
+            batch_weights, mine = self._weights(ctx.loss_fn, ctx.batch, losses, random_state, ctx.no_sync)
             # Under a global ascent DDP averages over ranks; scaling by the rank count makes
             # the all-reduced gradient sum_i lambda_i g_i over the global batch.
             weights = batch_weights[mine] * (world_size() if cfg.ascent == "global" else 1)
-            ascent_loss = (weights.to(losses.dtype) * losses).sum() if cfg.reweights else losses.mean()
-            plain = None
-            if ctx.plain_grad and cfg.reweights:
-                grads = torch.autograd.grad(losses.mean(), self.params, retain_graph=True, allow_unused=True)
-                plain = _distinct([torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)])
-            with ascent_sync():
-                backward(ascent_loss)
-            if ctx.plain_grad and not cfg.reweights:
-                plain = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in self.params]
-            with_grad = [i for i, p in enumerate(self.params) if p.grad is not None]
-            grad_norm, eps_norm, applied = perturb(
-                [self.params[i] for i in with_grad],
-                [cast(Tensor, self.params[i].grad) for i in with_grad],
-                rho,
-                adaptive=cfg.method == "asam",
-                eta=cfg.asam_eta or 0.0,
-                unscaled=[self._unscaled[i] for i in with_grad],
-                reduce_squares=self.reduce_squares,
-                device=self.device,
-            )
-            del with_grad
-            if applied is not False and self.params[0].dtype in (torch.float16, torch.bfloat16):
-                # what the weights moved, after rounding to their dtype: 16-bit weights can round eps away
-                eps_norm = self._params_before.change_norm(self.reduce_squares, self.device)
-                self._warn_if_16_bit_weights(rho, eps_norm)
+            plain, grad_norm, eps_norm, applied = self._ascend(ctx, losses, weights, ascent_sync)
             put_grads(self.updated, grads_before, copy=copy)
-            with self._descent_sync(no_sync, ctx.sync_descent):
-                with random_state.replay() if random_state is not None else nullcontext():
-                    perturbed = check_losses(loss_fn(batch), batch, self.device, scalar=self._scalar)
-                if cfg.weighted_descent:
-                    descent_loss = (weights.to(perturbed.dtype) * perturbed).sum()
-                else:
-                    descent_loss = perturbed.mean()
-                backward(descent_loss * share if share != 1.0 else descent_loss)
+            perturbed = self._descend(ctx, weights, random_state, share)
         finally:
             self._params_before.restore()
             self._buffers_clean.restore()
@@ -626,6 +590,60 @@ class DeltaSAM:
             plain_grad=plain,
             plain_grad_synced=cfg.ascent == "global" and not cfg.reweights,
         )
+
+    def _clean_pass(self, ctx: _Step, ascent_sync: NoSync) -> Tensor:
+        """``l_i(w)``, with the estimator's taps on the forward (the head's inputs, the probes' cached layers)."""
+        with ExitStack() as taps:
+            taps.enter_context(ascent_sync())
+            if self._head is not None:
+                taps.enter_context(self._head)
+            if self._prober is not None and self._prober.cache is not None:
+                taps.enter_context(self._prober.cache.record())
+            return check_losses(ctx.loss_fn(ctx.batch), ctx.batch, self.device, scalar=self._scalar)
+
+    def _ascend(
+        self, ctx: _Step, losses: Tensor, weights: Tensor, ascent_sync: NoSync
+    ) -> tuple[Optional[list[Tensor]], Tensor, Tensor, bool | Tensor]:
+        """The ascent gradient's backward and the move to ``w + eps``: (LookSAM's plain gradient, ``||g||``,
+        ``||eps||``, applied)."""
+        cfg = self.config
+        ascent_loss = (weights.to(losses.dtype) * losses).sum() if cfg.reweights else losses.mean()
+        plain = None
+        if ctx.plain_grad and cfg.reweights:
+            grads = torch.autograd.grad(losses.mean(), self.params, retain_graph=True, allow_unused=True)
+            plain = _distinct([torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)])
+        with ascent_sync():
+            ctx.backward(ascent_loss)
+        if ctx.plain_grad and not cfg.reweights:
+            plain = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in self.params]
+        with_grad = [i for i, p in enumerate(self.params) if p.grad is not None]
+        grad_norm, eps_norm, applied = perturb(
+            [self.params[i] for i in with_grad],
+            [cast(Tensor, self.params[i].grad) for i in with_grad],
+            ctx.rho,
+            adaptive=cfg.method == "asam",
+            eta=cfg.asam_eta or 0.0,
+            unscaled=[self._unscaled[i] for i in with_grad],
+            reduce_squares=self.reduce_squares,
+            device=self.device,
+        )
+        if applied is not False and self.params[0].dtype in (torch.float16, torch.bfloat16):
+            # what the weights moved, after rounding to their dtype: 16-bit weights can round eps away
+            eps_norm = self._params_before.change_norm(self.reduce_squares, self.device)
+            self._warn_if_16_bit_weights(ctx.rho, eps_norm)
+        return plain, grad_norm, eps_norm, applied
+
+    def _descend(self, ctx: _Step, weights: Tensor, random_state: Optional[RandomState], share: float) -> Tensor:
+        """``l_i(w + eps)`` under the clean pass's random state, and its backward into ``.grad`` (G)."""
+        with self._descent_sync(ctx.no_sync, ctx.sync_descent):
+            with random_state.replay() if random_state is not None else nullcontext():
+                perturbed = check_losses(ctx.loss_fn(ctx.batch), ctx.batch, self.device, scalar=self._scalar)
+            if self.config.weighted_descent:
+                descent_loss = (weights.to(perturbed.dtype) * perturbed).sum()
+            else:
+                descent_loss = perturbed.mean()
+            ctx.backward(descent_loss * share if share != 1.0 else descent_loss)
+        return perturbed
 
     def _weights(
         self, loss_fn: LossFn, batch: Batch, losses: Tensor, random_state: Optional[RandomState], no_sync: NoSync
@@ -643,10 +661,7 @@ class DeltaSAM:
             scores, mine = gather_instances(scores)
         else:
             mine = slice(0, n)
-        beta, floor, low, high = cfg.beta, cfg.weight_floor, cfg.weight_min, cfg.weight_max
-        assert beta is not None and floor is not None and low is not None and high is not None  # resolved
-        weights = instance_weights(scores, beta, floor=floor, clip=(low, high))
-        return weights, mine
+        return self._group_weights(scores), mine
 
     def _warn_if_16_bit_weights(self, rho: float, eps_norm: Tensor) -> None:
         if self._warned_16_bit_eps:
