@@ -147,7 +147,8 @@ def compile_part(model_name: str, rounds: int, batch_size: int, length: int) -> 
             module, batch, optimizer, device = setup(model_name, batch_size, length)
             if mode == "compiled":
                 module.encoder = torch.compile(module.encoder)
-            loop = DeltaSAMOptimizer(module, optimizer, DeltaSAMConfig(method=name, rho_schedule="constant"))
+            schedule = {} if name == "erm" else dict(rho_schedule="constant")
+            loop = DeltaSAMOptimizer(module, optimizer, DeltaSAMConfig(method=name, **schedule))
             for r in range(rounds + 2):  # two warm-up steps: the compilation
                 if device.type == "cuda":
                     torch.cuda.synchronize()
@@ -244,7 +245,8 @@ def syncs_part(model_name: str, batch_size: int, length: int) -> dict[str, Any]:
         for on_device in (True, False):
             module.load_state_dict(initial)
             optimizer = torch.optim.AdamW(module.parameters(), lr=1e-5, fused=True)  # as setup builds it
-            loop = DeltaSAMOptimizer(module, optimizer, DeltaSAMConfig(rho_schedule="constant", **options), seed=0)
+            schedule = {} if options["method"] == "erm" else dict(rho_schedule="constant")
+            loop = DeltaSAMOptimizer(module, optimizer, DeltaSAMConfig(**schedule, **options), seed=0)
             with decisions_on_device(on_device):
                 loop.step(module.per_sample_loss, batch)  # the first step checks more, once
                 for _ in range(3):
@@ -340,8 +342,15 @@ def main() -> None:
     rounds, steps = (1, 3) if args.smoke else (8, 6)
     batch_size, length = (8, 32) if args.smoke else (32, 128)
     result: dict[str, Any] = {"machine": machine(), "smoke": args.smoke, "cuda": torch.cuda.is_available()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every part, so that a run cut short by a time limit keeps the parts it finished
+        args.out.write_text(json.dumps(result, indent=2))
+        print(f"[gpu_check] {list(result)[-1]} done", flush=True)
+
     if "precision" in args.parts:
         result["precision"] = _timed(lambda: precision_part(main_model, steps, args.smoke))
+        save()
     if "cost" in args.parts:
         cost_methods = SMOKE_COST_METHODS if args.smoke else COST_METHODS
         cost = {m: _timed(lambda m=m: measure(m, rounds, 1, batch_size, length, cost_methods)) for m in models}
@@ -356,14 +365,16 @@ def main() -> None:
         result["memory"] = {
             m: {name: row.get("peak_mb") for name, row in cost[m].get("methods", {}).items()} for m in models
         }
+        save()
     if "compile" in args.parts:
         result["compile"] = _timed(lambda: compile_part(main_model, rounds, batch_size, length))
+        save()
     if "fsdp" in args.parts:
         result["fsdp"] = _timed(lambda: fsdp_part(main_model, steps))
+        save()
     if "syncs" in args.parts:
         result["syncs"] = _timed(lambda: syncs_part(main_model, batch_size, length))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+        save()
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=1)[:4000])
     print(f"wrote {args.out}")
 
