@@ -1,7 +1,10 @@
 """Pictures of flatness: checkpoints of train.py compared along the same random filter-normalized directions.
 
 python landscape.py 'ckpt_paths=[outputs/A/checkpoints/last.ckpt,outputs/B/checkpoints/last.ckpt]'
-python landscape.py 'ckpt_paths=[...]' dims=2 points=11 'labels=[ERM,δ-SAM]'   # quoted: the shell reads [ and ]
+python landscape.py 'ckpt_paths=[...]' dims=2 points=11 'labels=[ERM,"δ-SAM"]'
+
+Quote every list for the shell; quote a label inside it as well when it holds more than ASCII letters, digits and
+``_-+./`` (Hydra's grammar for an unquoted value).
 
 Writes ``landscape.json`` and ``landscape.png`` to the run folder (``outputs/landscape/<date>/<time>/``).
 """
