@@ -1,8 +1,10 @@
 """The majority-class plateau: the metric that shows it, the warning that names it, the label noise."""
 
+import json
 import logging
 import random
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from lit_deltasam.models import TextClassifier
 from lit_deltasam.models.classifier import PLATEAU_SHARE, PLATEAU_STEPS
 
 N, LENGTH, VOCAB = 32, 6, 50
+RUNS = Path(__file__).resolve().parents[1] / "docs" / "results" / "runs.jsonl"
 
 
 class TokenEncoder(nn.Module):
@@ -125,6 +128,24 @@ def test_the_warning_waits_for_the_learning_rate_warm_up():
     _, stalls = fit(True, DeltaSAMConfig(method="erm"), 120, warmup_ratio=0.9, every=8)
     assert first_validation_past(120, 8, warmup=108) == 112
     assert len(stalls) == 1 and "at step 112 of 120 (method='erm')" in stalls[0]
+
+
+def test_the_warning_waits_past_every_healthy_run_measured():
+    """The fine-tuning rows of docs/results/runs.jsonl (validation at each epoch's end, the last at the run's end):
+    no run that recovered predicted one class where the warning fires; nearly every run that stalled did."""
+    rows = [json.loads(line) for line in RUNS.read_text().splitlines() if line.strip()]
+    curves = [(row["stalled"], row["curve"]) for row in rows if row.get("curve")]
+
+    def warned(curve):
+        total = curve[-1][0] + 1  # the CSV's step of the last validation is the run's last optimizer step, less one
+        return [s + 1 for s, _, share in curve if share == 1.0 and s + 1 >= max(PLATEAU_STEPS, PLATEAU_SHARE * total)]
+
+    healthy = [curve for stalled, curve in curves if not stalled]
+    stalls = [curve for stalled, curve in curves if stalled]
+    assert len(healthy) > 200 and len(stalls) > 40
+    assert max(s + 1 for curve in healthy for s, _, share in curve if share == 1.0) > PLATEAU_STEPS * 0.9  # close
+    assert [curve for curve in healthy if warned(curve)] == []
+    assert sum(bool(warned(curve)) for curve in stalls) >= 0.9 * len(stalls)
 
 
 def test_majority_share_counts_the_most_frequent_prediction():
