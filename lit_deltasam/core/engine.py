@@ -521,6 +521,7 @@ class DeltaSAM:
             if "vmap" not in str(error) and "atching rule" not in str(error):
                 raise
             self.rollback()
+            take_grads(self.updated)  # the loop starts, as the step does, from .grad set aside
             self._unbatchable = True
             warn_once(self, f"vmap cannot run this model ({str(error).splitlines()[0][:200]})")
             return None
