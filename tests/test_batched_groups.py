@@ -6,7 +6,17 @@ import warnings
 
 import pytest
 import torch
-from helpers import MLP, LeastSquares, classification_data, least_squares_problem, ls_sam_update
+from helpers import (
+    MLP,
+    LeastSquares,
+    TinyModule,
+    classification_data,
+    flat_params,
+    least_squares_problem,
+    loader,
+    ls_sam_update,
+    trainer,
+)
 from torch import nn
 
 from lit_deltasam import DeltaSAM, DeltaSAMConfig
@@ -389,3 +399,15 @@ def test_hugging_face_attention_runs_eager_in_the_batched_passes_and_sdpa_after(
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(b, a, atol=1e-12, rtol=0)
+
+
+def test_the_mixin_trains_the_same_weights_batched():
+    """Through Lightning (manual_backward as the caller's backward): two epochs, AdamW, m = 4 and a group of 2."""
+
+    def fit(impl):
+        torch.manual_seed(0)
+        module = TinyModule(grouped(impl, method="sam", rho=RHO, m_sharpness=4), optimizer="adamw", lr=0.01)
+        trainer(max_epochs=2).fit(module, loader(n=60, batch_size=14))
+        return flat_params(module)
+
+    torch.testing.assert_close(fit("batched"), fit("loop"), atol=1e-6, rtol=0)
