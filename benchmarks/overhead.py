@@ -17,7 +17,6 @@ events on CPU, CUDA's allocator peak on a GPU), in MB and in copies of the param
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import random
 import statistics
@@ -46,12 +45,7 @@ HEAD = {  # only what sits above the last Transformer layer
 
 def batched(config: DeltaSAMConfig, chunk: Optional[int] = None) -> DeltaSAMConfig:
     """``config`` with its groups (m-sharpness, per-instance SAM) in batched passes of ``chunk`` groups."""
-    try:
-        return dataclasses.replace(config, group_impl="batched", group_chunk=chunk)  # type: ignore[call-arg]
-    except TypeError:  # a config without the fields yet: the engine reads them with getattr
-        object.__setattr__(config, "group_impl", "batched")
-        object.__setattr__(config, "group_chunk", chunk)
-        return config
+    return config.replace(group_impl="batched", group_chunk=chunk)
 
 
 def methods(model: str) -> dict[str, DeltaSAMConfig]:

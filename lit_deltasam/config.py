@@ -14,6 +14,7 @@ PROBING = ("probe", "curvature")
 """Estimators that score instances with random weight perturbations."""
 ASCENTS = ("local", "global")
 PER_INSTANCE_IMPLS = ("loop", "vmap")
+GROUP_IMPLS = ("loop", "batched")
 CLIP_ALGORITHMS = ("norm", "value")
 RHO_SCHEDULES = ("constant", "warmup", "follow_lr", "start_step")
 REUSES = (None, "looksam")
@@ -117,6 +118,11 @@ class DeltaSAMConfig:
             (``torch.func``, small dropout-free models) for the ``exact`` estimator and
             the ``per_instance`` method.
         per_instance_chunk: instances per ``vmap`` call (``None``: the whole batch).
+        group_impl: how m-sharpness's groups and per-instance SAM's instances run: ``loop`` (default: a pair of
+            passes per group, any model) or ``batched`` (a chunk's groups in one vmapped ascent and one vmapped
+            descent, about G extra parameter copies; BatchNorm in training, hooks, DDP/FSDP, 16-bit weights and
+            the probe, curvature and exact estimators run the loop, said once).
+        group_chunk: groups (instances, for ``per_instance``) per batched pass; ``None``: all of a batch's groups.
         m_sharpness: one perturbation per group of ``m_sharpness`` instances (m-sharpness,
             Foret et al., 2021): the local batch is split into contiguous groups of m in
             batch order (the last one smaller when m does not divide n); group k's
@@ -172,6 +178,8 @@ class DeltaSAMConfig:
     per_instance_impl: Optional[str] = None
     per_instance_chunk: Optional[int] = None
     m_sharpness: Optional[int] = None
+    group_impl: Optional[str] = None
+    group_chunk: Optional[int] = None
     interval: int = 1
     reuse: Optional[str] = None
     reuse_alpha: Optional[float] = None
@@ -183,11 +191,16 @@ class DeltaSAMConfig:
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
-        given = [f.name for f in fields(self) if f.name in _APPLIES and getattr(self, f.name) != f.default]
+        as_given = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != f.default}
+        object.__setattr__(self, "_given", as_given)  # not a field: what replace() starts from
+        given = [name for name in as_given if name in _APPLIES]
         _choice("estimator", self.estimator, ESTIMATORS, optional=True)
         _choice("ascent", self.ascent, ASCENTS)
         _choice("asam_scope", self.asam_scope, ASAM_SCOPES, optional=True)
         _choice("per_instance_impl", self.per_instance_impl, PER_INSTANCE_IMPLS, optional=True)
+        _choice("group_impl", self.group_impl, GROUP_IMPLS, optional=True)
+        if self.group_chunk is not None:
+            _integer("group_chunk", self.group_chunk, low=1)
         _choice("gradient_clip_algorithm", self.gradient_clip_algorithm, CLIP_ALGORITHMS)
         if self.rho is not None:
             _number("rho", self.rho, low=0.0)
@@ -269,6 +282,12 @@ class DeltaSAMConfig:
         if unknown:
             raise ValueError(f"DeltaSAMConfig has no field {unknown}; valid fields are {sorted(known)}")
         return cls(**{k: v for k, v in value.items() if k != "_target_"})
+
+    def replace(self, **changes: Any) -> DeltaSAMConfig:
+        """This config with ``changes``, from the fields as they were given: the per-method defaults are filled
+        again for the new method. (``dataclasses.replace`` passes the filled-in defaults as if set, and a change
+        of method can then refuse one of them by name.)"""
+        return DeltaSAMConfig(**{**self.__dict__["_given"], **changes})
 
     @property
     def perturbs(self) -> bool:
@@ -368,8 +387,11 @@ _APPLIES: dict[str, Any] = {
     "probe_antithetic": _probes,
     "probe_params": _probes,
     "probe_truncate": lambda c: _probes(c) and c.probe_params is not None,
-    "per_instance_impl": _per_instance_oracle,
+    "per_instance_impl": lambda c: (c.reweights and c.estimator == "exact")
+    or (c.method == "per_instance" and c.group_impl != "batched"),
     "per_instance_chunk": lambda c: _per_instance_oracle(c) and c.per_instance_impl == "vmap",
+    "group_impl": lambda c: c.m_sharpness is not None or c.method == "per_instance",
+    "group_chunk": lambda c: c.group_impl == "batched",
     "share_dropout": _perturbs,
     "ascent": _perturbs,
     "interval": _perturbs,
@@ -398,6 +420,8 @@ _WHERE = {
     "probe_truncate": "it applies with probe_params",
     "per_instance_impl": "it runs the per-instance gradients of method='per_instance' and estimator='exact'",
     "per_instance_chunk": "it sizes the batched calls of per_instance_impl='vmap'",
+    "group_impl": "it runs the groups of m_sharpness and of method='per_instance'",
+    "group_chunk": "it sizes the passes of group_impl='batched'",
     "share_dropout": "ERM takes one forward",
     "ascent": "ERM takes no ascent",
     "interval": "ERM takes no sharpness-aware step",
@@ -417,6 +441,7 @@ _DEFAULTS: dict[str, Any] = {
     "asam_scope": "all",
     "probe_samples": 3,
     "probe_truncate": True,
+    "group_impl": "loop",
     "per_instance_impl": "loop",
     "reuse_alpha": 0.7,
 }

@@ -237,10 +237,10 @@ def test_a_closure_or_a_scalar_loss_trains_the_per_instance_losses_weights(metho
             if kind == "per-instance":
                 opt.step(model.losses, batch)
             elif kind == "scalar":
-                opt.step(lambda b: model.losses(b).mean(), batch)
+                opt.step(lambda b, model=model: model.losses(b).mean(), batch)
             else:
 
-                def closure(batch=batch):
+                def closure(batch=batch, model=model, opt=opt):
                     opt.zero_grad()
                     loss = model.losses(batch).mean()
                     loss.backward()

@@ -1,7 +1,6 @@
 """Batched groups (m-sharpness and per-instance SAM in vmapped passes) against closed forms and the loop; the
 loop's fallbacks; dropout; BatchNorm's running statistics under m-sharpness."""
 
-import dataclasses
 import warnings
 
 import pytest
@@ -25,14 +24,9 @@ RHO = 0.1
 
 
 def grouped(impl: str, chunk=None, **options) -> DeltaSAMConfig:
-    """A config with ``group_impl`` and ``group_chunk`` (set on the frozen config until it has the fields)."""
-    config = DeltaSAMConfig(rho_schedule="constant", **options)
-    try:
-        return dataclasses.replace(config, group_impl=impl, group_chunk=chunk)
-    except TypeError:
-        object.__setattr__(config, "group_impl", impl)
-        object.__setattr__(config, "group_chunk", chunk)
-        return config
+    """A config whose groups run as ``impl`` says, ``chunk`` groups to a batched pass."""
+    chunked = dict(group_chunk=chunk) if impl == "batched" else {}
+    return DeltaSAMConfig(rho_schedule="constant", group_impl=impl, **chunked, **options)
 
 
 def groups(n: int, m: int) -> list[slice]:

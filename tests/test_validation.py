@@ -53,11 +53,6 @@ def test_config_is_immutable():
 @pytest.mark.parametrize(
     "bad,error,match",
     [
-        (
-            lambda out: out.mean(),
-            ValueError,
-            r"returned shape \[\] .* shape \[8\]; compute the loss with reduction='none'",
-        ),
         (lambda out: out[:4], ValueError, r"returned shape \[4\] .* shape \[8\]"),
         (lambda out: out[:, None], ValueError, r"returned shape \[8, 1\]"),
         (lambda out: out.long(), TypeError, r"dtype torch.int64"),
@@ -71,6 +66,15 @@ def test_per_sample_loss_of_the_wrong_kind(bad, error, match, method):
     sam = DeltaSAM(model, DeltaSAMConfig(method=method))
     with pytest.raises(error, match=match):
         sam.step(lambda b: bad(model.losses(b)), classification_data(n=8))
+
+
+def test_a_scalar_loss_is_refused_where_the_method_needs_one_per_instance():
+    """ERM, SAM and ASAM take a scalar mean loss (test_api_edges.py); δ-SAM and per-instance SAM cannot."""
+    model = MLP()
+    for method in ("deltasam", "per_instance"):
+        sam = DeltaSAM(model, DeltaSAMConfig(method=method))
+        with pytest.raises(ValueError, match=r"returned shape \[\] .* \(a scalar mean loss serves"):
+            sam.step(lambda b: model.losses(b).mean(), classification_data(n=8))
 
 
 def test_empty_batch():

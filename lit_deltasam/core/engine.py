@@ -485,7 +485,7 @@ class DeltaSAM:
     def _batched(self, ctx: _Step, grads_before: list[Optional[Tensor]], m: int) -> Optional[StepResult]:
         """The groups of m in batched passes (:mod:`.groups`); ``None`` where they run in the loop (said once)."""
         cfg = self.config
-        if getattr(cfg, "group_impl", "loop") != "batched" or self.__dict__.get("_unbatchable"):
+        if cfg.group_impl != "batched" or self.__dict__.get("_unbatchable"):
             return None
         reason = unbatchable(self.module, cfg.method, self.params, cfg.estimator)
         if reason is not None:
@@ -496,7 +496,7 @@ class DeltaSAM:
         groups = self.__dict__.get("_groups")
         if groups is None:
             groups = self._groups = BatchedGroups(
-                self.module, self.params, self.names, self.unperturbed, getattr(cfg, "group_chunk", None)
+                self.module, self.params, self.names, self.unperturbed, cfg.group_chunk
             )
         put_grads(self.updated, grads_before, copy=True)
         try:
@@ -510,7 +510,7 @@ class DeltaSAM:
                 descent_sync=lambda last: self._descent_sync(ctx.no_sync, ctx.sync_descent and last),
                 adaptive=cfg.method == "asam",
                 eta=cfg.asam_eta or 0.0,
-                unscaled=getattr(self, "_unscaled", None),
+                unscaled=self._unscaled,
                 share_dropout=cfg.share_dropout,
                 plain_grad=ctx.plain_grad,
                 head=self._head,

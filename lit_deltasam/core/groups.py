@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
-from typing import Optional, cast
+from typing import Any, Optional, cast
 
 import torch
 from torch import Tensor, nn
@@ -85,7 +85,7 @@ def unbatchable(
 def eager_attention(module: nn.Module) -> Iterator[None]:
     """Hugging Face attention through its eager kernels: SDPA has no vmap batching rule, and vmap would run it
     one group at a time. HF reads the choice at every forward; it is put back after."""
-    configs = {}
+    configs: dict[int, Any] = {}
     for layer in module.modules():
         config = getattr(layer, "config", None)
         if getattr(config, "_attn_implementation", None) == "sdpa":
@@ -229,8 +229,10 @@ class BatchedGroups:
             out = vmap(group_losses, in_dims=(0, in_dims), randomness="different")(stacked, grouped)
             return check_losses(out.reshape(-1), part, device).reshape(count, -1), None, None
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        n = batch_size(part)
+        assert n is not None
         zero = torch.zeros(
-            batch_size(part), layer.out_features, dtype=dtype or layer.weight.dtype, device=device, requires_grad=True
+            n, layer.out_features, dtype=dtype or layer.weight.dtype, device=device, requires_grad=True
         )
 
         def tapped_losses(params: dict[str, Tensor], group: Batch, added: Tensor) -> tuple[Tensor, Tensor]:
