@@ -188,8 +188,11 @@ def ascent_overflow_part(model_name: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, config in {"erm": DeltaSAMConfig(method="erm"), **OVERFLOW_METHODS}.items():
         torch.manual_seed(0)
-        module, batch, optimizer, _ = setup(model_name, 16, 64)
+        module, batch, _, _ = setup(model_name, 16, 64)
         module.eval()
+        # SGD at lr 1: the weights move by -G exactly, so G is compared (AdamW's first step is lr * sign(G),
+        # which flips where rounding moves a near-zero coordinate)
+        optimizer = torch.optim.SGD(module.parameters(), lr=1.0)
         before = torch.cat([p.detach().reshape(-1).float() for p in module.parameters()])
         scaler = torch.amp.GradScaler("cuda", init_scale=2.0**16)
         engine = DeltaSAM(module, config)
@@ -213,13 +216,16 @@ def ascent_overflow_part(model_name: str) -> dict[str, Any]:
             "scale_kept": scaler.get_scale() >= scale,
             "finite": bool(torch.isfinite(after).all()),
             "moved": not torch.equal(after, before),
-            "weights": after,
+            "update": after - before,
         }
-    erm = out["erm"].pop("weights")
+    erm = out["erm"].pop("update")
     for name in OVERFLOW_METHODS:
         row = out[name]
-        row["max_weight_difference_to_erm"] = (row.pop("weights") - erm).abs().max().item()
-        row["ok"] = row["scale_kept"] and row["finite"] and row["moved"] and row["max_weight_difference_to_erm"] < 2e-6
+        difference = (row.pop("update") - erm).norm() / erm.norm()
+        row["update_relative_difference_to_erm"] = difference.item()
+        # groups sum their fp16 gradients in another order than the whole batch: rounding, far below 1e-2
+        close = row["update_relative_difference_to_erm"] < 1e-2
+        row["ok"] = row["scale_kept"] and row["finite"] and row["moved"] and close
     return out
 
 
@@ -310,22 +316,40 @@ class SyncsPerStep(L.Callback):
 
 
 def fsdp_part(model_name: str, steps: int) -> dict[str, Any]:
+    """Lightning's FSDPStrategy (FSDP1) on one GPU with δ-SAM, with ``use_orig_params`` as Lightning sets it (True,
+    refused by the mixin) and False; each variant's steps, loss and weights' finiteness, or its error."""
     if not torch.cuda.is_available():
         return {"skipped": "Lightning's FSDPStrategy needs CUDA"}
-    module, batch, _, _ = setup(model_name, 16, 64)
-    module.deltasam = DeltaSAMConfig(method="deltasam", estimator="head", ascent="global")
-    trainer = L.Trainer(
-        accelerator="gpu",
-        devices=1,
-        strategy="fsdp",
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, torch.utils.data.DataLoader([batch] * steps, batch_size=None))
-    return {"steps": trainer.global_step, "loss": float(trainer.callback_metrics["train/loss"])}
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    out: dict[str, Any] = {}
+    for orig in (True, False):
+        module, batch, _, _ = setup(model_name, 16, 64)
+        module.deltasam = DeltaSAMConfig(method="deltasam", estimator="head", ascent="global")
+        before = torch.cat([p.detach().reshape(-1).float().cpu() for p in module.parameters()])
+        trainer = L.Trainer(
+            accelerator="gpu",
+            devices=1,
+            strategy=FSDPStrategy(use_orig_params=orig),
+            max_steps=steps,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        try:
+            trainer.fit(module, torch.utils.data.DataLoader([batch] * steps, batch_size=None))
+        except Exception as error:  # each variant is reported
+            out[f"use_orig_params={orig}"] = {"error": f"{type(error).__name__}: {str(error)[:400]}"}
+            continue
+        after = torch.cat([p.detach().reshape(-1).float().cpu() for p in trainer.lightning_module.parameters()])
+        out[f"use_orig_params={orig}"] = {
+            "steps": trainer.global_step,
+            "loss": float(trainer.callback_metrics["train/loss"]),
+            "finite": bool(torch.isfinite(after).all()),
+            "moved": after.numel() == before.numel() and not torch.equal(after, before),
+        }
+    return out
 
 
 PARTS = ("precision", "cost", "compile", "fsdp", "syncs")
@@ -336,8 +360,9 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="a few steps of each part, on the CPU, small model")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="run only these parts")
     parser.add_argument("--out", type=Path, default=RESULTS / "gpu_check.json")
+    parser.add_argument("--models", nargs="+", choices=("minilm", "bert-base"), help="the cost part's models")
     args = parser.parse_args()
-    models = ["small"] if args.smoke else ["minilm", "bert-base"]
+    models = ["small"] if args.smoke else (args.models or ["minilm", "bert-base"])
     main_model = models[0]
     rounds, steps = (1, 3) if args.smoke else (8, 6)
     batch_size, length = (8, 32) if args.smoke else (32, 128)

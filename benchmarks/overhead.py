@@ -36,10 +36,12 @@ from lit_deltasam.models import MiniLM, Small, TextClassifier
 TOP_LAYERS = {  # the last Transformer layer and everything above it
     "minilm": ["encoder.model.bert.encoder.layer.5.*", "encoder.model.bert.pooler.*", "encoder.model.classifier.*"],
     "small": ["encoder.encoder.layers.1.*", "encoder.norm.*", "encoder.classifier.*"],
+    "bert-base": ["encoder.model.bert.encoder.layer.11.*", "encoder.model.bert.pooler.*", "encoder.model.classifier.*"],
 }
 HEAD = {  # only what sits above the last Transformer layer
     "minilm": ["encoder.model.bert.pooler.*", "encoder.model.classifier.*"],
     "small": ["encoder.norm.*", "encoder.classifier.*"],
+    "bert-base": ["encoder.model.bert.pooler.*", "encoder.model.classifier.*"],
 }
 
 

@@ -336,3 +336,19 @@ def test_automatic_optimization_with_accumulation_is_refused_by_name():
     module = AutomaticSAM(DeltaSAMConfig(method="sam"))
     with pytest.raises(ValueError, match="found gradients already in .grad"):
         trainer(max_epochs=1, accumulate_grad_batches=2).fit(module, loader(n=32, batch_size=8))
+
+
+@pytest.mark.parametrize("kind", ["fsdp", "deepspeed"])
+def test_the_mixin_refuses_strategies_a_double_step_cannot_run_under(kind):
+    """Lightning's FSDPStrategy (FSDP1) failed the first step on a GPU with use_orig_params True and False."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    from lit_deltasam.lightning.mixin import refuse_strategy
+
+    strategy = FSDPStrategy() if kind == "fsdp" else DeepSpeedStrategy.__new__(DeepSpeedStrategy)
+    match = "does not support FSDPStrategy \\(FSDP1\\)" if kind == "fsdp" else "does not support DeepSpeedStrategy"
+    with pytest.raises(NotImplementedError, match=match):
+        refuse_strategy(strategy)
+    refuse_strategy(SimpleNamespace())  # anything else runs

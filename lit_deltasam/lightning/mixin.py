@@ -38,6 +38,22 @@ from .metrics import log_histograms, reduce_over_ranks, scalars_on
 from .schedulers import optimizer_steps, step_schedulers
 
 
+def refuse_strategy(strategy: Any) -> None:
+    """Name the strategies a double step cannot run under, and what runs instead."""
+    if isinstance(strategy, DeepSpeedStrategy):
+        raise NotImplementedError(
+            f"DeltaSAMMixin does not support {type(strategy).__name__}: DeepSpeed keeps gradients in its own "
+            "partitioned buffers; use one of 'auto', 'ddp' or ModelParallelStrategy (FSDP2, fully_shard)"
+        )
+    if isinstance(strategy, FSDPStrategy):
+        raise NotImplementedError(
+            "DeltaSAMMixin does not support FSDPStrategy (FSDP1): a double step runs two forwards inside one of "
+            "FSDP1's, which fails on the first step with use_orig_params=True (the module's parameters are temporary "
+            "views there, not the optimizer's) and with False (FSDP1's state machine refuses it), both seen on a GPU "
+            "(docs/results/gpu_check_bert.json); use ModelParallelStrategy with fully_shard (FSDP2, tested)"
+        )
+
+
 class DeltaSAMMixin:
     """Sharpness-aware training for a LightningModule: ``class M(DeltaSAMMixin, L.LightningModule)``.
 
@@ -289,8 +305,7 @@ class DeltaSAMMixin:
         On resume rank 0 takes the sum and the others start from zero, so the window's
         final all-reduce averages the same total (up to the order of the additions).
         """
-        module = self._deltasam_module
-        if isinstance(module.trainer.strategy, FSDPStrategy) or any(is_sharded(p) for p in engine.params):
+        if any(is_sharded(p) for p in engine.params):
             raise RuntimeError(
                 f"cannot checkpoint inside a gradient accumulation window under FSDP (micro-batch "
                 f"{self._deltasam_state.micro} of {engine.config.accumulate_grad_batches}): the partial gradients are "
@@ -374,21 +389,13 @@ class DeltaSAMMixin:
 
     def _deltasam_driver(self, cfg: DeltaSAMConfig) -> DeltaSAMOptimizer:
         module = self._deltasam_module
+        refuse_strategy(module.trainer.strategy)
         optimizer = cast(torch.optim.Optimizer, module.optimizers(use_pl_optimizer=False))
         fit = self._deltasam_fit
         cached = fit.driver
         if cached is not None and cached[0] is optimizer and cached[1] == cfg:
             return cached[2]
-        strategy = module.trainer.strategy
-        if isinstance(strategy, DeepSpeedStrategy):
-            raise NotImplementedError(
-                f"DeltaSAMMixin does not support {type(strategy).__name__}: DeepSpeed keeps gradients in its own "
-                "partitioned buffers; use one of 'auto', 'ddp', 'fsdp' or ModelParallelStrategy (FSDP2)"
-            )
-        # FSDP1's flat parameters are plain tensors: the strategy's all-reduce sums their norms over the shards
-        fsdp1 = isinstance(strategy, FSDPStrategy)
-        reduce_squares = (lambda squares: strategy.reduce(squares, reduce_op="sum")) if fsdp1 else None
-        driver = DeltaSAMOptimizer(module, optimizer, cfg, reduce_squares=reduce_squares, state=fit.loop)
+        driver = DeltaSAMOptimizer(module, optimizer, cfg, state=fit.loop)
         pending, fit.pending_grads = fit.pending_grads, None
         if pending is not None:
             for p, g in zip(driver.engine.params, pending):
