@@ -14,7 +14,7 @@ PROBING = ("probe", "curvature")
 """Estimators that score instances with random weight perturbations."""
 ASCENTS = ("local", "global")
 PER_INSTANCE_IMPLS = ("loop", "vmap")
-GROUP_IMPLS = ("loop", "batched")
+GROUP_IMPLS = ("auto", "loop", "batched")
 CLIP_ALGORITHMS = ("norm", "value")
 RHO_SCHEDULES = ("constant", "warmup", "follow_lr", "start_step")
 REUSES = (None, "looksam")
@@ -118,10 +118,11 @@ class DeltaSAMConfig:
             (``torch.func``, small dropout-free models) for the ``exact`` estimator and
             the ``per_instance`` method.
         per_instance_chunk: instances per ``vmap`` call (``None``: the whole batch).
-        group_impl: how m-sharpness's groups and per-instance SAM's instances run: ``loop`` (default: a pair of
-            passes per group, any model) or ``batched`` (a chunk's groups in one vmapped ascent and one vmapped
-            descent, about G extra parameter copies; BatchNorm in training, hooks, DDP/FSDP, 16-bit weights and
-            the probe, curvature and exact estimators run the loop, said once).
+        group_impl: how m-sharpness's groups and per-instance SAM's instances run: ``loop`` (a pair of passes per
+            group, any model), ``batched`` (a chunk's groups in one vmapped ascent and one vmapped descent, about G
+            extra parameter copies; BatchNorm in training, hooks, DDP/FSDP, 16-bit weights and the probe,
+            curvature and exact estimators run the loop, said once) or ``auto`` (default: ``batched`` on CUDA,
+            where it measured 2.7-7.9x faster than the loop, ``loop`` elsewhere, where it was faster on the CPU).
         group_chunk: groups (instances, for ``per_instance``) per batched pass; ``None``: all of a batch's groups.
         m_sharpness: one perturbation per group of ``m_sharpness`` instances (m-sharpness,
             Foret et al., 2021): the local batch is split into contiguous groups of m in
@@ -391,7 +392,7 @@ _APPLIES: dict[str, Any] = {
     or (c.method == "per_instance" and c.group_impl != "batched"),
     "per_instance_chunk": lambda c: _per_instance_oracle(c) and c.per_instance_impl == "vmap",
     "group_impl": lambda c: c.m_sharpness is not None or c.method == "per_instance",
-    "group_chunk": lambda c: c.group_impl == "batched",
+    "group_chunk": lambda c: c.group_impl in ("batched", "auto"),
     "share_dropout": _perturbs,
     "ascent": _perturbs,
     "interval": _perturbs,
@@ -421,7 +422,7 @@ _WHERE = {
     "per_instance_impl": "it runs the per-instance gradients of method='per_instance' and estimator='exact'",
     "per_instance_chunk": "it sizes the batched calls of per_instance_impl='vmap'",
     "group_impl": "it runs the groups of m_sharpness and of method='per_instance'",
-    "group_chunk": "it sizes the passes of group_impl='batched'",
+    "group_chunk": "it sizes the passes of group_impl='batched' (and of 'auto' on CUDA)",
     "share_dropout": "ERM takes one forward",
     "ascent": "ERM takes no ascent",
     "interval": "ERM takes no sharpness-aware step",
@@ -441,7 +442,7 @@ _DEFAULTS: dict[str, Any] = {
     "asam_scope": "all",
     "probe_samples": 3,
     "probe_truncate": True,
-    "group_impl": "loop",
+    "group_impl": "auto",
     "per_instance_impl": "loop",
     "reuse_alpha": 0.7,
 }

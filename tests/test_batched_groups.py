@@ -405,3 +405,41 @@ def test_the_mixin_trains_the_same_weights_batched():
         return flat_params(module)
 
     torch.testing.assert_close(fit("batched"), fit("loop"), atol=1e-6, rtol=0)
+
+
+def test_auto_runs_the_loop_on_the_cpu_and_batches_on_cuda():
+    """group_impl='auto' (the default) by measurement: the loop on the CPU (bit-identical to 'loop'), batched on
+    CUDA, and a per-instance SAM that chose per_instance_impl='vmap' keeps it."""
+    from lit_deltasam.core.groups import group_impl
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert DeltaSAMConfig(method="sam", m_sharpness=4).group_impl == "auto"
+    assert group_impl(DeltaSAMConfig(method="sam", m_sharpness=4), cuda) == "batched"
+    assert group_impl(DeltaSAMConfig(method="sam", m_sharpness=4), cpu) == "loop"
+    assert group_impl(DeltaSAMConfig(method="per_instance", per_instance_impl="vmap"), cuda) == "loop"
+    assert group_impl(DeltaSAMConfig(method="per_instance", group_impl="loop"), cuda) == "loop"
+    grads = []
+    for impl in ("auto", "loop"):
+        torch.manual_seed(0)
+        model = MLP(dropout=0.1)
+        x, y = classification_data(n=16)
+        DeltaSAM(model, DeltaSAMConfig(method="sam", m_sharpness=4, group_impl=impl)).step(model.losses, (x, y))
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_a_scalar_loss_runs_the_loop_under_batched_groups():
+    """Batched passes need one loss per instance; a scalar mean loss (allowed for SAM) falls back to the loop, said
+    once, with the loop's G."""
+    grads = []
+    for impl in ("loop", "batched"):
+        torch.manual_seed(0)
+        model = MLP()
+        x, y = classification_data(n=16)
+        engine = DeltaSAM(model, grouped(impl, method="sam", rho=RHO, m_sharpness=4))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            engine.step(lambda b, model=model: model.losses(b).mean(), (x, y))
+        assert (impl == "batched") == any("one scalar per group" in str(w.message) for w in caught)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)

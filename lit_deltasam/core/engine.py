@@ -22,7 +22,7 @@ from ..config import PROBING, DeltaSAMConfig
 from .batch import Batch, LossFn, batch_size, check_losses, slice_batch
 from .decisions import all_of
 from .distributed import arm_reducer, gather_instances, rank, refuse_static_graph, sum_over_ranks, world_size
-from .groups import BatchedGroups, GroupBuffers, unbatchable, warn_once
+from .groups import BatchedGroups, GroupBuffers, group_impl, unbatchable, warn_once
 from .guardedness import ForwardCache, HeadTap, Prober, find_head, select_params
 from .norms import total_norm
 from .per_instance import PerInstance
@@ -485,7 +485,7 @@ class DeltaSAM:
     def _batched(self, ctx: _Step, grads_before: list[Optional[Tensor]], m: int) -> Optional[StepResult]:
         """The groups of m in batched passes (:mod:`.groups`); ``None`` where they run in the loop (said once)."""
         cfg = self.config
-        if cfg.group_impl != "batched" or self.__dict__.get("_unbatchable"):
+        if group_impl(cfg, self.device) != "batched" or self.__dict__.get("_unbatchable"):
             return None
         reason = unbatchable(self.module, cfg.method, self.params, cfg.estimator)
         if reason is not None:
@@ -517,13 +517,16 @@ class DeltaSAM:
                 weigh=self._group_weights if cfg.reweights else None,
                 weighted_descent=cfg.weighted_descent,
             )
-        except RuntimeError as error:  # an op vmap cannot batch: this model runs the loop from now on
-            if "vmap" not in str(error) and "atching rule" not in str(error):
+        except (RuntimeError, ValueError) as error:  # an op vmap cannot batch, or a scalar loss: the loop from now on
+            vmap = isinstance(error, RuntimeError) and ("vmap" in str(error) or "atching rule" in str(error))
+            scalar = isinstance(error, ValueError) and self._scalar is not None and "returned shape" in str(error)
+            if not (vmap or scalar):
                 raise
             self.rollback()
             take_grads(self.updated)  # the loop starts, as the step does, from .grad set aside
             self._unbatchable = True
-            warn_once(self, f"vmap cannot run this model ({str(error).splitlines()[0][:200]})")
+            why = "the loss is one scalar per group" if scalar else "vmap cannot run this model"
+            warn_once(self, f"{why} ({str(error).splitlines()[0][:200]})")
             return None
         if cfg.method == "per_instance":
             return StepResult(

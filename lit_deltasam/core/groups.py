@@ -58,6 +58,14 @@ def _instances(t: object) -> bool:
     return isinstance(t, Tensor) and t.ndim > 0
 
 
+def group_impl(config: Any, device: torch.device) -> str:
+    """``config.group_impl`` with ``auto`` resolved by measurement: ``batched`` on CUDA (2.7-7.9x faster than the
+    loop on an H200), ``loop`` elsewhere (faster on the CPU); a per-instance SAM that chose ``vmap`` keeps it."""
+    if config.group_impl != "auto":
+        return str(config.group_impl)
+    return "batched" if device.type == "cuda" and config.per_instance_impl != "vmap" else "loop"
+
+
 def unbatchable(
     module: nn.Module, method: str, params: Sequence[Tensor], estimator: Optional[str] = None
 ) -> Optional[str]:
