@@ -39,9 +39,9 @@ for name, options in CONFIGS.items():
     sched = torch.optim.lr_scheduler.StepLR(base, step_size=1, gamma=0.8)
     opt = DeltaSAMOptimizer(model, base, DeltaSAMConfig(**options), seed=0)
     g = torch.Generator().manual_seed(1)
-    for i in range(6):
+    for _ in range(6):
         x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
-        r = opt.step(lambda b: F.cross_entropy(model(b[0]), b[1], reduction="none"), (x, y))
+        r = opt.step(lambda b, model=model: F.cross_entropy(model(b[0]), b[1], reduction="none"), (x, y))
         if r.stepped:
             sched.step()
     flat = torch.cat([p.detach().flatten() for p in model.parameters()]).numpy().tobytes()
