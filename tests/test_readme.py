@@ -2,6 +2,7 @@
 
 import doctest
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -65,7 +66,10 @@ def commands(program: str) -> list[str]:
 def dry_run(target: str) -> str:
     """What ``make <target>`` would run, set-up taken as done."""
     stamps = ["-o", ".venv/.installed", "-o", ".venv/.docs-installed"]
-    run = subprocess.run(["make", "-n", *stamps, target], cwd=ROOT, capture_output=True, text=True, check=True)
+    # under `make test` (CI) the parent make's variables would make this one print "Entering directory" lines
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    command = ["make", "--no-print-directory", "-n", *stamps, target]
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True, env=env)
     return run.stdout
 
 
