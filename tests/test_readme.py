@@ -68,7 +68,7 @@ def dry_run(target: str) -> str:
     stamps = ["-o", ".venv/.installed", "-o", ".venv/.docs-installed"]
     # under `make test` (CI) the parent make's variables would make this one print "Entering directory" lines
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
-    command = ["make", "--no-print-directory", "-n", *stamps, target]
+    command = ["make", "--no-print-directory", "-n", *stamps, "ARGS=", target]
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True, env=env)
     return run.stdout
 
