@@ -288,7 +288,9 @@ class DeltaSAMConfig:
         """This config with ``changes``, from the fields as they were given: the per-method defaults are filled
         again for the new method. (``dataclasses.replace`` passes the filled-in defaults as if set, and a change
         of method can then refuse one of them by name.)"""
-        return DeltaSAMConfig(**{**self.__dict__["_given"], **changes})
+        # a config unpickled from before this existed has no record of what was given: all its fields count
+        given = self.__dict__.get("_given") or {f.name: getattr(self, f.name) for f in fields(self)}
+        return DeltaSAMConfig(**{**given, **changes})
 
     @property
     def perturbs(self) -> bool:
