@@ -289,7 +289,10 @@ class DeltaSAMConfig:
         again for the new method. (``dataclasses.replace`` passes the filled-in defaults as if set, and a change
         of method can then refuse one of them by name.)"""
         # a config unpickled from before this existed has no record of what was given: all its fields count
-        given = self.__dict__.get("_given") or {f.name: getattr(self, f.name) for f in fields(self)}
+        if "_given" in self.__dict__:
+            given = self.__dict__["_given"]
+        else:
+            given = {f.name: getattr(self, f.name) for f in fields(self)}
         return DeltaSAMConfig(**{**given, **changes})
 
     @property

@@ -352,3 +352,44 @@ def test_the_mixin_refuses_strategies_a_double_step_cannot_run_under(kind):
     with pytest.raises(NotImplementedError, match=match):
         refuse_strategy(strategy)
     refuse_strategy(SimpleNamespace())  # anything else runs
+
+
+def test_replace_refills_the_defaults_for_a_new_method_from_what_was_given():
+    """DeltaSAMConfig() gave nothing: its filled-in beta and estimator must not count as set for SAM (found by an
+    independent tester: replace() treated an empty record like a config from an old checkpoint)."""
+    assert DeltaSAMConfig().replace(method="sam").beta is None
+    assert DeltaSAMConfig(method="deltasam").replace(method="asam").rho == 0.5
+    assert DeltaSAMConfig(method="sam", rho=0.05).replace(method="asam").rho == 0.05
+
+
+def test_a_scheduler_on_the_wrapper_moves_the_base_lr_after_a_resume():
+    """load_state_dict swaps the base optimizer's param_groups: the wrapper must share the new ones, so that a
+    resumed loop with a scheduler built on the wrapper ends where an uninterrupted one does."""
+
+    def run(stop=None, saved=None):
+        model, opt = _sam()
+        scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        start = 0
+        if saved is not None:
+            opt.load_state_dict(saved["opt"])
+            scheduler.load_state_dict(saved["scheduler"])
+            model.load_state_dict(saved["model"])
+            start = saved["done"]
+        for i in range(start, 6):
+            opt.step(model.losses, _batch(seed=i))
+            scheduler.step()
+            if i + 1 == stop:
+                return {
+                    "opt": opt.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "model": model.state_dict(),
+                    "done": stop,
+                }
+        return flat_params(model), opt.optimizer.param_groups[0]["lr"]
+
+    (weights, lr), (resumed, resumed_lr) = run(), run(saved=run(stop=3))
+    assert resumed_lr == lr == pytest.approx(0.1 * 0.5**6)
+    assert torch.equal(resumed, weights)
+    _, opt = _sam()
+    with pytest.raises(ValueError, match="takes what DeltaSAMOptimizer.state_dict\\(\\) returned"):
+        opt.load_state_dict(torch.optim.SGD(MLP().parameters(), lr=0.1).state_dict())

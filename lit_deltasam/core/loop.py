@@ -572,7 +572,15 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
         return out
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
+        if not isinstance(saved, dict) or "loop" not in saved or "optimizer" not in saved:
+            raise ValueError(
+                "DeltaSAMOptimizer.load_state_dict takes what DeltaSAMOptimizer.state_dict() returned (keys "
+                "'optimizer', 'loop', 'steps'); load a base optimizer's own state into optimizer.optimizer"
+            )
         self.optimizer.load_state_dict(saved["optimizer"])
+        # torch's loader puts new param_groups and state on the base optimizer: share them again, so that a
+        # scheduler built on this wrapper keeps moving the base's learning rate
+        self.param_groups, self.state = self.optimizer.param_groups, self.optimizer.state
         self.loop_state = LoopState.from_scalars(saved["loop"])
         self.loop_state.plain_sum = saved.get("plain")
         self.loop_state.reuse_direction = saved.get("reuse")
