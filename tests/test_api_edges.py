@@ -393,3 +393,16 @@ def test_a_scheduler_on_the_wrapper_moves_the_base_lr_after_a_resume():
     _, opt = _sam()
     with pytest.raises(ValueError, match="takes what DeltaSAMOptimizer.state_dict\\(\\) returned"):
         opt.load_state_dict(torch.optim.SGD(MLP().parameters(), lr=0.1).state_dict())
+
+
+def test_a_large_loss_scale_still_perturbs_when_only_the_norms_square_overflows():
+    """At a GradScaler scale of 2**70 the scaled ascent gradient is finite but its squares overflow fp32: the
+    host path must still take SAM's eps (found by an independent tester: SAM silently became ERM)."""
+    trained = []
+    for scale in (None, 2.0**70):
+        scaler = None if scale is None else torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=10**6)
+        model, opt = _sam(scaler=scaler)
+        result = opt.step(model.losses, _batch())
+        assert float(result.eps_norm) == pytest.approx(0.05) and float(result.sharpness) != 0
+        trained.append(flat_params(model))
+    torch.testing.assert_close(trained[1], trained[0], rtol=1e-6, atol=1e-7)

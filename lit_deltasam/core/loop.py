@@ -500,9 +500,10 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
         if stale:
             raise ValueError(
                 "DeltaSAMOptimizer.step(closure) found gradients already in .grad: it evaluates the closure itself at "
-                "w and at w + eps, and gradients from before would be mixed into both (Lightning passes only the last "
-                "closure of an accumulation window; davda54/sam's example runs a backward before step(closure), which "
-                "is not needed here). Zero them first (optimizer.zero_grad())"
+                "w and at w + eps, and gradients from before would be mixed into both. Under Lightning's automatic "
+                "optimization this is Trainer(accumulate_grad_batches > 1), which passes only a window's last closure: "
+                "use DeltaSAMMixin with DeltaSAMConfig(accumulate_grad_batches=k). In a loop of your own, zero them "
+                "first (davda54/sam's example runs a backward before step(closure), which is not needed here)"
             )
 
         def loss_of(_: Batch) -> Tensor:

@@ -60,6 +60,9 @@ def perturb(
         applied: bool | Tensor = factor > 0
     else:
         value = norm.item()
+        if math.isinf(value):  # the squares overflowed (a loss scaler's large scale), not always the gradient
+            norm = _rescaled_norm(scaled if scale is not None else grads, norm, reduce_squares)
+            value = norm.item()
         if not (math.isfinite(value) and value > 0):
             return norm, torch.zeros_like(norm), False
         factor, applied = rho / value, True
@@ -80,3 +83,16 @@ def perturb(
         torch._foreach_add_(params, grads, alpha=factor)
     return norm, eps_norm, applied
 
+
+
+
+def _rescaled_norm(tensors: Sequence[Tensor], norm: Tensor, reduce_squares: Optional[NormReduce]) -> Tensor:
+    """The 2-norm of finite ``tensors`` whose squares overflowed: ``m * ||t / m||`` with ``m`` the largest
+    magnitude; ``norm`` (inf) where an entry is not finite or the tensors are shards (FSDP)."""
+    present = [t for t in tensors if t.numel()]
+    if reduce_squares is not None or not present:
+        return norm
+    largest = torch.stack([t.abs().max() for t in present]).max()
+    if not torch.isfinite(largest) or largest == 0:
+        return norm
+    return largest * total_norm(list(torch._foreach_div(present, largest)))
