@@ -406,3 +406,11 @@ def test_a_large_loss_scale_still_perturbs_when_only_the_norms_square_overflows(
         assert float(result.eps_norm) == pytest.approx(0.05) and float(result.sharpness) != 0
         trained.append(flat_params(model))
     torch.testing.assert_close(trained[1], trained[0], rtol=1e-6, atol=1e-7)
+
+
+def test_a_state_saved_under_another_loop_is_refused():
+    model, saver = _sam(dict(method="sam", accumulate_grad_batches=3))
+    saver.step(model.losses, _batch())  # an open window: its partial gradients are in the state
+    _, loader_opt = _sam(dict(method="deltasam"))
+    with pytest.raises(ValueError, match="saved with .*'accumulate_grad_batches': 3"):
+        loader_opt.load_state_dict(saver.state_dict())

@@ -123,6 +123,10 @@ def clip_gradients(params: Sequence[Tensor], config: DeltaSAMConfig) -> None:
         torch.nn.utils.clip_grad_value_(params, config.gradient_clip_val)
 
 
+_LOOP_SHAPE = ("method", "accumulate_grad_batches", "interval", "reuse", "m_sharpness")
+"""The config fields a saved loop state depends on: a state loads only into an optimizer that agrees on them."""
+
+
 class _Skipped(Exception):
     """A closure returned ``None`` (Lightning's way of skipping a batch): the step is not taken."""
 
@@ -560,6 +564,7 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
         """The base optimizer's state, the loop state and an open window's partial gradients (this rank's)."""
         state = self.loop_state
         out: dict[str, Any] = {"optimizer": self.optimizer.state_dict(), "loop": state.scalars(), "steps": self.steps}
+        out["config"] = {name: getattr(self.config, name) for name in _LOOP_SHAPE}
         if state.micro:
             out["grads"] = [
                 torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in self.engine.params
@@ -577,6 +582,13 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 "DeltaSAMOptimizer.load_state_dict takes what DeltaSAMOptimizer.state_dict() returned (keys "
                 "'optimizer', 'loop', 'steps'); load a base optimizer's own state into optimizer.optimizer"
+            )
+        differ = {k: v for k, v in saved.get("config", {}).items() if getattr(self.config, k) != v}
+        if differ:
+            now = {k: getattr(self.config, k) for k in differ}
+            raise ValueError(
+                f"DeltaSAMOptimizer.load_state_dict: the state was saved with {differ}, this optimizer has {now}; "
+                "its loop state (the open window, LookSAM's direction) would not mean the same here"
             )
         self.optimizer.load_state_dict(saved["optimizer"])
         # torch's loader puts new param_groups and state on the base optimizer: share them again, so that a
