@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, List, Optional, Union
 
@@ -308,8 +308,8 @@ class DeltaSAMConfig:
 
     def applies(self, name: str) -> bool:
         """Whether field ``name`` changes what this config computes (with the method, beta and estimator given)."""
-        rule = _APPLIES.get(name)
-        return rule is None or rule(self)
+        entry = _APPLIES.get(name)
+        return entry is None or entry[0](self)
 
     def _refuse_unused(self, given: list[str]) -> None:
         """A field set away from its default that the method, beta or estimator never reads is an error; under
@@ -327,7 +327,7 @@ class DeltaSAMConfig:
             return
         name = unused[0]
         raise ValueError(
-            f"DeltaSAMConfig.{name}={getattr(self, name)!r} does nothing with {self._context()}: {_WHERE[name]}; "
+            f"DeltaSAMConfig.{name}={getattr(self, name)!r} does nothing with {self._context()}: {_APPLIES[name][1]}; "
             f"remove it (leave it unset) or change the method"
             + (f" (also unused: {', '.join(unused[1:])})" if unused[1:] else "")
         )
@@ -363,10 +363,6 @@ _NUMBERS = (
 )
 
 
-def _perturbs(c: DeltaSAMConfig) -> bool:
-    return c.method != "erm"
-
-
 def _probes(c: DeltaSAMConfig) -> bool:
     return c.reweights and c.estimator in PROBING
 
@@ -375,65 +371,116 @@ def _per_instance_oracle(c: DeltaSAMConfig) -> bool:
     return c.method == "per_instance" or (c.reweights and c.estimator == "exact")
 
 
-_APPLIES: dict[str, Any] = {
-    "rho": _perturbs,
-    "rho_schedule": _perturbs,
-    "rho_warmup": lambda c: _perturbs(c) and c.rho_schedule in ("warmup", "start_step"),
-    "beta": lambda c: c.method in REWEIGHTING,
-    "estimator": lambda c: c.reweights,
-    "weight_floor": lambda c: c.reweights,
-    "weight_min": lambda c: c.reweights,
-    "weight_max": lambda c: c.reweights,
-    "weighted_descent": lambda c: c.reweights,
-    "head": lambda c: c.reweights and c.estimator in (None, "head"),
-    "asam_eta": lambda c: c.method == "asam",
-    "asam_scope": lambda c: c.method == "asam",
-    "probe_samples": _probes,
-    "probe_sigma": _probes,
-    "probe_antithetic": _probes,
-    "probe_params": _probes,
-    "probe_truncate": lambda c: _probes(c) and c.probe_params is not None,
-    "per_instance_impl": lambda c: (c.reweights and c.estimator == "exact")
-    or (c.method == "per_instance" and c.group_impl != "batched"),
-    "per_instance_chunk": lambda c: _per_instance_oracle(c) and c.per_instance_impl == "vmap",
-    "group_impl": lambda c: c.m_sharpness is not None or c.method == "per_instance",
-    "group_chunk": lambda c: c.group_impl in ("batched", "auto"),
-    "share_dropout": _perturbs,
-    "ascent": _perturbs,
-    "interval": _perturbs,
-    "reuse_alpha": lambda c: c.reuse is not None,
-    "histogram_every_n_steps": _perturbs,
+_APPLIES: dict[str, tuple[Callable[[DeltaSAMConfig], bool], str]] = {
+    "rho": (
+        lambda c: c.perturbs,
+        "ERM takes no ascent",
+    ),
+    "rho_schedule": (
+        lambda c: c.perturbs,
+        "ERM takes no ascent",
+    ),
+    "rho_warmup": (
+        lambda c: c.perturbs and c.rho_schedule in ("warmup", "start_step"),
+        "it is the length of rho_schedule='warmup' and 'start_step'",
+    ),
+    "beta": (
+        lambda c: c.method in REWEIGHTING,
+        f"instance weights apply to methods {list(REWEIGHTING)}",
+    ),
+    "estimator": (
+        lambda c: c.reweights,
+        "it scores instances for the weights, which need method='deltasam' (or 'asam') with beta != 0",
+    ),
+    "weight_floor": (
+        lambda c: c.reweights,
+        "it bounds the instance weights of method='deltasam' (or 'asam') with beta != 0",
+    ),
+    "weight_min": (
+        lambda c: c.reweights,
+        "it bounds the instance weights of method='deltasam' (or 'asam') with beta != 0",
+    ),
+    "weight_max": (
+        lambda c: c.reweights,
+        "it bounds the instance weights of method='deltasam' (or 'asam') with beta != 0",
+    ),
+    "weighted_descent": (
+        lambda c: c.reweights,
+        "it weights the descent by the instance weights (method='deltasam' or 'asam', beta != 0)",
+    ),
+    "head": (
+        lambda c: c.reweights and c.estimator in (None, "head"),
+        "it names the layer of estimator='head'",
+    ),
+    "asam_eta": (
+        lambda c: c.method == "asam",
+        "it is ASAM's offset (method='asam')",
+    ),
+    "asam_scope": (
+        lambda c: c.method == "asam",
+        "it is ASAM's scaling rule (method='asam')",
+    ),
+    "probe_samples": (
+        _probes,
+        "it sets the probes of estimator='probe' or 'curvature'",
+    ),
+    "probe_sigma": (
+        _probes,
+        "it sets the probes of estimator='probe' or 'curvature'",
+    ),
+    "probe_antithetic": (
+        _probes,
+        "it sets the probes of estimator='probe' or 'curvature'",
+    ),
+    "probe_params": (
+        _probes,
+        "it selects what estimator='probe' or 'curvature' perturbs",
+    ),
+    "probe_truncate": (
+        lambda c: _probes(c) and c.probe_params is not None,
+        "it applies with probe_params",
+    ),
+    "per_instance_impl": (
+        lambda c: (
+            (c.reweights and c.estimator == "exact") or (c.method == "per_instance" and c.group_impl != "batched")
+        ),
+        "it runs the per-instance gradients of method='per_instance' and estimator='exact'",
+    ),
+    "per_instance_chunk": (
+        lambda c: _per_instance_oracle(c) and c.per_instance_impl == "vmap",
+        "it sizes the batched calls of per_instance_impl='vmap'",
+    ),
+    "group_impl": (
+        lambda c: c.m_sharpness is not None or c.method == "per_instance",
+        "it runs the groups of m_sharpness and of method='per_instance'",
+    ),
+    "group_chunk": (
+        lambda c: c.group_impl in ("batched", "auto"),
+        "it sizes the passes of group_impl='batched' (and of 'auto' on CUDA)",
+    ),
+    "share_dropout": (
+        lambda c: c.perturbs,
+        "ERM takes one forward",
+    ),
+    "ascent": (
+        lambda c: c.perturbs,
+        "ERM takes no ascent",
+    ),
+    "interval": (
+        lambda c: c.perturbs,
+        "ERM takes no sharpness-aware step",
+    ),
+    "reuse_alpha": (
+        lambda c: c.reuse is not None,
+        "it weights reuse='looksam'",
+    ),
+    "histogram_every_n_steps": (
+        lambda c: c.perturbs,
+        "ERM logs no sharpness histograms",
+    ),
 }
-"""When each method-specific field is read; the others (accumulation, clipping, seeds) always are."""
-
-_WHERE = {
-    "rho": "ERM takes no ascent",
-    "rho_schedule": "ERM takes no ascent",
-    "rho_warmup": "it is the length of rho_schedule='warmup' and 'start_step'",
-    "beta": f"instance weights apply to methods {list(REWEIGHTING)}",
-    "estimator": "it scores instances for the weights, which need method='deltasam' (or 'asam') with beta != 0",
-    "weight_floor": "it bounds the instance weights of method='deltasam' (or 'asam') with beta != 0",
-    "weight_min": "it bounds the instance weights of method='deltasam' (or 'asam') with beta != 0",
-    "weight_max": "it bounds the instance weights of method='deltasam' (or 'asam') with beta != 0",
-    "weighted_descent": "it weights the descent by the instance weights (method='deltasam' or 'asam', beta != 0)",
-    "head": "it names the layer of estimator='head'",
-    "asam_eta": "it is ASAM's offset (method='asam')",
-    "asam_scope": "it is ASAM's scaling rule (method='asam')",
-    "probe_samples": "it sets the probes of estimator='probe' or 'curvature'",
-    "probe_sigma": "it sets the probes of estimator='probe' or 'curvature'",
-    "probe_antithetic": "it sets the probes of estimator='probe' or 'curvature'",
-    "probe_params": "it selects what estimator='probe' or 'curvature' perturbs",
-    "probe_truncate": "it applies with probe_params",
-    "per_instance_impl": "it runs the per-instance gradients of method='per_instance' and estimator='exact'",
-    "per_instance_chunk": "it sizes the batched calls of per_instance_impl='vmap'",
-    "group_impl": "it runs the groups of m_sharpness and of method='per_instance'",
-    "group_chunk": "it sizes the passes of group_impl='batched' (and of 'auto' on CUDA)",
-    "share_dropout": "ERM takes one forward",
-    "ascent": "ERM takes no ascent",
-    "interval": "ERM takes no sharpness-aware step",
-    "reuse_alpha": "it weights reuse='looksam'",
-    "histogram_every_n_steps": "ERM logs no sharpness histograms",
-}
+"""When each method-specific field is read, and where it applies (for the refusal); the others (accumulation,
+clipping, seeds) always are."""
 
 _DEFAULTS: dict[str, Any] = {
     "rho": lambda c: 0.5 if c.method == "asam" else 0.02,

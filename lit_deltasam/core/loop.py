@@ -218,10 +218,7 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
 
     def rho(self, step: int, total_steps: Optional[int] = None, schedulers: Optional[Sequence[Any]] = None) -> float:
         """ρ of optimizer step ``step`` under ``rho_schedule``: 0 on the plain steps of ``interval``."""
-        cfg = self.config
-        if step % cfg.interval:
-            return 0.0
-        return self.scheduled_rho(step, total_steps, schedulers)
+        return self.scheduled_rho(step, total_steps, schedulers) if self.full_step(step) else 0.0
 
     def scheduled_rho(
         self, step: int, total_steps: Optional[int] = None, schedulers: Optional[Sequence[Any]] = None
