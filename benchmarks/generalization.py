@@ -354,11 +354,9 @@ def main() -> None:
         parser.error(f"--select-on {args.select_on!r} is not valid; choose 'each' or one of {sorted(SETTINGS)}")
     args.variant = parse_variant(args.variant)
     if not args.report:
-        for _ in run_all(selection_units(args), "generalization"):
-            pass
+        run_all(selection_units(args), "generalization")
         units, _ = final_units(args, rows_by_key())
-        for _ in run_all(units, "generalization"):
-            pass
+        run_all(units, "generalization")
     text, summary = report(args)
     save("generalization", {"args": vars(args), "table": text, **summary})
     plot(args, RESULTS / "generalization.png")

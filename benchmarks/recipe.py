@@ -40,10 +40,11 @@ import argparse
 import json
 import statistics
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 from common import RESULTS, save, t_interval
-from runs import LEGACY_LR, TUNE, Method, is_tuned, key, rows_by_key, run_all
+from runs import LEGACY_LR, PLATFORMS, TUNE, Method, is_tuned, key, rows_by_key, schedule, use_platform
 
 from lit_deltasam import DeltaSAMConfig
 
@@ -160,6 +161,10 @@ def confirmation_units(rows: dict[str, dict]) -> list[tuple]:
     methods = [shipped("deltasam"), shipped("sam")]
     units += [r.unit(*s, m, seed) for s in METHOD_SETTINGS for seed in CONFIRM_SEEDS for m in methods for r in pair]
     return units
+
+
+PHASES = (lambda _: selection_units(), confirmation_units)
+"""The study's runs, phase by phase, each from the rows so far (:func:`runs.schedule`)."""
 
 
 def test_best(row: dict) -> float:
@@ -291,30 +296,41 @@ def report(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     return text, {"settings": table}
 
 
-def write_reports() -> str:
+def write_reports(platform: str = "cpu") -> str:
     text, summary = suite_report()
-    save("recipe_suite", {"command": "python recipe.py --report", "table": text, **summary})
-    early, early_summary = report(argparse.Namespace(**EARLY_ARGS))
-    saved = RESULTS / "recipe.json"
-    if not saved.exists() or json.loads(saved.read_text())["table"] != early:
-        save("recipe", {"args": EARLY_ARGS, "table": early, **early_summary})
+    suffix = "" if platform == "cpu" else f"_{platform}"
+    save(
+        f"recipe_suite{suffix}",
+        {"command": f"python recipe.py --platform {platform} --report", "table": text, **summary},
+    )
+    if platform == "cpu":
+        early, early_summary = report(argparse.Namespace(**EARLY_ARGS))
+        saved = RESULTS / "recipe.json"
+        if not saved.exists() or json.loads(saved.read_text())["table"] != early:
+            save("recipe", {"args": EARLY_ARGS, "table": early, **early_summary})
     return text
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--report", action="store_true", help="only build the JSONs and the table")
+    parser.add_argument("--platform", choices=sorted(PLATFORMS), default="cpu", help="where the runs run (keyed apart)")
+    parser.add_argument("--store", type=Path, help="the rows' JSONL file (default: the platform's)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process")
+    parser.add_argument("--deadline", type=float, help="seconds after which no new run starts")
     args = parser.parse_args()
+    use_platform(args.platform, args.store)
     if not args.report:
-        for phase in (lambda _: selection_units(), confirmation_units):
-            before = set(rows_by_key())
-            for unit, _ in run_all(phase(rows_by_key()), "recipe"):
-                if key(*unit) not in before:
-                    try:
-                        write_reports()
-                    except Exception as error:  # the rows are written; the tables can be rebuilt with --report
-                        print(f"[recipe] tables not rewritten ({error!r}); python recipe.py --report rebuilds them")
-    print(write_reports())
+
+        def tables(_: dict) -> None:
+            try:
+                write_reports(args.platform)
+            except Exception as error:  # the rows are written; the tables can be rebuilt with --report
+                print(f"[recipe] tables not rewritten ({error!r}); python recipe.py --report rebuilds them")
+
+        plan = lambda rows: [u for phase in PHASES for u in phase(rows)]  # noqa: E731
+        schedule(plan, "recipe", args.jobs, args.deadline, tables)
+    print(write_reports(args.platform))
 
 
 if __name__ == "__main__":

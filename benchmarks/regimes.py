@@ -545,16 +545,14 @@ def main() -> None:
         while True:  # each stage's choices open the next stage's units
             units = Protocol(args, rows_by_key()).selection_units()
             before = len(units)
-            for _ in run_all(units, "regimes"):
-                pass
+            run_all(units, "regimes")
             if len(Protocol(args, rows_by_key()).selection_units()) == before:
                 break
         if args.stage == "all":
             protocol = Protocol(args, rows_by_key())
             if not protocol.ready():
                 raise SystemExit("the selection is incomplete; rerun to finish it")
-            for _ in run_all(protocol.comparison_units(), "regimes"):
-                pass
+            run_all(protocol.comparison_units(), "regimes")
     text, summary = report(args)
     save("regimes", {"args": vars(args), "table": text, **summary})
     if summary["arms"]:

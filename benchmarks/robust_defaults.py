@@ -122,8 +122,7 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="only print and save the tables of the rows there are")
     args = parser.parse_args()
     if not args.report:
-        for _ in run_all(units(args), "robust_defaults"):
-            pass
+        run_all(units(args), "robust_defaults")
     text = report(args)
     save("robust_defaults", {"args": vars(args), "table": text})
     print(text)

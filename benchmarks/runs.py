@@ -14,14 +14,19 @@ and with the best-validation checkpoint.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 import functools
 import json
+import multiprocessing
+import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterable, Iterator
+import traceback
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -34,6 +39,12 @@ from omegaconf import OmegaConf
 from lit_deltasam import DeltaSAMConfig
 
 STORE = RESULTS / "runs.jsonl"
+PLATFORMS: dict[str, tuple[tuple[str, ...], Path]] = {
+    "cpu": ((), STORE),
+    # the shipped GPU trainer (bf16-mixed): its rows are keyed apart and kept in their own store
+    "gpu": (("trainer=gpu",), RESULTS / "runs_gpu.jsonl"),
+}
+"""Where a study runs: the overrides every run of that platform adds, and the store of its rows."""
 MAX_LENGTH = 32
 STALL_SHARE = 0.95
 """A run has stalled when at least this share of its final validation predictions is one class."""
@@ -47,11 +58,29 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "2k3ep": {"data.train_limit": 2000, "trainer.max_epochs": 3, "data.max_length": 64},
     # the main job: the whole training split for one epoch at the app's length (the recipe suite)
     "full1ep": {"trainer.max_epochs": 1, "data.max_length": 48},
+    # a few batches of everything a run does, to try a platform before a study (runs.py --smoke)
+    "smoke": {
+        "data.train_limit": 64,
+        "trainer.max_epochs": 1,
+        "trainer.limit_val_batches": 1,
+        "trainer.limit_test_batches": 1,
+    },
 }
-_DIRTY = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "lit_deltasam"], cwd=ROOT).returncode != 0
-CODE_COMMIT = subprocess.run(
-    ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-).stdout.strip() + ("+dirty" if _DIRTY else "")
+
+
+def _code_commit() -> str:
+    """The commit whose code this process runs (``LIT_DELTASAM_COMMIT`` where the tree has no git, as on a device)."""
+    if os.environ.get("LIT_DELTASAM_COMMIT"):
+        return os.environ["LIT_DELTASAM_COMMIT"]
+    try:
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "lit_deltasam"], cwd=ROOT).returncode != 0
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    except OSError:
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty else "") if head.returncode == 0 else "unknown"
+
+
+CODE_COMMIT = _code_commit()
 """The commit whose code this process runs: read once at start, as later commits do not reach a running study."""
 LEGACY_OPTIM: dict[str, float] = {
     "lr": 5e-5,
@@ -63,6 +92,19 @@ LEGACY_OPTIM: dict[str, float] = {
 """What a row ran at for each ``optim.*`` field its overrides leave out: every row made before rows wrote a field
 ran at these values, whatever the app's default is now. Studies that give no value (``lr=None``) mean these."""
 LEGACY_LR = LEGACY_OPTIM["lr"]
+_platform: dict[str, Any] = {"name": "cpu", "store": STORE}
+
+
+def use_platform(name: str, store: Optional[Path] = None) -> None:
+    """Run (and key) every later run on platform ``name``, its rows in ``store`` (default: the platform's)."""
+    if name not in PLATFORMS:
+        raise ValueError(f"platform={name!r} is not one of {sorted(PLATFORMS)}")
+    _platform.update(name=name, store=Path(store) if store is not None else PLATFORMS[name][1])
+
+
+def store() -> Path:
+    """The store of the current platform's rows."""
+    return _platform["store"]
 
 
 @dataclass(frozen=True)
@@ -150,7 +192,7 @@ def data_overrides(
     """Everything but the method, every ``optim.*`` field written out: ``lr`` (``None``: :data:`LEGACY_LR`, as in
     the rows of the studies that gave none; :data:`TUNE`: the range test's) and ``optim`` (the other fields; those
     left out at :data:`LEGACY_OPTIM`)."""
-    out = [f"task={task}", f"seed={seed}"]
+    out = [f"task={task}", f"seed={seed}", *PLATFORMS[_platform["name"]][0]]
     out += [] if "data.max_length" in SETTINGS[setting] else [f"data.max_length={MAX_LENGTH}"]
     out += lr_overrides(LEGACY_LR if lr is None else lr)
     out += [_optim(k, v) for k, v in optim]
@@ -223,13 +265,14 @@ def key(
     return _key(data_overrides(task, setting, seed, lr, optim), resolved_method(method.overrides()))
 
 
-def load(path: Path = STORE) -> list[dict]:
+def load(path: Optional[Path] = None) -> list[dict]:
+    path = path or store()
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def rows_by_key(path: Path = STORE) -> dict[str, dict]:
+def rows_by_key(path: Optional[Path] = None) -> dict[str, dict]:
     """Rows keyed as :func:`key` does: each ``optim.*`` field a row leaves out at :data:`LEGACY_OPTIM`, never at
     the current default. A row made before rows recorded their method config is resolved with the current
     defaults (it must then be migrated before a default changes: :func:`migrate`)."""
@@ -246,8 +289,9 @@ def rows_by_key(path: Path = STORE) -> dict[str, dict]:
     return out
 
 
-def migrate(path: Path = STORE) -> int:
+def migrate(path: Optional[Path] = None) -> int:
     """Write the resolved method config into rows that lack it; returns how many changed."""
+    path = path or store()
     rows = load(path)
     changed = 0
     for row in rows:
@@ -335,6 +379,8 @@ def run(
     from train import train
 
     args = overrides(task, setting, method, seed, lr, optim)
+    if _platform["name"] == "gpu":
+        torch.set_float32_matmul_precision("high")  # as train.py's command line sets it
     cfg = compose_config(
         args
         + [
@@ -370,31 +416,135 @@ def run(
         "stalled": bool(share is not None and share >= STALL_SHARE),
         "time_s": elapsed,
         "torch_threads": torch.get_num_threads(),
+        "device": _device(),
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
     }
 
 
-def run_all(units: Iterable[tuple], name: str, path: Path = STORE) -> Iterator[tuple[tuple, dict]]:
-    """Run every unit ``(task, setting, method, seed[, lr[, optim]])`` whose row is missing, appending each row as
-    it finishes; yield every unit with its row."""
-    done = rows_by_key(path)
-    for unit in units:
-        k = key(*unit)
-        if k not in done:
-            task, setting, method, seed, *rest = unit
-            slug = f"{task}-{setting}-{method.label.replace(' ', '_').replace('=', '')}-s{seed}"
-            if rest and rest[0] is not None:
-                lr = rest[0]
-                slug += f"-lr{lr:g}" if not is_tuned(lr) else "-" + str(lr).replace(TUNE, "tune_lr", 1)
-            slug += "".join(f"-{f}{v:g}" for f, v in (rest[1] if len(rest) > 1 else ()))
-            row = run(task, setting, method, seed, ROOT / "outputs" / "benchmarks" / name / slug, *rest)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a") as handle:
-                handle.write(json.dumps(row) + "\n")
-            done[k] = row
-            print(
-                f"[{name}] {slug}: val {row['metrics'].get('val/acc', float('nan')):.4f} "
-                f"test {row['metrics'].get('test/acc', float('nan')):.4f} ({row['time_s']:.0f} s)",
-                flush=True,
-            )
-        yield unit, done[k]
+def slug(unit: tuple) -> str:
+    """The run folder's name of ``unit``."""
+    task, setting, method, seed, *rest = unit
+    out = f"{task}-{setting}-{method.label.replace(' ', '_').replace('=', '')}-s{seed}"
+    if rest and rest[0] is not None:
+        lr = rest[0]
+        out += f"-lr{lr:g}" if not is_tuned(lr) else "-" + str(lr).replace(TUNE, "tune_lr", 1)
+    return out + "".join(f"-{f}{v:g}" for f, v in (rest[1] if len(rest) > 1 else ()))
+
+
+def _run_unit(unit: tuple, name: str) -> dict:
+    task, setting, method, seed, *rest = unit
+    return run(task, setting, method, seed, ROOT / "outputs" / "benchmarks" / name / slug(unit), *rest)
+
+
+def _start_worker(platform: str, threads: int) -> None:
+    use_platform(platform)
+    torch.set_num_threads(threads)
+
+
+def schedule(
+    plan: Callable[[dict[str, dict]], list[tuple]],
+    name: str,
+    jobs: int = 1,
+    deadline: Optional[float] = None,
+    on_row: Optional[Callable[[dict[str, dict]], None]] = None,
+) -> dict[str, dict]:
+    """Run every unit ``(task, setting, method, seed[, lr[, optim]])`` of ``plan(rows)`` whose row is missing, in its
+    order, appending each row to :func:`store` as it finishes; returns the rows by key.
+
+    ``plan`` is asked again after every row, so that a phase chosen from earlier rows starts as soon as they are in.
+    ``jobs`` > 1 runs that many worker processes (each with ``torch_threads = cores // jobs``); ``deadline``: seconds
+    after which no new run starts. A run that raises is reported and not retried in this call; the call then exits
+    non-zero once the others are done."""
+    path = store()
+    rows = rows_by_key(path)
+    began = time.monotonic()
+    failed: dict[str, str] = {}
+    running: dict[Future, tuple[str, tuple]] = {}
+
+    def wanted() -> list[tuple[str, tuple]]:
+        out: dict[str, tuple] = {}
+        for unit in plan(rows):
+            k = key(*unit)
+            if k not in rows and k not in failed and k not in out and all(k != r[0] for r in running.values()):
+                out[k] = unit
+        return list(out.items())
+
+    def finished(k: str, unit: tuple, row: dict) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        rows[k] = row
+        print(
+            f"[{name}] {slug(unit)}: val {row['metrics'].get('val/acc', float('nan')):.4f} "
+            f"test {row['metrics'].get('test/acc', float('nan')):.4f} ({row['time_s']:.0f} s, "
+            f"{time.monotonic() - began:.0f} s in)",
+            flush=True,
+        )
+        if on_row is not None:
+            on_row(rows)
+
+    def late() -> bool:
+        return deadline is not None and time.monotonic() - began > deadline
+
+    if jobs <= 1:
+        while not late() and (todo := wanted()):
+            k, unit = todo[0]
+            try:
+                row = _run_unit(unit, name)
+            except Exception:
+                failed[k] = traceback.format_exc()
+                print(f"[{name}] {slug(unit)} failed:\n{failed[k]}", flush=True)
+                continue
+            finished(k, unit, row)
+    else:
+        threads = max(1, (os.cpu_count() or jobs) // jobs)
+        context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+        with ProcessPoolExecutor(jobs, context, _start_worker, (_platform["name"], threads)) as pool:
+            while True:
+                if not late():
+                    for k, unit in wanted()[: jobs - len(running)]:
+                        running[pool.submit(_run_unit, unit, name)] = (k, unit)
+                if not running:
+                    break
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    k, unit = running.pop(future)
+                    try:
+                        finished(k, unit, future.result())
+                    except Exception:
+                        failed[k] = traceback.format_exc()
+                        print(f"[{name}] {slug(unit)} failed:\n{failed[k]}", flush=True)
+    if late():
+        print(f"[{name}] deadline of {deadline:.0f} s reached; {len(wanted())} runs left for a rerun", flush=True)
+    if failed:
+        raise SystemExit(f"[{name}] {len(failed)} runs failed; their tracebacks are above")
+    return rows
+
+
+def run_all(units: Iterable[tuple], name: str) -> dict[str, dict]:
+    """Run every unit whose row is missing, one at a time (:func:`schedule`)."""
+    units = list(units)
+    return schedule(lambda _: units, name)
+
+
+def _device() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="try a platform: a few batches of each kind of run, in parallel")
+    parser.add_argument("--smoke", action="store_true", required=True)
+    parser.add_argument("--platform", choices=sorted(PLATFORMS), default="cpu")
+    parser.add_argument("--store", type=Path, required=True, help="where the smoke rows go")
+    parser.add_argument("--jobs", type=int, default=2)
+    args = parser.parse_args()
+    use_platform(args.platform, args.store)
+    methods = [Method("erm"), Method("sam", 0.05, "follow_lr"), Method("per_instance", 0.01, "follow_lr")]
+    units = [("mr", "smoke", m, 1) for m in methods] + [("tweets", "smoke", Method("erm"), 1, f"{TUNE}:minimum")]
+    units += [("r8", "smoke", Method("erm"), 1, 1e-4, (("head_lr_mult", 10.0), ("layer_decay", 0.8)))]
+    rows = schedule(lambda _: units, "smoke", jobs=args.jobs)
+    print(json.dumps({slug(u): rows[key(*u)]["metrics"].get("val/acc") for u in units}))
+
+
+if __name__ == "__main__":
+    main()
