@@ -58,6 +58,18 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "2k3ep": {"data.train_limit": 2000, "trainer.max_epochs": 3, "data.max_length": 64},
     # the main job: the whole training split for one epoch at the app's length (the recipe suite)
     "full1ep": {"trainer.max_epochs": 1, "data.max_length": 48},
+    # the held-out many-class tasks (benchmarks/heldout.py writes their files), as a user's own CSVs
+    **{
+        f"{task}2k3ep": {
+            **{
+                f"task.{split}": f"${{paths.cache_dir}}/heldout/{task}/{split}.csv"
+                for split in ("train", "validation", "test")
+            },
+            "trainer.max_epochs": 3,
+            "data.max_length": 64,
+        }
+        for task in ("20ng", "r52")
+    },
     # a few batches of everything a run does, to try a platform before a study (runs.py --smoke)
     "smoke": {
         "data.train_limit": 64,
