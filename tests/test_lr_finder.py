@@ -84,8 +84,8 @@ def test_an_lr_a_config_sets_is_refused_with_tune_lr(tmp_path):
     from lit_deltasam.app import lr_finder
 
     cfg = compose_train([*FAST, *SEARCH], tmp_path)
-    cfg.optim.lr = 2e-4  # as an experiment config would set it
-    with pytest.raises(ValueError, match=re.escape("optim.lr=0.0002 (from a config) and tune_lr=true")):
+    cfg.optim.lr = 3e-4  # as an experiment config would set it
+    with pytest.raises(ValueError, match=re.escape("optim.lr=0.0003 (from a config) and tune_lr=true")):
         lr_finder.apply(cfg)
 
 

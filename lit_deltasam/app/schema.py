@@ -73,8 +73,8 @@ class DataSchema:
 
 @dataclass
 class OptimSchema:
-    lr: float = 5e-5
-    weight_decay: float = 0.01
+    lr: float = 2e-4
+    weight_decay: float = 0.1
     warmup_ratio: float = 0.1
     head_lr_mult: float = 1.0
     layer_decay: float = 1.0
