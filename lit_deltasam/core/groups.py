@@ -239,9 +239,7 @@ class BatchedGroups:
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
         n = batch_size(part)
         assert n is not None
-        zero = torch.zeros(
-            n, layer.out_features, dtype=dtype or layer.weight.dtype, device=device, requires_grad=True
-        )
+        zero = torch.zeros(n, layer.out_features, dtype=dtype or layer.weight.dtype, device=device, requires_grad=True)
 
         def tapped_losses(params: dict[str, Tensor], group: Batch, added: Tensor) -> tuple[Tensor, Tensor]:
             inputs: list[Tensor] = []

@@ -84,8 +84,6 @@ def perturb(
     return norm, eps_norm, applied
 
 
-
-
 def _rescaled_norm(tensors: Sequence[Tensor], norm: Tensor, reduce_squares: Optional[NormReduce]) -> Tensor:
     """The 2-norm of finite ``tensors`` whose squares overflowed: ``m * ||t / m||`` with ``m`` the largest
     magnitude; ``norm`` (inf) where an entry is not finite or the tensors are shards (FSDP)."""
