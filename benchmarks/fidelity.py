@@ -41,6 +41,7 @@ import torch
 from common import RESULTS, ROOT, bootstrap, compose_config, load_jsonl, save
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
+from runs import legacy_optim
 
 from lit_deltasam import DeltaSAMConfig
 from lit_deltasam.app import assemble
@@ -160,10 +161,9 @@ class Probe(Callback):
         self.run(trainer, module)
 
 
-def trajectory(task: str, method: str, args: argparse.Namespace) -> None:
-    L.seed_everything(args.seed)
-    out = ROOT / "outputs" / "benchmarks" / "fidelity" / f"{task}-{method}"
-    base = [
+def trajectory_overrides(task: str, method: str, args: argparse.Namespace) -> list[str]:
+    """The trajectory's config, the optimizer recipe pinned at what the committed rows ran at (unrecorded there)."""
+    return [
         f"task={task}",
         f"model={args.model}",
         f"seed={args.seed}",
@@ -174,8 +174,15 @@ def trajectory(task: str, method: str, args: argparse.Namespace) -> None:
         "trainer.enable_checkpointing=false",
         "+trainer.enable_progress_bar=false",
         "test=false",
+        f"method={method}",
+        *legacy_optim(),
     ]
-    cfg = compose_config(base + [f"method={method}"], out)
+
+
+def trajectory(task: str, method: str, args: argparse.Namespace) -> None:
+    L.seed_everything(args.seed)
+    out = ROOT / "outputs" / "benchmarks" / "fidelity" / f"{task}-{method}"
+    cfg = compose_config(trajectory_overrides(task, method, args), out)
     datamodule, module = assemble.build(cfg)
     datamodule.setup("fit")
     per_epoch = math.ceil(len(datamodule.splits["train"]) / cfg.data.batch_size)

@@ -104,6 +104,14 @@ LEGACY_OPTIM: dict[str, float] = {
 """What a row ran at for each ``optim.*`` field its overrides leave out: every row made before rows wrote a field
 ran at these values, whatever the app's default is now. Studies that give no value (``lr=None``) mean these."""
 LEGACY_LR = LEGACY_OPTIM["lr"]
+
+
+def legacy_optim() -> list[str]:
+    """``optim.*`` overrides at :data:`LEGACY_OPTIM`: for a study whose committed rows or tables do not record the
+    optimizer recipe (fidelity, staleness), so that its runs stay at the recipe those were made with."""
+    return [_optim(k, v) for k, v in LEGACY_OPTIM.items()]
+
+
 _platform: dict[str, Any] = {"name": "cpu", "store": STORE}
 
 

@@ -19,6 +19,7 @@ from collections import deque
 import lightning as L
 import torch
 from common import ROOT, compose_config, save
+from runs import legacy_optim
 from transformers import get_linear_schedule_with_warmup
 
 from lit_deltasam import DeltaSAM, DeltaSAMConfig
@@ -39,7 +40,10 @@ def main() -> None:
 
     L.seed_everything(args.seed)
     out = ROOT / "outputs" / "benchmarks" / "staleness"
-    cfg = compose_config([f"task={args.task}", f"model={args.model}", "data.max_length=32", "logger=none"], out)
+    pinned = legacy_optim()  # the committed staleness.json ran at it
+    cfg = compose_config(
+        [f"task={args.task}", f"model={args.model}", "data.max_length=32", "logger=none", *pinned], out
+    )
     datamodule, module = assemble.build(cfg)
     datamodule.setup("fit")
     module.train()

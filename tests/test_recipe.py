@@ -253,3 +253,15 @@ def test_the_shipped_recipe_is_what_the_committed_rows_choose():
         assert recipe.choose(recipe.selection(rows)) == "lr=0.0001 layer_decay=0.8"
     finally:
         runs.use_platform("cpu")
+
+
+def test_studies_whose_rows_do_not_record_the_recipe_stay_at_the_one_they_ran_at(tmp_path, monkeypatch):
+    """fidelity.py's trajectories (their rows skip finished probe points by an identity without the optimizer) and
+    staleness.py run at runs.LEGACY_OPTIM, not at the app's default, which has moved since their rows were made."""
+    import argparse
+
+    fidelity = pytest.importorskip("fidelity")
+    args = argparse.Namespace(model="minilm", seed=0, max_length=32)
+    cfg = schema.compose(ROOT / "conf", fidelity.trajectory_overrides("mr", "sam", args), tmp_path)
+    assert dict(cfg.optim) == runs.LEGACY_OPTIM != dataclasses.asdict(schema.OptimSchema())
+    assert runs.legacy_optim() == [f"optim.{k}={float(v)!r}" for k, v in runs.LEGACY_OPTIM.items()]
