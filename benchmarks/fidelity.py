@@ -410,6 +410,22 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def compare(rows: list[dict], reference: list[dict]) -> dict[str, Any]:
+    """The largest absolute differences of each variant's cos and relative error between ``rows`` and the
+    ``reference`` rows of the same trajectory, probe step and batch (same model, seed, radius, batch size, length)."""
+    point = ("task", "trajectory", "model", "seed", "probe_rho", "batch_size", "max_length", "step", "batch")
+    ref = {tuple(r[k] for k in point): r for r in reference}
+    pairs = [(r, ref[tuple(r[k] for k in point)]) for r in rows if tuple(r[k] for k in point) in ref]
+    out: dict[str, dict[str, float]] = {}
+    for r, o in pairs:
+        for name in set(r["variants"]) & set(o["variants"]):
+            for field in ("cos", "rel_err"):
+                d = abs(r["variants"][name][field] - o["variants"][name][field])
+                out.setdefault(name, {}).setdefault(f"max_abs_diff_{field}", 0.0)
+                out[name][f"max_abs_diff_{field}"] = max(out[name][f"max_abs_diff_{field}"], d)
+    return {"probes_compared": len(pairs), "points": sorted({(r["step"], r["batch"]) for r, _ in pairs}), "max": out}
+
+
 def main() -> None:
     global STORE
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -437,8 +453,16 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="only build the tables and the plot")
     parser.add_argument("--store", type=Path, default=STORE, help="the JSONL file of rows")
     parser.add_argument("--name", default="fidelity", help="name of the summary JSON and plot in docs/results")
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        help="only compare the rows of --store with this file's at the same probe points (into docs/results/<name>)",
+    )
     args = parser.parse_args()
     STORE = args.store
+    if args.compare:
+        save(args.name, {"args": {k: str(v) for k, v in vars(args).items()}, **compare(load(), load(args.compare))})
+        return
     if not args.report:
         for task in args.tasks:
             for method in args.trajectories:
