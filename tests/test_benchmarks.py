@@ -261,3 +261,44 @@ def test_the_gpu_check_runs_in_its_smoke_mode(tmp_path):
         if name != "wall_s":
             assert part["forced_on_cpu"] and part["host_reads_per_step"] == [1, 1, 1], (name, part)
             assert part["max_weight_difference_to_host_path"] < 1e-4, (name, part)  # AdamW at lr 1e-5, 4 steps
+
+
+def test_schedule_asks_the_plan_again_after_each_row_and_reports_failures(tmp_path, monkeypatch):
+    """A later phase chosen from earlier rows runs in the same call; a finished unit is skipped on a rerun; a unit
+    that raises is reported, the others still run, and the call then exits non-zero; the deadline stops new runs."""
+    erm = runs.Method("erm")
+    first = [("mr", "noisy1k", erm, seed) for seed in (1, 2)]
+    second = ("mr", "noisy1k", erm, 3)
+    broken = ("mr", "noisy1k", erm, 4)
+    ran = []
+
+    def fake(unit, name):
+        ran.append(unit[3])
+        if unit == broken:
+            raise RuntimeError("boom")
+        return {
+            "overrides": runs.overrides(*unit),
+            "method_config": runs.resolved_method(unit[2].overrides()),
+            "metrics": {"val/acc": 0.5, "test/acc": 0.5},
+            "time_s": 0.0,
+        }
+
+    def plan(rows):
+        done = all(runs.key(*u) in rows for u in first)
+        return first + ([broken, second] if done else [])
+
+    monkeypatch.setattr(runs, "_run_unit", fake)
+    runs.use_platform("cpu", tmp_path / "rows.jsonl")
+    try:
+        with pytest.raises(SystemExit, match="1 runs failed"):
+            runs.schedule(plan, "test")
+        assert ran == [1, 2, 4, 3] and len(runs.load()) == 3
+        ran.clear()
+        with pytest.raises(SystemExit):
+            runs.schedule(plan, "test")
+        assert ran == [4]  # only the failed one again
+        ran.clear()
+        runs.schedule(lambda _: [("mr", "noisy1k", erm, 5)], "test", deadline=-1.0)
+        assert ran == []
+    finally:
+        runs.use_platform("cpu")
