@@ -1,13 +1,15 @@
-"""One fine-tuning run of the app as one JSON row: the runner the robust-defaults and generalization studies share.
+"""One fine-tuning run of the app as one JSON row: the runner every fine-tuning study shares.
 
 A run is ``train.py`` with a setting (training subset, epochs, label noise), a method
-(ρ, schedule, estimator, β) and a seed. Its row is keyed by the canonical list of
+(ρ, schedule, estimator, β), an optimizer recipe and a seed. Its row is keyed by the canonical list of
 overrides, so a run made for one study counts for the other when its configuration is
-identical. Rows are appended to ``docs/results/runs.jsonl`` as runs finish; a rerun
-skips every key already there.
+identical. Rows are appended to the platform's store (``docs/results/runs.jsonl``; ``runs_gpu.jsonl`` for
+``--platform gpu``, the shipped ``trainer=gpu``) as runs finish; a rerun skips every key already there.
+:func:`schedule` runs a study's phases, in a pool of worker processes with ``jobs`` > 1.
 
-The fine-tuning recipe is the app's (MiniLM, AdamW 5e-5, linear warm-up over 10% then
-decay, batch 32), at maximum length 32 unless a setting gives its own. Validation runs at
+The optimizer recipe is written out in every row: :data:`LEGACY_OPTIM` (AdamW 5e-5, weight decay 0.01, linear
+warm-up over 10% then decay) unless a unit gives its own, never the app's current default; MiniLM, batch 32, at
+maximum length 32 unless a setting gives its own. Validation runs at
 the end of every epoch (four times in the one-epoch setting). The test split is scored twice: with the final weights
 and with the best-validation checkpoint.
 """
