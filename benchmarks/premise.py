@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from pathlib import Path
 from typing import Any, Optional
 
 from common import holm, paired, save
-from runs import PLATFORMS, Method, key, rows_by_key, schedule, use_platform
+from runs import Method, add_study_arguments, key, phased, report_name, rows_by_key, schedule, use_platform
 
 from lit_deltasam import DeltaSAMConfig
 
@@ -153,23 +152,21 @@ def report() -> tuple[str, dict[str, Any]]:
 
 def write_reports(platform: str = "cpu") -> str:
     text, summary = report()
-    suffix = "" if platform == "cpu" else f"_{platform}"
-    save(f"premise{suffix}", {"command": f"python premise.py --platform {platform} --report", "table": text, **summary})
+    save(
+        report_name("premise", platform),
+        {"command": f"python premise.py --platform {platform} --report", "table": text, **summary},
+    )
     return text
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--report", action="store_true", help="only build the JSON and the table")
-    parser.add_argument("--platform", choices=sorted(PLATFORMS), default="cpu", help="where the runs run (keyed apart)")
-    parser.add_argument("--store", type=Path, help="the rows' JSONL file (default: the platform's)")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process")
-    parser.add_argument("--deadline", type=float, help="seconds after which no new run starts")
+    add_study_arguments(parser)
     args = parser.parse_args()
     use_platform(args.platform, args.store)
     if not args.report:
-        plan = lambda rows: [u for phase in PHASES for u in phase(rows)]  # noqa: E731
-        schedule(plan, "premise", args.jobs, args.deadline)
+        schedule(phased(PHASES), "premise", args.jobs, args.deadline)
     print(write_reports(args.platform))
 
 

@@ -40,11 +40,22 @@ import argparse
 import json
 import statistics
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 from common import RESULTS, save, t_interval
-from runs import LEGACY_LR, PLATFORMS, TUNE, Method, is_tuned, key, rows_by_key, schedule, use_platform
+from runs import (
+    LEGACY_LR,
+    TUNE,
+    Method,
+    add_study_arguments,
+    is_tuned,
+    key,
+    phased,
+    report_name,
+    rows_by_key,
+    schedule,
+    use_platform,
+)
 
 from lit_deltasam import DeltaSAMConfig
 
@@ -326,9 +337,8 @@ def report(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
 
 def write_reports(platform: str = "cpu") -> str:
     text, summary = suite_report()
-    suffix = "" if platform == "cpu" else f"_{platform}"
     save(
-        f"recipe_suite{suffix}",
+        report_name("recipe_suite", platform),
         {"command": f"python recipe.py --platform {platform} --report", "table": text, **summary},
     )
     if platform == "cpu":
@@ -342,10 +352,7 @@ def write_reports(platform: str = "cpu") -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--report", action="store_true", help="only build the JSONs and the table")
-    parser.add_argument("--platform", choices=sorted(PLATFORMS), default="cpu", help="where the runs run (keyed apart)")
-    parser.add_argument("--store", type=Path, help="the rows' JSONL file (default: the platform's)")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process")
-    parser.add_argument("--deadline", type=float, help="seconds after which no new run starts")
+    add_study_arguments(parser)
     parser.add_argument(
         "--phase",
         type=int,
@@ -365,8 +372,7 @@ def main() -> None:
             except Exception as error:  # the rows are written; the tables can be rebuilt with --report
                 print(f"[recipe] tables not rewritten ({error!r}); python recipe.py --report rebuilds them")
 
-        plan = lambda rows: [u for phase in phases for u in phase(rows)]  # noqa: E731
-        schedule(plan, "recipe", args.jobs, args.deadline, tables)
+        schedule(phased(phases), "recipe", args.jobs, args.deadline, tables)
     print(write_reports(args.platform))
 
 

@@ -27,7 +27,7 @@ import shutil
 import subprocess
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -541,6 +541,25 @@ def schedule(
     if failed:
         raise SystemExit(f"[{name}] {len(failed)} runs failed; their tracebacks are above")
     return rows
+
+
+def phased(*studies: Sequence[Callable[[dict[str, dict]], list[tuple]]]) -> Callable[[dict[str, dict]], list[tuple]]:
+    """A :func:`schedule` plan of the studies' phases: every study's first phase before any study's second."""
+    depth = max(len(phases) for phases in studies)
+    return lambda rows: [u for i in range(depth) for phases in studies if i < len(phases) for u in phases[i](rows)]
+
+
+def add_study_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--platform``, ``--store``, ``--jobs`` and ``--deadline``: where and how a study's runs run."""
+    parser.add_argument("--platform", choices=sorted(PLATFORMS), default="cpu", help="where the runs run (keyed apart)")
+    parser.add_argument("--store", type=Path, help="the rows' JSONL file (default: the platform's)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process")
+    parser.add_argument("--deadline", type=float, help="seconds after which no new run starts")
+
+
+def report_name(name: str, platform: str) -> str:
+    """The results JSON of a study's tables on ``platform`` (``name`` on the CPU, ``name_<platform>`` elsewhere)."""
+    return name if platform == "cpu" else f"{name}_{platform}"
 
 
 def run_all(units: Iterable[tuple], name: str) -> dict[str, dict]:

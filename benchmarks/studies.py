@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
-from pathlib import Path
 
-from runs import PLATFORMS, schedule, use_platform
+from runs import add_study_arguments, phased, schedule, use_platform
 
 STUDIES = ("recipe", "premise")
 
@@ -19,16 +18,12 @@ STUDIES = ("recipe", "premise")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("studies", nargs="+", choices=STUDIES)
-    parser.add_argument("--platform", choices=sorted(PLATFORMS), default="cpu")
-    parser.add_argument("--store", type=Path, help="the rows' JSONL file (default: the platform's)")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process")
-    parser.add_argument("--deadline", type=float, help="seconds after which no new run starts")
+    add_study_arguments(parser)
     args = parser.parse_args()
     use_platform(args.platform, args.store)
-    phases = [importlib.import_module(name).PHASES for name in args.studies]
-    depth = max(len(p) for p in phases)
-    plan = lambda rows: [u for i in range(depth) for p in phases if i < len(p) for u in p[i](rows)]  # noqa: E731
-    schedule(plan, "studies", args.jobs, args.deadline)
+    schedule(
+        phased(*(importlib.import_module(name).PHASES for name in args.studies)), "studies", args.jobs, args.deadline
+    )
 
 
 if __name__ == "__main__":
