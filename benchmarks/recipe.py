@@ -190,7 +190,12 @@ def shipped_units(_: dict) -> list[tuple]:
     return [r.unit(*s, ERM, seed) for s in SUITE for seed in CONFIRM_SEEDS for r in (SHIPPED, OLD)]
 
 
-PHASES = (lambda _: selection_units(), confirmation_units, main_job_units, shipped_units)
+def shipped_sam_units(_: dict) -> list[tuple]:
+    """SAM as shipped at the shipped recipe and the old on noisy mr, where δ-SAM lost at the shipped recipe."""
+    return [r.unit("mr", "noisy1k", shipped("sam"), s) for s in CONFIRM_SEEDS for r in (SHIPPED, OLD)]
+
+
+PHASES = (lambda _: selection_units(), confirmation_units, main_job_units, shipped_units, shipped_sam_units)
 """The study's runs, phase by phase, each from the rows so far (:func:`runs.schedule`)."""
 
 
@@ -262,7 +267,9 @@ def suite_report() -> tuple[str, dict[str, Any]]:
     out["main_job"] = confirmation(
         rows,
         SHIPPED,
-        [(p, shipped("deltasam")) for p in METHOD_SETTINGS] + [(setting, ERM) for setting in SUITE],
+        [(p, shipped("deltasam")) for p in METHOD_SETTINGS]
+        + [(("mr", "noisy1k"), shipped("sam"))]
+        + [(setting, ERM) for setting in SUITE],
     )
     lines += ["", f"shipped (post hoc, after the held-out check): {SHIPPED.label}"]
     lines += ["", f"| setting, method | seeds | test (best ckpt): {SHIPPED.label} − lr=5e-05 | test (final) |"]
@@ -359,7 +366,7 @@ def main() -> None:
         action="append",
         choices=range(1, len(PHASES) + 1),
         help="run only these phases (1 selection, 2 confirmation, 3 δ-SAM at the shipped recipe: the main job, "
-        "noisy mr; 4 the shipped recipe's ERM confirmation); default all",
+        "noisy mr; 4 the shipped recipe's ERM confirmation; 5 SAM at the shipped recipe on noisy mr); default all",
     )
     args = parser.parse_args()
     use_platform(args.platform, args.store)
