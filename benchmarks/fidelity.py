@@ -179,6 +179,34 @@ def trajectory_overrides(task: str, method: str, args: argparse.Namespace) -> li
     ]
 
 
+TRAJECTORY_FIELDS = ("method", "rho", "rho_schedule", "beta", "estimator", "rho_warmup")
+
+
+def identity(task: str, method: str, config: DeltaSAMConfig, args: argparse.Namespace, total: int) -> dict:
+    """What a probe row's trajectory is: the fields of its method's config that apply (a config holds ``None`` in
+    those that do not), the probe's settings and the trajectory's length."""
+    return {
+        "task": task,
+        "trajectory": method,
+        "trajectory_config": {k: v for k, v in vars(config).items() if k in TRAJECTORY_FIELDS and v is not None},
+        "model": args.model,
+        "seed": args.seed,
+        "probe_rho": args.rho,
+        "batch_size": args.batch_size,
+        "max_length": args.max_length,
+        "total_steps": total,
+    }
+
+
+def same_trajectory(row: dict, ident: dict) -> bool:
+    """Whether ``row`` was probed on the trajectory ``ident`` names. Rows written before configs held ``None`` in
+    the fields that do not apply to their method record the defaults there, which are not compared."""
+    config = ident["trajectory_config"]
+    return all(row[k] == v for k, v in ident.items() if k != "trajectory_config") and all(
+        row["trajectory_config"].get(k) == v for k, v in config.items()
+    )
+
+
 def trajectory(task: str, method: str, args: argparse.Namespace) -> None:
     L.seed_everything(args.seed)
     out = ROOT / "outputs" / "benchmarks" / "fidelity" / f"{task}-{method}"
@@ -190,23 +218,8 @@ def trajectory(task: str, method: str, args: argparse.Namespace) -> None:
     steps = [round(total * (i + 1) / args.points) for i in range(args.points)]
     if method == "per_instance" and args.pi_rho is not None:
         module.deltasam = DeltaSAMConfig.coerce({**vars(module._deltasam_config()), "rho": args.pi_rho})
-    config = module._deltasam_config()
-    ident = {
-        "task": task,
-        "trajectory": method,
-        "trajectory_config": {
-            k: v
-            for k, v in vars(config).items()
-            if k in ("method", "rho", "rho_schedule", "beta", "estimator", "rho_warmup")
-        },
-        "model": args.model,
-        "seed": args.seed,
-        "probe_rho": args.rho,
-        "batch_size": args.batch_size,
-        "max_length": args.max_length,
-        "total_steps": total,
-    }
-    rows = [r for r in load() if all(r[k] == v for k, v in ident.items())]
+    ident = identity(task, method, module._deltasam_config(), args, total)
+    rows = [r for r in load() if same_trajectory(r, ident)]
     finished = {s for s in steps if sum(r["step"] == s for r in rows) >= args.batches}
     if finished == set(steps):
         print(f"{task}/{method}: done")

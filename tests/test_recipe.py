@@ -265,3 +265,26 @@ def test_studies_whose_rows_do_not_record_the_recipe_stay_at_the_one_they_ran_at
     cfg = schema.compose(ROOT / "conf", fidelity.trajectory_overrides("mr", "sam", args), tmp_path)
     assert dict(cfg.optim) == runs.LEGACY_OPTIM != dataclasses.asdict(schema.OptimSchema())
     assert runs.legacy_optim() == [f"optim.{k}={float(v)!r}" for k, v in runs.LEGACY_OPTIM.items()]
+
+
+def test_a_resumed_fidelity_run_recognises_every_committed_trajectory(tmp_path):
+    """The committed probe rows record the defaults in config fields that do not apply to their method (beta and
+    the estimator of an ERM trajectory); configs now hold None there. Resuming must still find the rows, or the
+    full run redoes hours of trajectories. The identity is the one trajectory() builds from the composed config."""
+    import argparse
+
+    fidelity = pytest.importorskip("fidelity")
+    from lit_deltasam.app import assemble
+
+    rows = fidelity.load()
+    for task, method in sorted({(r["task"], r["trajectory"]) for r in rows}):
+        row = next(r for r in rows if (r["task"], r["trajectory"]) == (task, method))
+        args = argparse.Namespace(
+            model=row["model"], seed=row["seed"], max_length=row["max_length"], rho=row["probe_rho"]
+        )
+        args.batch_size = row["batch_size"]
+        cfg = schema.compose(ROOT / "conf", fidelity.trajectory_overrides(task, method, args), tmp_path)
+        ident = fidelity.identity(task, method, assemble.method_config(cfg.method), args, row["total_steps"])
+        assert fidelity.same_trajectory(row, ident), (task, method)
+        other = {**ident, "trajectory_config": {**ident["trajectory_config"], "rho": 0.5}}
+        assert not fidelity.same_trajectory(row, other)
