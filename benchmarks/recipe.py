@@ -37,8 +37,10 @@ grid about 4–5 hours, the levers about 8 more, the confirmation about 5 more);
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -138,6 +140,26 @@ def selection(rows: dict[str, dict]) -> dict[str, dict[str, dict[str, Any]]]:
                     entry["lr"] = [r["metrics"]["tune_lr/lr"] for r in done]
             out[name][recipe.label] = entry
     return out
+
+
+def lr_sweep(
+    rows: dict[str, dict], task: str, setting: str, judged: Callable[[dict], float], seeds: Sequence[int] = SELECT_SEEDS
+) -> Optional[dict[str, Any]]:
+    """What ``experiment=lr_sweep`` gives a user (post hoc, defined after the selection): the grid's LR with the
+    best final validation accuracy on one seed, ``judged`` on another seed's run at that LR (each ordered pair of
+    ``seeds``). ``{"picks", "value"}`` (the mean judged value), or ``None`` while a run is missing."""
+    picks, values = [], []
+    for a, b in itertools.permutations(seeds, 2):
+        found = {
+            r: (rows.get(key(*r.unit(task, setting, ERM, a))), rows.get(key(*r.unit(task, setting, ERM, b))))
+            for r in GRID
+        }
+        if any(x is None for pair in found.values() for x in pair):
+            return None
+        pick = max(GRID, key=lambda r: val_final(found[r][0]))  # type: ignore[arg-type]
+        picks.append(pick.label)
+        values.append(judged(found[pick][1]))  # type: ignore[arg-type]
+    return {"picks": picks, "value": statistics.mean(values)}
 
 
 def regrets(table: dict[str, dict[str, dict[str, Any]]], field: str) -> dict[str, dict[str, float]]:
@@ -253,8 +275,21 @@ def suite_report() -> tuple[str, dict[str, Any]]:
             + " | ".join(_pct(w) + (" (partial)" if partial and w is not None else "") for w in worst)
             + " |"
         )
+    sweeps = {f"{t} {s}": lr_sweep(rows, t, s, val_final) for t, s in SUITE}
+    for name, sweep in sweeps.items():
+        done = [e["val"] for e in table[name].values() if "val" in e]
+        if sweep is not None and done:
+            sweep["regret"] = max(done) - sweep["value"]
+    cells = [_pct(sweeps[s]["value"]) if sweeps[s] else "–" for s in settings]
+    worst_sweep = max((sw["regret"] for sw in sweeps.values() if sw and "regret" in sw), default=None)
+    lines.append("| experiment=lr_sweep (post hoc) | " + " | ".join(cells) + f" | {_pct(worst_sweep)} | – |")
     label = choose(table)
-    out: dict[str, Any] = {"selection": table, "regret": regret, "chosen": label}
+    out: dict[str, Any] = {"selection": table, "regret": regret, "lr_sweep": sweeps, "chosen": label}
+    lines += [
+        "",
+        "experiment=lr_sweep: the grid's LR with the best final validation accuracy on one selection seed, its "
+        "run on the other seed (the mean of both ways round); defined after the selection, chooses nothing",
+    ]
     lines += ["", f"chosen (least worst-case regret of final validation accuracy): {label or 'not yet (rows missing)'}"]
     if label:
         chosen = next(r for r in CANDIDATES if r.label == label)

@@ -201,6 +201,44 @@ def test_multirun_sweep_writes_a_comparison_table(tmp_path):
     assert "| erm | 2 |" in table and "| deltasam | 2 |" in table
 
 
+def test_an_lr_sweep_chooses_the_lr_whose_run_scores_best_on_validation(tmp_path):
+    result = run_cli("-m", *FAST, "experiment=lr_sweep", "optim.lr=1e-3,1e-5", f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/metrics.json"))]
+    assert sorted(r["config"]["optim"]["lr"] for r in runs) == [1e-5, 1e-3]
+    best = max(runs, key=lambda r: r["metrics"]["val/acc"])
+    lr = best["config"]["optim"]["lr"]
+    table = (tmp_path / "comparison.md").read_text()
+    assert "| 0.001 | 1 |" in table and "| 1e-05 | 1 |" in table
+    assert table.rstrip().endswith(f"optim.lr={lr}")
+    folder = next(p.parent for p in tmp_path.glob("*/metrics.json") if json.loads(p.read_text()) == best)
+    assert f"run with optim.lr={lr}:\n{folder}\n" in result.stdout
+
+
+def _run(lr, seed, value, monitor="val/loss", mode="min"):
+    return {
+        "choices": {"method": "erm"},
+        "config": {"optim": {"lr": lr}, "seed": seed, "task": {"monitor": monitor, "mode": mode}},
+        "metrics": {monitor: value},
+    }
+
+
+def test_the_choice_on_validation_takes_each_lrs_mean_over_seeds_in_the_monitors_direction():
+    from lit_deltasam.app.report import chosen_on_validation, comparison_markdown
+
+    # 1e-4 has the single best run (0.1) but the worse mean ((0.1 + 0.9) / 2 = 0.5 against 0.4)
+    runs = [_run(1e-4, 1, 0.1), _run(1e-4, 2, 0.9), _run(2e-4, 1, 0.35), _run(2e-4, 2, 0.45)]
+    assert chosen_on_validation(runs, "optim.lr") == ("0.0002", "val/loss", pytest.approx(0.4))
+    maximised = [_run(r["config"]["optim"]["lr"], 1, r["metrics"]["val/loss"], "val/acc", "max") for r in runs]
+    assert chosen_on_validation(maximised, "optim.lr")[0] == "0.0001"
+    assert "| method | 4 |" not in comparison_markdown(runs, group_by="optim.lr")
+    assert "| erm | 4 |" in comparison_markdown(runs, group_by="method")
+    with pytest.raises(ValueError, match="group_by='optim.learning_rate' is neither a config group \\(method\\)"):
+        comparison_markdown(runs, group_by="optim.learning_rate")
+    with pytest.raises(ValueError, match="monitor different metrics"):
+        chosen_on_validation([runs[0], maximised[1]], "optim.lr")
+
+
 def test_optuna_sweep_over_rho_and_beta(tmp_path):
     result = run_cli("-m", *FAST, "hparams_search=optuna", "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]

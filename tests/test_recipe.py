@@ -209,6 +209,21 @@ def test_the_recipe_chosen_has_the_least_worst_case_regret_and_waits_for_every_r
     assert recipe.choose(table) is None
 
 
+def test_the_lr_sweep_picks_on_one_seeds_validation_and_is_judged_on_the_others():
+    """Seed 101 ranks 1e-4 first, seed 102 ranks 2e-4 first: each pick is judged on the other seed's run at its LR
+    (0.70 and 0.71), not on the best run of that seed."""
+    vals = {101: (0.70, 0.72, 0.71, 0.60), 102: (0.69, 0.70, 0.74, 0.50)}
+    rows = {
+        runs.key(*r.unit("mr", "noisy1k", recipe.ERM, seed)): {"metrics": {"val/acc": v}}
+        for seed, values in vals.items()
+        for r, v in zip(recipe.GRID, values)
+    }
+    sweep = recipe.lr_sweep(rows, "mr", "noisy1k", recipe.val_final)
+    assert sweep == {"picks": ["lr=0.0001", "lr=0.0002"], "value": pytest.approx(0.705)}
+    del rows[runs.key(*recipe.GRID[3].unit("mr", "noisy1k", recipe.ERM, 102))]
+    assert recipe.lr_sweep(rows, "mr", "noisy1k", recipe.val_final) is None
+
+
 def test_nothing_is_confirmed_before_a_recipe_is_chosen():
     assert recipe.confirmation_units({}) == []
 
@@ -248,7 +263,8 @@ def test_the_shipped_recipe_is_what_the_committed_rows_choose():
     runs.use_platform("gpu")
     try:
         rows = runs.rows_by_key()
-        _, summary = heldout.report()
+        text, summary = heldout.report()
+        assert text == json.loads((ROOT / "docs" / "results" / "heldout_gpu.json").read_text())["table"]
         assert summary["shipped_rule"] == recipe.SHIPPED.label
         assert recipe.choose(recipe.selection(rows)) == "lr=0.0001 layer_decay=0.8"
     finally:

@@ -91,16 +91,32 @@ def write_metrics(directory: str | Path, metrics: dict[str, float], config: dict
     return path
 
 
+def group_value(run: dict[str, Any], group_by: str) -> str:
+    """The group of a run in a comparison: its choice in the config group ``group_by`` (``method``), or the value of
+    the config key ``group_by`` (``optim.lr``)."""
+    if group_by in run["choices"]:
+        return str(run["choices"][group_by])
+    node: Any = run["config"]
+    for part in group_by.split("."):
+        if not isinstance(node, dict) or part not in node:
+            groups = sorted(k for k in run["choices"] if not k.startswith("hydra"))
+            raise ValueError(
+                f"group_by={group_by!r} is neither a config group ({', '.join(groups)}) nor a key of the runs' config"
+            )
+        node = node[part]
+    return str(node)
+
+
 def comparison_markdown(
     runs: list[dict[str, Any]], metrics: Optional[list[str]] = None, group_by: str = "method"
 ) -> str:
-    """One row per config-group choice ``group_by``, mean ± std over the runs (seeds) in it.
+    """One row per group of runs (:func:`group_value`), mean ± std over the runs (seeds) in it.
 
     ``metrics`` defaults to every validation and test metric the runs report, and the fit time.
     """
     groups: dict[str, list[dict[str, float]]] = defaultdict(list)
     for run in runs:
-        groups[str(run["choices"].get(group_by))].append(run["metrics"])
+        groups[group_value(run, group_by)].append(run["metrics"])
     if metrics is None:
         found = {key for run in runs for key in run["metrics"]}
         metrics = sorted(k for k in found if k.startswith(("val/", "test/")) and not k.endswith("loss"))
@@ -121,19 +137,52 @@ def comparison_markdown(
     return "\n".join(lines) + "\n"
 
 
-class ComparisonTable(HydraCallback):
-    """At the end of a multirun, collect every job's ``metrics.json`` into ``comparison.md`` in the sweep folder."""
+def chosen_on_validation(runs: list[dict[str, Any]], group_by: str) -> tuple[str, str, float]:
+    """The group whose runs have the best mean of the runs' monitored validation metric (``task.monitor``, the
+    final weights' value, in the direction ``task.mode``): ``(group, monitor, mean)``. Test metrics choose
+    nothing."""
+    monitors = {(run["config"]["task"]["monitor"], run["config"]["task"]["mode"]) for run in runs}
+    if len(monitors) != 1:
+        raise ValueError(f"the runs monitor different metrics ({sorted(monitors)}): nothing to choose between")
+    ((monitor, mode),) = monitors
+    groups: dict[str, list[float]] = defaultdict(list)
+    for run in runs:
+        value = run["metrics"].get(monitor)
+        if value is not None and not math.isnan(value):
+            groups[group_value(run, group_by)].append(value)
+    if not groups:
+        raise ValueError(f"no run reports {monitor}: nothing to choose on")
+    means = {group: statistics.mean(values) for group, values in groups.items()}
+    pick = (max if mode == "max" else min)(means, key=means.__getitem__)
+    return pick, monitor, means[pick]
 
-    def __init__(self, metrics: Optional[list[str]] = None, group_by: str = "method") -> None:
+
+class ComparisonTable(HydraCallback):
+    """At the end of a multirun, collect every job's ``metrics.json`` into ``comparison.md`` in the sweep folder.
+
+    With ``choose``, the table ends with the group chosen on validation (:func:`chosen_on_validation`) and the
+    folders of its runs are printed.
+    """
+
+    def __init__(self, metrics: Optional[list[str]] = None, group_by: str = "method", choose: bool = False) -> None:
         self.metrics = list(metrics) if metrics is not None else None
         self.group_by = group_by
+        self.choose = choose
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        runs = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/metrics.json"))]
+        found = sorted(sweep_dir.glob("*/metrics.json"))
+        runs = [json.loads(p.read_text()) for p in found]
         if not runs:
             return
         table = comparison_markdown(runs, self.metrics, self.group_by)
+        paths: dict[str, Any] = {"comparison table": sweep_dir / "comparison.md"}
+        if self.choose:
+            pick, monitor, mean = chosen_on_validation(runs, self.group_by)
+            table += f"\nchosen on {monitor} (mean of its runs, {mean:.4f}): {self.group_by}={pick}\n"
+            for path, run in zip(found, runs):
+                if group_value(run, self.group_by) == pick:
+                    paths[f"run with {self.group_by}={pick}"] = path.parent
         (sweep_dir / "comparison.md").write_text(table)
         print(table)  # as written: rich would read the markdown's brackets as markup and wrap its rows
-        print_paths({"comparison table": sweep_dir / "comparison.md"})
+        print_paths(paths)
