@@ -395,17 +395,59 @@ def test_a_scheduler_on_the_wrapper_moves_the_base_lr_after_a_resume():
         opt.load_state_dict(torch.optim.SGD(MLP().parameters(), lr=0.1).state_dict())
 
 
-def test_a_large_loss_scale_still_perturbs_when_only_the_norms_square_overflows():
-    """At a GradScaler scale of 2**70 the scaled ascent gradient is finite but its squares overflow fp32: the
-    host path must still take SAM's eps (found by an independent tester: SAM silently became ERM)."""
-    trained = []
+LARGE_SCALE_CASES = {
+    "sam": dict(method="sam", rho=0.05),
+    "asam": dict(method="asam", rho=0.5),
+    "m-sam loop": dict(method="sam", rho=0.05, m_sharpness=4, group_impl="loop"),
+    "m-sam batched": dict(method="sam", rho=0.05, m_sharpness=4, group_impl="batched"),
+    "m-asam batched": dict(method="asam", rho=0.5, m_sharpness=4, group_impl="batched"),
+    "per-instance": dict(method="per_instance", rho=0.05),  # its instance gradients are not scaled: a control
+}
+
+
+@pytest.mark.parametrize("on_device", [False, True], ids=["host", "device"])
+@pytest.mark.parametrize("case", LARGE_SCALE_CASES)
+def test_a_large_loss_scale_still_perturbs_when_only_the_norms_square_overflows(case, on_device):
+    """At a GradScaler scale of 2**70 the scaled ascent gradient is finite but its squares overflow fp32: both paths
+    must still take eps, and report the unscaled ||g|| (found by an independent tester: SAM silently became ERM;
+    the device path and batched groups did so until they scaled the gradient by a power of two first)."""
+    trained, norms = [], []
+    options = dict(rho_schedule="constant", **LARGE_SCALE_CASES[case])
+    method = options["method"] if "m_sharpness" not in options else "groups"
     for scale in (None, 2.0**70):
         scaler = None if scale is None else torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=10**6)
-        model, opt = _sam(scaler=scaler)
-        result = opt.step(model.losses, _batch())
-        assert float(result.eps_norm) == pytest.approx(0.05) and float(result.sharpness) != 0
+        model, opt = _sam(options, scaler=scaler)
+        with decisions_on_device(on_device):
+            result = opt.step(model.losses, _batch())
+        assert bool(result.perturbed) and float(result.sharpness) != 0
+        if method == "sam":
+            assert float(result.eps_norm) == pytest.approx(0.05)
+        if result.grad_norm is not None:  # per-instance SAM has no one ||g||
+            norms.append(float(result.grad_norm))  # DeltaSAMOptimizer reports it unscaled
         trained.append(flat_params(model))
+    if norms:
+        assert norms[1] == pytest.approx(norms[0], rel=1e-6)
     torch.testing.assert_close(trained[1], trained[0], rtol=1e-6, atol=1e-7)
+
+
+def test_the_overflow_rescue_is_bit_for_bit_a_no_op_where_nothing_overflows():
+    """On the device path the rescue runs every step (reading no value); where the squares did not overflow it must
+    leave the gradient and the norm exactly as they were, so that training stays what it was."""
+    from lit_deltasam.core.norms import total_norm, unoverflow_
+
+    torch.manual_seed(0)
+    tensors = [torch.randn(5, 3) * 1e3, torch.randn(7), torch.empty(0)]
+    before = [t.clone() for t in tensors]
+    norm = total_norm(tensors)
+    rescued, power = unoverflow_(tensors, norm)
+    assert float(power) == 1.0 and torch.equal(rescued, norm)
+    assert all(torch.equal(a, b) for a, b in zip(tensors, before))
+    big = [t * 2.0**70 for t in before]
+    rescued, power = unoverflow_(big, total_norm(big))
+    assert math.log2(float(power)) == -(70 + math.frexp(max(float(t.abs().max()) for t in before[:2]))[1])
+    assert float(rescued / power) == pytest.approx(float(norm) * 2.0**70, rel=1e-6)
+    nonfinite = [torch.tensor([math.inf, 1.0])]
+    assert float(unoverflow_(nonfinite, total_norm(nonfinite))[1]) == 1.0
 
 
 def test_a_state_saved_under_another_loop_is_refused():

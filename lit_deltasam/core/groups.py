@@ -22,6 +22,7 @@ of the groups' variances (in training mode each group is normalised with its own
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -38,6 +39,7 @@ from .batch import Batch, LossFn, batch_size, check_losses, slice_batch
 from .decisions import on_device
 from .distributed import world_size
 from .guardedness import HeadTap
+from .norms import overflow_scale
 from .per_instance import _LossModule
 from .randomness import RandomState
 from .sharding import is_sharded
@@ -348,9 +350,14 @@ class BatchedGroups:
                     t.fill_(1.0)
             for g, t in zip(grads, scale):
                 g.mul_(t)
-        norm = torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(g.reshape(count, -1), dim=1) for g in grads]), dim=0
-        )
+        norm = _group_norms(grads, count)
+        power: Optional[Tensor] = None
+        if on_device(norm.device) or bool(torch.isinf(norm).any()):  # a loss scaler can overflow the squares
+            largest = torch.stack([torch.linalg.vector_norm(g.reshape(count, -1), math.inf, dim=1) for g in grads])
+            power = overflow_scale(norm, largest.amax(0).to(norm.dtype))
+            for g in grads:
+                g.mul_(power.to(g.dtype).reshape(count, *([1] * (g.ndim - 1))))
+            norm = torch.where(power != 1, _group_norms(grads, count), norm)
         ok = torch.isfinite(norm) & (norm > 0)
         factor = torch.where(ok, rho / norm.double(), torch.zeros((), dtype=torch.float64, device=norm.device))
         for i, g in enumerate(grads):
@@ -361,15 +368,17 @@ class BatchedGroups:
         if on_device(norm.device) or not bool(ok.all()):  # inf * 0 is NaN: eps_k must be exactly 0
             for g in grads:
                 torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
-        if self._adaptive:
-            eps_norm = torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(g.reshape(count, -1), dim=1) for g in grads]), dim=0
-            )
-        else:
-            eps_norm = ok.to(norm.dtype) * rho
+        eps_norm = _group_norms(grads, count) if self._adaptive else ok.to(norm.dtype) * rho
         for g, p in zip(grads, params):
             g.add_(p.detach())
-        return norm, eps_norm, ok
+        return (norm if power is None else norm / power), eps_norm, ok
+
+
+def _group_norms(grads: list[Tensor], count: int) -> Tensor:
+    """``[G]`` norms of the groups' gradients, each ``[G, ...]`` tensor's row k being group k's."""
+    return torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(g.reshape(count, -1), dim=1) for g in grads]), dim=0
+    )
 
 
 class GroupBuffers:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .decisions import on_device, scale_or_zero, zero_non_finite_
-from .norms import total_norm
+from .norms import total_norm, unoverflow_
 from .sharding import NormReduce, local
 
 
@@ -40,11 +40,15 @@ def perturb(
     bool tensor. A zero or non-finite norm gives eps = 0 exactly there too (its non-finite entries,
     scaled by 0, are zeroed), so the descent runs at w, as on the host path.
 
+    A finite gradient whose squares overflow (a loss scaler's large scale) is first scaled in place by a power of two
+    (:func:`.norms.unoverflow_`), on both paths.
+
     Returns:
         ``(||g||, ||eps||, applied)``, where ``||g||`` is the norm that normalized eps.
     """
     params, grads = [local(p) for p in params], [local(g) for g in grads]
     scale: Optional[Sequence[Tensor]] = None
+    normalized: Sequence[Tensor] = grads  # what eps is the normalized direction of: g, or T g for ASAM
     if adaptive:
         scale = torch._foreach_abs(params)
         torch._foreach_add_(scale, eta)
@@ -52,17 +56,22 @@ def perturb(
             if flat:
                 t.fill_(1.0)
         scaled = torch._foreach_mul(scale, grads)  # type: ignore[arg-type]
-        norm = total_norm(scaled, reduce_squares, device=device)
-    else:
-        norm = total_norm(grads, reduce_squares, device=device)
+        normalized = scaled
+    norm = total_norm(normalized, reduce_squares, device=device)
+    # a loss scaler's large scale can overflow the squares of a finite gradient (not on shards: their norm is summed)
+    rescue = reduce_squares is None
     if on_device(norm.device):
+        if rescue:  # no value read: always, and bit for bit a no-op where nothing overflowed
+            norm, power = unoverflow_(normalized, norm)
         factor: float | Tensor = scale_or_zero(rho, norm)
         applied: bool | Tensor = factor > 0
+        if rescue:
+            norm = norm / power
     else:
         value = norm.item()
-        if math.isinf(value):  # the squares overflowed (a loss scaler's large scale), not always the gradient
-            norm = _rescaled_norm(scaled if scale is not None else grads, norm, reduce_squares)
-            value = norm.item()
+        if math.isinf(value) and rescue:
+            norm, power = unoverflow_(normalized, norm)
+            value, norm = norm.item(), norm / power
         if not (math.isfinite(value) and value > 0):
             return norm, torch.zeros_like(norm), False
         factor, applied = rho / value, True
@@ -82,15 +91,3 @@ def perturb(
         eps_norm = torch.as_tensor(rho, dtype=norm.dtype, device=norm.device)
         torch._foreach_add_(params, grads, alpha=factor)
     return norm, eps_norm, applied
-
-
-def _rescaled_norm(tensors: Sequence[Tensor], norm: Tensor, reduce_squares: Optional[NormReduce]) -> Tensor:
-    """The 2-norm of finite ``tensors`` whose squares overflowed: ``m * ||t / m||`` with ``m`` the largest
-    magnitude; ``norm`` (inf) where an entry is not finite or the tensors are shards (FSDP)."""
-    present = [t for t in tensors if t.numel()]
-    if reduce_squares is not None or not present:
-        return norm
-    largest = torch.stack([t.abs().max() for t in present]).max()
-    if not torch.isfinite(largest) or largest == 0:
-        return norm
-    return largest * total_norm(list(torch._foreach_div(present, largest)))
