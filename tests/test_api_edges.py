@@ -456,3 +456,75 @@ def test_a_state_saved_under_another_loop_is_refused():
     _, loader_opt = _sam(dict(method="deltasam"))
     with pytest.raises(ValueError, match="saved with .*'accumulate_grad_batches': 3"):
         loader_opt.load_state_dict(saver.state_dict())
+
+
+@pytest.mark.parametrize("method", ["sam", "asam"])
+def test_the_plain_loop_under_bf16_autocast_takes_the_textbook_step(method):
+    """DeltaSAMOptimizer.step inside torch.autocast(bfloat16), as a plain loop runs it: three steps give the weights of
+    SAM / ASAM written out by hand under the same autocast (fp32 weights, bf16 matmuls), and differ from fp32's."""
+    rho, eta = (0.05, 0.0) if method == "sam" else (0.5, 0.01)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+
+    def by_hand():
+        torch.manual_seed(0)
+        model = MLP()
+        base = torch.optim.SGD(model.parameters(), lr=0.1)
+        params = list(model.parameters())
+        for i in range(3):
+            with autocast:
+                model.losses(_batch(seed=i)).mean().backward()
+            with torch.no_grad():
+                t = [p.abs() + eta if method == "asam" else torch.ones_like(p) for p in params]
+                norm = torch.cat([(ti * p.grad).flatten() for ti, p in zip(t, params)]).norm()
+                eps = [rho * ti * ti * p.grad / norm for ti, p in zip(t, params)]
+                for p, e in zip(params, eps):
+                    p.add_(e)
+            base.zero_grad()
+            with autocast:
+                model.losses(_batch(seed=i)).mean().backward()
+            with torch.no_grad():
+                for p, e in zip(params, eps):
+                    p.sub_(e)
+            base.step()
+            base.zero_grad()
+        return flat_params(model)
+
+    def ours(precision):
+        options = dict(method=method, rho=rho, rho_schedule="constant")
+        if method == "asam":
+            options["asam_eta"] = eta
+        model, opt = _sam(options)
+        for i in range(3):
+            with autocast if precision == "bf16" else torch.autocast("cpu", enabled=False):
+                opt.step(model.losses, _batch(seed=i))
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        return flat_params(model)
+
+    expected, half, full = by_hand(), ours("bf16"), ours("fp32")
+    torch.testing.assert_close(half, expected, rtol=0, atol=1e-6)
+    assert (half - full).abs().max() > 1e-5  # autocast was in force: bf16 rounding shows (fp32 agrees to 1e-8)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(method="deltasam"),
+        dict(method="sam", m_sharpness=4, group_impl="loop"),
+        dict(method="sam", m_sharpness=4, group_impl="batched"),
+        dict(method="per_instance"),
+        dict(method="sam", interval=2, reuse="looksam"),
+    ],
+    ids=["deltasam", "m-sam loop", "m-sam batched", "per-instance", "looksam"],
+)
+def test_a_step_inside_one_autocast_region_perturbs_as_without_the_cast_cache(options):
+    """One ``torch.autocast`` around the whole step (its cache on, the default): every pass must see the weights as
+    they are then, as with the cache off (Lightning's own autocast); before the fix the cache served the first
+    forward's bf16 copies of w to the descent, an ERM step."""
+    trained = {}
+    for cache in (True, False):
+        model, opt = _sam(dict(rho=0.05, rho_schedule="constant", **options))
+        for i in range(3):
+            with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=cache):
+                opt.step(model.losses, _batch(seed=i))
+        trained[cache] = flat_params(model)
+    torch.testing.assert_close(trained[True], trained[False], rtol=0, atol=0)

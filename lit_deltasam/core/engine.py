@@ -157,6 +157,19 @@ def _default_backward(loss: Tensor) -> None:
     loss.backward()
 
 
+def _recasting(loss_fn: LossFn) -> LossFn:
+    """``loss_fn``, each call with autocast's cache cleared first. Inside a caller's ``torch.autocast`` region (cache
+    on, its default) the cache keeps the low-precision copy of each weight made by the region's first forward; the
+    step moves the weights in place between its passes, and the next forward would get the copies of w (SAM's
+    descent at w: an ERM step, silently)."""
+
+    def call(batch: Batch) -> Tensor:
+        torch.clear_autocast_cache()
+        return loss_fn(batch)
+
+    return call
+
+
 def _owned_parameters(module: nn.Module, params: Optional[Iterable[Tensor]]) -> tuple[list[Tensor], list[str]]:
     names = {id(p): name for name, p in module.named_parameters()}
     chosen = [p for p in module.parameters() if p.requires_grad] if params is None else list(params)
@@ -374,7 +387,7 @@ class DeltaSAM:
         self._buffers_before.capture()
         grads_before = take_grads(self.updated)
         ctx = _Step(
-            loss_fn,
+            _recasting(loss_fn),
             batch,
             backward,
             no_sync,
@@ -396,6 +409,8 @@ class DeltaSAM:
             put_grads(self.updated, grads_before)
             self._window_ok = None
             raise
+        finally:
+            torch.clear_autocast_cache()  # it holds copies of w + eps, and the weights are back at w
         ok = result.local_finite()
         self._window_ok = ok if self._window_ok is None else self._window_ok & ok
         if sync_descent:
