@@ -217,7 +217,23 @@ def shipped_sam_units(_: dict) -> list[tuple]:
     return [r.unit("mr", "noisy1k", shipped("sam"), s) for s in CONFIRM_SEEDS for r in (SHIPPED, OLD)]
 
 
-PHASES = (lambda _: selection_units(), confirmation_units, main_job_units, shipped_units, shipped_sam_units)
+REGRESSION = ("mr_rating", "2k3ep")
+"""A regime the suite misses: regression (mean ratings of review snippets, ``val/pearson``), 2,000 texts, 3 epochs."""
+
+
+def regression_units(_: dict) -> list[tuple]:
+    """The shipped recipe against the old on :data:`REGRESSION` (ERM, the selection seeds: a check, not a selection)."""
+    return [r.unit(*REGRESSION, ERM, seed) for seed in SELECT_SEEDS for r in (SHIPPED, OLD)]
+
+
+PHASES = (
+    lambda _: selection_units(),
+    confirmation_units,
+    main_job_units,
+    shipped_units,
+    shipped_sam_units,
+    regression_units,
+)
 """The study's runs, phase by phase, each from the rows so far (:func:`runs.schedule`)."""
 
 
@@ -311,7 +327,35 @@ def suite_report() -> tuple[str, dict[str, Any]]:
     lines += ["|---|---|---|---|"]
     for case, e in out["main_job"].items():
         lines.append(f"| {case} | {len(e['seeds'])} | {_diff(e['test_best'])} | {_diff(e['test_final'])} |")
+    regression = regression_check(rows)
+    out["regression"] = regression
+    lines += ["", f"| {' '.join(REGRESSION)}, ERM | seeds | val pearson: {SHIPPED.label} | lr=5e-05 | difference |"]
+    lines += ["|---|---|---|---|---|"]
+    lines.append(
+        f"| final weights | {len(regression['seeds'])} | {_num(regression.get('shipped'))} | "
+        f"{_num(regression.get('old'))} | {_num(regression.get('diff'), sign=True)} |"
+    )
     return "\n".join(lines), out
+
+
+def regression_check(rows: dict[str, dict]) -> dict[str, Any]:
+    """Mean final ``val/pearson`` of the shipped and the old recipe on :data:`REGRESSION`, over the seeds with both."""
+    pairs = [
+        (rows.get(key(*SHIPPED.unit(*REGRESSION, ERM, s))), rows.get(key(*OLD.unit(*REGRESSION, ERM, s))))
+        for s in SELECT_SEEDS
+    ]
+    done = [(a, b) for a, b in pairs if a is not None and b is not None]
+    out: dict[str, Any] = {"seeds": [a["seed"] for a, _ in done]}
+    if done:
+        out["shipped"] = statistics.mean(a["metrics"]["val/pearson"] for a, _ in done)
+        out["old"] = statistics.mean(b["metrics"]["val/pearson"] for _, b in done)
+        out["diff"] = out["shipped"] - out["old"]
+        out["per_seed"] = [a["metrics"]["val/pearson"] - b["metrics"]["val/pearson"] for a, b in done]
+    return out
+
+
+def _num(value: Optional[float], sign: bool = False) -> str:
+    return "–" if value is None else (f"{value:+.4f}" if sign else f"{value:.4f}")
 
 
 def _pct(value: Optional[float]) -> str:
@@ -401,7 +445,8 @@ def main() -> None:
         action="append",
         choices=range(1, len(PHASES) + 1),
         help="run only these phases (1 selection, 2 confirmation, 3 δ-SAM at the shipped recipe: the main job, "
-        "noisy mr; 4 the shipped recipe's ERM confirmation; 5 SAM at the shipped recipe on noisy mr); default all",
+        "noisy mr; 4 the shipped recipe's ERM confirmation; 5 SAM at the shipped recipe on noisy mr; 6 the shipped "
+        "recipe on a regression task); default all",
     )
     args = parser.parse_args()
     use_platform(args.platform, args.store)

@@ -434,7 +434,7 @@ def run(
         "method": method.label,
         "seed": seed,
         "metrics": metrics,
-        "curve": _curve(out, "val/acc"),
+        "curve": _curve(out, cfg.task.monitor),
         "stalled": bool(share is not None and share >= STALL_SHARE),
         "time_s": elapsed,
         "torch_threads": torch.get_num_threads(),
