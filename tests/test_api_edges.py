@@ -528,3 +528,141 @@ def test_a_step_inside_one_autocast_region_perturbs_as_without_the_cast_cache(op
                 opt.step(model.losses, _batch(seed=i))
         trained[cache] = flat_params(model)
     torch.testing.assert_close(trained[True], trained[False], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("through", ["base", "wrapper"])
+def test_a_group_added_mid_training_is_perturbed_and_stepped_like_the_others(through):
+    """Progressive unfreezing: the backbone joins the optimizer after two steps (added to the base optimizer, as
+    Lightning's BackboneFinetuning does, or to the wrapper). The third step must be SAM over every parameter,
+    written out by hand (before the fix the new parameters kept their ascent gradient in G)."""
+    rho = 0.05
+
+    def fresh():
+        torch.manual_seed(0)
+        model = MLP()
+        first = model.net[0]
+        for p in first.parameters():
+            p.requires_grad_(False)
+        return model, first
+
+    def unfreeze(model, first, base, opt):
+        for p in first.parameters():
+            p.requires_grad_(True)
+        (base if through == "base" else opt).add_param_group({"params": list(first.parameters())})
+
+    model, first = fresh()
+    base = torch.optim.SGD(model.net[-1].parameters(), lr=0.1)
+    opt = DeltaSAMOptimizer(model, base, DeltaSAMConfig(method="sam", rho=rho, rho_schedule="constant"))
+    for i in range(3):
+        if i == 2:
+            unfreeze(model, first, base, opt)
+        opt.step(model.losses, _batch(seed=i))
+    assert len(opt.param_groups) == 2 and opt.param_groups is base.param_groups
+
+    expected, first = fresh()
+    hand = torch.optim.SGD(expected.net[-1].parameters(), lr=0.1)
+    for i in range(3):
+        if i == 2:
+            unfreeze(expected, first, hand, hand)
+        params = [p for g in hand.param_groups for p in g["params"]]
+        expected.losses(_batch(seed=i)).mean().backward()
+        with torch.no_grad():
+            norm = torch.cat([p.grad.flatten() for p in params]).norm()
+            eps = [rho * p.grad / norm for p in params]
+            for p, e in zip(params, eps):
+                p.add_(e)
+        hand.zero_grad()
+        expected.losses(_batch(seed=i)).mean().backward()
+        with torch.no_grad():
+            for p, e in zip(params, eps):
+                p.sub_(e)
+        hand.step()
+        hand.zero_grad()
+    torch.testing.assert_close(flat_params(model), flat_params(expected), rtol=0, atol=1e-7)
+
+
+def test_a_state_loaded_into_the_base_optimizer_keeps_the_wrappers_scheduler_in_charge():
+    """torch's load_state_dict gives the base optimizer new param_groups; a scheduler built on the wrapper must go
+    on moving the base's LR (found by an independent tester: the base stepped at the old LR)."""
+    model, opt = _sam()
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    opt.optimizer.load_state_dict(opt.optimizer.state_dict())
+    for i in range(3):
+        opt.step(model.losses, _batch(seed=i))
+        scheduler.step()
+    assert opt.optimizer.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
+    assert opt.param_groups is opt.optimizer.param_groups and opt.state is opt.optimizer.state
+
+
+def test_a_disabled_grad_scaler_leaves_the_non_finite_skip_on():
+    """GradScaler(enabled=False) (what GradScaler() gives without CUDA) checks nothing: the step's own check must
+    still skip a NaN loss (found by an independent tester: the weights became NaN)."""
+    for scaler in (None, torch.amp.GradScaler("cpu", enabled=False)):
+        model, opt = _sam(scaler=scaler)
+        before = flat_params(model)
+        with pytest.warns(RuntimeWarning, match="non-finite loss or gradient"):
+            result = opt.step(lambda b, model=model: model.losses(b) * math.nan, _batch())
+        assert not result.stepped and opt.steps == 0 and torch.equal(flat_params(model), before)
+
+
+def test_the_reported_grad_norm_is_unscaled_by_the_scale_its_passes_used():
+    """The scale grows after every step here (growth_interval=1): ||g|| must be divided by the scale the ascent
+    ran at, not the one after the update (found by an independent tester: half the value on every growth)."""
+    norms = {}
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1)):
+        model, opt = _sam(scaler=scaler)
+        norms[scaler is None] = [float(opt.step(model.losses, _batch(seed=i)).grad_norm) for i in range(3)]
+        assert scaler is None or scaler.get_scale() == 2.0**11
+    assert norms[False] == pytest.approx(norms[True], rel=1e-6)
+
+
+def test_a_backward_before_step_is_refused_and_zeroed_gradients_are_not():
+    """davda54/sam's loop runs loss.backward() before first_step; here the step runs both passes, and the stale
+    gradient would be added to G (found by an independent tester: ||G|| 1.24 against 0.63, silently)."""
+    model, opt = _sam()
+    model.losses(_batch()).mean().backward()
+    with pytest.raises(ValueError, match="found gradients in .grad at the start of optimizer step 0"):
+        opt.step(model.losses, _batch())
+    assert all(p.grad is not None for p in model.parameters())  # refused before anything ran
+    opt.zero_grad(set_to_none=False)
+    reference, ref_opt = _sam()
+    for i in range(2):
+        opt.step(model.losses, _batch(seed=i))
+        opt.zero_grad(set_to_none=False)
+        ref_opt.step(reference.losses, _batch(seed=i))
+    assert torch.equal(flat_params(model), flat_params(reference))
+
+
+def test_m_sharpness_with_a_scalar_loss_reports_the_batch_means_when_m_does_not_divide_n():
+    """n = 10, m = 4: groups of 4, 4 and 2. A scalar loss gives each group's mean; the reported loss and sharpness
+    must weigh them by size, as the per-instance losses do (found by an independent tester: plain means of the
+    three group means)."""
+    results, trained = {}, {}
+    for reduction in ("none", "mean"):
+        model, opt = _sam(dict(method="sam", rho=0.05, rho_schedule="constant", m_sharpness=4))
+
+        def loss_fn(batch, model=model, reduction=reduction):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(model(x), y, reduction=reduction)
+
+        results[reduction] = opt.step(loss_fn, _batch(n=10))
+        trained[reduction] = flat_params(model)
+    per_instance, scalar = results["none"], results["mean"]
+    assert float(scalar.loss) == pytest.approx(float(per_instance.loss), rel=1e-6)
+    assert float(scalar.sharpness) == pytest.approx(float(per_instance.sharpness), rel=1e-5)
+    torch.testing.assert_close(trained["mean"], trained["none"], rtol=0, atol=1e-7)
+
+
+def test_sparse_gradient_layers_are_refused_by_name():
+    """nn.Embedding(sparse=True) gave torch's raw 'SparseCPU backend' error mid-step, for every method."""
+
+    class Bag(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 4, sparse=True)
+            self.out = torch.nn.Linear(4, 2)
+
+    for method in ("erm", "sam"):
+        model = Bag()
+        with pytest.raises(ValueError, match=r"sparse-gradient layers \['embed'\].*sparse=False"):
+            DeltaSAMOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), DeltaSAMConfig(method=method))

@@ -8,6 +8,7 @@ import torch
 from helpers import (
     LS_CONFIGS,
     METHODS,
+    MLP,
     LeastSquaresModule,
     TinyModule,
     classification_data,
@@ -503,3 +504,52 @@ def test_probes_log_on_the_same_step_axis_as_self_log():
     for i in probes:
         following = next(step for keys, step in recorder.calls[i + 1 :] if "train/loss" in keys)
         assert recorder.calls[i][1] == following
+
+
+class Finetuned(TinyModule):
+    """The first layer is the backbone that Lightning's BackboneFinetuning freezes, then hands to the optimizer."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.backbone = self.model.net[0]
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+
+
+def test_backbone_finetuning_perturbs_and_steps_the_unfrozen_backbone():
+    """BackboneFinetuning adds the backbone's group to the optimizer at epoch 1 (lr 0.01); from then on every step
+    must be SAM over the head and the backbone, written out by hand here (before the fix the backbone kept its
+    ascent gradient in G)."""
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    rho = 0.05
+    torch.manual_seed(0)
+    module = Finetuned(DeltaSAMConfig(method="sam", rho=rho, rho_schedule="constant"))
+    start = copy.deepcopy(module.model.state_dict())
+    finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=1, backbone_initial_lr=0.01)
+    trainer(max_epochs=2, callbacks=[finetuning]).fit(module, loader(n=32, batch_size=8))
+    assert len(module.optimizers().param_groups) == 2
+
+    model = MLP()
+    model.load_state_dict(start)
+    head = [p for name, p in model.named_parameters() if not name.startswith("net.0.")]
+    base = torch.optim.SGD(head, lr=0.1)
+    for epoch in range(2):
+        if epoch == 1:
+            base.add_param_group({"params": list(model.net[0].parameters()), "lr": 0.01})
+        params = [p for group in base.param_groups for p in group["params"]]
+        for batch in loader(n=32, batch_size=8):
+            grads = torch.autograd.grad(model.losses(batch).mean(), params)
+            with torch.no_grad():
+                norm = torch.cat([g.flatten() for g in grads]).norm()
+                eps = [rho * g / norm for g in grads]
+                torch._foreach_add_(params, eps)
+            descent = torch.autograd.grad(model.losses(batch).mean(), params)
+            with torch.no_grad():
+                torch._foreach_sub_(params, eps)
+            for p, g in zip(params, descent):
+                p.grad = g
+            base.step()
+    trained = torch.cat([p.detach().flatten() for p in module.model.parameters()])
+    torch.testing.assert_close(trained, flat_params(model), rtol=0, atol=1e-6)

@@ -120,9 +120,15 @@ class _Step:
     plain_grad: bool
 
 
-def _merge_groups(parts: list[tuple[float, StepResult]]) -> StepResult:
-    """One m-sharpness step's result from its groups' (share of the batch, result)."""
+def _merge_groups(parts: list[tuple[float, StepResult]], sizes: list[int]) -> StepResult:
+    """One m-sharpness step's result from its groups' (share of the batch, result) and sizes. A scalar loss gives
+    one loss per group, its mean: it stands for each of the group's instances, so that the batch's mean loss and
+    sharpness weigh a smaller last group by its size."""
     results = [r for _, r in parts]
+
+    def per_instance(losses: Tensor, size: int) -> Tensor:
+        return losses.expand(size) if losses.numel() == 1 else losses
+
     assert all(r.weights is not None and r.perturbed_losses is not None for r in results)
     weights = torch.cat([cast(Tensor, r.weights) * share for share, r in parts])
     plain = None
@@ -131,8 +137,8 @@ def _merge_groups(parts: list[tuple[float, StepResult]]) -> StepResult:
         for share, r in parts[1:]:
             torch._foreach_add_(plain, r.plain_grad, alpha=share)  # type: ignore[arg-type]
     return StepResult(
-        losses=torch.cat([r.losses for r in results]),
-        perturbed_losses=torch.cat([r.perturbed_losses for r in results]),  # type: ignore[misc]
+        losses=torch.cat([per_instance(r.losses, k) for r, k in zip(results, sizes)]),
+        perturbed_losses=torch.cat([per_instance(cast(Tensor, r.perturbed_losses), k) for r, k in zip(results, sizes)]),
         weights=weights,
         batch_weights=weights,
         grad_norm=torch.stack([r.grad_norm for r in results]).mean(),  # type: ignore[misc]
@@ -282,6 +288,13 @@ class DeltaSAM:
             _warn_of_loop_fields(config)
         self.params, self.names = _owned_parameters(module, params)
         chosen = {id(p) for p in self.params}
+        sparse = [name for name, layer in module.named_modules() if getattr(layer, "sparse", False) is True]
+        if sparse:
+            raise ValueError(
+                f"{type(module).__name__} has sparse-gradient layers {sparse[:5]} (nn.Embedding(sparse=True)): a "
+                "sharpness-aware step takes norms of the gradient and moves the weights along it, which torch does "
+                "not do for sparse gradients; build them with sparse=False"
+            )
         self.unperturbed: list[Tensor] = [p for p in module.parameters() if p.requires_grad and id(p) not in chosen]
         self.updated = self.params + self.unperturbed
         """Every parameter whose ``.grad`` a step writes."""
@@ -480,6 +493,7 @@ class DeltaSAM:
         if batched is not None:
             return batched
         parts: list[tuple[float, StepResult]] = []
+        sizes: list[int] = []
         grads = grads_before
         buffers = GroupBuffers(self.module)
         buffers.start()
@@ -491,11 +505,12 @@ class DeltaSAM:
             share = (stop - start) / n
             # the first group keeps grads_before pristine for a rollback; the later ones hand on the running sum
             parts.append((share, self._two_pass(group, grads, share=share, copy=start == 0)))
+            sizes.append(stop - start)
             buffers.record(share)
             if stop < n:
                 grads = take_grads(self.updated)
         buffers.finish()
-        return _merge_groups(parts)
+        return _merge_groups(parts, sizes)
 
     def _batched(self, ctx: _Step, grads_before: list[Optional[Tensor]], m: int) -> Optional[StepResult]:
         """The groups of m in batched passes (:mod:`.groups`); ``None`` where they run in the loop (said once)."""

@@ -134,6 +134,25 @@ class _Skipped(Exception):
 _NO_BATCH = object()
 
 
+def _shared(name: str) -> property:
+    """An attribute of the base optimizer, read and set through the wrapper, so that a scheduler built on either
+    acts on one set of groups, also after torch's ``load_state_dict`` replaced the base's lists. (Before the base
+    is attached, during ``torch.optim.Optimizer.__init__``, the wrapper holds its own.)"""
+
+    def get(self: Any) -> Any:
+        base = self.__dict__.get("optimizer")
+        return getattr(base, name) if base is not None else self.__dict__[f"_own_{name}"]
+
+    def put(self: Any, value: Any) -> None:
+        base = self.__dict__.get("optimizer")
+        if base is not None:
+            setattr(base, name, value)
+        else:
+            self.__dict__[f"_own_{name}"] = value
+
+    return property(get, put)
+
+
 class DeltaSAMOptimizer(torch.optim.Optimizer):
     """A base optimizer driven by sharpness-aware steps: every field of :class:`~lit_deltasam.DeltaSAMConfig`
     honoured in a hand-written loop, and a ``torch.optim.Optimizer`` that LR schedulers and tooling accept.
@@ -176,6 +195,10 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
         2
     """
 
+    param_groups = _shared("param_groups")
+    state = _shared("state")
+    defaults = _shared("defaults")
+
     def __init__(
         self,
         module: nn.Module,
@@ -196,15 +219,15 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
             )
         config = config if config is not None else DeltaSAMConfig()
         super().__init__(optimizer.param_groups, optimizer.defaults)
-        # shared: a scheduler or tool that sets an LR, or moves the optimizer state to a device, acts on the base's
-        self.param_groups = optimizer.param_groups
-        self.defaults = optimizer.defaults
-        self.state = optimizer.state
+        self.optimizer = optimizer  # from here on param_groups, state and defaults are the base's
+        for name in ("param_groups", "state", "defaults"):
+            del self.__dict__[f"_own_{name}"]
         self.module = module
-        self.optimizer = optimizer
         self.config = config
         self.scaler = scaler
         self.engine = DeltaSAM(module, config, optimizer_params(optimizer), reduce_squares=reduce_squares, driven=True)
+        self._reduce_squares = reduce_squares
+        self._stepped_params = [id(p) for p in self.engine.params]
         self.loop_state = state if state is not None else LoopState()
         self.total_steps = total_steps
         self.schedulers = list(schedulers)
@@ -399,6 +422,9 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
     ) -> StepResult:
         """One micro-batch of optimizer step ``step`` at its scheduled ρ (``rho`` if given); when ``last``, close
         the window with ``optimizer_step`` and ``zero_grad``. The hand-written loop and the mixin both run this."""
+        if self.loop_state.micro == 0:
+            self._follow_param_groups()
+            self._refuse_stale_gradients(step)
         if rho is None:
             rho = self.rho(step, schedulers=schedulers)
         result = self.micro_step(
@@ -409,6 +435,35 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
                 result, step=step, optimizer_step=optimizer_step, zero_grad=zero_grad, schedulers=schedulers
             )
         return result
+
+    def _follow_param_groups(self) -> None:
+        """At a window's start: perturb and update the parameters the base optimizer steps now. A group added since
+        the last step (Lightning's ``BackboneFinetuning`` unfreezes layers so) gets the engine rebuilt over them;
+        before, its parameters kept their ascent gradient in G."""
+        params = optimizer_params(self.optimizer)
+        if [id(p) for p in params] == self._stepped_params:
+            return
+        if self.loop_state.reuse_direction is not None:
+            raise ValueError(
+                f"the base optimizer's parameters changed at optimizer step {self.steps} (a group added or removed), "
+                f"and reuse={self.config.reuse!r} holds a direction over the old ones; build a new "
+                "DeltaSAMOptimizer around the base optimizer"
+            )
+        self.engine = DeltaSAM(self.module, self.config, params, reduce_squares=self._reduce_squares, driven=True)
+        self._stepped_params = [id(p) for p in params]
+
+    def _refuse_stale_gradients(self, step: int) -> None:
+        """A window's G starts from zero: a gradient already in ``.grad`` (a backward run before ``step()``, as
+        davda54/sam's loop runs one before ``first_step``) would be added to it. Zeros (``zero_grad(set_to_none=
+        False)``) are harmless; their values are read only when some ``.grad`` is there at all."""
+        present = [p.grad for p in self.engine.updated if p.grad is not None]
+        if not present or not bool(torch.stack([g.ne(0).any() for g in present]).any()):
+            return
+        raise ValueError(
+            f"DeltaSAMOptimizer found gradients in .grad at the start of optimizer step {step}: the step runs both "
+            "backward passes itself, and they would be added to its G. Drop the backward before step() (davda54/"
+            "sam's loop runs one before first_step; not needed here), or call optimizer.zero_grad() first"
+        )
 
     # ---- a hand-written loop, and torch's step(closure) ----
 
@@ -464,6 +519,8 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
             backward = lambda loss: scaler.scale(loss).backward()  # noqa: E731
         if last is None:
             last = self.window_ends()
+        active = self._active_scaler()
+        scale = active.get_scale() if active is not None else None  # both passes' (the window's end may move it)
         result = self.drive(
             loss_fn,
             batch,
@@ -473,11 +530,11 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
             zero_grad=self.zero_grad,
             backward=backward,
             no_sync=no_sync,
-            check_finite=self.scaler is None,
+            check_finite=active is None,
             rank=this_rank(),
         )
-        if self.scaler is not None and result.grad_norm is not None:
-            result.grad_norm = result.grad_norm / self.scaler.get_scale()
+        if scale is not None and result.grad_norm is not None:
+            result.grad_norm = result.grad_norm / scale
         self.steps += result.stepped
         return result
 
@@ -531,19 +588,24 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
         self.steps += result.stepped
         return result
 
+    def _active_scaler(self) -> Optional[Any]:
+        """The loss scaler, where it scales the losses and decides the skips (a disabled one does neither)."""
+        return self.scaler if self.scaler is not None and self.scaler.is_enabled() else None
+
     def _optimizer_step(self) -> bool:
         params = optimizer_params(self.optimizer)
-        if self.scaler is None:
+        scaler = self._active_scaler()
+        if scaler is None:
             clip_gradients(params, self.config)
             self.optimizer.step()
             return True
-        self.scaler.unscale_(self.optimizer)
+        scaler.unscale_(self.optimizer)
         clip_gradients(params, self.config)
-        scale = self.scaler.get_scale()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        scale = scaler.get_scale()
+        scaler.step(self.optimizer)
+        scaler.update()
         # the scale backs off exactly when the scaler found inf or NaN in G and skipped the step
-        return self.scaler.get_scale() >= scale
+        return scaler.get_scale() >= scale
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -552,10 +614,7 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
         if "engine" not in self.__dict__:  # torch.optim.Optimizer.__init__ registering the base's groups
             super().add_param_group(param_group)
             return
-        raise NotImplementedError(
-            "DeltaSAMOptimizer perturbs the parameters it was built with; build a new one around the base optimizer "
-            "after adding the group to it"
-        )
+        self.optimizer.add_param_group(param_group)  # the next window's step perturbs and updates them too
 
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state, the loop state and an open window's partial gradients (this rank's)."""
@@ -588,9 +647,6 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
                 "its loop state (the open window, LookSAM's direction) would not mean the same here"
             )
         self.optimizer.load_state_dict(saved["optimizer"])
-        # torch's loader puts new param_groups and state on the base optimizer: share them again, so that a
-        # scheduler built on this wrapper keeps moving the base's learning rate
-        self.param_groups, self.state = self.optimizer.param_groups, self.optimizer.state
         self.loop_state = LoopState.from_scalars(saved["loop"])
         self.loop_state.plain_sum = saved.get("plain")
         self.loop_state.reuse_direction = saved.get("reuse")
