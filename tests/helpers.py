@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -279,3 +281,24 @@ def wandb_history(path) -> tuple[list[dict], bool, dict]:
 def with_rho(options: dict, rho: float) -> dict:
     """``options`` with radius ``rho``, which ERM takes none of (DeltaSAMConfig refuses a rho for ERM)."""
     return dict(options) if options.get("method") == "erm" else {"rho": rho, **options}
+
+
+def sam_step_by_hand(
+    loss: Callable[[], Tensor], optimizer: torch.optim.Optimizer, rho: float, adaptive_eta: Optional[float] = None
+) -> None:
+    """One SAM (ASAM with ``adaptive_eta``) step written out: eps = rho T² g / ||T g|| (T = |w| + eta, or 1), the
+    descent gradient at w + eps into ``.grad``, w restored, ``optimizer.step()``. ``loss()`` is the batch's mean loss
+    (under whatever autocast the caller wants, entered per call)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grads = torch.autograd.grad(loss(), params)
+    with torch.no_grad():
+        t = [p.abs() + adaptive_eta if adaptive_eta is not None else torch.ones_like(p) for p in params]
+        norm = torch.cat([(ti * g).flatten() for ti, g in zip(t, grads)]).norm()
+        eps = [rho * ti * ti * g / norm for ti, g in zip(t, grads)]
+        torch._foreach_add_(params, eps)
+    descent = torch.autograd.grad(loss(), params)
+    with torch.no_grad():
+        torch._foreach_sub_(params, eps)
+    for p, g in zip(params, descent):
+        p.grad = g
+    optimizer.step()

@@ -17,6 +17,7 @@ from helpers import (
     loader,
     ls_grad,
     ls_instance_grads,
+    sam_step_by_hand,
     trainer,
 )
 
@@ -469,24 +470,13 @@ def test_the_plain_loop_under_bf16_autocast_takes_the_textbook_step(method):
         torch.manual_seed(0)
         model = MLP()
         base = torch.optim.SGD(model.parameters(), lr=0.1)
-        params = list(model.parameters())
+
+        def loss(i):
+            with autocast:
+                return model.losses(_batch(seed=i)).mean()
+
         for i in range(3):
-            with autocast:
-                model.losses(_batch(seed=i)).mean().backward()
-            with torch.no_grad():
-                t = [p.abs() + eta if method == "asam" else torch.ones_like(p) for p in params]
-                norm = torch.cat([(ti * p.grad).flatten() for ti, p in zip(t, params)]).norm()
-                eps = [rho * ti * ti * p.grad / norm for ti, p in zip(t, params)]
-                for p, e in zip(params, eps):
-                    p.add_(e)
-            base.zero_grad()
-            with autocast:
-                model.losses(_batch(seed=i)).mean().backward()
-            with torch.no_grad():
-                for p, e in zip(params, eps):
-                    p.sub_(e)
-            base.step()
-            base.zero_grad()
+            sam_step_by_hand(lambda i=i: loss(i), base, rho, eta if method == "asam" else None)
         return flat_params(model)
 
     def ours(precision):
@@ -564,20 +554,7 @@ def test_a_group_added_mid_training_is_perturbed_and_stepped_like_the_others(thr
     for i in range(3):
         if i == 2:
             unfreeze(expected, first, hand, hand)
-        params = [p for g in hand.param_groups for p in g["params"]]
-        expected.losses(_batch(seed=i)).mean().backward()
-        with torch.no_grad():
-            norm = torch.cat([p.grad.flatten() for p in params]).norm()
-            eps = [rho * p.grad / norm for p in params]
-            for p, e in zip(params, eps):
-                p.add_(e)
-        hand.zero_grad()
-        expected.losses(_batch(seed=i)).mean().backward()
-        with torch.no_grad():
-            for p, e in zip(params, eps):
-                p.sub_(e)
-        hand.step()
-        hand.zero_grad()
+        sam_step_by_hand(lambda i=i: expected.losses(_batch(seed=i)).mean(), hand, rho)
     torch.testing.assert_close(flat_params(model), flat_params(expected), rtol=0, atol=1e-7)
 
 
