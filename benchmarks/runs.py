@@ -496,9 +496,10 @@ def schedule(
         with open(path, "a") as handle:
             handle.write(json.dumps(row) + "\n")
         rows[k] = row
+        metric = "pearson" if "val/pearson" in row["metrics"] else "acc"  # a regression task's, or accuracy
         print(
-            f"[{name}] {slug(unit)}: val {row['metrics'].get('val/acc', float('nan')):.4f} "
-            f"test {row['metrics'].get('test/acc', float('nan')):.4f} ({row['time_s']:.0f} s, "
+            f"[{name}] {slug(unit)}: val {row['metrics'].get(f'val/{metric}', float('nan')):.4f} "
+            f"test {row['metrics'].get(f'test/{metric}', float('nan')):.4f} ({row['time_s']:.0f} s, "
             f"{time.monotonic() - began:.0f} s in)",
             flush=True,
         )
