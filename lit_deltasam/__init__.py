@@ -8,12 +8,13 @@ pieces are imported on first use, so a hand-written loop never imports Lightning
 from importlib import import_module
 from typing import Any
 
-from .config import DeltaSAMConfig
+from .config import ConfigError, DeltaSAMConfig
 from .core import DeltaSAM, StepResult, instance_weights
 from .core.loop import DeltaSAMOptimizer
 from .core.schedule import scheduled_rho
 
 __all__ = [
+    "ConfigError",
     "DeltaSAM",
     "DeltaSAMConfig",
     "DeltaSAMMixin",

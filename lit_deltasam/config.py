@@ -1,4 +1,11 @@
-"""The one place where δ-SAM's hyperparameters and their defaults live."""
+"""The one place where δ-SAM's hyperparameters and their defaults live.
+
+:class:`DeltaSAMConfig` is the flat public façade (Hydra users type ``method.rho=0.05``). Behind it, :data:`SPEC`
+holds one row per field: its check, its default (which may depend on the method), and where it applies and why.
+``__post_init__`` runs the rows, fills the defaults and refuses the fields set where they do nothing; a few
+cross-field rules follow. The resolved, typed views that the engine and the loop read are :meth:`DeltaSAMConfig.
+weighting`, :meth:`~DeltaSAMConfig.probing` and :meth:`~DeltaSAMConfig.loop`.
+"""
 
 from __future__ import annotations
 
@@ -19,40 +26,134 @@ CLIP_ALGORITHMS = ("norm", "value")
 RHO_SCHEDULES = ("constant", "warmup", "follow_lr", "start_step")
 REUSES = (None, "looksam")
 M_SHARPNESS_METHODS = ("sam", "asam", "deltasam")
+ASAM_SCOPES = ("all", "weights")
+"""ASAM's scaling T = |w| + eta on every parameter (``all``), or, as the ASAM authors' code, on the parameters
+whose name contains "weight" only, with T = 1 on the others (biases)."""
+REWEIGHTING = ("deltasam", "asam")
+"""Methods that take ``beta``: δ-SAM, and ASAM as an adaptive δ-SAM."""
 
 
-def _choice(name: str, value: object, choices: tuple[object, ...], *, optional: bool = False) -> None:
-    if value not in choices and not (optional and value is None):
-        raise ValueError(f"DeltaSAMConfig.{name}={value!r} is not valid; choose one of {list(choices)}")
+class ConfigError(ValueError):
+    """A :class:`DeltaSAMConfig` field has a bad value, or is set where it does nothing; the message names the
+    field, the value and the fix."""
 
 
-def _number(
-    name: str,
-    value: object,
-    *,
-    low: float = -math.inf,
-    high: float = math.inf,
-    open_low: bool = False,
-    allow_inf: bool = False,
-) -> None:
-    number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
-    ok = not math.isnan(number) and (allow_inf or math.isfinite(number))
-    if ok:
-        ok = (number > low if open_low else number >= low) and number <= high
-    if not ok:
-        kind = "a number" if allow_inf else "a finite number"
-        bound = f"{'(' if open_low else '['}{low}, {high}]"
-        raise ValueError(f"DeltaSAMConfig.{name}={value!r} is not valid; it must be {kind} in {bound}")
+Check = Callable[[str, Any], Any]
+"""Validates the value of field ``name`` (raising :class:`ConfigError`) and returns it, normalized."""
 
 
-def _flag(name: str, value: object) -> None:
+def _bad(name: str, value: object, must: str) -> ConfigError:
+    return ConfigError(f"DeltaSAMConfig.{name}={value!r} is not valid; {must}")
+
+
+def choice(*choices: object) -> Check:
+    def check(name: str, value: Any) -> Any:
+        if value not in choices:
+            raise _bad(name, value, f"choose one of {list(choices)}")
+        return value
+
+    return check
+
+
+def number(low: float = -math.inf, high: float = math.inf, *, open_low: bool = False, allow_inf: bool = False) -> Check:
+    def check(name: str, value: Any) -> Any:
+        x = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+        ok = not math.isnan(x) and (allow_inf or math.isfinite(x)) and (x > low if open_low else x >= low) and x <= high
+        if not ok:
+            kind = "a number" if allow_inf else "a finite number"
+            raise _bad(name, value, f"it must be {kind} in {'(' if open_low else '['}{low}, {high}]")
+        return value
+
+    return check
+
+
+def integer(low: int) -> Check:
+    def check(name: str, value: Any) -> Any:
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise _bad(name, value, f"it must be an integer >= {low}")
+        return value
+
+    return check
+
+
+def flag(name: str, value: Any) -> Any:
     if not isinstance(value, bool):
-        raise ValueError(f"DeltaSAMConfig.{name}={value!r} is not valid; it must be True or False")
+        raise _bad(name, value, "it must be True or False")
+    return value
 
 
-def _integer(name: str, value: object, *, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"DeltaSAMConfig.{name}={value!r} is not valid; it must be an integer >= {low}")
+def _steps_or_fraction(name: str, value: Any) -> Any:
+    number(0.0)(name, value)
+    if value >= 1 and value != int(value):
+        raise _bad(name, value, "it must be a whole number of optimizer steps (>= 1) or a fraction of training (< 1)")
+    return value
+
+
+def _module_path(name: str, value: Any) -> Any:
+    if not isinstance(value, str):
+        raise _bad(name, value, "it must be a module path or None")
+    return value
+
+
+def _patterns(name: str, value: Any) -> Any:
+    if isinstance(value, str) or not all(isinstance(p, str) for p in value):
+        example = [value] if isinstance(value, str) else ["encoder.layer.5.*"]
+        raise _bad(name, value, f"it must be a list of name patterns, e.g. {example}")
+    if not list(value):
+        raise ConfigError(f"DeltaSAMConfig.{name}=[] selects nothing; use None to probe every parameter")
+    return list(value)
+
+
+@dataclass(frozen=True)
+class Field:
+    """One field's row of :data:`SPEC`."""
+
+    check: Check
+    """Validates a value (``None`` passes where the field's default is ``None``)."""
+    default: Any = None
+    """Fills the field, unset (``None``), where it applies: a value, or a function of the config."""
+    applies: Optional[Callable[[DeltaSAMConfig], bool]] = None
+    """Whether the field changes what the config computes; ``None``: always (accumulation, clipping, seeds)."""
+    why: str = ""
+    """Why it does nothing where it does not apply (the refusal's reason)."""
+
+
+@dataclass(frozen=True)
+class Weighting:
+    """The instance weights of a reweighted ascent, resolved: ``lambda_i ∝ s_i ** beta``."""
+
+    beta: float
+    estimator: str
+    floor: float
+    low: float
+    high: float
+    descent: bool
+    """Whether the descent is weighted too (``weighted_descent``)."""
+
+
+@dataclass(frozen=True)
+class Probing:
+    """The probes of ``estimator="probe"`` and ``"curvature"``, resolved."""
+
+    samples: int
+    sigma: float
+    antithetic: bool
+    params: Optional[List[str]]
+    truncate: bool
+    curvature: bool
+
+
+@dataclass(frozen=True)
+class Loop:
+    """The training loop's fields, resolved: what :class:`~lit_deltasam.DeltaSAMOptimizer` applies around steps."""
+
+    accumulate: int
+    interval: int
+    reuse: Optional[str]
+    reuse_alpha: float
+    clip_val: Optional[float]
+    clip_algorithm: str
+    seed_steps: bool
 
 
 @dataclass(frozen=True)
@@ -73,8 +174,8 @@ class DeltaSAMConfig:
     * ``per_instance``: exact per-instance SAM, ``G = mean_i grad l_i(w + rho ĝ_i)``.
 
     A field that the chosen method (with its ``beta`` and ``estimator``) never reads must be left unset: setting it
-    raises ``ValueError`` naming it, so that nothing set is silently ignored. Unset fields (``None``) that the
-    method reads take the per-method defaults below; the others stay ``None``.
+    raises :class:`ConfigError` (a ``ValueError``) naming it, so that nothing set is silently ignored. Unset fields
+    (``None``) that the method reads take the per-method defaults below; the others stay ``None``.
 
     Args:
         method: one of ``erm``, ``sam``, ``asam``, ``deltasam``, ``per_instance``.
@@ -116,7 +217,8 @@ class DeltaSAMConfig:
             sub-batch (no all-reduce); ``global`` all-reduces the ascent gradient.
         per_instance_impl: ``loop`` (one instance at a time, any model) or ``vmap``
             (``torch.func``, small dropout-free models) for the ``exact`` estimator and
-            the ``per_instance`` method.
+            the ``per_instance`` method. Set for ``per_instance``, it also makes ``group_impl`` default to
+            ``loop``, the path that reads it (``auto`` batches on CUDA, where it would not be read).
         per_instance_chunk: instances per ``vmap`` call (``None``: the whole batch).
         group_impl: how m-sharpness's groups and per-instance SAM's instances run: ``loop`` (a pair of passes per
             group, any model), ``batched`` (a chunk's groups in one vmapped ascent and one vmapped descent, about G
@@ -191,87 +293,19 @@ class DeltaSAMConfig:
     seed_steps: bool = True
 
     def __post_init__(self) -> None:
-        _choice("method", self.method, METHODS)
-        as_given = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != f.default}
-        object.__setattr__(self, "_given", as_given)  # not a field: what replace() starts from
-        given = [name for name in as_given if name in _APPLIES]
-        _choice("estimator", self.estimator, ESTIMATORS, optional=True)
-        _choice("ascent", self.ascent, ASCENTS)
-        _choice("asam_scope", self.asam_scope, ASAM_SCOPES, optional=True)
-        _choice("per_instance_impl", self.per_instance_impl, PER_INSTANCE_IMPLS, optional=True)
-        _choice("group_impl", self.group_impl, GROUP_IMPLS, optional=True)
-        if self.group_chunk is not None:
-            _integer("group_chunk", self.group_chunk, low=1)
-        _choice("gradient_clip_algorithm", self.gradient_clip_algorithm, CLIP_ALGORITHMS)
-        if self.rho is not None:
-            _number("rho", self.rho, low=0.0)
-        _choice("rho_schedule", self.rho_schedule, RHO_SCHEDULES)
-        if self.rho_warmup is not None:
-            _number("rho_warmup", self.rho_warmup, low=0.0)
-        if self.rho_warmup is not None and self.rho_warmup >= 1 and self.rho_warmup != int(self.rho_warmup):
-            raise ValueError(
-                f"DeltaSAMConfig.rho_warmup={self.rho_warmup!r} is not valid; it must be a whole number of optimizer "
-                "steps (>= 1) or a fraction of training (< 1)"
-            )
-        for name, low, high, allow_inf in _NUMBERS:
-            if getattr(self, name) is not None:
-                _number(name, getattr(self, name), low=low, high=high, allow_inf=allow_inf)
-        if self.probe_samples is not None:
-            _integer("probe_samples", self.probe_samples, low=1)
-        _integer("accumulate_grad_batches", self.accumulate_grad_batches, low=1)
-        _integer("interval", self.interval, low=1)
-        _choice("reuse", self.reuse, REUSES)
-        if self.reuse is not None and (self.interval == 1 or self.method == "erm"):
-            raise ValueError(
-                f"DeltaSAMConfig.reuse={self.reuse!r} reuses a full step's direction between full steps, but "
-                f"{'method=erm takes none' if self.method == 'erm' else 'interval=1 makes every step full'}; "
-                "set interval > 1 with a sharpness-aware method, or reuse=None"
-            )
-        if self.m_sharpness is not None:
-            _integer("m_sharpness", self.m_sharpness, low=1)
-            if self.method not in M_SHARPNESS_METHODS:
-                raise ValueError(
-                    f"DeltaSAMConfig.m_sharpness={self.m_sharpness} splits the ascent into groups, but "
-                    f"method={self.method!r} "
-                    f"{'takes no ascent' if self.method == 'erm' else 'perturbs each instance'}; "
-                    f"choose one of {list(M_SHARPNESS_METHODS)}, or m_sharpness=None"
-                )
-            if self.ascent == "global":
-                raise ValueError(
-                    f"DeltaSAMConfig.m_sharpness={self.m_sharpness} perturbs groups of each rank's local batch, which "
-                    "a global ascent (one all-reduced perturbation) cannot; use ascent='local' or m_sharpness=None"
-                )
-        _integer("histogram_every_n_steps", self.histogram_every_n_steps, low=0)
-        if self.per_instance_chunk is not None:
-            _integer("per_instance_chunk", self.per_instance_chunk, low=1)
-        if self.probe_sigma is not None:
-            _number("probe_sigma", self.probe_sigma, low=0.0, open_low=True)
-        if self.gradient_clip_val is not None:
-            _number("gradient_clip_val", self.gradient_clip_val, low=0.0, open_low=True)
-        for name in ("weighted_descent", "probe_antithetic", "share_dropout", "seed_steps"):
-            _flag(name, getattr(self, name))
-        if self.probe_truncate is not None:
-            _flag("probe_truncate", self.probe_truncate)
-        if self.head is not None and not isinstance(self.head, str):
-            raise ValueError(f"DeltaSAMConfig.head={self.head!r} is not valid; it must be a module path or None")
-        if self.probe_params is not None:
-            patterns = self.probe_params
-            if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
-                raise ValueError(
-                    f"DeltaSAMConfig.probe_params={patterns!r} is not valid; it must be a list of name patterns, "
-                    f"e.g. {[patterns] if isinstance(patterns, str) else ['encoder.layer.5.*']}"
-                )
-            object.__setattr__(self, "probe_params", list(patterns))
-            if not self.probe_params:
-                raise ValueError("DeltaSAMConfig.probe_params=[] selects nothing; use None to probe every parameter")
-        self._resolve()
-        self._refuse_unused(given)
-        if _probes(self) and (self.probe_antithetic or self.estimator == "curvature") and (self.probe_samples or 0) % 2:
-            why = "estimator='curvature'" if self.estimator == "curvature" else "probe_antithetic=True"
-            raise ValueError(
-                f"DeltaSAMConfig.probe_samples={self.probe_samples} must be even with {why}: it probes with "
-                "antithetic pairs ±u, two forwards each; e.g. probe_samples=2 or 4"
-            )
+        given = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != f.default}
+        object.__setattr__(self, "_given", given)  # not a field: what replace() starts from
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None or f.default is not None:
+                object.__setattr__(self, f.name, SPEC[f.name].check(f.name, value))
+        _refuse_combinations(self)
+        for f in fields(self):  # the per-method defaults, where the method reads the field
+            rule = SPEC[f.name]
+            if getattr(self, f.name) is None and rule.default is not None and self.applies(f.name):
+                object.__setattr__(self, f.name, rule.default(self) if callable(rule.default) else rule.default)
+        self._refuse_unused([name for name in given if SPEC[name].applies is not None])
+        _refuse_odd_pairs(self)
 
     @classmethod
     def coerce(cls, value: Union[DeltaSAMConfig, Mapping[str, Any]]) -> DeltaSAMConfig:
@@ -281,7 +315,7 @@ class DeltaSAMConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(str(k) for k in value if k not in known and k != "_target_")
         if unknown:
-            raise ValueError(f"DeltaSAMConfig has no field {unknown}; valid fields are {sorted(known)}")
+            raise ConfigError(f"DeltaSAMConfig has no field {unknown}; valid fields are {sorted(known)}")
         return cls(**{k: v for k, v in value.items() if k != "_target_"})
 
     def replace(self, **changes: Any) -> DeltaSAMConfig:
@@ -296,6 +330,11 @@ class DeltaSAMConfig:
         return DeltaSAMConfig(**{**given, **changes})
 
     @property
+    def given(self) -> dict[str, Any]:
+        """The fields set away from their defaults, as they were given."""
+        return dict(self.__dict__.get("_given", {}))
+
+    @property
     def perturbs(self) -> bool:
         """Whether the method takes an ascent step at all."""
         return self.method != "erm"
@@ -306,10 +345,56 @@ class DeltaSAMConfig:
         beta (an adaptive δ-SAM)."""
         return self.method in REWEIGHTING and self.beta is not None and self.beta != 0.0
 
+    @property
+    def radius(self) -> float:
+        """ρ, resolved: 0 for ERM."""
+        return self.rho if self.rho is not None else 0.0
+
+    @property
+    def weighting(self) -> Optional[Weighting]:
+        """The instance weights, resolved; ``None`` where the ascent is uniform."""
+        if not self.reweights:
+            return None
+        beta, floor, low, high, estimator = (
+            self.beta,
+            self.weight_floor,
+            self.weight_min,
+            self.weight_max,
+            self.estimator,
+        )
+        assert beta is not None and floor is not None and low is not None and high is not None and estimator
+        return Weighting(beta, estimator, floor, low, high, self.weighted_descent)
+
+    @property
+    def probing(self) -> Optional[Probing]:
+        """The probes, resolved; ``None`` where the estimator takes none."""
+        if not _probes(self):
+            return None
+        assert self.probe_samples is not None and self.estimator is not None and self.rho is not None
+        sigma = self.probe_sigma if self.probe_sigma is not None else self.rho
+        truncate = bool(self.probe_truncate) and self.probe_params is not None
+        curvature = self.estimator == "curvature"
+        antithetic = self.probe_antithetic or curvature
+        return Probing(self.probe_samples, sigma, antithetic, self.probe_params, truncate, curvature)
+
+    @property
+    def loop(self) -> Loop:
+        """The training loop's fields, resolved."""
+        alpha = self.reuse_alpha if self.reuse_alpha is not None else 0.0
+        return Loop(
+            self.accumulate_grad_batches,
+            self.interval,
+            self.reuse,
+            alpha,
+            self.gradient_clip_val,
+            self.gradient_clip_algorithm,
+            self.seed_steps,
+        )
+
     def applies(self, name: str) -> bool:
         """Whether field ``name`` changes what this config computes (with the method, beta and estimator given)."""
-        entry = _APPLIES.get(name)
-        return entry is None or entry[0](self)
+        rule = SPEC[name].applies
+        return rule is None or rule(self)
 
     def _refuse_unused(self, given: list[str]) -> None:
         """A field set away from its default that the method, beta or estimator never reads is an error; under
@@ -326,8 +411,8 @@ class DeltaSAMConfig:
             )
             return
         name = unused[0]
-        raise ValueError(
-            f"DeltaSAMConfig.{name}={getattr(self, name)!r} does nothing with {self._context()}: {_APPLIES[name][1]}; "
+        raise ConfigError(
+            f"DeltaSAMConfig.{name}={getattr(self, name)!r} does nothing with {self._context()}: {SPEC[name].why}; "
             f"remove it (leave it unset) or change the method"
             + (f" (also unused: {', '.join(unused[1:])})" if unused[1:] else "")
         )
@@ -340,27 +425,36 @@ class DeltaSAMConfig:
             out += f", estimator={self.estimator!r}"
         return out
 
-    def _resolve(self) -> None:
-        """Fill the unset fields that this method reads with their per-method defaults (one place for them)."""
-        for name, default in _DEFAULTS.items():
-            if getattr(self, name) is None and self.applies(name):
-                object.__setattr__(self, name, default(self) if callable(default) else default)
+
+def _refuse_combinations(c: DeltaSAMConfig) -> None:
+    """The cross-field rules that no single row states."""
+    if c.reuse is not None and (c.interval == 1 or c.method == "erm"):
+        raise ConfigError(
+            f"DeltaSAMConfig.reuse={c.reuse!r} reuses a full step's direction between full steps, but "
+            f"{'method=erm takes none' if c.method == 'erm' else 'interval=1 makes every step full'}; "
+            "set interval > 1 with a sharpness-aware method, or reuse=None"
+        )
+    if c.m_sharpness is not None and c.method not in M_SHARPNESS_METHODS:
+        raise ConfigError(
+            f"DeltaSAMConfig.m_sharpness={c.m_sharpness} splits the ascent into groups, but method={c.method!r} "
+            f"{'takes no ascent' if c.method == 'erm' else 'perturbs each instance'}; "
+            f"choose one of {list(M_SHARPNESS_METHODS)}, or m_sharpness=None"
+        )
+    if c.m_sharpness is not None and c.ascent == "global":
+        raise ConfigError(
+            f"DeltaSAMConfig.m_sharpness={c.m_sharpness} perturbs groups of each rank's local batch, which a global "
+            "ascent (one all-reduced perturbation) cannot; use ascent='local' or m_sharpness=None"
+        )
 
 
-ASAM_SCOPES = ("all", "weights")
-"""ASAM's scaling T = |w| + eta on every parameter (``all``), or, as the ASAM authors' code, on the parameters
-whose name contains "weight" only, with T = 1 on the others (biases)."""
-REWEIGHTING = ("deltasam", "asam")
-"""Methods that take ``beta``: δ-SAM, and ASAM as an adaptive δ-SAM."""
-
-_NUMBERS = (
-    ("beta", -math.inf, math.inf, False),
-    ("weight_floor", 0.0, 1.0, False),
-    ("weight_min", 0.0, 1.0, False),
-    ("weight_max", 1.0, math.inf, True),
-    ("asam_eta", 0.0, math.inf, False),
-    ("reuse_alpha", 0.0, math.inf, False),
-)
+def _refuse_odd_pairs(c: DeltaSAMConfig) -> None:
+    """Antithetic probes come in pairs ±u."""
+    if _probes(c) and (c.probe_antithetic or c.estimator == "curvature") and (c.probe_samples or 0) % 2:
+        why = "estimator='curvature'" if c.estimator == "curvature" else "probe_antithetic=True"
+        raise ConfigError(
+            f"DeltaSAMConfig.probe_samples={c.probe_samples} must be even with {why}: it probes with antithetic "
+            "pairs ±u, two forwards each; e.g. probe_samples=2 or 4"
+        )
 
 
 def _probes(c: DeltaSAMConfig) -> bool:
@@ -371,131 +465,109 @@ def _per_instance_oracle(c: DeltaSAMConfig) -> bool:
     return c.method == "per_instance" or (c.reweights and c.estimator == "exact")
 
 
-_APPLIES: dict[str, tuple[Callable[[DeltaSAMConfig], bool], str]] = {
-    "rho": (
-        lambda c: c.perturbs,
-        "ERM takes no ascent",
-    ),
-    "rho_schedule": (
-        lambda c: c.perturbs,
-        "ERM takes no ascent",
-    ),
-    "rho_warmup": (
+def _perturbs(c: DeltaSAMConfig) -> bool:
+    return c.perturbs
+
+
+def _reweights(c: DeltaSAMConfig) -> bool:
+    return c.reweights
+
+
+def _group_impl(c: DeltaSAMConfig) -> str:
+    """``auto``, but the loop where the user chose how per-instance SAM's instances run (``per_instance_impl``),
+    which only the loop reads."""
+    chosen = c.method == "per_instance" and "per_instance_impl" in c.given
+    return "loop" if chosen else "auto"
+
+
+_ERM = "ERM takes no ascent"
+_WEIGHTS = "it bounds the instance weights of method='deltasam' (or 'asam') with beta != 0"
+_PROBES = "it sets the probes of estimator='probe' or 'curvature'"
+
+SPEC: dict[str, Field] = {
+    "method": Field(choice(*METHODS)),
+    "rho": Field(number(0.0), lambda c: 0.5 if c.method == "asam" else 0.02, _perturbs, _ERM),
+    "rho_schedule": Field(choice(*RHO_SCHEDULES), None, _perturbs, _ERM),
+    "rho_warmup": Field(
+        _steps_or_fraction,
+        0.1,
         lambda c: c.perturbs and c.rho_schedule in ("warmup", "start_step"),
         "it is the length of rho_schedule='warmup' and 'start_step'",
     ),
-    "beta": (
+    "beta": Field(
+        number(),
+        lambda c: -0.5 if c.method == "deltasam" else None,
         lambda c: c.method in REWEIGHTING,
         f"instance weights apply to methods {list(REWEIGHTING)}",
     ),
-    "estimator": (
-        lambda c: c.reweights,
+    "estimator": Field(
+        choice(*ESTIMATORS),
+        "head",
+        _reweights,
         "it scores instances for the weights, which need method='deltasam' (or 'asam') with beta != 0",
     ),
-    "weight_floor": (
-        lambda c: c.reweights,
-        "it bounds the instance weights of method='deltasam' (or 'asam') with beta != 0",
-    ),
-    "weight_min": (
-        lambda c: c.reweights,
-        "it bounds the instance weights of method='deltasam' (or 'asam') with beta != 0",
-    ),
-    "weight_max": (
-        lambda c: c.reweights,
-        "it bounds the instance weights of method='deltasam' (or 'asam') with beta != 0",
-    ),
-    "weighted_descent": (
-        lambda c: c.reweights,
+    "weight_floor": Field(number(0.0, 1.0), 0.1, _reweights, _WEIGHTS),
+    "weight_min": Field(number(0.0, 1.0), 0.1, _reweights, _WEIGHTS),
+    "weight_max": Field(number(1.0, allow_inf=True), 10.0, _reweights, _WEIGHTS),
+    "weighted_descent": Field(
+        flag,
+        None,
+        _reweights,
         "it weights the descent by the instance weights (method='deltasam' or 'asam', beta != 0)",
     ),
-    "head": (
+    "asam_eta": Field(number(0.0), 0.01, lambda c: c.method == "asam", "it is ASAM's offset (method='asam')"),
+    "asam_scope": Field(
+        choice(*ASAM_SCOPES), "all", lambda c: c.method == "asam", "it is ASAM's scaling rule (method='asam')"
+    ),
+    "probe_samples": Field(integer(1), 3, _probes, _PROBES),
+    "probe_sigma": Field(number(0.0, open_low=True), None, _probes, _PROBES),
+    "probe_antithetic": Field(flag, None, _probes, _PROBES),
+    "probe_params": Field(_patterns, None, _probes, "it selects what estimator='probe' or 'curvature' perturbs"),
+    "probe_truncate": Field(
+        flag, True, lambda c: _probes(c) and c.probe_params is not None, "it applies with probe_params"
+    ),
+    "head": Field(
+        _module_path,
+        None,
         lambda c: c.reweights and c.estimator in (None, "head"),
         "it names the layer of estimator='head'",
     ),
-    "asam_eta": (
-        lambda c: c.method == "asam",
-        "it is ASAM's offset (method='asam')",
-    ),
-    "asam_scope": (
-        lambda c: c.method == "asam",
-        "it is ASAM's scaling rule (method='asam')",
-    ),
-    "probe_samples": (
-        _probes,
-        "it sets the probes of estimator='probe' or 'curvature'",
-    ),
-    "probe_sigma": (
-        _probes,
-        "it sets the probes of estimator='probe' or 'curvature'",
-    ),
-    "probe_antithetic": (
-        _probes,
-        "it sets the probes of estimator='probe' or 'curvature'",
-    ),
-    "probe_params": (
-        _probes,
-        "it selects what estimator='probe' or 'curvature' perturbs",
-    ),
-    "probe_truncate": (
-        lambda c: _probes(c) and c.probe_params is not None,
-        "it applies with probe_params",
-    ),
-    "per_instance_impl": (
+    "share_dropout": Field(flag, None, _perturbs, "ERM takes one forward"),
+    "ascent": Field(choice(*ASCENTS), None, _perturbs, _ERM),
+    "per_instance_impl": Field(
+        choice(*PER_INSTANCE_IMPLS),
+        "loop",
         lambda c: (
             (c.reweights and c.estimator == "exact") or (c.method == "per_instance" and c.group_impl != "batched")
         ),
         "it runs the per-instance gradients of method='per_instance' and estimator='exact'",
     ),
-    "per_instance_chunk": (
+    "per_instance_chunk": Field(
+        integer(1),
+        None,
         lambda c: _per_instance_oracle(c) and c.per_instance_impl == "vmap",
         "it sizes the batched calls of per_instance_impl='vmap'",
     ),
-    "group_impl": (
+    "m_sharpness": Field(integer(1)),
+    "group_impl": Field(
+        choice(*GROUP_IMPLS),
+        _group_impl,
         lambda c: c.m_sharpness is not None or c.method == "per_instance",
         "it runs the groups of m_sharpness and of method='per_instance'",
     ),
-    "group_chunk": (
+    "group_chunk": Field(
+        integer(1),
+        None,
         lambda c: c.group_impl in ("batched", "auto"),
         "it sizes the passes of group_impl='batched' (and of 'auto' on CUDA)",
     ),
-    "share_dropout": (
-        lambda c: c.perturbs,
-        "ERM takes one forward",
-    ),
-    "ascent": (
-        lambda c: c.perturbs,
-        "ERM takes no ascent",
-    ),
-    "interval": (
-        lambda c: c.perturbs,
-        "ERM takes no sharpness-aware step",
-    ),
-    "reuse_alpha": (
-        lambda c: c.reuse is not None,
-        "it weights reuse='looksam'",
-    ),
-    "histogram_every_n_steps": (
-        lambda c: c.perturbs,
-        "ERM logs no sharpness histograms",
-    ),
+    "interval": Field(integer(1), None, _perturbs, "ERM takes no sharpness-aware step"),
+    "reuse": Field(choice(*REUSES)),
+    "reuse_alpha": Field(number(0.0), 0.7, lambda c: c.reuse is not None, "it weights reuse='looksam'"),
+    "accumulate_grad_batches": Field(integer(1)),
+    "gradient_clip_val": Field(number(0.0, open_low=True)),
+    "gradient_clip_algorithm": Field(choice(*CLIP_ALGORITHMS)),
+    "histogram_every_n_steps": Field(integer(0), None, _perturbs, "ERM logs no sharpness histograms"),
+    "seed_steps": Field(flag),
 }
-"""When each method-specific field is read, and where it applies (for the refusal); the others (accumulation,
-clipping, seeds) always are."""
-
-_DEFAULTS: dict[str, Any] = {
-    "rho": lambda c: 0.5 if c.method == "asam" else 0.02,
-    "rho_warmup": 0.1,
-    "beta": lambda c: -0.5 if c.method == "deltasam" else None,
-    "estimator": "head",
-    "weight_floor": 0.1,
-    "weight_min": 0.1,
-    "weight_max": 10.0,
-    "asam_eta": 0.01,
-    "asam_scope": "all",
-    "probe_samples": 3,
-    "probe_truncate": True,
-    "group_impl": "auto",
-    "per_instance_impl": "loop",
-    "reuse_alpha": 0.7,
-}
-"""Per-method defaults of the fields left unset, filled where the method reads them."""
+"""One row per field of :class:`DeltaSAMConfig`: its check, its per-method default, and where it applies."""

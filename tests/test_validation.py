@@ -155,3 +155,42 @@ def test_the_mixin_listed_after_lightning_module_is_refused_naming_the_fix():
 
         class Wrong(L.LightningModule, DeltaSAMMixin):
             pass
+
+
+def test_every_config_error_is_a_config_error_and_a_value_error():
+    from lit_deltasam.config import ConfigError
+
+    for options in (dict(rho=-1.0), dict(method="sam", beta=-1.0), dict(reuse="looksam"), dict(probe_params=[])):
+        with pytest.raises(ConfigError) as caught:
+            DeltaSAMConfig(**options)
+        assert isinstance(caught.value, ValueError)
+
+
+def test_every_field_has_one_spec_row():
+    import dataclasses
+
+    from lit_deltasam.config import SPEC
+
+    assert list(SPEC) == [f.name for f in dataclasses.fields(DeltaSAMConfig)]
+
+
+@pytest.mark.parametrize("impl", ["loop", "vmap"])
+def test_per_instance_impl_chosen_for_per_instance_sam_is_honoured_on_every_device(impl):
+    """``group_impl="auto"`` batches per-instance SAM on CUDA, where ``per_instance_impl`` is not read: a user who
+    chose it gets the per-instance loop it runs in, on every device."""
+    from lit_deltasam.core.groups import group_impl
+
+    config = DeltaSAMConfig(method="per_instance", per_instance_impl=impl)
+    assert config.group_impl == "loop" and config.per_instance_impl == impl
+    assert group_impl(config, torch.device("cuda")) == "loop"
+    assert group_impl(DeltaSAMConfig(method="per_instance"), torch.device("cuda")) == "batched"  # unchosen: auto
+    with pytest.raises(ValueError, match=rf"per_instance_impl='{impl}' does nothing with method='per_instance'"):
+        DeltaSAMConfig(method="per_instance", per_instance_impl=impl, group_impl="batched")
+
+
+def test_the_resolved_views_have_no_unset_fields():
+    config = DeltaSAMConfig(method="deltasam", estimator="probe", rho=0.05)
+    assert config.weighting is not None and config.weighting.beta == -0.5 and config.weighting.estimator == "probe"
+    assert config.probing is not None and config.probing.sigma == 0.05 and config.probing.samples == 3
+    assert DeltaSAMConfig(method="sam").weighting is None and DeltaSAMConfig(method="sam").probing is None
+    assert DeltaSAMConfig(method="sam", interval=2, reuse="looksam").loop.reuse_alpha == 0.7
