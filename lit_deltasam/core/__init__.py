@@ -1,10 +1,10 @@
 """The functional core: plain PyTorch, no Lightning import."""
 
+from .ascent import perturb
 from .engine import DeltaSAM, StepResult
 from .guardedness import HeadTap, Prober
 from .norms import total_norm
 from .per_instance import PerInstance
-from .perturbation import perturb
 from .weighting import effective_sample_size, instance_weights
 
 __all__ = [

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import PROBING, DeltaSAMConfig
+from .ascent import perturb
 from .batch import Batch, LossFn, batch_size, check_losses, slice_batch
 from .decisions import all_of
 from .distributed import arm_reducer, gather_instances, rank, refuse_static_graph, sum_over_ranks, world_size
@@ -26,7 +27,6 @@ from .groups import BatchedGroups, GroupBuffers, group_impl, unbatchable, warn_o
 from .guardedness import ForwardCache, HeadTap, Prober, find_head, select_params
 from .norms import total_norm
 from .per_instance import PerInstance
-from .perturbation import perturb
 from .randomness import RandomState
 from .sharding import NormReduce, is_sharded, local, shard_reduction
 from .snapshot import Snapshot, put_grads, take_grads
