@@ -10,7 +10,7 @@ and that path's arithmetic is the one every committed result was made with. Othe
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Optional
 
@@ -36,21 +36,6 @@ def decisions_on_device(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         _forced = before
-
-
-def scale_or_zero(numerator: float, norm: Tensor) -> Tensor:
-    """``numerator / norm`` where ``norm`` is positive and finite, else 0, as a 0-d float32 tensor (computed in
-    float64, as the host path divides)."""
-    ok = torch.isfinite(norm) & (norm > 0)
-    return torch.where(ok, numerator / norm.double(), torch.zeros((), dtype=torch.float64, device=norm.device)).float()
-
-
-def zero_non_finite_(scaled: Sequence[Tensor]) -> None:
-    """Zero in place the entries of tensors scaled by :func:`scale_or_zero`'s 0 that were not finite: ``inf * 0``
-    is NaN, and eps must be exactly 0 where the norm was not finite. (Finite norms mean finite entries, which this
-    leaves alone; torch has no foreach ``nan_to_num``.)"""
-    for t in scaled:
-        torch.nan_to_num_(t, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def all_of(flags: list[bool | Tensor]) -> bool | Tensor:

@@ -22,7 +22,6 @@ of the groups' variances (in training mode each group is normalised with its own
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -35,11 +34,11 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.utils._pytree import tree_map
 
+from .ascent import perturb_groups_
 from .batch import Batch, LossFn, batch_size, check_losses, slice_batch
 from .decisions import on_device
 from .distributed import world_size
 from .guardedness import HeadTap
-from .norms import overflow_scale
 from .per_instance import _LossModule
 from .randomness import RandomState
 from .sharding import is_sharded
@@ -331,54 +330,14 @@ class BatchedGroups:
         flat = None if weights is None else weights.reshape(-1)
         return clean.detach().reshape(-1), perturbed.detach().reshape(-1), norm, eps_norm, ok, flat
 
-    @torch.no_grad()
     def _to_moved(
         self, params: list[Tensor], grads: list[Tensor], unscaled: Optional[list[bool]]
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Turn each ``[G, ...]`` gradient into ``w + eps_k`` in place; ``eps_k = 0`` where group k's norm is 0 or
-        not finite. Returns the per-group ``||g_k||`` (``||T g_k||`` for ASAM), ``||eps_k||`` and whether
-        ``eps_k`` was applied."""
+        """Turn each ``[G, ...]`` gradient into ``w + eps_k`` in place (:func:`.ascent.perturb_groups_`)."""
         if not grads:
             zero = torch.zeros(self._count, device=self.params[0].device)
             return zero, zero, zero > 0
-        count, rho = grads[0].shape[0], self._rho
-        scale: Optional[list[Tensor]] = None
-        if self._adaptive:
-            scale = [p.abs().add_(self._eta) for p in params]
-            for t, flat in zip(scale, unscaled or ()):
-                if flat:
-                    t.fill_(1.0)
-            for g, t in zip(grads, scale):
-                g.mul_(t)
-        norm = _group_norms(grads, count)
-        power: Optional[Tensor] = None
-        if on_device(norm.device) or bool(torch.isinf(norm).any()):  # a loss scaler can overflow the squares
-            largest = torch.stack([torch.linalg.vector_norm(g.reshape(count, -1), math.inf, dim=1) for g in grads])
-            power = overflow_scale(norm, largest.amax(0).to(norm.dtype))
-            for g in grads:
-                g.mul_(power.to(g.dtype).reshape(count, *([1] * (g.ndim - 1))))
-            norm = torch.where(power != 1, _group_norms(grads, count), norm)
-        ok = torch.isfinite(norm) & (norm > 0)
-        factor = torch.where(ok, rho / norm.double(), torch.zeros((), dtype=torch.float64, device=norm.device))
-        for i, g in enumerate(grads):
-            f = factor.to(g.dtype).reshape(count, *([1] * (g.ndim - 1)))
-            if scale is not None:
-                g.mul_(scale[i])
-            g.mul_(f)
-        if on_device(norm.device) or not bool(ok.all()):  # inf * 0 is NaN: eps_k must be exactly 0
-            for g in grads:
-                torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
-        eps_norm = _group_norms(grads, count) if self._adaptive else ok.to(norm.dtype) * rho
-        for g, p in zip(grads, params):
-            g.add_(p.detach())
-        return (norm if power is None else norm / power), eps_norm, ok
-
-
-def _group_norms(grads: list[Tensor], count: int) -> Tensor:
-    """``[G]`` norms of the groups' gradients, each ``[G, ...]`` tensor's row k being group k's."""
-    return torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(g.reshape(count, -1), dim=1) for g in grads]), dim=0
-    )
+        return perturb_groups_(params, grads, self._rho, adaptive=self._adaptive, eta=self._eta, unscaled=unscaled)
 
 
 class GroupBuffers:

@@ -25,8 +25,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 from torch.utils._pytree import tree_map
 
+from .ascent import factor, host_factor, zero_non_finite_
 from .batch import Batch, LossFn, batch_size, check_losses, slice_batch
-from .decisions import on_device, scale_or_zero, zero_non_finite_
+from .decisions import on_device
 from .norms import total_norm
 from .randomness import RandomState
 from .snapshot import Snapshot
@@ -197,11 +198,10 @@ class PerInstance:
                 norm = total_norm(_values(grads))
                 try:
                     if on_device(norm.device):  # eps_i = 0 where ||g_i|| is 0 or not finite, with no value read
-                        saved = self._perturb(grads, scale_or_zero(rho, norm))
-                    elif norm > 0 and torch.isfinite(norm):
-                        saved = self._perturb(grads, rho / norm.item())
+                        saved = self._perturb(grads, factor(rho, norm, torch.float64).float())
                     else:
-                        saved = []
+                        step = host_factor(rho, norm.item())
+                        saved = [] if step is None else self._perturb(grads, step)
                     with self.rows.sparse(), random_state.replay() if self.share_dropout else nullcontext():
                         perturbed_loss = self._instance_loss(loss_fn, instance)
                         _add_(total, _rows(self._grads(perturbed_loss)))
@@ -288,7 +288,7 @@ class PerInstance:
         def sam_one(params: dict[str, Tensor], instance: Batch):
             grads, loss = grad_and_value(loss_one)(params, instance)
             norm = norm_of(grads)
-            scale = torch.where((norm > 0) & torch.isfinite(norm), radius / norm, torch.zeros_like(norm))
+            scale = factor(radius, norm)
             moved = {k: v + scale * grads[k] for k, v in params.items()}
             moved_grads, perturbed_loss = grad_and_value(loss_one)(moved, instance)
             return loss, [moved_grads[k] for k in params], perturbed_loss, [grads[k] for k in params]
