@@ -1,0 +1,154 @@
+"""Closed forms for the SAM family (issue 48) on least squares, as plain functions, beside ``helpers.ls_sam_update``.
+
+Each returns what the base optimizer receives (the gradient G, and for WSAM's decoupled form the term applied after
+the base step), written from the papers' updates as docs/family-spec.md states them, with no stabilizing epsilon:
+the reference library's ``perturb_eps`` is set to 0 where these are compared with it (tests/test_peer_reference.py).
+
+Least squares is ``l_i(w) = (x_i·w - y_i)² / 2`` (``helpers.ls_grad``); gradient centralization needs a weight of
+rank 2, so it has its multi-output form ``l_i(W) = ||W x_i - y_i||² / 2`` with ``W`` of shape ``[k, d]``
+(:func:`mls_grad`), which is ``nn.Linear(d, k, bias=False)``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from helpers import ls_grad
+from torch import Tensor
+
+
+def _ascent(w: Tensor, direction: Tensor, rho: float) -> Tensor:
+    return w + rho * direction / direction.norm()
+
+
+# ----------------------------------------------------------------------------------------------------------- GSAM
+
+
+def ls_gsam_update(x: Tensor, y: Tensor, w: Tensor, rho: float, alpha: float) -> Tensor:
+    """GSAM (Zhuang et al., 2022): ``g_adv = ∇L(w + rho g/||g||)``, ``g_perp = g - (g·g_adv / ||g_adv||²) g_adv``
+    (the clean gradient's part orthogonal to g_adv), ``G = g_adv - alpha g_perp``. alpha = 0 is SAM."""
+    g = ls_grad(x, y, w)
+    g_adv = ls_grad(x, y, _ascent(w, g, rho))
+    g_perp = g - (g @ g_adv) / (g_adv @ g_adv) * g_adv
+    return g_adv - alpha * g_perp
+
+
+# ----------------------------------------------------------------------------------------------------------- WSAM
+
+
+class WsamUpdate(NamedTuple):
+    base: Tensor
+    """What the base optimizer steps on."""
+    after: Tensor
+    """What is subtracted after the base step, times the LR: ``w <- base_step(w, G) - lr * after``."""
+
+
+def wsam_alpha(gamma: float) -> float:
+    """WSAM's weight of the sharpness term, ``gamma / (1 - gamma)`` (gamma in [0, 1))."""
+    return gamma / (1.0 - gamma)
+
+
+def ls_wsam_update(x: Tensor, y: Tensor, w: Tensor, rho: float, gamma: float, decouple: bool = True) -> WsamUpdate:
+    """WSAM (Yue et al., 2023): ``L + alpha (L(w + eps) - L(w))`` with ``alpha = gamma/(1 - gamma)``, so its
+    gradient is ``g + alpha (g_adv - g)``. Coupled: the base optimizer steps on that. Decoupled (the reference's
+    default): the base optimizer steps on g alone and ``lr * alpha (g_adv - g)`` is subtracted after it, as decoupled
+    weight decay is (so momentum and Adam's scaling never see the sharpness term)."""
+    g = ls_grad(x, y, w)
+    sharpness = ls_grad(x, y, _ascent(w, g, rho)) - g
+    a = wsam_alpha(gamma)
+    if decouple:
+        return WsamUpdate(base=g, after=a * sharpness)
+    return WsamUpdate(base=g + a * sharpness, after=torch.zeros_like(g))
+
+
+# ---------------------------------------------------------------------------------------------------- Friendly-SAM
+
+
+class FsamUpdate(NamedTuple):
+    G: Tensor
+    momentum: Tensor
+    """The EMA of the clean gradient after this step (optimizer state, carried to the next step)."""
+
+
+def ls_fsam_update(
+    x: Tensor, y: Tensor, w: Tensor, rho: float, sigma: float, lmbda: float, momentum: Optional[Tensor] = None
+) -> FsamUpdate:
+    """Friendly-SAM (Li et al., CVPR 2024), as its authors' code and the reference compute it.
+
+    The first step (``momentum is None``) is SAM and starts the EMA at g: ``d = g``, ``m_1 = g``. After it,
+    ``d = g - sigma m_{t-1}`` (the previous EMA: the full-batch estimate before this batch) and then
+    ``m_t = lmbda m_{t-1} + (1 - lmbda) g``. ``eps = rho d/||d||``, ``G = ∇L(w + eps)``.
+    """
+    g = ls_grad(x, y, w)
+    if momentum is None:
+        direction, new = g, g.clone()
+    else:
+        direction = g - sigma * momentum
+        new = lmbda * momentum + (1 - lmbda) * g
+    return FsamUpdate(G=ls_grad(x, y, _ascent(w, direction, rho)), momentum=new)
+
+
+# ----------------------------------------------------------------------------------------- gradient centralization
+
+
+def mls_grad(x: Tensor, y: Tensor, W: Tensor) -> Tensor:
+    """Gradient of the mean multi-output least-squares loss ``||W x_i - y_i||² / 2`` at W (``[k, d]``; y ``[n, k]``)."""
+    return (x @ W.T - y).T @ x / x.shape[0]
+
+
+def centralize(g: Tensor) -> Tensor:
+    """Gradient centralization (Yong et al., 2020) of one gradient: for rank > 1, subtract its mean over every
+    dimension but the first (each output row, or each conv filter, gets mean 0); rank 0 and 1 (biases, LayerNorm
+    scales) unchanged."""
+    if g.dim() <= 1:
+        return g.clone()
+    return g - g.mean(dim=tuple(range(1, g.dim())), keepdim=True)
+
+
+def mls_gc_sam_update(x: Tensor, y: Tensor, W: Tensor, rho: float, norm: str = "centered") -> Tensor:
+    """SAM whose ascent direction is centralized: ``eps = rho GC(g) / ||GC(g)||`` (``norm="centered"``, this
+    library's specification: ``||eps|| = rho``) or ``rho GC(g) / ||g||`` (``norm="peer"``: the reference computes
+    the norm before it centres, so its ``||eps||`` is ``rho ||GC(g)|| / ||g||``, below rho). The descent gradient is
+    not centralized in either: ``G = ∇L(W + eps)``."""
+    g = mls_grad(x, y, W)
+    c = centralize(g)
+    if norm == "centered":
+        scale = rho / c.norm()
+    elif norm == "peer":
+        scale = rho / g.norm()
+    else:
+        raise ValueError(norm)
+    return mls_grad(x, y, W + scale * c)
+
+
+# ------------------------------------------------------------------------------------------------ AE-SAM's policy
+
+
+class AeSamState(NamedTuple):
+    mean: float = 0.0
+    """mu_{t-1}: the EMA of ||g||²."""
+    var: float = 0.0
+    """sigma²_{t-1}: the EMA of the squared deviation of ||g||² from its running mean."""
+
+
+def ae_sam_threshold(t: int, total: int, lambda1: float = -1.0, lambda2: float = 1.0) -> float:
+    """c_t, moving linearly from ``lambda2`` at t = 0 to ``lambda1`` at t = total (AE-SAM's schedule; with the
+    defaults -1 and 1 the threshold starts one standard deviation above the mean, where about 16% of normally
+    distributed ||g||² pass, and ends one below it, about 84%)."""
+    frac = t / total
+    return frac * lambda1 + (1.0 - frac) * lambda2
+
+
+def ae_sam_decide(sq_norm: float, state: AeSamState, c: float, delta: float = 0.9) -> tuple[bool, AeSamState]:
+    """AE-SAM (Jiang et al., ICLR 2023): update the running moments with this step's ``||g_t||²`` first,
+    ``mu_t = delta mu_{t-1} + (1 - delta) ||g_t||²`` and
+    ``sigma²_t = delta sigma²_{t-1} + (1 - delta) (||g_t||² - mu_t)²``, then take a full SAM step iff
+    ``||g_t||² >= mu_t + c sigma_t``; otherwise a plain step on g_t. Returns ``(full, new state)``.
+
+    The moments start at 0 (``AeSamState()``), so the first step's ``mu_1 = (1 - delta) ||g_1||²`` lies below
+    ``||g_1||²`` and, for any c with ``c sigma_1 <= delta ||g_1||²``, the first step is full.
+    """
+    mean = delta * state.mean + (1 - delta) * sq_norm
+    var = delta * state.var + (1 - delta) * (sq_norm - mean) ** 2
+    return sq_norm >= mean + c * var**0.5, AeSamState(mean, var)
