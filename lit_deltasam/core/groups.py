@@ -32,7 +32,7 @@ from typing import Any, Optional, cast
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
+from torch.func import vmap
 from torch.utils._pytree import tree_map
 
 from .batch import Batch, LossFn, batch_size, check_losses, slice_batch
@@ -234,7 +234,7 @@ class BatchedGroups:
         if layer is None:
 
             def group_losses(params: dict[str, Tensor], group: Batch) -> Tensor:
-                return functional_call(self._loss, {**params, **shared}, (group,))
+                return self._loss.call({**params, **shared}, group)
 
             out = vmap(group_losses, in_dims=(0, in_dims), randomness="different")(stacked, grouped)
             return check_losses(out.reshape(-1), part, device).reshape(count, -1), None, None
@@ -252,7 +252,7 @@ class BatchedGroups:
 
             handle = layer.register_forward_hook(hook)
             try:
-                losses = functional_call(self._loss, {**params, **shared}, (group,))
+                losses = self._loss.call({**params, **shared}, group)
             finally:
                 handle.remove()
             if len(inputs) != 1:

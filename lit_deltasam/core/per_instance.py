@@ -32,6 +32,23 @@ from .randomness import RandomState
 from .snapshot import Snapshot
 
 
+def _places(module: nn.Module) -> dict[str, list[str]]:
+    """Every path of a tensor held in more than one place -> one path per place (a module's attribute) holding it.
+
+    A module registered under two names (``nn.ModuleList([block, block])``, one layer under two attributes) holds
+    its tensors in one place reached by two paths; a tensor tied across two modules is held in two places.
+    ``functional_call``'s own tying swaps one place once per path: the second swap saves the first's tensor as the
+    original and puts it back after the call, leaving a vmap tensor where the module's Parameter was."""
+    held: dict[int, list[str]] = {}
+    seen: set[tuple[int, str]] = set()
+    for prefix, layer in module.named_modules(remove_duplicate=False):
+        for attr, t in [*layer._parameters.items(), *layer._buffers.items()]:
+            if t is not None and (id(layer), attr) not in seen:
+                seen.add((id(layer), attr))
+                held.setdefault(id(t), []).append(f"{prefix}.{attr}" if prefix else attr)
+    return {path: paths for paths in held.values() if len(paths) > 1 for path in paths}
+
+
 class _LossModule(nn.Module):
     """Lets ``functional_call`` swap the parameters under an arbitrary loss function."""
 
@@ -39,9 +56,15 @@ class _LossModule(nn.Module):
         super().__init__()
         self.module = module
         self.loss_fn = loss_fn
+        self._places = _places(self)
 
     def forward(self, batch: Batch) -> Tensor:
         return self.loss_fn(batch)
+
+    def call(self, tensors: dict[str, Tensor], batch: Batch) -> Tensor:
+        """``loss_fn(batch)`` with ``tensors`` (by path) in place of the module's, each in every place holding it."""
+        placed = {path: t for name, t in tensors.items() for path in self._places.get(name, (name,))}
+        return functional_call(self, placed, (batch,), tie_weights=False)
 
 
 def _has_active_dropout(module: nn.Module) -> bool:
@@ -274,7 +297,7 @@ class PerInstance:
 
         def loss_one(params: dict[str, Tensor], instance: Batch) -> Tensor:
             unsqueezed = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, instance)
-            return functional_call(wrapper, params, (unsqueezed,)).reshape(())
+            return wrapper.call(params, unsqueezed).reshape(())
 
         def norm_of(grads: dict[str, Tensor]) -> Tensor:
             # vmap has no batching rule for the foreach norm kernels

@@ -1,0 +1,93 @@
+"""The shapes users bring: one module under two names, a layer the loss never reaches, a first batch that tells
+the head estimator nothing. Each trains as the loop path, SAM or a hand-written reference does."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lit_deltasam import DeltaSAMConfig, DeltaSAMOptimizer
+
+RHO = 0.1
+
+
+def config(**options) -> DeltaSAMConfig:
+    return DeltaSAMConfig(rho=RHO, rho_schedule="constant", **options)
+
+
+def batches(steps: int = 3, n: int = 8, d: int = 6, classes: int = 3) -> list[tuple[Tensor, Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [
+        (torch.randn(n, d, generator=g, dtype=torch.float64), torch.randint(0, classes, (n,), generator=g))
+        for _ in range(steps)
+    ]
+
+
+def train(model: nn.Module, cfg: DeltaSAMConfig, data, optimizer=None) -> DeltaSAMOptimizer:
+    """``DeltaSAMOptimizer.step`` on each batch of ``data``, as a hand-written loop would."""
+    base = optimizer or torch.optim.SGD(model.parameters(), lr=0.5)
+    opt = DeltaSAMOptimizer(model, base, cfg)
+    for batch in data:
+        opt.step(lambda b: F.cross_entropy(model(b[0]), b[1], reduction="none"), batch)
+    return opt
+
+
+class Repeated(nn.Module):
+    """One block run twice: ``nn.ModuleList([block, block])``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        block = nn.Sequential(nn.Linear(6, 6), nn.Tanh())
+        self.blocks = nn.ModuleList([block, block])
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+class Aliased(nn.Module):
+    """One layer under two attribute names, called by each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(6, 6)
+        self.second = self.first
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.second(torch.tanh(self.first(x)))))
+
+
+SHARED_PATHS = {
+    "m-sharpness batched": (dict(method="sam", m_sharpness=4, group_impl="loop"), dict(group_impl="batched")),
+    "per-instance batched": (dict(method="per_instance", group_impl="loop"), dict(group_impl="batched")),
+    "per-instance vmap": (dict(method="per_instance", group_impl="loop"), dict(per_instance_impl="vmap")),
+}
+
+
+@pytest.mark.parametrize("shape", [Repeated, Aliased], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("path", SHARED_PATHS, ids=str)
+def test_a_module_under_two_names_trains_as_on_the_loop_path(shape, path):
+    loop_options, other = SHARED_PATHS[path]
+    data = batches()
+    torch.manual_seed(0)
+    reference = shape().double()
+    train(reference, config(**loop_options), data)
+    torch.manual_seed(0)
+    model = shape().double()
+    parameters = list(model.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # batched, not the loop fallback
+        opt = train(model, config(**{**loop_options, **other}), data)
+    for layer in model.modules():  # every place still holds the model's own Parameter, the one the optimizer steps
+        for name, p in layer._parameters.items():
+            assert type(p) is nn.Parameter, f"{type(layer).__name__}.{name} holds a {type(p).__name__}"
+    assert [id(p) for p in model.parameters()] == [id(p) for p in parameters]
+    assert [id(p) for g in opt.param_groups for p in g["params"]] == [id(p) for p in parameters]
+    model(data[0][0]).sum().backward()  # the next forward and backward, outside the step
+    for a, b in zip(reference.parameters(), model.parameters()):
+        torch.testing.assert_close(b.detach(), a.detach(), atol=1e-12, rtol=0)
