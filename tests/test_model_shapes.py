@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_deltasam import DeltaSAMConfig, DeltaSAMOptimizer
+from lit_deltasam import DeltaSAM, DeltaSAMConfig, DeltaSAMOptimizer
 
 RHO = 0.1
 
@@ -91,3 +91,51 @@ def test_a_module_under_two_names_trains_as_on_the_loop_path(shape, path):
     model(data[0][0]).sum().backward()  # the next forward and backward, outside the step
     for a, b in zip(reference.parameters(), model.parameters()):
         torch.testing.assert_close(b.detach(), a.detach(), atol=1e-12, rtol=0)
+
+
+class WithUnused(nn.Module):
+    """A trainable layer that the loss never reaches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3))
+        self.unused = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+
+UNUSED_PATHS = {
+    "per-instance loop": dict(method="per_instance", group_impl="loop"),
+    "per-instance batched": dict(method="per_instance", group_impl="batched"),
+    "per-instance vmap": dict(method="per_instance", per_instance_impl="vmap"),
+    "deltasam exact loop": dict(method="deltasam", estimator="exact"),
+    "deltasam exact vmap": dict(method="deltasam", estimator="exact", per_instance_impl="vmap"),
+    "sam": dict(method="sam"),
+}
+
+DECAYING = {
+    "AdamW": lambda params: torch.optim.AdamW(params, lr=0.1, weight_decay=0.1),
+    "SGD": lambda params: torch.optim.SGD(params, lr=0.1, weight_decay=0.1, momentum=0.9),
+}
+
+
+@pytest.mark.parametrize("optimizer", DECAYING, ids=str)
+@pytest.mark.parametrize("path", UNUSED_PATHS, ids=str)
+def test_a_layer_the_loss_never_reaches_keeps_no_gradient_and_does_not_decay(path, optimizer):
+    """Weight decay moves a parameter with a zero ``.grad`` and skips one with ``None``, as ERM and SAM leave it."""
+    torch.manual_seed(0)
+    model = WithUnused().double()
+    x, y = batches()[0]
+    DeltaSAM(model, config(**UNUSED_PATHS[path])).step(
+        lambda b: F.cross_entropy(model(b[0]), b[1], reduction="none"), (x, y)
+    )
+    assert model.unused.weight.grad is None and model.unused.bias.grad is None
+    assert all(p.grad is not None for p in model.body.parameters())
+    model.zero_grad()
+    before = [p.detach().clone() for p in model.unused.parameters()]
+    used = [p.detach().clone() for p in model.body.parameters()]
+    train(model, config(**UNUSED_PATHS[path]), batches(), DECAYING[optimizer](model.parameters()))
+    for a, b in zip(before, model.unused.parameters()):
+        assert torch.equal(a, b.detach())
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(used, model.body.parameters()))

@@ -181,11 +181,12 @@ class PerInstance:
 
     def sam_gradient(
         self, loss_fn: LossFn, batch: Batch, rho: float, snapshot: Snapshot, with_plain: bool = False
-    ) -> tuple[list[Tensor], Tensor, Tensor, Optional[list[Tensor]]]:
+    ) -> tuple[list[Optional[Tensor]], Tensor, Tensor, Optional[list[Tensor]]]:
         """``G = mean_i grad l_i(w + rho ĝ_i)`` with ``ĝ_i = g_i / ||g_i||``.
 
         Returns:
-            ``G`` as one tensor per parameter, the losses ``l_i(w)``, the losses
+            ``G`` as one tensor per parameter (``None`` for one that no instance's loss reaches, whose ``.grad``
+            autograd leaves ``None`` too), the losses ``l_i(w)``, the losses
             ``l_i(w + rho ĝ_i)`` and, ``with_plain``, the plain gradient ``mean_i g_i``. ``snapshot`` must
             hold ``params`` at ``w``; the parameters are restored from it.
         """
@@ -199,7 +200,9 @@ class PerInstance:
         total = [torch.zeros_like(p) for p in self.params]
         plain = [torch.zeros_like(p) for p in self.params] if with_plain else []
         clean, perturbed = [], []
+        reached = [False] * len(self.params)
         if self.impl == "vmap":
+            reached = self._reached(loss_fn, batch)
             for chunk in self._chunks(batch):
                 losses, grads, perturbed_losses, clean_grads = self._vmap(loss_fn, chunk, rho=rho)
                 torch._foreach_add_(total, [g.sum(0) for g in grads])
@@ -227,7 +230,7 @@ class PerInstance:
                         saved = []
                     with self.rows.sparse(), random_state.replay() if self.share_dropout else nullcontext():
                         perturbed_loss = self._instance_loss(loss_fn, instance)
-                        _add_(total, _rows(self._grads(perturbed_loss)))
+                        _add_(total, _rows(self._grads(perturbed_loss, reached)))
                 except BaseException:
                     snapshot.restore()
                     raise
@@ -237,7 +240,8 @@ class PerInstance:
         torch._foreach_div_(total, n)
         if with_plain:
             torch._foreach_div_(plain, n)
-        return total, torch.cat(clean), torch.cat(perturbed), plain if with_plain else None
+        update = [t if r else None for t, r in zip(total, reached)]
+        return update, torch.cat(clean), torch.cat(perturbed), plain if with_plain else None
 
     @torch.no_grad()
     def _perturb(self, grads: list[Grad], factor: Union[float, Tensor]) -> list[tuple[int, Tensor, Tensor]]:
@@ -287,9 +291,24 @@ class PerInstance:
         losses = check_losses(loss_fn(instance), instance, self.device)
         return losses[0]
 
-    def _grads(self, loss: Tensor) -> list[Tensor]:
+    def _grads(self, loss: Tensor, reached: Optional[list[bool]] = None) -> list[Tensor]:
+        """``grad loss`` for each parameter, zero where the loss does not reach it (marked in ``reached``)."""
         grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        if reached is not None:
+            reached[:] = [r or g is not None for r, g in zip(reached, grads)]
         return [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
+
+    def _reached(self, loss_fn: LossFn, batch: Batch) -> list[bool]:
+        """Which parameters the loss reaches, from the first instance through ordinary autograd: ``torch.func``
+        gives zeros where autograd gives ``None``, and a function ``vmap`` runs reaches the same parameters for
+        every instance. The random state is put back, so that the step draws what it would without this."""
+        random_state = RandomState(self.device)
+        random_state.capture()
+        try:
+            loss = self._instance_loss(loss_fn, slice_batch(batch, slice(0, 1)))
+            return [g is not None for g in torch.autograd.grad(loss, self.params, allow_unused=True)]
+        finally:
+            random_state.restore()
 
     def _vmap(self, loss_fn: LossFn, batch: Batch, rho: Optional[float]):
         wrapper = _LossModule(self.module, loss_fn)
