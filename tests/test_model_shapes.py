@@ -139,3 +139,49 @@ def test_a_layer_the_loss_never_reaches_keeps_no_gradient_and_does_not_decay(pat
     for a, b in zip(before, model.unused.parameters()):
         assert torch.equal(a, b.detach())
     assert any(not torch.equal(a, b.detach()) for a, b in zip(used, model.body.parameters()))
+
+
+def ignored_labels(batch):
+    return batch[0], torch.full_like(batch[1], -100)  # every label ignore_index: loss 0, gradient 0
+
+
+def non_finite_inputs(batch):
+    return torch.full_like(batch[0], float("nan")), batch[1]
+
+
+def snapshots(model: nn.Module, cfg: DeltaSAMConfig, data) -> tuple[list[list[Tensor]], list[str]]:
+    """The weights after each ``DeltaSAMOptimizer.step`` on ``data``, and the warnings said."""
+    torch.manual_seed(0)
+    opt = DeltaSAMOptimizer(model, torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1), cfg)
+    out = []
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        for batch in data:
+            opt.step(lambda b: F.cross_entropy(model(b[0]), b[1], reduction="none"), batch)
+            out.append([p.detach().clone() for p in model.parameters()])
+    return out, [str(w.message) for w in said]
+
+
+def classifier() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3)).double()
+
+
+@pytest.mark.parametrize("degenerate", [ignored_labels, non_finite_inputs], ids=lambda f: f.__name__)
+def test_deltasam_steps_as_sam_on_a_first_batch_that_cannot_tell_the_head(degenerate):
+    """A first batch with zero loss gradient takes SAM's step (eps = 0); a non-finite one is skipped with SAM's
+    warning; the head is detected on the next batch, as the one given by name."""
+    good = batches()
+    data = [degenerate(good[0]), *good[1:]]
+    sam, sam_said = snapshots(classifier(), config(method="sam"), data)
+    detected, said = snapshots(classifier(), config(method="deltasam"), data)
+    named, _ = snapshots(classifier(), config(method="deltasam", head="2"), data)
+    for a, b in zip(sam[0], detected[0]):
+        assert torch.equal(a, b)
+    for step in (1, 2):
+        for a, b in zip(named[step], detected[step]):
+            assert torch.equal(a, b)
+    assert any("cannot tell the classifier layer from this batch" in s for s in said)
+    skipped = [s for s in said if "optimizer step is skipped" in s]
+    assert skipped == [s for s in sam_said if "optimizer step is skipped" in s]
+    assert bool(skipped) == (degenerate is non_finite_inputs)
