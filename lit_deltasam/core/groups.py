@@ -8,6 +8,11 @@ runs every group's perturbed descent, whose gradients sum into ``w``'s ``.grad``
 The FLOPs are SAM's; the memory is about 2G parameter copies per chunk (``w + eps_k``, and the descent's
 gradient for each), which ``chunk`` bounds. Per-instance SAM is the case m = 1.
 
+The result is the loop's G to float tolerance on any model whose groups can be batched (:func:`unbatchable`
+names the others, and they run the loop). A tensor held in several places (one module under two names, as in
+``nn.ModuleList([block, block])``, or weights tied across modules) gets each group's view in every place
+(``_LossModule.call``), and a parameter the loss never reaches keeps ``.grad`` ``None``, as in the loop.
+
 Dropout: under ``vmap`` each group draws its own masks, and the descent replays the clean forward's random
 state, so every instance sees the same masks in its two forwards, as in the loop; the masks are drawn layer by
 layer across the chunk's groups instead of group by group, so they are other draws of the same distribution
