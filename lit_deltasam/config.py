@@ -223,8 +223,10 @@ class DeltaSAMConfig:
         group_impl: how m-sharpness's groups and per-instance SAM's instances run: ``loop`` (a pair of passes per
             group, any model), ``batched`` (a chunk's groups in one vmapped ascent and one vmapped descent, about G
             extra parameter copies; BatchNorm in training, hooks, DDP/FSDP, 16-bit weights and the probe,
-            curvature and exact estimators run the loop, said once) or ``auto`` (default: ``batched`` on CUDA,
-            where it measured 2.7-7.9x faster than the loop, ``loop`` elsewhere, where it was faster on the CPU).
+            curvature and exact estimators run the loop, said once; otherwise the loop's G to float tolerance, a
+            module under two names included, and ``.grad`` left ``None`` where the loss never reaches, as in the
+            loop) or ``auto`` (default: ``batched`` on CUDA, where it measured 2.7-7.9x faster than the loop,
+            ``loop`` elsewhere, where it was faster on the CPU).
         group_chunk: groups (instances, for ``per_instance``) per batched pass; ``None``: all of a batch's groups.
         m_sharpness: one perturbation per group of ``m_sharpness`` instances (m-sharpness,
             Foret et al., 2021): the local batch is split into contiguous groups of m in

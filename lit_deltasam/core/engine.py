@@ -467,8 +467,10 @@ class DeltaSAM:
                 ctx.loss_fn, ctx.batch, ctx.rho, self._params_before, with_plain=ctx.plain_grad
             )
         put_grads(self.updated, grads_before, copy=True)
-        # d/dp sum_p <p, G_p> = G: routes G through the caller's backward (loss scaling, DDP all-reduce).
-        surrogate = torch.stack([t.sum() for t in torch._foreach_mul(self.params, update)]).sum()
+        # d/dp sum_p <p, G_p> = G: routes G through the caller's backward (loss scaling, DDP all-reduce). A parameter
+        # the loss never reaches is left out, so that its .grad stays None as under ERM, SAM and the batched path.
+        terms = [(p * g).sum() for p, g in zip(self.params, update) if g is not None]
+        surrogate = torch.stack(terms or [self.params[0].sum() * 0]).sum()  # or a loss that reaches no parameter
         with self._descent_sync(ctx.no_sync, ctx.sync_descent):
             if ctx.sync_descent:
                 arm_reducer(ctx.no_sync, surrogate)

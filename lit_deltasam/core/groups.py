@@ -8,6 +8,11 @@ runs every group's perturbed descent, whose gradients sum into ``w``'s ``.grad``
 The FLOPs are SAM's; the memory is about 2G parameter copies per chunk (``w + eps_k``, and the descent's
 gradient for each), which ``chunk`` bounds. Per-instance SAM is the case m = 1.
 
+The result is the loop's G to float tolerance on any model whose groups can be batched (:func:`unbatchable`
+names the others, and they run the loop). A tensor held in several places (one module under two names, as in
+``nn.ModuleList([block, block])``, or weights tied across modules) gets each group's view in every place
+(``_LossModule.call``), and a parameter the loss never reaches keeps ``.grad`` ``None``, as in the loop.
+
 Dropout: under ``vmap`` each group draws its own masks, and the descent replays the clean forward's random
 state, so every instance sees the same masks in its two forwards, as in the loop; the masks are drawn layer by
 layer across the chunk's groups instead of group by group, so they are other draws of the same distribution
@@ -31,7 +36,7 @@ from typing import Any, Optional, cast
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
+from torch.func import vmap
 from torch.utils._pytree import tree_map
 
 from .ascent import perturb_groups_
@@ -233,7 +238,7 @@ class BatchedGroups:
         if layer is None:
 
             def group_losses(params: dict[str, Tensor], group: Batch) -> Tensor:
-                return functional_call(self._loss, {**params, **shared}, (group,))
+                return self._loss.call({**params, **shared}, group)
 
             out = vmap(group_losses, in_dims=(0, in_dims), randomness="different")(stacked, grouped)
             return check_losses(out.reshape(-1), part, device).reshape(count, -1), None, None
@@ -251,7 +256,7 @@ class BatchedGroups:
 
             handle = layer.register_forward_hook(hook)
             try:
-                losses = functional_call(self._loss, {**params, **shared}, (group,))
+                losses = self._loss.call({**params, **shared}, group)
             finally:
                 handle.remove()
             if len(inputs) != 1:

@@ -82,6 +82,7 @@ class HeadTap:
         self._input: Optional[Tensor] = None
         self._output: Optional[Tensor] = None
         self._checked = False
+        self._deferred = False
 
     def __enter__(self) -> HeadTap:
         self._calls, self._input, self._output, self._order = 0, None, None, []
@@ -107,12 +108,15 @@ class HeadTap:
 
         return hook
 
-    def _detect(self, losses: Tensor) -> None:
-        """Take as the head the last ``nn.Linear`` called whose ``[n, C]`` output reaches the loss.
+    def _detect(self, losses: Tensor) -> bool:
+        """Take as the head the last ``nn.Linear`` called whose ``[n, C]`` output reaches the loss; return whether
+        this batch could tell.
 
         A layer called after it whose output does not reach the loss (an auxiliary projection)
         is passed over; two such layers of which neither feeds the other (parallel heads) are
-        ambiguous, and ``head=`` must choose.
+        ambiguous, and ``head=`` must choose. A batch whose losses are not finite, or whose gradient is zero or
+        not finite at every layer that the loss reaches (every label ignored, every margin met), tells nothing:
+        the head is detected on a later batch.
         """
         n = losses.shape[0]
         calls, self._order = self._order, []
@@ -120,7 +124,10 @@ class HeadTap:
         if not calls:
             raise RuntimeError(_NO_CALL)
         grads = torch.autograd.grad(losses.sum(), [c[3] for c in rows], retain_graph=True, allow_unused=True)
-        reaching = [c for c, g in zip(rows, grads) if g is not None and bool(g.abs().sum() > 0)]
+        finite = bool(torch.isfinite(losses).all())
+        reaching = [c for c, g in zip(rows, grads) if g is not None and finite and _informative(g)]
+        if not reaching and any(g is not None for g in grads):
+            return False
         if not reaching:
             names = sorted({c[0] for c in calls})
             raise ValueError(
@@ -140,6 +147,7 @@ class HeadTap:
         self.name, self.layer = name, layer
         self._calls = sum(c[1] is layer for c in calls)
         self._input, self._output = h, z
+        return True
 
     def _hook(self, layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> None:
         self._calls += 1
@@ -147,10 +155,12 @@ class HeadTap:
             self._input, self._output = _linear_input(args, kwargs).detach(), output
 
     def scores(self, losses: Tensor) -> Tensor:
-        """``[n]`` per-instance gradient norms of the head's weight and bias."""
+        """``[n]`` per-instance gradient norms of the head's weight and bias; equal scores (every instance weighs
+        the same, SAM's step) on a batch that cannot tell the head, before it is detected."""
         try:
-            if self.layer is None:
-                self._detect(losses)
+            if self.layer is None and not self._detect(losses):
+                self._warn_of_deferral(losses)
+                return torch.ones_like(losses, dtype=torch.float32)
             scores = self._scores(losses)
             if not self._checked:
                 self._checked = True
@@ -158,6 +168,21 @@ class HeadTap:
             return scores
         finally:
             self._input, self._output, self._order = None, None, []  # the forward's graph is not kept past the step
+
+    def _warn_of_deferral(self, losses: Tensor) -> None:
+        """Once: this batch could not tell the head layer, and its step is SAM's."""
+        if self._deferred:
+            return
+        self._deferred = True
+        finite = bool(torch.isfinite(losses).all())
+        why = "the loss gradient is zero or not finite at every nn.Linear" if finite else "the losses are not finite"
+        warnings.warn(
+            f"estimator='head' cannot tell the classifier layer from this batch ({why}): this "
+            "step weighs every instance the same (SAM's step), and the head is detected on the next batch with a "
+            "gradient (set DeltaSAMConfig.head to skip the detection)",
+            RuntimeWarning,
+            stacklevel=6,
+        )
 
     def _warn_if_uninformative(self, scores: Tensor) -> None:
         """Once, on the first step: scores that are all zero or all equal make δ-SAM a plain SAM step."""
@@ -197,6 +222,11 @@ class HeadTap:
             (dz,) = torch.autograd.grad(losses.sum(), z, retain_graph=True)
         bias = 1.0 if self.layer.bias is not None else 0.0
         return dz.float().norm(dim=1) / scale * (h.float().pow(2).sum(dim=1) + bias).sqrt()
+
+
+def _informative(grad: Tensor) -> bool:
+    """A layer output's gradient that shows the layer reaches the loss: finite and not all zero."""
+    return bool(torch.isfinite(grad).all() & (grad != 0).any())
 
 
 def _linear_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:

@@ -33,6 +33,23 @@ from .randomness import RandomState
 from .snapshot import Snapshot
 
 
+def _places(module: nn.Module) -> dict[str, list[str]]:
+    """Every path of a tensor held in more than one place -> one path per place (a module's attribute) holding it.
+
+    A module registered under two names (``nn.ModuleList([block, block])``, one layer under two attributes) holds
+    its tensors in one place reached by two paths; a tensor tied across two modules is held in two places.
+    ``functional_call``'s own tying swaps one place once per path: the second swap saves the first's tensor as the
+    original and puts it back after the call, leaving a vmap tensor where the module's Parameter was."""
+    held: dict[int, list[str]] = {}
+    seen: set[tuple[int, str]] = set()
+    for prefix, layer in module.named_modules(remove_duplicate=False):
+        for attr, t in [*layer._parameters.items(), *layer._buffers.items()]:
+            if t is not None and (id(layer), attr) not in seen:
+                seen.add((id(layer), attr))
+                held.setdefault(id(t), []).append(f"{prefix}.{attr}" if prefix else attr)
+    return {path: paths for paths in held.values() if len(paths) > 1 for path in paths}
+
+
 class _LossModule(nn.Module):
     """Lets ``functional_call`` swap the parameters under an arbitrary loss function."""
 
@@ -40,9 +57,15 @@ class _LossModule(nn.Module):
         super().__init__()
         self.module = module
         self.loss_fn = loss_fn
+        self._places = _places(self)
 
     def forward(self, batch: Batch) -> Tensor:
         return self.loss_fn(batch)
+
+    def call(self, tensors: dict[str, Tensor], batch: Batch) -> Tensor:
+        """``loss_fn(batch)`` with ``tensors`` (by path) in place of the module's, each in every place holding it."""
+        placed = {path: t for name, t in tensors.items() for path in self._places.get(name, (name,))}
+        return functional_call(self, placed, (batch,), tie_weights=False)
 
 
 def _has_active_dropout(module: nn.Module) -> bool:
@@ -159,11 +182,12 @@ class PerInstance:
 
     def sam_gradient(
         self, loss_fn: LossFn, batch: Batch, rho: float, snapshot: Snapshot, with_plain: bool = False
-    ) -> tuple[list[Tensor], Tensor, Tensor, Optional[list[Tensor]]]:
+    ) -> tuple[list[Optional[Tensor]], Tensor, Tensor, Optional[list[Tensor]]]:
         """``G = mean_i grad l_i(w + rho ĝ_i)`` with ``ĝ_i = g_i / ||g_i||``.
 
         Returns:
-            ``G`` as one tensor per parameter, the losses ``l_i(w)``, the losses
+            ``G`` as one tensor per parameter (``None`` for one that no instance's loss reaches, whose ``.grad``
+            autograd leaves ``None`` too), the losses ``l_i(w)``, the losses
             ``l_i(w + rho ĝ_i)`` and, ``with_plain``, the plain gradient ``mean_i g_i``. ``snapshot`` must
             hold ``params`` at ``w``; the parameters are restored from it.
         """
@@ -177,7 +201,9 @@ class PerInstance:
         total = [torch.zeros_like(p) for p in self.params]
         plain = [torch.zeros_like(p) for p in self.params] if with_plain else []
         clean, perturbed = [], []
+        reached = [False] * len(self.params)
         if self.impl == "vmap":
+            reached = self._reached(loss_fn, batch)
             for chunk in self._chunks(batch):
                 losses, grads, perturbed_losses, clean_grads = self._vmap(loss_fn, chunk, rho=rho)
                 torch._foreach_add_(total, [g.sum(0) for g in grads])
@@ -204,7 +230,7 @@ class PerInstance:
                         saved = [] if step is None else self._perturb(grads, step)
                     with self.rows.sparse(), random_state.replay() if self.share_dropout else nullcontext():
                         perturbed_loss = self._instance_loss(loss_fn, instance)
-                        _add_(total, _rows(self._grads(perturbed_loss)))
+                        _add_(total, _rows(self._grads(perturbed_loss, reached)))
                 except BaseException:
                     snapshot.restore()
                     raise
@@ -214,7 +240,8 @@ class PerInstance:
         torch._foreach_div_(total, n)
         if with_plain:
             torch._foreach_div_(plain, n)
-        return total, torch.cat(clean), torch.cat(perturbed), plain if with_plain else None
+        update = [t if r else None for t, r in zip(total, reached)]
+        return update, torch.cat(clean), torch.cat(perturbed), plain if with_plain else None
 
     @torch.no_grad()
     def _perturb(self, grads: list[Grad], factor: Union[float, Tensor]) -> list[tuple[int, Tensor, Tensor]]:
@@ -264,9 +291,24 @@ class PerInstance:
         losses = check_losses(loss_fn(instance), instance, self.device)
         return losses[0]
 
-    def _grads(self, loss: Tensor) -> list[Tensor]:
+    def _grads(self, loss: Tensor, reached: Optional[list[bool]] = None) -> list[Tensor]:
+        """``grad loss`` for each parameter, zero where the loss does not reach it (marked in ``reached``)."""
         grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        if reached is not None:
+            reached[:] = [r or g is not None for r, g in zip(reached, grads)]
         return [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
+
+    def _reached(self, loss_fn: LossFn, batch: Batch) -> list[bool]:
+        """Which parameters the loss reaches, from the first instance through ordinary autograd: ``torch.func``
+        gives zeros where autograd gives ``None``, and a function ``vmap`` runs reaches the same parameters for
+        every instance. The random state is put back, so that the step draws what it would without this."""
+        random_state = RandomState(self.device)
+        random_state.capture()
+        try:
+            loss = self._instance_loss(loss_fn, slice_batch(batch, slice(0, 1)))
+            return [g is not None for g in torch.autograd.grad(loss, self.params, allow_unused=True)]
+        finally:
+            random_state.restore()
 
     def _vmap(self, loss_fn: LossFn, batch: Batch, rho: Optional[float]):
         wrapper = _LossModule(self.module, loss_fn)
@@ -274,7 +316,7 @@ class PerInstance:
 
         def loss_one(params: dict[str, Tensor], instance: Batch) -> Tensor:
             unsqueezed = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, instance)
-            return functional_call(wrapper, params, (unsqueezed,)).reshape(())
+            return wrapper.call(params, unsqueezed).reshape(())
 
         def norm_of(grads: dict[str, Tensor]) -> Tensor:
             # vmap has no batching rule for the foreach norm kernels
