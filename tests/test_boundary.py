@@ -183,9 +183,9 @@ class WithAux(nn.Module):
 
 def head_scores(model, config, batch):
     engine = DeltaSAM(model, config)
-    with engine._head:
+    with engine.scorer.head:
         losses = model.losses(batch)
-    return engine._head.scores(losses), engine._head.name
+    return engine.scorer.head.scores(losses), engine.scorer.head.name
 
 
 def test_head_detection_passes_over_a_layer_whose_output_does_not_reach_the_loss():

@@ -237,7 +237,7 @@ def test_head_scores_of_a_deeper_model_are_the_head_gradient_norms(task):
     for _ in range(2):  # the first step finds the head, the second taps it alone
         result = engine.step(losses, (x, y))
         torch.testing.assert_close(result.weights, expected / expected.sum())
-    assert engine._head.name == "head"
+    assert engine.scorer.head.name == "head"
 
 
 def test_head_scores_survive_fp16_logits():
@@ -264,9 +264,9 @@ def test_head_scores_survive_fp16_logits():
     assert expected.min() < 1e-6
     config = DeltaSAMConfig(method="deltasam", rho=RHO, beta=-1.0, estimator="head", head="head")
     engine = DeltaSAM(model, config, params=list(model.body.parameters()))
-    with engine._head:
+    with engine.scorer.head:
         at_w = losses((x, y))
-    torch.testing.assert_close(engine._head.scores(at_w).double(), expected, rtol=1e-2, atol=0)
+    torch.testing.assert_close(engine.scorer.head.scores(at_w).double(), expected, rtol=1e-2, atol=0)
 
 
 @pytest.mark.parametrize("impl", ["vmap", "loop"])

@@ -86,7 +86,7 @@ def test_exact_scores_on_embedding_rows_equal_the_dense_norms():
     batch = data()
     _, norms = reference(model, batch, RHO)
     engine = DeltaSAM(model, DeltaSAMConfig(method="deltasam", estimator="exact", rho=RHO, rho_schedule="constant"))
-    scores = engine._instances.grad_norms(model.losses, batch)
+    scores = engine.parts.instances.grad_norms(model.losses, batch)
     torch.testing.assert_close(scores, norms, atol=1e-13, rtol=0)
 
 
@@ -128,7 +128,7 @@ def test_minilm_per_instance_correction_on_rows_equals_the_dense_one():
     for rows in (True, False):
         engine = DeltaSAM(module, DeltaSAMConfig(method="per_instance", rho=0.05, rho_schedule="constant"))
         if not rows:
-            engine._instances.rows.layers = []
+            engine.parts.instances.rows.layers = []
         module.zero_grad(set_to_none=True)
         result = engine.step(module.per_sample_loss, batch, plain_grad=True)
         g = torch.cat([p.grad.reshape(-1) for p in engine.params])

@@ -27,7 +27,6 @@ of the groups' variances (in training mode each group is normalised with its own
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -49,6 +48,10 @@ from .randomness import RandomState
 from .sharding import is_sharded
 
 IMPLS = ("loop", "batched")
+
+
+class Unbatchable(Exception):
+    """The groups of a step cannot run in batched passes (the message says why); the caller runs the loop."""
 BATCHED_METHODS = ("sam", "asam", "per_instance", "deltasam")
 
 
@@ -212,7 +215,11 @@ class BatchedGroups:
         with eager_attention(self.module):
             for index, (start, count, size) in enumerate(passes):
                 part = slice_batch(batch, slice(start, start + count * size))
-                out.append(self._pass(part, count, size, n, plain, partial(descent_sync, index == len(passes) - 1)))
+                last = partial(descent_sync, index == len(passes) - 1)
+                try:
+                    out.append(self._pass(part, count, size, n, plain, last))
+                except RuntimeError as error:  # an op vmap has no batching rule for (a real error recurs in the loop)
+                    raise Unbatchable(f"vmap cannot run this model ({str(error).splitlines()[0][:200]})") from error
         ok = torch.cat([o[4] for o in out]).all()
         return GroupedStep(
             losses=torch.cat([o[0] for o in out]),
@@ -241,6 +248,8 @@ class BatchedGroups:
                 return self._loss.call({**params, **shared}, group)
 
             out = vmap(group_losses, in_dims=(0, in_dims), randomness="different")(stacked, grouped)
+            if out.ndim == 1:
+                raise Unbatchable("the loss is one scalar per group")
             return check_losses(out.reshape(-1), part, device).reshape(count, -1), None, None
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
         n = batch_size(part)
@@ -376,11 +385,3 @@ class GroupBuffers:
         for b, before, move in zip(self.module.buffers(), self._before, self._moves):
             if move is not None:
                 b.copy_(move if not b.is_floating_point() else before + move)
-
-
-def warn_once(owner: object, reason: str) -> None:
-    """Say once per ``owner`` (an engine) why its groups run in the loop."""
-    said: set[str] = owner.__dict__.setdefault("_group_fallbacks", set())
-    if reason not in said:
-        said.add(reason)
-        warnings.warn(f"group_impl='batched' runs the loop instead: {reason}", RuntimeWarning, stacklevel=4)

@@ -1,0 +1,81 @@
+"""What every step strategy works on: the module, the parameters it perturbs and updates, their snapshots and the
+per-instance oracle, built once per engine."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..config import DeltaSAMConfig
+from .batch import Batch, LossFn
+from .per_instance import PerInstance
+from .sharding import NormReduce
+from .snapshot import Snapshot
+
+Backward = Callable[[Tensor], None]
+NoSync = Callable[[], AbstractContextManager]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One call of :meth:`~lit_deltasam.core.engine.DeltaSAM.step`: what it computes on, and how it reaches the
+    caller's autograd and sync."""
+
+    loss_fn: LossFn
+    batch: Batch
+    backward: Backward
+    no_sync: NoSync
+    sync_descent: bool
+    rho: float
+    plain_grad: bool
+
+
+@dataclass
+class Parts:
+    """The engine's parts that its strategies share."""
+
+    module: nn.Module
+    config: DeltaSAMConfig
+    params: list[Tensor]
+    """The perturbed parameters."""
+    names: list[str]
+    unperturbed: list[Tensor]
+    """Trainable parameters outside ``params``: not perturbed, but given the descent gradient."""
+    reduce_squares: Optional[NormReduce]
+    instances: PerInstance
+    params_before: Snapshot
+    buffers_before: Snapshot
+    buffers_clean: Snapshot
+    scalar: Optional[str]
+    """The method, where ``loss_fn`` may return one scalar mean loss; ``None`` where it needs one per instance."""
+    unscaled: list[bool]
+    """ASAM's parameters with ``T = 1`` (``asam_scope="weights"``: those without "weight" in their name)."""
+
+    @property
+    def updated(self) -> list[Tensor]:
+        """Every parameter whose ``.grad`` a step writes."""
+        return self.params + self.unperturbed
+
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].device
+
+    @property
+    def adaptive(self) -> bool:
+        return self.config.method == "asam"
+
+    @property
+    def eta(self) -> float:
+        return self.config.asam_eta or 0.0
+
+
+@contextmanager
+def descent_sync(no_sync: NoSync, sync_descent: bool) -> Iterator[None]:
+    """The descent's context: synchronized at a window's last micro-batch, inside ``no_sync`` before it."""
+    with nullcontext() if sync_descent else no_sync():
+        yield
