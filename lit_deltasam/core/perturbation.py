@@ -55,7 +55,7 @@ def perturb(
         for t, flat in zip(scale, unscaled or ()):
             if flat:
                 t.fill_(1.0)
-        scaled = torch._foreach_mul(scale, grads)  # type: ignore[arg-type]
+        scaled = torch._foreach_mul(scale, grads)
         normalized = scaled
     norm = total_norm(normalized, reduce_squares, device=device)
     # a loss scaler's large scale can overflow the squares of a finite gradient (not on shards: their norm is summed)
