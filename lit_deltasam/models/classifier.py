@@ -23,9 +23,8 @@ from ..lightning.schedulers import optimizer_steps
 log = logging.getLogger(__name__)
 PLATEAU_STEPS = 100
 PLATEAU_SHARE = 0.75
-"""The plateau warning waits until both: the fine-tuning runs in docs/results/runs.jsonl that did not stall
-(MiniLM, AdamW 5e-5, batch 32; 229 of them at 4cd8bad) predicted one class at validations up to step 96 and 60%
-into their steps, never later; 39 of the 41 that stalled still did past both (tests/test_stall.py checks the rows)."""
+"""The plateau warning waits until both: later than a fine-tuning run that recovers predicts one class, while nearly
+every run that stalls still does (docs/diagnostics.md, "The plateau warning"; tests/test_stall.py checks the runs)."""
 
 
 class OptimHparams(Protocol):
