@@ -12,7 +12,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from lit_deltasam.app import assemble, checkpoint, console, report, schema
 from lit_deltasam.data import TextDataModule, build_metrics
@@ -29,8 +29,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     """
     saved = checkpoint.read(cfg.ckpt_path)
     record = saved[checkpoint.RECORD_KEY]
-    overrides = {key: value for key, value in OmegaConf.to_container(cfg.task).items() if value is not None}
-    task_cfg = OmegaConf.merge(OmegaConf.structured(schema.TaskSchema), record["task"], overrides)
+    overrides = {key: value for key, value in schema.to_dict(cfg.task).items() if value is not None}
+    task_cfg = schema.task_config(record["task"], overrides)
     task = assemble.build_task(task_cfg)
     checkpoint.check_labels(saved, task)
     if not overrides:
@@ -47,7 +47,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
     metrics = {k: float(v) for result in trainer.test(module, datamodule, verbose=False) for k, v in result.items()}
     if trainer.is_global_zero:
-        resolved = {**OmegaConf.to_container(cfg, resolve=True), "task": OmegaConf.to_container(task_cfg)}
+        resolved = {**schema.to_dict(cfg, resolve=True), "task": schema.to_dict(task_cfg)}
         report.write_metrics(cfg.paths.output_dir, metrics, resolved)
         report.print_table(f"a checkpoint on {task.name}", metrics)
         report.print_paths(

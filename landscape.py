@@ -22,13 +22,14 @@ from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from rich.progress import Progress
 
 from lit_deltasam.app import assemble, checkpoint, console, report, schema
 from lit_deltasam.core.diagnostics import top_hessian_eigenvalues
 from lit_deltasam.core.landscape import filter_normalized, random_directions, surface
 from lit_deltasam.data import TextDataModule
+from lit_deltasam.models import TextClassifier
 
 schema.register()
 console.quiet()
@@ -38,7 +39,7 @@ SPLITS = ("train", "validation", "test")
 def _sample(saved: dict[str, Any], tokenizer: Any, cfg: DictConfig) -> tuple[list[dict], Any]:
     """A seeded sample of ``cfg.split`` of the checkpoint's task, as batches, and the task."""
     record = saved[checkpoint.RECORD_KEY]
-    task_cfg = OmegaConf.merge(OmegaConf.structured(schema.TaskSchema), record["task"])
+    task_cfg = schema.task_config(record["task"])
     task = assemble.build_task(task_cfg)
     data = TextDataModule(
         task,
@@ -49,16 +50,16 @@ def _sample(saved: dict[str, Any], tokenizer: Any, cfg: DictConfig) -> tuple[lis
         data_dir=assemble.task_data_dir(task_cfg),
     )
     data.setup()
-    examples = data.splits[cfg.split]
+    examples = data.split(cfg.split)
     examples = random.Random(cfg.seed).sample(examples, min(cfg.samples, len(examples)))
-    return [b for b in data._loader(examples, cfg.batch_size)], task
+    return [b for b in data.loader(examples, cfg.batch_size)], task
 
 
-def _metrics(module: torch.nn.Module, batches: list[dict], regression: bool) -> dict[str, float]:
+def _metrics(module: TextClassifier, batches: list[dict], regression: bool) -> dict[str, float]:
     total, correct, n = 0.0, 0.0, 0
     for batch in batches:
         logits = module(batch)
-        total += module._losses(logits, batch["labels"]).sum().item()
+        total += module.losses(logits, batch["labels"]).sum().item()
         if not regression:
             correct += (logits.argmax(-1) == batch["labels"]).sum().item()
         n += batch["labels"].shape[0]

@@ -10,13 +10,14 @@ import warnings
 from collections import Counter
 from functools import partial
 from pathlib import Path
+from typing import cast
 
 import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from lit_deltasam.app import checkpoint, console, report, schema
 from lit_deltasam.data import read_table
@@ -61,9 +62,11 @@ def predict(cfg: DictConfig) -> Path:
     collate_fn = partial(
         collate, tokenizer=tokenizer, max_length=cfg.max_length or record["max_length"], label_dtype=torch.long
     )
-    loader = DataLoader([rows[i] for i in kept], batch_size=cfg.batch_size, collate_fn=collate_fn)
+    texts = [row for row in rows if row is not None]  # the rows of kept, in order
+    loader = DataLoader(cast("Dataset[dict[str, str]]", texts), batch_size=cfg.batch_size, collate_fn=collate_fn)
     trainer: L.Trainer = instantiate(cfg.trainer, devices=1, logger=False, callbacks=[], enable_checkpointing=False)
-    outputs = trainer.predict(module, loader)  # one device: the outputs are in the order of the rows
+    # one loader: a list of predict_step's outputs; one device: in the order of the rows
+    outputs = cast("list[dict[str, torch.Tensor]]", trainer.predict(module, loader))
     predicted = torch.cat([output["prediction"] for output in outputs]).tolist()
     columns = {"prediction": [names[i] for i in predicted] if names else predicted}
     if names:

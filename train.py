@@ -19,7 +19,7 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from lit_deltasam.app import assemble, checkpoint, console, lr_finder, report, schema
 
@@ -42,7 +42,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     record = checkpoint.RunRecord(cfg, datamodule.task, datamodule.tokenizer)
     callbacks = [*assemble.callbacks(cfg, with_logger=bool(loggers)), summary, record]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = schema.to_dict(cfg, resolve=True)
     for logger in loggers:
         logger.log_hyperparams(resolved)
 

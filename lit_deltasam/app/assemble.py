@@ -71,7 +71,7 @@ def build(cfg: DictConfig) -> tuple[TextDataModule, TextClassifier]:
 
     def train_texts() -> Iterator[str]:
         for example in task.load(cache_dir, data_dir)["train"]:
-            yield from (example[field] for field in task.text_fields)
+            yield from (str(example[field]) for field in task.text_fields)  # texts are str already
 
     tokenizer = spec.tokenizer(train_texts)
     datamodule = TextDataModule(task, tokenizer, seed=cfg.seed, cache_dir=cache_dir, data_dir=data_dir, **cfg.data)

@@ -21,7 +21,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torchmetrics import MetricCollection
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -30,6 +30,7 @@ from ..data import Task
 from ..models import TextClassifier
 from ..models.encoders import HFClassifier
 from .assemble import CUSTOM_TASKS
+from .schema import to_dict
 
 RECORD_KEY = "lit_deltasam_run"
 
@@ -46,12 +47,12 @@ class RunRecord(Callback):
     def __init__(self, cfg: DictConfig, task: Task, tokenizer: PreTrainedTokenizerBase) -> None:
         self.output_dir = Path(cfg.paths.output_dir)
         self.labels = {"task": task.name, "kind": task.kind, "label_names": list(task.label_names)}
-        task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
+        task_cfg = to_dict(cfg.task, resolve=True)
         columns = ["text", "text_pair"][: len(task.text_fields)]
         if task.name in CUSTOM_TASKS:
             columns = [task_cfg["text_column"] or "text", task_cfg["text_pair_column"]][: len(task.text_fields)]
         self.record = {
-            "model": OmegaConf.to_container(cfg.model, resolve=True),
+            "model": to_dict(cfg.model, resolve=True),
             "task": _absolute_paths(task_cfg),
             "text_columns": columns,
             "max_length": int(cfg.data.max_length),

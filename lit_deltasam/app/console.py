@@ -10,7 +10,10 @@ import traceback
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from lightning.pytorch.loggers import WandbLogger
 
 T = TypeVar("T")
 PACKAGE = Path(__file__).resolve().parents[1]
@@ -91,7 +94,7 @@ def _raised_here(error: BaseException) -> bool:
     return bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(PACKAGE)
 
 
-def wandb_logger(**kwargs: object) -> object:
+def wandb_logger(**kwargs: Any) -> WandbLogger:
     """Lightning's ``WandbLogger``, without the ``anonymous=None`` it always hands ``wandb.init`` (which W&B
     answers with a deprecation warning on every run); in a multirun (Optuna trials included) the ``name`` ends in
     ``-job<N>``, Hydra's job number, so that the sweep's runs can be told apart."""
@@ -101,7 +104,7 @@ def wandb_logger(**kwargs: object) -> object:
 
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         kwargs["name"] = f"{kwargs.get('name') or 'run'}-job{HydraConfig.get().job.num}"
-    logger = WandbLogger(**kwargs)  # type: ignore[arg-type]
+    logger = WandbLogger(**kwargs)
     if logger._wandb_init.get("anonymous") is None:
         logger._wandb_init.pop("anonymous", None)
     return logger

@@ -70,9 +70,9 @@ def print_table(title: str, metrics: dict[str, float], console: Optional[Console
     for key in sorted(metrics):
         table.add_row(key, cell(metrics[key]))
     (console or Console()).print(table)
-    text = Console(file=io.StringIO(), width=100)
-    text.print(table)
-    FILE_LOG.info("%s", text.file.getvalue().rstrip())  # type: ignore[attr-defined]
+    buffer = io.StringIO()
+    Console(file=buffer, width=100).print(table)
+    FILE_LOG.info("%s", buffer.getvalue().rstrip())
 
 
 def print_paths(paths: dict[str, Any]) -> None:

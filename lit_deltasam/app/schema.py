@@ -11,20 +11,20 @@ import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Union
+from typing import Any, List, Optional, Union, cast
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import MISSING, DictConfig, open_dict
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
 from ..config import DeltaSAMConfig
 
 
 def _method_schema() -> type:
     hints = typing.get_type_hints(DeltaSAMConfig)
-    fields = [("_target_", str, field(default="lit_deltasam.DeltaSAMConfig"))]
+    fields: list[tuple[str, Any, Any]] = [("_target_", str, field(default="lit_deltasam.DeltaSAMConfig"))]
     fields += [(f.name, hints[f.name], field(default=f.default)) for f in dataclasses.fields(DeltaSAMConfig)]
     return dataclasses.make_dataclass("MethodSchema", fields)
 
@@ -59,6 +59,23 @@ def _overrides(schema: type) -> type:
 
 
 TaskOverrides = _overrides(TaskSchema)
+
+
+def task_config(*sources: Any) -> DictConfig:
+    """A task config: :class:`TaskSchema` with ``sources`` (mappings or configs, e.g. a checkpoint's saved task and
+    command-line overrides) merged over it in order, each key checked against the schema."""
+    merged = OmegaConf.merge(OmegaConf.structured(TaskSchema), *sources)
+    if not isinstance(merged, DictConfig):  # merging mappings into a structured config always gives one
+        raise TypeError(f"a task config must be a mapping, got {type(merged).__name__}")
+    return merged
+
+
+def to_dict(node: DictConfig, resolve: bool = False) -> dict[str, Any]:
+    """``node`` as plain Python containers (``OmegaConf.to_container``), typed as the dict it is."""
+    plain = OmegaConf.to_container(node, resolve=resolve)
+    if not isinstance(plain, dict):  # only a ListConfig would give a list
+        raise TypeError(f"expected a mapping config, got {type(plain).__name__}")
+    return cast("dict[str, Any]", plain)  # OmegaConf types the keys broadly; a config's keys are names
 
 
 @dataclass
@@ -138,6 +155,7 @@ TYPED_GROUPS: dict[str, type] = {
 @dataclass
 class EvalSchema:
     ckpt_path: str = MISSING
+    # typed, not Any, so that task=null is refused; mypy cannot see a dataclass made at import
     task: TaskOverrides = field(default_factory=TaskOverrides)  # type: ignore[valid-type]
     batch_size: int = 128
     max_length: Optional[int] = None

@@ -73,8 +73,8 @@ class HostReads:
         for name, method in self._originals.items():
             setattr(Tensor, name, method)
 
-    def _counting(self, method):  # type: ignore[no-untyped-def]
-        def counted(tensor, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def _counting(self, method):
+        def counted(tensor, *args, **kwargs):
             self.count += 1
             return method(tensor, *args, **kwargs)
 

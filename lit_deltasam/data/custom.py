@@ -27,7 +27,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-from .tasks import PathLike, Splits, Task, _clean, _split
+from .tasks import Example, PathLike, Splits, Task, _clean, _split
 
 Kind = Literal["classification", "regression", "auto"]
 KINDS = ("classification", "regression", "auto")
@@ -244,8 +244,9 @@ def _build(
             _check_seen(where, label_column, values, kept[split], set(present), train_where, classes)
             targets[split] = [index[value] if classes is None else value for value in values]
 
-    examples = {
-        split: [{**texts[split][i], "label": target} for i, target in zip(kept[split], targets[split], strict=True)]
+    kept_texts = {split: [text for text in texts[split] if text is not None] for split in tables}  # rows of kept
+    examples: dict[str, list[Example]] = {
+        split: [{**text, "label": target} for text, target in zip(kept_texts[split], targets[split], strict=True)]
         for split in tables
     }
     held_out = {split: HELD_OUT for split in ("validation", "test") if split not in tables}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 from functools import partial
+from typing import Any, Protocol, cast
 
 import lightning as L
 import torch
@@ -50,6 +51,21 @@ def flip_labels(examples: list[Example], fraction: float, num_labels: int, rng: 
             example = {**example, "label": rng.choice([c for c in range(num_labels) if c != label])}
         out.append(example)
     return out
+
+
+class DataHparams(Protocol):
+    """The saved arguments of :class:`TextDataModule` (``hparams``), typed: ``task`` is the task's name."""
+
+    task: str
+    batch_size: int
+    eval_batch_size: int
+    max_length: int
+    train_limit: int | None
+    label_noise: float
+    seed: int
+    num_workers: int
+    cache_dir: str | os.PathLike | None
+    data_dir: str | os.PathLike | None
 
 
 class TextDataModule(L.LightningDataModule):
@@ -105,25 +121,30 @@ class TextDataModule(L.LightningDataModule):
         self.splits: Splits | None = None
 
     @property
+    def _hp(self) -> DataHparams:
+        """``hparams``, typed (Lightning types it as any mapping)."""
+        return cast(DataHparams, self.hparams)
+
+    @property
     def num_labels(self) -> int:
         """Output size of a model for the task (1 for regression)."""
         return self.task.num_labels
 
     def prepare_data(self) -> None:
         """Download and verify the data once (Lightning calls this on one process per node)."""
-        self.task.load(self.hparams.cache_dir, self.hparams.data_dir)
+        self.task.load(self._hp.cache_dir, self._hp.data_dir)
 
     def setup(self, stage: str | None = None) -> None:
         """Load the splits and draw the ``train_limit`` subset."""
         if self.splits is not None:
             return
-        splits = self.task.load(self.hparams.cache_dir, self.hparams.data_dir)
-        limit = self.hparams.train_limit
+        splits = self.task.load(self._hp.cache_dir, self._hp.data_dir)
+        limit = self._hp.train_limit
         if limit is not None and limit < len(splits["train"]):
-            splits["train"] = random.Random(self.hparams.seed).sample(splits["train"], limit)
-        if self.hparams.label_noise:
+            splits["train"] = random.Random(self._hp.seed).sample(splits["train"], limit)
+        if self._hp.label_noise:
             splits["train"] = flip_labels(
-                splits["train"], self.hparams.label_noise, self.num_labels, random.Random(self.hparams.seed)
+                splits["train"], self._hp.label_noise, self.num_labels, random.Random(self._hp.seed)
             )
         self.splits = splits
 
@@ -133,31 +154,36 @@ class TextDataModule(L.LightningDataModule):
         The order is a function of (seed, epoch, rank), so a resumed run, single-process or
         distributed, sees exactly the batches the uninterrupted run would have.
         """
-        train = self._split("train")
+        train = self.split("train")
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
-        sampler = StatefulDistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=self.hparams.seed)
-        return self._loader(train, self.hparams.batch_size, sampler=sampler)
+        sampler = StatefulDistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=self._hp.seed)
+        return self.loader(train, self._hp.batch_size, sampler=sampler)
 
     def val_dataloader(self) -> StatefulDataLoader:
-        return self._loader(self._split("validation"), self.hparams.eval_batch_size)
+        return self.loader(self.split("validation"), self._hp.eval_batch_size)
 
     def test_dataloader(self) -> StatefulDataLoader:
-        return self._loader(self._split("test"), self.hparams.eval_batch_size)
+        return self.loader(self.split("test"), self._hp.eval_batch_size)
 
-    def _split(self, name: str) -> list[Example]:
+    def split(self, name: str) -> list[Example]:
+        """The examples of split ``name`` (``"train"``, ``"validation"`` or ``"test"``) after :meth:`setup`: the
+        ``train_limit`` subset and the label noise applied to ``"train"``."""
         if self.splits is None:
             raise RuntimeError("call setup() before asking for a dataloader")
         return self.splits[name]
 
-    def _loader(self, examples: list[Example], batch_size: int, **kwargs) -> StatefulDataLoader:
+    def loader(self, examples: list[Example], batch_size: int, **kwargs: Any) -> StatefulDataLoader:
+        """A loader of ``examples`` in order (unless a ``sampler`` in ``kwargs`` says otherwise), collated as this
+        module's own loaders are: tokenized, truncated at ``max_length`` and padded per batch, with labels of the
+        task's dtype. ``kwargs`` go to ``StatefulDataLoader``."""
         label_dtype = torch.float32 if self.task.kind == "regression" else torch.long
         return StatefulDataLoader(
             examples,
             batch_size=batch_size,
             collate_fn=partial(
-                collate, tokenizer=self.tokenizer, max_length=self.hparams.max_length, label_dtype=label_dtype
+                collate, tokenizer=self.tokenizer, max_length=self._hp.max_length, label_dtype=label_dtype
             ),
-            num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0,
+            num_workers=self._hp.num_workers,
+            persistent_workers=self._hp.num_workers > 0,
             **kwargs,
         )

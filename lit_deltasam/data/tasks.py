@@ -37,7 +37,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torchmetrics import (
@@ -113,7 +113,7 @@ _EVAL_TEST = {"validation": 0.1, "test": 0.1}
 def _split(examples: list[Example], held_out: dict[str, float], *, stratify: bool) -> Splits:
     """Seeded split: each ``held_out`` name gets its fraction of every label group, ``"train"`` the rest."""
     rng = random.Random(SPLIT_SEED)
-    groups: dict[object, list[Example]] = defaultdict(list)
+    groups: dict[Any, list[Example]] = defaultdict(list)  # one task's labels are all str, int or float: sortable
     for example in examples:
         groups[example["label"] if stratify else None].append(example)
     splits: Splits = {"train": [], **{name: [] for name in held_out}}
@@ -245,6 +245,7 @@ class MajorityShare(Metric):
     """The share of the most frequent predicted class: 1.0 when a classifier predicts one class for everything."""
 
     full_state_update = False
+    counts: torch.Tensor
 
     def __init__(self, num_classes: int) -> None:
         super().__init__()
@@ -269,7 +270,7 @@ def build_metrics(task: Task | str) -> MetricCollection:
     """
     task = get_task(task) if isinstance(task, str) else task
     n = task.num_labels
-    kind = "binary" if n == 2 else "multiclass"
+    kind: Literal["binary", "multiclass"] = "binary" if n == 2 else "multiclass"
     factories: dict[str, Callable[[], Metric]] = {
         "acc": lambda: Accuracy(task=kind, num_classes=n),
         "f1": lambda: F1Score(task="binary"),
@@ -278,7 +279,7 @@ def build_metrics(task: Task | str) -> MetricCollection:
         "pearson": PearsonCorrCoef,
         "spearman": SpearmanCorrCoef,
     }
-    metrics = {name: factories[name]() for name in task.metric_names}
+    metrics: dict[str, Metric | MetricCollection] = {name: factories[name]() for name in task.metric_names}
     if task.kind == "classification":
         metrics["majority_share"] = MajorityShare(n)
     return MetricCollection(metrics)

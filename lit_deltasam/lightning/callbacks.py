@@ -84,7 +84,7 @@ class SharpnessProbe(Callback):
 
     def _configs(self, pl_module: L.LightningModule) -> dict[str, DeltaSAMConfig]:
         """The methods to compare; a probe is a computation on one rank, so every ascent is local."""
-        own: DeltaSAMConfig = pl_module._deltasam_config()  # type: ignore[attr-defined, operator]
+        own: DeltaSAMConfig = pl_module._deltasam_config()  # type: ignore[operator]
         methods = self.methods
         if methods is None:  # ERM makes no sharpness correction to compare: its cosine would be a constant 0
             methods = {"sam": DeltaSAMConfig(method="sam", rho=own.rho), **({own.method: own} if own.perturbs else {})}

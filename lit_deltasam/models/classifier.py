@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, Optional, Protocol, cast
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from transformers import get_linear_schedule_with_warmup
@@ -22,9 +23,18 @@ from ..lightning.schedulers import optimizer_steps
 log = logging.getLogger(__name__)
 PLATEAU_STEPS = 100
 PLATEAU_SHARE = 0.75
-"""The plateau warning waits until both: the fine-tuning runs in docs/results/runs.jsonl that did not stall
-(MiniLM, AdamW 5e-5, batch 32; 229 of them at 4cd8bad) predicted one class at validations up to step 96 and 60%
-into their steps, never later; 39 of the 41 that stalled still did past both (tests/test_stall.py checks the rows)."""
+"""The plateau warning waits until both: later than a fine-tuning run that recovers predicts one class, while nearly
+every run that stalls still does (docs/diagnostics.md, "The plateau warning"; tests/test_stall.py checks the runs)."""
+
+
+class OptimHparams(Protocol):
+    """The saved arguments of :class:`TextClassifier` (``hparams``) that its optimizer reads, typed."""
+
+    lr: float
+    weight_decay: float
+    warmup_ratio: float
+    head_lr_mult: float
+    layer_decay: float
 
 
 class TextClassifier(DeltaSAMMixin, L.LightningModule):
@@ -85,20 +95,22 @@ class TextClassifier(DeltaSAMMixin, L.LightningModule):
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         return self.encoder(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
 
-    def _losses(self, logits: Tensor, labels: Tensor) -> Tensor:
+    def losses(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """The loss of each example, ``[n]`` in float32: cross-entropy of ``logits`` ``[n, num_labels]`` against
+        class indices, or for regression the squared error of ``logits`` ``[n, 1]`` against values."""
         if self.regression:
             return (logits.squeeze(-1).float() - labels.float()) ** 2
         return F.cross_entropy(logits.float(), labels, reduction="none")
 
     def per_sample_loss(self, batch: dict[str, Tensor]) -> Tensor:
-        return self._losses(self(batch), batch["labels"])
+        return self.losses(self(batch), batch["labels"])
 
     def predictions(self, logits: Tensor) -> Tensor:
         return logits.squeeze(-1).float() if self.regression else logits.argmax(-1)
 
     def _evaluate(self, batch: dict[str, Tensor], stage: str, metrics: MetricCollection) -> None:
         logits = self(batch)
-        loss = self._losses(logits, batch["labels"]).mean()
+        loss = self.losses(logits, batch["labels"]).mean()
         metrics.update(self.predictions(logits), batch["labels"])
         self.log(f"{stage}/loss", loss, on_epoch=True, sync_dist=True, batch_size=batch["labels"].shape[0])
 
@@ -153,8 +165,8 @@ class TextClassifier(DeltaSAMMixin, L.LightningModule):
             return {"prediction": self.predictions(logits)}
         return {"prediction": self.predictions(logits), "probabilities": logits.float().softmax(-1)}
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
+        hp = cast(OptimHparams, self.hparams)  # Lightning types hparams as any mapping
         groups = param_groups(self, hp.lr, hp.weight_decay, hp.head_lr_mult, hp.layer_decay)
         # A fused optimizer unscales inside its step, which leaves no point at which to clip G under fp16.
         fused = self.device.type in ("cpu", "cuda") and getattr(self.trainer.precision_plugin, "scaler", None) is None
