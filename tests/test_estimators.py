@@ -42,7 +42,7 @@ def test_shipped_probe_scores_are_the_rms_of_three_one_sided_differences():
     x, y, w = least_squares_problem(n=6, d=4)
     model = LeastSquares(w)
     sigma = 0.5  # wide enough that float32 differences of the losses keep 6 digits
-    prober = DeltaSAM(model, DeltaSAMConfig(method="deltasam", estimator="probe", probe_sigma=sigma))._prober
+    prober = DeltaSAM(model, DeltaSAMConfig(method="deltasam", estimator="probe", probe_sigma=sigma)).scorer.prober
     assert (prober.samples, prober.antithetic, prober.curvature) == (3, False, False)
     snapshot = Snapshot([model.w])
     snapshot.capture()
@@ -124,7 +124,7 @@ def test_engine_truncates_only_with_a_parameter_subset():
     off = DeltaSAM(
         model, DeltaSAMConfig(estimator="probe", probe_params=["blocks.2.*", "head.*"], probe_truncate=False)
     )
-    assert full._prober.cache is None and off._prober.cache is None and top._prober.cache is not None
+    assert full.scorer.prober.cache is None and off.scorer.prober.cache is None and top.scorer.prober.cache is not None
     torch.manual_seed(0)
     batch = (torch.randint(0, 50, (8, 5)), torch.randint(0, 3, (8,)))
     CountingEmbedding.calls = 0

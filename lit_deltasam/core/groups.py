@@ -377,7 +377,8 @@ class GroupBuffers:
                 self._moves[i] = b.clone() if self._moves[i] is None else self._moves[i]
             else:
                 move = (b - before).mul_(share)
-                self._moves[i] = move if self._moves[i] is None else self._moves[i].add_(move)  # type: ignore
+                held = self._moves[i]
+                self._moves[i] = move if held is None else held.add_(move)
             b.copy_(before)
 
     @torch.no_grad()
