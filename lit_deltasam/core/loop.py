@@ -218,7 +218,8 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
         config: the method and its hyperparameters (default: ``DeltaSAMConfig()``).
         scaler: a ``torch.amp.GradScaler`` for mixed precision: the losses are scaled for both backward
             passes, G is unscaled before clipping and the base step, and a step whose G overflowed is
-            skipped by the scaler (``result.stepped`` is False) while the scale backs off.
+            skipped by the scaler (the weights unchanged; the step counts, as in Lightning) while the scale
+            backs off.
         total_steps: optimizer steps in the run, needed only when ``rho_warmup`` is a fraction.
         schedulers: LR schedulers of ``optimizer`` whose maximum ``follow_lr`` should read
             (CyclicLR); stepping them stays the caller's, after a :meth:`step` that stepped.
@@ -607,8 +608,9 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
                 default: after ``accumulate_grad_batches`` micro-batches.
 
         Returns:
-            The micro-batch's :class:`StepResult`; ``result.stepped`` tells whether the base
-            optimizer stepped (then step the LR schedulers). ``None`` when a closure returned ``None``
+            The micro-batch's :class:`StepResult`; ``result.stepped`` tells whether the window ended in an
+            optimizer step (then step the LR schedulers); a step whose update the loss scaler skipped counts,
+            as in Lightning's ``global_step``. ``None`` when a closure returned ``None``
             (a skipped batch): nothing was stepped.
         """
         if batch is _NO_BATCH and closure is None:
