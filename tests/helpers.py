@@ -7,6 +7,7 @@ from typing import Callable, Optional
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.loggers import Logger
 from torch import Tensor, nn
 
 from lit_deltasam import DeltaSAMConfig, DeltaSAMMixin
@@ -147,6 +148,28 @@ class TinyData(L.LightningDataModule):
 
     def train_dataloader(self):
         return loader(world=self.trainer.world_size, rank=self.trainer.global_rank, **self.kwargs)
+
+
+class Recorder(Logger):
+    """Records (metrics, step) of every log_metrics call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[dict, Optional[int]]] = []
+
+    @property
+    def name(self) -> str:
+        return "recorder"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.calls.append((dict(metrics), step))
 
 
 def trainer(**kwargs) -> L.Trainer:

@@ -10,6 +10,7 @@ from helpers import (
     METHODS,
     MLP,
     LeastSquaresModule,
+    Recorder,
     TinyModule,
     classification_data,
     flat_params,
@@ -21,7 +22,6 @@ from helpers import (
     with_rho,
 )
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins import MixedPrecision
 
 from lit_deltasam import DeltaSAM, DeltaSAMConfig, DeltaSAMMixin, SharpnessProbe
@@ -468,28 +468,6 @@ def test_weight_diagnostics_only_where_the_weights_vary(method, logged):
     assert ("sam/ess" in fit.callback_metrics) is logged
     assert ("sam/max_weight" in fit.callback_metrics) is logged
     assert "sam/sharpness" in fit.callback_metrics
-
-
-class Recorder(Logger):
-    """Records (keys, step) of every log_metrics call."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    @property
-    def name(self):
-        return "recorder"
-
-    @property
-    def version(self):
-        return 0
-
-    def log_hyperparams(self, params, *args, **kwargs):
-        pass
-
-    def log_metrics(self, metrics, step=None):
-        self.calls.append((set(metrics), step))
 
 
 def test_probes_log_on_the_same_step_axis_as_self_log():

@@ -13,9 +13,10 @@ optimizer step, so that one config trains the same weights in both.
 
 from __future__ import annotations
 
+import sys
 import warnings
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from typing import Any, Optional
 
@@ -133,6 +134,41 @@ class _Skipped(Exception):
 
 _NO_BATCH = object()
 
+_HISTOGRAMS_DEFAULT = next(f.default for f in fields(DeltaSAMConfig) if f.name == "histogram_every_n_steps")
+
+_COPIED = (
+    "optimizer",
+    "module",
+    "config",
+    "scaler",
+    "_reduce_squares",
+    "loop_state",
+    "total_steps",
+    "schedulers",
+    "steps",
+    "warned_lr_max",
+    "_reads_histograms",
+)
+"""What a copy (``copy.deepcopy``, ``pickle``) of a DeltaSAMOptimizer carries; the engine is built again."""
+
+
+class _Pass:
+    """Which pass of ``step(closure)`` is running; one object shared by every view of the optimizer (Lightning's
+    ``LightningOptimizer`` copies the wrapper's attributes, not their values)."""
+
+    perturbed: bool = False
+
+
+def _perturbed_closure(closure: Callable[[], Any]) -> AbstractContextManager:
+    """What a closure's framework needs around its evaluation at w + ε: under Lightning's automatic optimization,
+    ``training_step``'s logging, metric updates and step output are those of the pass at w
+    (:mod:`lit_deltasam.lightning.automatic`). Lightning is imported only if the closure's caller already did."""
+    if "lightning.pytorch" not in sys.modules:
+        return nullcontext()
+    from ..lightning.automatic import perturbed_closure
+
+    return perturbed_closure(closure)
+
 
 def _shared(name: str) -> property:
     """An attribute of the base optimizer, read and set through the wrapper, so that a scheduler built on either
@@ -155,9 +191,15 @@ def _shared(name: str) -> property:
 
 class DeltaSAMOptimizer(torch.optim.Optimizer):
     """A base optimizer driven by sharpness-aware steps: every field of :class:`~lit_deltasam.DeltaSAMConfig`
-    honoured in a hand-written loop, and a ``torch.optim.Optimizer`` that LR schedulers and tooling accept.
+    honoured in a hand-written loop (``histogram_every_n_steps``, which only the Lightning mixin's loggers read, is
+    refused when set), and a ``torch.optim.Optimizer`` that LR schedulers and tooling accept.
 
-    Its ``param_groups`` are the base optimizer's (a scheduler of either moves both). Three ways to step:
+    Its ``param_groups`` are the base optimizer's (a scheduler of either moves both). Step hooks, the optimizer's own
+    (``register_step_pre_hook``, ``register_step_post_hook``) and torch's global ones, fire once per optimizer step
+    the base optimizer takes: not per micro-batch, not for a skipped step, and the global ones for the base optimizer
+    only. ``copy.deepcopy`` and ``pickle`` carry the model, the base optimizer, the config and the loop state (an open
+    window's gradients included), as ``state_dict`` does; step hooks are not copied, as in torch. Three ways to
+    step:
 
     * ``step(loss_fn, batch)``: ``loss_fn(batch)`` returns per-instance losses ``[n]`` (every method), or
       a scalar mean loss (``erm``, ``sam``, ``asam`` and their m-sharpness; not ``deltasam`` or
@@ -176,13 +218,16 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
         config: the method and its hyperparameters (default: ``DeltaSAMConfig()``).
         scaler: a ``torch.amp.GradScaler`` for mixed precision: the losses are scaled for both backward
             passes, G is unscaled before clipping and the base step, and a step whose G overflowed is
-            skipped by the scaler (``result.stepped`` is False) while the scale backs off.
+            skipped by the scaler (the weights unchanged; the step counts, as in Lightning) while the scale
+            backs off.
         total_steps: optimizer steps in the run, needed only when ``rho_warmup`` is a fraction.
         schedulers: LR schedulers of ``optimizer`` whose maximum ``follow_lr`` should read
             (CyclicLR); stepping them stays the caller's, after a :meth:`step` that stepped.
         seed: base of the per-step seeds (``seed_steps``); default ``torch.initial_seed()``.
         reduce_squares: as for :class:`DeltaSAM` (FSDP1 shards).
         state: the loop state to continue (the mixin passes the one a checkpoint restored).
+        reads_histograms: the caller logs the histograms of ``histogram_every_n_steps`` (the Lightning mixin
+            does); otherwise a ``histogram_every_n_steps`` set in the config is refused, as nothing would read it.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
@@ -211,6 +256,7 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
         seed: Optional[int] = None,
         reduce_squares: Optional[NormReduce] = None,
         state: Optional[LoopState] = None,
+        reads_histograms: bool = False,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -218,6 +264,15 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
                 "torch.optim.AdamW(model.parameters())"
             )
         config = config if config is not None else DeltaSAMConfig()
+        every = config.histogram_every_n_steps
+        if not reads_histograms and every != _HISTOGRAMS_DEFAULT:
+            raise ValueError(
+                f"DeltaSAMConfig.histogram_every_n_steps={every} is read only by DeltaSAMMixin, which logs the "
+                "histograms to Lightning's loggers; DeltaSAMOptimizer logs nothing, so it would be ignored. Leave it "
+                "unset and log result.loss_change (and result.weights) from the StepResult yourself"
+            )
+        self._reads_histograms = reads_histograms
+        self._pass = _Pass()
         super().__init__(optimizer.param_groups, optimizer.defaults)
         self.optimizer = optimizer  # from here on param_groups, state and defaults are the base's
         for name in ("param_groups", "state", "defaults"):
@@ -234,8 +289,62 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
         if seed is not None and self.loop_state.base_seed is None:
             self.loop_state.base_seed = seed
         self.steps = 0
-        """Optimizer steps taken by :meth:`step` (a hand-written loop's ``global_step``)."""
+        """Optimizer steps taken by :meth:`step` (a hand-written loop's ``global_step``); a step whose update a loss
+        scaler skipped counts, as in Lightning's ``global_step``, and a skipped non-finite step does not."""
         self.warned_lr_max = False
+
+    @property
+    def perturbed_pass(self) -> bool:
+        """True while ``step(closure)`` evaluates the closure at w + ε, the second of its two evaluations.
+
+        Under Lightning's automatic optimization ``training_step`` runs in both; what it logs with ``self.log``,
+        the torchmetrics it updates and the loss it returns count from the first (at w) only. Read this flag in
+        ``training_step`` to skip any other side effect in the second: ``if not self.optimizers().perturbed_pass``.
+        """
+        return self._pass.perturbed  # also through Lightning's LightningOptimizer, which forwards attributes
+
+    def __repr__(self) -> str:
+        cfg = self.config
+        fields_set = [
+            f"{f.name}={getattr(cfg, f.name)!r}"
+            for f in fields(cfg)
+            if f.name not in ("method", "rho") and getattr(cfg, f.name) != f.default
+        ]
+        described = ", ".join([f"method={cfg.method!r}", f"rho={cfg.rho!r}", *fields_set])
+        base = repr(self.optimizer).replace("\n", "\n    ")
+        return f"DeltaSAMOptimizer({type(self.optimizer).__name__}, {described}) over\n    {base}"
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The model, base optimizer, config and loop state (``copy.deepcopy``, ``pickle``); the engine is built
+        again from them, and an open accumulation window's gradients are carried, as in :meth:`state_dict`."""
+        state = {name: self.__dict__[name] for name in _COPIED}
+        if self.loop_state.micro:
+            state["grads"] = [None if p.grad is None else p.grad.detach().clone() for p in self.engine.params]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        grads = state.pop("grads", None)
+        if "optimizer" not in state or "module" not in state:
+            raise ValueError(
+                "this DeltaSAMOptimizer was copied without its model and base optimizer (keys "
+                f"{sorted(state)}); build a new DeltaSAMOptimizer and load_state_dict() the original's state_dict()"
+            )
+        self.__init__(  # type: ignore[misc]
+            state["module"],
+            state["optimizer"],
+            state["config"],
+            scaler=state["scaler"],
+            total_steps=state["total_steps"],
+            schedulers=state["schedulers"],
+            reduce_squares=state["_reduce_squares"],
+            state=state["loop_state"],
+            reads_histograms=state["_reads_histograms"],
+        )
+        self.steps, self.warned_lr_max = state["steps"], state["warned_lr_max"]
+        if grads is not None:
+            for p, g in zip(self.engine.params, grads):
+                p.grad = g
 
     # ---- the pieces, shared with the Lightning mixin ----
 
@@ -419,12 +528,14 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
         check_finite: bool = True,
         rank: int = 0,
         schedulers: Optional[Sequence[Any]] = None,
+        stale_advice: Optional[str] = None,
     ) -> StepResult:
         """One micro-batch of optimizer step ``step`` at its scheduled ρ (``rho`` if given); when ``last``, close
-        the window with ``optimizer_step`` and ``zero_grad``. The hand-written loop and the mixin both run this."""
+        the window with ``optimizer_step`` and ``zero_grad``. The hand-written loop and the mixin both run this.
+        ``stale_advice`` replaces the advice of the refusal of gradients found in ``.grad`` at a window's start."""
         if self.loop_state.micro == 0:
             self._follow_param_groups()
-            self._refuse_stale_gradients(step)
+            self._refuse_stale_gradients(step, stale_advice)
         if rho is None:
             rho = self.rho(step, schedulers=schedulers)
         result = self.micro_step(
@@ -452,17 +563,22 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
         self.engine = DeltaSAM(self.module, self.config, params, reduce_squares=self._reduce_squares, driven=True)
         self._stepped_params = [id(p) for p in params]
 
-    def _refuse_stale_gradients(self, step: int) -> None:
+    def _refuse_stale_gradients(self, step: int, advice: Optional[str] = None) -> None:
         """A window's G starts from zero: a gradient already in ``.grad`` (a backward run before ``step()``, as
         davda54/sam's loop runs one before ``first_step``) would be added to it. Zeros (``zero_grad(set_to_none=
-        False)``) are harmless; their values are read only when some ``.grad`` is there at all."""
+        False)``) are harmless; their values are read only when some ``.grad`` is there at all. One rule for
+        ``step(loss_fn, batch)``, ``step(closure)`` and the mixin."""
         present = [p.grad for p in self.engine.updated if p.grad is not None]
         if not present or not bool(torch.stack([g.ne(0).any() for g in present]).any()):
             return
         raise ValueError(
-            f"DeltaSAMOptimizer found gradients in .grad at the start of optimizer step {step}: the step runs both "
-            "backward passes itself, and they would be added to its G. Drop the backward before step() (davda54/"
-            "sam's loop runs one before first_step; not needed here), or call optimizer.zero_grad() first"
+            f"DeltaSAMOptimizer found gradients already in .grad at the start of optimizer step {step}: the step "
+            "runs both backward passes itself, and they would be added to its G. "
+            + (
+                advice
+                or "Drop the backward before step() (davda54/sam's loop runs one before first_step; not needed here), "
+                "or call optimizer.zero_grad() first"
+            )
         )
 
     # ---- a hand-written loop, and torch's step(closure) ----
@@ -492,8 +608,9 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
                 default: after ``accumulate_grad_batches`` micro-batches.
 
         Returns:
-            The micro-batch's :class:`StepResult`; ``result.stepped`` tells whether the base
-            optimizer stepped (then step the LR schedulers). ``None`` when a closure returned ``None``
+            The micro-batch's :class:`StepResult`; ``result.stepped`` tells whether the window ended in an
+            optimizer step (then step the LR schedulers); a step whose update the loss scaler skipped counts,
+            as in Lightning's ``global_step``. ``None`` when a closure returned ``None``
             (a skipped batch): nothing was stepped.
         """
         if batch is _NO_BATCH and closure is None:
@@ -538,6 +655,10 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
         self.steps += result.stepped
         return result
 
+    # torch wraps an optimizer class's step in its step hooks unless marked: this step is a micro-batch, which may
+    # not step at all; the hooks fire from the base optimizer's step instead (_own_hooks_on_the_base)
+    step.hooked = True  # type: ignore[attr-defined]
+
     def _closure_step(self, closure: Callable[[], Any]) -> Optional[StepResult]:
         cfg = self.config
         refused = [
@@ -554,19 +675,18 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
                     "evaluated with its own backward (all-reduced under DDP); call step(loss_fn, batch) with per-"
                     "instance losses, or use DeltaSAMMixin in Lightning"
                 )
-        stale = [p for p in self.engine.updated if p.grad is not None]
-        if stale:
-            raise ValueError(
-                "DeltaSAMOptimizer.step(closure) found gradients already in .grad: it evaluates the closure itself at "
-                "w and at w + eps, and gradients from before would be mixed into both. Under Lightning's automatic "
-                "optimization this is Trainer(accumulate_grad_batches > 1), which passes only a window's last closure: "
-                "use DeltaSAMMixin with DeltaSAMConfig(accumulate_grad_batches=k). In a loop of your own, zero them "
-                "first (davda54/sam's example runs a backward before step(closure), which is not needed here)"
-            )
+        passes = 0
 
         def loss_of(_: Batch) -> Tensor:
-            with torch.enable_grad():
-                loss = closure()
+            nonlocal passes
+            passes += 1
+            perturbed = passes > 1
+            self._pass.perturbed = perturbed
+            try:
+                with torch.enable_grad(), _perturbed_closure(closure) if perturbed else nullcontext():
+                    loss = closure()
+            finally:
+                self._pass.perturbed = False
             if loss is None:
                 raise _Skipped
             return torch.as_tensor(loss).detach().reshape(1)
@@ -580,6 +700,12 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
                 optimizer_step=self._optimizer_step,
                 zero_grad=self.zero_grad,
                 backward=lambda loss: None,
+                stale_advice=(
+                    "step(closure) evaluates the closure itself at w and at w + eps. Under Lightning's automatic "
+                    "optimization this is Trainer(accumulate_grad_batches > 1), which passes only a window's last "
+                    "closure: use DeltaSAMMixin with DeltaSAMConfig(accumulate_grad_batches=k). In a loop of your own, "
+                    "zero them first (davda54/sam's example runs a backward before step(closure), not needed here)"
+                ),
             )
         except _Skipped:
             self.zero_grad()
@@ -593,19 +719,49 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
         return self.scaler if self.scaler is not None and self.scaler.is_enabled() else None
 
     def _optimizer_step(self) -> bool:
+        """The base optimizer's step, clipping included. A step that a loss scaler skips (inf or NaN in G; the scale
+        backs off) counts as taken, as in Lightning's ``global_step`` and torch's AMP recipe, which steps the LR
+        schedulers after every ``scaler.step``: ρ's schedule, ``interval`` and the LR then agree with the mixin's."""
         params = optimizer_params(self.optimizer)
         scaler = self._active_scaler()
-        if scaler is None:
+        with self._own_hooks_on_the_base():
+            if scaler is None:
+                clip_gradients(params, self.config)
+                self.optimizer.step()
+                return True
+            scaler.unscale_(self.optimizer)
             clip_gradients(params, self.config)
-            self.optimizer.step()
+            scaler.step(self.optimizer)  # steps the base only if G is finite
+            scaler.update()
             return True
-        scaler.unscale_(self.optimizer)
-        clip_gradients(params, self.config)
-        scale = scaler.get_scale()
-        scaler.step(self.optimizer)
-        scaler.update()
-        # the scale backs off exactly when the scaler found inf or NaN in G and skipped the step
-        return scaler.get_scale() >= scale
+
+    @contextmanager
+    def _own_hooks_on_the_base(self) -> Iterator[None]:
+        """Fire this optimizer's step hooks from the base optimizer's step, so that they run exactly when the base
+        steps (after torch's global pre-hooks, before its global post-hooks), with this optimizer as their first
+        argument."""
+        pre, post = self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks
+        if not pre and not post:
+            yield
+            return
+
+        def run_pre(_: Any, args: Any, kwargs: Any) -> Any:
+            for hook in list(pre.values()):
+                out = hook(self, args, kwargs)
+                if out is not None:
+                    args, kwargs = out
+            return args, kwargs
+
+        def run_post(_: Any, args: Any, kwargs: Any) -> None:
+            for hook in list(post.values()):
+                hook(self, args, kwargs)
+
+        handles = [self.optimizer.register_step_pre_hook(run_pre), self.optimizer.register_step_post_hook(run_post)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)

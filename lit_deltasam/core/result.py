@@ -43,8 +43,8 @@ class StepResult:
     plain_grad_synced: bool = False
     """Whether ``plain_grad`` is already averaged over ranks (a global ascent with uniform weights)."""
     stepped: bool = False
-    """Set by :class:`~lit_deltasam.core.loop.DeltaSAMOptimizer`: this micro-batch ended a window and the base
-    optimizer stepped."""
+    """Set by :class:`~lit_deltasam.core.loop.DeltaSAMOptimizer`: this micro-batch ended a window with an optimizer
+    step (one whose update a loss scaler skipped counts, as in Lightning's ``global_step``)."""
 
     def local_finite(self) -> Tensor:
         """This rank's losses (and ascent gradient norm) are finite, as a 0-d bool tensor (no sync)."""

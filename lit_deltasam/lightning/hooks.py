@@ -36,6 +36,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 
 from ..config import DeltaSAMConfig
+from ..core.engine import StepResult
 from ..core.loop import DeltaSAMOptimizer, LoopState
 
 
@@ -129,6 +130,11 @@ def require_clipping(hook: Callable[..., Any]) -> Callable[..., Any]:
     return wrapped
 
 
+def _loss_of(out: Any) -> Any:
+    """``return self.deltasam_step(batch)`` is the obvious line to write: Lightning takes a tensor, its loss."""
+    return out.loss if isinstance(out, StepResult) else out
+
+
 def require_deltasam_step(training_step: Callable[..., Any]) -> Callable[..., Any]:
     """Fail on the first batch when a custom ``training_step`` never calls ``deltasam_step``.
 
@@ -140,9 +146,9 @@ def require_deltasam_step(training_step: Callable[..., Any]) -> Callable[..., An
     def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
         holder = mixin_state(self)
         if holder.step_seen:
-            return training_step(self, *args, **kwargs)
+            return _loss_of(training_step(self, *args, **kwargs))
         holder.step_called = False
-        out = training_step(self, *args, **kwargs)
+        out = _loss_of(training_step(self, *args, **kwargs))
         if not holder.step_called:
             raise RuntimeError(
                 f"{type(self).__name__}.training_step returned without calling self.deltasam_step(batch): under "

@@ -10,6 +10,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torch import Tensor
 
 from ..core.distributed import gather_instances, world_size
+from .private import batches_that_stepped
 
 
 def reduce_over_ranks(means: dict[str, Tensor], maxima: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
@@ -59,4 +60,4 @@ def log_histograms(module: LightningModule, values: dict[str, Optional[Tensor]])
 
 def logging_step(trainer: Any) -> int:
     """The step axis of ``self.log`` (and of Lightning's own callbacks): batches run, not optimizer steps."""
-    return trainer.fit_loop.epoch_loop._batches_that_stepped
+    return batches_that_stepped(trainer)

@@ -15,8 +15,10 @@ from typing import Any, Optional, cast
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from ..config import DeltaSAMConfig
@@ -35,6 +37,7 @@ from .hooks import (
     require_deltasam_step,
 )
 from .metrics import log_histograms, reduce_over_ranks, scalars_on
+from .private import attached_trainer, epoch_complete, should_update_logs
 from .schedulers import optimizer_steps, step_schedulers
 
 
@@ -51,6 +54,40 @@ def refuse_strategy(strategy: Any) -> None:
             "FSDP1's, which fails on the first step with use_orig_params=True (the module's parameters are temporary "
             "views there, not the optimizer's) and with False (FSDP1's state machine refuses it), both seen on a GPU "
             "(docs/results/gpu_check_bert.json); use ModelParallelStrategy with fully_shard (FSDP2, tested)"
+        )
+
+
+def refuse_trainer_flags(trainer: Any) -> None:
+    """At fit start, name the ``DeltaSAMConfig`` field for each trainer flag that manual optimization refuses (before
+    Lightning's own error, which names none)."""
+    if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+        return
+    clip, accumulate = trainer.gradient_clip_val, trainer.accumulate_grad_batches
+    if clip is not None and clip > 0:
+        algorithm = getattr(trainer.gradient_clip_algorithm, "value", trainer.gradient_clip_algorithm)  # an enum
+        fields = f"gradient_clip_val={clip}" + (f", gradient_clip_algorithm={algorithm!r}" if algorithm else "")
+        raise ValueError(
+            f"Trainer({fields}) does not apply under DeltaSAMMixin (manual optimization, where Lightning clips "
+            f"nothing): remove it from the Trainer and set self.deltasam = DeltaSAMConfig(..., {fields}), which "
+            "clips G, never the ascent gradient"
+        )
+    if accumulate != 1:
+        raise ValueError(
+            f"Trainer(accumulate_grad_batches={accumulate}) does not apply under DeltaSAMMixin (manual optimization, "
+            "where Lightning accumulates nothing): remove it from the Trainer and set self.deltasam = "
+            f"DeltaSAMConfig(..., accumulate_grad_batches={accumulate})"
+        )
+
+
+def note_precision(trainer: Any) -> None:
+    """Say once per fit what runs where Lightning changed the precision asked for: ``precision="16-mixed"`` on the
+    CPU runs bfloat16 autocast without a loss scaler."""
+    plugin = trainer.precision_plugin
+    if isinstance(plugin, MixedPrecision) and plugin.device == "cpu" and plugin.precision == "bf16-mixed":
+        rank_zero_info(
+            "DeltaSAMMixin: precision bf16-mixed on the CPU: bfloat16 autocast, no loss scaler (Lightning runs "
+            "precision='16-mixed' so on the CPU). For float16 with a GradScaler on the CPU pass "
+            "plugins=[MixedPrecision('16-mixed', 'cpu', torch.amp.GradScaler('cpu'))]"
         )
 
 
@@ -112,6 +149,8 @@ class DeltaSAMMixin:
 
     @property
     def automatic_optimization(self) -> bool:
+        # Lightning reads this first when it checks a fit's trainer flags: refuse them here, naming our own field
+        refuse_trainer_flags(attached_trainer(self._deltasam_module))
         return False
 
     @automatic_optimization.setter
@@ -224,7 +263,7 @@ class DeltaSAMMixin:
         if state.epochs_scheduled <= module.current_epoch:
             state.epochs_scheduled = module.current_epoch + 1
             # as Lightning's fit loop: an epoch cut short (by max_steps) does not step the epoch schedulers
-            if module.trainer.fit_loop.epoch_loop._num_ready_batches_reached():
+            if epoch_complete(module.trainer):
                 step_schedulers(module, "epoch", state.epochs_scheduled)
 
     def _deltasam_catch_up_epochs(self) -> None:
@@ -244,7 +283,7 @@ class DeltaSAMMixin:
     def _deltasam_log(self, cfg: DeltaSAMConfig, result: StepResult, last: bool, rho: float, full: bool) -> None:
         module = self._deltasam_module
         state = self._deltasam_state
-        if world_size() > 1 and not module.trainer._logger_connector.should_update_logs:
+        if world_size() > 1 and not should_update_logs(module.trainer):
             return  # the diagnostics' all-gather runs on the steps the loggers record (log_every_n_steps)
         means: dict[str, Tensor] = {"train/loss": result.loss}
         host = {"sam/steps_skipped": float(state.steps_skipped)}
@@ -330,7 +369,7 @@ class DeltaSAMMixin:
             )
         module = self._deltasam_module
         self._deltasam_forget()
-        trainer = module._trainer
+        trainer = attached_trainer(module)
         if trainer is None or trainer.state.fn != TrainerFn.FITTING:
             return  # load_from_checkpoint, validate, test: the next fit starts a new loop state
         if saved is None:
@@ -360,7 +399,7 @@ class DeltaSAMMixin:
     def _deltasam_fit(self) -> Fit:
         """The current fit's state: loaded from a checkpoint, carried on by the same trainer, or new."""
         module = self._deltasam_module
-        trainer = module._trainer
+        trainer = attached_trainer(module)
         holder = mixin_state(self)
         fit = holder.fit
         if fit is not None and trainer is not None and fit.trainer is not None and fit.trainer() is not trainer:
@@ -395,7 +434,9 @@ class DeltaSAMMixin:
         cached = fit.driver
         if cached is not None and cached[0] is optimizer and cached[1] == cfg:
             return cached[2]
-        driver = DeltaSAMOptimizer(module, optimizer, cfg, state=fit.loop)
+        if fit.driver is None:
+            note_precision(module.trainer)
+        driver = DeltaSAMOptimizer(module, optimizer, cfg, state=fit.loop, reads_histograms=True)
         pending, fit.pending_grads = fit.pending_grads, None
         if pending is not None:
             for p, g in zip(driver.engine.params, pending):
