@@ -150,7 +150,7 @@ def test_a_resumed_run_continues_the_schedule(tmp_path):
 
 def test_follow_lr_remembers_the_peak_learning_rate_without_a_base_lr():
     """ReduceLROnPlateau sets no initial_lr: the largest LR seen (checkpointed) is lr_max."""
-    from lit_deltasam.core.loop import lr_ratio
+    from lit_deltasam.core.schedule import lr_ratio
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     ratio, peak = lr_ratio(opt)

@@ -1,128 +1,29 @@
-"""The training loop's rules around the double step, in plain PyTorch: one object for hand-written loops and the
-Lightning mixin alike.
+"""A torch ``Optimizer`` over the loop :class:`~.driver.Driver`: sharpness-aware training in a hand-written loop.
 
-:class:`DeltaSAM` runs one (micro-)batch's double step. :class:`DeltaSAMOptimizer` owns the
-base optimizer and everything that is per-step state: ρ along its schedule (read from the
-base optimizer's LR for ``follow_lr``), the full steps of ``interval``, LookSAM's stored
-direction, the accumulation window, clipping of G, the skipped-step counts and the
-per-step seeds. A hand-written loop calls :meth:`DeltaSAMOptimizer.step` once per
-micro-batch; the mixin calls the same pieces (:meth:`~DeltaSAMOptimizer.micro_step`,
-:meth:`~DeltaSAMOptimizer.end_window`) with Lightning's backward, sync control and
-optimizer step, so that one config trains the same weights in both.
+:class:`DeltaSAMOptimizer` owns the base optimizer and one driver (ρ's schedule, the accumulation window, clipping,
+LookSAM, the per-step seeds, the loop state); ``step`` runs one micro-batch through it. The Lightning mixin runs the
+same driver with Lightning's backward, sync control and optimizer step, so that one config trains the same weights
+in both.
 """
 
 from __future__ import annotations
 
 import sys
-import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
 from ..config import DeltaSAMConfig
-from .amortized import Reuse
-from .batch import Batch, LossFn
+from .batch import Batch
 from .distributed import rank as this_rank
 from .distributed import world_size
+from .driver import Driver, LoopState, clip_gradients, optimizer_params
 from .engine import Backward, DeltaSAM, NoSync, StepResult
-from .randomness import seeded, step_seed
-from .schedule import scheduled_rho
-from .sharding import NormReduce, local
-
-
-@dataclass
-class LoopState:
-    """What the loop carries across steps and checkpoints for an exact resume."""
-
-    micro: int = 0
-    """Micro-batches accumulated towards the next optimizer step."""
-    micro_batches: int = 0
-    """Micro-batches run in total; keys each step's random seed."""
-    perturbation_skipped: int | Tensor = 0
-    """Perturbations skipped (ε = 0); a 0-d tensor while decisions are taken on the device."""
-    steps_skipped: int = 0
-    epochs_scheduled: int = 0
-    """Epochs whose end has stepped the epoch-interval LR schedulers (the Lightning mixin's)."""
-    base_seed: Optional[int] = None
-    lr_peak: float = 0.0
-    """The largest learning rate seen, for ``rho_schedule="follow_lr"``."""
-    perturbing: int = 0
-    """Micro-batches whose step tried a perturbation (ρ_t > 0)."""
-    plain_synced: bool = False
-    """Whether ``plain_sum`` is already averaged over ranks."""
-    plain_sum: Optional[list[Tensor]] = None
-    """LookSAM: the plain gradients at w summed over this window's micro-batches (full steps only)."""
-    reuse_direction: Optional[list[Tensor]] = None
-    """LookSAM: the stored direction g_v of the last full step (dropped when the next one starts)."""
-    reuse_norm: Optional[Tensor] = None
-    """LookSAM: ``||g_v||``, not saved (a resumed run computes it again, to the same bits)."""
-
-    TENSORS = ("plain_sum", "reuse_direction", "reuse_norm")
-
-    def plain_over_ranks(self, plain: list[Tensor]) -> list[Tensor]:
-        """LookSAM's summed plain gradients ``plain`` (``plain_sum`` or a copy of it), summed over ranks in place
-        unless a global ascent already averaged them."""
-        if not self.plain_synced and world_size() > 1:
-            for g in plain:
-                torch.distributed.all_reduce(g, op=torch.distributed.ReduceOp.SUM)
-        return plain
-
-    def scalars(self) -> dict[str, Any]:
-        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.TENSORS}
-        return {k: int(v) if isinstance(v, Tensor) else v for k, v in values.items()}
-
-    @classmethod
-    def from_scalars(cls, saved: dict[str, Any]) -> LoopState:
-        known = {f.name for f in fields(cls)} - set(cls.TENSORS)
-        return cls(**{k: v for k, v in saved.items() if k in known})
-
-
-def optimizer_params(optimizer: Any) -> list[Tensor]:
-    """The parameters a (Lightning or torch) optimizer steps, in order."""
-    return [p for group in optimizer.param_groups for p in group["params"]]
-
-
-def stated_lr_max(optimizer: Any, schedulers: Iterable[Any] = ()) -> Optional[float]:
-    """The largest LR that the first parameter group's schedule states in advance, if any states one:
-    OneCycleLR's ``max_lr``, a scheduler's base LR (``initial_lr``), CyclicLR's ``max_lrs``."""
-    group = optimizer.param_groups[0]
-    stated = [float(group[k]) for k in ("max_lr", "initial_lr") if k in group]
-    stated += [float(s.max_lrs[0]) for s in schedulers if getattr(s, "max_lrs", None)]
-    return max(stated) if stated else None
-
-
-def lr_ratio(optimizer: Any, peak_seen: float = 0.0, stated: Optional[float] = None) -> tuple[float, float]:
-    """lr_t / lr_max of the first parameter group, and lr_max.
-
-    lr_max is the largest of the current LR, ``peak_seen`` (the largest LR seen so far: a
-    ReduceLROnPlateau sets no base LR) and ``stated`` (:func:`stated_lr_max`; without it the
-    group's ``max_lr``, else its ``initial_lr``).
-    """
-    group = optimizer.param_groups[0]
-    if stated is None:
-        stated = float(group.get("max_lr", group.get("initial_lr", group["lr"])))
-    peak = max(stated, float(group["lr"]), peak_seen)
-    return (float(group["lr"]) / peak if peak > 0 else 1.0), peak
-
-
-def needs_total_steps(config: DeltaSAMConfig) -> bool:
-    """Whether ρ's schedule is a fraction of training, which needs the run's number of optimizer steps."""
-    return config.perturbs and config.rho_warmup is not None and 0 < config.rho_warmup < 1
-
-
-def clip_gradients(params: Sequence[Tensor], config: DeltaSAMConfig) -> None:
-    """Clip G as ``gradient_clip_*`` say, with the torch functions Lightning's precision plugins call."""
-    if config.gradient_clip_val is None:
-        return
-    if config.gradient_clip_algorithm == "norm":
-        torch.nn.utils.clip_grad_norm_(params, config.gradient_clip_val)
-    else:
-        torch.nn.utils.clip_grad_value_(params, config.gradient_clip_val)
-
+from .sharding import NormReduce
 
 _LOOP_SHAPE = ("method", "accumulate_grad_batches", "interval", "reuse", "m_sharpness")
 """The config fields a saved loop state depends on: a state loads only into an optimizer that agrees on them."""
@@ -136,19 +37,7 @@ _NO_BATCH = object()
 
 _HISTOGRAMS_DEFAULT = next(f.default for f in fields(DeltaSAMConfig) if f.name == "histogram_every_n_steps")
 
-_COPIED = (
-    "optimizer",
-    "module",
-    "config",
-    "scaler",
-    "_reduce_squares",
-    "loop_state",
-    "total_steps",
-    "schedulers",
-    "steps",
-    "warned_lr_max",
-    "_reads_histograms",
-)
+_COPIED = ("optimizer", "module", "config", "scaler", "steps", "_reads_histograms")
 """What a copy (``copy.deepcopy``, ``pickle``) of a DeltaSAMOptimizer carries; the engine is built again."""
 
 
@@ -280,18 +169,21 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
         self.module = module
         self.config = config
         self.scaler = scaler
-        self.engine = DeltaSAM(module, config, optimizer_params(optimizer), reduce_squares=reduce_squares, driven=True)
-        self._reduce_squares = reduce_squares
-        self._stepped_params = [id(p) for p in self.engine.params]
-        self.loop_state = state if state is not None else LoopState()
-        self.total_steps = total_steps
-        self.schedulers = list(schedulers)
-        if seed is not None and self.loop_state.base_seed is None:
-            self.loop_state.base_seed = seed
+        loop_state = state if state is not None else LoopState()
+        if seed is not None and loop_state.base_seed is None:
+            loop_state.base_seed = seed
+        self.driver = Driver(
+            module,
+            optimizer,
+            config,
+            loop_state,
+            reduce_squares=reduce_squares,
+            total_steps=total_steps,
+            schedulers=schedulers,
+        )
         self.steps = 0
         """Optimizer steps taken by :meth:`step` (a hand-written loop's ``global_step``); a step whose update a loss
         scaler skipped counts, as in Lightning's ``global_step``, and a skipped non-finite step does not."""
-        self.warned_lr_max = False
 
     @property
     def perturbed_pass(self) -> bool:
@@ -318,6 +210,14 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
         """The model, base optimizer, config and loop state (``copy.deepcopy``, ``pickle``); the engine is built
         again from them, and an open accumulation window's gradients are carried, as in :meth:`state_dict`."""
         state = {name: self.__dict__[name] for name in _COPIED}
+        schedule = self.driver.schedule
+        state.update(
+            loop_state=self.loop_state,
+            reduce_squares=self.driver.reduce_squares,
+            total_steps=schedule.total_steps,
+            schedulers=schedule.schedulers,
+            warned_lr_max=schedule.warned_lr_max,
+        )
         if self.loop_state.micro:
             state["grads"] = [None if p.grad is None else p.grad.detach().clone() for p in self.engine.params]
         return state
@@ -330,256 +230,30 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
                 "this DeltaSAMOptimizer was copied without its model and base optimizer (keys "
                 f"{sorted(state)}); build a new DeltaSAMOptimizer and load_state_dict() the original's state_dict()"
             )
-        self.__init__(  # type: ignore[misc]
+        self.__init__(  # type: ignore[misc]  # torch.optim.Optimizer has no __setstate__ that rebuilds the wrapper
             state["module"],
             state["optimizer"],
             state["config"],
             scaler=state["scaler"],
             total_steps=state["total_steps"],
             schedulers=state["schedulers"],
-            reduce_squares=state["_reduce_squares"],
+            reduce_squares=state["reduce_squares"],
             state=state["loop_state"],
             reads_histograms=state["_reads_histograms"],
         )
-        self.steps, self.warned_lr_max = state["steps"], state["warned_lr_max"]
+        self.steps, self.driver.schedule.warned_lr_max = state["steps"], state["warned_lr_max"]
         if grads is not None:
             for p, g in zip(self.engine.params, grads):
                 p.grad = g
 
-    # ---- the pieces, shared with the Lightning mixin ----
+    @property
+    def engine(self) -> DeltaSAM:
+        """The double step of one micro-batch (rebuilt when the base optimizer's parameters change)."""
+        return self.driver.engine
 
-    def rho(self, step: int, total_steps: Optional[int] = None, schedulers: Optional[Sequence[Any]] = None) -> float:
-        """ρ of optimizer step ``step`` under ``rho_schedule``: 0 on the plain steps of ``interval``."""
-        return self.scheduled_rho(step, total_steps, schedulers) if self.full_step(step) else 0.0
-
-    def scheduled_rho(
-        self, step: int, total_steps: Optional[int] = None, schedulers: Optional[Sequence[Any]] = None
-    ) -> float:
-        """ρ of optimizer step ``step`` under ``rho_schedule`` (the same on every rank, and after a resume)."""
-        cfg = self.config
-        if cfg.rho_schedule == "constant" or not cfg.perturbs:
-            return scheduled_rho(cfg, step)
-        total = None
-        if needs_total_steps(cfg):
-            total = total_steps if total_steps is not None else self.total_steps
-            if total is None:
-                raise ValueError(
-                    f"DeltaSAMConfig.rho_warmup={cfg.rho_warmup} is a fraction of training: pass "
-                    "DeltaSAMOptimizer(..., total_steps=N), or give rho_warmup in optimizer steps (>= 1)"
-                )
-        ratio = 1.0
-        if cfg.rho_schedule == "follow_lr":
-            state = self.loop_state
-            stated = stated_lr_max(self.optimizer, self.schedulers if schedulers is None else schedulers)
-            lr = float(self.optimizer.param_groups[0]["lr"])
-            if lr > max(stated or 0.0, state.lr_peak) and state.lr_peak > 0 and not self.warned_lr_max:
-                self.warned_lr_max = True
-                warnings.warn(
-                    f"rho_schedule='follow_lr' cannot tell lr_max: the LR rose from {state.lr_peak:g} to {lr:g} and "
-                    "no scheduler states its maximum, so ρ stays at its full value while the LR rises. State the "
-                    "peak in the parameter group (param_groups[0]['initial_lr'] = peak) or use rho_schedule='warmup'",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-            ratio, state.lr_peak = lr_ratio(self.optimizer, state.lr_peak, stated)
-        return scheduled_rho(cfg, step, total, ratio)
-
-    def micro_step(
-        self,
-        loss_fn: LossFn,
-        batch: Batch,
-        *,
-        rho: float,
-        last: bool,
-        backward: Optional[Backward] = None,
-        no_sync: Optional[NoSync] = None,
-        check_finite: bool = True,
-        rank: int = 0,
-    ) -> StepResult:
-        """One micro-batch's double step at radius ``rho`` under this step's seed; counted in the loop state."""
-        cfg, state = self.config, self.loop_state
-        if state.base_seed is None:
-            state.base_seed = torch.initial_seed()
-        seed = step_seed(state.base_seed, state.micro_batches, rank)
-        if cfg.reuse is not None and rho > 0 and state.micro == 0:
-            # a full step replaces the stored direction: not held beside the plain gradient and the snapshot
-            state.reuse_direction = state.reuse_norm = None
-        with seeded(seed, self.engine.device) if cfg.seed_steps else nullcontext():
-            result = self.engine.step(
-                loss_fn,
-                batch,
-                backward=backward,
-                no_sync=no_sync,
-                sync_descent=last,
-                check_finite=check_finite,
-                rho=rho,
-                plain_grad=cfg.reuse is not None and rho > 0,
-            )
-        self._count(result, rho)
-        return result
-
-    def _count(self, result: StepResult, rho: float) -> None:
-        """Advance the loop state by one micro-batch; sum LookSAM's plain gradients over the window."""
-        state = self.loop_state
-        state.micro += 1
-        state.micro_batches += 1
-        if self.config.perturbs and rho > 0:
-            state.perturbing += 1
-            perturbed = result.perturbed
-            state.perturbation_skipped += (~perturbed).int() if isinstance(perturbed, Tensor) else not perturbed
-        if result.plain_grad is not None:
-            # the loop owns it from here: LookSAM writes g_v over these buffers
-            plain, result.plain_grad = result.plain_grad, None
-            if state.plain_sum is None:
-                state.plain_sum = plain
-            else:  # a window resumed from a checkpoint holds its partial sum on the CPU
-                state.plain_sum = [a.to(b.device, b.dtype) for a, b in zip(state.plain_sum, plain)]
-                torch._foreach_add_(state.plain_sum, plain)
-            state.plain_synced = result.plain_grad_synced
-
-    def end_window(
-        self,
-        result: StepResult,
-        *,
-        step: int,
-        optimizer_step: Callable[[], bool],
-        zero_grad: Callable[[], None],
-        schedulers: Optional[Sequence[Any]] = None,
-    ) -> bool:
-        """Close the accumulation window: average G, skip a non-finite step, apply LookSAM, step, zero.
-
-        ``optimizer_step`` takes the base optimizer's step (clipping included) and returns whether
-        it stepped; ``step`` is the optimizer step this window ends. Returns whether it stepped.
-        """
-        state, engine = self.loop_state, self.engine
-        window, state.micro = state.micro, 0
-        if window > 1:
-            with torch.no_grad():
-                torch._foreach_mul_([local(p.grad) for p in engine.params if p.grad is not None], 1.0 / window)
-            if result.update_norm is not None:
-                result.update_norm = result.update_norm / window
-        plain, state.plain_sum = state.plain_sum, None
-        if result.finite is False:
-            state.steps_skipped += 1
-            warnings.warn(
-                f"non-finite loss or gradient at global_step={step}: the optimizer step is skipped "
-                f"and the weights are unchanged ({state.steps_skipped} skipped so far)",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-            self._zero(zero_grad)
-            return False
-        if self.config.reuse is not None:
-            self._reuse(plain, step, schedulers)
-        try:
-            stepped = optimizer_step()
-        except BaseException:
-            engine.rollback()
-            raise
-        self._zero(zero_grad)
-        return stepped
-
-    def _zero(self, zero_grad: Callable[[], None]) -> None:
-        """Zero the optimizer's gradients and those the step wrote to trainable parameters outside it."""
-        zero_grad()
-        for p in self.engine.unperturbed:
-            p.grad = None
-
-    def _reuse(self, plain: Optional[list[Tensor]], step: int, schedulers: Optional[Sequence[Any]]) -> None:
-        """LookSAM at the window's end, on the synchronized G: store g_v after a full step, add it after a plain one."""
-        cfg, state, engine = self.config, self.loop_state, self.engine
-        if state.reuse_direction is not None:  # moved once to where the parameters are (after a resume)
-            state.reuse_direction = [d.to(p.device, p.dtype) for d, p in zip(state.reuse_direction, engine.params)]
-        assert cfg.reuse_alpha is not None  # resolved by DeltaSAMConfig where reuse is set
-        reuse = Reuse(cfg.reuse_alpha, engine.reduce_squares, state.reuse_direction, state.reuse_norm)
-        if plain is None:
-            # the reused term follows the ρ schedule as the full steps do
-            strength = self.scheduled_rho(step, schedulers=schedulers) / cfg.rho if cfg.rho else 0.0
-            reuse.apply([p.grad for p in engine.params], strength)
-            state.reuse_norm = reuse.norm
-            return
-        plain = state.plain_over_ranks(plain)
-        full = [torch.zeros_like(p) if p.grad is None else p.grad for p in engine.params]
-        reuse.record(full, plain)
-        state.reuse_direction, state.reuse_norm = reuse.direction, reuse.norm
-
-    # ---- one driver for every loop ----
-
-    def window_ends(self, last_batch: bool = False) -> bool:
-        """Whether the next micro-batch closes the accumulation window: the window is full, or the data ends."""
-        return last_batch or self.loop_state.micro + 1 >= self.config.accumulate_grad_batches
-
-    def full_step(self, step: int) -> bool:
-        """Whether optimizer step ``step`` is a full sharpness-aware step under ``interval``."""
-        return step % self.config.interval == 0
-
-    def drive(
-        self,
-        loss_fn: LossFn,
-        batch: Batch,
-        *,
-        step: int,
-        last: bool,
-        optimizer_step: Callable[[], bool],
-        zero_grad: Callable[[], None],
-        rho: Optional[float] = None,
-        backward: Optional[Backward] = None,
-        no_sync: Optional[NoSync] = None,
-        check_finite: bool = True,
-        rank: int = 0,
-        schedulers: Optional[Sequence[Any]] = None,
-        stale_advice: Optional[str] = None,
-    ) -> StepResult:
-        """One micro-batch of optimizer step ``step`` at its scheduled ρ (``rho`` if given); when ``last``, close
-        the window with ``optimizer_step`` and ``zero_grad``. The hand-written loop and the mixin both run this.
-        ``stale_advice`` replaces the advice of the refusal of gradients found in ``.grad`` at a window's start."""
-        if self.loop_state.micro == 0:
-            self._follow_param_groups()
-            self._refuse_stale_gradients(step, stale_advice)
-        if rho is None:
-            rho = self.rho(step, schedulers=schedulers)
-        result = self.micro_step(
-            loss_fn, batch, rho=rho, last=last, backward=backward, no_sync=no_sync, check_finite=check_finite, rank=rank
-        )
-        if last:
-            result.stepped = self.end_window(
-                result, step=step, optimizer_step=optimizer_step, zero_grad=zero_grad, schedulers=schedulers
-            )
-        return result
-
-    def _follow_param_groups(self) -> None:
-        """At a window's start: perturb and update the parameters the base optimizer steps now. A group added since
-        the last step (Lightning's ``BackboneFinetuning`` unfreezes layers so) gets the engine rebuilt over them;
-        before, its parameters kept their ascent gradient in G."""
-        params = optimizer_params(self.optimizer)
-        if [id(p) for p in params] == self._stepped_params:
-            return
-        if self.loop_state.reuse_direction is not None:
-            raise ValueError(
-                f"the base optimizer's parameters changed at optimizer step {self.steps} (a group added or removed), "
-                f"and reuse={self.config.reuse!r} holds a direction over the old ones; build a new "
-                "DeltaSAMOptimizer around the base optimizer"
-            )
-        self.engine = DeltaSAM(self.module, self.config, params, reduce_squares=self._reduce_squares, driven=True)
-        self._stepped_params = [id(p) for p in params]
-
-    def _refuse_stale_gradients(self, step: int, advice: Optional[str] = None) -> None:
-        """A window's G starts from zero: a gradient already in ``.grad`` (a backward run before ``step()``, as
-        davda54/sam's loop runs one before ``first_step``) would be added to it. Zeros (``zero_grad(set_to_none=
-        False)``) are harmless; their values are read only when some ``.grad`` is there at all. One rule for
-        ``step(loss_fn, batch)``, ``step(closure)`` and the mixin."""
-        present = [p.grad for p in self.engine.updated if p.grad is not None]
-        if not present or not bool(torch.stack([g.ne(0).any() for g in present]).any()):
-            return
-        raise ValueError(
-            f"DeltaSAMOptimizer found gradients already in .grad at the start of optimizer step {step}: the step "
-            "runs both backward passes itself, and they would be added to its G. "
-            + (
-                advice
-                or "Drop the backward before step() (davda54/sam's loop runs one before first_step; not needed here), "
-                "or call optimizer.zero_grad() first"
-            )
-        )
+    @property
+    def loop_state(self) -> LoopState:
+        return self.driver.state
 
     # ---- a hand-written loop, and torch's step(closure) ----
 
@@ -635,10 +309,8 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
             scaler = self.scaler
             backward = lambda loss: scaler.scale(loss).backward()  # noqa: E731
         if last is None:
-            last = self.window_ends()
-        active = self._active_scaler()
-        scale = active.get_scale() if active is not None else None  # both passes' (the window's end may move it)
-        result = self.drive(
+            last = self.driver.window_ends()
+        result = self.driver.drive(
             loss_fn,
             batch,
             step=self.steps,
@@ -647,11 +319,9 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
             zero_grad=self.zero_grad,
             backward=backward,
             no_sync=no_sync,
-            check_finite=active is None,
+            scaler=self.scaler,
             rank=this_rank(),
         )
-        if scale is not None and result.grad_norm is not None:
-            result.grad_norm = result.grad_norm / scale
         self.steps += result.stepped
         return result
 
@@ -692,7 +362,7 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
             return torch.as_tensor(loss).detach().reshape(1)
 
         try:
-            result = self.drive(
+            result = self.driver.drive(
                 loss_of,
                 None,
                 step=self.steps,
@@ -803,9 +473,10 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
                 "its loop state (the open window, LookSAM's direction) would not mean the same here"
             )
         self.optimizer.load_state_dict(saved["optimizer"])
-        self.loop_state = LoopState.from_scalars(saved["loop"])
-        self.loop_state.plain_sum = saved.get("plain")
-        self.loop_state.reuse_direction = saved.get("reuse")
+        loop_state = LoopState.from_scalars(saved["loop"])
+        loop_state.plain_sum = saved.get("plain")
+        loop_state.reuse_direction = saved.get("reuse")
+        self.driver.state = self.driver.schedule.peak = loop_state
         self.steps = saved["steps"]
         if self.scaler is not None and "scaler" in saved:
             self.scaler.load_state_dict(saved["scaler"])

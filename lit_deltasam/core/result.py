@@ -42,8 +42,12 @@ class StepResult:
     takes it for LookSAM (and leaves ``None``)."""
     plain_grad_synced: bool = False
     """Whether ``plain_grad`` is already averaged over ranks (a global ascent with uniform weights)."""
+    rho: float = 0.0
+    """The radius this step took (set by the driver: its scheduled ρ, 0 on a plain step)."""
+    full_step: bool = True
+    """Set by the driver: whether this is a full sharpness-aware step under ``interval``."""
     stepped: bool = False
-    """Set by :class:`~lit_deltasam.core.loop.DeltaSAMOptimizer`: this micro-batch ended a window with an optimizer
+    """Set by the loop driver (:class:`~lit_deltasam.core.driver.Driver`): this micro-batch ended a window with an optimizer
     step (one whose update a loss scaler skipped counts, as in Lightning's ``global_step``)."""
 
     def local_finite(self) -> Tensor:

@@ -36,8 +36,8 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 
 from ..config import DeltaSAMConfig
+from ..core.driver import Driver, LoopState
 from ..core.engine import StepResult
-from ..core.loop import DeltaSAMOptimizer, LoopState
 
 
 @dataclass
@@ -46,7 +46,7 @@ class Fit:
 
     trainer: Optional[weakref.ReferenceType] = None
     loop: LoopState = field(default_factory=LoopState)
-    driver: Optional[tuple[Any, DeltaSAMConfig, DeltaSAMOptimizer]] = None
+    driver: Optional[tuple[Any, DeltaSAMConfig, Driver]] = None
     """The loop driver, with the torch optimizer and the config it was built for."""
     pending_grads: Optional[list[Tensor]] = None
     """A resumed accumulation window's partial gradients, installed when the engine is built."""

@@ -25,7 +25,8 @@ from ..config import DeltaSAMConfig
 from ..core import DeltaSAM, StepResult
 from ..core.batch import Batch
 from ..core.distributed import world_size
-from ..core.loop import DeltaSAMOptimizer, LoopState, needs_total_steps
+from ..core.driver import Driver, LoopState
+from ..core.schedule import needs_total_steps
 from ..core.sharding import is_sharded
 from .hooks import (
     Fit,
@@ -180,12 +181,9 @@ class DeltaSAMMixin:
         state = self._deltasam_state
         trainer = module.trainer
         last = driver.window_ends(trainer.is_last_batch)
-        full = driver.full_step(module.global_step)
-        rho = self.deltasam_rho(cfg) if full else 0.0
         if state.base_seed is None:
             # without seed_everything the ranks' initial seeds differ; a checkpoint keeps rank 0's
             state.base_seed = trainer.strategy.broadcast(int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed())))
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
         result = driver.drive(
             self.per_sample_loss,
             batch,
@@ -193,27 +191,30 @@ class DeltaSAMMixin:
             last=last,
             optimizer_step=lambda: self._deltasam_optimizer_step(optimizer),
             zero_grad=lambda: self._deltasam_zero_grad(optimizer),
-            rho=rho,
             backward=module.manual_backward,
             no_sync=getattr(trainer.strategy, "block_backward_sync", nullcontext),
-            check_finite=scaler is None,
+            scaler=getattr(trainer.precision_plugin, "scaler", None),
             rank=module.global_rank,
+            total_steps=self._deltasam_total_steps(cfg),
             schedulers=[c.scheduler for c in trainer.lr_scheduler_configs],
         )
-        if scaler is not None and result.grad_norm is not None:
-            result.grad_norm = result.grad_norm / scaler.get_scale()
         if result.stepped:
             step_schedulers(module, "step")
-        self._deltasam_log(cfg, result, last, rho, full)
+        self._deltasam_log(cfg, result, last)
         return result
+
+    def _deltasam_total_steps(self, cfg: DeltaSAMConfig) -> Optional[int]:
+        """The run's optimizer steps, where ρ's schedule is a fraction of them."""
+        trainer = self._deltasam_module.trainer
+        return optimizer_steps(trainer, cfg.accumulate_grad_batches) if needs_total_steps(cfg) else None
 
     def deltasam_rho(self, cfg: Optional[DeltaSAMConfig] = None) -> float:
         """ρ of the next optimizer step under ``rho_schedule`` (the same on every rank, and after a resume)."""
         module = self._deltasam_module
         cfg = cfg or self._deltasam_config()
-        total = optimizer_steps(module.trainer, cfg.accumulate_grad_batches) if needs_total_steps(cfg) else None
         schedulers = [c.scheduler for c in module.trainer.lr_scheduler_configs]
-        return self._deltasam_driver(cfg).scheduled_rho(module.global_step, total, schedulers)
+        schedule = self._deltasam_driver(cfg).schedule
+        return schedule.scheduled(module.global_step, self._deltasam_total_steps(cfg), schedulers)
 
     def _deltasam_optimizer_step(self, optimizer: Any) -> bool:
         """The base optimizer's step through the ``optimizer_step`` hook, so that an override (Lightning's LR
@@ -280,7 +281,7 @@ class DeltaSAMMixin:
             state.epochs_scheduled += 1
             step_schedulers(module, "epoch", state.epochs_scheduled)
 
-    def _deltasam_log(self, cfg: DeltaSAMConfig, result: StepResult, last: bool, rho: float, full: bool) -> None:
+    def _deltasam_log(self, cfg: DeltaSAMConfig, result: StepResult, last: bool) -> None:
         module = self._deltasam_module
         state = self._deltasam_state
         if world_size() > 1 and not should_update_logs(module.trainer):
@@ -288,14 +289,14 @@ class DeltaSAMMixin:
         means: dict[str, Tensor] = {"train/loss": result.loss}
         host = {"sam/steps_skipped": float(state.steps_skipped)}
         if cfg.perturbs:
-            host["sam/rho"] = rho
+            host["sam/rho"] = result.rho
             skipped = state.perturbation_skipped
             if isinstance(skipped, Tensor):  # counted on the device
                 means["sam/perturbation_skipped"] = skipped / max(state.perturbing, 1)
             else:
                 host["sam/perturbation_skipped"] = skipped / max(state.perturbing, 1)
         if cfg.perturbs and cfg.interval > 1:
-            host["sam/full_step"] = float(full)
+            host["sam/full_step"] = float(result.full_step)
         moved = scalars_on(result.losses.device, host)
         for name in ("sam/rho", "sam/full_step"):
             if name in moved:
@@ -426,7 +427,7 @@ class DeltaSAMMixin:
             self.deltasam = cfg = DeltaSAMConfig.coerce(cfg)
         return cfg
 
-    def _deltasam_driver(self, cfg: DeltaSAMConfig) -> DeltaSAMOptimizer:
+    def _deltasam_driver(self, cfg: DeltaSAMConfig) -> Driver:
         module = self._deltasam_module
         refuse_strategy(module.trainer.strategy)
         optimizer = cast(torch.optim.Optimizer, module.optimizers(use_pl_optimizer=False))
@@ -436,7 +437,7 @@ class DeltaSAMMixin:
             return cached[2]
         if fit.driver is None:
             note_precision(module.trainer)
-        driver = DeltaSAMOptimizer(module, optimizer, cfg, state=fit.loop, reads_histograms=True)
+        driver = Driver(module, optimizer, cfg, fit.loop)
         pending, fit.pending_grads = fit.pending_grads, None
         if pending is not None:
             for p, g in zip(driver.engine.params, pending):
