@@ -73,8 +73,8 @@ def perturb(
     (ASAM, ``adaptive``). Where the norm is zero or not finite the parameters stay at ``w``.
 
     Sharded parameters and gradients (DTensors) are moved shard by shard, ``reduce_squares`` summing the norms over
-    shards. On an accelerator the gradients are scaled in place into eps (the caller replaces them with the
-    descent's) and ``applied`` is a 0-d bool tensor.
+    shards. The decision is taken on the host or, on an accelerator, on the device (:func:`perturb_on_host`,
+    :func:`perturb_on_device`).
 
     Returns:
         ``(||g||, ||eps||, applied)``, where ``||g||`` is the norm that normalized eps.
@@ -83,39 +83,65 @@ def perturb(
     scale = asam_scale(params, eta, unscaled) if adaptive else None
     normalized = list(torch._foreach_mul(scale, grads)) if scale is not None else grads
     norm = total_norm(normalized, reduce_squares, device=device)
-    rescue = reduce_squares is None  # the norm of shards is summed over ranks: no rescue there
-    if on_device(norm.device):
-        if rescue:  # no value read: always, and bit for bit a no-op where nothing overflowed
-            norm, power = unoverflow_(normalized, norm)
-        step: float | Tensor = factor(rho, norm, torch.float64).float()
-        applied: bool | Tensor = step > 0
-        if rescue:
-            norm = norm / power
-    else:
-        value = norm.item()
-        if math.isinf(value) and rescue:
-            norm, power = unoverflow_(normalized, norm)
-            value, norm = norm.item(), norm / power
-        host = host_factor(rho, value)
-        if host is None:
-            return norm, torch.zeros_like(norm), False
-        step, applied = host, True
-    if scale is not None:
-        torch._foreach_mul_(normalized, scale)
-        torch._foreach_mul_(normalized, step)
-        if isinstance(step, Tensor):
-            zero_non_finite_(normalized)
-        eps_norm = total_norm(normalized, reduce_squares, device=device)
-        torch._foreach_add_(params, normalized)
-    elif isinstance(step, Tensor):
-        torch._foreach_mul_(grads, step)
-        zero_non_finite_(grads)
-        eps_norm = torch.where(step > 0, rho, 0.0).to(norm.dtype)
-        torch._foreach_add_(params, grads)
-    else:
-        eps_norm = torch.as_tensor(rho, dtype=norm.dtype, device=norm.device)
+    move = perturb_on_device if on_device(norm.device) else perturb_on_host
+    return move(params, grads, normalized, scale, norm, rho, reduce_squares)
+
+
+def perturb_on_host(
+    params: list[Tensor],
+    grads: list[Tensor],
+    normalized: list[Tensor],
+    scale: Optional[list[Tensor]],
+    norm: Tensor,
+    rho: float,
+    reduce_squares: Optional[NormReduce],
+) -> tuple[Tensor, Tensor, bool]:
+    """:func:`perturb` with its decision read on the host (the CPU path every committed result was made with)."""
+    value = norm.item()
+    if math.isinf(value) and reduce_squares is None:  # the norm of shards is summed over ranks: no rescue there
+        norm, power = unoverflow_(normalized, norm)
+        value, norm = norm.item(), norm / power
+    step = host_factor(rho, value)
+    if step is None:
+        return norm, torch.zeros_like(norm), False
+    if scale is None:
         torch._foreach_add_(params, grads, alpha=step)
-    return norm, eps_norm, applied
+        return norm, torch.as_tensor(rho, dtype=norm.dtype, device=norm.device), True
+    torch._foreach_mul_(normalized, scale)
+    torch._foreach_mul_(normalized, step)
+    eps_norm = total_norm(normalized, reduce_squares, device=norm.device)
+    torch._foreach_add_(params, normalized)
+    return norm, eps_norm, True
+
+
+def perturb_on_device(
+    params: list[Tensor],
+    grads: list[Tensor],
+    normalized: list[Tensor],
+    scale: Optional[list[Tensor]],
+    norm: Tensor,
+    rho: float,
+    reduce_squares: Optional[NormReduce],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`perturb` with its decision a tensor, no value read: the gradients are scaled in place into eps (the
+    caller replaces them with the descent's), and ``applied`` is a 0-d bool tensor."""
+    rescue = reduce_squares is None
+    if rescue:  # always, and bit for bit a no-op where nothing overflowed
+        norm, power = unoverflow_(normalized, norm)
+    step = factor(rho, norm, torch.float64).float()
+    if rescue:
+        norm = norm / power
+    moved = normalized if scale is not None else grads
+    if scale is not None:
+        torch._foreach_mul_(moved, scale)
+    torch._foreach_mul_(moved, step)
+    zero_non_finite_(moved)
+    if scale is not None:
+        eps_norm = total_norm(moved, reduce_squares, device=norm.device)
+    else:
+        eps_norm = torch.where(step > 0, rho, 0.0).to(norm.dtype)
+    torch._foreach_add_(params, moved)
+    return norm, eps_norm, step > 0
 
 
 def group_norms(grads: Sequence[Tensor], count: int) -> Tensor:

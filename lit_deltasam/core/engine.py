@@ -209,24 +209,22 @@ class DeltaSAM:
         Args:
             loss_fn: maps ``batch`` to ``[n]`` per-instance losses through ``module``.
             batch: any pytree whose tensors have the instances on dimension 0.
-            backward: runs the backward of a scalar (e.g. Lightning's ``manual_backward``,
-                which applies loss scaling); default ``loss.backward()``.
-            no_sync: a context that suppresses the gradient all-reduce (DDP's ``no_sync``).
-                The ascent runs inside it when ``config.ascent == "local"``.
-            sync_descent: False for micro-batches before the last of an accumulation
-                window, so that the descent is all-reduced once per optimizer step.
-            check_finite: after a synchronized descent, compute ``||G||`` and report in
-                ``result.finite`` whether the update can be taken (one tiny all-reduce
-                under data parallelism). Turn it off under a loss scaler, which checks itself.
-            rho: this step's radius (e.g. from :func:`~lit_deltasam.core.schedule.scheduled_rho`);
-                default ``config.rho``. At 0 the step is a plain ERM step.
-            plain_grad: also return the plain gradient at w in ``result.plain_grad`` (for
-                :class:`~lit_deltasam.core.amortized.Reuse`); free for SAM and ASAM, one more
-                backward through the clean graph for reweighted ascents.
+            backward: runs the backward of a scalar (e.g. Lightning's ``manual_backward``, which applies loss
+                scaling); default ``loss.backward()``.
+            no_sync: a context that suppresses the gradient all-reduce (DDP's ``no_sync``); the ascent runs inside
+                it when ``config.ascent == "local"``.
+            sync_descent: False for micro-batches before the last of an accumulation window, so that the descent is
+                all-reduced once per optimizer step.
+            check_finite: after a synchronized descent, report in ``result.finite`` whether G can be stepped on
+                (one tiny all-reduce under data parallelism); off under a loss scaler, which checks itself.
+            rho: this step's radius (e.g. :func:`~lit_deltasam.core.schedule.scheduled_rho`'s); default
+                ``config.rho``. At 0 the step is a plain ERM step.
+            plain_grad: also return the plain gradient at w in ``result.plain_grad`` (LookSAM's); free for SAM and
+                ASAM, one more backward through the clean graph for reweighted ascents.
 
         Raises:
-            Exception: whatever ``loss_fn`` or ``backward`` raise. Parameters, buffers and
-                ``.grad`` are then bit-identical to their values before the call.
+            Exception: whatever ``loss_fn`` or ``backward`` raise; parameters, buffers and ``.grad`` are then
+                bit-identical to their values before the call.
         """
         if rho is not None and not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho >= 0):
             raise ValueError(f"DeltaSAM.step(rho={rho!r}) is not valid; the radius must be a finite number >= 0")
@@ -248,17 +246,22 @@ class DeltaSAM:
             raise
         finally:
             torch.clear_autocast_cache()  # it holds copies of w + eps, and the weights are back at w
+        self._check_window(result, sync_descent, check_finite)
+        return result
+
+    def _check_window(self, result: StepResult, sync_descent: bool, check_finite: bool) -> None:
+        """Gather whether the window's losses were finite; at its synchronized end, whether G is, on every rank."""
         ok = result.local_finite()
         self._window_ok = ok if self._window_ok is None else self._window_ok & ok
-        if sync_descent:
-            window_ok, self._window_ok = self._window_ok, None
-            if check_finite:
-                grads = [local(p.grad) for p in self.updated if p.grad is not None]
-                result.update_norm = total_norm(grads, self.reduce_squares, device=self.device)
-                bad = (~window_ok | ~torch.isfinite(result.update_norm)).float()
-                # every rank must take the same decision, also when only one saw a non-finite loss
-                result.finite = sum_over_ranks(bad).item() == 0
-        return result
+        if not sync_descent:
+            return
+        window_ok, self._window_ok = self._window_ok, None
+        if check_finite:
+            grads = [local(p.grad) for p in self.updated if p.grad is not None]
+            result.update_norm = total_norm(grads, self.reduce_squares, device=self.device)
+            bad = (~window_ok | ~torch.isfinite(result.update_norm)).float()
+            # every rank must take the same decision, also when only one saw a non-finite loss
+            result.finite = sum_over_ranks(bad).item() == 0
 
     def rollback(self) -> None:
         """Put parameters and buffers back to their values at the start of the last ``step``.

@@ -145,6 +145,33 @@ class GroupedStep:
     plain_grad: Optional[list[Tensor]]
 
 
+@dataclass(frozen=True)
+class GroupSettings:
+    """What every grouped step of an engine shares: ASAM's scaling, dropout, and δ-SAM's weights, where ``head`` (a
+    :class:`HeadTap` whose layer is known) and ``weigh`` (one group's scores to its λ) make each group's ascent
+    ``sum_i lambda_i grad l_i(w)``, its descent weighted too with ``weighted_descent``."""
+
+    adaptive: bool = False
+    eta: float = 0.0
+    unscaled: Optional[Sequence[bool]] = None
+    share_dropout: bool = True
+    head: Optional[HeadTap] = None
+    weigh: Optional[Callable[[Tensor], Tensor]] = None
+    weighted_descent: bool = False
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One grouped step: its loss, radius, backward and sync, batch size and LookSAM's plain-gradient sums."""
+
+    loss: _LossModule
+    rho: float
+    backward: Callable[[Tensor], None]
+    ascent_sync: Callable[[], AbstractContextManager]
+    n: int
+    plain: Optional[list[Tensor]]
+
+
 class BatchedGroups:
     """Every group's ascent in one ``vmap`` pass and every group's descent in another, ``chunk`` groups at a time.
 
@@ -153,6 +180,7 @@ class BatchedGroups:
         params: the perturbed parameters, named ``names`` in ``module.named_parameters()``.
         unperturbed: the other trainable parameters (held at ``w`` in the ascent, differentiated in the descent).
         chunk: groups per batched pass; ``None`` for all of a batch's equal-sized groups.
+        settings: what the engine's method asks of every step.
     """
 
     def __init__(
@@ -162,6 +190,7 @@ class BatchedGroups:
         names: Sequence[str],
         unperturbed: Sequence[Tensor],
         chunk: Optional[int] = None,
+        settings: GroupSettings = GroupSettings(),
     ) -> None:
         self.module = module
         self.params = list(params)
@@ -169,6 +198,7 @@ class BatchedGroups:
         owned = {id(p): name for name, p in module.named_parameters()}
         self.unperturbed = {f"module.{owned[id(p)]}": p for p in unperturbed}
         self.chunk = chunk
+        self.settings = settings
 
     def passes(self, n: int, m: int) -> list[tuple[int, int, int]]:
         """``(start, groups, size)`` of each batched pass: the full groups of m, ``chunk`` at a time, then the
@@ -188,28 +218,18 @@ class BatchedGroups:
         backward: Callable[[Tensor], None],
         ascent_sync: Callable[[], AbstractContextManager],
         descent_sync: Callable[[bool], AbstractContextManager],
-        adaptive: bool = False,
-        eta: float = 0.0,
-        unscaled: Optional[Sequence[bool]] = None,
-        share_dropout: bool = True,
         plain_grad: bool = False,
-        head: Optional[HeadTap] = None,
-        weigh: Optional[Callable[[Tensor], Tensor]] = None,
-        weighted_descent: bool = False,
     ) -> GroupedStep:
         """Add ``(1/n) sum_i grad l_i(w + eps_k(i))`` to ``.grad`` through ``backward``; the weights stay at w.
+        ``descent_sync(last)`` is the context of a pass's descent, ``last`` for the batch's final pass.
 
-        ``descent_sync(last)`` is the context of a pass's descent, ``last`` for the batch's final pass. With
-        ``head`` (a :class:`HeadTap` whose layer is known) and ``weigh`` (one group's scores to its lambda), each
-        group's ascent is ``sum_i lambda_i grad l_i(w)``, and with ``weighted_descent`` its descent is weighted too.
+        Raises:
+            Unbatchable: where vmap cannot run the model, or the loss is one scalar per group.
         """
         n = batch_size(batch)
         assert n is not None
-        self._loss = _LossModule(self.module, loss_fn)
-        self._ascent_sync, self._backward, self._share_dropout = ascent_sync, backward, share_dropout
-        self._rho, self._adaptive, self._eta, self._unscaled = rho, adaptive, eta, unscaled
-        self._head, self._weigh, self._weighted_descent = head, weigh, weighted_descent
         plain = [torch.zeros_like(p) for p in self.params] if plain_grad else None
+        call = _Call(_LossModule(self.module, loss_fn), rho, backward, ascent_sync, n, plain)
         passes = self.passes(n, m)
         out = []
         with eager_attention(self.module):
@@ -217,14 +237,14 @@ class BatchedGroups:
                 part = slice_batch(batch, slice(start, start + count * size))
                 last = partial(descent_sync, index == len(passes) - 1)
                 try:
-                    out.append(self._pass(part, count, size, n, plain, last))
+                    out.append(self._pass(call, part, count, size, last))
                 except RuntimeError as error:  # an op vmap has no batching rule for (a real error recurs in the loop)
                     raise Unbatchable(f"vmap cannot run this model ({str(error).splitlines()[0][:200]})") from error
         ok = torch.cat([o[4] for o in out]).all()
         return GroupedStep(
             losses=torch.cat([o[0] for o in out]),
             perturbed_losses=torch.cat([o[1] for o in out]),
-            weights=torch.cat([cast(Tensor, o[5]) for o in out]) if weigh is not None else None,
+            weights=torch.cat([cast(Tensor, o[5]) for o in out]) if self.settings.weigh is not None else None,
             sizes=[size for _, count, size in passes for _ in range(count)],
             grad_norms=torch.cat([o[2] for o in out]),
             eps_norms=torch.cat([o[3] for o in out]),
@@ -233,19 +253,26 @@ class BatchedGroups:
         )
 
     def _losses(
-        self, stacked: dict[str, Tensor], shared: dict[str, Tensor], part: Batch, count: int, tap: bool = False
+        self,
+        call: _Call,
+        stacked: dict[str, Tensor],
+        shared: dict[str, Tensor],
+        part: Batch,
+        count: int,
+        tap: bool = False,
     ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         """``[count, size]`` losses of the groups of ``part``, group k at the parameters ``stacked[:, k]``; with
         ``tap``, also the head layer's ``[count, size, D]`` input and a zero ``[n, C]`` leaf added to its output,
         whose gradient is the loss's gradient at the head's output (vmap's outputs are not in the graph)."""
         grouped = tree_map(lambda t: t.unflatten(0, (count, -1)) if _instances(t) else t, part)
         in_dims = tree_map(lambda t: 0 if _instances(t) else None, grouped)
-        layer = self._head.layer if tap and self._head is not None else None
+        head = self.settings.head
+        layer = head.layer if tap and head is not None else None
         device = self.params[0].device
         if layer is None:
 
             def group_losses(params: dict[str, Tensor], group: Batch) -> Tensor:
-                return self._loss.call({**params, **shared}, group)
+                return call.loss.call({**params, **shared}, group)
 
             out = vmap(group_losses, in_dims=(0, in_dims), randomness="different")(stacked, grouped)
             if out.ndim == 1:
@@ -265,7 +292,7 @@ class BatchedGroups:
 
             handle = layer.register_forward_hook(hook)
             try:
-                losses = self._loss.call({**params, **shared}, group)
+                losses = call.loss.call({**params, **shared}, group)
             finally:
                 handle.remove()
             if len(inputs) != 1:
@@ -279,55 +306,26 @@ class BatchedGroups:
 
     def _weights(self, clean: Tensor, h: Tensor, z: Tensor) -> Tensor:
         """Each group's lambda from the head's scores, ``[count, size]``."""
-        assert self._head is not None and self._weigh is not None
-        tap = self._head  # hand it the batched forward's head input and output, as its hook would
-        tap._input, tap._output, tap._calls = h.flatten(0, 1).detach(), z, 1
+        tap, weigh = self.settings.head, self.settings.weigh
+        assert tap is not None and weigh is not None
+        tap._input, tap._output, tap._calls = h.flatten(0, 1).detach(), z, 1  # as its hook would
         scores = tap.scores(clean.reshape(-1)).reshape(clean.shape)
-        return torch.stack([self._weigh(group) for group in scores])
+        return torch.stack([weigh(group) for group in scores])
 
     def _pass(
-        self,
-        part: Batch,
-        count: int,
-        size: int,
-        n: int,
-        plain: Optional[list[Tensor]],
-        descent_sync: Callable[[], AbstractContextManager],
+        self, call: _Call, part: Batch, count: int, size: int, descent_sync: Callable[[], AbstractContextManager]
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Optional[Tensor]]:
         """The ascent and descent of ``count`` groups of ``size``: losses, perturbed losses, per group ``||g_k||``,
         ``||eps_k||`` and whether eps_k was applied, and each instance's lambda (``None`` when uniform)."""
-        device = self.params[0].device
-        random_state = RandomState(device) if self._share_dropout else None
+        settings = self.settings
+        random_state = RandomState(self.params[0].device) if settings.share_dropout else None
         if random_state is not None:
             random_state.capture()
-        views = [p.detach().expand(count, *p.shape).requires_grad_() for p in self.params]
-        fixed = {name: p.detach() for name, p in self.unperturbed.items()}
-        weights = None
-        with self._ascent_sync():
-            clean, h, z = self._losses(dict(zip(self.names, views)), fixed, part, count, tap=self._weigh is not None)
-            if h is not None and z is not None:
-                weights = self._weights(clean, h, z)
-                if plain is not None:
-                    mean = torch.autograd.grad(clean.sum() / n, views, retain_graph=True, allow_unused=True)
-                    for p, g in zip(plain, mean):
-                        if g is not None:
-                            p.add_(g.sum(0))
-                ascent = (weights.to(clean.dtype) * clean).sum()
-            else:
-                ascent = clean.mean(1).sum()
-            self._backward(ascent)
-        grads = [v.grad for v in views]
-        del views
+        clean, weights, grads = self._ascend(call, part, count, size)
         live = [i for i, g in enumerate(grads) if g is not None]
-        if plain is not None and weights is None:
-            share = torch.full((count,), size / n, dtype=self.params[0].dtype, device=device)
-            for i in live:
-                plain[i].add_(torch.tensordot(share, grads[i], dims=1))
-        self._count = count
+        unscaled = [settings.unscaled[i] for i in live] if settings.unscaled is not None else None
         norm, eps_norm, ok = self._to_moved(
-            [self.params[i] for i in live],
-            [cast(Tensor, grads[i]) for i in live],
-            [self._unscaled[i] for i in live] if self._unscaled is not None else None,
+            call, count, [self.params[i] for i in live], [cast(Tensor, grads[i]) for i in live], unscaled
         )
         moved = {
             name: p.expand(count, *p.shape) if g is None else _Moved.apply(p, g)
@@ -336,22 +334,53 @@ class BatchedGroups:
         del grads
         with descent_sync():
             with random_state.replay() if random_state is not None else nullcontext():
-                perturbed = self._losses(moved, self.unperturbed, part, count)[0]
-            if weights is not None and self._weighted_descent:
-                self._backward((weights.to(perturbed.dtype) * perturbed).sum() * (size / n))
+                perturbed = self._losses(call, moved, self.unperturbed, part, count)[0]
+            if weights is not None and settings.weighted_descent:
+                call.backward((weights.to(perturbed.dtype) * perturbed).sum() * (size / call.n))
             else:
-                self._backward(perturbed.sum() / n)
+                call.backward(perturbed.sum() / call.n)
         flat = None if weights is None else weights.reshape(-1)
         return clean.detach().reshape(-1), perturbed.detach().reshape(-1), norm, eps_norm, ok, flat
 
+    def _ascend(
+        self, call: _Call, part: Batch, count: int, size: int
+    ) -> tuple[Tensor, Optional[Tensor], list[Optional[Tensor]]]:
+        """The groups' clean losses, λ, and ascent gradients ``[count, ...]`` (summed into LookSAM's plain
+        gradient where asked)."""
+        views = [p.detach().expand(count, *p.shape).requires_grad_() for p in self.params]
+        fixed = {name: p.detach() for name, p in self.unperturbed.items()}
+        weights = None
+        with call.ascent_sync():
+            tap = self.settings.weigh is not None
+            clean, h, z = self._losses(call, dict(zip(self.names, views)), fixed, part, count, tap=tap)
+            if h is not None and z is not None:
+                weights = self._weights(clean, h, z)
+                if call.plain is not None:
+                    mean = torch.autograd.grad(clean.sum() / call.n, views, retain_graph=True, allow_unused=True)
+                    for total, part_grad in zip(call.plain, mean):
+                        if part_grad is not None:
+                            total.add_(part_grad.sum(0))
+                ascent = (weights.to(clean.dtype) * clean).sum()
+            else:
+                ascent = clean.mean(1).sum()
+            call.backward(ascent)
+        grads = [v.grad for v in views]
+        if call.plain is not None and weights is None:
+            share = torch.full((count,), size / call.n, dtype=self.params[0].dtype, device=self.params[0].device)
+            for total, grad in zip(call.plain, grads):
+                if grad is not None:
+                    total.add_(torch.tensordot(share, grad, dims=1))
+        return clean, weights, grads
+
     def _to_moved(
-        self, params: list[Tensor], grads: list[Tensor], unscaled: Optional[list[bool]]
+        self, call: _Call, count: int, params: list[Tensor], grads: list[Tensor], unscaled: Optional[list[bool]]
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Turn each ``[G, ...]`` gradient into ``w + eps_k`` in place (:func:`.ascent.perturb_groups_`)."""
         if not grads:
-            zero = torch.zeros(self._count, device=self.params[0].device)
+            zero = torch.zeros(count, device=self.params[0].device)
             return zero, zero, zero > 0
-        return perturb_groups_(params, grads, self._rho, adaptive=self._adaptive, eta=self._eta, unscaled=unscaled)
+        settings = self.settings
+        return perturb_groups_(params, grads, call.rho, adaptive=settings.adaptive, eta=settings.eta, unscaled=unscaled)
 
 
 class GroupBuffers:

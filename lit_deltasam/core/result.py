@@ -47,8 +47,8 @@ class StepResult:
     full_step: bool = True
     """Set by the driver: whether this is a full sharpness-aware step under ``interval``."""
     stepped: bool = False
-    """Set by the loop driver (:class:`~lit_deltasam.core.driver.Driver`): this micro-batch ended a window with an optimizer
-    step (one whose update a loss scaler skipped counts, as in Lightning's ``global_step``)."""
+    """Set by the loop driver (:class:`~lit_deltasam.core.driver.Driver`): this micro-batch ended a window with an
+    optimizer step (one whose update a loss scaler skipped counts, as in Lightning's ``global_step``)."""
 
     def local_finite(self) -> Tensor:
         """This rank's losses (and ascent gradient norm) are finite, as a 0-d bool tensor (no sync)."""

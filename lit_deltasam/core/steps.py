@@ -21,7 +21,7 @@ from torch import Tensor
 from .ascent import perturb
 from .batch import batch_size, check_losses, slice_batch
 from .distributed import arm_reducer, world_size
-from .groups import BatchedGroups, GroupBuffers, GroupedStep, Unbatchable, group_impl, unbatchable
+from .groups import BatchedGroups, GroupBuffers, GroupedStep, GroupSettings, Unbatchable, group_impl, unbatchable
 from .parts import NoSync, Parts, Step, descent_sync
 from .randomness import RandomState
 from .result import StepResult, merge_groups
@@ -184,8 +184,18 @@ class Batched:
     def __init__(self, parts: Parts, scorer: Scorer) -> None:
         self.parts, self.scorer = parts, scorer
         self.enabled = group_impl(parts.config, parts.device) == "batched"
-        chunk = parts.config.group_chunk
-        self.groups = BatchedGroups(parts.module, parts.params, parts.names, parts.unperturbed, chunk)
+        cfg = parts.config
+        settings = GroupSettings(
+            adaptive=parts.adaptive,
+            eta=parts.eta,
+            unscaled=parts.unscaled,
+            share_dropout=cfg.share_dropout,
+            head=scorer.head,
+            weigh=scorer.group_weights if cfg.reweights else None,
+            weighted_descent=cfg.weighted_descent,
+        )
+        groups = (parts.module, parts.params, parts.names, parts.unperturbed, cfg.group_chunk, settings)
+        self.groups = BatchedGroups(*groups)
         self.said: set[str] = set()
 
     def run(self, ctx: Step, grads_before: Grads, m: int) -> Optional[GroupedStep]:
@@ -209,14 +219,7 @@ class Batched:
                 backward=ctx.backward,
                 ascent_sync=ctx.no_sync,
                 descent_sync=lambda last: descent_sync(ctx.no_sync, ctx.sync_descent and last),
-                adaptive=parts.adaptive,
-                eta=parts.eta,
-                unscaled=parts.unscaled,
-                share_dropout=cfg.share_dropout,
                 plain_grad=ctx.plain_grad,
-                head=head,
-                weigh=self.scorer.group_weights if cfg.reweights else None,
-                weighted_descent=cfg.weighted_descent,
             )
         except Unbatchable as why:  # the loop from now on
             parts.params_before.restore()
