@@ -120,6 +120,21 @@ class Driver:
         self.stepped_params = [id(p) for p in self.engine.params]
         self.schedule = RhoSchedule(config, optimizer, state, total_steps, schedulers)
 
+    def base_step(self, scaler: Optional[Any] = None) -> bool:
+        """The base optimizer's step, clipping G first (after ``scaler`` unscaled it). A step that an active loss
+        scaler skips (inf or NaN in G; the scale backs off) counts as taken, as in Lightning's ``global_step`` and
+        torch's AMP recipe, which steps the LR schedulers after every ``scaler.step``."""
+        params = optimizer_params(self.optimizer)
+        if scaler is None or not scaler.is_enabled():
+            clip_gradients(params, self.config)
+            self.optimizer.step()
+            return True
+        scaler.unscale_(self.optimizer)
+        clip_gradients(params, self.config)
+        scaler.step(self.optimizer)  # steps the base only if G is finite
+        scaler.update()
+        return True
+
     def window_ends(self, last_batch: bool = False) -> bool:
         """Whether the next micro-batch closes the accumulation window: the window is full, or the data ends."""
         return last_batch or self.state.micro + 1 >= self.config.accumulate_grad_batches

@@ -226,14 +226,7 @@ class DeltaSAM:
             Exception: whatever ``loss_fn`` or ``backward`` raise; parameters, buffers and ``.grad`` are then
                 bit-identical to their values before the call.
         """
-        if rho is not None and not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho >= 0):
-            raise ValueError(f"DeltaSAM.step(rho={rho!r}) is not valid; the radius must be a finite number >= 0")
-        self._warn_if_unscheduled(rho)
-        no_sync = no_sync or nullcontext
-        if self.config.perturbs:
-            refuse_static_graph(no_sync)
-        radius = self.config.radius if rho is None else float(rho)
-        ctx = Step(_recasting(loss_fn), batch, backward or _default_backward, no_sync, sync_descent, radius, plain_grad)
+        ctx = self._context(loss_fn, batch, backward, no_sync, sync_descent, rho, plain_grad)
         self.parts.params_before.capture()
         self.parts.buffers_before.capture()
         grads_before = take_grads(self.updated)
@@ -248,6 +241,27 @@ class DeltaSAM:
             torch.clear_autocast_cache()  # it holds copies of w + eps, and the weights are back at w
         self._check_window(result, sync_descent, check_finite)
         return result
+
+    def _context(
+        self,
+        loss_fn: LossFn,
+        batch: Batch,
+        backward: Optional[Backward],
+        no_sync: Optional[NoSync],
+        sync_descent: bool,
+        rho: Optional[float],
+        plain_grad: bool,
+    ) -> Step:
+        """One call's arguments, checked, with their defaults."""
+        if rho is not None and not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho >= 0):
+            raise ValueError(f"DeltaSAM.step(rho={rho!r}) is not valid; the radius must be a finite number >= 0")
+        self._warn_if_unscheduled(rho)
+        no_sync = no_sync or nullcontext
+        if self.config.perturbs:
+            refuse_static_graph(no_sync)
+        radius = self.config.radius if rho is None else float(rho)
+        backward = backward or _default_backward
+        return Step(_recasting(loss_fn), batch, backward, no_sync, sync_descent, radius, plain_grad)
 
     def _check_window(self, result: StepResult, sync_descent: bool, check_finite: bool) -> None:
         """Gather whether the window's losses were finite; at its synchronized end, whether G is, on every rank."""
@@ -283,7 +297,7 @@ class DeltaSAM:
                 f"{self.config.rho_schedule!r} is applied by DeltaSAMOptimizer and DeltaSAMMixin; pass rho= "
                 "(e.g. from lit_deltasam.scheduled_rho) or drive the engine with DeltaSAMOptimizer",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
 
 

@@ -278,6 +278,21 @@ class BatchedGroups:
             if out.ndim == 1:
                 raise Unbatchable("the loss is one scalar per group")
             return check_losses(out.reshape(-1), part, device).reshape(count, -1), None, None
+        return self._tapped_losses(call, layer, stacked, shared, part, grouped, in_dims, count)
+
+    def _tapped_losses(
+        self,
+        call: _Call,
+        layer: nn.Linear,
+        stacked: dict[str, Tensor],
+        shared: dict[str, Tensor],
+        part: Batch,
+        grouped: Batch,
+        in_dims: Any,
+        count: int,
+    ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        """:meth:`_losses` with the head layer tapped."""
+        device = self.params[0].device
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
         n = batch_size(part)
         assert n is not None

@@ -8,20 +8,19 @@ in both.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import fields
 from typing import Any, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ..config import DeltaSAMConfig
 from .batch import Batch
+from .closure import Pass, closure_step
 from .distributed import rank as this_rank
-from .distributed import world_size
-from .driver import Driver, LoopState, clip_gradients, optimizer_params
+from .driver import Driver, LoopState
 from .engine import Backward, DeltaSAM, NoSync, StepResult
 from .sharding import NormReduce
 
@@ -29,34 +28,12 @@ _LOOP_SHAPE = ("method", "accumulate_grad_batches", "interval", "reuse", "m_shar
 """The config fields a saved loop state depends on: a state loads only into an optimizer that agrees on them."""
 
 
-class _Skipped(Exception):
-    """A closure returned ``None`` (Lightning's way of skipping a batch): the step is not taken."""
-
-
 _NO_BATCH = object()
 
 _HISTOGRAMS_DEFAULT = next(f.default for f in fields(DeltaSAMConfig) if f.name == "histogram_every_n_steps")
 
-_COPIED = ("optimizer", "module", "config", "scaler", "steps", "_reads_histograms")
+_COPIED = ("optimizer", "module", "config", "scaler", "steps")
 """What a copy (``copy.deepcopy``, ``pickle``) of a DeltaSAMOptimizer carries; the engine is built again."""
-
-
-class _Pass:
-    """Which pass of ``step(closure)`` is running; one object shared by every view of the optimizer (Lightning's
-    ``LightningOptimizer`` copies the wrapper's attributes, not their values)."""
-
-    perturbed: bool = False
-
-
-def _perturbed_closure(closure: Callable[[], Any]) -> AbstractContextManager:
-    """What a closure's framework needs around its evaluation at w + ε: under Lightning's automatic optimization,
-    ``training_step``'s logging, metric updates and step output are those of the pass at w
-    (:mod:`lit_deltasam.lightning.automatic`). Lightning is imported only if the closure's caller already did."""
-    if "lightning.pytorch" not in sys.modules:
-        return nullcontext()
-    from ..lightning.automatic import perturbed_closure
-
-    return perturbed_closure(closure)
 
 
 def _shared(name: str) -> property:
@@ -87,8 +64,8 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
     (``register_step_pre_hook``, ``register_step_post_hook``) and torch's global ones, fire once per optimizer step
     the base optimizer takes: not per micro-batch, not for a skipped step, and the global ones for the base optimizer
     only. ``copy.deepcopy`` and ``pickle`` carry the model, the base optimizer, the config and the loop state (an open
-    window's gradients included), as ``state_dict`` does; step hooks are not copied, as in torch. Three ways to
-    step:
+    window's gradients included), as ``state_dict`` does; step hooks are not copied, as in torch. Two ways to
+    step (the Lightning mixin runs the same :class:`~.driver.Driver` with Lightning's own step):
 
     * ``step(loss_fn, batch)``: ``loss_fn(batch)`` returns per-instance losses ``[n]`` (every method), or
       a scalar mean loss (``erm``, ``sam``, ``asam`` and their m-sharpness; not ``deltasam`` or
@@ -98,8 +75,7 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
       accumulation (a closure is one optimizer step on one batch). This is what Lightning's automatic
       optimization calls; its 16-mixed precision, which runs the closure once before a loss-scaler step,
       and its gradient accumulation, which passes only the last micro-batch's closure, are refused by name:
-      use :class:`~lit_deltasam.DeltaSAMMixin` for those;
-    * the pieces :meth:`micro_step` and :meth:`end_window`, as the Lightning mixin calls them through :meth:`drive`.
+      use :class:`~lit_deltasam.DeltaSAMMixin` for those.
 
     Args:
         module: the model; ``loss_fn`` must compute through it.
@@ -115,8 +91,6 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
         seed: base of the per-step seeds (``seed_steps``); default ``torch.initial_seed()``.
         reduce_squares: as for :class:`DeltaSAM` (FSDP1 shards).
         state: the loop state to continue (the mixin passes the one a checkpoint restored).
-        reads_histograms: the caller logs the histograms of ``histogram_every_n_steps`` (the Lightning mixin
-            does); otherwise a ``histogram_every_n_steps`` set in the config is refused, as nothing would read it.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
@@ -145,7 +119,6 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
         seed: Optional[int] = None,
         reduce_squares: Optional[NormReduce] = None,
         state: Optional[LoopState] = None,
-        reads_histograms: bool = False,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -153,15 +126,8 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
                 "torch.optim.AdamW(model.parameters())"
             )
         config = config if config is not None else DeltaSAMConfig()
-        every = config.histogram_every_n_steps
-        if not reads_histograms and every != _HISTOGRAMS_DEFAULT:
-            raise ValueError(
-                f"DeltaSAMConfig.histogram_every_n_steps={every} is read only by DeltaSAMMixin, which logs the "
-                "histograms to Lightning's loggers; DeltaSAMOptimizer logs nothing, so it would be ignored. Leave it "
-                "unset and log result.loss_change (and result.weights) from the StepResult yourself"
-            )
-        self._reads_histograms = reads_histograms
-        self._pass = _Pass()
+        _refuse_unread_histograms(config)
+        self.pass_ = Pass()
         super().__init__(optimizer.param_groups, optimizer.defaults)
         self.optimizer = optimizer  # from here on param_groups, state and defaults are the base's
         for name in ("param_groups", "state", "defaults"):
@@ -193,7 +159,7 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
         the torchmetrics it updates and the loss it returns count from the first (at w) only. Read this flag in
         ``training_step`` to skip any other side effect in the second: ``if not self.optimizers().perturbed_pass``.
         """
-        return self._pass.perturbed  # also through Lightning's LightningOptimizer, which forwards attributes
+        return self.pass_.perturbed  # also through Lightning's LightningOptimizer, which forwards attributes
 
     def __repr__(self) -> str:
         cfg = self.config
@@ -239,7 +205,6 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
             schedulers=state["schedulers"],
             reduce_squares=state["reduce_squares"],
             state=state["loop_state"],
-            reads_histograms=state["_reads_histograms"],
         )
         self.steps, self.driver.schedule.warned_lr_max = state["steps"], state["warned_lr_max"]
         if grads is not None:
@@ -270,29 +235,27 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
         """One micro-batch; at the end of each accumulation window, one step of the base optimizer.
 
         Args:
-            loss_fn: maps ``batch`` to ``[n]`` per-instance losses through ``module`` (or to a scalar
-                mean loss, for the methods that need no per-instance loss). Called with no ``batch``, it
-                is a closure, as ``closure``.
+            loss_fn: maps ``batch`` to ``[n]`` per-instance losses through ``module`` (or to a scalar mean loss, for
+                the methods that need no per-instance loss); called with no ``batch``, it is a closure.
             batch: any pytree whose tensors have the instances on dimension 0.
-            closure: torch's closure (zeroes, computes the loss, runs backward, returns the loss),
-                evaluated at w and at w + eps; one closure is one optimizer step.
+            closure: torch's closure (zeroes, computes the loss, runs backward, returns the loss), evaluated at w
+                and at w + eps; one closure is one optimizer step.
             backward: as for :meth:`DeltaSAM.step` (not with ``scaler``, which scales the losses itself).
             no_sync: DDP's ``no_sync``, so that only a window's last micro-batch all-reduces.
-            last: end the window with this micro-batch (an epoch's last, shorter window);
-                default: after ``accumulate_grad_batches`` micro-batches.
+            last: end the window with this micro-batch (an epoch's last); default: after
+                ``accumulate_grad_batches`` micro-batches.
 
         Returns:
-            The micro-batch's :class:`StepResult`; ``result.stepped`` tells whether the window ended in an
-            optimizer step (then step the LR schedulers); a step whose update the loss scaler skipped counts,
-            as in Lightning's ``global_step``. ``None`` when a closure returned ``None``
-            (a skipped batch): nothing was stepped.
+            The micro-batch's :class:`StepResult`; ``result.stepped`` tells whether the window ended in an optimizer
+            step (then step the LR schedulers; a step a loss scaler skipped counts, as in Lightning). ``None`` when
+            a closure returned ``None`` (a skipped batch): nothing was stepped.
         """
         if batch is _NO_BATCH and closure is None:
             closure, loss_fn = loss_fn, None
         if closure is not None:
             if loss_fn is not None or batch is not _NO_BATCH:
                 raise TypeError("DeltaSAMOptimizer.step takes a closure or loss_fn and batch, not both")
-            return self._closure_step(closure)
+            return closure_step(self, closure)
         if loss_fn is None:
             raise TypeError(
                 "DeltaSAMOptimizer.step() got neither loss_fn and batch nor a closure: a sharpness-aware step "
@@ -300,24 +263,14 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
                 "its GradScaler without one: use DeltaSAMMixin there, or DeltaSAMOptimizer(..., scaler=) in your "
                 "own loop.)"
             )
-        if backward is not None and self.scaler is not None:
-            raise ValueError(
-                "DeltaSAMOptimizer.step got backward= and the optimizer has a scaler: the scaler scales the losses "
-                "itself; drop backward= (or build the optimizer without scaler= and scale in your backward)"
-            )
-        if self.scaler is not None:
-            scaler = self.scaler
-            backward = lambda loss: scaler.scale(loss).backward()  # noqa: E731
-        if last is None:
-            last = self.driver.window_ends()
         result = self.driver.drive(
             loss_fn,
             batch,
             step=self.steps,
-            last=last,
-            optimizer_step=self._optimizer_step,
+            last=self.driver.window_ends() if last is None else last,
+            optimizer_step=self.base_step,
             zero_grad=self.zero_grad,
-            backward=backward,
+            backward=self._backward(backward),
             no_sync=no_sync,
             scaler=self.scaler,
             rank=this_rank(),
@@ -325,119 +278,32 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
         self.steps += result.stepped
         return result
 
+    def _backward(self, backward: Optional[Backward]) -> Optional[Backward]:
+        """The caller's backward, or the scaler's: one of the two scales the losses."""
+        if self.scaler is None:
+            return backward
+        if backward is not None:
+            raise ValueError(
+                "DeltaSAMOptimizer.step got backward= and the optimizer has a scaler: the scaler scales the losses "
+                "itself; drop backward= (or build the optimizer without scaler= and scale in your backward)"
+            )
+        scaler = self.scaler
+        return lambda loss: scaler.scale(loss).backward()
+
     # torch wraps an optimizer class's step in its step hooks unless marked: this step is a micro-batch, which may
-    # not step at all; the hooks fire from the base optimizer's step instead (_own_hooks_on_the_base)
+    # not step at all; the hooks fire from the base optimizer's step instead (_hooks_on_the_base)
     step.hooked = True  # type: ignore[attr-defined]
 
-    def _closure_step(self, closure: Callable[[], Any]) -> Optional[StepResult]:
-        cfg = self.config
-        refused = [
-            (cfg.accumulate_grad_batches > 1, f"accumulate_grad_batches={cfg.accumulate_grad_batches}"),
-            (cfg.m_sharpness is not None, f"m_sharpness={cfg.m_sharpness}"),
-            (cfg.reweights or cfg.method == "per_instance", f"method={cfg.method!r} (per-instance losses)"),
-            (self.scaler is not None, "scaler= (the closure runs its own backward)"),
-            (cfg.ascent == "local" and cfg.perturbs and world_size() > 1, "ascent='local' under DDP"),
-        ]
-        for bad, what in refused:
-            if bad:
-                raise ValueError(
-                    f"DeltaSAMOptimizer.step(closure) cannot run {what}: a closure is one scalar loss of one batch, "
-                    "evaluated with its own backward (all-reduced under DDP); call step(loss_fn, batch) with per-"
-                    "instance losses, or use DeltaSAMMixin in Lightning"
-                )
-        passes = 0
-
-        def loss_of(_: Batch) -> Tensor:
-            nonlocal passes
-            passes += 1
-            perturbed = passes > 1
-            self._pass.perturbed = perturbed
-            try:
-                with torch.enable_grad(), _perturbed_closure(closure) if perturbed else nullcontext():
-                    loss = closure()
-            finally:
-                self._pass.perturbed = False
-            if loss is None:
-                raise _Skipped
-            return torch.as_tensor(loss).detach().reshape(1)
-
-        try:
-            result = self.driver.drive(
-                loss_of,
-                None,
-                step=self.steps,
-                last=True,
-                optimizer_step=self._optimizer_step,
-                zero_grad=self.zero_grad,
-                backward=lambda loss: None,
-                stale_advice=(
-                    "step(closure) evaluates the closure itself at w and at w + eps. Under Lightning's automatic "
-                    "optimization this is Trainer(accumulate_grad_batches > 1), which passes only a window's last "
-                    "closure: use DeltaSAMMixin with DeltaSAMConfig(accumulate_grad_batches=k). In a loop of your own, "
-                    "zero them first (davda54/sam's example runs a backward before step(closure), not needed here)"
-                ),
-            )
-        except _Skipped:
-            self.zero_grad()
-            self.loop_state.micro = 0
-            return None
-        self.steps += result.stepped
-        return result
-
-    def _active_scaler(self) -> Optional[Any]:
-        """The loss scaler, where it scales the losses and decides the skips (a disabled one does neither)."""
-        return self.scaler if self.scaler is not None and self.scaler.is_enabled() else None
-
-    def _optimizer_step(self) -> bool:
-        """The base optimizer's step, clipping included. A step that a loss scaler skips (inf or NaN in G; the scale
-        backs off) counts as taken, as in Lightning's ``global_step`` and torch's AMP recipe, which steps the LR
-        schedulers after every ``scaler.step``: ρ's schedule, ``interval`` and the LR then agree with the mixin's."""
-        params = optimizer_params(self.optimizer)
-        scaler = self._active_scaler()
-        with self._own_hooks_on_the_base():
-            if scaler is None:
-                clip_gradients(params, self.config)
-                self.optimizer.step()
-                return True
-            scaler.unscale_(self.optimizer)
-            clip_gradients(params, self.config)
-            scaler.step(self.optimizer)  # steps the base only if G is finite
-            scaler.update()
-            return True
-
-    @contextmanager
-    def _own_hooks_on_the_base(self) -> Iterator[None]:
-        """Fire this optimizer's step hooks from the base optimizer's step, so that they run exactly when the base
-        steps (after torch's global pre-hooks, before its global post-hooks), with this optimizer as their first
-        argument."""
-        pre, post = self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks
-        if not pre and not post:
-            yield
-            return
-
-        def run_pre(_: Any, args: Any, kwargs: Any) -> Any:
-            for hook in list(pre.values()):
-                out = hook(self, args, kwargs)
-                if out is not None:
-                    args, kwargs = out
-            return args, kwargs
-
-        def run_post(_: Any, args: Any, kwargs: Any) -> None:
-            for hook in list(post.values()):
-                hook(self, args, kwargs)
-
-        handles = [self.optimizer.register_step_pre_hook(run_pre), self.optimizer.register_step_post_hook(run_post)]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+    def base_step(self) -> bool:
+        """The base optimizer's step (:meth:`~.driver.Driver.base_step`), firing this optimizer's step hooks."""
+        with _hooks_on_the_base(self, self.optimizer):
+            return self.driver.base_step(self.scaler)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if "engine" not in self.__dict__:  # torch.optim.Optimizer.__init__ registering the base's groups
+        if "driver" not in self.__dict__:  # torch.optim.Optimizer.__init__ registering the base's groups
             super().add_param_group(param_group)
             return
         self.optimizer.add_param_group(param_group)  # the next window's step perturbs and updates them too
@@ -483,3 +349,42 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
         grads = saved.get("grads")
         for i, p in enumerate(self.engine.params):
             p.grad = None if grads is None else grads[i].to(p.device, p.dtype).clone()
+
+
+def _refuse_unread_histograms(config: DeltaSAMConfig) -> None:
+    """``histogram_every_n_steps`` is read by the Lightning mixin's loggers only: refused when set here."""
+    every = config.histogram_every_n_steps
+    if every != _HISTOGRAMS_DEFAULT:
+        raise ValueError(
+            f"DeltaSAMConfig.histogram_every_n_steps={every} is read only by DeltaSAMMixin, which logs the histograms "
+            "to Lightning's loggers; DeltaSAMOptimizer logs nothing, so it would be ignored. Leave it unset and log "
+            "result.loss_change (and result.weights) from the StepResult yourself"
+        )
+
+
+@contextmanager
+def _hooks_on_the_base(wrapper: torch.optim.Optimizer, base: torch.optim.Optimizer) -> Iterator[None]:
+    """Fire ``wrapper``'s step hooks from ``base``'s step, so that they run exactly when the base steps (after
+    torch's global pre-hooks, before its global post-hooks), with the wrapper as their first argument."""
+    pre, post = wrapper._optimizer_step_pre_hooks, wrapper._optimizer_step_post_hooks
+    if not pre and not post:
+        yield
+        return
+
+    def run_pre(_: Any, args: Any, kwargs: Any) -> Any:
+        for hook in list(pre.values()):
+            out = hook(wrapper, args, kwargs)
+            if out is not None:
+                args, kwargs = out
+        return args, kwargs
+
+    def run_post(_: Any, args: Any, kwargs: Any) -> None:
+        for hook in list(post.values()):
+            hook(wrapper, args, kwargs)
+
+    handles = [base.register_step_pre_hook(run_pre), base.register_step_post_hook(run_post)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

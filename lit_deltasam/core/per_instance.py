@@ -215,33 +215,51 @@ class PerInstance:
             random_state = RandomState(self.device)
             for i in range(n):
                 instance = slice_batch(batch, slice(i, i + 1))
-                random_state.capture()
-                with self.rows.sparse():
-                    loss = self._instance_loss(loss_fn, instance)
-                    grads = _rows(self._grads(loss))
-                if with_plain:
-                    _add_(plain, grads)
-                norm = total_norm(_values(grads))
-                try:
-                    if on_device(norm.device):  # eps_i = 0 where ||g_i|| is 0 or not finite, with no value read
-                        saved = self._perturb(grads, factor(rho, norm, torch.float64).float())
-                    else:
-                        step = host_factor(rho, norm.item())
-                        saved = [] if step is None else self._perturb(grads, step)
-                    with self.rows.sparse(), random_state.replay() if self.share_dropout else nullcontext():
-                        perturbed_loss = self._instance_loss(loss_fn, instance)
-                        _add_(total, _rows(self._grads(perturbed_loss, reached)))
-                except BaseException:
-                    snapshot.restore()
-                    raise
-                self._restore(snapshot, saved)
-                clean.append(loss.detach().reshape(1))
-                perturbed.append(perturbed_loss.detach().reshape(1))
+                sums = (total, plain, reached)
+                loss, perturbed_loss = self._sam_one(loss_fn, instance, rho, snapshot, random_state, *sums)
+                clean.append(loss)
+                perturbed.append(perturbed_loss)
         torch._foreach_div_(total, n)
         if with_plain:
             torch._foreach_div_(plain, n)
         update = [t if r else None for t, r in zip(total, reached)]
         return update, torch.cat(clean), torch.cat(perturbed), plain if with_plain else None
+
+    def _sam_one(
+        self,
+        loss_fn: LossFn,
+        instance: Batch,
+        rho: float,
+        snapshot: Snapshot,
+        random_state: RandomState,
+        total: list[Tensor],
+        plain: list[Tensor],
+        reached: list[bool],
+    ) -> tuple[Tensor, Tensor]:
+        """One instance of the loop: ``grad l_i(w + rho ĝ_i)`` added to ``total`` (and ``g_i`` to a non-empty
+        ``plain``; the parameters it reaches marked in ``reached``), w restored; returns ``l_i(w)`` and
+        ``l_i(w + rho ĝ_i)``."""
+        random_state.capture()
+        with self.rows.sparse():
+            loss = self._instance_loss(loss_fn, instance)
+            grads = _rows(self._grads(loss))
+        if plain:
+            _add_(plain, grads)
+        norm = total_norm(_values(grads))
+        try:
+            if on_device(norm.device):  # eps_i = 0 where ||g_i|| is 0 or not finite, with no value read
+                saved = self._perturb(grads, factor(rho, norm, torch.float64).float())
+            else:
+                step = host_factor(rho, norm.item())
+                saved = [] if step is None else self._perturb(grads, step)
+            with self.rows.sparse(), random_state.replay() if self.share_dropout else nullcontext():
+                perturbed_loss = self._instance_loss(loss_fn, instance)
+                _add_(total, _rows(self._grads(perturbed_loss, reached)))
+        except BaseException:
+            snapshot.restore()
+            raise
+        self._restore(snapshot, saved)
+        return loss.detach().reshape(1), perturbed_loss.detach().reshape(1)
 
     @torch.no_grad()
     def _perturb(self, grads: list[Grad], factor: Union[float, Tensor]) -> list[tuple[int, Tensor, Tensor]]:
