@@ -30,6 +30,12 @@ _LOOP_SHAPE = ("method", "accumulate_grad_batches", "interval", "reuse", "m_shar
 
 _NO_BATCH = object()
 
+_NO_LOSS = (
+    "DeltaSAMOptimizer.step() got neither loss_fn and batch nor a closure: a sharpness-aware step evaluates the loss "
+    "twice. (Lightning's precision='16-mixed' runs the closure once and steps through its GradScaler without one: "
+    "use DeltaSAMMixin there, or DeltaSAMOptimizer(..., scaler=) in your own loop.)"
+)
+
 _HISTOGRAMS_DEFAULT = next(f.default for f in fields(DeltaSAMConfig) if f.name == "histogram_every_n_steps")
 
 _COPIED = ("optimizer", "module", "config", "scaler", "steps")
@@ -257,12 +263,7 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
                 raise TypeError("DeltaSAMOptimizer.step takes a closure or loss_fn and batch, not both")
             return closure_step(self, closure)
         if loss_fn is None:
-            raise TypeError(
-                "DeltaSAMOptimizer.step() got neither loss_fn and batch nor a closure: a sharpness-aware step "
-                "evaluates the loss twice. (Lightning's precision='16-mixed' runs the closure once and steps through "
-                "its GradScaler without one: use DeltaSAMMixin there, or DeltaSAMOptimizer(..., scaler=) in your "
-                "own loop.)"
-            )
+            raise TypeError(_NO_LOSS)
         result = self.driver.drive(
             loss_fn,
             batch,
