@@ -1,4 +1,15 @@
-"""The functional core: plain PyTorch, no Lightning import."""
+"""The functional core: plain PyTorch, no Lightning import. Where each piece of the step lives
+(derivation: ``docs/method-card.md``):
+
+* ε, the ascent of every method: ``ascent`` (direction, the factor ρ/‖g‖, the move; host and device arithmetic).
+* λ, the instance weights: ``scoring`` (from ``guardedness``'s head/probe/curvature scores, ``per_instance``'s exact
+  norms) and ``weighting`` (λ ∝ s^β, floored and clipped).
+* The double step, one strategy chosen per engine: ``steps`` (Plain, TwoPass, Grouped, PerInstanceSAM; batched
+  groups in ``groups``), run by ``engine.DeltaSAM`` over its ``parts``; what it measured: ``result``.
+* ρ along training: ``schedule.RhoSchedule``. LookSAM's stored direction: ``amortized``.
+* The window, accumulation, skips and the base step: ``driver.Driver``; its torch shell ``loop.DeltaSAMOptimizer``
+  (``closure``: torch's ``step(closure)``).
+"""
 
 from .ascent import perturb
 from .engine import DeltaSAM, StepResult
