@@ -115,22 +115,7 @@ def find_lr(cfg: DictConfig) -> dict[str, Any]:
     method = module.deltasam
     module.deltasam = type(method)(method="erm", **{f: getattr(method, f) for f in LOOP_FIELDS})
     recorded = record_losses(module)
-    trainer: L.Trainer = instantiate(
-        cfg.trainer,
-        logger=False,
-        callbacks=[],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        max_epochs=-1,
-        max_steps=search.num_training,
-        min_epochs=None,  # a minimum would hold off the stop on divergence
-        min_steps=None,
-        max_time=None,
-        check_val_every_n_epoch=None,
-        val_check_interval=10**9,  # the range test needs no validation
-        default_root_dir=cfg.paths.output_dir,  # for its checkpoint of the start, which it deletes
-    )
+    trainer = range_test_trainer(cfg)
     finder = Tuner(trainer).lr_find(
         module,
         datamodule=datamodule,
@@ -147,19 +132,45 @@ def find_lr(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         save_curve(finder, lr, search.rule, Path(cfg.paths.output_dir))
     if lr is None or not math.isfinite(lr):
-        points = len(finder.results["lr"])
-        stopped = points < search.num_training
-        raise ValueError(
-            f"the LR range test gave no suggestion from {points} points between lr_find.min_lr={search.min_lr} and "
-            + (
-                f"{finder.results['lr'][-1]:.3g}, where the loss diverged: lower lr_find.max_lr or raise "
-                "lr_find.early_stop_threshold"
-                if stopped
-                else f"lr_find.max_lr={search.max_lr}: the loss barely moved; raise lr_find.num_training or max_lr"
-            )
-            + f"; the curve is in {Path(cfg.paths.output_dir) / 'lr_find.json'}. Or set optim.lr and drop tune_lr"
-        )
+        raise no_suggestion(finder.results["lr"], search, Path(cfg.paths.output_dir))
     return {"lr": float(lr), "lrs": finder.results["lr"], "losses": finder.results["loss"]}
+
+
+def range_test_trainer(cfg: DictConfig) -> L.Trainer:
+    """The run's trainer as the range test needs it: no loggers, callbacks, checkpoints or validation, and
+    ``lr_find.num_training`` steps at most."""
+    trainer: L.Trainer = instantiate(
+        cfg.trainer,
+        logger=False,
+        callbacks=[],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_epochs=-1,
+        max_steps=cfg.lr_find.num_training,
+        min_epochs=None,  # a minimum would hold off the stop on divergence
+        min_steps=None,
+        max_time=None,
+        check_val_every_n_epoch=None,
+        val_check_interval=10**9,  # the range test needs no validation
+        default_root_dir=cfg.paths.output_dir,  # for its checkpoint of the start, which it deletes
+    )
+    return trainer
+
+
+def no_suggestion(lrs: list[float], search: Any, output_dir: Path) -> ValueError:
+    """The error for a curve that gave no suggestion: diverged early (``lrs`` stopped short) or barely moved."""
+    points = len(lrs)
+    stopped = points < search.num_training
+    return ValueError(
+        f"the LR range test gave no suggestion from {points} points between lr_find.min_lr={search.min_lr} and "
+        + (
+            f"{lrs[-1]:.3g}, where the loss diverged: lower lr_find.max_lr or raise lr_find.early_stop_threshold"
+            if stopped
+            else f"lr_find.max_lr={search.max_lr}: the loss barely moved; raise lr_find.num_training or max_lr"
+        )
+        + f"; the curve is in {output_dir / 'lr_find.json'}. Or set optim.lr and drop tune_lr"
+    )
 
 
 BETA = 0.98

@@ -155,8 +155,8 @@ TYPED_GROUPS: dict[str, type] = {
 @dataclass
 class EvalSchema:
     ckpt_path: str = MISSING
-    # typed, not Any, so that task=null is refused; mypy cannot see a dataclass made at import
-    task: TaskOverrides = field(default_factory=TaskOverrides)  # type: ignore[valid-type]
+    # typed, not Any, so that task=null is refused; mypy takes TaskOverrides (from make_dataclass) for a variable
+    task: TaskOverrides = field(default_factory=TaskOverrides)  # type: ignore[valid-type]  # a class made at import
     batch_size: int = 128
     max_length: Optional[int] = None
     paths: PathsSchema = field(default_factory=PathsSchema)

@@ -204,8 +204,29 @@ def _build(
 
     texts = {split: row_texts(table, text_column, text_pair_column) for split, (_, table) in tables.items()}
     labels = {split: list(table[label_column]) for split, (_, table) in tables.items()}
-    kept = {split: [i for i, text in enumerate(texts[split]) if text is not None] for split in tables}
     text_columns = repr(text_column) + (f" or {text_pair_column!r}" if text_pair_column else "")
+    kept = _kept_rows(tables, texts, text_columns)
+    if kind == "regression":
+        label_names: tuple[str, ...] = ()
+        targets = {split: _targets(tables[split][0], label_column, labels[split], kept[split]) for split in tables}
+    else:
+        label_names, targets = _class_targets(tables, label_column, labels, kept, classes)
+
+    kept_texts = {split: [text for text in texts[split] if text is not None] for split in tables}  # rows of kept
+    examples: dict[str, list[Example]] = {
+        split: [{**text, "label": target} for text, target in zip(kept_texts[split], targets[split], strict=True)]
+        for split in tables
+    }
+    splits = _held_out_splits(examples, tables, kind, train_where)
+    fields = ("text", "text_pair") if text_pair_column is not None else ("text",)
+    return Task(name, kind, label_names, METRICS[kind], partial(_copies, splits), fields)
+
+
+def _kept_rows(
+    tables: Mapping[str, tuple[str, Any]], texts: Mapping[str, list[dict[str, str] | None]], text_columns: str
+) -> dict[str, list[int]]:
+    """Each split's rows with a text; warn of the rows dropped, refuse a split left with none."""
+    kept = {split: [i for i, text in enumerate(texts[split]) if text is not None] for split in tables}
     for split, (where, table) in tables.items():
         if not kept[split]:
             raise ValueError(
@@ -217,38 +238,48 @@ def _build(
                 f"{where}: dropped {dropped} of {len(table)} rows whose text (column {text_columns}) is empty or "
                 "whitespace",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,  # the caller of files_task or hub_task
             )
-    if kind == "regression":
-        label_names: tuple[str, ...] = ()
-        targets = {split: _targets(tables[split][0], label_column, labels[split], kept[split]) for split in tables}
-    else:
-        train_labels = _class_values(train_where, label_column, labels["train"], kept["train"], classes)
-        present = sorted(set(train_labels), key=_class_order)
-        if len(present) < 2:
-            numeric = classes is None and all(isinstance(value, int | float) for value in present)
-            raise ValueError(
-                f"{train_where}, column {label_column!r}: every example has the label {_shown(present)}; a classifier "
-                "needs at least two classes, so add examples of another class"
-                + (" (or set task.kind=regression if the label is a numeric target)" if numeric else "")
-            )
-        label_names = tuple(classes) if classes is not None else tuple(str(value) for value in present)
-        index = {value: i for i, value in enumerate(present)} if classes is None else {}
-        targets = {}
-        for split, (where, _) in tables.items():
-            values = (
-                train_labels
-                if split == "train"
-                else _class_values(where, label_column, labels[split], kept[split], classes)
-            )
-            _check_seen(where, label_column, values, kept[split], set(present), train_where, classes)
-            targets[split] = [index[value] if classes is None else value for value in values]
+    return kept
 
-    kept_texts = {split: [text for text in texts[split] if text is not None] for split in tables}  # rows of kept
-    examples: dict[str, list[Example]] = {
-        split: [{**text, "label": target} for text, target in zip(kept_texts[split], targets[split], strict=True)]
-        for split in tables
-    }
+
+def _class_targets(
+    tables: Mapping[str, tuple[str, Any]],
+    label_column: str,
+    labels: Mapping[str, list[Any]],
+    kept: Mapping[str, list[int]],
+    classes: list[str] | None,
+) -> tuple[tuple[str, ...], dict[str, list[Any]]]:
+    """The class names and each split's label indices; refuse a training split of one class, or another split's
+    class that training never saw."""
+    train_where = tables["train"][0]
+    train_labels = _class_values(train_where, label_column, labels["train"], kept["train"], classes)
+    present = sorted(set(train_labels), key=_class_order)
+    if len(present) < 2:
+        numeric = classes is None and all(isinstance(value, int | float) for value in present)
+        raise ValueError(
+            f"{train_where}, column {label_column!r}: every example has the label {_shown(present)}; a classifier "
+            "needs at least two classes, so add examples of another class"
+            + (" (or set task.kind=regression if the label is a numeric target)" if numeric else "")
+        )
+    label_names = tuple(classes) if classes is not None else tuple(str(value) for value in present)
+    index = {value: i for i, value in enumerate(present)} if classes is None else {}
+    targets = {}
+    for split, (where, _) in tables.items():
+        values = (
+            train_labels
+            if split == "train"
+            else _class_values(where, label_column, labels[split], kept[split], classes)
+        )
+        _check_seen(where, label_column, values, kept[split], set(present), train_where, classes)
+        targets[split] = [index[value] if classes is None else value for value in values]
+    return label_names, targets
+
+
+def _held_out_splits(
+    examples: dict[str, list[Example]], tables: Mapping[str, tuple[str, Any]], kind: str, train_where: str
+) -> Splits:
+    """The given splits, with a seeded 10% of train for each missing validation or test split."""
     held_out = {split: HELD_OUT for split in ("validation", "test") if split not in tables}
     splits = _split(examples["train"], held_out, stratify=kind == "classification")
     splits.update({split: examples[split] for split in ("validation", "test") if split in tables})
@@ -259,8 +290,7 @@ def _build(
                 f"{train_where}" + (" (per class)" if kind == "classification" else "") + " rounds to none; "
                 f"add training examples or give a {split} file or split (task.{split}=...)"
             )
-    fields = ("text", "text_pair") if text_pair_column is not None else ("text",)
-    return Task(name, kind, label_names, METRICS[kind], partial(_copies, splits), fields)
+    return splits
 
 
 def _copies(splits: Splits, cache_dir: PathLike | None = None) -> Splits:

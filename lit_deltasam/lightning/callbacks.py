@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any, Optional, cast
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 import lightning as L
 import torch
@@ -17,6 +17,9 @@ from ..core.batch import Batch, LossFn, slice_batch
 from ..core.diagnostics import fidelity, top_hessian_eigenvalue
 from ..core.sharding import is_sharded
 from .metrics import logging_step
+
+if TYPE_CHECKING:
+    from .mixin import DeltaSAMMixin
 
 
 class SharpnessProbe(Callback):
@@ -84,7 +87,7 @@ class SharpnessProbe(Callback):
 
     def _configs(self, pl_module: L.LightningModule) -> dict[str, DeltaSAMConfig]:
         """The methods to compare; a probe is a computation on one rank, so every ascent is local."""
-        own: DeltaSAMConfig = pl_module._deltasam_config()  # type: ignore[operator]
+        own = cast("DeltaSAMMixin", pl_module)._deltasam_config()  # the probe runs on the mixin's modules
         methods = self.methods
         if methods is None:  # ERM makes no sharpness correction to compare: its cosine would be a constant 0
             methods = {"sam": DeltaSAMConfig(method="sam", rho=own.rho), **({own.method: own} if own.perturbs else {})}

@@ -30,7 +30,7 @@ import functools
 import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 from lightning.pytorch import LightningModule
 from torch import Tensor
@@ -74,6 +74,20 @@ def mixin_state(module: Any) -> MixinState:
     return state
 
 
+_WRAPPED = "_deltasam_wrapped"
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def mark_wrapped(wrapped: _F) -> _F:
+    """Mark one of the hook wrappers below, so that a subclass's ``__init_subclass__`` does not wrap it again."""
+    wrapped.__dict__[_WRAPPED] = True
+    return wrapped
+
+
+def is_wrapped(method: Any) -> bool:
+    return bool(getattr(method, _WRAPPED, False))
+
+
 def no_closure() -> None:
     """The closure handed to ``optimizer_step``: G is already in ``.grad``."""
     return None
@@ -108,8 +122,7 @@ def remember_plateau_monitors(configure_optimizers: Callable[..., Any]) -> Calla
         mixin_state(self).monitors = {id(s): (m, strict) for s, m, strict in monitors(out)}
         return out
 
-    wrapped._deltasam_wrapped = True  # type: ignore[attr-defined]
-    return wrapped
+    return mark_wrapped(wrapped)
 
 
 def require_clipping(hook: Callable[..., Any]) -> Callable[..., Any]:
@@ -126,8 +139,7 @@ def require_clipping(hook: Callable[..., Any]) -> Callable[..., Any]:
             )
         return out
 
-    wrapped._deltasam_wrapped = True  # type: ignore[attr-defined]
-    return wrapped
+    return mark_wrapped(wrapped)
 
 
 def _loss_of(out: Any) -> Any:
@@ -158,5 +170,4 @@ def require_deltasam_step(training_step: Callable[..., Any]) -> Callable[..., An
         holder.step_seen = True
         return out
 
-    wrapped._deltasam_wrapped = True  # type: ignore[attr-defined]
-    return wrapped
+    return mark_wrapped(wrapped)

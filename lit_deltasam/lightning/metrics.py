@@ -2,15 +2,74 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torch import Tensor
 
+from ..config import DeltaSAMConfig
 from ..core.distributed import gather_instances, world_size
-from .private import batches_that_stepped
+from ..core.driver import LoopState
+from ..core.result import StepResult
+from .private import batches_that_stepped, should_update_logs
+
+
+def log_step(module: LightningModule, state: LoopState, cfg: DeltaSAMConfig, result: StepResult, last: bool) -> None:
+    """Log a micro-batch's diagnostics: ρ and the full-step flag as they are, the rest averaged (the maximum weight
+    maximized) over ranks; the histograms at the end of a window, every ``histogram_every_n_steps``."""
+    if world_size() > 1 and not should_update_logs(module.trainer):
+        return  # the diagnostics' all-gather runs on the steps the loggers record (log_every_n_steps)
+    per_step, means, maxima = step_metrics(state, cfg, result)
+    for name, value in per_step.items():
+        module.log(name, value, on_step=True, on_epoch=False)
+    metrics = reduce_over_ranks(means, maxima, device=result.losses.device)
+    loss = metrics.pop("train/loss")
+    module.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+    module.log_dict(metrics, on_step=True, on_epoch=False)
+    every = cfg.histogram_every_n_steps
+    if last and every and module.global_step % every == 0 and result.perturbed_losses is not None:
+        histograms = {"sam/loss_change": result.loss_change}
+        if cfg.reweights:
+            histograms["sam/lambda"] = result.weights
+        log_histograms(module, histograms)
+
+
+def step_metrics(
+    state: LoopState, cfg: DeltaSAMConfig, result: StepResult
+) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+    """A step's diagnostics on its device: (logged per step as they are, averaged over ranks, maximized over ranks)."""
+    means: dict[str, Tensor] = {"train/loss": result.loss}
+    host = {"sam/steps_skipped": float(state.steps_skipped)}
+    if cfg.perturbs:
+        host["sam/rho"] = result.rho
+        skipped = state.perturbation_skipped
+        if isinstance(skipped, Tensor):  # counted on the device
+            means["sam/perturbation_skipped"] = skipped / max(state.perturbing, 1)
+        else:
+            host["sam/perturbation_skipped"] = skipped / max(state.perturbing, 1)
+    if cfg.perturbs and cfg.interval > 1:
+        host["sam/full_step"] = float(result.full_step)
+    moved = scalars_on(result.losses.device, host)
+    per_step: dict[str, Tensor] = {name: moved.pop(name) for name in ("sam/rho", "sam/full_step") if name in moved}
+    means.update(moved)
+    maxima: dict[str, Tensor] = {}
+    perturbed, sharpness = result.perturbed_loss, result.sharpness
+    if perturbed is not None and sharpness is not None:
+        means["sam/perturbed_loss"] = perturbed
+        means["sam/sharpness"] = sharpness
+    if result.grad_norm is not None and result.eps_norm is not None:
+        means["sam/grad_norm"] = result.grad_norm
+        means["sam/eps_norm"] = result.eps_norm
+    if cfg.reweights and result.weights is not None:
+        ess, max_weight = result.effective_sample_size, result.max_weight
+        if ess is not None and max_weight is not None:
+            means["sam/ess"] = ess
+            maxima["sam/max_weight"] = max_weight
+    if result.update_norm is not None:
+        means["sam/update_norm"] = result.update_norm
+    return per_step, means, maxima
 
 
 def reduce_over_ranks(means: dict[str, Tensor], maxima: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
@@ -51,7 +110,8 @@ def log_histograms(module: LightningModule, values: dict[str, Optional[Tensor]])
         if isinstance(logger, WandbLogger):
             import wandb
 
-            histograms = {name: wandb.Histogram(v.numpy()) for name, v in gathered.items()}  # type: ignore[arg-type]
+            # wandb annotates Histogram's sequence as a Python sequence; it takes (and documents) numpy arrays
+            histograms = {name: wandb.Histogram(cast(Any, v.numpy())) for name, v in gathered.items()}
             logger.experiment.log(histograms | {"trainer/global_step": step})
         elif isinstance(logger, TensorBoardLogger):
             for name, v in gathered.items():

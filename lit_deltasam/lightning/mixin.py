@@ -11,7 +11,7 @@ import warnings
 import weakref
 from collections.abc import Mapping
 from contextlib import nullcontext
-from typing import Any, Optional, cast
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 import torch
 from lightning.pytorch import LightningModule
@@ -22,14 +22,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from ..config import DeltaSAMConfig
-from ..core import DeltaSAM, StepResult
+from ..core import StepResult
 from ..core.batch import Batch
-from ..core.distributed import world_size
 from ..core.driver import Driver, LoopState
 from ..core.schedule import needs_total_steps
-from ..core.sharding import is_sharded
+from .checkpoint import forget, load_state, save_state
 from .hooks import (
     Fit,
+    is_wrapped,
     mixin_state,
     no_closure,
     overridden,
@@ -37,9 +37,14 @@ from .hooks import (
     require_clipping,
     require_deltasam_step,
 )
-from .metrics import log_histograms, reduce_over_ranks, scalars_on
-from .private import attached_trainer, epoch_complete, should_update_logs
+from .metrics import log_step
+from .private import attached_trainer, epoch_complete
 from .schedulers import optimizer_steps, step_schedulers
+
+if TYPE_CHECKING:
+    _Base = LightningModule  # what the mixin is mixed into: super()'s hooks are LightningModule's
+else:
+    _Base = object  # at run time LightningModule comes after the mixin in the user's bases
 
 
 def refuse_strategy(strategy: Any) -> None:
@@ -92,7 +97,7 @@ def note_precision(trainer: Any) -> None:
         )
 
 
-class DeltaSAMMixin:
+class DeltaSAMMixin(_Base):
     """Sharpness-aware training for a LightningModule: ``class M(DeltaSAMMixin, L.LightningModule)``.
 
     The user's module:
@@ -133,15 +138,16 @@ class DeltaSAMMixin:
                 f"class {cls.__name__}(DeltaSAMMixin, L.LightningModule), or LightningModule's own training_step "
                 "and automatic optimization shadow the mixin's"
             )
-        configure = getattr(cls, "configure_optimizers", None)
-        if configure is not None and not getattr(configure, "_deltasam_wrapped", False):
-            cls.configure_optimizers = remember_plateau_monitors(configure)  # type: ignore[attr-defined]
-        hook = cls.on_before_optimizer_step
-        if hook is not DeltaSAMMixin.on_before_optimizer_step and not getattr(hook, "_deltasam_wrapped", False):
-            cls.on_before_optimizer_step = require_clipping(hook)  # type: ignore[method-assign]
-        step = cls.training_step
-        if step is not DeltaSAMMixin.training_step and not getattr(step, "_deltasam_wrapped", False):
-            cls.training_step = require_deltasam_step(step)  # type: ignore[method-assign]
+        wrappers = (
+            ("configure_optimizers", remember_plateau_monitors),
+            ("on_before_optimizer_step", require_clipping),
+            ("training_step", require_deltasam_step),
+        )
+        for name, wrapper in wrappers:
+            # the user's own method (or, for configure_optimizers, any), wrapped once
+            method = getattr(cls, name, None)
+            if method is not None and method is not getattr(DeltaSAMMixin, name, None) and not is_wrapped(method):
+                setattr(cls, name, wrapper(method))
 
     @property
     def _deltasam_module(self) -> LightningModule:
@@ -200,7 +206,7 @@ class DeltaSAMMixin:
         )
         if result.stepped:
             step_schedulers(module, "step")
-        self._deltasam_log(cfg, result, last)
+        log_step(module, self._deltasam_state, cfg, result, last)
         return result
 
     def _deltasam_total_steps(self, cfg: DeltaSAMConfig) -> Optional[int]:
@@ -237,7 +243,7 @@ class DeltaSAMMixin:
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
         """Clip G here: Lightning calls it inside the optimizer step, after a loss scaler has unscaled G."""
-        super().on_before_optimizer_step(optimizer)  # type: ignore[misc]
+        super().on_before_optimizer_step(optimizer)
         cfg = self._deltasam_config()
         module = self._deltasam_module
         if cfg.gradient_clip_val is not None or overridden(module, "configure_gradient_clipping"):
@@ -252,10 +258,10 @@ class DeltaSAMMixin:
         optimization it never knows that it is: the window would lose its micro-batches so far.
         """
         if self._deltasam_fit.loop.micro == 0:
-            super().on_validation_model_zero_grad()  # type: ignore[misc]
+            super().on_validation_model_zero_grad()
 
     def on_train_epoch_end(self) -> None:
-        super().on_train_epoch_end()  # type: ignore[misc]
+        super().on_train_epoch_end()
         self._deltasam_epoch_end()
 
     def _deltasam_epoch_end(self) -> None:
@@ -281,120 +287,13 @@ class DeltaSAMMixin:
             state.epochs_scheduled += 1
             step_schedulers(module, "epoch", state.epochs_scheduled)
 
-    def _deltasam_log(self, cfg: DeltaSAMConfig, result: StepResult, last: bool) -> None:
-        module = self._deltasam_module
-        state = self._deltasam_state
-        if world_size() > 1 and not should_update_logs(module.trainer):
-            return  # the diagnostics' all-gather runs on the steps the loggers record (log_every_n_steps)
-        means: dict[str, Tensor] = {"train/loss": result.loss}
-        host = {"sam/steps_skipped": float(state.steps_skipped)}
-        if cfg.perturbs:
-            host["sam/rho"] = result.rho
-            skipped = state.perturbation_skipped
-            if isinstance(skipped, Tensor):  # counted on the device
-                means["sam/perturbation_skipped"] = skipped / max(state.perturbing, 1)
-            else:
-                host["sam/perturbation_skipped"] = skipped / max(state.perturbing, 1)
-        if cfg.perturbs and cfg.interval > 1:
-            host["sam/full_step"] = float(result.full_step)
-        moved = scalars_on(result.losses.device, host)
-        for name in ("sam/rho", "sam/full_step"):
-            if name in moved:
-                module.log(name, moved.pop(name), on_step=True, on_epoch=False)
-        means.update(moved)
-        maxima: dict[str, Tensor] = {}
-        if result.perturbed_losses is not None:
-            means["sam/perturbed_loss"] = result.perturbed_loss  # type: ignore[assignment]
-            means["sam/sharpness"] = result.sharpness  # type: ignore[assignment]
-        if result.grad_norm is not None and result.eps_norm is not None:
-            means["sam/grad_norm"] = result.grad_norm
-            means["sam/eps_norm"] = result.eps_norm
-        if cfg.reweights and result.weights is not None:
-            means["sam/ess"] = result.effective_sample_size  # type: ignore[assignment]
-            maxima["sam/max_weight"] = result.max_weight  # type: ignore[assignment]
-        if result.update_norm is not None:
-            means["sam/update_norm"] = result.update_norm
-        metrics = reduce_over_ranks(means, maxima, device=result.losses.device)
-        loss = metrics.pop("train/loss")
-        module.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
-        module.log_dict(metrics, on_step=True, on_epoch=False)
-        every = cfg.histogram_every_n_steps
-        if last and every and module.global_step % every == 0 and result.perturbed_losses is not None:
-            histograms = {"sam/loss_change": result.loss_change}
-            if cfg.reweights:
-                histograms["sam/lambda"] = result.weights
-            log_histograms(module, histograms)
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
-        state = self._deltasam_state
-        saved: dict[str, Any] = {"state": state.scalars()}
-        cached = self._deltasam_fit.driver
-        if state.micro and cached is not None:
-            saved["grads"] = self._deltasam_partial_grads(cached[2].engine)
-            if state.plain_sum is not None:
-                plain = state.plain_over_ranks([g.detach().clone() for g in state.plain_sum])
-                saved["plain"] = [g.cpu() for g in plain]
-        if state.reuse_direction is not None:
-            saved["reuse"] = [d.detach().cpu() for d in state.reuse_direction]
-        checkpoint["deltasam"] = saved
-
-    def _deltasam_partial_grads(self, engine: DeltaSAM) -> list[Tensor]:
-        """The gradients accumulated so far in this window, summed over ranks (DDP has not synchronized them yet).
-
-        On resume rank 0 takes the sum and the others start from zero, so the window's
-        final all-reduce averages the same total (up to the order of the additions).
-        """
-        if any(is_sharded(p) for p in engine.params):
-            raise RuntimeError(
-                f"cannot checkpoint inside a gradient accumulation window under FSDP (micro-batch "
-                f"{self._deltasam_state.micro} of {engine.config.accumulate_grad_batches}): the partial gradients are "
-                "sharded and already reduced; checkpoint at optimizer steps, e.g. "
-                "ModelCheckpoint(every_n_train_steps=...)"
-            )
-        grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in engine.params]
-        if world_size() > 1:
-            for grad in grads:
-                torch.distributed.all_reduce(grad, op=torch.distributed.ReduceOp.SUM)
-        return [grad.cpu() for grad in grads]
+        super().on_save_checkpoint(checkpoint)
+        save_state(self._deltasam_fit, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
-        saved = checkpoint.get("deltasam")
-        if saved is None:
-            warnings.warn(
-                "the checkpoint holds no DeltaSAMMixin state (was on_save_checkpoint overridden without super()?); "
-                "the resumed run will not repeat the original's random draws",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        module = self._deltasam_module
-        self._deltasam_forget()
-        trainer = attached_trainer(module)
-        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
-            return  # load_from_checkpoint, validate, test: the next fit starts a new loop state
-        if saved is None:
-            # "processed" counts epochs whose end hook ran; checkpoints are saved after it
-            progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
-            state = LoopState(epochs_scheduled=progress.get("current", {}).get("processed", checkpoint.get("epoch", 0)))
-        else:
-            state = LoopState.from_scalars(saved["state"])
-            state.reuse_direction = saved.get("reuse")
-            plain = saved.get("plain")
-            if plain is not None and not state.plain_synced and module.global_rank != 0:
-                plain = [torch.zeros_like(g) for g in plain]  # rank 0 carries the sum over ranks
-            state.plain_sum = plain
-        pending = saved.get("grads") if saved is not None else None
-        mixin_state(self).fit = Fit(trainer=weakref.ref(trainer), loop=state, pending_grads=pending)
-
-    def _deltasam_forget(self) -> None:
-        """Drop the fit's state: loop state, engine and any gradients an open accumulation window left."""
-        module = self._deltasam_module
-        holder = mixin_state(self)
-        if holder.fit is not None and holder.fit.loop.micro:
-            for p in module.parameters():
-                p.grad = None
-        holder.fit = None
+        super().on_load_checkpoint(checkpoint)
+        load_state(self._deltasam_module, checkpoint)
 
     @property
     def _deltasam_fit(self) -> Fit:
@@ -404,7 +303,7 @@ class DeltaSAMMixin:
         holder = mixin_state(self)
         fit = holder.fit
         if fit is not None and trainer is not None and fit.trainer is not None and fit.trainer() is not trainer:
-            self._deltasam_forget()
+            forget(module)
             fit = None
         if fit is None:
             fit = holder.fit = Fit()

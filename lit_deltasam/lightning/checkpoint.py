@@ -1,0 +1,93 @@
+"""The mixin's part of a Lightning checkpoint: the loop state, an open accumulation window's gradients, the
+reused LookSAM direction; and what a resume or a new fit drops."""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor
+
+from ..core import DeltaSAM
+from ..core.distributed import world_size
+from ..core.driver import LoopState
+from ..core.sharding import is_sharded
+from .hooks import Fit, mixin_state
+from .private import attached_trainer
+
+
+def save_state(fit: Fit, checkpoint: dict[str, Any]) -> None:
+    """Write the fit's loop state (and an open window's partial gradients) under ``checkpoint["deltasam"]``."""
+    state = fit.loop
+    saved: dict[str, Any] = {"state": state.scalars()}
+    cached = fit.driver
+    if state.micro and cached is not None:
+        saved["grads"] = partial_grads(state, cached[2].engine)
+        if state.plain_sum is not None:
+            plain = state.plain_over_ranks([g.detach().clone() for g in state.plain_sum])
+            saved["plain"] = [g.cpu() for g in plain]
+    if state.reuse_direction is not None:
+        saved["reuse"] = [d.detach().cpu() for d in state.reuse_direction]
+    checkpoint["deltasam"] = saved
+
+
+def partial_grads(state: LoopState, engine: DeltaSAM) -> list[Tensor]:
+    """The gradients accumulated so far in this window, summed over ranks (DDP has not synchronized them yet).
+
+    On resume rank 0 takes the sum and the others start from zero, so the window's
+    final all-reduce averages the same total (up to the order of the additions).
+    """
+    if any(is_sharded(p) for p in engine.params):
+        raise RuntimeError(
+            f"cannot checkpoint inside a gradient accumulation window under FSDP (micro-batch "
+            f"{state.micro} of {engine.config.accumulate_grad_batches}): the partial gradients are "
+            "sharded and already reduced; checkpoint at optimizer steps, e.g. "
+            "ModelCheckpoint(every_n_train_steps=...)"
+        )
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in engine.params]
+    if world_size() > 1:
+        for grad in grads:
+            torch.distributed.all_reduce(grad, op=torch.distributed.ReduceOp.SUM)
+    return [grad.cpu() for grad in grads]
+
+
+def load_state(module: LightningModule, checkpoint: dict[str, Any]) -> None:
+    """Drop the module's fit, and under a fitting trainer start the next one from ``checkpoint``'s loop state."""
+    saved = checkpoint.get("deltasam")
+    if saved is None:
+        warnings.warn(
+            "the checkpoint holds no DeltaSAMMixin state (was on_save_checkpoint overridden without super()?); "
+            "the resumed run will not repeat the original's random draws",
+            RuntimeWarning,
+            stacklevel=3,  # the caller of on_load_checkpoint
+        )
+    forget(module)
+    trainer = attached_trainer(module)
+    if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+        return  # load_from_checkpoint, validate, test: the next fit starts a new loop state
+    if saved is None:
+        # "processed" counts epochs whose end hook ran; checkpoints are saved after it
+        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
+        state = LoopState(epochs_scheduled=progress.get("current", {}).get("processed", checkpoint.get("epoch", 0)))
+    else:
+        state = LoopState.from_scalars(saved["state"])
+        state.reuse_direction = saved.get("reuse")
+        plain = saved.get("plain")
+        if plain is not None and not state.plain_synced and module.global_rank != 0:
+            plain = [torch.zeros_like(g) for g in plain]  # rank 0 carries the sum over ranks
+        state.plain_sum = plain
+    pending = saved.get("grads") if saved is not None else None
+    mixin_state(module).fit = Fit(trainer=weakref.ref(trainer), loop=state, pending_grads=pending)
+
+
+def forget(module: LightningModule) -> None:
+    """Drop the fit's state: loop state, engine and any gradients an open accumulation window left."""
+    holder = mixin_state(module)
+    if holder.fit is not None and holder.fit.loop.micro:
+        for p in module.parameters():
+            p.grad = None
+    holder.fit = None
