@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, List, Optional, Union
 
-METHODS = ("erm", "sam", "asam", "deltasam", "per_instance")
+METHODS = ("erm", "sam", "asam", "deltasam", "per_instance", "gsam", "wsam", "fsam")
 ESTIMATORS = ("head", "probe", "curvature", "exact")
 PROBING = ("probe", "curvature")
 """Estimators that score instances with random weight perturbations."""
@@ -26,6 +26,9 @@ CLIP_ALGORITHMS = ("norm", "value")
 RHO_SCHEDULES = ("constant", "warmup", "follow_lr", "start_step")
 REUSES = (None, "looksam")
 M_SHARPNESS_METHODS = ("sam", "asam", "deltasam")
+FAMILY = ("gsam", "wsam", "fsam")
+"""SAM's ascent with a rule of their own at the window's end (GSAM, WSAM) or in the ascent's direction (F-SAM)."""
+POLICIES = (None, "adaptive")
 ASAM_SCOPES = ("all", "weights")
 """ASAM's scaling T = |w| + eta on every parameter (``all``), or, as the ASAM authors' code, on the parameters
 whose name contains "weight" only, with T = 1 on the others (biases)."""
@@ -55,13 +58,21 @@ def choice(*choices: object) -> Check:
     return check
 
 
-def number(low: float = -math.inf, high: float = math.inf, *, open_low: bool = False, allow_inf: bool = False) -> Check:
+def number(
+    low: float = -math.inf,
+    high: float = math.inf,
+    *,
+    open_low: bool = False,
+    open_high: bool = False,
+    allow_inf: bool = False,
+) -> Check:
     def check(name: str, value: Any) -> Any:
         x = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
-        ok = not math.isnan(x) and (allow_inf or math.isfinite(x)) and (x > low if open_low else x >= low) and x <= high
-        if not ok:
+        ok = not math.isnan(x) and (allow_inf or math.isfinite(x)) and (x > low if open_low else x >= low)
+        if not (ok and (x < high if open_high else x <= high)):
             kind = "a number" if allow_inf else "a finite number"
-            raise _bad(name, value, f"it must be {kind} in {'(' if open_low else '['}{low}, {high}]")
+            bounds = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+            raise _bad(name, value, f"it must be {kind} in {bounds}")
         return value
 
     return check
@@ -172,13 +183,16 @@ class DeltaSAMConfig:
       unguarded instances (small gradients); ``beta = -1`` matches per-instance SAM's
       diagonal second-order terms.
     * ``per_instance``: exact per-instance SAM, ``G = mean_i grad l_i(w + rho ĝ_i)``.
+    * ``gsam``: SAM's eps; ``G = g_adv - gsam_alpha * g_perp`` (GSAM, Zhuang et al., 2022).
+    * ``wsam``: SAM's eps; the base step on the clean gradient, then the weighted sharpness term (WSAM).
+    * ``fsam``: eps along ``g - fsam_sigma * m``, m the EMA of past gradients (Friendly-SAM, Li et al., 2024).
 
     A field that the chosen method (with its ``beta`` and ``estimator``) never reads must be left unset: setting it
     raises :class:`ConfigError` (a ``ValueError``) naming it, so that nothing set is silently ignored. Unset fields
     (``None``) that the method reads take the per-method defaults below; the others stay ``None``.
 
     Args:
-        method: one of ``erm``, ``sam``, ``asam``, ``deltasam``, ``per_instance``.
+        method: one of ``erm``, ``sam``, ``asam``, ``deltasam``, ``per_instance``, ``gsam``, ``wsam``, ``fsam``.
         rho: perturbation radius, ``>= 0``; default 0.02, and 0.5 for ``asam`` (whose ``||eps||`` is
             about ``rho * |w|``). Not used by ``erm``.
         rho_schedule: ρ along training (:mod:`lit_deltasam.core.schedule`): ``constant``;
@@ -248,6 +262,22 @@ class DeltaSAMConfig:
             loss change every N optimizer steps; ``0`` disables.
         seed_steps: draw each step's randomness from a seed derived from
             (seed, micro-batches run so far, rank) so that a resumed run is exact.
+        gsam_alpha: GSAM's weight of the surrogate-gap direction (``method="gsam"``, default 0.4, in [0, 1)):
+            ``G = g_adv - alpha * g_perp``, ``g_perp`` the part of the clean gradient orthogonal to ``g_adv``.
+        wsam_gamma: WSAM's weight of the sharpness term (``method="wsam"``, default 0.9, in [0, 1)); decoupled:
+            the base optimizer steps on the clean gradient, then ``w -= lr * gamma / (1 - gamma) * (g_adv - g)``.
+        fsam_sigma: Friendly-SAM's share of the gradient's running mean removed from the ascent direction
+            (``method="fsam"``, default 1.0).
+        fsam_lambda: Friendly-SAM's EMA decay of that running mean (default 0.9, in [0, 1)).
+        gradient_centralization: centre each ascent gradient of rank > 1 over every dimension but the first
+            before normalizing it (every perturbing method but ``per_instance``); the descent is not centred.
+        policy: ``adaptive`` takes a full step only when ``||g||²`` is large against its running mean and
+            variance (AE-SAM, Jiang et al., 2023), a plain step otherwise; ``None``: every step is full (or
+            as ``interval`` says).
+        policy_delta: the decay of the policy's running moments (default 0.9).
+        policy_c_start: the threshold ``mu + c sigma``'s c at the first step (default 1.0) ...
+        policy_c_end: ... moving linearly to this value at the last (default -1.0); the run's optimizer steps
+            come from ``total_steps`` (the mixin reads the trainer's).
 
     Example:
         >>> cfg = DeltaSAMConfig(method="deltasam", rho=0.05, beta=-1.0, estimator="head")
@@ -293,6 +323,15 @@ class DeltaSAMConfig:
     gradient_clip_algorithm: str = "norm"
     histogram_every_n_steps: int = 100
     seed_steps: bool = True
+    gsam_alpha: Optional[float] = None
+    wsam_gamma: Optional[float] = None
+    fsam_sigma: Optional[float] = None
+    fsam_lambda: Optional[float] = None
+    gradient_centralization: bool = False
+    policy: Optional[str] = None
+    policy_delta: Optional[float] = None
+    policy_c_start: Optional[float] = None
+    policy_c_end: Optional[float] = None
 
     def __post_init__(self) -> None:
         given = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != f.default}
@@ -437,10 +476,18 @@ def _refuse_combinations(c: DeltaSAMConfig) -> None:
             "set interval > 1 with a sharpness-aware method, or reuse=None"
         )
     if c.m_sharpness is not None and c.method not in M_SHARPNESS_METHODS:
+        why = {"erm": "takes no ascent", "per_instance": "perturbs each instance"}.get(
+            c.method, "applies its rule to the whole batch's gradients (not implemented per group)"
+        )
         raise ConfigError(
             f"DeltaSAMConfig.m_sharpness={c.m_sharpness} splits the ascent into groups, but method={c.method!r} "
-            f"{'takes no ascent' if c.method == 'erm' else 'perturbs each instance'}; "
-            f"choose one of {list(M_SHARPNESS_METHODS)}, or m_sharpness=None"
+            f"{why}; choose one of {list(M_SHARPNESS_METHODS)}, or m_sharpness=None"
+        )
+    if c.reuse is not None and c.method in FAMILY:
+        raise ConfigError(
+            f"DeltaSAMConfig.reuse={c.reuse!r} with method={c.method!r}: LookSAM's reused direction and "
+            f"{c.method}'s own rule both act on the full steps' clean gradient, and their combination is not "
+            "defined; use reuse=None (interval=k alone takes plain steps between full ones)"
         )
     if c.m_sharpness is not None and c.ascent == "global":
         raise ConfigError(
@@ -483,6 +530,12 @@ def _group_impl(c: DeltaSAMConfig) -> str:
 
 
 _ERM = "ERM takes no ascent"
+_POLICY = "it sets policy='adaptive'"
+
+
+def _adaptive(c: DeltaSAMConfig) -> bool:
+    return c.policy == "adaptive"
+
 _WEIGHTS = "it bounds the instance weights of method='deltasam' (or 'asam') with beta != 0"
 _PROBES = "it sets the probes of estimator='probe' or 'curvature'"
 
@@ -571,5 +624,25 @@ SPEC: dict[str, Field] = {
     "gradient_clip_algorithm": Field(choice(*CLIP_ALGORITHMS)),
     "histogram_every_n_steps": Field(integer(0), None, _perturbs, "ERM logs no sharpness histograms"),
     "seed_steps": Field(flag),
+    "gsam_alpha": Field(
+        number(0.0, 1.0, open_high=True), 0.4, lambda c: c.method == "gsam", "it is GSAM's weight (method='gsam')"
+    ),
+    "wsam_gamma": Field(
+        number(0.0, 1.0, open_high=True), 0.9, lambda c: c.method == "wsam", "it is WSAM's weight (method='wsam')"
+    ),
+    "fsam_sigma": Field(number(0.0), 1.0, lambda c: c.method == "fsam", "it is Friendly-SAM's (method='fsam')"),
+    "fsam_lambda": Field(
+        number(0.0, 1.0, open_high=True), 0.9, lambda c: c.method == "fsam", "it is Friendly-SAM's (method='fsam')"
+    ),
+    "gradient_centralization": Field(
+        flag,
+        None,
+        lambda c: c.perturbs and c.method != "per_instance",
+        "it centres the ascent gradient of a batch perturbation, which ERM and per-instance SAM take none of",
+    ),
+    "policy": Field(choice(*POLICIES), None, _perturbs, "ERM takes no sharpness-aware step"),
+    "policy_delta": Field(number(0.0, 1.0, open_high=True), 0.9, _adaptive, _POLICY),
+    "policy_c_start": Field(number(), 1.0, _adaptive, _POLICY),
+    "policy_c_end": Field(number(), -1.0, _adaptive, _POLICY),
 }
 """One row per field of :class:`DeltaSAMConfig`: its check, its per-method default, and where it applies."""

@@ -14,7 +14,10 @@ from lit_deltasam import DeltaSAM, DeltaSAMConfig
     [
         (dict(rho=-0.1), r"rho=-0.1 .*\[0.0, inf\]"),
         (dict(rho=math.inf), r"rho=inf"),
-        (dict(method="sharp"), r"method='sharp' .*\['erm', 'sam', 'asam', 'deltasam', 'per_instance'\]"),
+        (
+            dict(method="sharp"),
+            r"method='sharp' .*\['erm', 'sam', 'asam', 'deltasam', 'per_instance', 'gsam', 'wsam', 'fsam'\]",
+        ),
         (dict(estimator="oracle"), r"estimator='oracle' .*\['head', 'probe', 'curvature', 'exact'\]"),
         (dict(beta=math.nan), r"beta=nan"),
         (dict(beta=math.inf), r"beta=inf"),

@@ -7,6 +7,8 @@
   the host. No other file computes it.
 * The in-place move: :func:`perturb` for one set of parameters, :func:`perturb_groups_` for a leading group
   dimension (m-sharpness's batched groups, per-instance SAM's instances).
+* Options of the direction: gradient centralization (:func:`centralize_`); Friendly-SAM's shift by the gradient's
+  running mean is subtracted by the caller (:class:`~.steps.TwoPass`).
 
 Two arithmetics are kept on purpose (:mod:`.decisions`): on the host the decision is a Python value (the CPU path
 every committed result was made with); on a GPU it is a tensor, and no value is read. Both rescue a finite gradient
@@ -48,6 +50,15 @@ def asam_scale(params: Sequence[Tensor], eta: float, unscaled: Optional[Sequence
         if flat:
             t.fill_(1.0)
     return scale
+
+
+def centralize_(grads: Sequence[Tensor], leading: int = 0) -> None:
+    """Gradient centralization (Yong et al., 2020), in place: each gradient of rank > 1 (past ``leading`` group
+    dimensions) less its mean over every dimension but its first, as the reference library's ``centralize_gradient``
+    computes it."""
+    for g in grads:
+        if g.dim() > leading + 1:
+            g.add_(-g.mean(dim=tuple(range(leading + 1, g.dim())), keepdim=True))
 
 
 def zero_non_finite_(scaled: Sequence[Tensor]) -> None:
@@ -160,6 +171,7 @@ def perturb_groups_(
     adaptive: bool = False,
     eta: float = 0.0,
     unscaled: Optional[Sequence[bool]] = None,
+    centralize: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Turn each ``[G, ...]`` gradient (row k: group k's ``g_k``) into ``w + eps_k`` in place, ``eps_k`` as
     :func:`perturb` makes it, 0 where group k's norm is 0 or not finite; the factors are float64.
@@ -168,6 +180,8 @@ def perturb_groups_(
         The per-group ``||g_k||`` (``||T g_k||`` for ASAM), ``||eps_k||`` and whether ``eps_k`` was applied.
     """
     count = grads[0].shape[0]
+    if centralize:
+        centralize_(grads, leading=1)
     scale = asam_scale(params, eta, unscaled) if adaptive else None
     if scale is not None:
         for g, t in zip(grads, scale):

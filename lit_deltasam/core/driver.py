@@ -13,16 +13,18 @@ import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from torch import Tensor, nn
 
-from ..config import DeltaSAMConfig
+from ..config import FAMILY, DeltaSAMConfig
 from .amortized import Reuse
 from .batch import Batch, LossFn
 from .distributed import world_size
 from .engine import Backward, DeltaSAM, NoSync, StepResult
+from .family import fsam_update, gsam_descent_, wsam_correct_, wsam_split_, wsam_weight
+from .norms import total_norm
 from .randomness import seeded, step_seed
 from .schedule import RhoSchedule
 from .sharding import NormReduce, local
@@ -54,8 +56,17 @@ class LoopState:
     """LookSAM: the stored direction g_v of the last full step (dropped when the next one starts)."""
     reuse_norm: Optional[Tensor] = None
     """LookSAM: ``||g_v||``, not saved (a resumed run computes it again, to the same bits)."""
+    fsam_momentum: Optional[list[Tensor]] = None
+    """Friendly-SAM: the running mean of the full steps' synchronized ascent gradients (unscaled)."""
 
-    TENSORS = ("plain_sum", "reuse_direction", "reuse_norm")
+    TENSORS = ("plain_sum", "reuse_direction", "reuse_norm", "fsam_momentum")
+
+    def plain_mean(self, plain: list[Tensor], window: int) -> list[Tensor]:
+        """The window's mean plain gradient over every rank, in place on the sums ``plain``."""
+        ranks = 1 if self.plain_synced else world_size()
+        summed = self.plain_over_ranks(plain)
+        torch._foreach_mul_(summed, 1.0 / (window * ranks))
+        return summed
 
     def plain_over_ranks(self, plain: list[Tensor]) -> list[Tensor]:
         """LookSAM's summed plain gradients ``plain`` (``plain_sum`` or a copy of it), summed over ranks in place
@@ -169,7 +180,15 @@ class Driver:
         rho = self.schedule(step, total_steps, schedulers)
         checks = active is None
         result = self.micro_step(
-            loss_fn, batch, rho=rho, last=last, backward=backward, no_sync=no_sync, check_finite=checks, rank=rank
+            loss_fn,
+            batch,
+            rho=rho,
+            last=last,
+            backward=backward,
+            no_sync=no_sync,
+            check_finite=checks,
+            rank=rank,
+            scale=scale,
         )
         result.rho, result.full_step = rho, full
         if scale is not None and result.grad_norm is not None:
@@ -182,6 +201,8 @@ class Driver:
                 zero_grad=zero_grad,
                 total_steps=total_steps,
                 schedulers=schedulers,
+                scaler=active,
+                scale=scale,
             )
         return result
 
@@ -196,8 +217,10 @@ class Driver:
         no_sync: Optional[NoSync] = None,
         check_finite: bool = True,
         rank: int = 0,
+        scale: Optional[float] = None,
     ) -> StepResult:
-        """One micro-batch's double step at radius ``rho`` under this step's seed; counted in the loop state."""
+        """One micro-batch's double step at radius ``rho`` under this step's seed (``scale``: the loss scaler's, which
+        Friendly-SAM's shift is multiplied by); counted in the loop state."""
         cfg, state = self.config, self.state
         if state.base_seed is None:
             state.base_seed = torch.initial_seed()
@@ -214,10 +237,20 @@ class Driver:
                 sync_descent=last,
                 check_finite=check_finite,
                 rho=rho,
-                plain_grad=cfg.reuse is not None and rho > 0,
+                plain_grad=rho > 0 and (cfg.reuse is not None or cfg.method in FAMILY),
+                shift=self._fsam_shift(scale) if rho > 0 else None,
             )
         self._count(result, rho)
         return result
+
+    def _fsam_shift(self, scale: Optional[float]) -> Optional[list[Tensor]]:
+        """Friendly-SAM's running mean, where the parameters are, times the loss scale the passes run at."""
+        momentum = self.state.fsam_momentum
+        if self.config.method != "fsam" or momentum is None:
+            return None
+        params = self.engine.params
+        self.state.fsam_momentum = momentum = [m.to(p.device, p.dtype) for m, p in zip(momentum, params)]
+        return momentum if scale is None else [m * scale for m in momentum]
 
     def _count(self, result: StepResult, rho: float) -> None:
         """Advance the loop state by one micro-batch; sum LookSAM's plain gradients over the window."""
@@ -247,8 +280,11 @@ class Driver:
         zero_grad: Callable[[], None],
         total_steps: Optional[int] = None,
         schedulers: Optional[Sequence[Any]] = None,
+        scaler: Optional[Any] = None,
+        scale: Optional[float] = None,
     ) -> bool:
-        """Close the accumulation window: average G, skip a non-finite step, apply LookSAM, step, zero.
+        """Close the accumulation window: average G, skip a non-finite step, apply LookSAM or the family's rule,
+        step, zero. ``scaler`` (active) and ``scale`` tell a step the scaler skipped.
 
         ``optimizer_step`` takes the base optimizer's step (clipping included) and returns whether
         it stepped; ``step`` is the optimizer step this window ends. Returns whether it stepped.
@@ -273,13 +309,46 @@ class Driver:
             return False
         if self.config.reuse is not None:
             self._reuse(plain, step, total_steps, schedulers)
+        after = self._family(result, plain, window, scale) if plain is not None else None
         try:
             stepped = optimizer_step()
         except BaseException:
             engine.rollback()
             raise
+        if after is not None and not (scaler is not None and scale is not None and scaler.get_scale() < scale):
+            after()  # not after a step the loss scaler skipped (inf or NaN in G)
         self._zero(zero_grad)
         return stepped
+
+    def _family(
+        self, result: StepResult, plain: list[Tensor], window: int, scale: Optional[float]
+    ) -> Optional[Callable[[], None]]:
+        """GSAM's descent, WSAM's split, on a full step's G and the window's mean clean gradient; returns what runs
+        after the base step (WSAM's sharpness term, Friendly-SAM's running mean)."""
+        cfg, engine, unscale = self.config, self.engine, 1.0 / scale if scale is not None else 1.0
+        if cfg.method not in FAMILY:
+            return None
+        mean = self.state.plain_mean(plain, window)
+        live = [i for i, p in enumerate(engine.params) if p.grad is not None]
+        grads = [cast(Tensor, engine.params[i].grad) for i in live]
+        clean = [mean[i] for i in live]
+        if cfg.method == "gsam":
+            perp = gsam_descent_(grads, clean, cfg.gsam_alpha or 0.0)
+            result.extras["gsam_perp_norm"] = perp * unscale
+            return None
+        if cfg.method == "wsam":
+            sharpness = wsam_split_(grads, clean)
+            params, weight = [engine.params[i] for i in live], wsam_weight(cfg.wsam_gamma or 0.0)
+            terms = sharpness if scale is None else list(torch._foreach_mul(sharpness, unscale))
+            return lambda: wsam_correct_(self.optimizer, params, terms, weight)
+        ascent = mean if scale is None else list(torch._foreach_mul(mean, unscale))
+        if self.state.fsam_momentum is not None:
+            result.extras["fsam_removed_norm"] = total_norm(self.state.fsam_momentum) * (cfg.fsam_sigma or 0.0)
+
+        def remember() -> None:
+            self.state.fsam_momentum = fsam_update(self.state.fsam_momentum, ascent, cfg.fsam_lambda or 0.0)
+
+        return remember
 
     def _zero(self, zero_grad: Callable[[], None]) -> None:
         """Zero the optimizer's gradients and those the step wrote to trainable parameters outside it."""
@@ -317,11 +386,12 @@ class Driver:
         params = optimizer_params(self.optimizer)
         if [id(p) for p in params] == self.stepped_params:
             return
-        if self.state.reuse_direction is not None:
+        if self.state.reuse_direction is not None or self.state.fsam_momentum is not None:
+            held = f"reuse={self.config.reuse!r}" if self.state.reuse_direction is not None else "method='fsam'"
             raise ValueError(
                 f"the base optimizer's parameters changed at optimizer step {step} (a group added or removed), "
-                f"and reuse={self.config.reuse!r} holds a direction over the old ones; build a new "
-                "DeltaSAMOptimizer around the base optimizer"
+                f"and {held} holds a direction over the old ones; build a new DeltaSAMOptimizer around the base "
+                "optimizer"
             )
         self.engine = DeltaSAM(self.module, self.config, params, reduce_squares=self.reduce_squares, driven=True)
         self.stepped_params = [id(p) for p in params]

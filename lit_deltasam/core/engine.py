@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from typing import Optional
 
@@ -108,6 +108,11 @@ def _refuse_sharded(config: DeltaSAMConfig) -> None:
         raise NotImplementedError(
             f"estimator={config.estimator!r} is not available under FSDP: {why}; choose one of ['head']"
         )
+    if config.method in ("gsam", "wsam", "fsam"):
+        raise NotImplementedError(
+            f"method={config.method!r} is not available under FSDP: its rule takes inner products and keeps state "
+            "over whole gradients; use method='sam' or 'deltasam'"
+        )
     if config.reuse is not None:
         raise NotImplementedError(
             "reuse='looksam' is not available under FSDP: its stored direction is a shard per rank, which a "
@@ -203,6 +208,7 @@ class DeltaSAM:
         check_finite: bool = True,
         rho: Optional[float] = None,
         plain_grad: bool = False,
+        shift: Optional[Sequence[Tensor]] = None,
     ) -> StepResult:
         """Add G for one (micro-)batch to ``.grad``; the weights end exactly where they started.
 
@@ -221,12 +227,13 @@ class DeltaSAM:
                 ``config.rho``. At 0 the step is a plain ERM step.
             plain_grad: also return the plain gradient at w in ``result.plain_grad`` (LookSAM's); free for SAM and
                 ASAM, one more backward through the clean graph for reweighted ascents.
+            shift: Friendly-SAM's running mean m (one tensor per parameter): the ascent is along ``g - sigma m``.
 
         Raises:
             Exception: whatever ``loss_fn`` or ``backward`` raise; parameters, buffers and ``.grad`` are then
                 bit-identical to their values before the call.
         """
-        ctx = self._context(loss_fn, batch, backward, no_sync, sync_descent, rho, plain_grad)
+        ctx = self._context(loss_fn, batch, backward, no_sync, sync_descent, rho, plain_grad, shift)
         self.parts.params_before.capture()
         self.parts.buffers_before.capture()
         grads_before = take_grads(self.updated)
@@ -251,6 +258,7 @@ class DeltaSAM:
         sync_descent: bool,
         rho: Optional[float],
         plain_grad: bool,
+        shift: Optional[Sequence[Tensor]],
     ) -> Step:
         """One call's arguments, checked, with their defaults."""
         if rho is not None and not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho >= 0):
@@ -261,7 +269,7 @@ class DeltaSAM:
             refuse_static_graph(no_sync)
         radius = self.config.radius if rho is None else float(rho)
         backward = backward or _default_backward
-        return Step(_recasting(loss_fn), batch, backward, no_sync, sync_descent, radius, plain_grad)
+        return Step(_recasting(loss_fn), batch, backward, no_sync, sync_descent, radius, plain_grad, shift)
 
     def _check_window(self, result: StepResult, sync_descent: bool, check_finite: bool) -> None:
         """Gather whether the window's losses were finite; at its synchronized end, whether G is, on every rank."""

@@ -158,6 +158,7 @@ class GroupSettings:
     head: Optional[HeadTap] = None
     weigh: Optional[Callable[[Tensor], Tensor]] = None
     weighted_descent: bool = False
+    centralize: bool = False
 
 
 @dataclass(frozen=True)
@@ -395,7 +396,15 @@ class BatchedGroups:
             zero = torch.zeros(count, device=self.params[0].device)
             return zero, zero, zero > 0
         settings = self.settings
-        return perturb_groups_(params, grads, call.rho, adaptive=settings.adaptive, eta=settings.eta, unscaled=unscaled)
+        return perturb_groups_(
+            params,
+            grads,
+            call.rho,
+            adaptive=settings.adaptive,
+            eta=settings.eta,
+            unscaled=unscaled,
+            centralize=settings.centralize,
+        )
 
 
 class GroupBuffers:

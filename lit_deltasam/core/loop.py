@@ -228,7 +228,7 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
 
     # ---- a hand-written loop, and torch's step(closure) ----
 
-    def step(  # type: ignore[override]
+    def step(  # type: ignore[override]  # torch's step(closure), extended with (loss_fn, batch)
         self,
         loss_fn: Optional[Callable[..., Any]] = None,
         batch: Batch = _NO_BATCH,
@@ -293,7 +293,7 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
 
     # torch wraps an optimizer class's step in its step hooks unless marked: this step is a micro-batch, which may
     # not step at all; the hooks fire from the base optimizer's step instead (_hooks_on_the_base)
-    step.hooked = True  # type: ignore[attr-defined]
+    step.hooked = True  # type: ignore[attr-defined]  # torch's own marker on a function object
 
     def base_step(self) -> bool:
         """The base optimizer's step (:meth:`~.driver.Driver.base_step`), firing this optimizer's step hooks."""
@@ -322,6 +322,8 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
             out["plain"] = [g.detach().clone() for g in state.plain_sum]
         if state.reuse_direction is not None:
             out["reuse"] = [d.detach().clone() for d in state.reuse_direction]
+        if state.fsam_momentum is not None:
+            out["momentum"] = [m.detach().clone() for m in state.fsam_momentum]
         if self.scaler is not None:
             out["scaler"] = self.scaler.state_dict()
         return out
@@ -343,6 +345,7 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
         loop_state = LoopState.from_scalars(saved["loop"])
         loop_state.plain_sum = saved.get("plain")
         loop_state.reuse_direction = saved.get("reuse")
+        loop_state.fsam_momentum = saved.get("momentum")
         self.driver.state = self.driver.schedule.peak = loop_state
         self.steps = saved["steps"]
         if self.scaler is not None and "scaler" in saved:

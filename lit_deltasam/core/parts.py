@@ -3,7 +3,7 @@ per-instance oracle, built once per engine."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -33,6 +33,9 @@ class Step:
     sync_descent: bool
     rho: float
     plain_grad: bool
+    shift: Optional[Sequence[Tensor]] = None
+    """Friendly-SAM's running mean of the gradient, one tensor per perturbed parameter: the ascent direction is
+    ``g - fsam_sigma * shift``."""
 
 
 @dataclass

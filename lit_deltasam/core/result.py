@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, cast
 
 import torch
@@ -46,6 +46,9 @@ class StepResult:
     """The radius this step took (set by the driver: its scheduled ρ, 0 on a plain step)."""
     full_step: bool = True
     """Set by the driver: whether this is a full sharpness-aware step under ``interval``."""
+    extras: dict[str, Tensor] = field(default_factory=dict)
+    """What a method of the family adds to the diagnostics (``gsam_perp_norm``, ``fsam_removed_norm``), logged as
+    ``sam/<name>``."""
     stepped: bool = False
     """Set by the loop driver (:class:`~lit_deltasam.core.driver.Driver`): this micro-batch ended a window with an
     optimizer step (one whose update a loss scaler skipped counts, as in Lightning's ``global_step``)."""

@@ -11,7 +11,7 @@ from torch import Tensor
 try:
     from torch.distributed.tensor import DTensor, Shard
 except ImportError:  # torch built without distributed support
-    DTensor = Shard = None  # type: ignore[assignment,misc]
+    DTensor = Shard = None  # type: ignore[assignment,misc]  # no such classes: is_sharded() is then False
 
 
 NormReduce = Callable[[Tensor], Tensor]

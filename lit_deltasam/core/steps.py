@@ -18,7 +18,7 @@ from typing import Optional, cast
 import torch
 from torch import Tensor
 
-from .ascent import perturb
+from .ascent import centralize_, perturb
 from .batch import batch_size, check_losses, slice_batch
 from .distributed import arm_reducer, world_size
 from .groups import BatchedGroups, GroupBuffers, GroupedStep, GroupSettings, Unbatchable, group_impl, unbatchable
@@ -128,16 +128,18 @@ class TwoPass(Strategy):
         ascent_loss = (weights.to(losses.dtype) * losses).sum() if reweights else losses.mean()
         plain = None
         if ctx.plain_grad and reweights:
-            grads = torch.autograd.grad(losses.mean(), params, retain_graph=True, allow_unused=True)
-            plain = _distinct([torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)])
+            clean = torch.autograd.grad(losses.mean(), params, retain_graph=True, allow_unused=True)
+            plain = _distinct([torch.zeros_like(p) if g is None else g for p, g in zip(params, clean)])
         with ascent_sync():
             ctx.backward(ascent_loss)
         if ctx.plain_grad and not reweights:
             plain = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
         with_grad = [i for i, p in enumerate(params) if p.grad is not None]
+        ascent = [cast(Tensor, params[i].grad) for i in with_grad]
+        self._shape_direction(ctx, ascent, with_grad)
         grad_norm, eps_norm, applied = perturb(
             [params[i] for i in with_grad],
-            [cast(Tensor, params[i].grad) for i in with_grad],
+            ascent,
             ctx.rho,
             adaptive=parts.adaptive,
             eta=parts.eta,
@@ -150,6 +152,18 @@ class TwoPass(Strategy):
             eps_norm = parts.params_before.change_norm(parts.reduce_squares, parts.device)
             self._warn_if_16_bit_weights(ctx.rho, eps_norm)
         return plain, grad_norm, eps_norm, applied
+
+    @torch.no_grad()
+    def _shape_direction(self, ctx: Step, grads: list[Tensor], indices: list[int]) -> None:
+        """The options of the ascent's direction, in place on the ascent gradients: Friendly-SAM's shift by the
+        gradient's running mean, then gradient centralization."""
+        cfg = self.parts.config
+        if ctx.shift is not None:
+            sigma = cfg.fsam_sigma if cfg.fsam_sigma is not None else 0.0
+            for g, i in zip(grads, indices):
+                g.sub_(ctx.shift[i], alpha=sigma)
+        if cfg.gradient_centralization:
+            centralize_(grads)
 
     def _descend(self, ctx: Step, weights: Tensor, random_state: Optional[RandomState], share: float) -> Tensor:
         """``l_i(w + eps)`` under the clean pass's random state, and its backward into ``.grad`` (G)."""
@@ -193,6 +207,7 @@ class Batched:
             head=scorer.head,
             weigh=scorer.group_weights if cfg.reweights else None,
             weighted_descent=cfg.weighted_descent,
+            centralize=cfg.gradient_centralization,
         )
         groups = (parts.module, parts.params, parts.names, parts.unperturbed, cfg.group_chunk, settings)
         self.groups = BatchedGroups(*groups)

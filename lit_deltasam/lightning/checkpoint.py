@@ -32,6 +32,8 @@ def save_state(fit: Fit, checkpoint: dict[str, Any]) -> None:
             saved["plain"] = [g.cpu() for g in plain]
     if state.reuse_direction is not None:
         saved["reuse"] = [d.detach().cpu() for d in state.reuse_direction]
+    if state.fsam_momentum is not None:
+        saved["momentum"] = [m.detach().cpu() for m in state.fsam_momentum]
     checkpoint["deltasam"] = saved
 
 
@@ -76,6 +78,7 @@ def load_state(module: LightningModule, checkpoint: dict[str, Any]) -> None:
     else:
         state = LoopState.from_scalars(saved["state"])
         state.reuse_direction = saved.get("reuse")
+        state.fsam_momentum = saved.get("momentum")
         plain = saved.get("plain")
         if plain is not None and not state.plain_synced and module.global_rank != 0:
             plain = [torch.zeros_like(g) for g in plain]  # rank 0 carries the sum over ranks

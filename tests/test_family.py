@@ -1,0 +1,134 @@
+"""The SAM family (GSAM, WSAM, Friendly-SAM, gradient centralization) through the public API against their closed
+forms on least squares (tests/family_oracles.py; each oracle is itself checked against the reference library in
+tests/test_peer_reference.py), over several steps of plain SGD, so that state carried across steps (Friendly-SAM's
+running mean) and the window's rules (GSAM's descent, WSAM's term after the base step) are exercised."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from family_oracles import ls_fsam_update, ls_gsam_update, ls_wsam_update, mls_gc_sam_update, wsam_alpha
+from helpers import LeastSquares, least_squares_problem, ls_sam_update
+from torch import nn
+
+from lit_deltasam import DeltaSAMConfig, DeltaSAMOptimizer
+
+RHO, LR, STEPS = 0.3, 0.1, 4
+
+
+def ours(config: DeltaSAMConfig, x, y, w, steps: int = STEPS, accumulate: int = 1) -> torch.Tensor:
+    model = LeastSquares(w)
+    opt = DeltaSAMOptimizer(model, torch.optim.SGD(model.parameters(), lr=LR), config)
+    for _ in range(steps):
+        for part in torch.chunk(torch.arange(x.shape[0]), accumulate):
+            opt.step(model.losses, (x[part], y[part]))
+    return model.w.detach()
+
+
+def test_gsam_is_its_closed_form():
+    x, y, w = least_squares_problem()
+    expected = w.clone()
+    for _ in range(STEPS):
+        expected = expected - LR * ls_gsam_update(x, y, expected, RHO, 0.4)
+    got = ours(DeltaSAMConfig(method="gsam", rho=RHO, rho_schedule="constant"), x, y, w)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    sam = w.clone()
+    for _ in range(STEPS):
+        sam = sam - LR * ls_sam_update(x, y, sam, RHO)
+    assert (got - sam).abs().max() > 1e-4  # alpha = 0.4 is not SAM
+
+
+@pytest.mark.parametrize("gamma", [0.9, 0.6])
+def test_wsam_is_its_decoupled_closed_form(gamma):
+    x, y, w = least_squares_problem()
+    expected = w.clone()
+    for _ in range(STEPS):
+        update = ls_wsam_update(x, y, expected, RHO, gamma, decouple=True)
+        expected = expected - LR * update.base - LR * update.after
+    got = ours(DeltaSAMConfig(method="wsam", rho=RHO, wsam_gamma=gamma, rho_schedule="constant"), x, y, w)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    assert wsam_alpha(gamma) == pytest.approx(gamma / (1 - gamma))
+
+
+def test_fsam_is_its_closed_form_with_its_running_mean():
+    x, y, w = least_squares_problem()
+    expected, momentum = w.clone(), None
+    for _ in range(STEPS):
+        update = ls_fsam_update(x, y, expected, RHO, 1.0, 0.9, momentum)
+        expected, momentum = expected - LR * update.G, update.momentum
+    config = DeltaSAMConfig(method="fsam", rho=RHO, rho_schedule="constant")
+    got = ours(config, x, y, w)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+def test_fsam_state_resumes_bit_exactly():
+    """The running mean is optimizer state: a run stopped after two steps and resumed from state_dict trains the
+    weights of the run that never stopped."""
+    x, y, w = least_squares_problem()
+    config = DeltaSAMConfig(method="fsam", rho=RHO, rho_schedule="constant")
+    whole = ours(config, x, y, w, steps=4)
+    model = LeastSquares(w)
+    opt = DeltaSAMOptimizer(model, torch.optim.SGD(model.parameters(), lr=LR), config)
+    for _ in range(2):
+        opt.step(model.losses, (x, y))
+    saved, weights = opt.state_dict(), model.state_dict()
+    assert "momentum" in saved
+    model = LeastSquares(w)
+    model.load_state_dict(weights)
+    opt = DeltaSAMOptimizer(model, torch.optim.SGD(model.parameters(), lr=LR), config)
+    opt.load_state_dict(saved)
+    for _ in range(2):
+        opt.step(model.losses, (x, y))
+    assert torch.equal(model.w.detach(), whole)
+
+
+class Linear(nn.Module):
+    """Multi-output least squares ``||W x_i - y_i||² / 2`` (a weight of rank 2, which centralization centres)."""
+
+    def __init__(self, W: torch.Tensor) -> None:
+        super().__init__()
+        self.W = nn.Parameter(W.clone())
+
+    def losses(self, batch):
+        x, y = batch
+        return 0.5 * ((x @ self.W.T - y) ** 2).sum(1)
+
+
+def test_gradient_centralization_is_its_closed_form():
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(8, 5, generator=g, dtype=torch.float64), torch.randn(8, 3, generator=g, dtype=torch.float64)
+    W = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    model = Linear(W)
+    config = DeltaSAMConfig(method="sam", rho=RHO, rho_schedule="constant", gradient_centralization=True)
+    opt = DeltaSAMOptimizer(model, torch.optim.SGD(model.parameters(), lr=LR), config)
+    expected = W.clone()
+    for _ in range(STEPS):
+        opt.step(model.losses, (x, y))
+        expected = expected - LR * mls_gc_sam_update(x, y, expected, RHO, norm="centered")
+    torch.testing.assert_close(model.W.detach(), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        (dict(method="sam", gsam_alpha=0.4), r"gsam_alpha=0.4 does nothing with method='sam'"),
+        (dict(method="gsam", gsam_alpha=1.0), r"gsam_alpha=1.0 is not valid; .*\[0.0, 1.0\)"),
+        (dict(method="wsam", wsam_gamma=1.0), r"wsam_gamma=1.0 is not valid"),
+        (dict(method="fsam", fsam_lambda=-0.1), r"fsam_lambda=-0.1 is not valid"),
+        (dict(method="gsam", m_sharpness=4), r"m_sharpness=4 .* method='gsam' applies its rule to the whole batch"),
+        (dict(method="fsam", interval=2, reuse="looksam"), r"reuse='looksam' with method='fsam'"),
+        (dict(method="gsam", beta=-1.0), r"beta=-1.0 does nothing with method='gsam'"),
+        (dict(method="per_instance", gradient_centralization=True), r"gradient_centralization=True does nothing"),
+    ],
+)
+def test_family_fields_are_refused_where_they_do_nothing(options, match):
+    with pytest.raises(ValueError, match=match):
+        DeltaSAMConfig(**options)
+
+
+def test_family_defaults_are_the_reference_libraries():
+    assert DeltaSAMConfig(method="gsam").gsam_alpha == 0.4
+    assert DeltaSAMConfig(method="wsam").wsam_gamma == 0.9
+    config = DeltaSAMConfig(method="fsam")
+    assert (config.fsam_sigma, config.fsam_lambda) == (1.0, 0.9)
+    assert DeltaSAMConfig(method="sam").gsam_alpha is None
