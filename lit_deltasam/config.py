@@ -346,7 +346,7 @@ class DeltaSAMConfig:
             if getattr(self, f.name) is None and rule.default is not None and self.applies(f.name):
                 object.__setattr__(self, f.name, rule.default(self) if callable(rule.default) else rule.default)
         self._refuse_unused([name for name in given if SPEC[name].applies is not None])
-        _refuse_odd_pairs(self)
+        _refuse_resolved(self)
 
     @classmethod
     def coerce(cls, value: Union[DeltaSAMConfig, Mapping[str, Any]]) -> DeltaSAMConfig:
@@ -496,8 +496,21 @@ def _refuse_combinations(c: DeltaSAMConfig) -> None:
         )
 
 
-def _refuse_odd_pairs(c: DeltaSAMConfig) -> None:
-    """Antithetic probes come in pairs ±u."""
+def _refuse_resolved(c: DeltaSAMConfig) -> None:
+    """The rules that read the per-method defaults: antithetic probes come in pairs ±u; the adaptive policy's plain
+    steps need a uniform ascent over the whole batch."""
+    if c.policy is not None and (c.reweights or c.method == "per_instance" or c.m_sharpness is not None):
+        what = "m_sharpness" if c.m_sharpness is not None else f"method={c.method!r}"
+        raise ConfigError(
+            f"DeltaSAMConfig.policy={c.policy!r} with {what}: its plain steps step on the batch's ascent gradient, "
+            "which is the plain gradient only for a uniform ascent over the whole batch; use method='sam', 'asam', "
+            "'gsam', 'wsam' or 'fsam' without m_sharpness (and without beta)"
+        )
+    if c.policy is not None and c.interval > 1:
+        raise ConfigError(
+            f"DeltaSAMConfig.policy={c.policy!r} and interval={c.interval} both choose the full steps; set one"
+        )
+
     if _probes(c) and (c.probe_antithetic or c.estimator == "curvature") and (c.probe_samples or 0) % 2:
         why = "estimator='curvature'" if c.estimator == "curvature" else "probe_antithetic=True"
         raise ConfigError(

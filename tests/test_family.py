@@ -132,3 +132,45 @@ def test_family_defaults_are_the_reference_libraries():
     config = DeltaSAMConfig(method="fsam")
     assert (config.fsam_sigma, config.fsam_lambda) == (1.0, 0.9)
     assert DeltaSAMConfig(method="sam").gsam_alpha is None
+
+
+def test_the_adaptive_policy_takes_the_steps_its_closed_form_decides():
+    """AE-SAM on least squares: each step's decision from ||g||² against the running moments (family_oracles'
+    closed form), a full SAM step where it says so and a plain step on g elsewhere; the weights follow."""
+    from family_oracles import AeSamState, ae_sam_decide, ae_sam_threshold
+    from helpers import ls_grad
+
+    x, y, w = least_squares_problem(n=8, seed=4)
+    steps = 12
+    config = DeltaSAMConfig(method="sam", rho=RHO, rho_schedule="constant", policy="adaptive")
+    model = LeastSquares(w)
+    opt = DeltaSAMOptimizer(model, torch.optim.SGD(model.parameters(), lr=LR), config, total_steps=steps)
+    expected, state, decisions = w.clone(), AeSamState(), []
+    got = []
+    for t in range(steps):
+        g = ls_grad(x, y, expected)
+        full, state = ae_sam_decide(float(g @ g), state, ae_sam_threshold(t, steps), delta=0.9)
+        decisions.append(full)
+        expected = expected - LR * (ls_sam_update(x, y, expected, RHO) if full else g)
+        got.append(opt.step(model.losses, (x, y)).full_step)
+    assert got == decisions and True in decisions and False in decisions
+    torch.testing.assert_close(model.w.detach(), expected, rtol=0, atol=1e-12)
+    assert opt.loop_state.policy_full == sum(decisions) and opt.loop_state.policy_decided == steps
+
+
+def test_the_adaptive_policy_needs_the_run_length_and_is_refused_where_it_cannot_decide():
+    x, y, w = least_squares_problem()
+    model = LeastSquares(w)
+    config = DeltaSAMConfig(method="sam", rho=RHO, policy="adaptive")
+    opt = DeltaSAMOptimizer(model, torch.optim.SGD(model.parameters(), lr=LR), config)
+    with pytest.raises(ValueError, match=r"policy='adaptive' moves its threshold over the run: .*total_steps=N"):
+        opt.step(model.losses, (x, y))
+    assert torch.equal(model.w.detach(), w)
+    for options, match in [
+        (dict(method="deltasam", policy="adaptive"), r"policy='adaptive' with method='deltasam'"),
+        (dict(method="sam", policy="adaptive", m_sharpness=2), r"policy='adaptive' with m_sharpness"),
+        (dict(method="sam", policy="adaptive", interval=2), r"policy='adaptive' and interval=2"),
+        (dict(method="sam", policy_delta=0.5), r"policy_delta=0.5 does nothing"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            DeltaSAMConfig(**options)

@@ -56,6 +56,14 @@ class LoopState:
     """LookSAM: the stored direction g_v of the last full step (dropped when the next one starts)."""
     reuse_norm: Optional[Tensor] = None
     """LookSAM: ``||g_v||``, not saved (a resumed run computes it again, to the same bits)."""
+    policy_mean: float = 0.0
+    """The adaptive policy's running mean of ``||g||²`` (AE-SAM's mu)."""
+    policy_var: float = 0.0
+    """... and of its squared deviation (sigma²)."""
+    policy_full: int = 0
+    """Micro-batches the policy gave a full step."""
+    policy_decided: int = 0
+    """Micro-batches the policy decided."""
     fsam_momentum: Optional[list[Tensor]] = None
     """Friendly-SAM: the running mean of the full steps' synchronized ascent gradients (unscaled)."""
 
@@ -125,6 +133,11 @@ class Driver:
         total_steps: Optional[int] = None,
         schedulers: Sequence[Any] = (),
     ) -> None:
+        if config.policy is not None and world_size() > 1:
+            raise NotImplementedError(
+                f"DeltaSAMConfig.policy={config.policy!r} decides from each rank's own ascent gradient, and under "
+                "data parallelism the ranks could take different branches; it runs in one process for now"
+            )
         self.module, self.optimizer, self.config, self.state = module, optimizer, config, state
         self.reduce_squares = reduce_squares
         self.engine = DeltaSAM(module, config, optimizer_params(optimizer), reduce_squares=reduce_squares, driven=True)
@@ -189,8 +202,10 @@ class Driver:
             check_finite=checks,
             rank=rank,
             scale=scale,
+            step=step,
+            total_steps=total_steps,
         )
-        result.rho, result.full_step = rho, full
+        result.rho, result.full_step = rho, full and result.full_step
         if scale is not None and result.grad_norm is not None:
             result.grad_norm = result.grad_norm / scale
         if last:
@@ -218,6 +233,8 @@ class Driver:
         check_finite: bool = True,
         rank: int = 0,
         scale: Optional[float] = None,
+        step: int = 0,
+        total_steps: Optional[int] = None,
     ) -> StepResult:
         """One micro-batch's double step at radius ``rho`` under this step's seed (``scale``: the loss scaler's, which
         Friendly-SAM's shift is multiplied by); counted in the loop state."""
@@ -239,9 +256,35 @@ class Driver:
                 rho=rho,
                 plain_grad=rho > 0 and (cfg.reuse is not None or cfg.method in FAMILY),
                 shift=self._fsam_shift(scale) if rho > 0 else None,
+                decide=self._policy(step, total_steps) if rho > 0 and cfg.policy == "adaptive" else None,
             )
         self._count(result, rho)
         return result
+
+    def _policy(self, step: int, total_steps: Optional[int]) -> Callable[[float], bool]:
+        """AE-SAM's decision for this micro-batch (Jiang et al., 2023): the running moments of ``||g||²`` take this
+        one first, and the step is full iff ``||g||² >= mu + c sigma``, c moving linearly from ``policy_c_start``
+        to ``policy_c_end`` over the run's optimizer steps."""
+        cfg, state = self.config, self.state
+        total = total_steps if total_steps is not None else self.schedule.total_steps
+        if total is None:
+            raise ValueError(
+                "DeltaSAMConfig.policy='adaptive' moves its threshold over the run: pass DeltaSAMOptimizer(..., "
+                "total_steps=N) (the Lightning mixin reads the trainer's)"
+            )
+        frac = min(step / max(total, 1), 1.0)
+        start, end, delta = cfg.policy_c_start or 0.0, cfg.policy_c_end or 0.0, cfg.policy_delta or 0.0
+        c = frac * end + (1.0 - frac) * start
+
+        def decide(sq_norm: float) -> bool:
+            state.policy_mean = delta * state.policy_mean + (1 - delta) * sq_norm
+            state.policy_var = delta * state.policy_var + (1 - delta) * (sq_norm - state.policy_mean) ** 2
+            full = sq_norm >= state.policy_mean + c * state.policy_var**0.5
+            state.policy_decided += 1
+            state.policy_full += full
+            return full
+
+        return decide
 
     def _fsam_shift(self, scale: Optional[float]) -> Optional[list[Tensor]]:
         """Friendly-SAM's running mean, where the parameters are, times the loss scale the passes run at."""
@@ -257,7 +300,7 @@ class Driver:
         state = self.state
         state.micro += 1
         state.micro_batches += 1
-        if self.config.perturbs and rho > 0:
+        if self.config.perturbs and rho > 0 and result.full_step:
             state.perturbing += 1
             perturbed = result.perturbed
             state.perturbation_skipped += (~perturbed).int() if isinstance(perturbed, Tensor) else not perturbed

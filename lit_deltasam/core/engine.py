@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from typing import Optional
 
@@ -209,6 +209,7 @@ class DeltaSAM:
         rho: Optional[float] = None,
         plain_grad: bool = False,
         shift: Optional[Sequence[Tensor]] = None,
+        decide: Optional[Callable[[float], bool]] = None,
     ) -> StepResult:
         """Add G for one (micro-)batch to ``.grad``; the weights end exactly where they started.
 
@@ -228,12 +229,13 @@ class DeltaSAM:
             plain_grad: also return the plain gradient at w in ``result.plain_grad`` (LookSAM's); free for SAM and
                 ASAM, one more backward through the clean graph for reweighted ascents.
             shift: Friendly-SAM's running mean m (one tensor per parameter): the ascent is along ``g - sigma m``.
+            decide: the adaptive policy, from ``||g||²`` at w: a full step, or (False) a plain step on g.
 
         Raises:
             Exception: whatever ``loss_fn`` or ``backward`` raise; parameters, buffers and ``.grad`` are then
                 bit-identical to their values before the call.
         """
-        ctx = self._context(loss_fn, batch, backward, no_sync, sync_descent, rho, plain_grad, shift)
+        ctx = self._context(loss_fn, batch, backward, no_sync, sync_descent, rho, plain_grad, shift, decide)
         self.parts.params_before.capture()
         self.parts.buffers_before.capture()
         grads_before = take_grads(self.updated)
@@ -259,6 +261,7 @@ class DeltaSAM:
         rho: Optional[float],
         plain_grad: bool,
         shift: Optional[Sequence[Tensor]],
+        decide: Optional[Callable[[float], bool]],
     ) -> Step:
         """One call's arguments, checked, with their defaults."""
         if rho is not None and not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho >= 0):
@@ -269,7 +272,7 @@ class DeltaSAM:
             refuse_static_graph(no_sync)
         radius = self.config.radius if rho is None else float(rho)
         backward = backward or _default_backward
-        return Step(_recasting(loss_fn), batch, backward, no_sync, sync_descent, radius, plain_grad, shift)
+        return Step(_recasting(loss_fn), batch, backward, no_sync, sync_descent, radius, plain_grad, shift, decide)
 
     def _check_window(self, result: StepResult, sync_descent: bool, check_finite: bool) -> None:
         """Gather whether the window's losses were finite; at its synchronized end, whether G is, on every rank."""

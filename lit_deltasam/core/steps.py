@@ -22,6 +22,7 @@ from .ascent import centralize_, perturb
 from .batch import batch_size, check_losses, slice_batch
 from .distributed import arm_reducer, world_size
 from .groups import BatchedGroups, GroupBuffers, GroupedStep, GroupSettings, Unbatchable, group_impl, unbatchable
+from .norms import total_norm
 from .parts import NoSync, Parts, Step, descent_sync
 from .randomness import RandomState
 from .result import StepResult, merge_groups
@@ -64,6 +65,15 @@ def _distinct(tensors: list[Tensor]) -> list[Tensor]:
     return out
 
 
+def _add_back(updated: list[Tensor], grads_before: Grads, copy: bool) -> None:
+    """``.grad`` (a gradient of this step) plus the gradients set aside before the step."""
+    step = take_grads(updated)
+    put_grads(updated, grads_before, copy=copy)
+    for p, g in zip(updated, step):
+        if g is not None:
+            p.grad = g if p.grad is None else p.grad.add_(g)
+
+
 class TwoPass(Strategy):
     """The double step on one batch: ``l_i(w)``, λ, the ascent gradient ``g_λ`` and ``w + eps`` (:mod:`.ascent`),
     then ``l_i(w + eps)`` and its backward into ``.grad``."""
@@ -90,19 +100,24 @@ class TwoPass(Strategy):
             # the all-reduced gradient sum_i lambda_i g_i over the global batch.
             weights = batch_weights[mine] * (world_size() if cfg.ascent == "global" else 1)
             plain, grad_norm, eps_norm, applied = self._ascend(ctx, losses, weights, ascent_sync)
-            put_grads(parts.updated, grads_before, copy=copy)
-            perturbed = self._descend(ctx, weights, random_state, share)
+            perturbed: Optional[Tensor] = None
+            if applied is None:  # the policy's plain step: G is the ascent gradient at w
+                _add_back(parts.updated, grads_before, copy)
+            else:
+                put_grads(parts.updated, grads_before, copy=copy)
+                perturbed = self._descend(ctx, weights, random_state, share)
         finally:
             parts.params_before.restore()
             parts.buffers_clean.restore()
         return StepResult(
             losses=losses.detach(),
-            perturbed_losses=perturbed.detach(),
+            perturbed_losses=None if perturbed is None else perturbed.detach(),
+            full_step=applied is not None,
             weights=batch_weights[mine],
             batch_weights=batch_weights,
             grad_norm=grad_norm.detach(),
             eps_norm=eps_norm.detach(),
-            perturbed=applied,
+            perturbed=True if applied is None else applied,
             plain_grad=plain,
             plain_grad_synced=cfg.ascent == "global" and not cfg.reweights,
         )
@@ -120,9 +135,9 @@ class TwoPass(Strategy):
 
     def _ascend(
         self, ctx: Step, losses: Tensor, weights: Tensor, ascent_sync: NoSync
-    ) -> tuple[Optional[list[Tensor]], Tensor, Tensor, bool | Tensor]:
+    ) -> tuple[Optional[list[Tensor]], Tensor, Tensor, Optional[bool | Tensor]]:
         """The ascent gradient's backward and the move to ``w + eps``: (LookSAM's plain gradient, ``||g||``,
-        ``||eps||``, applied)."""
+        ``||eps||``, applied); applied is ``None`` where the adaptive policy takes a plain step instead."""
         parts = self.parts
         params, reweights = parts.params, parts.config.reweights
         ascent_loss = (weights.to(losses.dtype) * losses).sum() if reweights else losses.mean()
@@ -136,6 +151,8 @@ class TwoPass(Strategy):
             plain = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
         with_grad = [i for i, p in enumerate(params) if p.grad is not None]
         ascent = [cast(Tensor, params[i].grad) for i in with_grad]
+        if ctx.decide is not None and not ctx.decide(float(total_norm(ascent, parts.reduce_squares) ** 2)):
+            return plain, torch.zeros(()), torch.zeros(()), None
         self._shape_direction(ctx, ascent, with_grad)
         grad_norm, eps_norm, applied = perturb(
             [params[i] for i in with_grad],
