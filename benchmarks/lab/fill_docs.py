@@ -2,7 +2,7 @@
 
 docs/benchmarks.md gets the JSON's ``table``; docs/results.md gets its ``headline``, where the JSON has one.
 
-python benchmarks/fill_docs.py regimes
+python -m benchmarks.lab.fill_docs regimes
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from common import RESULTS, ROOT
+from benchmarks.lab.common import RESULTS, ROOT
 
 
 def fill(name: str) -> None:
@@ -30,7 +30,7 @@ def write(page: Path, name: str, table: str) -> None:
         raise SystemExit(f"{page.relative_to(ROOT)} has no {begin} ... {end} markers")
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
-    page.write_text(f"{head}{begin}\n\n{table.strip()}\n\n`python benchmarks/fill_docs.py {study}`\n{end}{tail}")
+    page.write_text(f"{head}{begin}\n\n{table.strip()}\n\n`python -m benchmarks.lab.fill_docs {study}`\n{end}{tail}")
 
 
 if __name__ == "__main__":
