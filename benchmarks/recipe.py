@@ -287,7 +287,10 @@ def suite_report() -> tuple[str, dict[str, Any]]:
             sweep["regret"] = max(done) - sweep["value"]
     cells = [_pct(sweeps[s]["value"]) if sweeps[s] else "–" for s in settings]
     worst_sweep = max((sw["regret"] for sw in sweeps.values() if sw and "regret" in sw), default=None)
-    lines.append("| experiment=lr_sweep (post hoc) | " + " | ".join(cells) + f" | {_pct(worst_sweep)} | – |")
+    sweep_partial = " (partial)" if worst_sweep is not None and any(sweeps[s] is None for s in settings) else ""
+    lines.append(
+        "| experiment=lr_sweep (post hoc) | " + " | ".join(cells) + f" | {_pct(worst_sweep)}{sweep_partial} | – |"
+    )
     label = choose(table)
     out: dict[str, Any] = {"selection": table, "regret": regret, "lr_sweep": sweeps, "chosen": label}
     lines += [

@@ -289,11 +289,29 @@ def load(path: Optional[Path] = None) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+class Rows(dict):
+    """A store's rows by key that remembers the rows a report read (``get`` or ``[]``): the rows its tables rest on,
+    whose commits, trees and machines :mod:`benchmarks.lab.provenance` reports."""
+
+    read: list[dict] = []
+
+    def get(self, k: Any, default: Any = None) -> Any:
+        row = super().get(k, default)
+        if row is not None and row is not default:
+            Rows.read.append(row)
+        return row
+
+    def __getitem__(self, k: Any) -> Any:
+        row = super().__getitem__(k)
+        Rows.read.append(row)
+        return row
+
+
 def rows_by_key(path: Optional[Path] = None) -> dict[str, dict]:
     """Rows keyed as :func:`key` does: each ``optim.*`` field a row leaves out at :data:`LEGACY_OPTIM`, never at
     the current default. A row made before rows recorded their method config is resolved with the current
     defaults (it must then be migrated before a default changes: :func:`migrate`)."""
-    out = {}
+    out = Rows()
     for row in load(path):
         method_config = row.get("method_config")
         if method_config is None:
