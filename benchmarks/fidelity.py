@@ -18,10 +18,10 @@ Resumable: one JSON row per (task, trajectory, step, batch) in
 finished probe point (kept under ``outputs/benchmarks/fidelity``), and a finished one is
 skipped. ``--report`` only builds the tables and the plot from the rows there are.
 
-    python benchmarks/fidelity.py                          # mr and tweets, all variants: ~5 h on 2 CPU cores
-    python benchmarks/fidelity.py --report                 # tables and plot from the rows
-    python benchmarks/fidelity.py --tasks mr --trajectories erm sam --points 3 --batches 2
-    python benchmarks/fidelity.py --tasks tweets --variants 'head:*' exact:-1 exact:-0.5   # a subset
+    python -m benchmarks.fidelity                          # mr and tweets, all variants: ~5 h on 2 CPU cores
+    python -m benchmarks.fidelity --report                 # tables and plot from the rows
+    python -m benchmarks.fidelity --tasks mr --trajectories erm sam --points 3 --batches 2
+    python -m benchmarks.fidelity --tasks tweets --variants 'head:*' exact:-1 exact:-0.5   # a subset
 """
 
 from __future__ import annotations
@@ -38,11 +38,12 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
-from common import RESULTS, ROOT, bootstrap, compose_config, load_jsonl, save
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
-from runs import legacy_optim
 
+from benchmarks.lab.common import RESULTS, ROOT, compose_config, load_jsonl, save
+from benchmarks.lab.runs import legacy_optim
+from benchmarks.lab.stats import bootstrap
 from lit_deltasam import DeltaSAMConfig
 from lit_deltasam.app import assemble
 from lit_deltasam.core.batch import slice_batch
@@ -286,13 +287,31 @@ def variant_table(title: str, s: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def report(rows: list[dict]) -> tuple[str, dict]:
+    """The study's tables and their numbers, each table from its own builder below."""
     if not rows:
         return "no rows yet\n", {}
     names = list(dict.fromkeys(n for r in rows for n in r["variants"]))
     shipped = shipped_variant()
     overall = summarize(rows, names)
     best = max((n for n in names if n != "sam"), key=lambda n: overall[n]["cos"])
-    focus = list(dict.fromkeys(["sam", shipped, "exact:-1", "exact:-1:raw", best]))
+    lines = stage_table(rows, list(dict.fromkeys(["sam", shipped, "exact:-1", "exact:-1:raw", best])))
+    lines += in_situ_table(rows, shipped)
+    lines += variant_tables(rows, names, overall)
+    contender_lines, against_shipped = contender_table(rows, names, overall, shipped)
+    lines += contender_lines
+    sections = {}
+    for traj in TRAJECTORIES:
+        rs = [r for r in rows if r["trajectory"] == traj]
+        if not rs:
+            continue
+        sections[traj] = summarize(rs, names)
+        lines += variant_table(f"Every variant along the {traj} trajectory ({len(rs)} batches)", sections[traj])
+    summary = {"overall": overall, "by_trajectory": sections, "best": best, "shipped": shipped}
+    return "\n".join(lines) + "\n", {**summary, "against_shipped": against_shipped}
+
+
+def stage_table(rows: list[dict], focus: list[str]) -> list[str]:
+    """Trajectory × stage: the mean cosine of a few variants at each stage of each trajectory."""
     lines = ["**Trajectory × stage** (mean cos(C_X, C_PI); relative error in parentheses)\n"]
     lines.append("| task | trajectory | stage | steps | " + " | ".join(focus) + " |")
     lines.append("|---|---|---|---|" + "---|" * len(focus))
@@ -307,8 +326,12 @@ def report(rows: list[dict]) -> tuple[str, dict]:
         steps = ",".join(str(x) for x in sorted({r["step"] for r in rs}))
         cells = [f"{s[n]['cos']:.3f} ({s[n]['rel_err']:.2f})" if n in s else "–" for n in focus]
         lines.append(f"| {task} | {traj} | {st} | {steps} | " + " | ".join(cells) + " |")
+    return lines
 
-    lines += [
+
+def in_situ_table(rows: list[dict], shipped: str) -> list[str]:
+    """Each method at its own trajectory's weights, and the paired δ-SAM − SAM gains in situ and at the target's."""
+    lines = [
         "\n**In situ** (each method's update at its own trajectory's weights)\n",
         "| task | method on its own trajectory | cos | rel. error | units |",
         "|---|---|---|---|---|",
@@ -339,15 +362,26 @@ def report(rows: list[dict]) -> tuple[str, dict]:
             f"At per-instance SAM's own weights (its trajectory), δ-SAM minus SAM, paired by batch: "
             f"{statistics.mean(gain):+.3f} cos, 95% CI [{low:+.3f}, {high:+.3f}], {len(gain)} batches.\n"
         )
+    return lines
 
+
+def variant_tables(rows: list[dict], names: list[str], overall: dict[str, dict]) -> list[str]:
+    """Every variant, pooled over tasks, then task by task where there are several."""
     tasks = sorted({r["task"] for r in rows})
-    lines += variant_table(f"Every variant, all trajectories and tasks pooled ({len(rows)} batches)", overall)
+    lines = variant_table(f"Every variant, all trajectories and tasks pooled ({len(rows)} batches)", overall)
     if len(tasks) > 1:
         for task in tasks:
             rs = [r for r in rows if r["task"] == task]
             lines += variant_table(
                 f"Every variant on {task}, all its trajectories ({len(rs)} batches)", summarize(rs, names)
             )
+    return lines
+
+
+def contender_table(
+    rows: list[dict], names: list[str], overall: dict[str, dict], shipped: str
+) -> tuple[list[str], dict[str, dict]]:
+    """The six variants closest to per-instance SAM against the shipped one, paired over all batches."""
     same = [
         n
         for n in names
@@ -355,7 +389,7 @@ def report(rows: list[dict]) -> tuple[str, dict]:
     ]
     others = [n for n in names if n not in ("sam", shipped, *same)]
     contenders = sorted(others, key=lambda n: -overall[n]["cos"])[:6]
-    lines += [
+    lines = [
         f"\n**The best variants against the shipped default {shipped}** (paired over all batches)\n",
         f"| variant | cos − {shipped}'s (95% CI) | closer than {shipped} on | batches |",
         "|---|---|---|---|",
@@ -371,15 +405,7 @@ def report(rows: list[dict]) -> tuple[str, dict]:
         )
     if same:
         lines.append(f"\nIdentical to {shipped} on every batch (its floor and bounds never bind): {', '.join(same)}.")
-    sections = {}
-    for traj in TRAJECTORIES:
-        rs = [r for r in rows if r["trajectory"] == traj]
-        if not rs:
-            continue
-        sections[traj] = summarize(rs, names)
-        lines += variant_table(f"Every variant along the {traj} trajectory ({len(rs)} batches)", sections[traj])
-    summary = {"overall": overall, "by_trajectory": sections, "best": best, "shipped": shipped}
-    return "\n".join(lines) + "\n", {**summary, "against_shipped": against_shipped}
+    return lines, against_shipped
 
 
 def plot(rows: list[dict], path: Path) -> None:

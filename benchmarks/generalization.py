@@ -1,6 +1,6 @@
 """Claim (b): does δ-SAM generalize better than SAM, and SAM better than ERM, where sharpness-aware training can help?
 
-Protocol (MiniLM, max length 32, the app's recipe; rows through benchmarks/runs.py, shared
+Protocol (MiniLM, max length 32, the app's recipe; rows through benchmarks/lab/runs.py, shared
 with the robust-defaults study):
 
 * settings: ``clean1k`` (seeded 1,000-instance training subsets, 5 epochs) and ``noisy1k``
@@ -25,9 +25,9 @@ with the robust-defaults study):
 
 Resumable: finished runs are rows of docs/results/runs.jsonl and are skipped.
 
-    python benchmarks/generalization.py                       # the whole protocol
-    python benchmarks/generalization.py --report              # tables and plots from the rows there are
-    python benchmarks/generalization.py --tasks mr --settings noisy1k --seeds 11 12
+    python -m benchmarks.generalization                       # the whole protocol
+    python -m benchmarks.generalization --report              # tables and plots from the rows there are
+    python -m benchmarks.generalization --tasks mr --settings noisy1k --seeds 11 12
 """
 
 from __future__ import annotations
@@ -38,10 +38,11 @@ import statistics
 from pathlib import Path
 from typing import Any, Optional
 
-from common import RESULTS, mean_std, save, t_interval
-from fidelity import variant_overrides
-from runs import SETTINGS, Method, key, resolved_method, rows_by_key, run_all
-
+from benchmarks.fidelity import variant_overrides
+from benchmarks.lab.common import RESULTS, save
+from benchmarks.lab.runs import SETTINGS, Method, key, resolved_method, rows_by_key
+from benchmarks.lab.scheduler import run_all
+from benchmarks.lab.stats import mean_std, t_interval
 from lit_deltasam import DeltaSAMConfig
 
 

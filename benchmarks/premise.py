@@ -1,7 +1,7 @@
 """δ-SAM's premise, tested directly: do exact per-instance perturbations (per-instance SAM, m = 1) beat SAM here?
 
 Protocol (MiniLM, the regimes study's setting 1 and its tweets repeat: 1,000 training texts, 20% of the labels
-flipped, 5 epochs, max length 32, ERM's LR 5e-5 as that study chose in both; rows through benchmarks/runs.py):
+flipped, 5 epochs, max length 32, ERM's LR 5e-5 as that study chose in both; rows through benchmarks/lab/runs.py):
 
 * selection (seeds 101–102, final validation accuracy): per-instance SAM at ρ ∈ :data:`RADII` (the regimes study's
   ρ 0.02 stalled on 3 of 5 seeds), beside SAM at the regimes study's ρ 0.05 and ERM; the radius with the higher
@@ -13,10 +13,10 @@ flipped, 5 epochs, max length 32, ERM's LR 5e-5 as that study chose in both; row
   best-validation checkpoint against early-stopped ERM;
 * never chosen on test; no seed dropped.
 
-Resumable through the platform's store (benchmarks/runs.py); on a GPU with ``--platform gpu --jobs N``.
+Resumable through the platform's store (benchmarks/lab/runs.py); on a GPU with ``--platform gpu --jobs N``.
 
-    python benchmarks/premise.py                      # the protocol on this machine
-    python benchmarks/premise.py --report             # docs/results/premise.json (premise_gpu.json for the GPU)
+    python -m benchmarks.premise                      # the protocol on this machine
+    python -m benchmarks.premise --report             # docs/results/premise.json (premise_gpu.json for the GPU)
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ import argparse
 import statistics
 from typing import Any, Optional
 
-from common import holm, paired, save
-from runs import Method, add_study_arguments, key, phased, report_name, rows_by_key, schedule, use_platform
-
+from benchmarks.lab.common import save
+from benchmarks.lab.runs import Method, key, rows_by_key, use_platform
+from benchmarks.lab.scheduler import add_study_arguments, phased, report_name, schedule
+from benchmarks.lab.stats import holm, paired
 from lit_deltasam import DeltaSAMConfig
 
 PLACES = {"mr, 20% noise": ("mr", "noisy1k"), "tweets, 20% noise": ("tweets", "noisy1k")}
@@ -154,7 +155,7 @@ def write_reports(platform: str = "cpu") -> str:
     text, summary = report()
     save(
         report_name("premise", platform),
-        {"command": f"python premise.py --platform {platform} --report", "table": text, **summary},
+        {"command": f"python -m benchmarks.premise --platform {platform} --report", "table": text, **summary},
     )
     return text
 

@@ -1,7 +1,7 @@
 """Where sharpness-aware fine-tuning pays, and at what cost: m-sharpness, stronger label noise, the cheap modes.
 
 Protocol (MiniLM on mr, and tweets for a repeat, max length 32, the app's recipe but for the learning rate; rows
-through benchmarks/runs.py, shared with the earlier studies wherever a configuration is
+through benchmarks/lab/runs.py, shared with the earlier studies wherever a configuration is
 identical):
 
 * settings: ``noisy1k`` (setting 1, the headline: seeded 1,000-instance training subsets,
@@ -30,15 +30,15 @@ identical):
   ERM's final weights, ERM's best-validation checkpoint (early-stopped ERM) and SAM, with
   Student-t 95% intervals (df = pairs − 1), wins/ties/losses and the paired t-test's p, Holm-adjusted over every
   difference of the comparison table; the arms and settings added after the first results (``POST_HOC``) are marked;
-* cost: each arm's step cost × ERM from ``benchmarks/overhead.py --preset regimes`` (one
+* cost: each arm's step cost × ERM from ``benchmarks/perf/overhead.py --preset regimes`` (one
   interleaved run at batch 32, length 32, on an idle machine), read from
   ``docs/results/overhead_regimes.json`` when it is there.
 
 Resumable: finished runs are rows of docs/results/runs.jsonl and are skipped.
 
-    python benchmarks/regimes.py                   # the whole protocol (about 6 h of CPU)
-    python benchmarks/regimes.py --stage select    # steps 0 and 1 only
-    python benchmarks/regimes.py --report          # docs/results/regimes.json, frontier.png, m_curve.png
+    python -m benchmarks.regimes                   # the whole protocol (about 6 h of CPU)
+    python -m benchmarks.regimes --stage select    # steps 0 and 1 only
+    python -m benchmarks.regimes --report          # docs/results/regimes.json, frontier.png, m_curve.png
 """
 
 from __future__ import annotations
@@ -49,15 +49,16 @@ import statistics
 from pathlib import Path
 from typing import Any, Optional
 
-from common import RESULTS, holm, mean_std, paired, save
-from generalization import test_best, test_final, val
-from runs import SETTINGS, STALL_SHARE, Method, key, rows_by_key, run_all
-
+from benchmarks.generalization import test_best, test_final, val
+from benchmarks.lab.common import RESULTS, save
+from benchmarks.lab.runs import SETTINGS, STALL_SHARE, Method, key, rows_by_key
+from benchmarks.lab.scheduler import run_all
+from benchmarks.lab.stats import holm, mean_std, paired
 from lit_deltasam import DeltaSAMConfig
 
 HEADLINE, STRONG, TWEETS = "noisy1k", "noisy40", "tweets noisy1k"
 PLACES = {HEADLINE: ("mr", "noisy1k"), STRONG: ("mr", "noisy40"), TWEETS: ("tweets", "noisy1k")}
-"""Each study setting's task and its benchmarks/runs.py setting."""
+"""Each study setting's task and its benchmarks/lab/runs.py setting."""
 COST_FILE = RESULTS / "overhead_regimes.json"
 
 
@@ -84,7 +85,7 @@ ARMS: dict[str, tuple[str, str, tuple]] = {
     "sam looksam k=5": ("sam", "sam", (("interval", 5), ("reuse", "looksam"))),
 }
 M_ARMS = ("m-sam m=8", "m-sam m=4")
-COST_NAMES = {  # arm → its row in benchmarks/overhead.py
+COST_NAMES = {  # arm → its row in benchmarks/perf/overhead.py
     "erm": "erm",
     "sam": "sam",
     SAME_RHO: "sam",
@@ -259,10 +260,34 @@ def _named(name: str) -> str:
 
 
 def report(args: argparse.Namespace) -> tuple[str, dict]:
+    """The study's tables and their numbers: the two selection steps, the comparison, the stalled runs."""
     rows = rows_by_key()
     p = Protocol(args, rows)
     cost = costs()
     out: dict[str, Any] = {"lr": p.lr, "rho": p.rho, "m_arm_setting_2": p.m_arm, "cost_vs_erm": cost}
+    lines = lr_table(p, args, rows)
+    rho_lines, out["selection"] = rho_table(p, args, rows)
+    lines += rho_lines
+    if "m4" in p.rho:
+        lines += ["", f"m-SAM arm for setting {STRONG} (mean selection-seed validation accuracy): **{p.m_arm or '–'}**"]
+    arms_out = comparison(p, cost)
+    family = adjust(arms_out)
+    out["arms"] = arms_out
+    out["family"] = family
+    out["headline"] = headline(arms_out, family)
+    lines += [
+        "",
+        "**Comparison** (test accuracy, mean ± std over seeds; paired differences by seed of the arm's final weights, "
+        "or of its best-validation checkpoint, against a reference)\n",
+        multiplicity(family) + "\n",
+    ]
+    lines += comparison_table(arms_out)
+    lines += stalled_table(p)
+    return "\n".join(lines) + "\n", out
+
+
+def lr_table(p: Protocol, args: argparse.Namespace, rows: dict[str, dict]) -> list[str]:
+    """Step 0: ERM's final validation accuracy at each LR on the selection seeds, the chosen LR marked."""
     lines = ["**Step 0: ERM's learning rate** (final validation accuracy, selection seeds)\n"]
     lines += ["| setting | lr | val acc per seed | mean | stalled | chosen |", "|---|---|---|---|---|---|"]
     for setting in p.settings:
@@ -274,7 +299,12 @@ def report(args: argparse.Namespace) -> tuple[str, dict]:
                 f"{f'{statistics.mean(accs):.2f}' if accs else '–'} | {sum(r['stalled'] for r in found if r)} | "
                 f"{'✓' if p.lr.get(setting) == lr else ''} |"
             )
-    lines += ["", f"**Step 1: ρ** (setting {HEADLINE}, lr {p.lr.get(HEADLINE, '–')}, selection seeds)\n"]
+    return lines
+
+
+def rho_table(p: Protocol, args: argparse.Namespace, rows: dict[str, dict]) -> tuple[list[str], dict[str, dict]]:
+    """Step 1: SAM's and m = 4's validation accuracy at each ρ on the headline setting, the chosen ρ marked."""
+    lines = ["", f"**Step 1: ρ** (setting {HEADLINE}, lr {p.lr.get(HEADLINE, '–')}, selection seeds)\n"]
     lines += ["| family | ρ | val acc per seed | mean | stalled | chosen |", "|---|---|---|---|---|---|"]
     selection: dict[str, dict] = {}
     for family, extra in (("sam", ()), ("m4", (("m_sharpness", 4),))):
@@ -291,15 +321,12 @@ def report(args: argparse.Namespace) -> tuple[str, dict]:
                 f"| {f'{statistics.mean(accs):.2f}' if accs else '–'} | {stalled}/{len(accs)} | "
                 f"{'✓' if p.rho.get(family) == r else ''} |"
             )
-    out["selection"] = selection
-    if "m4" in p.rho:
-        lines += ["", f"m-SAM arm for setting {STRONG} (mean selection-seed validation accuracy): **{p.m_arm or '–'}**"]
-    table = [
-        "| setting | arm | ρ | seeds | stalled | cost × ERM | val acc, final | test acc, final | test acc, best-val | "
-        + " | ".join(f"{COLUMNS[name]} (points, t-95% CI, W/T/L, Holm p)" for name, *_ in REFERENCES)
-        + " |",
-        "|---" * (9 + len(REFERENCES)) + "|",
-    ]
+    return lines, selection
+
+
+def comparison(p: Protocol, cost: dict[str, float]) -> dict[str, dict]:
+    """Every arm of every setting: its scores by seed and its paired differences against each reference (not yet
+    adjusted: :func:`adjust`)."""
     arms_out: dict[str, dict] = {}
     for setting in p.settings:
         if not p.ready():
@@ -323,7 +350,7 @@ def report(args: argparse.Namespace) -> tuple[str, dict]:
             if name in ("sam", SAME_RHO):
                 diffs["SAM final, same ρ"] = None
             by_seed = [rs[s] for s in sorted(rs)]
-            entry = arms_out[f"{setting}/{name}"] = {
+            arms_out[f"{setting}/{name}"] = {
                 "label": method.label,
                 "rho": method.rho,
                 "seeds": sorted(rs),
@@ -335,7 +362,17 @@ def report(args: argparse.Namespace) -> tuple[str, dict]:
                 "differences": diffs,
                 "cost_vs_erm": cost.get(name),
             }
-    family = adjust(arms_out)
+    return arms_out
+
+
+def comparison_table(arms_out: dict[str, dict]) -> list[str]:
+    """The comparison: one line per arm, scores and every reference's difference with its Holm p."""
+    table = [
+        "| setting | arm | ρ | seeds | stalled | cost × ERM | val acc, final | test acc, final | test acc, best-val | "
+        + " | ".join(f"{COLUMNS[name]} (points, t-95% CI, W/T/L, Holm p)" for name, *_ in REFERENCES)
+        + " |",
+        "|---" * (9 + len(REFERENCES)) + "|",
+    ]
     for name, entry in arms_out.items():
         setting, arm_name = name.split("/", 1)
         rho, cost_x = entry["rho"], entry["cost_vs_erm"]
@@ -346,29 +383,24 @@ def report(args: argparse.Namespace) -> tuple[str, dict]:
             + " | ".join(_fmt(entry["differences"][label]) for label, *_ in REFERENCES)
             + " |"
         )
-    out["arms"] = arms_out
-    out["family"] = family
-    out["headline"] = headline(arms_out, family)
-    lines += [
-        "",
-        "**Comparison** (test accuracy, mean ± std over seeds; paired differences by seed of the arm's final weights, "
-        "or of its best-validation checkpoint, against a reference)\n",
-        multiplicity(family) + "\n",
-    ]
-    lines += table
+    return table
+
+
+def stalled_table(p: Protocol) -> list[str]:
+    """The stalled comparison runs, where there are any."""
     stalls = stall_table(p)
-    if stalls:
-        lines += [
-            "",
-            f"**Stalled comparison runs** (≥ {STALL_SHARE:.0%} of the final validation predictions one class): from "
-            "which epoch on, what the run had reached before, its final validation loss (ln 2 = 0.6931 is a constant "
-            "50/50 output) and how flat it ended against ERM on the same seed\n",
-            "| setting | arm | seed | one class from epoch | best val acc before | final val loss | "
-            "final largest-magnitude Hessian eigenvalue (ERM, same seed) |",
-            "|---|---|---|---|---|---|---|",
-            *stalls,
-        ]
-    return "\n".join(lines) + "\n", out
+    if not stalls:
+        return []
+    return [
+        "",
+        f"**Stalled comparison runs** (≥ {STALL_SHARE:.0%} of the final validation predictions one class): from "
+        "which epoch on, what the run had reached before, its final validation loss (ln 2 = 0.6931 is a constant "
+        "50/50 output) and how flat it ended against ERM on the same seed\n",
+        "| setting | arm | seed | one class from epoch | best val acc before | final val loss | "
+        "final largest-magnitude Hessian eigenvalue (ERM, same seed) |",
+        "|---|---|---|---|---|---|---|",
+        *stalls,
+    ]
 
 
 def headline(arms_out: dict[str, dict], family: int) -> str:

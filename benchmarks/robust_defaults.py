@@ -8,12 +8,12 @@ training labels flipped; 4,000 instances for one epoch), 3 seeds. It reports the
 rate (final validation predictions ≥ 95% one class) and the accuracies against ERM.
 The choice is made on validation accuracy; test accuracy is reported, never used.
 
-Rows go to docs/results/runs.jsonl through benchmarks/runs.py (shared with the
+Rows go to docs/results/runs.jsonl through benchmarks/lab/runs.py (shared with the
 generalization study); finished runs are skipped on a rerun. Units run seed-major, so an
 interrupted study has every setting at the first seeds.
 
-    python benchmarks/robust_defaults.py                      # the whole grid, ~5 h on 2 CPU cores
-    python benchmarks/robust_defaults.py --seeds 1 --report   # the tables from the rows there are
+    python -m benchmarks.robust_defaults                      # the whole grid, ~5 h on 2 CPU cores
+    python -m benchmarks.robust_defaults --seeds 1 --report   # the tables from the rows there are
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ import argparse
 import statistics
 from collections import defaultdict
 
-from common import RESULTS, mean_std, save
-from runs import Method, key, rows_by_key, run_all
+from benchmarks.lab.common import RESULTS, save
+from benchmarks.lab.runs import Method, key, rows_by_key
+from benchmarks.lab.scheduler import run_all
+from benchmarks.lab.stats import mean_std
 
 SCHEDULES = ("constant", "warmup", "follow_lr", "start_step")
 TASKS = ("mr", "tweets")
@@ -110,7 +112,7 @@ def report(args: argparse.Namespace) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=list(TASKS))
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), help="of benchmarks/runs.py SETTINGS")
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), help="of benchmarks/lab/runs.py SETTINGS")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--rhos", nargs="+", type=float, default=[0.02, 0.05])
     parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=SCHEDULES)

@@ -2,7 +2,7 @@
 the workers stay busy while a study waits for the rows its next phase is chosen from (a GPU runs many MiniLM runs at
 once). The rows go to the platform's store; each study's ``--report`` builds its tables from them.
 
-    python benchmarks/studies.py recipe premise --platform gpu --jobs 12 --deadline 540 --store $OUT/runs_gpu.jsonl
+    python -m benchmarks.studies recipe premise --platform gpu --jobs 12 --deadline 540 --store $OUT/runs_gpu.jsonl
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from runs import add_study_arguments, phased, schedule, use_platform
+from benchmarks.lab.runs import use_platform
+from benchmarks.lab.scheduler import add_study_arguments, phased, schedule
 
 STUDIES = ("recipe", "premise")
 
@@ -21,9 +22,8 @@ def main() -> None:
     add_study_arguments(parser)
     args = parser.parse_args()
     use_platform(args.platform, args.store)
-    schedule(
-        phased(*(importlib.import_module(name).PHASES for name in args.studies)), "studies", args.jobs, args.deadline
-    )
+    phases = [importlib.import_module(f"benchmarks.{name}").PHASES for name in args.studies]
+    schedule(phased(*phases), "studies", args.jobs, args.deadline)
 
 
 if __name__ == "__main__":

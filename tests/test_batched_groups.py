@@ -281,11 +281,7 @@ def test_m_sharpness_moves_batchnorm_statistics_once_per_step():
 def test_minilm_weights_after_three_steps_equal_the_loops(options):
     """MiniLM in eval mode (no dropout: the two paths draw other masks), batch 8, AdamW, three steps (δ-SAM's
     first step finds the head layer in the loop)."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-    from overhead import setup
+    from benchmarks.perf.overhead import setup
 
     finals = {}
     for impl in ("loop", "batched"):

@@ -9,8 +9,11 @@ import lightning as L
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-runs = pytest.importorskip("runs")
+from benchmarks import generalization as gen
+from benchmarks import recipe
+from benchmarks import regimes as reg
+from benchmarks.lab import runs, scheduler
+from benchmarks.perf import overhead
 
 
 class LeastSquares(L.LightningModule):
@@ -47,6 +50,12 @@ def test_final_flatness_matches_least_squares_closed_form():
     assert torch.equal(module.linear.weight.detach().squeeze(0), before)
 
 
+def _study_pages() -> str:
+    return "".join(
+        p.read_text() for p in sorted((Path(__file__).resolve().parents[1] / "docs" / "studies").glob("*.md"))
+    )
+
+
 def _row(val, test_final, test_best=None):
     return {
         "metrics": {"val/acc": val, "test_final/acc": test_final, "test/acc": test_best or test_final},
@@ -55,7 +64,6 @@ def _row(val, test_final, test_best=None):
 
 
 def test_generalization_chooses_rho_on_validation_and_pairs_runs_by_seed():
-    gen = pytest.importorskip("generalization")
     args = SimpleNamespace(
         tasks=["mr"],
         settings=["clean1k", "noisy1k"],
@@ -98,7 +106,6 @@ def test_generalization_chooses_rho_on_validation_and_pairs_runs_by_seed():
 
 
 def test_committed_generalization_tables_come_from_the_committed_rows():
-    gen = pytest.importorskip("generalization")
     root = Path(__file__).resolve().parents[1]
     saved = json.loads((root / "docs" / "results" / "generalization.json").read_text())
 
@@ -107,13 +114,12 @@ def test_committed_generalization_tables_come_from_the_committed_rows():
     assert text == saved["table"]
     assert summary["chosen"] == saved["chosen"]
     assert summary["differences"] == saved["differences"]
-    assert saved["table"].strip() in (root / "docs" / "benchmarks.md").read_text()
+    assert saved["table"].strip() in _study_pages()
 
 
 def test_regimes_chooses_on_validation_in_order_and_pairs_by_seed(monkeypatch):
     """Step 0 (LR per setting), step 1 (ρ for SAM and m = 4, on setting 1), then setting 2's m-SAM arm, each on
     validation only, each opening the next step's units; the comparison is seed-major and paired."""
-    reg = pytest.importorskip("regimes")
     args = SimpleNamespace(
         lrs=[5e-5, 2e-4],
         rhos=[0.02, 0.05],
@@ -183,7 +189,6 @@ def test_regimes_chooses_on_validation_in_order_and_pairs_by_seed(monkeypatch):
 
 
 def test_committed_regimes_tables_come_from_the_committed_rows():
-    reg = pytest.importorskip("regimes")
     root = Path(__file__).resolve().parents[1]
     saved = json.loads((root / "docs" / "results" / "regimes.json").read_text())
     text, summary = reg.report(SimpleNamespace(**saved["args"]))
@@ -192,18 +197,17 @@ def test_committed_regimes_tables_come_from_the_committed_rows():
         json.loads(json.dumps(summary["arms"])) == saved["arms"]
         and summary["m_arm_setting_2"] == saved["m_arm_setting_2"]
     )
-    assert saved["table"].strip() in (root / "docs" / "benchmarks.md").read_text()
+    assert saved["table"].strip() in _study_pages()
     assert summary["headline"] == saved["headline"]
     assert saved["headline"].strip() in (root / "docs" / "results.md").read_text()
 
 
 def test_committed_recipe_table_comes_from_the_committed_rows():
-    recipe = pytest.importorskip("recipe")
     root = Path(__file__).resolve().parents[1]
     saved = json.loads((root / "docs" / "results" / "recipe.json").read_text())
     text, summary = recipe.report(SimpleNamespace(**saved["args"]))
     assert text == saved["table"] and json.loads(json.dumps(summary["settings"])) == saved["settings"]
-    assert saved["table"].strip() in (root / "docs" / "benchmarks.md").read_text()
+    assert saved["table"].strip() in _study_pages()
 
 
 def test_a_tuned_lr_is_its_own_run_key(tmp_path):
@@ -228,8 +232,6 @@ def test_a_tuned_lr_is_its_own_run_key(tmp_path):
 def test_profile_names_the_ops_of_a_step():
     """overhead.py --profile: the shares are of one step's self CPU time, largest first, and a SAM step's
     matrix products are among them."""
-    import overhead
-
     result = overhead.profile("small", "sam", 4, 16)
     shares = [op["share"] for op in result["ops"]]
     assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
@@ -244,7 +246,7 @@ def test_the_gpu_check_runs_in_its_smoke_mode(tmp_path):
     import subprocess
 
     out = tmp_path / "gpu_check.json"
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"  # the path the GPU bundle runs
     run = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -287,18 +289,28 @@ def test_schedule_asks_the_plan_again_after_each_row_and_reports_failures(tmp_pa
         done = all(runs.key(*u) in rows for u in first)
         return first + ([broken, second] if done else [])
 
-    monkeypatch.setattr(runs, "_run_unit", fake)
+    monkeypatch.setattr(scheduler, "_run_unit", fake)
     runs.use_platform("cpu", tmp_path / "rows.jsonl")
     try:
         with pytest.raises(SystemExit, match="1 runs failed"):
-            runs.schedule(plan, "test")
+            scheduler.schedule(plan, "test")
         assert ran == [1, 2, 4, 3] and len(runs.load()) == 3
         ran.clear()
         with pytest.raises(SystemExit):
-            runs.schedule(plan, "test")
+            scheduler.schedule(plan, "test")
         assert ran == [4]  # only the failed one again
         ran.clear()
-        runs.schedule(lambda _: [("mr", "noisy1k", erm, 5)], "test", deadline=-1.0)
+        scheduler.schedule(lambda _: [("mr", "noisy1k", erm, 5)], "test", deadline=-1.0)
         assert ran == []
     finally:
         runs.use_platform("cpu")
+
+
+def test_committed_fidelity_tables_come_from_the_committed_rows():
+    from benchmarks import fidelity
+
+    root = Path(__file__).resolve().parents[1]
+    saved = json.loads((root / "docs" / "results" / "fidelity.json").read_text())
+    text, summary = fidelity.report(fidelity.load())
+    assert text == saved["table"]
+    assert json.loads(json.dumps(summary)) == saved["summary"]

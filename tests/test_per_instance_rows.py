@@ -115,11 +115,7 @@ def test_a_failing_perturbed_forward_restores_every_row():
 def test_minilm_per_instance_correction_on_rows_equals_the_dense_one():
     """The claim-(a) oracle on MiniLM (eval mode, batch 8, length 16): the sharpness correction C = G - ḡ of
     per-instance SAM with the embedding rows equals the dense computation's to float32 rounding."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-    from overhead import setup
+    from benchmarks.perf.overhead import setup
 
     torch.manual_seed(0)
     module, batch, _, _ = setup("minilm", 8, 16)

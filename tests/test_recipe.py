@@ -5,7 +5,6 @@ import dataclasses
 import itertools
 import json
 import random
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,8 @@ import torch
 from helpers import trainer
 from torch import nn
 
+from benchmarks import fidelity, recipe, tuning
+from benchmarks.lab import runs
 from lit_deltasam import DeltaSAMConfig
 from lit_deltasam.app import schema
 from lit_deltasam.models import TextClassifier
@@ -20,9 +21,6 @@ from lit_deltasam.models.classifier import param_groups
 from lit_deltasam.models.encoders import SmallEncoder
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-runs = pytest.importorskip("runs")
-recipe = pytest.importorskip("recipe")
 
 VOCAB, LAYERS = 30, 2
 
@@ -257,14 +255,13 @@ def test_the_app_ships_the_recipe_the_study_chose(tmp_path):
 
 def test_the_shipped_recipe_is_what_the_committed_rows_choose():
     """The post-hoc rule (least worst-case suite regret among candidates within 2 points of the best fixed LR on
-    both held-out tasks' validation) applied to the committed GPU rows gives SHIPPED; the pre-declared rule
+    both tuning tasks' validation) applied to the committed GPU rows gives SHIPPED; the pre-declared rule
     (least worst-case regret alone) gives another recipe, which the docs report."""
-    heldout = pytest.importorskip("heldout")
     runs.use_platform("gpu")
     try:
         rows = runs.rows_by_key()
-        text, summary = heldout.report()
-        assert text == json.loads((ROOT / "docs" / "results" / "heldout_gpu.json").read_text())["table"]
+        text, summary = tuning.report()
+        assert text == json.loads((ROOT / "docs" / "results" / "tuning_gpu.json").read_text())["table"]
         assert summary["shipped_rule"] == recipe.SHIPPED.label
         assert recipe.choose(recipe.selection(rows)) == "lr=0.0001 layer_decay=0.8"
     finally:
@@ -276,7 +273,6 @@ def test_studies_whose_rows_do_not_record_the_recipe_stay_at_the_one_they_ran_at
     staleness.py run at runs.LEGACY_OPTIM, not at the app's default, which has moved since their rows were made."""
     import argparse
 
-    fidelity = pytest.importorskip("fidelity")
     args = argparse.Namespace(model="minilm", seed=0, max_length=32)
     cfg = schema.compose(ROOT / "conf", fidelity.trajectory_overrides("mr", "sam", args), tmp_path)
     assert dict(cfg.optim) == runs.LEGACY_OPTIM != dataclasses.asdict(schema.OptimSchema())
@@ -289,7 +285,6 @@ def test_a_resumed_fidelity_run_recognises_every_committed_trajectory(tmp_path):
     full run redoes hours of trajectories. The identity is the one trajectory() builds from the composed config."""
     import argparse
 
-    fidelity = pytest.importorskip("fidelity")
     from lit_deltasam.app import assemble
 
     rows = fidelity.load()

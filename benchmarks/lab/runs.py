@@ -16,28 +16,21 @@ and with the best-validation checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import functools
 import json
-import multiprocessing
-import os
 import shutil
-import subprocess
 import time
-import traceback
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
 import torch
-from common import RESULTS, ROOT, compose_config
 from omegaconf import OmegaConf
 
+from benchmarks.lab.common import PROVENANCE, RESULTS, ROOT, compose_config
 from lit_deltasam import DeltaSAMConfig
 
 STORE = RESULTS / "runs.jsonl"
@@ -60,11 +53,11 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "2k3ep": {"data.train_limit": 2000, "trainer.max_epochs": 3, "data.max_length": 64},
     # the main job: the whole training split for one epoch at the app's length (the recipe suite)
     "full1ep": {"trainer.max_epochs": 1, "data.max_length": 48},
-    # the held-out many-class tasks (benchmarks/heldout.py writes their files), as a user's own CSVs
+    # the recipe's many-class tuning tasks (benchmarks/tuning.py writes their files), as a user's own CSVs
     **{
         f"{task}2k3ep": {
             **{
-                f"task.{split}": f"${{paths.cache_dir}}/heldout/{task}/{split}.csv"
+                f"task.{split}": f"${{paths.cache_dir}}/tuning/{task}/{split}.csv"
                 for split in ("train", "validation", "test")
             },
             "trainer.max_epochs": 3,
@@ -82,20 +75,6 @@ SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
-def _code_commit() -> str:
-    """The commit whose code this process runs (``LIT_DELTASAM_COMMIT`` where the tree has no git, as on a device)."""
-    if os.environ.get("LIT_DELTASAM_COMMIT"):
-        return os.environ["LIT_DELTASAM_COMMIT"]
-    try:
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "lit_deltasam"], cwd=ROOT).returncode != 0
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    except OSError:
-        return "unknown"
-    return head.stdout.strip() + ("+dirty" if dirty else "") if head.returncode == 0 else "unknown"
-
-
-CODE_COMMIT = _code_commit()
-"""The commit whose code this process runs: read once at start, as later commits do not reach a running study."""
 LEGACY_OPTIM: dict[str, float] = {
     "lr": 5e-5,
     "weight_decay": 0.01,
@@ -122,6 +101,11 @@ def use_platform(name: str, store: Optional[Path] = None) -> None:
     if name not in PLATFORMS:
         raise ValueError(f"platform={name!r} is not one of {sorted(PLATFORMS)}")
     _platform.update(name=name, store=Path(store) if store is not None else PLATFORMS[name][1])
+
+
+def platform_name() -> str:
+    """The platform every later run runs on (:func:`use_platform`)."""
+    return _platform["name"]
 
 
 def store() -> Path:
@@ -287,6 +271,17 @@ def key(
     return _key(data_overrides(task, setting, seed, lr, optim), resolved_method(method.overrides()))
 
 
+RENAMED = {"/heldout/": "/tuning/"}
+"""Paths renamed after rows were written with them: the tuning tasks' CSV folder was ``<cache>/heldout/`` until
+they were named for what they are. A row keeps what it ran; its key reads the new name."""
+
+
+def _renamed(override: str) -> str:
+    for old, new in RENAMED.items():
+        override = override.replace(old, new)
+    return override
+
+
 def load(path: Optional[Path] = None) -> list[dict]:
     path = path or store()
     if not path.exists():
@@ -294,16 +289,34 @@ def load(path: Optional[Path] = None) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+class Rows(dict):
+    """A store's rows by key that remembers the rows a report read (``get`` or ``[]``): the rows its tables rest on,
+    whose commits, trees and machines :mod:`benchmarks.lab.provenance` reports."""
+
+    read: list[dict] = []
+
+    def get(self, k: Any, default: Any = None) -> Any:
+        row = super().get(k, default)
+        if row is not None and row is not default:
+            Rows.read.append(row)
+        return row
+
+    def __getitem__(self, k: Any) -> Any:
+        row = super().__getitem__(k)
+        Rows.read.append(row)
+        return row
+
+
 def rows_by_key(path: Optional[Path] = None) -> dict[str, dict]:
     """Rows keyed as :func:`key` does: each ``optim.*`` field a row leaves out at :data:`LEGACY_OPTIM`, never at
     the current default. A row made before rows recorded their method config is resolved with the current
     defaults (it must then be migrated before a default changes: :func:`migrate`)."""
-    out = {}
+    out = Rows()
     for row in load(path):
         method_config = row.get("method_config")
         if method_config is None:
             method_config = resolved_method([o for o in row["overrides"] if o.startswith("method")])
-        data = explicit([o for o in row["overrides"] if not o.startswith("method")])
+        data = explicit([_renamed(o) for o in row["overrides"] if not o.startswith("method")])
         if "tune_lr=true" in data and not any(o.startswith("lr_find.") for o in data):
             # the same run with its range test written out
             data = [o for o in data if o != "tune_lr=true"] + lr_overrides(TUNE, LEGACY_LR_FIND)
@@ -414,7 +427,7 @@ def run(
             "~callbacks.progress_bar",
             "callbacks.model_checkpoint.save_last=false",
             "+callbacks.model_checkpoint.save_weights_only=true",
-            "+callbacks.final_flatness._target_=runs.FinalFlatness",
+            "+callbacks.final_flatness._target_=benchmarks.lab.runs.FinalFlatness",
             "test_final=true",
         ],
         out,
@@ -428,7 +441,7 @@ def run(
         "key": key(task, setting, method, seed, lr, optim),
         "overrides": args,
         "method_config": resolved_method(method.overrides()),
-        "commit": CODE_COMMIT,
+        **PROVENANCE,
         "task": task,
         "setting": setting,
         "method": method.label,
@@ -443,150 +456,5 @@ def run(
     }
 
 
-def slug(unit: tuple) -> str:
-    """The run folder's name of ``unit``."""
-    task, setting, method, seed, *rest = unit
-    out = f"{task}-{setting}-{method.label.replace(' ', '_').replace('=', '')}-s{seed}"
-    if rest and rest[0] is not None:
-        lr = rest[0]
-        out += f"-lr{lr:g}" if not is_tuned(lr) else "-" + str(lr).replace(TUNE, "tune_lr", 1)
-    return out + "".join(f"-{f}{v:g}" for f, v in (rest[1] if len(rest) > 1 else ()))
-
-
-def _run_unit(unit: tuple, name: str) -> dict:
-    task, setting, method, seed, *rest = unit
-    return run(task, setting, method, seed, ROOT / "outputs" / "benchmarks" / name / slug(unit), *rest)
-
-
-def _start_worker(platform: str, threads: int) -> None:
-    use_platform(platform)
-    torch.set_num_threads(threads)
-
-
-def schedule(
-    plan: Callable[[dict[str, dict]], list[tuple]],
-    name: str,
-    jobs: int = 1,
-    deadline: Optional[float] = None,
-    on_row: Optional[Callable[[dict[str, dict]], None]] = None,
-) -> dict[str, dict]:
-    """Run every unit ``(task, setting, method, seed[, lr[, optim]])`` of ``plan(rows)`` whose row is missing, in its
-    order, appending each row to :func:`store` as it finishes; returns the rows by key.
-
-    ``plan`` is asked again after every row, so that a phase chosen from earlier rows starts as soon as they are in.
-    ``jobs`` > 1 runs that many worker processes (each with ``torch_threads = cores // jobs``); ``deadline``: seconds
-    after which no new run starts. A run that raises is reported and not retried in this call; the call then exits
-    non-zero once the others are done."""
-    path = store()
-    rows = rows_by_key(path)
-    began = time.monotonic()
-    failed: dict[str, str] = {}
-    running: dict[Future, tuple[str, tuple]] = {}
-
-    def wanted() -> list[tuple[str, tuple]]:
-        out: dict[str, tuple] = {}
-        for unit in plan(rows):
-            k = key(*unit)
-            if k not in rows and k not in failed and k not in out and all(k != r[0] for r in running.values()):
-                out[k] = unit
-        return list(out.items())
-
-    def finished(k: str, unit: tuple, row: dict) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as handle:
-            handle.write(json.dumps(row) + "\n")
-        rows[k] = row
-        metric = "pearson" if "val/pearson" in row["metrics"] else "acc"  # a regression task's, or accuracy
-        print(
-            f"[{name}] {slug(unit)}: val {row['metrics'].get(f'val/{metric}', float('nan')):.4f} "
-            f"test {row['metrics'].get(f'test/{metric}', float('nan')):.4f} ({row['time_s']:.0f} s, "
-            f"{time.monotonic() - began:.0f} s in)",
-            flush=True,
-        )
-        if on_row is not None:
-            on_row(rows)
-
-    def late() -> bool:
-        return deadline is not None and time.monotonic() - began > deadline
-
-    if jobs <= 1:
-        while not late() and (todo := wanted()):
-            k, unit = todo[0]
-            try:
-                row = _run_unit(unit, name)
-            except Exception:
-                failed[k] = traceback.format_exc()
-                print(f"[{name}] {slug(unit)} failed:\n{failed[k]}", flush=True)
-                continue
-            finished(k, unit, row)
-    else:
-        threads = max(1, (os.cpu_count() or jobs) // jobs)
-        context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-        with ProcessPoolExecutor(jobs, context, _start_worker, (_platform["name"], threads)) as pool:
-            while True:
-                if not late():
-                    for k, unit in wanted()[: jobs - len(running)]:
-                        running[pool.submit(_run_unit, unit, name)] = (k, unit)
-                if not running:
-                    break
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    k, unit = running.pop(future)
-                    try:
-                        finished(k, unit, future.result())
-                    except Exception:
-                        failed[k] = traceback.format_exc()
-                        print(f"[{name}] {slug(unit)} failed:\n{failed[k]}", flush=True)
-    if late():
-        print(f"[{name}] deadline of {deadline:.0f} s reached; {len(wanted())} runs left for a rerun", flush=True)
-    if failed:
-        raise SystemExit(f"[{name}] {len(failed)} runs failed; their tracebacks are above")
-    return rows
-
-
-def phased(*studies: Sequence[Callable[[dict[str, dict]], list[tuple]]]) -> Callable[[dict[str, dict]], list[tuple]]:
-    """A :func:`schedule` plan of the studies' phases: every study's first phase before any study's second."""
-    depth = max(len(phases) for phases in studies)
-    return lambda rows: [u for i in range(depth) for phases in studies if i < len(phases) for u in phases[i](rows)]
-
-
-def add_study_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--platform``, ``--store``, ``--jobs`` and ``--deadline``: where and how a study's runs run."""
-    parser.add_argument("--platform", choices=sorted(PLATFORMS), default="cpu", help="where the runs run (keyed apart)")
-    parser.add_argument("--store", type=Path, help="the rows' JSONL file (default: the platform's)")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process")
-    parser.add_argument("--deadline", type=float, help="seconds after which no new run starts")
-
-
-def report_name(name: str, platform: str) -> str:
-    """The results JSON of a study's tables on ``platform`` (``name`` on the CPU, ``name_<platform>`` elsewhere)."""
-    return name if platform == "cpu" else f"{name}_{platform}"
-
-
-def run_all(units: Iterable[tuple], name: str) -> dict[str, dict]:
-    """Run every unit whose row is missing, one at a time (:func:`schedule`)."""
-    units = list(units)
-    return schedule(lambda _: units, name)
-
-
 def _device() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="try a platform: a few batches of each kind of run, in parallel")
-    parser.add_argument("--smoke", action="store_true", required=True)
-    parser.add_argument("--platform", choices=sorted(PLATFORMS), default="cpu")
-    parser.add_argument("--store", type=Path, required=True, help="where the smoke rows go")
-    parser.add_argument("--jobs", type=int, default=2)
-    args = parser.parse_args()
-    use_platform(args.platform, args.store)
-    methods = [Method("erm"), Method("sam", 0.05, "follow_lr"), Method("per_instance", 0.01, "follow_lr")]
-    units = [("mr", "smoke", m, 1) for m in methods] + [("tweets", "smoke", Method("erm"), 1, f"{TUNE}:minimum")]
-    units += [("r8", "smoke", Method("erm"), 1, 1e-4, (("head_lr_mult", 10.0), ("layer_decay", 0.8)))]
-    rows = schedule(lambda _: units, "smoke", jobs=args.jobs)
-    print(json.dumps({slug(u): rows[key(*u)]["metrics"].get("val/acc") for u in units}))
-
-
-if __name__ == "__main__":
-    main()

@@ -4,8 +4,8 @@ Gradient all-reduces are counted by a DDP communication hook (one call per bucke
 the library's own small collectives (diagnostics, global instance weights) by wrapping
 ``torch.distributed``. Runs 2 CPU processes on gloo.
 
-    python benchmarks/ddp_comm.py                  # MiniLM on MR, batch 16 per rank
-    python benchmarks/ddp_comm.py --model small
+    python -m benchmarks.perf.ddp_comm                  # MiniLM on MR, batch 16 per rank
+    python -m benchmarks.perf.ddp_comm --model small
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.distributed as dist
-from common import compose_config, save
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
+from benchmarks.lab.common import compose_config, save
 from lit_deltasam.app import assemble
 
 COUNTS: dict[str, float] = defaultdict(float)

@@ -8,23 +8,28 @@ an idle machine (the 2026-12-02 run: docs/results/per_instance_side_by_side.json
 
     git worktree add /tmp/old c5cf503
     for L in 32 48; do for i in 1 2; do for root in /tmp/old .; do
-        python benchmarks/side_by_side.py $root 3 $L >> docs/results/per_instance_side_by_side.jsonl
+        PYTHONPATH=$root python benchmarks/perf/side_by_side.py 3 $L >> docs/results/per_instance_side_by_side.jsonl
     done; done; done
+
+It imports nothing of the benchmarks, only ``lit_deltasam``: the copy ``PYTHONPATH`` names is the one timed.
+(The 2026-12-02 rows were made by the earlier form, ``python benchmarks/side_by_side.py $root 3 $L``.)
 """
 
 import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
-ROOT, ROUNDS, LENGTH = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-sys.path.insert(0, ROOT)  # the checkout under test, before any installed copy
+import torch
 
-import torch  # noqa: E402
+import lit_deltasam
+from lit_deltasam import DeltaSAM, DeltaSAMConfig
+from lit_deltasam.data import get_task
+from lit_deltasam.models import MiniLM, TextClassifier
 
-from lit_deltasam import DeltaSAM, DeltaSAMConfig  # noqa: E402
-from lit_deltasam.data import get_task  # noqa: E402
-from lit_deltasam.models import MiniLM, TextClassifier  # noqa: E402
+ROUNDS, LENGTH = int(sys.argv[1]), int(sys.argv[2])
+ROOT = str(Path(lit_deltasam.__file__).resolve().parents[1])  # the checkout under test
 
 
 def main() -> None:

@@ -1,8 +1,8 @@
 """What a run keeps on disk: the size of a `debug=fast` run folder (MiniLM, W&B offline, the defaults), and of an
 Optuna trial's, file by file, measured by running train.py from a checkout.
 
-python benchmarks/run_size.py --label after                            # this checkout
-python benchmarks/run_size.py --label before --root /path/to/old/checkout
+python -m benchmarks.perf.run_size --label after                            # this checkout
+python -m benchmarks.perf.run_size --label before --root /path/to/old/checkout
 
 Writes (merges into) docs/results/run_size.json, one entry per label.
 """
@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "docs" / "results" / "run_size.json"
 RUNS = {
     "debug_fast": ["debug=fast"],

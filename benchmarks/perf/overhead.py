@@ -7,11 +7,11 @@ median times, the ratios to SAM and to ERM (medians of per-round ratios), and th
 tensor memory of two steps of each method, each in a fresh process (from the profiler's allocation
 events on CPU, CUDA's allocator peak on a GPU), in MB and in copies of the parameters.
 
-    python benchmarks/overhead.py                      # MiniLM and the small model, batch 32, length 48
-    python benchmarks/overhead.py --models small --rounds 5
-    python benchmarks/overhead.py --profile per_instance --models minilm --length 32   # where its time goes
-    python benchmarks/overhead.py --preset groups --length 32 --name overhead_groups_32   # issue 37's group rows
-    python benchmarks/overhead.py --smoke              # the group methods once, small model, to /tmp
+    python -m benchmarks.perf.overhead                      # MiniLM and the small model, batch 32, length 48
+    python -m benchmarks.perf.overhead --models small --rounds 5
+    python -m benchmarks.perf.overhead --profile per_instance --models minilm --length 32   # where its time goes
+    python -m benchmarks.perf.overhead --preset groups --length 32 --name overhead_groups_32   # issue 37's group rows
+    python -m benchmarks.perf.overhead --smoke              # the group methods once, small model, to /tmp
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from common import RESULTS, machine, save
 
+from benchmarks.lab.common import RESULTS, ROOT, machine, save
 from lit_deltasam import DeltaSAMConfig, DeltaSAMOptimizer
 from lit_deltasam.data import get_task
 from lit_deltasam.models import MiniLM, Small, TextClassifier
@@ -140,9 +140,9 @@ def memory_of(model_name: str, name: str, batch_size: int, length: int) -> dict:
 
 def memory_in_fresh_process(model_name: str, name: str, batch_size: int, length: int) -> dict:
     """:func:`memory_of` in a process of its own: nothing another method allocated or cached can blur it."""
-    args = [sys.executable, __file__, "--memory-of", name, "--models", model_name]
+    args = [sys.executable, "-m", "benchmarks.perf.overhead", "--memory-of", name, "--models", model_name]
     args += ["--batch-size", str(batch_size), "--length", str(length)]
-    out = subprocess.run(args, capture_output=True, text=True, check=True, cwd=Path(__file__).parent)
+    out = subprocess.run(args, capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -3,8 +3,8 @@
 Run it in two trees and compare the output, e.g. the session's start against HEAD:
 
     git worktree add /tmp/base <commit>
-    PYTHONPATH=/tmp/base python benchmarks/bit_identity.py > /tmp/base.json
-    PYTHONPATH=. python benchmarks/bit_identity.py > /tmp/head.json && diff /tmp/base.json /tmp/head.json
+    PYTHONPATH=/tmp/base python benchmarks/perf/bit_identity.py > /tmp/base.json
+    PYTHONPATH=. python benchmarks/perf/bit_identity.py > /tmp/head.json && diff /tmp/base.json /tmp/head.json
 
 (2026-12-04: a4f9570 and e65f730 print the same hashes.)
 """

@@ -7,7 +7,7 @@ report gives, for each lag k, the mean cosine between ``g_v`` and the one k step
 earlier. Between two full steps at interval k, the reused direction is 1 to k - 1 steps
 old, so the mean over lags 1..k-1 is what LookSAM with interval k works with.
 
-    python benchmarks/staleness.py                   # 200 steps, lags 1-10, ~5 min on 2 CPU cores
+    python -m benchmarks.perf.staleness                   # 200 steps, lags 1-10, ~5 min on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from collections import deque
 
 import lightning as L
 import torch
-from common import ROOT, compose_config, save
-from runs import legacy_optim
 from transformers import get_linear_schedule_with_warmup
 
+from benchmarks.lab.common import ROOT, compose_config, save
+from benchmarks.lab.runs import legacy_optim
 from lit_deltasam import DeltaSAM, DeltaSAMConfig
 from lit_deltasam.app import assemble
 from lit_deltasam.core.amortized import Reuse

@@ -1,0 +1,69 @@
+"""Every study number the README and the docs quote is rebuilt from the committed results, and a hand edit fails.
+
+The pages mark each quoted number (``<!-- q:NAME -->…<!-- /q -->``) and each table (``<!-- NAME:begin … -->``);
+``python -m benchmarks.lab.fill_docs`` writes them from docs/results, and this test rebuilds them all."""
+
+import json
+import re
+
+import pytest
+
+from benchmarks.lab import fill_docs, provenance
+from benchmarks.lab.common import RESULTS, ROOT
+from benchmarks.lab.quotes import QUOTES
+
+
+@pytest.mark.parametrize("page", fill_docs.pages(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_quoted_number_and_table_is_what_the_committed_results_give(page):
+    assert fill_docs.differences(page.read_text()) == []
+
+
+def test_the_pages_quote_numbers_through_markers():
+    """The README carries quote markers, every study page quotes through markers (numbers or tables), and every quote
+    a page names exists."""
+    texts = {p: p.read_text() for p in fill_docs.pages()}
+    used = {name for text in texts.values() for name in fill_docs.QUOTE.findall(text) for name in [name[0]]}
+    assert used <= set(QUOTES)
+    assert fill_docs.QUOTE.search(texts[ROOT / "README.md"])
+    for page in (ROOT / "docs" / "studies").glob("*.md"):
+        assert fill_docs.QUOTE.search(texts[page]) or fill_docs.BLOCK.search(texts[page]), page
+
+
+def test_a_number_edited_by_hand_is_reported(tmp_path):
+    """A copy of the premise page with one quoted number changed by hand: the check names the quote; the same for a
+    number inside a filled table."""
+    page = (ROOT / "docs" / "studies" / "premise.md").read_text()
+    quoted = fill_docs.QUOTE.search(page)
+    name, value = quoted.group(1), quoted.group(2)
+    edited = page.replace(quoted.group(0), f"<!-- q:{name} -->{value.replace('0', '1', 1)}<!-- /q -->", 1)
+    assert edited != page
+    copy = tmp_path / "premise.md"
+    copy.write_text(edited)
+    found = fill_docs.differences(copy.read_text())
+    assert len(found) == 1 and found[0].startswith(f"{name}:"), found
+    table = page.replace("| 0.725 |", "| 0.752 |", 1)
+    assert table != page and fill_docs.differences(table)[0].startswith("premise_gpu:")
+    assert fill_docs.differences(page) == []
+
+
+def test_sentences_around_the_markers_cannot_carry_a_stale_copy():
+    """No quoted figure is also typed by hand outside its marker on the same page (a copy would not be checked)."""
+    for page in fill_docs.pages():
+        text = page.read_text()
+        bare = fill_docs.QUOTE.sub("", fill_docs.BLOCK.sub("", text))
+        for name in dict.fromkeys(m.group(1) for m in fill_docs.QUOTE.finditer(text)):
+            value = QUOTES[name]()
+            if re.search(r"\[.*\]", value):  # an interval: distinctive enough to look for
+                assert value not in bare, (page, name, value)
+
+
+@pytest.mark.parametrize("name", ["premise_gpu", "tuning_gpu", "recipe_suite", "regimes"])
+def test_the_provenance_under_each_table_is_that_of_the_rows_it_reads(name):
+    saved = json.loads((RESULTS / f"{name}.json").read_text())
+    assert provenance.compute(name) == saved["provenance"]
+
+
+def test_a_dirty_tree_row_is_named_where_it_appears():
+    saved = json.loads((RESULTS / "recipe_suite.json").read_text())
+    assert saved["provenance"]["dirty_rows"] == ["mr noisy1k erm seed 101 (0a404ce)"]
+    assert "**From a dirty tree**" in (ROOT / "docs" / "studies" / "recipe.md").read_text()
