@@ -197,3 +197,26 @@ def test_the_resolved_views_have_no_unset_fields():
     assert config.probing is not None and config.probing.sigma == 0.05 and config.probing.samples == 3
     assert DeltaSAMConfig(method="sam").weighting is None and DeltaSAMConfig(method="sam").probing is None
     assert DeltaSAMConfig(method="sam", interval=2, reuse="looksam").loop.reuse_alpha == 0.7
+
+
+def test_a_clip_algorithm_without_a_value_is_refused_where_nothing_reads_it():
+    """``gradient_clip_algorithm`` alone clips nothing in a hand-written loop, nor in the mixin unless the module
+    overrides ``configure_gradient_clipping`` (which Lightning's loop hands it to: honoured there)."""
+    from lit_deltasam import DeltaSAMOptimizer
+
+    config = DeltaSAMConfig(method="sam", gradient_clip_algorithm="value")
+    model = MLP()
+    with pytest.raises(ValueError, match=r"gradient_clip_algorithm='value' without gradient_clip_val clips nothing"):
+        DeltaSAMOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), config)
+    with pytest.raises(ValueError, match=r"gradient_clip_algorithm='value' without gradient_clip_val .* override"):
+        trainer(max_steps=1).fit(TinyModule(config), loader())
+
+    class OwnClipping(TinyModule):
+        seen: list = []
+
+        def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+            self.seen.append(gradient_clip_algorithm)
+
+    module = OwnClipping(config)
+    trainer(max_steps=2).fit(module, loader())
+    assert module.seen == ["value", "value"]

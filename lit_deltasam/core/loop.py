@@ -132,7 +132,7 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
                 "torch.optim.AdamW(model.parameters())"
             )
         config = config if config is not None else DeltaSAMConfig()
-        _refuse_unread_histograms(config)
+        _refuse_unread(config)
         self.pass_ = Pass()
         super().__init__(optimizer.param_groups, optimizer.defaults)
         self.optimizer = optimizer  # from here on param_groups, state and defaults are the base's
@@ -355,8 +355,14 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
             p.grad = None if grads is None else grads[i].to(p.device, p.dtype).clone()
 
 
-def _refuse_unread_histograms(config: DeltaSAMConfig) -> None:
-    """``histogram_every_n_steps`` is read by the Lightning mixin's loggers only: refused when set here."""
+def _refuse_unread(config: DeltaSAMConfig) -> None:
+    """What a hand-written loop does not read: ``histogram_every_n_steps`` (the Lightning mixin's loggers do), and
+    ``gradient_clip_algorithm`` without ``gradient_clip_val`` (Lightning hands it to a user's clipping hook)."""
+    if config.gradient_clip_val is None and config.gradient_clip_algorithm != "norm":
+        raise ValueError(
+            f"DeltaSAMConfig.gradient_clip_algorithm={config.gradient_clip_algorithm!r} without gradient_clip_val "
+            "clips nothing; set gradient_clip_val too (e.g. gradient_clip_val=1.0), or leave the algorithm unset"
+        )
     every = config.histogram_every_n_steps
     if every != _HISTOGRAMS_DEFAULT:
         raise ValueError(

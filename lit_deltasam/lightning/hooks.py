@@ -171,3 +171,17 @@ def require_deltasam_step(training_step: Callable[..., Any]) -> Callable[..., An
         return out
 
     return mark_wrapped(wrapped)
+
+
+def refuse_unread_clipping(module: Any, config: DeltaSAMConfig) -> None:
+    """``gradient_clip_algorithm`` without ``gradient_clip_val`` is read only by an overridden
+    ``configure_gradient_clipping`` (which Lightning's loop, and the mixin, hand it to); without one it is refused."""
+    if config.gradient_clip_val is None and config.gradient_clip_algorithm != "norm":
+        if not overridden(module, "configure_gradient_clipping"):
+            algorithm = config.gradient_clip_algorithm
+            raise ValueError(
+                f"DeltaSAMConfig.gradient_clip_algorithm={algorithm!r} without gradient_clip_val clips nothing: set "
+                "gradient_clip_val (e.g. DeltaSAMConfig(gradient_clip_val=1.0, "
+                f"gradient_clip_algorithm={algorithm!r})), or override configure_gradient_clipping to read it"
+            )
+

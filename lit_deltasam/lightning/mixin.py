@@ -33,6 +33,7 @@ from .hooks import (
     mixin_state,
     no_closure,
     overridden,
+    refuse_unread_clipping,
     remember_plateau_monitors,
     require_clipping,
     require_deltasam_step,
@@ -329,6 +330,7 @@ class DeltaSAMMixin(_Base):
     def _deltasam_driver(self, cfg: DeltaSAMConfig) -> Driver:
         module = self._deltasam_module
         refuse_strategy(module.trainer.strategy)
+        refuse_unread_clipping(module, cfg)
         optimizer = cast(torch.optim.Optimizer, module.optimizers(use_pl_optimizer=False))
         fit = self._deltasam_fit
         cached = fit.driver
