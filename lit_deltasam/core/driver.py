@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
-from typing import Any, Optional, cast
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -23,8 +23,7 @@ from .amortized import Reuse
 from .batch import Batch, LossFn
 from .distributed import world_size
 from .engine import Backward, DeltaSAM, NoSync, StepResult
-from .family import fsam_update, gsam_descent_, wsam_correct_, wsam_split_, wsam_weight
-from .norms import total_norm
+from .family import FamilyRules
 from .randomness import seeded, step_seed
 from .schedule import RhoSchedule
 from .sharding import NormReduce, local
@@ -109,6 +108,19 @@ def clip_gradients(params: Sequence[Tensor], config: DeltaSAMConfig) -> None:
         torch.nn.utils.clip_grad_value_(params, config.gradient_clip_val)
 
 
+@dataclass(frozen=True)
+class Tick:
+    """One micro-batch's place in the run: its optimizer step, the run's length and LR schedulers (for ρ), the
+    active loss scaler with the scale the passes run at, and the rank (for the step's seed)."""
+
+    step: int
+    total_steps: Optional[int] = None
+    schedulers: Optional[Sequence[Any]] = None
+    scaler: Optional[Any] = None
+    scale: Optional[float] = None
+    rank: int = 0
+
+
 class Driver:
     """The loop's rules around the engine's double step, over one base optimizer.
 
@@ -143,6 +155,7 @@ class Driver:
         self.engine = DeltaSAM(module, config, optimizer_params(optimizer), reduce_squares=reduce_squares, driven=True)
         self.stepped_params = [id(p) for p in self.engine.params]
         self.schedule = RhoSchedule(config, optimizer, state, total_steps, schedulers)
+        self.rules = FamilyRules(config, state, self.schedule, optimizer)
 
     def base_step(self, scaler: Optional[Any] = None) -> bool:
         """The base optimizer's step, clipping G first (after ``scaler`` unscaled it). A step that an active loss
@@ -189,59 +202,32 @@ class Driver:
             self._refuse_stale_gradients(step, stale_advice)
         active = scaler if scaler is not None and scaler.is_enabled() else None
         scale = active.get_scale() if active is not None else None  # both passes' (the window's end may move it)
-        full = self.schedule.full(step)
+        tick = Tick(step, total_steps, schedulers, active, scale, rank)
         rho = self.schedule(step, total_steps, schedulers)
-        checks = active is None
-        result = self.micro_step(
-            loss_fn,
-            batch,
-            rho=rho,
-            last=last,
-            backward=backward,
-            no_sync=no_sync,
-            check_finite=checks,
-            rank=rank,
-            scale=scale,
-            step=step,
-            total_steps=total_steps,
-        )
-        result.rho, result.full_step = rho, full and result.full_step
+        result = self.micro_step(loss_fn, batch, tick, rho=rho, last=last, backward=backward, no_sync=no_sync)
+        result.rho, result.full_step = rho, self.schedule.full(step) and result.full_step
         if scale is not None and result.grad_norm is not None:
             result.grad_norm = result.grad_norm / scale
         if last:
-            result.stepped = self.end_window(
-                result,
-                step=step,
-                optimizer_step=optimizer_step,
-                zero_grad=zero_grad,
-                total_steps=total_steps,
-                schedulers=schedulers,
-                scaler=active,
-                scale=scale,
-            )
+            result.stepped = self.end_window(result, tick, optimizer_step=optimizer_step, zero_grad=zero_grad)
         return result
 
     def micro_step(
         self,
         loss_fn: LossFn,
         batch: Batch,
+        tick: Tick,
         *,
         rho: float,
         last: bool,
         backward: Optional[Backward] = None,
         no_sync: Optional[NoSync] = None,
-        check_finite: bool = True,
-        rank: int = 0,
-        scale: Optional[float] = None,
-        step: int = 0,
-        total_steps: Optional[int] = None,
     ) -> StepResult:
-        """One micro-batch's double step at radius ``rho`` under this step's seed (``scale``: the loss scaler's, which
-        Friendly-SAM's shift is multiplied by); counted in the loop state."""
+        """One micro-batch's double step at radius ``rho`` under this step's seed; counted in the loop state."""
         cfg, state = self.config, self.state
         if state.base_seed is None:
             state.base_seed = torch.initial_seed()
-        seed = step_seed(state.base_seed, state.micro_batches, rank)
+        seed = step_seed(state.base_seed, state.micro_batches, tick.rank)
         if cfg.reuse is not None and rho > 0 and state.micro == 0:
             # a full step replaces the stored direction: not held beside the plain gradient and the snapshot
             state.reuse_direction = state.reuse_norm = None
@@ -252,48 +238,14 @@ class Driver:
                 backward=backward,
                 no_sync=no_sync,
                 sync_descent=last,
-                check_finite=check_finite,
+                check_finite=tick.scaler is None,
                 rho=rho,
                 plain_grad=rho > 0 and (cfg.reuse is not None or cfg.method in FAMILY),
-                shift=self._fsam_shift(scale) if rho > 0 else None,
-                decide=self._policy(step, total_steps) if rho > 0 and cfg.policy == "adaptive" else None,
+                shift=self.rules.shift(self.engine.params, tick.scale) if rho > 0 else None,
+                decide=self.rules.policy(tick.step, tick.total_steps) if rho > 0 and cfg.policy == "adaptive" else None,
             )
         self._count(result, rho)
         return result
-
-    def _policy(self, step: int, total_steps: Optional[int]) -> Callable[[float], bool]:
-        """AE-SAM's decision for this micro-batch (Jiang et al., 2023): the running moments of ``||g||²`` take this
-        one first, and the step is full iff ``||g||² >= mu + c sigma``, c moving linearly from ``policy_c_start``
-        to ``policy_c_end`` over the run's optimizer steps."""
-        cfg, state = self.config, self.state
-        total = total_steps if total_steps is not None else self.schedule.total_steps
-        if total is None:
-            raise ValueError(
-                "DeltaSAMConfig.policy='adaptive' moves its threshold over the run: pass DeltaSAMOptimizer(..., "
-                "total_steps=N) (the Lightning mixin reads the trainer's)"
-            )
-        frac = min(step / max(total, 1), 1.0)
-        start, end, delta = cfg.policy_c_start or 0.0, cfg.policy_c_end or 0.0, cfg.policy_delta or 0.0
-        c = frac * end + (1.0 - frac) * start
-
-        def decide(sq_norm: float) -> bool:
-            state.policy_mean = delta * state.policy_mean + (1 - delta) * sq_norm
-            state.policy_var = delta * state.policy_var + (1 - delta) * (sq_norm - state.policy_mean) ** 2
-            full = sq_norm >= state.policy_mean + c * state.policy_var**0.5
-            state.policy_decided += 1
-            state.policy_full += full
-            return full
-
-        return decide
-
-    def _fsam_shift(self, scale: Optional[float]) -> Optional[list[Tensor]]:
-        """Friendly-SAM's running mean, where the parameters are, times the loss scale the passes run at."""
-        momentum = self.state.fsam_momentum
-        if self.config.method != "fsam" or momentum is None:
-            return None
-        params = self.engine.params
-        self.state.fsam_momentum = momentum = [m.to(p.device, p.dtype) for m, p in zip(momentum, params)]
-        return momentum if scale is None else [m * scale for m in momentum]
 
     def _count(self, result: StepResult, rho: float) -> None:
         """Advance the loop state by one micro-batch; sum LookSAM's plain gradients over the window."""
@@ -315,23 +267,11 @@ class Driver:
             state.plain_synced = result.plain_grad_synced
 
     def end_window(
-        self,
-        result: StepResult,
-        *,
-        step: int,
-        optimizer_step: Callable[[], bool],
-        zero_grad: Callable[[], None],
-        total_steps: Optional[int] = None,
-        schedulers: Optional[Sequence[Any]] = None,
-        scaler: Optional[Any] = None,
-        scale: Optional[float] = None,
+        self, result: StepResult, tick: Tick, *, optimizer_step: Callable[[], bool], zero_grad: Callable[[], None]
     ) -> bool:
-        """Close the accumulation window: average G, skip a non-finite step, apply LookSAM or the family's rule,
-        step, zero. ``scaler`` (active) and ``scale`` tell a step the scaler skipped.
-
-        ``optimizer_step`` takes the base optimizer's step (clipping included) and returns whether
-        it stepped; ``step`` is the optimizer step this window ends. Returns whether it stepped.
-        """
+        """Close the accumulation window of optimizer step ``tick.step``: average G, skip a non-finite step, apply
+        LookSAM or the family's rule, step (``optimizer_step``, clipping included, returns whether it stepped),
+        zero. Returns whether it stepped."""
         state, engine = self.state, self.engine
         window, state.micro = state.micro, 0
         if window > 1:
@@ -343,7 +283,7 @@ class Driver:
         if result.finite is False:
             state.steps_skipped += 1
             warnings.warn(
-                f"non-finite loss or gradient at global_step={step}: the optimizer step is skipped "
+                f"non-finite loss or gradient at global_step={tick.step}: the optimizer step is skipped "
                 f"and the weights are unchanged ({state.steps_skipped} skipped so far)",
                 RuntimeWarning,
                 stacklevel=5,
@@ -351,47 +291,17 @@ class Driver:
             self._zero(zero_grad)
             return False
         if self.config.reuse is not None:
-            self._reuse(plain, step, total_steps, schedulers)
-        after = self._family(result, plain, window, scale) if plain is not None else None
+            self._reuse(plain, tick.step, tick.total_steps, tick.schedulers)
+        after = self.rules.before_step(result, engine.params, plain, window, tick.scale) if plain is not None else None
         try:
             stepped = optimizer_step()
         except BaseException:
             engine.rollback()
             raise
-        if after is not None and not (scaler is not None and scale is not None and scaler.get_scale() < scale):
+        if after is not None and not (tick.scaler is not None and tick.scaler.get_scale() < (tick.scale or 0.0)):
             after()  # not after a step the loss scaler skipped (inf or NaN in G)
         self._zero(zero_grad)
         return stepped
-
-    def _family(
-        self, result: StepResult, plain: list[Tensor], window: int, scale: Optional[float]
-    ) -> Optional[Callable[[], None]]:
-        """GSAM's descent, WSAM's split, on a full step's G and the window's mean clean gradient; returns what runs
-        after the base step (WSAM's sharpness term, Friendly-SAM's running mean)."""
-        cfg, engine, unscale = self.config, self.engine, 1.0 / scale if scale is not None else 1.0
-        if cfg.method not in FAMILY:
-            return None
-        mean = self.state.plain_mean(plain, window)
-        live = [i for i, p in enumerate(engine.params) if p.grad is not None]
-        grads = [cast(Tensor, engine.params[i].grad) for i in live]
-        clean = [mean[i] for i in live]
-        if cfg.method == "gsam":
-            perp = gsam_descent_(grads, clean, cfg.gsam_alpha or 0.0)
-            result.extras["gsam_perp_norm"] = perp * unscale
-            return None
-        if cfg.method == "wsam":
-            sharpness = wsam_split_(grads, clean)
-            params, weight = [engine.params[i] for i in live], wsam_weight(cfg.wsam_gamma or 0.0)
-            terms = sharpness if scale is None else list(torch._foreach_mul(sharpness, unscale))
-            return lambda: wsam_correct_(self.optimizer, params, terms, weight)
-        ascent = mean if scale is None else list(torch._foreach_mul(mean, unscale))
-        if self.state.fsam_momentum is not None:
-            result.extras["fsam_removed_norm"] = total_norm(self.state.fsam_momentum) * (cfg.fsam_sigma or 0.0)
-
-        def remember() -> None:
-            self.state.fsam_momentum = fsam_update(self.state.fsam_momentum, ascent, cfg.fsam_lambda or 0.0)
-
-        return remember
 
     def _zero(self, zero_grad: Callable[[], None]) -> None:
         """Zero the optimizer's gradients and those the step wrote to trainable parameters outside it."""

@@ -218,16 +218,13 @@ class DeltaSAM:
             batch: any pytree whose tensors have the instances on dimension 0.
             backward: runs the backward of a scalar (e.g. Lightning's ``manual_backward``, which applies loss
                 scaling); default ``loss.backward()``.
-            no_sync: a context that suppresses the gradient all-reduce (DDP's ``no_sync``); the ascent runs inside
-                it when ``config.ascent == "local"``.
-            sync_descent: False for micro-batches before the last of an accumulation window, so that the descent is
-                all-reduced once per optimizer step.
-            check_finite: after a synchronized descent, report in ``result.finite`` whether G can be stepped on
-                (one tiny all-reduce under data parallelism); off under a loss scaler, which checks itself.
+            no_sync: DDP's ``no_sync``; a local ascent (``config.ascent == "local"``) runs inside it.
+            sync_descent: False before a window's last micro-batch: the descent all-reduces once per step.
+            check_finite: at a synchronized descent, report in ``result.finite`` whether G can be stepped on (one
+                tiny all-reduce under data parallelism); off under a loss scaler, which checks itself.
             rho: this step's radius (e.g. :func:`~lit_deltasam.core.schedule.scheduled_rho`'s); default
                 ``config.rho``. At 0 the step is a plain ERM step.
-            plain_grad: also return the plain gradient at w in ``result.plain_grad`` (LookSAM's); free for SAM and
-                ASAM, one more backward through the clean graph for reweighted ascents.
+            plain_grad: also return the plain gradient at w in ``result.plain_grad`` (LookSAM's, the family's).
             shift: Friendly-SAM's running mean m (one tensor per parameter): the ascent is along ``g - sigma m``.
             decide: the adaptive policy, from ``||g||²`` at w: a full step, or (False) a plain step on g.
 

@@ -6,12 +6,13 @@ library (``pytorch_optimizer``) in float64.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Optional
+from collections.abc import Callable, Sequence
+from typing import Any, Optional, Protocol, cast
 
 import torch
 from torch import Tensor
 
+from ..config import FAMILY, DeltaSAMConfig
 from .norms import total_norm
 
 
@@ -63,3 +64,86 @@ def fsam_update(momentum: Optional[list[Tensor]], ascent: Sequence[Tensor], deca
     for m, a in zip(momentum, ascent):
         m.lerp_(a.to(m.device, m.dtype), 1.0 - decay)
     return momentum
+
+
+class FamilyState(Protocol):
+    """The loop state's fields the family's rules carry (:class:`~.driver.LoopState`)."""
+
+    fsam_momentum: Optional[list[Tensor]]
+    policy_mean: float
+    policy_var: float
+    policy_full: int
+    policy_decided: int
+
+    def plain_mean(self, plain: list[Tensor], window: int) -> list[Tensor]: ...
+
+
+class FamilyRules:
+    """The family's rules for one loop: Friendly-SAM's shift of the ascent, GSAM's and WSAM's window's end, and the
+    adaptive policy's decision; their state lives in the loop state, so that a checkpoint holds it."""
+
+    def __init__(self, config: DeltaSAMConfig, state: FamilyState, schedule: Any, optimizer: Any) -> None:
+        self.config, self.state, self.schedule, self.optimizer = config, state, schedule, optimizer
+
+    def shift(self, params: Sequence[Tensor], scale: Optional[float]) -> Optional[list[Tensor]]:
+        """Friendly-SAM's running mean, where the parameters are, times the loss scale the passes run at."""
+        momentum = self.state.fsam_momentum
+        if self.config.method != "fsam" or momentum is None:
+            return None
+        self.state.fsam_momentum = momentum = [m.to(p.device, p.dtype) for m, p in zip(momentum, params)]
+        return momentum if scale is None else [m * scale for m in momentum]
+
+    def policy(self, step: int, total_steps: Optional[int]) -> Callable[[float], bool]:
+        """AE-SAM's decision for this micro-batch (Jiang et al., 2023): the running moments of ``||g||²`` take this
+        one first, and the step is full iff ``||g||² >= mu + c sigma``, c moving linearly from ``policy_c_start``
+        to ``policy_c_end`` over the run's optimizer steps."""
+        cfg, state = self.config, self.state
+        total = total_steps if total_steps is not None else self.schedule.total_steps
+        if total is None:
+            raise ValueError(
+                "DeltaSAMConfig.policy='adaptive' moves its threshold over the run: pass DeltaSAMOptimizer(..., "
+                "total_steps=N) (the Lightning mixin reads the trainer's)"
+            )
+        frac = min(step / max(total, 1), 1.0)
+        start, end, delta = cfg.policy_c_start or 0.0, cfg.policy_c_end or 0.0, cfg.policy_delta or 0.0
+        c = frac * end + (1.0 - frac) * start
+
+        def decide(sq_norm: float) -> bool:
+            state.policy_mean = delta * state.policy_mean + (1 - delta) * sq_norm
+            state.policy_var = delta * state.policy_var + (1 - delta) * (sq_norm - state.policy_mean) ** 2
+            full = sq_norm >= state.policy_mean + c * state.policy_var**0.5
+            state.policy_decided += 1
+            state.policy_full += full
+            return full
+
+        return decide
+
+    def before_step(
+        self, result: Any, params: Sequence[Tensor], plain: list[Tensor], window: int, scale: Optional[float]
+    ) -> Optional[Callable[[], None]]:
+        """At a full step's window end, on G and the window's mean clean gradient: GSAM's descent, WSAM's split.
+        Returns what runs after the base step took the update (WSAM's sharpness term, Friendly-SAM's running
+        mean)."""
+        cfg, unscale = self.config, 1.0 / scale if scale is not None else 1.0
+        if cfg.method not in FAMILY:
+            return None
+        mean = self.state.plain_mean(plain, window)
+        live = [i for i, p in enumerate(params) if p.grad is not None]
+        grads = [cast(Tensor, params[i].grad) for i in live]
+        clean = [mean[i] for i in live]
+        if cfg.method == "gsam":
+            result.extras["gsam_perp_norm"] = gsam_descent_(grads, clean, cfg.gsam_alpha or 0.0) * unscale
+            return None
+        if cfg.method == "wsam":
+            sharpness = wsam_split_(grads, clean)
+            stepped, weight = [params[i] for i in live], wsam_weight(cfg.wsam_gamma or 0.0)
+            terms = sharpness if scale is None else list(torch._foreach_mul(sharpness, unscale))
+            return lambda: wsam_correct_(self.optimizer, stepped, terms, weight)
+        ascent = mean if scale is None else list(torch._foreach_mul(mean, unscale))
+        if self.state.fsam_momentum is not None:
+            result.extras["fsam_removed_norm"] = total_norm(self.state.fsam_momentum) * (cfg.fsam_sigma or 0.0)
+
+        def remember() -> None:
+            self.state.fsam_momentum = fsam_update(self.state.fsam_momentum, ascent, cfg.fsam_lambda or 0.0)
+
+        return remember
