@@ -157,6 +157,10 @@ class Driver:
         self.schedule = RhoSchedule(config, optimizer, state, total_steps, schedulers)
         self.rules = FamilyRules(config, state, self.schedule, optimizer)
 
+    def carry_on(self, state: LoopState) -> None:
+        """Continue from ``state`` (a checkpoint's): the schedule and the family's rules read it too."""
+        self.state = self.schedule.peak = self.rules.state = state
+
     def base_step(self, scaler: Optional[Any] = None) -> bool:
         """The base optimizer's step, clipping G first (after ``scaler`` unscaled it). A step that an active loss
         scaler skips (inf or NaN in G; the scale backs off) counts as taken, as in Lightning's ``global_step`` and
