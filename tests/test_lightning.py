@@ -379,6 +379,9 @@ RESUME_CONFIGS = [
     dict(method="per_instance", accumulate_grad_batches=1),
     dict(method="sam", rho_schedule="follow_lr"),
     dict(method="sam", m_sharpness=3, accumulate_grad_batches=2),
+    dict(method="fsam", accumulate_grad_batches=2),
+    dict(method="gsam", accumulate_grad_batches=2, gradient_clip_val=0.05),
+    dict(method="fsam", policy="adaptive", accumulate_grad_batches=2),
 ]
 
 
