@@ -315,7 +315,14 @@ class ScaleWatch(Callback):
         self.records.append((self.scale, trainer.precision_plugin.scaler.get_scale(), moved))
 
 
-@pytest.mark.parametrize("options", [dict(method="sam"), dict(method="deltasam", estimator="probe")])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(method="sam"),
+        dict(method="deltasam", estimator="probe"),
+        *(dict(method=m) for m in ("gsam", "wsam", "fsam")),
+    ],
+)
 def test_fp16_scaler_skips_overflowing_steps_and_never_unscales_twice(options):
     """CPU fp16 autocast with a GradScaler whose first scales overflow, with clipping (which unscales)."""
     watch = ScaleWatch()
