@@ -190,8 +190,12 @@ def _sam(options=None, scaler=None, lr=0.1, seed=0):
         dict(method="asam", rho_schedule="constant"),
         dict(method="deltasam", rho_schedule="constant"),
         dict(method="sam", m_sharpness=4, rho_schedule="constant", gradient_clip_val=0.05),
+        dict(method="gsam", rho=0.05, rho_schedule="constant", gradient_clip_val=0.05),
+        dict(method="wsam", rho=0.05, rho_schedule="constant"),
+        dict(method="fsam", rho=0.05, rho_schedule="constant", fsam_sigma=0.5),
+        dict(method="sam", rho=0.05, rho_schedule="constant", gradient_centralization=True),
     ],
-    ids=["sam", "asam", "deltasam", "m-sam+clip"],
+    ids=["sam", "asam", "deltasam", "m-sam+clip", "gsam+clip", "wsam", "fsam", "gc-sam"],
 )
 def test_a_grad_scaler_gives_the_unscaled_step(options):
     """Scaling by 2**10 is exact in floating point: the weights equal the unscaled run's after 3 steps (before the
@@ -219,6 +223,32 @@ def test_a_grad_scaler_skips_an_overflowing_step_and_backs_off():
     assert result.stepped and opt.steps == 2 and opt.scaler.get_scale() == 2.0**9
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("method", ["gsam", "wsam", "fsam"])
+def test_a_grad_scaler_skips_the_familys_rule_with_an_overflowing_step(method):
+    """An inf in one gradient: the scaler skips the base step, and with it WSAM's sharpness term (applied after the
+    base step: the weights stay bit for bit) and Friendly-SAM's update of its running mean (unchanged); the next
+    finite step runs the rule again."""
+    model, opt = _sam(
+        dict(method=method, rho=0.05, rho_schedule="constant"), torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    )
+    opt.step(model.losses, _batch())
+    before = [p.detach().clone() for p in model.parameters()]
+    momentum = [m.clone() for m in opt.loop_state.fsam_momentum] if method == "fsam" else None
+    x, y = _batch(seed=2)
+    x[0] = math.inf
+    result = opt.step(model.losses, (x, y))
+    assert result.stepped and opt.scaler.get_scale() == 2.0**9
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    if momentum is not None:
+        assert all(torch.equal(a, b) for a, b in zip(opt.loop_state.fsam_momentum, momentum))
+    opt.step(model.losses, _batch(seed=3))
+    assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert torch.isfinite(flat_params(model)).all()
+    if momentum is not None:
+        assert not all(torch.equal(a, b) for a, b in zip(opt.loop_state.fsam_momentum, momentum))
+        assert all(torch.isfinite(m).all() for m in opt.loop_state.fsam_momentum)
 
 
 def test_a_scaler_and_a_backward_of_ones_own_are_refused():

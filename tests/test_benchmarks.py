@@ -240,6 +240,18 @@ def test_profile_names_the_ops_of_a_step():
         overhead.profile("small", "sharp", 4, 16)
 
 
+def test_the_overhead_benchmark_has_a_row_per_family_method():
+    """Issue 48: GSAM, WSAM, Friendly-SAM, gradient centralization and the adaptive policy each get a row, measured
+    beside SAM and ERM (the preset); the policy's loop is given the run's length, which its threshold needs, so a step
+    of it runs (profiled here, the cheapest whole step the benchmark takes)."""
+    rows = overhead.methods("small")
+    assert set(overhead.FAMILY_METHODS) <= set(rows)
+    assert {rows[name].method for name in overhead.FAMILY_METHODS} >= {"gsam", "wsam", "fsam"}
+    assert overhead.PRESETS["family"]["methods"] == overhead.FAMILY_METHODS
+    result = overhead.profile("small", "sam, adaptive policy", 4, 16)
+    assert result["ops"] and result["self_cpu_s"] > 0
+
+
 @pytest.mark.slow
 def test_the_gpu_check_runs_in_its_smoke_mode(tmp_path):
     """benchmarks/gpu_check.py --smoke: every part runs on the CPU; the injected overflow is skipped under bf16."""

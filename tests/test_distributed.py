@@ -192,6 +192,46 @@ def test_a_global_ascent_step_equals_the_full_batch_step(strategy, config, tmp_p
     )
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(method="gsam", gsam_alpha=0.4),
+        dict(method="wsam", wsam_gamma=0.8),
+        dict(method="fsam", fsam_sigma=1.0),
+        dict(method="sam", gradient_centralization=True),
+    ],
+    ids=lambda c: c["method"] + ("-gc" if "gradient_centralization" in c else ""),
+)
+def test_the_sam_family_under_ddp_equals_one_process_on_the_global_batch(config, tmp_path):
+    """GSAM's decomposition, WSAM's term after the base step and Friendly-SAM's running mean act on the averaged
+    gradients (family-spec.md, deliberate difference (2) of GSAM): with a global ascent, 2 ranks step as one process
+    does with DeltaSAMOptimizer on the concatenated batches, step after step (F-SAM's running mean carried)."""
+    from lit_deltasam import DeltaSAMOptimizer
+
+    config = {**config, "rho": 0.5, "ascent": "global", "rho_schedule": "constant"}
+    ranks = run_ddp(tmp_path, config=config, steps=4, lr=0.5)
+    assert torch.equal(ranks[0]["params"], ranks[1]["params"])
+    model = MLP()
+    torch.nn.utils.vector_to_parameters(ranks[0]["records"][0]["w"], model.parameters())
+    single = DeltaSAMOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.5), DeltaSAMConfig(**config))
+    for a, b in zip(ranks[0]["records"], ranks[1]["records"]):
+        torch.testing.assert_close(torch.nn.utils.parameters_to_vector(model.parameters()), a["w"], atol=1e-6, rtol=0)
+        single.step(model.losses, (torch.cat([a["x"], b["x"]]), torch.cat([a["y"], b["y"]])))
+    torch.testing.assert_close(
+        torch.nn.utils.parameters_to_vector(model.parameters()), ranks[0]["params"], atol=1e-6, rtol=0
+    )
+    if config["method"] == "fsam":
+        assert single.loop_state.fsam_momentum is not None
+
+
+def test_the_adaptive_policy_is_refused_under_ddp(tmp_path):
+    """Each rank would decide from its own ||g||² and could take the other branch: refused by name, before a step."""
+    result = run_worker(tmp_path, config=dict(method="sam", policy="adaptive"), steps=1)
+    assert result.returncode != 0
+    assert "DeltaSAMConfig.policy='adaptive' decides from each rank's own ascent gradient" in result.stderr
+    assert "it runs in one process for now" in result.stderr
+
+
 def test_resume_inside_an_accumulation_window_under_ddp(tmp_path):
     """The window's partial gradients, not yet all-reduced, are saved summed over ranks: exact up to the order of
     the additions."""

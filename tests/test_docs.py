@@ -109,3 +109,19 @@ def test_the_docs_site_builds_strictly_with_the_api_reference(tmp_path):
     for name in __all__:  # every public name has its own entry, documented from its docstring
         assert re.search(rf'id="lit_deltasam(\.\w+)*\.{name}"', api), name
     assert "How each training step perturbs the weights" in api  # DeltaSAMConfig's docstring, rendered
+
+
+def test_the_sam_family_snippet_of_the_methods_page_runs(tmp_path):
+    """docs/methods.md's SAM-family example runs as written: every method trains, GSAM and F-SAM print what they add,
+    the policy its full steps."""
+    page = (DOCS / "methods.md").read_text()
+    section = page.split("## The SAM family", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"^```python\n(.*?)^```$", section, flags=re.S | re.M)
+    assert code is not None
+    script = tmp_path / "family.py"
+    script.write_text(code.group(1))
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["gsam", "wsam", "fsam", "sam"]
+    assert "gsam_perp_norm" in lines[0] and "fsam_removed_norm" in lines[2] and "full steps" in lines[3]

@@ -25,6 +25,14 @@ CONFIGS = [
     dict(method="sam", m_sharpness=3, accumulate_grad_batches=3),
     dict(method="per_instance", accumulate_grad_batches=2),
     dict(method="erm", accumulate_grad_batches=2),
+    dict(method="gsam", accumulate_grad_batches=2, gradient_clip_val=0.05),
+    dict(method="gsam", rho_schedule="follow_lr", gsam_alpha=0.2),
+    dict(method="wsam", gradient_clip_val=0.1, gradient_clip_algorithm="value", accumulate_grad_batches=2),
+    dict(method="fsam", accumulate_grad_batches=2, gradient_clip_val=0.05),
+    dict(method="fsam", interval=2, fsam_sigma=0.5),
+    dict(method="sam", gradient_centralization=True, accumulate_grad_batches=2),
+    dict(method="sam", policy="adaptive"),
+    dict(method="fsam", policy="adaptive", accumulate_grad_batches=2, gradient_clip_val=0.05),
 ]
 SCHEDULER = dict(kind="step", interval="step", frequency=2)
 
@@ -166,10 +174,19 @@ def test_the_mixin_and_the_plain_loop_train_a_hand_written_references_weights(op
         torch.testing.assert_close(fit(options, dropout=0.0), expected, rtol=0, atol=2e-6)
 
 
+RESUMED = [
+    dict(method="deltasam", interval=2, reuse="looksam", accumulate_grad_batches=2),
+    dict(method="fsam", accumulate_grad_batches=2, gradient_clip_val=0.05),
+    dict(method="gsam", accumulate_grad_batches=2),
+    dict(method="fsam", policy="adaptive", accumulate_grad_batches=2),
+]
+
+
+@pytest.mark.parametrize("options", RESUMED, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 @pytest.mark.parametrize("at", [5, 6])
-def test_the_plain_loop_resumes_exactly_from_its_state_dict(at):
-    """Micro-batch 5 is inside an accumulation window (and after a LookSAM full step), 6 ends one."""
-    options = dict(method="deltasam", interval=2, reuse="looksam", accumulate_grad_batches=2)
+def test_the_plain_loop_resumes_exactly_from_its_state_dict(at, options):
+    """Micro-batch 5 is inside an accumulation window (and after a LookSAM full step; with F-SAM and GSAM the
+    window's partial sum of clean gradients, and F-SAM's running mean, travel in the state dict), 6 ends one."""
     saved = plain_fit(options, stop_after=at)
     assert ("grads" in saved["sam"]) == (at % 2 == 1)
     assert torch.equal(plain_fit(options, resume=saved), plain_fit(options))

@@ -174,3 +174,41 @@ def test_the_adaptive_policy_needs_the_run_length_and_is_refused_where_it_cannot
     ]:
         with pytest.raises(ValueError, match=match):
             DeltaSAMConfig(**options)
+
+
+@pytest.mark.parametrize("method", ["fsam", "gsam", "wsam"])
+def test_the_adaptive_policys_plain_steps_are_plain_for_the_family(method):
+    """Under the policy a plain step is a step on g: no GSAM decomposition, no WSAM term, and Friendly-SAM's running
+    mean moves on the full steps only (family-spec.md: m on full steps only), so that F-SAM under the policy is F-SAM
+    on the subsequence of full steps, step for step against the closed forms."""
+    from family_oracles import AeSamState, ae_sam_decide, ae_sam_threshold
+    from helpers import ls_grad
+
+    x, y, w = least_squares_problem(n=8, seed=4)
+    steps = 12
+    config = DeltaSAMConfig(method=method, rho=RHO, rho_schedule="constant", policy="adaptive")
+    model = LeastSquares(w)
+    opt = DeltaSAMOptimizer(model, torch.optim.SGD(model.parameters(), lr=LR), config, total_steps=steps)
+    expected, state, momentum, decisions = w.clone(), AeSamState(), None, []
+    for t in range(steps):
+        g = ls_grad(x, y, expected)
+        full, state = ae_sam_decide(float(g @ g), state, ae_sam_threshold(t, steps), delta=0.9)
+        decisions.append(full)
+        if not full:
+            expected = expected - LR * g
+        elif method == "fsam":
+            update = ls_fsam_update(x, y, expected, RHO, 1.0, 0.9, momentum)
+            expected, momentum = expected - LR * update.G, update.momentum
+        elif method == "gsam":
+            expected = expected - LR * ls_gsam_update(x, y, expected, RHO, 0.4)
+        else:
+            parts = ls_wsam_update(x, y, expected, RHO, 0.9, decouple=True)
+            expected = expected - LR * parts.base - LR * parts.after
+        result = opt.step(model.losses, (x, y))
+        assert result.full_step == full
+        if not full:  # nothing of the family's rule is computed (or logged) on a plain step
+            assert result.extras == {}
+    assert True in decisions and False in decisions
+    torch.testing.assert_close(model.w.detach(), expected, rtol=0, atol=1e-12)
+    if method == "fsam":
+        torch.testing.assert_close(opt.loop_state.fsam_momentum[0], momentum, rtol=0, atol=1e-12)

@@ -315,7 +315,14 @@ class ScaleWatch(Callback):
         self.records.append((self.scale, trainer.precision_plugin.scaler.get_scale(), moved))
 
 
-@pytest.mark.parametrize("options", [dict(method="sam"), dict(method="deltasam", estimator="probe")])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(method="sam"),
+        dict(method="deltasam", estimator="probe"),
+        *(dict(method=m) for m in ("gsam", "wsam", "fsam")),
+    ],
+)
 def test_fp16_scaler_skips_overflowing_steps_and_never_unscales_twice(options):
     """CPU fp16 autocast with a GradScaler whose first scales overflow, with clipping (which unscales)."""
     watch = ScaleWatch()
@@ -379,6 +386,9 @@ RESUME_CONFIGS = [
     dict(method="per_instance", accumulate_grad_batches=1),
     dict(method="sam", rho_schedule="follow_lr"),
     dict(method="sam", m_sharpness=3, accumulate_grad_batches=2),
+    dict(method="fsam", accumulate_grad_batches=2),
+    dict(method="gsam", accumulate_grad_batches=2, gradient_clip_val=0.05),
+    dict(method="fsam", policy="adaptive", accumulate_grad_batches=2),
 ]
 
 
@@ -468,6 +478,57 @@ def test_weight_diagnostics_only_where_the_weights_vary(method, logged):
     assert ("sam/ess" in fit.callback_metrics) is logged
     assert ("sam/max_weight" in fit.callback_metrics) is logged
     assert "sam/sharpness" in fit.callback_metrics
+
+
+POLICY = dict(policy="adaptive", policy_c_start=2.0, policy_c_end=0.5)
+"""A threshold high enough that 12 steps of TinyModule mix full and plain steps (the defaults, from moments that
+start at 0, make them all full)."""
+
+
+class KeepsResults(TinyModule):
+    def deltasam_step(self, batch):
+        result = super().deltasam_step(batch)
+        self.results.append(result)
+        return result
+
+
+@pytest.mark.parametrize(
+    "options, extra",
+    [
+        (dict(method="gsam"), "gsam_perp_norm"),
+        (dict(method="fsam"), "fsam_removed_norm"),
+        (dict(method="fsam", **POLICY), "fsam_removed_norm"),
+        (dict(method="sam", **POLICY), None),
+    ],
+    ids=["gsam", "fsam", "fsam-policy", "sam-policy"],
+)
+def test_the_family_logs_what_it_adds(options, extra):
+    """Each step's logged ``sam/<extra>`` is the step's ``result.extras`` (GSAM's ||g_perp||, F-SAM's sigma ||m||);
+    under the policy ``sam/full_step`` is each step's decision and ``sam/full_fraction`` their running mean, which
+    ends at loop_state.policy_full / policy_decided. (On a step that logs no extra, a plain one, Lightning's
+    logger connector repeats the last value, as it does for sam/sharpness.)"""
+    recorder = Recorder()
+    module = KeepsResults(DeltaSAMConfig(rho=0.5, rho_schedule="constant", **options))
+    module.results = []
+    fit = trainer(max_steps=12, logger=recorder, log_every_n_steps=1)
+    fit.fit(module, loader(n=96, batch_size=8))
+    rows = [metrics for metrics, _ in recorder.calls if "train/loss" in metrics]
+    assert len(rows) == len(module.results) == 12
+    if extra is not None:
+        logged = [(row[f"sam/{extra}"], r.extras[extra]) for row, r in zip(rows, module.results) if extra in r.extras]
+        assert len(logged) >= (3 if "policy" in options else 11)  # F-SAM's from its second full step
+        for value, expected in logged:
+            assert value == pytest.approx(float(expected), rel=1e-6) and value > 0
+    if "policy" in options:
+        decisions = [r.full_step for r in module.results]
+        assert True in decisions and False in decisions
+        assert [row["sam/full_step"] for row in rows] == [float(d) for d in decisions]
+        running = [sum(decisions[: i + 1]) / (i + 1) for i in range(len(decisions))]
+        assert [row["sam/full_fraction"] for row in rows] == pytest.approx(running)
+        state = module._deltasam_state
+        assert rows[-1]["sam/full_fraction"] == pytest.approx(state.policy_full / state.policy_decided)
+    else:
+        assert "sam/full_fraction" not in rows[-1] and "sam/full_step" not in rows[-1]
 
 
 def test_probes_log_on_the_same_step_axis_as_self_log():

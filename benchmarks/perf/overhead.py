@@ -12,6 +12,8 @@ events on CPU, CUDA's allocator peak on a GPU), in MB and in copies of the param
     python -m benchmarks.perf.overhead --profile per_instance --models minilm --length 32   # where its time goes
     python -m benchmarks.perf.overhead --preset groups --length 32 --name overhead_groups_32   # issue 37's group rows
     python -m benchmarks.perf.overhead --smoke              # the group methods once, small model, to /tmp
+    python -m benchmarks.perf.overhead --preset family      # issue 48's SAM family against SAM and ERM
+    python -m benchmarks.perf.overhead --smoke --preset family   # the family once, small model, to /tmp
 """
 
 from __future__ import annotations
@@ -77,7 +79,18 @@ def methods(model: str) -> dict[str, DeltaSAMConfig]:
         "sam, looksam k=5": DeltaSAMConfig(method="sam", interval=5, reuse="looksam"),
         "sam, looksam k=10": DeltaSAMConfig(method="sam", interval=10, reuse="looksam"),
         "deltasam(head), looksam k=5": DeltaSAMConfig(method="deltasam", estimator="head", interval=5, reuse="looksam"),
+        "gsam": DeltaSAMConfig(method="gsam"),
+        "wsam": DeltaSAMConfig(method="wsam"),
+        "fsam": DeltaSAMConfig(method="fsam"),
+        "sam, gradient centralization": DeltaSAMConfig(method="sam", gradient_centralization=True),
+        "sam, adaptive policy": DeltaSAMConfig(method="sam", policy="adaptive"),
     }
+
+
+def loop_of(module, optimizer, config: DeltaSAMConfig, steps: int) -> DeltaSAMOptimizer:
+    """The loop a user runs over ``config`` for a run of ``steps`` optimizer steps (the adaptive policy moves its
+    threshold over them)."""
+    return DeltaSAMOptimizer(module, optimizer, config, total_steps=steps if config.policy is not None else None)
 
 
 def batch_of(tokenizer, size: int, length: int, num_labels: int) -> dict[str, torch.Tensor]:
@@ -120,7 +133,7 @@ def memory_of(model_name: str, name: str, batch_size: int, length: int) -> dict:
                 optimizer.zero_grad(set_to_none=True)
             return
         config = methods(model_name)[name]
-        engine = DeltaSAMOptimizer(module, optimizer, config)
+        engine = loop_of(module, optimizer, config, 2 * config.interval)
         for _ in range(2 * config.interval):
             engine.step(module.per_sample_loss, batch)
 
@@ -153,7 +166,7 @@ def profile(model_name: str, name: str, batch_size: int, length: int, top: int =
     if name not in configs:
         raise SystemExit(f"--profile {name!r} is not a method; choose from {sorted(configs)}")
     module, batch, optimizer, _ = setup(model_name, batch_size, length)
-    loop = DeltaSAMOptimizer(module, optimizer, configs[name])
+    loop = loop_of(module, optimizer, configs[name], 1 + configs[name].interval)
     loop.step(module.per_sample_loss, batch)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(configs[name].interval):
@@ -214,7 +227,7 @@ def measure(
             raise SystemExit(f"--methods {unknown} are not methods; choose from {sorted(configs)}")
         configs = {n: c for n, c in configs.items() if n in names or n in ("erm", "sam")}
     # every method drives the one base optimizer through the loop a user runs: schedule, interval, LookSAM
-    engines = {name: DeltaSAMOptimizer(module, optimizer, cfg) for name, cfg in configs.items()}
+    engines = {name: loop_of(module, optimizer, cfg, warmup + rounds) for name, cfg in configs.items()}
 
     def step(engine: DeltaSAMOptimizer) -> None:
         """One optimizer step; for an amortized method, one whole cycle of ``interval`` steps."""
@@ -251,6 +264,10 @@ def measure(
         }
         for name in engines
     }
+    for name, engine in engines.items():  # the adaptive policy's cost depends on how many of its steps were full
+        if engine.config.policy is not None:
+            state = engine.loop_state
+            rows[name]["full_fraction"] = state.policy_full / max(state.policy_decided, 1)
     return {
         "parameters": sum(p.numel() for p in module.parameters()),
         "batch_size": batch_size,
@@ -278,6 +295,8 @@ TARGETS = {
     ("per_instance (batched, chunk 8)", "vs_erm"): 6.0,
     ("per_instance (batched, chunk 16)", "vs_erm"): 6.0,
 }
+FAMILY_METHODS = ["gsam", "wsam", "fsam", "sam, gradient centralization", "sam, adaptive policy"]
+"""Issue 48's SAM family: each one's step against SAM's and ERM's."""
 GROUP_METHODS = [
     "sam, m=8",
     "sam, m=4",
@@ -309,6 +328,8 @@ PRESETS = {
     ),
     # issue 37: the groups of m-sharpness and per-instance SAM, in the loop and batched (run at --length 32 and 48)
     "groups": dict(models=["minilm"], methods=GROUP_METHODS),
+    # issue 48: GSAM, WSAM, Friendly-SAM, gradient centralization and the adaptive policy beside SAM and ERM
+    "family": dict(models=["minilm", "small"], name="overhead_family", methods=FAMILY_METHODS),
 }
 
 
@@ -323,7 +344,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", help="only these methods (besides ERM and SAM, the references)")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="models, length, name and methods of a study")
     parser.add_argument(
-        "--smoke", action="store_true", help="the group methods once on the small model (batch 8, length 16), to --out"
+        "--smoke",
+        action="store_true",
+        help="the group methods (or the preset's) once on the small model (batch 8, length 16), to --out",
     )
     parser.add_argument("--out", type=Path, help="write the JSON here instead of docs/results/NAME.json")
     parser.add_argument("--memory-of", metavar="METHOD", help=argparse.SUPPRESS)  # one method's memory, as JSON
@@ -366,8 +389,9 @@ def main() -> None:
         print("| method | median step (s) | × SAM | × ERM | peak tensor memory (MB) | parameter copies |")
         print("|---|---|---|---|---|---|")
         for name, row in result["methods"].items():
+            label = f"{name} ({row['full_fraction']:.0%} full)" if "full_fraction" in row else name
             print(
-                f"| {name} | {row['median_s']:.3f} | {row['vs_sam']:.2f} | {row['vs_erm']:.2f} | "
+                f"| {label} | {row['median_s']:.3f} | {row['vs_sam']:.2f} | {row['vs_erm']:.2f} | "
                 f"{row['peak_mb']:.0f} | {row['parameter_copies']:.2f} |"
             )
         for (name, key), target in TARGETS.items():

@@ -63,6 +63,8 @@ class LoopState:
     """Micro-batches the policy gave a full step."""
     policy_decided: int = 0
     """Micro-batches the policy decided."""
+    policy_plain: int = 0
+    """Micro-batches of this window the policy gave a plain step (a window of only those is plain: no family rule)."""
     fsam_momentum: Optional[list[Tensor]] = None
     """Friendly-SAM: the running mean of the full steps' synchronized ascent gradients (unscaled)."""
 
@@ -256,6 +258,7 @@ class Driver:
         state = self.state
         state.micro += 1
         state.micro_batches += 1
+        state.policy_plain += self.config.policy is not None and rho > 0 and not result.full_step
         if self.config.perturbs and rho > 0 and result.full_step:
             state.perturbing += 1
             perturbed = result.perturbed
@@ -284,6 +287,9 @@ class Driver:
             if result.update_norm is not None:
                 result.update_norm = result.update_norm / window
         plain, state.plain_sum = state.plain_sum, None
+        if state.policy_plain == window:  # the policy made every micro-batch plain: GSAM, WSAM, F-SAM's m untouched
+            plain = None
+        state.policy_plain = 0
         if result.finite is False:
             state.steps_skipped += 1
             warnings.warn(

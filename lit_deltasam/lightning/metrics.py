@@ -49,8 +49,10 @@ def step_metrics(
             means["sam/perturbation_skipped"] = skipped / max(state.perturbing, 1)
         else:
             host["sam/perturbation_skipped"] = skipped / max(state.perturbing, 1)
-    if cfg.perturbs and cfg.interval > 1:
+    if cfg.perturbs and (cfg.interval > 1 or cfg.policy is not None):
         host["sam/full_step"] = float(result.full_step)
+    if cfg.policy is not None:  # the running fraction of the micro-batches the policy gave a full step
+        host["sam/full_fraction"] = state.policy_full / max(state.policy_decided, 1)
     moved = scalars_on(result.losses.device, host)
     per_step: dict[str, Tensor] = {name: moved.pop(name) for name in ("sam/rho", "sam/full_step") if name in moved}
     means.update(moved)
@@ -69,6 +71,8 @@ def step_metrics(
             maxima["sam/max_weight"] = max_weight
     if result.update_norm is not None:
         means["sam/update_norm"] = result.update_norm
+    for name, value in result.extras.items():  # what a method adds: GSAM's ||g_perp||, F-SAM's removed component
+        means[f"sam/{name}"] = value
     return per_step, means, maxima
 
 

@@ -211,9 +211,11 @@ class DeltaSAMMixin(_Base):
         return result
 
     def _deltasam_total_steps(self, cfg: DeltaSAMConfig) -> Optional[int]:
-        """The run's optimizer steps, where ρ's schedule is a fraction of them."""
+        """The run's optimizer steps, where ρ's schedule is a fraction of them or the adaptive policy's threshold
+        moves over them."""
         trainer = self._deltasam_module.trainer
-        return optimizer_steps(trainer, cfg.accumulate_grad_batches) if needs_total_steps(cfg) else None
+        needed = needs_total_steps(cfg) or cfg.policy is not None
+        return optimizer_steps(trainer, cfg.accumulate_grad_batches) if needed else None
 
     def deltasam_rho(self, cfg: Optional[DeltaSAMConfig] = None) -> float:
         """ρ of the next optimizer step under ``rho_schedule`` (the same on every rank, and after a resume)."""
