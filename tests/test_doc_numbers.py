@@ -26,6 +26,8 @@ def test_the_pages_quote_numbers_through_markers():
     assert used <= set(QUOTES)
     assert fill_docs.QUOTE.search(texts[ROOT / "README.md"])
     for page in (ROOT / "docs" / "studies").glob("*.md"):
+        if page.name.endswith("-protocol.md"):  # declared before its study runs: it has no results to quote yet
+            continue
         assert fill_docs.QUOTE.search(texts[page]) or fill_docs.BLOCK.search(texts[page]), page
 
 
