@@ -1,8 +1,8 @@
 """Fit a TinyModule with 2 CPU processes on gloo, under DDP or FSDP2, and save what each rank saw.
 
-Run by tests/test_distributed.py as ``python ddp_worker.py '<json>'``; Lightning re-runs
-the same command for rank 1. Each rank writes ``rank<r>.pt`` with, per optimizer step,
-the sub-batch it got, the weights w at the clean forward, and eps (the weights at the
+Run by tests/test_distributed.py as ``python ddp_worker.py '<json>'`` (``{"jobs": [<json>, ...]}`` for several
+fits in one launch); Lightning re-runs the same command for rank 1. Each rank writes ``rank<r>.pt`` with, per
+optimizer step, the sub-batch it got, the weights w at the clean forward, and eps (the weights at the
 perturbed forward minus w); and its final flat parameters (all shards gathered).
 """
 
@@ -107,4 +107,8 @@ def main(args: dict) -> None:
 
 
 if __name__ == "__main__":
-    main(json.loads(sys.argv[1]))
+    args = json.loads(sys.argv[1])
+    # ``jobs``: several fits, one after another in the same two processes (each seeds itself and writes under its
+    # own ``out``), so that a test module pays the processes' start once
+    for job in args.get("jobs", [args]):
+        main(job)

@@ -1,7 +1,8 @@
 """Raw DistributedDataParallel (no Lightning), 2 gloo processes: one DeltaSAM step per micro-batch, recorded per rank.
 
 Usage: python raw_ddp_worker.py '<json args>' with ``out``, ``config``, ``sizes`` (per-rank batch sizes),
-``micro`` (micro-batches; the descent is synchronized on the last only), ``lr`` and optionally ``static_graph``.
+``micro`` (micro-batches; the descent is synchronized on the last only), ``lr`` and optionally ``static_graph``;
+or ``jobs``, a list of such args (each with its own ``out``), run one after another in the same two processes.
 """
 
 import json
@@ -26,6 +27,15 @@ def worker(rank: int, args: dict) -> None:
     # a file rendezvous in the test's own folder: no port to race for with other runs on the machine
     store = Path(args["out"]) / "rendezvous"
     dist.init_process_group("gloo", init_method=store.absolute().as_uri(), rank=rank, world_size=2)
+    for job in args.get("jobs", [args]):  # several runs in one launch, each under its own ``out``
+        run(rank, job)
+        dist.barrier()
+    # Twice in about ten suite runs a rank hung in gloo's teardown after both ranks had saved their
+    # records (a 300 s timeout with rank0.pt and rank1.pt written); the records are complete, so skip it.
+    os._exit(0)
+
+
+def run(rank: int, args: dict) -> None:
     torch.manual_seed(0)
     model = MLP()
     ddp = DistributedDataParallel(model, static_graph=args.get("static_graph", False))
@@ -50,10 +60,6 @@ def worker(rank: int, args: dict) -> None:
         )
     optimizer.step()
     torch.save({"records": records, "params": flat(model.parameters())}, Path(args["out"]) / f"rank{rank}.pt")
-    dist.barrier()
-    # Twice in about ten suite runs a rank hung in gloo's teardown after both ranks had saved their
-    # records (a 300 s timeout with rank0.pt and rank1.pt written); the records are complete, so skip it.
-    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,28 @@ def run_ddp(out: Path, **args) -> list[dict]:
     return ranks_of(run_worker(out, **args), out)
 
 
+JOBS: dict[str, dict] = {}
+"""ddp_worker.py's arguments of the fits that succeed, by name; ``ddp_runs`` runs them all in one launch."""
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    """``ddp_runs(name)``: each rank's records of JOBS[name]. Every job is fit one after another in the same 2
+    processes, so that they start once, not once per test; each fit seeds itself and records what a launch of its
+    own records, bit for bit."""
+    out = tmp_path_factory.mktemp("ddp_jobs")
+    jobs = []
+    for name, args in JOBS.items():
+        (out / name).mkdir()
+        jobs.append({**args, "out": str(out / name)})
+    result = run_script("ddp_worker.py", out, out, 600, jobs=jobs)
+    return lambda name: ranks_of(result, out / name)
+
+
+def method_id(config: dict) -> str:
+    return "-".join(str(v) for v in config.values())
+
+
 def reference_eps(config: DeltaSAMConfig, w: torch.Tensor, batch) -> torch.Tensor:
     """eps of a single-process step from weights ``w`` on ``batch``."""
     model = MLP()
@@ -67,13 +89,15 @@ CONFIGS = {
 
 
 LOCAL_CONFIGS = {**CONFIGS, "m-sam": dict(method="sam", rho=0.5, m_sharpness=3)}
+JOBS.update({f"local-{name}": dict(config={**c, "ascent": "local"}, steps=2) for name, c in LOCAL_CONFIGS.items()})
+JOBS.update({f"global-{name}": dict(config={**c, "ascent": "global"}, steps=2) for name, c in CONFIGS.items()})
 
 
 @pytest.mark.parametrize("name", sorted(LOCAL_CONFIGS))
-def test_local_ascent_perturbs_each_rank_with_its_own_sub_batch(name, tmp_path):
+def test_local_ascent_perturbs_each_rank_with_its_own_sub_batch(name, ddp_runs):
     """m-sharpness subdivides each rank's sub-batch; eps is that of its last group."""
     config = DeltaSAMConfig(ascent="local", **LOCAL_CONFIGS[name])
-    ranks = run_ddp(tmp_path, config={**LOCAL_CONFIGS[name], "ascent": "local"}, steps=2)
+    ranks = ddp_runs(f"local-{name}")
     for step in range(2):
         a, b = (r["records"][step] for r in ranks)
         assert torch.equal(a["w"], b["w"])
@@ -84,9 +108,9 @@ def test_local_ascent_perturbs_each_rank_with_its_own_sub_batch(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_global_ascent_perturbs_every_rank_with_the_full_batch(name, tmp_path):
+def test_global_ascent_perturbs_every_rank_with_the_full_batch(name, ddp_runs):
     config = DeltaSAMConfig(ascent="global", **CONFIGS[name])
-    ranks = run_ddp(tmp_path, config={**CONFIGS[name], "ascent": "global"}, steps=2)
+    ranks = ddp_runs(f"global-{name}")
     for step in range(2):
         a, b = (r["records"][step] for r in ranks)
         torch.testing.assert_close(a["eps"], b["eps"], atol=1e-7, rtol=0)
@@ -102,19 +126,28 @@ DDP_METHODS = [
     dict(method="deltasam", interval=3, reuse="looksam", accumulate_grad_batches=2),
     dict(method="deltasam", m_sharpness=3, accumulate_grad_batches=2),
 ]
+JOBS.update(
+    {
+        f"identical-{method_id(c)}": dict(config=c, steps=4, dropout=0.1, optimizer="adamw", lr=0.01, shuffle=True)
+        for c in DDP_METHODS
+    }
+)
 
 
-@pytest.mark.parametrize("config", DDP_METHODS, ids=lambda c: "-".join(str(v) for v in c.values()))
-def test_parameters_are_identical_across_ranks_after_every_step(config, tmp_path):
-    ranks = run_ddp(tmp_path, config=config, steps=4, dropout=0.1, optimizer="adamw", lr=0.01, shuffle=True)
+@pytest.mark.parametrize("config", DDP_METHODS, ids=method_id)
+def test_parameters_are_identical_across_ranks_after_every_step(config, ddp_runs):
+    ranks = ddp_runs(f"identical-{method_id(config)}")
     for a, b in zip(ranks[0]["records"], ranks[1]["records"]):
         assert torch.equal(a["w"], b["w"])
     assert torch.equal(ranks[0]["params"], ranks[1]["params"])
     assert not torch.equal(ranks[0]["records"][0]["w"], ranks[0]["params"])
 
 
-def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
-    ranks = run_ddp(tmp_path, config=dict(method="deltasam"), steps=3, poison={"rank": 1, "batch": 1})
+JOBS["non-finite"] = dict(config=dict(method="deltasam"), steps=3, poison={"rank": 1, "batch": 1})
+
+
+def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(ddp_runs):
+    ranks = ddp_runs("non-finite")
     for r in ranks:
         records = r["records"]
         assert torch.equal(records[1]["w"], records[2]["w"])  # batch 1 took no step
@@ -166,16 +199,22 @@ EQUIVALENT = [
     ("fsdp2", dict(method="asam")),
     ("fsdp2", dict(method="deltasam", estimator="head", beta=-1.0, weighted_descent=True)),
 ]
-
-
-@pytest.mark.parametrize(
-    "strategy,config", EQUIVALENT, ids=lambda v: v if isinstance(v, str) else "-".join(map(str, v.values()))
+JOBS.update(
+    {
+        f"equivalent-{strategy}-{method_id(c)}": dict(
+            config={**c, "rho": 0.5, "ascent": "global"}, steps=3, strategy=strategy, lr=0.5
+        )
+        for strategy, c in EQUIVALENT
+    }
 )
-def test_a_global_ascent_step_equals_the_full_batch_step(strategy, config, tmp_path):
+
+
+@pytest.mark.parametrize("strategy,config", EQUIVALENT, ids=lambda v: v if isinstance(v, str) else method_id(v))
+def test_a_global_ascent_step_equals_the_full_batch_step(strategy, config, ddp_runs):
     """Under DDP, and with sharded parameters (FSDP2: norms summed over shards, perturbation and restore per
     shard), a step with a global ascent is the single-process step on the concatenated batch."""
+    ranks = ddp_runs(f"equivalent-{strategy}-{method_id(config)}")
     config = {**config, "rho": 0.5, "ascent": "global"}
-    ranks = run_ddp(tmp_path, config=config, steps=3, strategy=strategy, lr=0.5)
     assert torch.equal(ranks[0]["params"], ranks[1]["params"])
     model = MLP()
     torch.nn.utils.vector_to_parameters(ranks[0]["records"][0]["w"], model.parameters())
@@ -295,10 +334,6 @@ def run_raw_ddp(out: Path, **args) -> subprocess.CompletedProcess:
     return run_script("raw_ddp_worker.py", out, HERE, 300, **args)
 
 
-def raw_ddp(out: Path, **args) -> list[dict]:
-    return ranks_of(run_raw_ddp(out, **args), out)
-
-
 def reference_update(config: DeltaSAMConfig, w: torch.Tensor, batch) -> torch.Tensor:
     """G of a single-process step from weights ``w`` on ``batch``."""
     model = MLP()
@@ -311,13 +346,30 @@ RAW = {
     "exact": dict(method="deltasam", estimator="exact", beta=-1.0, rho=0.5),
     "per_instance": dict(method="per_instance", rho=0.5),
 }
+RAW_JOBS = {
+    **{f"unequal-{name}": dict(config=c, sizes=[6, 10], lr=0.5) for name, c in RAW.items()},
+    **{f"no-sync-{name}": dict(config=c, sizes=[8, 8], lr=0.5, micro=2) for name, c in RAW.items()},
+}
+"""raw_ddp_worker.py's arguments of the runs that succeed, by name; ``raw_ddp_runs`` runs them all in one launch."""
+
+
+@pytest.fixture(scope="module")
+def raw_ddp_runs(tmp_path_factory):
+    """``raw_ddp_runs(name)``: each rank's records of RAW_JOBS[name], every job run in the same 2 processes."""
+    out = tmp_path_factory.mktemp("raw_ddp_jobs")
+    jobs = []
+    for name, args in RAW_JOBS.items():
+        (out / name).mkdir()
+        jobs.append({**args, "out": str(out / name)})
+    result = run_script("raw_ddp_worker.py", out, HERE, 300, jobs=jobs)
+    return lambda name: ranks_of(result, out / name)
 
 
 @pytest.mark.parametrize("name", sorted(RAW))
-def test_raw_ddp_keeps_per_instance_passes_local_and_the_descent_synchronized(name, tmp_path):
+def test_raw_ddp_keeps_per_instance_passes_local_and_the_descent_synchronized(name, raw_ddp_runs):
     """Unequal batches per rank; each rank's ascent (and its exact scores) is its own, the descent is averaged."""
     config = DeltaSAMConfig(**RAW[name])
-    ranks = raw_ddp(tmp_path, config=RAW[name], sizes=[6, 10], lr=0.5)
+    ranks = raw_ddp_runs(f"unequal-{name}")
     a, b = (r["records"][0] for r in ranks)
     assert torch.equal(a["w"], b["w"])
     updates = [reference_update(config, r["w"], (r["x"], r["y"])) for r in (a, b)]
@@ -330,9 +382,9 @@ def test_raw_ddp_keeps_per_instance_passes_local_and_the_descent_synchronized(na
 
 
 @pytest.mark.parametrize("name", sorted(RAW))
-def test_raw_ddp_sync_descent_false_leaves_the_micro_batch_local(name, tmp_path):
+def test_raw_ddp_sync_descent_false_leaves_the_micro_batch_local(name, raw_ddp_runs):
     config = DeltaSAMConfig(**RAW[name])
-    ranks = raw_ddp(tmp_path, config=RAW[name], sizes=[8, 8], lr=0.5, micro=2)
+    ranks = raw_ddp_runs(f"no-sync-{name}")
     first = [r["records"][0] for r in ranks]
     for r in first:  # not all-reduced: each rank holds its own micro-batch's G
         torch.testing.assert_close(r["grad"], reference_update(config, r["w"], (r["x"], r["y"])), atol=1e-6, rtol=1e-5)

@@ -61,17 +61,30 @@ def test_settings_a_tuned_run_would_overwrite_are_refused_in_process(overrides, 
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
+LOST = [
+    (["tune_lr=true", "optim.lr=1e-3"], "'optim.lr=1e-3' and tune_lr=true: the LR finder chooses optim.lr"),
+    (["lr_find.num_training=50"], "lr_find.num_training=50 set with tune_lr=false: add tune_lr=true"),
+    (["tune_lr=true", "lr_find.mode=cosine"], "lr_find.mode='cosine': choose one of ['exponential', 'linear']"),
+    (["tune_lr=true", "lr_find.rule=valley"], "lr_find.rule='valley': choose one of ['minimum', 'steepest']"),
+    (["tune_lr=true", "lr_find.num_training=5"], "lr_find.num_training=5: the suggestion needs at least 12"),
+    (["tune_lr=true", "lr_find.min_lr=0.1"], "lr_find.min_lr=0.1, lr_find.max_lr=0.01: need 0 < min_lr < max_lr"),
+    (["tune_lr=true", "lr_find.early_stop_threshold=0.5"], "lr_find.early_stop_threshold=0.5: the search"),
+]
+"""Settings the LR finder would lose, and the message that refuses each."""
+
+
+@pytest.mark.parametrize("overrides, message", LOST)
+def test_settings_the_lr_finder_would_lose_are_refused_before_anything_runs(overrides, message, tmp_path):
+    from lit_deltasam.app import lr_finder
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        lr_finder.apply(compose_train([*FAST, *overrides], tmp_path))
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+# each a train.py process; the in-process test above checks every message, this one the command line's exit
 @pytest.mark.parametrize(
-    "overrides, message",
-    [
-        (["tune_lr=true", "optim.lr=1e-3"], "'optim.lr=1e-3' and tune_lr=true: the LR finder chooses optim.lr"),
-        (["lr_find.num_training=50"], "lr_find.num_training=50 set with tune_lr=false: add tune_lr=true"),
-        (["tune_lr=true", "lr_find.mode=cosine"], "lr_find.mode='cosine': choose one of ['exponential', 'linear']"),
-        (["tune_lr=true", "lr_find.rule=valley"], "lr_find.rule='valley': choose one of ['minimum', 'steepest']"),
-        (["tune_lr=true", "lr_find.num_training=5"], "lr_find.num_training=5: the suggestion needs at least 12"),
-        (["tune_lr=true", "lr_find.min_lr=0.1"], "lr_find.min_lr=0.1, lr_find.max_lr=0.01: need 0 < min_lr < max_lr"),
-        (["tune_lr=true", "lr_find.early_stop_threshold=0.5"], "lr_find.early_stop_threshold=0.5: the search"),
-    ],
+    "overrides, message", [LOST[0], *(pytest.param(*case, marks=pytest.mark.slow) for case in LOST[1:])]
 )
 def test_settings_the_lr_finder_would_lose_are_refused(overrides, message, tmp_path):
     run = run_cli(*FAST, *overrides, cwd=tmp_path, env={"HYDRA_FULL_ERROR": "0"})
