@@ -167,12 +167,12 @@ def test_looksam_on_device_adds_nothing_before_a_direction_is_recorded():
 
 def test_mixin_gathers_diagnostics_only_on_logging_steps_under_ddp(monkeypatch, tmp_path):
     """Under DDP the diagnostics' all-gather runs on the steps the loggers record (here a stand-in world of 2)."""
-    import lit_deltasam.lightning.mixin as mixin
+    import lit_deltasam.lightning.metrics as metrics
 
     gathered = []
-    monkeypatch.setattr(mixin, "world_size", lambda: 2)
+    monkeypatch.setattr(metrics, "world_size", lambda: 2)
     monkeypatch.setattr(
-        mixin, "reduce_over_ranks", lambda means, maxima, device: gathered.append(1) or {**means, **maxima}
+        metrics, "reduce_over_ranks", lambda means, maxima, device: gathered.append(1) or {**means, **maxima}
     )
     trainer = make_trainer(max_steps=9, log_every_n_steps=3, default_root_dir=tmp_path)
     trainer.fit(TinyModule(DeltaSAMConfig(method="sam")), datamodule=TinyData())
