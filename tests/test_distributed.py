@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -46,22 +47,31 @@ def run_ddp(out: Path, **args) -> list[dict]:
     return ranks_of(run_worker(out, **args), out)
 
 
+class Jobs:
+    """Jobs (a worker script's arguments by name) run one after another in one launch of the script's 2 processes,
+    so that they start once, not once per test; each job seeds itself and writes under ``folder / name`` what a
+    launch of its own writes, bit for bit."""
+
+    def __init__(self, script: str, jobs: dict[str, dict], folder: Path, cwd: Path, timeout: int) -> None:
+        for name in jobs:
+            (folder / name).mkdir()
+        listed = [{**args, "out": str(folder / name)} for name, args in jobs.items()]
+        self.folder, self.result = folder, run_script(script, folder, cwd, timeout, jobs=listed)
+
+    def __call__(self, name: str) -> list[dict]:
+        """Each rank's records of job ``name``."""
+        return ranks_of(self.result, self.folder / name)
+
+
 JOBS: dict[str, dict] = {}
 """ddp_worker.py's arguments of the fits that succeed, by name; ``ddp_runs`` runs them all in one launch."""
 
 
 @pytest.fixture(scope="module")
-def ddp_runs(tmp_path_factory):
-    """``ddp_runs(name)``: each rank's records of JOBS[name]. Every job is fit one after another in the same 2
-    processes, so that they start once, not once per test; each fit seeds itself and records what a launch of its
-    own records, bit for bit."""
-    out = tmp_path_factory.mktemp("ddp_jobs")
-    jobs = []
-    for name, args in JOBS.items():
-        (out / name).mkdir()
-        jobs.append({**args, "out": str(out / name)})
-    result = run_script("ddp_worker.py", out, out, 600, jobs=jobs)
-    return lambda name: ranks_of(result, out / name)
+def ddp_runs(tmp_path_factory) -> Jobs:
+    """``ddp_runs(name)``: each rank's records of JOBS[name], every job fit in the same 2 processes."""
+    folder = tmp_path_factory.mktemp("ddp_jobs")
+    return Jobs("ddp_worker.py", JOBS, folder, folder, 600)
 
 
 def method_id(config: dict) -> str:
@@ -155,13 +165,47 @@ def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(ddp_runs):
     assert torch.equal(ranks[0]["params"], ranks[1]["params"])
 
 
-def test_one_checkpoint_and_exact_resume_under_ddp(tmp_path):
-    config = dict(method="deltasam", estimator="probe", accumulate_grad_batches=2)
-    common = dict(config=config, dropout=0.1, optimizer="adamw", lr=0.01, shuffle=True, n=128)
-    full = run_ddp(tmp_path / "full", steps=10, checkpoint_every=3, **common)
-    saved = sorted((tmp_path / "full" / "checkpoints").glob("*.ckpt"))
+CHECKPOINTED = dict(
+    config=dict(method="deltasam", estimator="probe", accumulate_grad_batches=2),
+    dropout=0.1,
+    optimizer="adamw",
+    lr=0.01,
+    shuffle=True,
+    n=128,
+    steps=10,
+)
+MID_WINDOW = dict(
+    config=dict(method="sam", accumulate_grad_batches=4),
+    dropout=0.1,
+    optimizer="adamw",
+    lr=0.01,
+    shuffle=True,
+    n=128,
+    steps=6,
+)
+JOBS["checkpointed"] = dict(checkpoint_every=3, **CHECKPOINTED)
+JOBS["mid-window"] = dict(save_at_batch=5, **MID_WINDOW)
+
+
+@pytest.fixture(scope="module")
+def ddp_resumed(ddp_runs, tmp_path_factory) -> Jobs:
+    """The fits of ``checkpointed`` and ``mid-window`` resumed from what they saved in ``ddp_runs`` (the first of
+    three checkpoints; mid-window), in a launch of fresh processes."""
+    resumed = {
+        "checkpointed": dict(
+            resume=str(ddp_runs.folder / "checkpointed" / "checkpoints" / "step=3.ckpt"), **CHECKPOINTED
+        ),
+        "mid-window": dict(resume=str(ddp_runs.folder / "mid-window" / "mid.ckpt"), **MID_WINDOW),
+    }
+    folder = tmp_path_factory.mktemp("ddp_resumed")
+    return Jobs("ddp_worker.py", resumed, folder, folder, 600)
+
+
+def test_one_checkpoint_and_exact_resume_under_ddp(ddp_runs, ddp_resumed):
+    full = ddp_runs("checkpointed")
+    saved = sorted((ddp_runs.folder / "checkpointed" / "checkpoints").glob("*.ckpt"))
     assert [p.name for p in saved] == ["step=3.ckpt", "step=6.ckpt", "step=9.ckpt"]
-    resumed = run_ddp(tmp_path / "resumed", steps=10, resume=str(saved[0]), **common)
+    resumed = ddp_resumed("checkpointed")  # from saved[0]
     for r in range(2):
         assert torch.equal(resumed[r]["params"], full[r]["params"])
 
@@ -271,20 +315,11 @@ def test_the_adaptive_policy_is_refused_under_ddp(tmp_path):
     assert "it runs in one process for now" in result.stderr
 
 
-def test_resume_inside_an_accumulation_window_under_ddp(tmp_path):
+def test_resume_inside_an_accumulation_window_under_ddp(ddp_runs, ddp_resumed):
     """The window's partial gradients, not yet all-reduced, are saved summed over ranks: exact up to the order of
     the additions."""
-    common = dict(
-        config=dict(method="sam", accumulate_grad_batches=4),
-        dropout=0.1,
-        optimizer="adamw",
-        lr=0.01,
-        shuffle=True,
-        n=128,
-        steps=6,
-    )
-    full = run_ddp(tmp_path / "full", save_at_batch=5, **common)
-    resumed = run_ddp(tmp_path / "resumed", resume=str(tmp_path / "full" / "mid.ckpt"), **common)
+    full = ddp_runs("mid-window")  # saved mid.ckpt after its batch 5
+    resumed = ddp_resumed("mid-window")
     for r in range(2):
         torch.testing.assert_close(resumed[r]["params"], full[r]["params"], atol=1e-6, rtol=0)
     assert torch.equal(resumed[0]["params"], resumed[1]["params"])
@@ -304,6 +339,26 @@ def failing_fsdp_run(out: Path, **args) -> str:
     return result.stderr
 
 
+def test_what_cannot_run_on_sharded_parameters_is_refused_naming_what_can():
+    """The check the engine runs on FSDP's sharded parameters, in process; the tests below reach it through FSDP2 on
+    2 processes (two of them marked slow)."""
+    from lit_deltasam.core.engine import _refuse_sharded
+
+    refused = [
+        (dict(method="sam", ascent="local"), "ascent='local' is not available with sharded parameters (FSDP)"),
+        (dict(method="per_instance", ascent="global"), "method='per_instance' is not available under FSDP"),
+        (dict(method="deltasam", estimator="probe", ascent="global"), "estimator='probe' is not available under FSDP"),
+        (dict(method="deltasam", estimator="exact", ascent="global"), "estimator='exact' is not available under FSDP"),
+        (dict(method="sam", ascent="global", interval=2, reuse="looksam"), "reuse='looksam' is not available under"),
+    ]
+    for options, message in refused:
+        with pytest.raises((ValueError, NotImplementedError), match=re.escape(message)):
+            _refuse_sharded(DeltaSAMConfig(**options))
+    for options in (dict(method="sam"), dict(method="asam"), dict(method="deltasam", estimator="head")):
+        _refuse_sharded(DeltaSAMConfig(ascent="global", **options))
+
+
+@pytest.mark.slow
 def test_fsdp_rejects_a_local_ascent(tmp_path):
     stderr = failing_fsdp_run(tmp_path, config={"method": "sam", "ascent": "local"}, steps=1)
     assert "ascent='local' is not available with sharded parameters (FSDP)" in stderr
@@ -316,6 +371,7 @@ def test_fsdp_refuses_estimators_that_need_whole_parameters(tmp_path):
     assert "choose one of ['head']" in stderr
 
 
+@pytest.mark.slow
 def test_fsdp_refuses_looksam(tmp_path):
     config = {"method": "sam", "ascent": "global", "interval": 2, "reuse": "looksam"}
     stderr = failing_fsdp_run(tmp_path, config=config, steps=1)
@@ -327,11 +383,6 @@ def test_fsdp_refuses_a_checkpoint_inside_an_accumulation_window(tmp_path):
     stderr = failing_fsdp_run(tmp_path, config=config, steps=1, save_at_batch=0)
     assert "cannot checkpoint inside a gradient accumulation window under FSDP (micro-batch 1 of 2)" in stderr
     assert not (tmp_path / "mid.ckpt").exists()
-
-
-def run_raw_ddp(out: Path, **args) -> subprocess.CompletedProcess:
-    """Run raw_ddp_worker.py (2 processes, raw DistributedDataParallel, no Lightning) with ``args``."""
-    return run_script("raw_ddp_worker.py", out, HERE, 300, **args)
 
 
 def reference_update(config: DeltaSAMConfig, w: torch.Tensor, batch) -> torch.Tensor:
@@ -349,20 +400,16 @@ RAW = {
 RAW_JOBS = {
     **{f"unequal-{name}": dict(config=c, sizes=[6, 10], lr=0.5) for name, c in RAW.items()},
     **{f"no-sync-{name}": dict(config=c, sizes=[8, 8], lr=0.5, micro=2) for name, c in RAW.items()},
+    # refused on both ranks before any collective: the worker writes each rank's error and goes on (``refused``)
+    "static-graph": dict(config=dict(method="sam"), sizes=[8, 8], lr=0.1, static_graph=True, refused=True),
 }
-"""raw_ddp_worker.py's arguments of the runs that succeed, by name; ``raw_ddp_runs`` runs them all in one launch."""
+"""raw_ddp_worker.py's arguments by name; ``raw_ddp_runs`` runs them all in one launch."""
 
 
 @pytest.fixture(scope="module")
-def raw_ddp_runs(tmp_path_factory):
+def raw_ddp_runs(tmp_path_factory) -> Jobs:
     """``raw_ddp_runs(name)``: each rank's records of RAW_JOBS[name], every job run in the same 2 processes."""
-    out = tmp_path_factory.mktemp("raw_ddp_jobs")
-    jobs = []
-    for name, args in RAW_JOBS.items():
-        (out / name).mkdir()
-        jobs.append({**args, "out": str(out / name)})
-    result = run_script("raw_ddp_worker.py", out, HERE, 300, jobs=jobs)
-    return lambda name: ranks_of(result, out / name)
+    return Jobs("raw_ddp_worker.py", RAW_JOBS, tmp_path_factory.mktemp("raw_ddp_jobs"), HERE, 300)
 
 
 @pytest.mark.parametrize("name", sorted(RAW))
@@ -393,7 +440,8 @@ def test_raw_ddp_sync_descent_false_leaves_the_micro_batch_local(name, raw_ddp_r
     torch.testing.assert_close(last[0]["grad"], last[1]["grad"], atol=1e-6, rtol=0)
 
 
-def test_raw_ddp_with_a_static_graph_is_refused(tmp_path):
-    result = run_raw_ddp(tmp_path, config=dict(method="sam"), sizes=[8, 8], lr=0.1, static_graph=True)
-    assert result.returncode != 0
-    assert "DistributedDataParallel(static_graph=True) is not supported" in result.stderr
+def test_raw_ddp_with_a_static_graph_is_refused(raw_ddp_runs):
+    assert raw_ddp_runs.result.returncode == 0, raw_ddp_runs.result.stderr[-4000:]
+    for rank in range(2):
+        error = (raw_ddp_runs.folder / "static-graph" / f"refused{rank}.txt").read_text()
+        assert error.startswith("ValueError: DistributedDataParallel(static_graph=True) is not supported"), error

@@ -244,6 +244,10 @@ def test_the_readme_commands_train_evaluate_and_predict(tmp_path):
     assert [row["text"] for row in predicted] == ["such a lovely film", "awful and boring"]
     assert all(row["prediction"] in ("negative", "positive") for row in predicted)
 
+
+@pytest.mark.slow  # a train.py process; the message is checked in process in test_custom_data.py
+def test_the_readme_command_names_a_label_column_the_file_lacks(tmp_path):
+    write_csv(tmp_path / "reviews.csv", reviews({"positive": 15, "negative": 15}, start=0), header=("text", "label"))
     result = run("train.py", "task=files", "task.train=reviews.csv", "task.label_column=stars", *FAST, cwd=tmp_path)
     assert result.returncode != 0
     assert "has no column 'stars' (task.label_column); its columns are: text, label" in result.stderr
