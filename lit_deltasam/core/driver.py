@@ -89,6 +89,12 @@ class LoopState:
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.TENSORS}
         return {k: int(v) if isinstance(v, Tensor) else v for k, v in values.items()}
 
+    def restore(self, saved: LoopState) -> None:
+        """Take every field of ``saved`` (a checkpoint's) in place: the schedule and the family's rules hold this
+        object, so it is never replaced."""
+        for f in fields(self):
+            setattr(self, f.name, getattr(saved, f.name))
+
     @classmethod
     def from_scalars(cls, saved: dict[str, Any]) -> LoopState:
         known = {f.name for f in fields(cls)} - set(cls.TENSORS)
@@ -158,10 +164,6 @@ class Driver:
         self.stepped_params = [id(p) for p in self.engine.params]
         self.schedule = RhoSchedule(config, optimizer, state, total_steps, schedulers)
         self.rules = FamilyRules(config, state, self.schedule, optimizer)
-
-    def carry_on(self, state: LoopState) -> None:
-        """Continue from ``state`` (a checkpoint's): the schedule and the family's rules read it too."""
-        self.state = self.schedule.peak = self.rules.state = state
 
     def base_step(self, scaler: Optional[Any] = None) -> bool:
         """The base optimizer's step, clipping G first (after ``scaler`` unscaled it). A step that an active loss

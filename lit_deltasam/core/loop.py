@@ -346,7 +346,7 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
         loop_state.plain_sum = saved.get("plain")
         loop_state.reuse_direction = saved.get("reuse")
         loop_state.fsam_momentum = saved.get("momentum")
-        self.driver.carry_on(loop_state)
+        self.driver.state.restore(loop_state)
         self.steps = saved["steps"]
         if self.scaler is not None and "scaler" in saved:
             self.scaler.load_state_dict(saved["scaler"])

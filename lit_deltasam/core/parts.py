@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -60,11 +60,12 @@ class Parts:
     """The method, where ``loss_fn`` may return one scalar mean loss; ``None`` where it needs one per instance."""
     unscaled: list[bool]
     """ASAM's parameters with ``T = 1`` (``asam_scope="weights"``: those without "weight" in their name)."""
+    updated: list[Tensor] = field(init=False)
+    """Every parameter whose ``.grad`` a step writes: ``params`` then ``unperturbed``."""
 
-    @property
-    def updated(self) -> list[Tensor]:
-        """Every parameter whose ``.grad`` a step writes."""
-        return self.params + self.unperturbed
+    def __post_init__(self) -> None:
+        self.updated = self.params + self.unperturbed
+
 
     @property
     def device(self) -> torch.device:
