@@ -228,6 +228,12 @@ def relevant(config: DeltaSAMConfig) -> dict[str, Any]:
         # absent from rows made before m-sharpness existed, which all perturbed the whole batch
         fields += ["m_sharpness"] if config.m_sharpness is not None else []
         fields += ["reuse_alpha"] if config.reuse is not None else []
+    fields += {"gsam": ["gsam_alpha"], "wsam": ["wsam_gamma"], "fsam": ["fsam_sigma", "fsam_lambda"]}.get(
+        config.method, []
+    )
+    # absent from rows made before the family existed: none centred the ascent or ran a policy
+    fields += ["gradient_centralization"] if config.gradient_centralization else []
+    fields += ["policy", "policy_delta", "policy_c_start", "policy_c_end"] if config.policy is not None else []
     if config.method == "asam":
         fields.append("asam_eta")
         # absent from rows made before asam_scope existed, which all scaled every parameter
