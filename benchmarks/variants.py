@@ -54,6 +54,7 @@ ARMS: dict[str, tuple[str, tuple[tuple[str, Any], ...]]] = {
 SINGLE = ("sam", "δ-sam", "gsam", "wsam", "fsam", "ae-sam")
 COMBINED = ("δ-gsam", "δ-fsam")
 ERM = Method("erm")
+FULL = "sam/full_fraction"
 
 PRIMARY = [(arm, "sam") for arm in ("gsam", "wsam", "fsam", "ae-sam", "δ-sam")] + [(arm, "erm") for arm in SINGLE]
 """The primary Holm family, per task: (arm, baseline); ``erm`` is early-stopped ERM (its best-validation
