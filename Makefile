@@ -19,6 +19,10 @@ setup: $(VENV)/.installed
 train: setup
 	$(BIN)/python train.py $(ARGS)
 
+# One torch thread per test process unless the caller sets it: on a loaded 2-core machine two OpenMP threads spin
+# against each other (and against the DDP tests' second process), 5-20x slower per test.
+test test-slow: export OMP_NUM_THREADS ?= 1
+
 # Exit code 5 means no test was collected.
 test: setup
 	$(BIN)/python -m pytest $(ARGS) || [ $$? -eq 5 ]
