@@ -42,15 +42,16 @@ SEEDS = {"cpu": tuple(range(21, 26)), "gpu": tuple(range(21, 29))}
 _DELTA = (("beta", -0.5), ("estimator", "head"))
 ARMS: dict[str, tuple[str, tuple[tuple[str, Any], ...]]] = {
     "sam": ("sam", ()),
-    "δ-sam": ("deltasam", ()),  # the shipped δ-SAM: head estimator, β −0.5
     "gsam": ("gsam", (("gsam_alpha", 0.4),)),
     "wsam": ("wsam", (("wsam_gamma", 0.9),)),
     "fsam": ("fsam", (("fsam_sigma", 1.0), ("fsam_lambda", 0.9))),
     "ae-sam": ("sam", (("policy", "adaptive"),)),
+    "δ-sam": ("deltasam", ()),  # the shipped δ-SAM: head estimator, β −0.5
     "δ-gsam": ("gsam", (("gsam_alpha", 0.4), *_DELTA)),
     "δ-fsam": ("fsam", (("fsam_sigma", 1.0), ("fsam_lambda", 0.9), *_DELTA)),
 }
-"""The sharpness-aware arms, in the order their runs are scheduled; ERM is the tenth arm, read twice."""
+"""The sharpness-aware arms, in the order their runs are scheduled (the family first: δ-SAM has rows in four
+studies already); ERM is the ninth arm, read twice."""
 SINGLE = ("sam", "δ-sam", "gsam", "wsam", "fsam", "ae-sam")
 COMBINED = ("δ-gsam", "δ-fsam")
 ERM = Method("erm")

@@ -32,8 +32,9 @@ POLICIES = (None, "adaptive")
 ASAM_SCOPES = ("all", "weights")
 """ASAM's scaling T = |w| + eta on every parameter (``all``), or, as the ASAM authors' code, on the parameters
 whose name contains "weight" only, with T = 1 on the others (biases)."""
-REWEIGHTING = ("deltasam", "asam")
-"""Methods that take ``beta``: δ-SAM, and ASAM as an adaptive δ-SAM."""
+REWEIGHTING = ("deltasam", "asam", "gsam", "wsam", "fsam")
+"""Methods that take ``beta``: δ-SAM; ASAM as an adaptive δ-SAM; the family's methods as δ-GSAM, δ-WSAM and
+δ-Friendly-SAM (their ascent from the reweighted gradient, their own rule after it)."""
 
 
 class ConfigError(ValueError):
@@ -202,7 +203,10 @@ class DeltaSAMConfig:
         rho_warmup: length of the ``warmup`` ramp and of the plain steps of
             ``start_step``: optimizer steps when ``>= 1``, a fraction of training when ``< 1`` (default 0.1).
         beta: exponent of the instance weights, ``lambda_i ∝ s_i ** beta``: default -0.5 for ``deltasam``;
-            with ``asam``, unset is plain ASAM and a value reweights ASAM's ascent (an adaptive δ-SAM).
+            with ``asam``, unset is plain ASAM and a value reweights ASAM's ascent (an adaptive δ-SAM); with
+            ``gsam``, ``wsam`` or ``fsam``, a value reweights their ascent (δ-GSAM, δ-WSAM, δ-Friendly-SAM: the
+            clean gradient of GSAM's and WSAM's rule is the descent's, the plain mean or, with
+            ``weighted_descent``, the reweighted one; Friendly-SAM's running mean is of the reweighted ascent).
         estimator: where ``s_i`` comes from (default ``head``): ``head`` (free, the classifier layer's
             per-instance gradient norm in closed form), ``probe`` (random weight
             perturbations, ``probe_samples`` no-grad forwards), ``curvature`` (the
@@ -382,8 +386,8 @@ class DeltaSAMConfig:
 
     @property
     def reweights(self) -> bool:
-        """Whether the ascent uses instance weights other than uniform: δ-SAM with beta != 0, or ASAM given a
-        beta (an adaptive δ-SAM)."""
+        """Whether the ascent uses instance weights other than uniform: δ-SAM with beta != 0, or ASAM or a family
+        method given a beta (an adaptive δ-SAM, δ-GSAM, δ-WSAM, δ-Friendly-SAM)."""
         return self.method in REWEIGHTING and self.beta is not None and self.beta != 0.0
 
     @property
@@ -549,7 +553,8 @@ _POLICY = "it sets policy='adaptive'"
 def _adaptive(c: DeltaSAMConfig) -> bool:
     return c.policy == "adaptive"
 
-_WEIGHTS = "it bounds the instance weights of method='deltasam' (or 'asam') with beta != 0"
+
+_WEIGHTS = "it bounds the instance weights of a reweighted ascent (beta != 0)"
 _PROBES = "it sets the probes of estimator='probe' or 'curvature'"
 
 SPEC: dict[str, Field] = {
@@ -572,7 +577,8 @@ SPEC: dict[str, Field] = {
         choice(*ESTIMATORS),
         "head",
         _reweights,
-        "it scores instances for the weights, which need method='deltasam' (or 'asam') with beta != 0",
+        "it scores instances for the weights, which need beta != 0 (methods 'deltasam', 'asam', 'gsam', 'wsam', "
+        "'fsam')",
     ),
     "weight_floor": Field(number(0.0, 1.0), 0.1, _reweights, _WEIGHTS),
     "weight_min": Field(number(0.0, 1.0), 0.1, _reweights, _WEIGHTS),
@@ -581,7 +587,7 @@ SPEC: dict[str, Field] = {
         flag,
         None,
         _reweights,
-        "it weights the descent by the instance weights (method='deltasam' or 'asam', beta != 0)",
+        "it weights the descent by the instance weights (a reweighted ascent, beta != 0)",
     ),
     "asam_eta": Field(number(0.0), 0.01, lambda c: c.method == "asam", "it is ASAM's offset (method='asam')"),
     "asam_scope": Field(

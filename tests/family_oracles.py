@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
-from helpers import ls_grad
+from helpers import ls_grad, ls_instance_grads
 from torch import Tensor
 
 
@@ -22,14 +22,39 @@ def _ascent(w: Tensor, direction: Tensor, rho: float) -> Tensor:
     return w + rho * direction / direction.norm()
 
 
+# ------------------------------------------------------------------------------------------------------ δ- rows
+
+
+def exact_weights(x: Tensor, y: Tensor, w: Tensor, beta: float) -> Tensor:
+    """δ-SAM's instance weights with exact scores and neither floor nor clip: ``lambda_i ∝ ||g_i||**beta``."""
+    s = ls_instance_grads(x, y, w).norm(dim=1) ** beta
+    return s / s.sum()
+
+
+def weighted_grad(x: Tensor, y: Tensor, w: Tensor, lam: Tensor) -> Tensor:
+    """``sum_i lambda_i grad l_i(w)``."""
+    return (lam[:, None] * ls_instance_grads(x, y, w)).sum(0)
+
+
 # ----------------------------------------------------------------------------------------------------------- GSAM
 
 
-def ls_gsam_update(x: Tensor, y: Tensor, w: Tensor, rho: float, alpha: float) -> Tensor:
+def ls_gsam_update(
+    x: Tensor, y: Tensor, w: Tensor, rho: float, alpha: float, lam: Optional[Tensor] = None, weighted: bool = False
+) -> Tensor:
     """GSAM (Zhuang et al., 2022): ``g_adv = ∇L(w + rho g/||g||)``, ``g_perp = g - (g·g_adv / ||g_adv||²) g_adv``
-    (the clean gradient's part orthogonal to g_adv), ``G = g_adv - alpha g_perp``. alpha = 0 is SAM."""
+    (the clean gradient's part orthogonal to g_adv), ``G = g_adv - alpha g_perp``. alpha = 0 is SAM.
+
+    δ-GSAM, given the instance weights ``lam`` (at w): the ascent along ``g_λ = sum_i lam_i g_i``; g and g_adv are
+    the descent's loss's gradients at w and at w + eps, the plain mean or (``weighted``) the lam-weighted one."""
     g = ls_grad(x, y, w)
-    g_adv = ls_grad(x, y, _ascent(w, g, rho))
+    direction = g if lam is None else weighted_grad(x, y, w, lam)
+    moved = _ascent(w, direction, rho)
+    if weighted:
+        assert lam is not None
+        g, g_adv = direction, weighted_grad(x, y, moved, lam)
+    else:
+        g_adv = ls_grad(x, y, moved)
     g_perp = g - (g @ g_adv) / (g_adv @ g_adv) * g_adv
     return g_adv - alpha * g_perp
 
@@ -49,13 +74,17 @@ def wsam_alpha(gamma: float) -> float:
     return gamma / (1.0 - gamma)
 
 
-def ls_wsam_update(x: Tensor, y: Tensor, w: Tensor, rho: float, gamma: float, decouple: bool = True) -> WsamUpdate:
+def ls_wsam_update(
+    x: Tensor, y: Tensor, w: Tensor, rho: float, gamma: float, decouple: bool = True, lam: Optional[Tensor] = None
+) -> WsamUpdate:
     """WSAM (Yue et al., 2023): ``L + alpha (L(w + eps) - L(w))`` with ``alpha = gamma/(1 - gamma)``, so its
     gradient is ``g + alpha (g_adv - g)``. Coupled: the base optimizer steps on that. Decoupled (the reference's
     default): the base optimizer steps on g alone and ``lr * alpha (g_adv - g)`` is subtracted after it, as decoupled
-    weight decay is (so momentum and Adam's scaling never see the sharpness term)."""
+    weight decay is (so momentum and Adam's scaling never see the sharpness term). δ-WSAM (``lam``): the ascent
+    along ``sum_i lam_i g_i``, the rest unchanged."""
     g = ls_grad(x, y, w)
-    sharpness = ls_grad(x, y, _ascent(w, g, rho)) - g
+    direction = g if lam is None else weighted_grad(x, y, w, lam)
+    sharpness = ls_grad(x, y, _ascent(w, direction, rho)) - g
     a = wsam_alpha(gamma)
     if decouple:
         return WsamUpdate(base=g, after=a * sharpness)
@@ -72,15 +101,25 @@ class FsamUpdate(NamedTuple):
 
 
 def ls_fsam_update(
-    x: Tensor, y: Tensor, w: Tensor, rho: float, sigma: float, lmbda: float, momentum: Optional[Tensor] = None
+    x: Tensor,
+    y: Tensor,
+    w: Tensor,
+    rho: float,
+    sigma: float,
+    lmbda: float,
+    momentum: Optional[Tensor] = None,
+    lam: Optional[Tensor] = None,
 ) -> FsamUpdate:
     """Friendly-SAM (Li et al., CVPR 2024), as its authors' code and the reference compute it.
 
     The first step (``momentum is None``) is SAM and starts the EMA at g: ``d = g``, ``m_1 = g``. After it,
     ``d = g - sigma m_{t-1}`` (the previous EMA: the full-batch estimate before this batch) and then
     ``m_t = lmbda m_{t-1} + (1 - lmbda) g``. ``eps = rho d/||d||``, ``G = ∇L(w + eps)``.
+
+    δ-Friendly-SAM (``lam``): g is the reweighted ascent gradient ``sum_i lam_i g_i`` throughout (the running mean
+    is of it too); G is the plain mean at w + eps.
     """
-    g = ls_grad(x, y, w)
+    g = ls_grad(x, y, w) if lam is None else weighted_grad(x, y, w, lam)
     if momentum is None:
         direction, new = g, g.clone()
     else:

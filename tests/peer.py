@@ -242,7 +242,14 @@ def peer_wsam(
     base optimizer steps on the clean gradient g, then ``w -= lr * alpha * (g_adv - g)``, ``alpha = gamma/(1-gamma)``;
     coupled: the base optimizer steps on ``g + alpha (g_adv - g)``."""
     opt = peer_sam_module.WSAM(
-        model, model.parameters(), base_cls, rho=rho, gamma=gamma, adaptive=adaptive, decouple=decouple, eps=eps,
+        model,
+        model.parameters(),
+        base_cls,
+        rho=rho,
+        gamma=gamma,
+        adaptive=adaptive,
+        decouple=decouple,
+        eps=eps,
         **base_kwargs,
     )
 
@@ -267,7 +274,13 @@ def peer_fsam(
 ) -> Stepper:
     """The peer's ``FriendlySAM``, driven as SAM: gradients at w, then ``step(closure)``."""
     opt = peer_sam_module.FriendlySAM(
-        model.parameters(), base_cls, rho=rho, sigma=sigma, lmbda=lmbda, adaptive=adaptive, perturb_eps=eps,
+        model.parameters(),
+        base_cls,
+        rho=rho,
+        sigma=sigma,
+        lmbda=lmbda,
+        adaptive=adaptive,
+        perturb_eps=eps,
         **base_kwargs,
     )
 
@@ -333,11 +346,17 @@ class Row:
     def peer_weights(self, model: nn.Module, data: Sequence[Batch], base: str) -> Tensor:
         base_cls, base_kwargs = BASES[base]
         return run(
-            self.peer, model, data, base_cls=base_cls, base_kwargs=base_kwargs, lr_lambda=self.lr_lambda,
+            self.peer,
+            model,
+            data,
+            base_cls=base_cls,
+            base_kwargs=base_kwargs,
+            lr_lambda=self.lr_lambda,
             **self.peer_kwargs,
         )
 
     def our_weights(self, model: nn.Module, data: Sequence[Batch], base: str) -> Tensor:
         base_cls, base_kwargs = BASES[base]
-        return run(ours, model, data, base_cls=base_cls, base_kwargs=base_kwargs, lr_lambda=self.lr_lambda,
-                   config=self.config)
+        return run(
+            ours, model, data, base_cls=base_cls, base_kwargs=base_kwargs, lr_lambda=self.lr_lambda, config=self.config
+        )

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from benchmarks import generalization as gen
-from benchmarks import recipe
+from benchmarks import recipe, variants
 from benchmarks import regimes as reg
 from benchmarks.lab import runs, scheduler
 from benchmarks.perf import overhead
@@ -60,6 +60,7 @@ def _row(val, test_final, test_best=None):
     return {
         "metrics": {"val/acc": val, "test_final/acc": test_final, "test/acc": test_best or test_final},
         "stalled": False,
+        "time_s": 1.0,
     }
 
 
@@ -186,6 +187,43 @@ def test_regimes_chooses_on_validation_in_order_and_pairs_by_seed(monkeypatch):
     m8, delta = diffs[f"{reg.HEADLINE}/m-sam m=8"], diffs[f"{reg.HEADLINE}/deltasam"]
     assert m8["SAM final"]["mean"] == pytest.approx(6.0) and m8["SAM final, same ρ"]["mean"] == pytest.approx(1.5)
     assert delta["SAM final, same ρ"] == delta["SAM final"] and delta["SAM final"]["mean"] == pytest.approx(0.5)
+
+
+def test_variants_selects_rho_per_arm_on_validation_and_tests_the_declared_families(monkeypatch):
+    """The protocol of docs/studies/variants-protocol.md: ERM's and each arm's selection runs first; an arm's
+    comparison runs open once its own ρ is chosen (a tie: the smaller ρ); the families count every declared test in
+    Holm, run or not; sharpness-aware arms are read at their final weights, ERM early-stopped."""
+    runs.use_platform("cpu")
+    rows: dict = {}
+    plan = variants.units(("sam", "gsam"))
+    first = plan(rows)
+    assert len(first) == 3 + 2 * 2 * 3 + 5  # ERM's selection, two arms × two radii × three seeds, ERM's comparison
+    assert all(u[3] in variants.SELECT_SEEDS for u in first[:15]) and first[-1][2] == variants.ERM
+    for seed in variants.SELECT_SEEDS:
+        for rho, (sam, gsam) in {0.02: (0.70, 0.72), 0.05: (0.73, 0.72)}.items():
+            rows[runs.key("mr", variants.SETTING, variants.arm_method("sam", rho), seed)] = _row(sam, 0.0)
+            rows[runs.key("mr", variants.SETTING, variants.arm_method("gsam", rho), seed)] = _row(gsam, 0.0)
+    assert variants.selected(rows, "mr", "sam") == 0.05 and variants.selected(rows, "mr", "gsam") == 0.02
+    assert variants.selected(rows, "mr", "wsam") is None
+    opened = plan(rows)[len(first) - 5 :]
+    assert [(u[2].method, u[2].rho, u[3]) for u in opened[:10]] == [
+        *((m, rho, s) for m, rho in (("sam", 0.05), ("gsam", 0.02)) for s in variants.SEEDS["cpu"])
+    ]
+    for i, seed in enumerate(variants.SEEDS["cpu"]):
+        rows[runs.key("mr", variants.SETTING, variants.ERM, seed)] = _row(0.5, 0.70, test_best=0.72)
+        rows[runs.key("mr", variants.SETTING, variants.arm_method("sam", 0.05), seed)] = _row(0.5, 0.73 + 0.01 * i)
+        rows[runs.key("mr", variants.SETTING, variants.arm_method("gsam", 0.02), seed)] = _row(0.5, 0.74 + 0.01 * i)
+    monkeypatch.setattr(variants, "rows_by_key", lambda: rows)
+    _, out = variants.report()
+    tests = {(d["arm"], d["baseline"]): d for d in out["primary"]}
+    assert set(tests) == {("gsam", "sam"), ("sam", "early-stopped erm"), ("gsam", "early-stopped erm")}
+    assert tests["gsam", "sam"]["mean"] == pytest.approx(0.01) and tests["gsam", "sam"]["wins"] == 5
+    assert tests["sam", "early-stopped erm"]["mean"] == pytest.approx(0.03)  # against ERM's best checkpoint
+    assert out["declared"] == {"primary": 11, "secondary": 12} and out["complete"]["primary"] is False
+    p = [d["p"] for d in out["primary"]]
+    smallest = min(range(3), key=p.__getitem__)
+    assert out["primary"][smallest]["p_holm"] == pytest.approx(min(1.0, 11 * p[smallest]))  # 11 tests, not 3
+    assert out["descriptive"]["mr"]["sam − final erm"]["mean"] == pytest.approx(0.05)
 
 
 def test_committed_regimes_tables_come_from_the_committed_rows():

@@ -282,8 +282,10 @@ def test_a_global_ascent_step_equals_the_full_batch_step(strategy, config, ddp_r
         dict(method="wsam", wsam_gamma=0.8),
         dict(method="fsam", fsam_sigma=1.0),
         dict(method="sam", gradient_centralization=True),
+        dict(method="gsam", beta=-0.5),
+        dict(method="fsam", beta=-0.5),
     ],
-    ids=lambda c: c["method"] + ("-gc" if "gradient_centralization" in c else ""),
+    ids=lambda c: ("δ-" if "beta" in c else "") + c["method"] + ("-gc" if "gradient_centralization" in c else ""),
 )
 def test_the_sam_family_under_ddp_equals_one_process_on_the_global_batch(config, tmp_path):
     """GSAM's decomposition, WSAM's term after the base step and Friendly-SAM's running mean act on the averaged

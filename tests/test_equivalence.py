@@ -33,6 +33,9 @@ CONFIGS = [
     dict(method="sam", gradient_centralization=True, accumulate_grad_batches=2),
     dict(method="sam", policy="adaptive"),
     dict(method="fsam", policy="adaptive", accumulate_grad_batches=2, gradient_clip_val=0.05),
+    dict(method="gsam", beta=-0.5, accumulate_grad_batches=2, gradient_clip_val=0.05),
+    dict(method="wsam", beta=-0.5, weighted_descent=True),
+    dict(method="fsam", beta=-0.5, estimator="probe", accumulate_grad_batches=2),
 ]
 SCHEDULER = dict(kind="step", interval="step", frequency=2)
 
@@ -179,6 +182,7 @@ RESUMED = [
     dict(method="fsam", accumulate_grad_batches=2, gradient_clip_val=0.05),
     dict(method="gsam", accumulate_grad_batches=2),
     dict(method="fsam", policy="adaptive", accumulate_grad_batches=2),
+    dict(method="fsam", beta=-0.5, accumulate_grad_batches=2),
 ]
 
 

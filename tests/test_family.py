@@ -7,8 +7,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from family_oracles import ls_fsam_update, ls_gsam_update, ls_wsam_update, mls_gc_sam_update, wsam_alpha
-from helpers import LeastSquares, least_squares_problem, ls_sam_update
+from family_oracles import (
+    exact_weights,
+    ls_fsam_update,
+    ls_gsam_update,
+    ls_wsam_update,
+    mls_gc_sam_update,
+    wsam_alpha,
+)
+from helpers import EXACT_WEIGHTS, LeastSquares, least_squares_problem, ls_sam_update
 from torch import nn
 
 from lit_deltasam import DeltaSAMConfig, DeltaSAMOptimizer
@@ -59,6 +66,55 @@ def test_fsam_is_its_closed_form_with_its_running_mean():
     config = DeltaSAMConfig(method="fsam", rho=RHO, rho_schedule="constant")
     got = ours(config, x, y, w)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+DELTA = dict(beta=-1.0, estimator="exact", **EXACT_WEIGHTS)
+"""δ-weights the closed forms compute: ``lambda_i ∝ 1 / ||g_i||``, exactly."""
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["mean-descent", "weighted-descent"])
+def test_delta_gsam_is_its_closed_form(weighted):
+    """δ-GSAM: the ascent along the reweighted gradient; GSAM's decomposition of the descent's loss's gradients
+    (the plain mean's, or the weighted ones under weighted_descent)."""
+    x, y, w = least_squares_problem()
+    expected = w.clone()
+    for _ in range(STEPS):
+        lam = exact_weights(x, y, expected, -1.0)
+        expected = expected - LR * ls_gsam_update(x, y, expected, RHO, 0.4, lam=lam, weighted=weighted)
+    config = DeltaSAMConfig(method="gsam", rho=RHO, rho_schedule="constant", weighted_descent=weighted, **DELTA)
+    got = ours(config, x, y, w)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    plain = ours(DeltaSAMConfig(method="gsam", rho=RHO, rho_schedule="constant"), x, y, w)
+    assert (got - plain).abs().max() > 1e-4  # the weights change the step
+
+
+def test_delta_wsam_is_its_closed_form():
+    x, y, w = least_squares_problem()
+    expected = w.clone()
+    for _ in range(STEPS):
+        update = ls_wsam_update(x, y, expected, RHO, 0.9, lam=exact_weights(x, y, expected, -1.0))
+        expected = expected - LR * update.base - LR * update.after
+    got = ours(DeltaSAMConfig(method="wsam", rho=RHO, rho_schedule="constant", **DELTA), x, y, w)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+def test_delta_fsam_is_its_closed_form_with_a_running_mean_of_the_reweighted_ascent():
+    x, y, w = least_squares_problem()
+    expected, momentum = w.clone(), None
+    for _ in range(STEPS):
+        lam = exact_weights(x, y, expected, -1.0)
+        update = ls_fsam_update(x, y, expected, RHO, 1.0, 0.9, momentum, lam=lam)
+        expected, momentum = expected - LR * update.G, update.momentum
+    got = ours(DeltaSAMConfig(method="fsam", rho=RHO, rho_schedule="constant", **DELTA), x, y, w)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["gsam", "wsam", "fsam"])
+def test_beta_zero_is_the_unweighted_method(method):
+    x, y, w = least_squares_problem()
+    plain = ours(DeltaSAMConfig(method=method, rho=RHO, rho_schedule="constant"), x, y, w)
+    zero = ours(DeltaSAMConfig(method=method, rho=RHO, rho_schedule="constant", beta=0.0), x, y, w)
+    assert torch.equal(plain, zero)
 
 
 def test_fsam_state_resumes_bit_exactly():
@@ -117,7 +173,8 @@ def test_gradient_centralization_is_its_closed_form():
         (dict(method="fsam", fsam_lambda=-0.1), r"fsam_lambda=-0.1 is not valid"),
         (dict(method="gsam", m_sharpness=4), r"m_sharpness=4 .* method='gsam' applies its rule to the whole batch"),
         (dict(method="fsam", interval=2, reuse="looksam"), r"reuse='looksam' with method='fsam'"),
-        (dict(method="gsam", beta=-1.0), r"beta=-1.0 does nothing with method='gsam'"),
+        (dict(method="gsam", estimator="exact"), r"estimator='exact' does nothing with method='gsam'"),
+        (dict(method="fsam", beta=0.0, estimator="exact"), r"estimator='exact' does nothing .*beta=0.0"),
         (dict(method="per_instance", gradient_centralization=True), r"gradient_centralization=True does nothing"),
     ],
 )

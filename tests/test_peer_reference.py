@@ -72,11 +72,15 @@ ROWS: dict[str, Row] = {
         note="GSAM at alpha = 0 is SAM; its ProportionScheduler with min_lr = min_value = 0 is follow_lr",
     ),
     "wsam_coupled_gamma_half": Row(
-        peer_wsam, SAM, peer_kwargs=dict(rho=RHO, gamma=0.5, decouple=False),
+        peer_wsam,
+        SAM,
+        peer_kwargs=dict(rho=RHO, gamma=0.5, decouple=False),
         note="gamma = 0.5 gives alpha = 1: the coupled WSAM gradient g + (g_adv - g) is SAM's",
     ),
     "fsam_sigma0": Row(
-        peer_fsam, SAM, peer_kwargs=dict(rho=RHO, sigma=0.0, lmbda=0.9),
+        peer_fsam,
+        SAM,
+        peer_kwargs=dict(rho=RHO, sigma=0.0, lmbda=0.9),
         note="sigma = 0 removes nothing: SAM (the EMA is still kept)",
     ),
     "gsam": Row(
@@ -86,26 +90,36 @@ ROWS: dict[str, Row] = {
         peer_kwargs=dict(rho=RHO, alpha=0.4),
     ),
     "gsam_constant_rho": Row(
-        peer_gsam, dict(method="gsam", rho=RHO, gsam_alpha=0.4, rho_schedule="constant"),
+        peer_gsam,
+        dict(method="gsam", rho=RHO, gsam_alpha=0.4, rho_schedule="constant"),
         peer_kwargs=dict(rho=RHO, alpha=0.4),
     ),
     "wsam": Row(
-        peer_wsam, dict(method="wsam", rho=RHO, wsam_gamma=0.9, rho_schedule="constant"),
+        peer_wsam,
+        dict(method="wsam", rho=RHO, wsam_gamma=0.9, rho_schedule="constant"),
         peer_kwargs=dict(rho=RHO, gamma=0.9, decouple=True),
     ),
     "fsam": Row(
-        peer_fsam, dict(method="fsam", rho=RHO, fsam_sigma=1.0, fsam_lambda=0.9, rho_schedule="constant"),
+        peer_fsam,
+        dict(method="fsam", rho=RHO, fsam_sigma=1.0, fsam_lambda=0.9, rho_schedule="constant"),
         peer_kwargs=dict(rho=RHO, sigma=1.0, lmbda=0.9),
     ),
     "gc_sam": Row(
-        peer_sam, dict(SAM, gradient_centralization=True),
+        peer_sam,
+        dict(SAM, gradient_centralization=True),
         peer_kwargs=dict(rho=RHO, use_gc=True, gc_norm="centered"),
         note="a deliberate difference: eps is normalized after centering (the peer normalizes before)",
     ),
     "gc_asam": Row(
         peer_sam,
-        dict(method="asam", rho=RHO_ASAM, rho_schedule="constant", asam_eta=0.0, asam_scope="all",
-             gradient_centralization=True),
+        dict(
+            method="asam",
+            rho=RHO_ASAM,
+            rho_schedule="constant",
+            asam_eta=0.0,
+            asam_scope="all",
+            gradient_centralization=True,
+        ),
         peer_kwargs=dict(rho=RHO_ASAM, adaptive=True, use_gc=True, gc_norm="centered"),
     ),
 }
@@ -115,7 +129,8 @@ ROWS: dict[str, Row] = {
 # test_pending_rows_are_still_pending fails: move the row into ROWS (and it must then pass at EXACT).
 PENDING: dict[str, Row] = {
     "wsam_coupled": Row(
-        peer_wsam, dict(method="wsam", rho=RHO, wsam_gamma=0.9, wsam_decouple=False, rho_schedule="constant"),
+        peer_wsam,
+        dict(method="wsam", rho=RHO, wsam_gamma=0.9, wsam_decouple=False, rho_schedule="constant"),
         peer_kwargs=dict(rho=RHO, gamma=0.9, decouple=False),
         note="only if the core offers the coupled form too (the issue asks for the decoupled one)",
     ),
@@ -221,8 +236,9 @@ def _ls_start():
 def _peer_ls(driver, data, base=(torch.optim.SGD, dict(lr=LR)), lr_lambda=None, **kwargs):
     with float64_norms():
         model = LeastSquares(_ls_start())
-        stepper = driver(model, base_cls=base[0], base_kwargs=base[1], lr_lambda=lr_lambda, loss=_ls_mean_loss,
-                         eps=0.0, **kwargs)
+        stepper = driver(
+            model, base_cls=base[0], base_kwargs=base[1], lr_lambda=lr_lambda, loss=_ls_mean_loss, eps=0.0, **kwargs
+        )
         for batch in data:
             stepper.step(batch)
     return model.w.detach().clone(), stepper
@@ -275,8 +291,9 @@ def test_ls_wsam_oracle_matches_the_peer(decouple):
         update = ls_wsam_update(x, y, w, RHO, gamma, decouple)
         buf = update.base.clone() if buf is None else momentum * buf + update.base
         w = w - LR * buf - LR * update.after
-    theirs, _ = _peer_ls(peer_wsam, data, base=(torch.optim.SGD, dict(lr=LR, momentum=momentum)), rho=RHO,
-                         gamma=gamma, decouple=decouple)
+    theirs, _ = _peer_ls(
+        peer_wsam, data, base=(torch.optim.SGD, dict(lr=LR, momentum=momentum)), rho=RHO, gamma=gamma, decouple=decouple
+    )
     assert _gap(theirs, w) <= 1e-14
     assert wsam_alpha(gamma) == pytest.approx(9.0)
 
@@ -301,8 +318,9 @@ def test_ls_fsam_oracle_matches_the_peer_with_its_state(sigma, lmbda):
         w, m = w - LR * update.G, update.momentum
     theirs, stepper = _peer_ls(peer_fsam, data, rho=RHO, sigma=sigma, lmbda=lmbda)
     assert _gap(theirs, w) <= 1e-14
-    (state,) = [stepper.optimizer.state[p]["momentum"] for group in stepper.optimizer.param_groups
-                for p in group["params"]]
+    (state,) = [
+        stepper.optimizer.state[p]["momentum"] for group in stepper.optimizer.param_groups for p in group["params"]
+    ]
     assert _gap(state, m) <= 1e-15
     # the first step is SAM's
     x, y = data[0]
@@ -343,8 +361,10 @@ def _mls_loss(out, y):
 def test_mls_gc_sam_oracle_matches_the_peer(norm):
     g = torch.Generator().manual_seed(5)
     W0 = torch.randn(3, 5, generator=g, dtype=torch.float64)
-    data = [(torch.randn(8, 5, generator=g, dtype=torch.float64), torch.randn(8, 3, generator=g, dtype=torch.float64))
-            for _ in range(3)]
+    data = [
+        (torch.randn(8, 5, generator=g, dtype=torch.float64), torch.randn(8, 3, generator=g, dtype=torch.float64))
+        for _ in range(3)
+    ]
     W = W0.clone()
     for x, y in data:
         W = W - LR * mls_gc_sam_update(x, y, W, RHO, norm)

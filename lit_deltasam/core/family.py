@@ -16,6 +16,17 @@ from ..config import FAMILY, DeltaSAMConfig
 from .norms import total_norm
 
 
+def plain_is_ascent(config: DeltaSAMConfig) -> bool:
+    """Whether the clean gradient a step hands on (``plain_grad``) is the ascent gradient itself, from the ascent's
+    backward (``g_λ`` where the ascent is reweighted, in ``.grad``'s units, a loss scaler's scale included): for a
+    uniform ascent, for Friendly-SAM (its running mean is of the ascent) and for GSAM's and WSAM's rule under
+    ``weighted_descent`` (the clean gradient of the descent's loss). Otherwise it is the plain mean ``ḡ`` from one
+    more, unscaled, backward through the clean graph (LookSAM's plain steps, δ-GSAM and δ-WSAM)."""
+    if not config.reweights:
+        return True
+    return config.method == "fsam" or (config.method in FAMILY and bool(config.weighted_descent))
+
+
 @torch.no_grad()
 def gsam_descent_(grads: Sequence[Tensor], clean: Sequence[Tensor], alpha: float) -> Tensor:
     """GSAM (Zhuang et al., 2022): ``G = g_adv - alpha * g_perp`` in place, where ``g_perp = g - (g·g_adv /
@@ -128,6 +139,8 @@ class FamilyRules:
         if cfg.method not in FAMILY:
             return None
         mean = self.state.plain_mean(plain, window)
+        if scale is not None and not plain_is_ascent(cfg):  # ḡ of its own backward, unscaled: in G's units
+            torch._foreach_mul_(mean, scale)
         live = [i for i, p in enumerate(params) if p.grad is not None]
         grads = [cast(Tensor, params[i].grad) for i in live]
         clean = [mean[i] for i in live]

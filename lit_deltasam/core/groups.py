@@ -52,6 +52,8 @@ IMPLS = ("loop", "batched")
 
 class Unbatchable(Exception):
     """The groups of a step cannot run in batched passes (the message says why); the caller runs the loop."""
+
+
 BATCHED_METHODS = ("sam", "asam", "per_instance", "deltasam")
 
 

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ..config import DeltaSAMConfig
 from .batch import Batch, LossFn
+from .family import plain_is_ascent
 from .per_instance import PerInstance
 from .sharding import NormReduce
 from .snapshot import Snapshot
@@ -63,9 +64,12 @@ class Parts:
     updated: list[Tensor] = field(init=False)
     """Every parameter whose ``.grad`` a step writes: ``params`` then ``unperturbed``."""
 
+    plain_is_ascent: bool = field(init=False)
+    """:func:`~.family.plain_is_ascent` of the config."""
+
     def __post_init__(self) -> None:
         self.updated = self.params + self.unperturbed
-
+        self.plain_is_ascent = plain_is_ascent(self.config)
 
     @property
     def device(self) -> torch.device:

@@ -119,7 +119,7 @@ class TwoPass(Strategy):
             eps_norm=eps_norm.detach(),
             perturbed=True if applied is None else applied,
             plain_grad=plain,
-            plain_grad_synced=cfg.ascent == "global" and not cfg.reweights,
+            plain_grad_synced=cfg.ascent == "global" and parts.plain_is_ascent,
         )
 
     def _clean_pass(self, ctx: Step, ascent_sync: NoSync) -> Tensor:
@@ -142,12 +142,12 @@ class TwoPass(Strategy):
         params, reweights = parts.params, parts.config.reweights
         ascent_loss = (weights.to(losses.dtype) * losses).sum() if reweights else losses.mean()
         plain = None
-        if ctx.plain_grad and reweights:
+        if ctx.plain_grad and not parts.plain_is_ascent:
             clean = torch.autograd.grad(losses.mean(), params, retain_graph=True, allow_unused=True)
             plain = _distinct([torch.zeros_like(p) if g is None else g for p, g in zip(params, clean)])
         with ascent_sync():
             ctx.backward(ascent_loss)
-        if ctx.plain_grad and not reweights:
+        if ctx.plain_grad and parts.plain_is_ascent:
             plain = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
         with_grad = [i for i, p in enumerate(params) if p.grad is not None]
         ascent = [cast(Tensor, params[i].grad) for i in with_grad]

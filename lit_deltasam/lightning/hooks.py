@@ -184,4 +184,3 @@ def refuse_unread_clipping(module: Any, config: DeltaSAMConfig) -> None:
                 "gradient_clip_val (e.g. DeltaSAMConfig(gradient_clip_val=1.0, "
                 f"gradient_clip_algorithm={algorithm!r})), or override configure_gradient_clipping to read it"
             )
-
