@@ -161,10 +161,12 @@ class HeadTap:
             if self.layer is None and not self._detect(losses):
                 self._warn_of_deferral(losses)
                 return torch.ones_like(losses, dtype=torch.float32)
-            scores = self._scores(losses)
-            if not self._checked:
+            scores, reaches = self._scores(losses)
+            # a batch whose loss gradient is zero or not finite at the head (every label ignored) tells nothing
+            # about the layer: the check waits for one that does
+            if not self._checked and (reaches is None or reaches):
                 self._checked = True
-                self._warn_if_uninformative(scores)
+                self._warn_if_uninformative(scores, reaches is None)
             return scores
         finally:
             self._input, self._output, self._order = None, None, []  # the forward's graph is not kept past the step
@@ -184,10 +186,11 @@ class HeadTap:
             stacklevel=6,
         )
 
-    def _warn_if_uninformative(self, scores: Tensor) -> None:
-        """Once, on the first step: scores that are all zero or all equal make δ-SAM a plain SAM step."""
+    def _warn_if_uninformative(self, scores: Tensor, unreached: bool) -> None:
+        """Once, on the first batch with a loss gradient at the head: scores that are all zero or all equal make
+        δ-SAM a plain SAM step."""
         if scores.numel() > 1 and bool((scores.max() - scores.min()) <= 1e-6 * scores.abs().max()):
-            why = "all zero: its output does not reach the loss" if bool((scores == 0).all()) else "all equal"
+            why = "all zero: its output does not reach the loss" if unreached else "all equal"
             warnings.warn(
                 f"the head estimator's scores from layer {self.name!r} are {why}, so every instance weighs the same "
                 "and δ-SAM takes SAM's step; set DeltaSAMConfig.head to the classifier layer",
@@ -195,7 +198,9 @@ class HeadTap:
                 stacklevel=6,
             )
 
-    def _scores(self, losses: Tensor) -> Tensor:
+    def _scores(self, losses: Tensor) -> tuple[Tensor, Optional[bool]]:
+        """The scores, and whether this batch's loss gradient at the head's output is finite and not all zero
+        (``None``: the output does not reach the loss)."""
         n = losses.shape[0]
         if self._calls == 0:
             raise RuntimeError(_NO_CALL)
@@ -216,12 +221,13 @@ class HeadTap:
         scale = _FP16_GRAD_SCALE if z.dtype == torch.float16 else 1.0
         (dz,) = torch.autograd.grad(losses.sum() * scale, z, retain_graph=True, allow_unused=True)
         if dz is None:  # the layer's output does not reach the loss
-            return torch.zeros(n, device=z.device)
+            return torch.zeros(n, device=z.device), None
         if scale != 1.0 and not torch.isfinite(dz).all():  # gradients too large for the scale: take them as they are
             scale = 1.0
             (dz,) = torch.autograd.grad(losses.sum(), z, retain_graph=True)
         bias = 1.0 if self.layer.bias is not None else 0.0
-        return dz.float().norm(dim=1) / scale * (h.float().pow(2).sum(dim=1) + bias).sqrt()
+        scores = dz.float().norm(dim=1) / scale * (h.float().pow(2).sum(dim=1) + bias).sqrt()
+        return scores, bool(torch.isfinite(losses).all()) and _informative(dz)
 
 
 def _informative(grad: Tensor) -> bool:
