@@ -227,6 +227,30 @@ def test_a_grad_scaler_skips_an_overflowing_step_and_backs_off():
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("method", ["sam", "deltasam"])
+def test_looksam_stores_no_direction_from_a_full_step_the_scaler_skipped(method):
+    """An inf on LookSAM's full step: the scaler skips it, nothing is stored, and the plain step after it is a plain
+    step (finite weights, no stale direction added); the next full step stores a finite direction again."""
+    options = dict(method=method, rho=0.05, rho_schedule="constant", interval=2, reuse="looksam")
+    model, opt = _sam(options, torch.amp.GradScaler("cpu", init_scale=2.0**10))
+    for i in range(2):
+        opt.step(model.losses, _batch(seed=i))
+    assert opt.loop_state.reuse_direction is not None
+    x, y = _batch(seed=2)
+    x[0] = math.inf
+    assert opt.step(model.losses, (x, y)).full_step and opt.scaler.get_scale() == 2.0**9
+    assert opt.loop_state.reuse_direction is None
+    before = [p.detach().clone() for p in model.parameters()]
+    plain_model, plain = _sam(dict(method="erm"))
+    plain_model.load_state_dict(model.state_dict())
+    assert not opt.step(model.losses, _batch(seed=3)).full_step
+    plain.step(plain_model.losses, _batch(seed=3))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), plain_model.parameters()))
+    assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    opt.step(model.losses, _batch(seed=4))
+    assert all(torch.isfinite(d).all() for d in opt.loop_state.reuse_direction)
+
+
 @pytest.mark.parametrize("method", ["gsam", "wsam", "fsam"])
 def test_a_grad_scaler_skips_the_familys_rule_with_an_overflowing_step(method):
     """An inf in one gradient: the scaler skips the base step, and with it WSAM's sharpness term (applied after the
