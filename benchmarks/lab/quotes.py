@@ -111,13 +111,9 @@ def _regimes_diff(name: str, label: str) -> dict[str, Any]:
 
 
 def _distinct() -> list[tuple[str, str, dict[str, Any]]]:
-    """The family's distinct tests: a difference listed under two references (the same arm, the same runs) once."""
-    seen: dict[tuple, tuple[str, str, dict[str, Any]]] = {}
-    for name, a in saved("regimes")["arms"].items():
-        for label, d in a["differences"].items():
-            if d is not None:
-                seen.setdefault((d["n"], round(d["mean"], 12), round(d["p"], 12)), (name, label, d))
-    return list(seen.values())
+    from benchmarks.regimes import distinct
+
+    return distinct(saved("regimes")["arms"])
 
 
 def _distinct_holm(name: str, label: str) -> float:
