@@ -25,6 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 GROUPS = ["model", "task", "method", "trainer", "logger", "callbacks", "experiment", "hparams_search", "debug"]
 FAST = ["model=small", "debug=fast", "logger=none"]
+SWEEP = [*FAST, "~callbacks.sharpness_probe"]
+"""FAST for the sweeps' jobs, whose tests read no probe value: the probe is about a third of such a run."""
 
 sys.path.insert(0, str(ROOT))
 from train import train  # noqa: E402
@@ -275,7 +277,7 @@ def test_a_bad_override_stops_with_a_clear_error(override, message, tmp_path):
 
 def test_multirun_sweep_writes_a_comparison_table(tmp_path):
     result = run_cli(
-        "-m", *FAST, "experiment=comparison", "method=erm,deltasam", "seed=1,2", f"hydra.sweep.dir={tmp_path}"
+        "-m", *SWEEP, "experiment=comparison", "method=erm,deltasam", "seed=1,2", f"hydra.sweep.dir={tmp_path}"
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(list(tmp_path.glob("*/metrics.json"))) == 4
@@ -284,7 +286,7 @@ def test_multirun_sweep_writes_a_comparison_table(tmp_path):
 
 
 def test_an_lr_sweep_chooses_the_lr_whose_run_scores_best_on_validation(tmp_path):
-    result = run_cli("-m", *FAST, "experiment=lr_sweep", "optim.lr=1e-3,1e-5", f"hydra.sweep.dir={tmp_path}")
+    result = run_cli("-m", *SWEEP, "experiment=lr_sweep", "optim.lr=1e-3,1e-5", f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     runs = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/metrics.json"))]
     assert sorted(r["config"]["optim"]["lr"] for r in runs) == [1e-5, 1e-3]
@@ -322,7 +324,7 @@ def test_the_choice_on_validation_takes_each_lrs_mean_over_seeds_in_the_monitors
 
 
 def test_optuna_sweep_over_rho_and_beta(tmp_path):
-    result = run_cli("-m", *FAST, "hparams_search=optuna", "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={tmp_path}")
+    result = run_cli("-m", *SWEEP, "hparams_search=optuna", "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     best = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
     assert {"method.rho", "method.beta"} == set(best["best_params"])
