@@ -84,6 +84,8 @@ def methods(model: str) -> dict[str, DeltaSAMConfig]:
         "fsam": DeltaSAMConfig(method="fsam"),
         "sam, gradient centralization": DeltaSAMConfig(method="sam", gradient_centralization=True),
         "sam, adaptive policy": DeltaSAMConfig(method="sam", policy="adaptive"),
+        "δ-gsam(head)": DeltaSAMConfig(method="gsam", beta=-0.5, estimator="head"),
+        "δ-fsam(head)": DeltaSAMConfig(method="fsam", beta=-0.5, estimator="head"),
     }
 
 
@@ -295,7 +297,16 @@ TARGETS = {
     ("per_instance (batched, chunk 8)", "vs_erm"): 6.0,
     ("per_instance (batched, chunk 16)", "vs_erm"): 6.0,
 }
-FAMILY_METHODS = ["gsam", "wsam", "fsam", "sam, gradient centralization", "sam, adaptive policy"]
+FAMILY_METHODS = [
+    "gsam",
+    "wsam",
+    "fsam",
+    "sam, gradient centralization",
+    "sam, adaptive policy",
+    "deltasam(head)",
+    "δ-gsam(head)",
+    "δ-fsam(head)",
+]
 """Issue 48's SAM family: each one's step against SAM's and ERM's."""
 GROUP_METHODS = [
     "sam, m=8",
