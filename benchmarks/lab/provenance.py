@@ -21,7 +21,7 @@ from benchmarks.lab.common import RESULTS
 
 
 def _studies() -> dict[str, tuple[str, Callable[[dict[str, Any]], Any]]]:
-    from benchmarks import generalization, premise, recipe, regimes, robust_defaults, tuning
+    from benchmarks import generalization, premise, recipe, regimes, robust_defaults, tuning, variants
 
     return {
         "regimes": ("cpu", lambda s: regimes.report(SimpleNamespace(**s["args"]))),
@@ -32,6 +32,7 @@ def _studies() -> dict[str, tuple[str, Callable[[dict[str, Any]], Any]]]:
         "recipe_suite_gpu": ("gpu", lambda s: recipe.suite_report()),
         "premise_gpu": ("gpu", lambda s: premise.report()),
         "tuning_gpu": ("gpu", lambda s: tuning.report()),
+        "variants": ("cpu", lambda s: variants.report()),
     }
 
 
