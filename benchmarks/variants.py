@@ -197,7 +197,12 @@ def report() -> tuple[str, dict[str, Any]]:
             f"{arm} − final erm": d for arm in SINGLE + COMBINED if (d := _final_erm(found, arm)) is not None
         }
     n_tasks = len(_tasks())
-    text = "**Selection** (final validation accuracy)\n\n" + "\n".join(select)
+    out["status"] = status = _status(rows)
+    text = (
+        f"**Status**: {status['selection']} of {status['selection_planned']} selection runs and "
+        f"{status['comparison']} of {status['comparison_planned']} comparison runs in.\n\n"
+    )
+    text += "**Selection** (final validation accuracy)\n\n" + "\n".join(select)
     chosen_line = "; ".join(
         f"{task}: "
         + ", ".join(f"{arm} {'–' if rho is None else f'{rho:g}'}" for arm, rho in out["chosen"][task].items())
@@ -216,6 +221,25 @@ def report() -> tuple[str, dict[str, Any]]:
             text += f"\n\n**{name.capitalize()} family** ({done[name]} of {out['declared'][name]} declared tests in; "
             text += "untested ones count at p = 1 in Holm)\n\n" + "\n".join(table)
     return text, out
+
+
+def _status(rows: dict) -> dict[str, int]:
+    """How many of the plan's runs are in: the selection's (ERM and every arm at every radius) and the comparison's
+    (every arm at its chosen ρ, when chosen, and ERM)."""
+    selection = comparison = 0
+    for task in _tasks():
+        units = [(ERM, s) for s in SELECT_SEEDS]
+        units += [(arm_method(a, r), s) for a in ARMS for r in RADII for s in SELECT_SEEDS]
+        selection += sum(rows.get(key(task, SETTING, m, s)) is not None for m, s in units)
+        chosen = [(arm_method(a, r)) for a in ARMS if (r := selected(rows, task, a)) is not None] + [ERM]
+        comparison += sum(rows.get(key(task, SETTING, m, s)) is not None for m in chosen for s in _seeds())
+    n = len(_tasks())
+    return {
+        "selection": selection,
+        "selection_planned": n * len(SELECT_SEEDS) * (1 + len(ARMS) * len(RADII)),
+        "comparison": comparison,
+        "comparison_planned": n * len(_seeds()) * (1 + len(ARMS)),
+    }
 
 
 def _final_erm(found: dict[str, list], arm: str) -> Optional[dict[str, Any]]:

@@ -374,8 +374,10 @@ class AutomaticSAM(L.LightningModule):
         return {"optimizer": sam, "lr_scheduler": torch.optim.lr_scheduler.StepLR(sam, step_size=1, gamma=0.7)}
 
 
-@pytest.mark.parametrize("method", ["sam", "asam"])
+@pytest.mark.parametrize("method", ["sam", "asam", "gsam", "wsam", "fsam"])
 def test_automatic_optimization_trains_the_plain_loops_weights(method):
+    """Returned from configure_optimizers, with a StepLR: the weights of the hand-written loop, bit for bit (the
+    family's rules, WSAM's term after the base step and F-SAM's running mean, included)."""
     config = DeltaSAMConfig(method=method, rho_schedule="constant")
     module = AutomaticSAM(config)
     trainer(max_epochs=2).fit(module, loader(n=32, batch_size=8))

@@ -291,4 +291,34 @@ for _method in ("sam", "deltasam(head)", "per_instance", "per_instance (batched,
     quote(f"overhead.h200.{_method}")(lambda m=_method: _cost("gpu_check", m))
 for _method in ("sam, m=4", "sam, m=4 (batched)", "per_instance", "per_instance (batched, chunk 16)"):
     quote(f"overhead.groups32.{_method}")(lambda m=_method: _cost("overhead_groups_32", m))
+FAMILY_COSTS = {
+    "sam": "sam",
+    "gsam": "gsam",
+    "wsam": "wsam",
+    "fsam": "fsam",
+    "gc": "sam, gradient centralization",
+    "policy": "sam, adaptive policy",
+    "deltasam": "deltasam(head)",
+    "dgsam": "δ-gsam(head)",
+    "dfsam": "δ-fsam(head)",
+}
+"""The overhead benchmark's family rows (``--preset family``) by the name their quotes use."""
+
+
+def _family(model: str, method: str) -> dict[str, Any]:
+    return saved("overhead_family")["results"][model]["methods"][FAMILY_COSTS[method]]
+
+
+for _slug in FAMILY_COSTS:
+    for _model in ("minilm", "small"):
+        for _key in ("vs_sam", "vs_erm"):
+            quote(f"overhead.family.{_model}.{_slug}.{_key}")(
+                lambda s=_slug, k=_key, m=_model: num(_family(m, s)[k], sign=False)
+            )
+        quote(f"overhead.family.{_model}.{_slug}.copies")(
+            lambda s=_slug, m=_model: num(_family(m, s)["parameter_copies"], sign=False)
+        )
+        quote(f"overhead.family.{_model}.policy_full")(
+            lambda m=_model: f"{100 * _family(m, 'policy')['full_fraction']:.0f}%"
+        )
 quote("regimes.interval5_erm.cost")(lambda: num(_arm("noisy1k/sam interval=5")["cost_vs_erm"], sign=False))
