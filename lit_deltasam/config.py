@@ -270,6 +270,8 @@ class DeltaSAMConfig:
             ``G = g_adv - alpha * g_perp``, ``g_perp`` the part of the clean gradient orthogonal to ``g_adv``.
         wsam_gamma: WSAM's weight of the sharpness term (``method="wsam"``, default 0.9, in [0, 1)); decoupled:
             the base optimizer steps on the clean gradient, then ``w -= lr * gamma / (1 - gamma) * (g_adv - g)``.
+        wsam_decouple: WSAM's form (default ``True``, the reference's): ``False`` is the coupled form, one base
+            step on ``g + gamma / (1 - gamma) * (g_adv - g)`` (``wsam_gamma=0.5`` coupled is SAM).
         fsam_sigma: Friendly-SAM's share of the gradient's running mean removed from the ascent direction
             (``method="fsam"``, default 1.0).
         fsam_lambda: Friendly-SAM's EMA decay of that running mean (default 0.9, in [0, 1)).
@@ -329,6 +331,7 @@ class DeltaSAMConfig:
     seed_steps: bool = True
     gsam_alpha: Optional[float] = None
     wsam_gamma: Optional[float] = None
+    wsam_decouple: Optional[bool] = None
     fsam_sigma: Optional[float] = None
     fsam_lambda: Optional[float] = None
     gradient_centralization: bool = False
@@ -649,6 +652,7 @@ SPEC: dict[str, Field] = {
     "wsam_gamma": Field(
         number(0.0, 1.0, open_high=True), 0.9, lambda c: c.method == "wsam", "it is WSAM's weight (method='wsam')"
     ),
+    "wsam_decouple": Field(flag, True, lambda c: c.method == "wsam", "it is WSAM's form (method='wsam')"),
     "fsam_sigma": Field(number(0.0), 1.0, lambda c: c.method == "fsam", "it is Friendly-SAM's (method='fsam')"),
     "fsam_lambda": Field(
         number(0.0, 1.0, open_high=True), 0.9, lambda c: c.method == "fsam", "it is Friendly-SAM's (method='fsam')"

@@ -196,8 +196,21 @@ def _sam(options=None, scaler=None, lr=0.1, seed=0):
         dict(method="sam", rho=0.05, rho_schedule="constant", gradient_centralization=True),
         dict(method="gsam", rho=0.05, rho_schedule="constant", beta=-0.5),
         dict(method="fsam", rho=0.05, rho_schedule="constant", beta=-0.5),
+        dict(method="wsam", rho=0.05, rho_schedule="constant", wsam_decouple=False),
     ],
-    ids=["sam", "asam", "deltasam", "m-sam+clip", "gsam+clip", "wsam", "fsam", "gc-sam", "δ-gsam", "δ-fsam"],
+    ids=[
+        "sam",
+        "asam",
+        "deltasam",
+        "m-sam+clip",
+        "gsam+clip",
+        "wsam",
+        "fsam",
+        "gc-sam",
+        "δ-gsam",
+        "δ-fsam",
+        "wsam-coupled",
+    ],
 )
 def test_a_grad_scaler_gives_the_unscaled_step(options):
     """Scaling by 2**10 is exact in floating point: the weights equal the unscaled run's after 3 steps (before the

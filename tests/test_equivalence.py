@@ -35,6 +35,7 @@ CONFIGS = [
     dict(method="fsam", policy="adaptive", accumulate_grad_batches=2, gradient_clip_val=0.05),
     dict(method="gsam", beta=-0.5, accumulate_grad_batches=2, gradient_clip_val=0.05),
     dict(method="wsam", beta=-0.5, weighted_descent=True),
+    dict(method="wsam", wsam_decouple=False, accumulate_grad_batches=2, gradient_clip_val=0.05),
     dict(method="fsam", beta=-0.5, estimator="probe", accumulate_grad_batches=2),
 ]
 SCHEDULER = dict(kind="step", interval="step", frequency=2)

@@ -45,14 +45,16 @@ def test_gsam_is_its_closed_form():
     assert (got - sam).abs().max() > 1e-4  # alpha = 0.4 is not SAM
 
 
+@pytest.mark.parametrize("decouple", [True, False], ids=["decoupled", "coupled"])
 @pytest.mark.parametrize("gamma", [0.9, 0.6])
-def test_wsam_is_its_decoupled_closed_form(gamma):
+def test_wsam_is_its_closed_form(gamma, decouple):
     x, y, w = least_squares_problem()
     expected = w.clone()
     for _ in range(STEPS):
-        update = ls_wsam_update(x, y, expected, RHO, gamma, decouple=True)
+        update = ls_wsam_update(x, y, expected, RHO, gamma, decouple=decouple)
         expected = expected - LR * update.base - LR * update.after
-    got = ours(DeltaSAMConfig(method="wsam", rho=RHO, wsam_gamma=gamma, rho_schedule="constant"), x, y, w)
+    config = DeltaSAMConfig(method="wsam", rho=RHO, wsam_gamma=gamma, wsam_decouple=decouple, rho_schedule="constant")
+    got = ours(config, x, y, w)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
     assert wsam_alpha(gamma) == pytest.approx(gamma / (1 - gamma))
 
@@ -170,6 +172,7 @@ def test_gradient_centralization_is_its_closed_form():
         (dict(method="sam", gsam_alpha=0.4), r"gsam_alpha=0.4 does nothing with method='sam'"),
         (dict(method="gsam", gsam_alpha=1.0), r"gsam_alpha=1.0 is not valid; .*\[0.0, 1.0\)"),
         (dict(method="wsam", wsam_gamma=1.0), r"wsam_gamma=1.0 is not valid"),
+        (dict(method="sam", wsam_decouple=False), r"wsam_decouple=False does nothing with method='sam'"),
         (dict(method="fsam", fsam_lambda=-0.1), r"fsam_lambda=-0.1 is not valid"),
         (dict(method="gsam", m_sharpness=4), r"m_sharpness=4 .* method='gsam' applies its rule to the whole batch"),
         (dict(method="fsam", interval=2, reuse="looksam"), r"reuse='looksam' with method='fsam'"),

@@ -4,9 +4,8 @@
 ``ROWS``: methods ours has today, compared weight for weight over several steps under AdamW and SGD with momentum.
 Three rows reach the peer's GSAM, WSAM and FriendlySAM at the hyperparameter where each reduces to SAM (GSAM at
 alpha = 0 with its radius following the LR, coupled WSAM at gamma = 0.5, Friendly-SAM at sigma = 0), so their
-drivers are exercised now. ``PENDING``: the rows for methods and options ours does not have yet; they are not
-parametrized (nothing fake passes), and ``test_pending_rows_are_still_pending`` fails the day a config of theirs is
-accepted, so that the row moves into ``ROWS``.
+drivers are exercised at those points too. WSAM is compared in both its forms (decoupled, the reference's default,
+and coupled).
 """
 
 from __future__ import annotations
@@ -43,8 +42,6 @@ from peer import (
 )
 from pytorch_optimizer.optimizer.gradient_centralization import centralize_gradient
 from torch import nn
-
-from lit_deltasam import DeltaSAMConfig
 
 RHO = 0.05
 RHO_ASAM = 0.5
@@ -99,6 +96,11 @@ ROWS: dict[str, Row] = {
         dict(method="wsam", rho=RHO, wsam_gamma=0.9, rho_schedule="constant"),
         peer_kwargs=dict(rho=RHO, gamma=0.9, decouple=True),
     ),
+    "wsam_coupled": Row(
+        peer_wsam,
+        dict(method="wsam", rho=RHO, wsam_gamma=0.9, wsam_decouple=False, rho_schedule="constant"),
+        peer_kwargs=dict(rho=RHO, gamma=0.9, decouple=False),
+    ),
     "fsam": Row(
         peer_fsam,
         dict(method="fsam", rho=RHO, fsam_sigma=1.0, fsam_lambda=0.9, rho_schedule="constant"),
@@ -121,18 +123,6 @@ ROWS: dict[str, Row] = {
             gradient_centralization=True,
         ),
         peer_kwargs=dict(rho=RHO_ASAM, adaptive=True, use_gc=True, gc_norm="centered"),
-    ),
-}
-
-# The rows for what ours does not have: WSAM's coupled form (the issue asks for the decoupled one, the reference's
-# default; the coupled one at gamma = 0.5 is SAM, row wsam_coupled_gamma_half). When a config is accepted,
-# test_pending_rows_are_still_pending fails: move the row into ROWS (and it must then pass at EXACT).
-PENDING: dict[str, Row] = {
-    "wsam_coupled": Row(
-        peer_wsam,
-        dict(method="wsam", rho=RHO, wsam_gamma=0.9, wsam_decouple=False, rho_schedule="constant"),
-        peer_kwargs=dict(rho=RHO, gamma=0.9, decouple=False),
-        note="only if the core offers the coupled form too (the issue asks for the decoupled one)",
     ),
 }
 
@@ -187,29 +177,6 @@ def test_the_comparison_tells_methods_apart(model, data):
     for config in (dict(method="erm"), dict(SAM, method="asam", asam_eta=0.0, asam_scope="all")):
         mine = Row(peer_sam, config).our_weights(model, data, "adamw")
         assert _gap(theirs, mine) > 1e-3
-
-
-@pytest.mark.parametrize("name", list(PENDING))
-def test_pending_rows_are_still_pending(name):
-    """Fails when ours accepts the row's config: then move PENDING[name] into ROWS."""
-    with pytest.raises((TypeError, ValueError)):
-        DeltaSAMConfig(**PENDING[name].config)
-
-
-@pytest.mark.parametrize("name", list(PENDING))
-def test_pending_peer_drivers_run_their_method(name, model, data):
-    """Each pending row's peer side runs now and is not SAM (its method-specific hyperparameters reach the peer)."""
-    row = PENDING[name]
-    lr_lambda = row.lr_lambda
-    with float64_norms():
-        theirs = row.peer_weights(model, data, "sgd_momentum")
-        rho = row.peer_kwargs["rho"]
-        adaptive = row.peer_kwargs.get("adaptive", False)
-        sam = Row(peer_sam, SAM, lr_lambda=lr_lambda, peer_kwargs=dict(rho=rho, adaptive=adaptive))
-        if name.startswith("gsam") and lr_lambda is not None:  # SAM with the same falling radius
-            sam = Row(peer_gsam, SAM, lr_lambda=lr_lambda, peer_kwargs=dict(rho=rho, alpha=0.0))
-        plain = sam.peer_weights(model, data, "sgd_momentum")
-    assert _gap(theirs, plain) > 1e-6
 
 
 # ------------------------------------------------------------------------------ closed forms == the peer (LS)

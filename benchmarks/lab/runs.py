@@ -231,6 +231,7 @@ def relevant(config: DeltaSAMConfig) -> dict[str, Any]:
     fields += {"gsam": ["gsam_alpha"], "wsam": ["wsam_gamma"], "fsam": ["fsam_sigma", "fsam_lambda"]}.get(
         config.method, []
     )
+    fields += ["wsam_decouple"] if config.wsam_decouple is False else []  # rows made before it: decoupled
     # absent from rows made before the family existed: none centred the ascent or ran a policy
     fields += ["gradient_centralization"] if config.gradient_centralization else []
     fields += ["policy", "policy_delta", "policy_c_start", "policy_c_end"] if config.policy is not None else []

@@ -48,6 +48,13 @@ def wsam_weight(gamma: float) -> float:
 
 
 @torch.no_grad()
+def wsam_couple_(grads: Sequence[Tensor], clean: Sequence[Tensor], weight: float) -> None:
+    """WSAM's coupled form in place: ``G = g + weight * (g_adv - g)``, one base step on it."""
+    for a, g in zip(grads, clean):
+        a.sub_(g).mul_(weight).add_(g)
+
+
+@torch.no_grad()
 def wsam_split_(grads: Sequence[Tensor], clean: Sequence[Tensor]) -> list[Tensor]:
     """WSAM's decoupled form, before the base step: ``grads`` (``g_adv``) become the clean gradient ``g`` in place;
     returns the sharpness term ``g_adv - g`` that :func:`wsam_correct_` applies after it."""
@@ -146,6 +153,9 @@ class FamilyRules:
         clean = [mean[i] for i in live]
         if cfg.method == "gsam":
             result.extras["gsam_perp_norm"] = gsam_descent_(grads, clean, cfg.gsam_alpha or 0.0) * unscale
+            return None
+        if cfg.method == "wsam" and not cfg.wsam_decouple:
+            wsam_couple_(grads, clean, wsam_weight(cfg.wsam_gamma or 0.0))
             return None
         if cfg.method == "wsam":
             sharpness = wsam_split_(grads, clean)
