@@ -161,12 +161,12 @@ class HeadTap:
             if self.layer is None and not self._detect(losses):
                 self._warn_of_deferral(losses)
                 return torch.ones_like(losses, dtype=torch.float32)
-            scores, reaches = self._scores(losses)
+            scores, dz = self._scores(losses)
             # a batch whose loss gradient is zero or not finite at the head (every label ignored) tells nothing
-            # about the layer: the check waits for one that does
-            if not self._checked and (reaches is None or reaches):
+            # about the layer: the check waits for one that does (and reads nothing from the device after it)
+            if not self._checked and (dz is None or (bool(torch.isfinite(losses).all()) and _informative(dz))):
                 self._checked = True
-                self._warn_if_uninformative(scores, reaches is None)
+                self._warn_if_uninformative(scores, dz is None)
             return scores
         finally:
             self._input, self._output, self._order = None, None, []  # the forward's graph is not kept past the step
@@ -198,9 +198,8 @@ class HeadTap:
                 stacklevel=6,
             )
 
-    def _scores(self, losses: Tensor) -> tuple[Tensor, Optional[bool]]:
-        """The scores, and whether this batch's loss gradient at the head's output is finite and not all zero
-        (``None``: the output does not reach the loss)."""
+    def _scores(self, losses: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """The scores, and the loss gradient at the head's output (``None``: the output does not reach the loss)."""
         n = losses.shape[0]
         if self._calls == 0:
             raise RuntimeError(_NO_CALL)
@@ -226,8 +225,7 @@ class HeadTap:
             scale = 1.0
             (dz,) = torch.autograd.grad(losses.sum(), z, retain_graph=True)
         bias = 1.0 if self.layer.bias is not None else 0.0
-        scores = dz.float().norm(dim=1) / scale * (h.float().pow(2).sum(dim=1) + bias).sqrt()
-        return scores, bool(torch.isfinite(losses).all()) and _informative(dz)
+        return dz.float().norm(dim=1) / scale * (h.float().pow(2).sum(dim=1) + bias).sqrt(), dz
 
 
 def _informative(grad: Tensor) -> bool:
