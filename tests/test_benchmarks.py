@@ -226,6 +226,18 @@ def test_variants_selects_rho_per_arm_on_validation_and_tests_the_declared_famil
     assert out["descriptive"]["mr"]["sam − final erm"]["mean"] == pytest.approx(0.05)
 
 
+def test_committed_variants_tables_come_from_the_committed_rows():
+    """The study runs across sessions: whatever rows are committed, variants.json and its page are rebuilt from them
+    (``python -m benchmarks.variants --report``, then ``benchmarks.lab.fill_docs``)."""
+    root = Path(__file__).resolve().parents[1]
+    saved = json.loads((root / "docs" / "results" / "variants.json").read_text())
+    runs.use_platform("cpu")
+    text, summary = variants.report()
+    assert text == saved["table"]
+    assert summary["status"] == saved["status"] and summary["chosen"] == saved["chosen"]
+    assert saved["table"].strip() in _study_pages()
+
+
 def test_committed_regimes_tables_come_from_the_committed_rows():
     root = Path(__file__).resolve().parents[1]
     saved = json.loads((root / "docs" / "results" / "regimes.json").read_text())
