@@ -116,12 +116,13 @@ def _selection(rows: dict, task: str) -> tuple[list[str], dict[str, Any]]:
     lines = []
     out: dict[str, Any] = {}
     for arm, rho, m in [("erm", None, ERM)] + [(a, r, arm_method(a, r)) for a in ARMS for r in RADII]:
-        done = [r for r in _rows(rows, task, m, SELECT_SEEDS) if r is not None]
+        found = _rows(rows, task, m, SELECT_SEEDS)
+        done = [r for r in found if r is not None]
         vals = [r["metrics"]["val/acc"] for r in done]
         label = arm if rho is None else f"{arm} ρ={rho:g}"
         out[label] = {"val": vals, "stalled": sum(r["stalled"] for r in done), "time_s": [r["time_s"] for r in done]}
         mean = f"{100 * statistics.mean(vals):.2f}" if len(vals) == len(SELECT_SEEDS) else "–"
-        per_seed = ", ".join(f"{100 * v:.2f}" for v in vals) or "–"
+        per_seed = ", ".join("–" if r is None else f"{100 * r['metrics']['val/acc']:.2f}" for r in found)
         lines.append(f"| {task} | {label} | {per_seed} | {mean} | {out[label]['stalled']} |")
     return lines, out
 
