@@ -191,3 +191,44 @@ def ae_sam_decide(sq_norm: float, state: AeSamState, c: float, delta: float = 0.
     mean = delta * state.mean + (1 - delta) * sq_norm
     var = delta * state.var + (1 - delta) * (sq_norm - mean) ** 2
     return sq_norm >= mean + c * var**0.5, AeSamState(mean, var)
+
+
+# ------------------------------------------------------------------------------------------- δ- rows, by window
+
+
+def ls_delta_family_window(
+    method: str,
+    parts: list[tuple[Tensor, Tensor]],
+    w: Tensor,
+    rho: float,
+    momentum: Optional[Tensor],
+    weighted: bool = False,
+    alpha: float = 0.4,
+    gamma: float = 0.9,
+    decouple: bool = True,
+    sigma: float = 1.0,
+    lmbda: float = 0.9,
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """One optimizer step of a δ- row (exact weights, beta = -1) over an accumulation window of micro-batches
+    ``parts``: each micro-batch ascends along its own ``g_λ`` (F-SAM: less ``sigma * momentum``); the window's rule
+    acts on the means of ``g_adv`` and of the clean gradient (``ḡ``, or ``g_λ`` when ``weighted``, where ``g_adv``
+    is weighted too); F-SAM's running mean takes the window's mean ``g_λ`` once.
+
+    Returns (what the base optimizer steps on, what is subtracted after it times the LR, the new running mean)."""
+    adv, clean, ascents = [], [], []
+    for x, y in parts:
+        lam = exact_weights(x, y, w, -1.0)
+        a = weighted_grad(x, y, w, lam)
+        moved = _ascent(w, a if method != "fsam" or momentum is None else a - sigma * momentum, rho)
+        adv.append(weighted_grad(x, y, moved, lam) if weighted else ls_grad(x, y, moved))
+        clean.append(a if weighted else ls_grad(x, y, w))
+        ascents.append(a)
+    g_adv, g = sum(adv) / len(adv), sum(clean) / len(clean)
+    zero = torch.zeros_like(w)
+    if method == "gsam":
+        return g_adv - alpha * (g - (g @ g_adv) / (g_adv @ g_adv) * g_adv), zero, None
+    if method == "wsam":
+        a_ = wsam_alpha(gamma)
+        return (g, a_ * (g_adv - g), None) if decouple else (g + a_ * (g_adv - g), zero, None)
+    mean = sum(ascents) / len(ascents)
+    return g_adv, zero, mean.clone() if momentum is None else lmbda * momentum + (1 - lmbda) * mean

@@ -9,6 +9,7 @@ import pytest
 import torch
 from family_oracles import (
     exact_weights,
+    ls_delta_family_window,
     ls_fsam_update,
     ls_gsam_update,
     ls_wsam_update,
@@ -109,6 +110,40 @@ def test_delta_fsam_is_its_closed_form_with_a_running_mean_of_the_reweighted_asc
         expected, momentum = expected - LR * update.G, update.momentum
     got = ours(DeltaSAMConfig(method="fsam", rho=RHO, rho_schedule="constant", **DELTA), x, y, w)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+RULES = {
+    "δ-gsam": dict(method="gsam"),
+    "δ-wsam": dict(method="wsam"),
+    "δ-wsam-coupled": dict(method="wsam", wsam_decouple=False),
+    "δ-fsam": dict(method="fsam"),
+}
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["unscaled", "grad-scaler"])
+@pytest.mark.parametrize("accumulate", [1, 2])
+@pytest.mark.parametrize("weighted", [False, True], ids=["mean-descent", "weighted-descent"])
+@pytest.mark.parametrize("rule", list(RULES))
+def test_the_delta_rows_are_their_closed_forms_over_windows_and_a_loss_scaler(rule, weighted, accumulate, scaled):
+    """Each δ- row, both descents, one micro-batch or a window of two, with a GradScaler or without: the window's rule
+    on its mean gradients, as family_oracles.ls_delta_family_window writes it out."""
+    x, y, w = least_squares_problem()
+    options = dict(RULES[rule], rho=RHO, rho_schedule="constant", weighted_descent=weighted, **DELTA)
+    model = LeastSquares(w)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if scaled else None
+    config = DeltaSAMConfig(accumulate_grad_batches=accumulate, **options)
+    opt = DeltaSAMOptimizer(model, torch.optim.SGD(model.parameters(), lr=LR), config, scaler=scaler)
+    parts = [(x[i], y[i]) for i in torch.chunk(torch.arange(x.shape[0]), accumulate)]
+    expected, momentum = w.clone(), None
+    for _ in range(STEPS):
+        for part in parts:
+            opt.step(model.losses, part)
+        extra = {"decouple": RULES[rule].get("wsam_decouple", True)}
+        base, after, momentum = ls_delta_family_window(
+            RULES[rule]["method"], parts, expected, RHO, momentum, weighted=weighted, **extra
+        )
+        expected = expected - LR * base - LR * after
+    torch.testing.assert_close(model.w.detach(), expected, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("method", ["gsam", "wsam", "fsam"])
