@@ -284,8 +284,14 @@ def test_a_global_ascent_step_equals_the_full_batch_step(strategy, config, ddp_r
         dict(method="sam", gradient_centralization=True),
         dict(method="gsam", beta=-0.5),
         dict(method="fsam", beta=-0.5),
+        dict(method="fsam", policy="adaptive", policy_c_start=3.0, policy_c_end=3.0),
     ],
-    ids=lambda c: ("δ-" if "beta" in c else "") + c["method"] + ("-gc" if "gradient_centralization" in c else ""),
+    ids=lambda c: (
+        ("δ-" if "beta" in c else "")
+        + c["method"]
+        + ("-gc" if "gradient_centralization" in c else "")
+        + ("-policy" if "policy" in c else "")
+    ),
 )
 def test_the_sam_family_under_ddp_equals_one_process_on_the_global_batch(config, tmp_path):
     """GSAM's decomposition, WSAM's term after the base step and Friendly-SAM's running mean act on the averaged
@@ -298,7 +304,8 @@ def test_the_sam_family_under_ddp_equals_one_process_on_the_global_batch(config,
     assert torch.equal(ranks[0]["params"], ranks[1]["params"])
     model = MLP()
     torch.nn.utils.vector_to_parameters(ranks[0]["records"][0]["w"], model.parameters())
-    single = DeltaSAMOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.5), DeltaSAMConfig(**config))
+    steps = dict(total_steps=4) if "policy" in config else {}
+    single = DeltaSAMOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.5), DeltaSAMConfig(**config), **steps)
     for a, b in zip(ranks[0]["records"], ranks[1]["records"]):
         torch.testing.assert_close(torch.nn.utils.parameters_to_vector(model.parameters()), a["w"], atol=1e-6, rtol=0)
         single.step(model.losses, (torch.cat([a["x"], b["x"]]), torch.cat([a["y"], b["y"]])))
@@ -307,14 +314,17 @@ def test_the_sam_family_under_ddp_equals_one_process_on_the_global_batch(config,
     )
     if config["method"] == "fsam":
         assert single.loop_state.fsam_momentum is not None
+    if "policy" in config:  # the same decisions on both ranks as in one process, plain and full steps both taken
+        assert 0 < single.loop_state.policy_full < single.loop_state.policy_decided == 4
 
 
-def test_the_adaptive_policy_is_refused_under_ddp(tmp_path):
-    """Each rank would decide from its own ||g||² and could take the other branch: refused by name, before a step."""
+def test_the_adaptive_policy_with_a_local_ascent_is_refused_under_ddp(tmp_path):
+    """Each rank would decide from its own ||g||² and could take the other branch: refused by name, before a step,
+    naming the global ascent that decides once for all ranks."""
     result = run_worker(tmp_path, config=dict(method="sam", policy="adaptive"), steps=1)
     assert result.returncode != 0
-    assert "DeltaSAMConfig.policy='adaptive' decides from each rank's own ascent gradient" in result.stderr
-    assert "it runs in one process for now" in result.stderr
+    assert "DeltaSAMConfig.policy='adaptive' with ascent='local' decides from each rank's own" in result.stderr
+    assert "set ascent='global'" in result.stderr
 
 
 def test_resume_inside_an_accumulation_window_under_ddp(ddp_runs, ddp_resumed):

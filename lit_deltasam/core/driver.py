@@ -153,10 +153,12 @@ class Driver:
         total_steps: Optional[int] = None,
         schedulers: Sequence[Any] = (),
     ) -> None:
-        if config.policy is not None and world_size() > 1:
+        if config.policy is not None and world_size() > 1 and (config.ascent != "global" or reduce_squares):
             raise NotImplementedError(
-                f"DeltaSAMConfig.policy={config.policy!r} decides from each rank's own ascent gradient, and under "
-                "data parallelism the ranks could take different branches; it runs in one process for now"
+                f"DeltaSAMConfig.policy={config.policy!r} with ascent={config.ascent!r} decides from each rank's own "
+                "ascent gradient, and the ranks could take different branches; set ascent='global' (the ascent "
+                "gradient all-reduced, one decision on every rank) or run in one process"
+                + (" (sharded parameters: one process for now)" if reduce_squares else "")
             )
         self.module, self.optimizer, self.config, self.state = module, optimizer, config, state
         self.reduce_squares = reduce_squares
