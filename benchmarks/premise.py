@@ -25,9 +25,8 @@ import argparse
 import statistics
 from typing import Any, Optional
 
-from benchmarks.lab.common import save
 from benchmarks.lab.runs import Method, key, rows_by_key, use_platform
-from benchmarks.lab.scheduler import add_study_arguments, phased, report_name, schedule
+from benchmarks.lab.scheduler import add_study_arguments, phased, save_report, schedule
 from benchmarks.lab.stats import holm, paired
 from lit_deltasam import DeltaSAMConfig
 
@@ -153,11 +152,7 @@ def report() -> tuple[str, dict[str, Any]]:
 
 def write_reports(platform: str = "cpu") -> str:
     text, summary = report()
-    save(
-        report_name("premise", platform),
-        {"command": f"python -m benchmarks.premise --platform {platform} --report", "table": text, **summary},
-    )
-    return text
+    return save_report("premise", "premise", platform, text, summary)
 
 
 def main() -> None:

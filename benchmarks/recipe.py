@@ -46,7 +46,7 @@ from typing import Any, Optional
 
 from benchmarks.lab.common import RESULTS, save
 from benchmarks.lab.runs import LEGACY_LR, TUNE, Method, is_tuned, key, rows_by_key, use_platform
-from benchmarks.lab.scheduler import add_study_arguments, phased, report_name, schedule
+from benchmarks.lab.scheduler import add_study_arguments, phased, save_report, schedule
 from benchmarks.lab.stats import t_interval
 from lit_deltasam import DeltaSAMConfig
 
@@ -415,10 +415,7 @@ def report(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
 
 def write_reports(platform: str = "cpu") -> str:
     text, summary = suite_report()
-    save(
-        report_name("recipe_suite", platform),
-        {"command": f"python -m benchmarks.recipe --platform {platform} --report", "table": text, **summary},
-    )
+    save_report("recipe_suite", "recipe", platform, text, summary)
     if platform == "cpu":
         early, early_summary = report(argparse.Namespace(**EARLY_ARGS))
         saved = RESULTS / "recipe.json"

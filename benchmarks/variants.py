@@ -27,9 +27,8 @@ import argparse
 import statistics
 from typing import Any, Optional
 
-from benchmarks.lab.common import save
 from benchmarks.lab.runs import Method, key, platform_name, rows_by_key, use_platform
-from benchmarks.lab.scheduler import add_study_arguments, report_name, schedule
+from benchmarks.lab.scheduler import add_study_arguments, save_report, schedule
 from benchmarks.lab.stats import holm, paired
 
 SETTING = "noisy1k"
@@ -210,15 +209,13 @@ def report() -> tuple[str, dict[str, Any]]:
         for task in _tasks()
     )
     text += f"\n\n**Selected ρ** (– : selection not complete): {chosen_line}"
-    out["primary"] = [_entry(t) for t in primary]
-    out["secondary"] = [_entry(t) for t in secondary]
     out["declared"] = {"primary": len(PRIMARY) * n_tasks, "secondary": len(SECONDARY) * n_tasks}
     done = {"primary": len(primary), "secondary": len(secondary)}
     out["complete"] = {k: done[k] == v for k, v in out["declared"].items()}
     for name, family in (("primary", primary), ("secondary", secondary)):
+        table = _table(family, out["declared"][name])  # writes each test's Holm p first
+        out[name] = [_entry(t) for t in family]
         if family:
-            table = _table(family, out["declared"][name])
-            out[name] = [_entry(t) for t in family]
             text += f"\n\n**{name.capitalize()} family** ({done[name]} of {out['declared'][name]} declared tests in; "
             text += "untested ones count at p = 1 in Holm)\n\n" + "\n".join(table)
     return text, out
@@ -259,11 +256,7 @@ def _entry(t: tuple[str, str, str, dict]) -> dict[str, Any]:
 
 def write_reports(platform: str = "cpu") -> str:
     text, summary = report()
-    save(
-        report_name("variants", platform),
-        {"command": f"python -m benchmarks.variants --platform {platform} --report", "table": text, **summary},
-    )
-    return text
+    return save_report("variants", "variants", platform, text, summary)
 
 
 def main() -> None:

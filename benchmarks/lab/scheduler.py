@@ -154,6 +154,16 @@ def report_name(name: str, platform: str) -> str:
     return name if platform == "cpu" else f"{name}_{platform}"
 
 
+def save_report(name: str, module: str, platform: str, text: str, summary: dict) -> str:
+    """Write study ``name``'s tables (``text``) and numbers on ``platform`` to its results JSON, with the command
+    that rebuilds them (``python -m benchmarks.<module> --report``); returns ``text``."""
+    from benchmarks.lab.common import save
+
+    command = f"python -m benchmarks.{module} --platform {platform} --report"
+    save(report_name(name, platform), {"command": command, "table": text, **summary})
+    return text
+
+
 def run_all(units: Iterable[tuple], name: str) -> dict[str, dict]:
     """Run every unit whose row is missing, one at a time (:func:`schedule`)."""
     units = list(units)
