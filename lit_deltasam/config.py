@@ -72,8 +72,17 @@ def number(
         ok = not math.isnan(x) and (allow_inf or math.isfinite(x)) and (x > low if open_low else x >= low)
         if not (ok and (x < high if open_high else x <= high)):
             kind = "a number" if allow_inf else "a finite number"
-            bounds = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
-            raise _bad(name, value, f"it must be {kind} in {bounds}")
+            above = f"{'>' if open_low else '>='} {low}"
+            below = f"{'<' if open_high else '<='} {high}"
+            if math.isinf(low) and math.isinf(high):
+                bounds = ""
+            elif math.isinf(high):
+                bounds = f" {above}"
+            elif math.isinf(low):
+                bounds = f" {below}"
+            else:
+                bounds = f" in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+            raise _bad(name, value, f"it must be {kind}{bounds}")
         return value
 
     return check
@@ -507,7 +516,13 @@ def _refuse_resolved(c: DeltaSAMConfig) -> None:
     """The rules that read the per-method defaults: antithetic probes come in pairs ±u; the adaptive policy's plain
     steps need a uniform ascent over the whole batch."""
     if c.policy is not None and (c.reweights or c.method == "per_instance" or c.m_sharpness is not None):
-        what = "m_sharpness" if c.m_sharpness is not None else f"method={c.method!r}"
+        what = (
+            "m_sharpness"
+            if c.m_sharpness is not None
+            else f"method={c.method!r}"
+            if c.method in ("deltasam", "per_instance")
+            else f"beta={c.beta} (method={c.method!r})"
+        )
         raise ConfigError(
             f"DeltaSAMConfig.policy={c.policy!r} with {what}: its plain steps step on the batch's ascent gradient, "
             "which is the plain gradient only for a uniform ascent over the whole batch; use method='sam', 'asam', "
@@ -652,10 +667,18 @@ SPEC: dict[str, Field] = {
     "wsam_gamma": Field(
         number(0.0, 1.0, open_high=True), 0.9, lambda c: c.method == "wsam", "it is WSAM's weight (method='wsam')"
     ),
-    "wsam_decouple": Field(flag, True, lambda c: c.method == "wsam", "it is WSAM's form (method='wsam')"),
+    "wsam_decouple": Field(
+        flag,
+        True,
+        lambda c: c.method == "wsam" and c.wsam_gamma != 0,
+        "it is WSAM's form (method='wsam'), and with wsam_gamma=0 both forms are ERM's step",
+    ),
     "fsam_sigma": Field(number(0.0), 1.0, lambda c: c.method == "fsam", "it is Friendly-SAM's (method='fsam')"),
     "fsam_lambda": Field(
-        number(0.0, 1.0, open_high=True), 0.9, lambda c: c.method == "fsam", "it is Friendly-SAM's (method='fsam')"
+        number(0.0, 1.0, open_high=True),
+        0.9,
+        lambda c: c.method == "fsam" and c.fsam_sigma != 0,
+        "it is the decay of Friendly-SAM's running mean (method='fsam'), which fsam_sigma=0 removes none of",
     ),
     "gradient_centralization": Field(
         flag,
@@ -664,7 +687,7 @@ SPEC: dict[str, Field] = {
         "it centres the ascent gradient of a batch perturbation, which ERM and per-instance SAM take none of",
     ),
     "policy": Field(choice(*POLICIES), None, _perturbs, "ERM takes no sharpness-aware step"),
-    "policy_delta": Field(number(0.0, 1.0, open_high=True), 0.9, _adaptive, _POLICY),
+    "policy_delta": Field(number(0.0, 1.0, open_low=True, open_high=True), 0.9, _adaptive, _POLICY),
     "policy_c_start": Field(number(), 1.0, _adaptive, _POLICY),
     "policy_c_end": Field(number(), -1.0, _adaptive, _POLICY),
 }

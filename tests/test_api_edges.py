@@ -405,6 +405,20 @@ def test_automatic_optimization_trains_the_plain_loops_weights(method):
     torch.testing.assert_close(flat_params(module.model), flat_params(model), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [dict(method="gsam"), dict(method="wsam"), dict(method="fsam"), dict(method="sam", reuse="looksam", interval=2)],
+)
+def test_automatic_optimization_refuses_lightnings_clipping_where_the_clean_gradient_is_read(options):
+    """Lightning clips after each closure evaluation, the clean one at w too: the rules that read it (GSAM's, WSAM's,
+    Friendly-SAM's, LookSAM's) would not be the method's (an independent tester measured WSAM 3e-2 off the plain
+    loop's weights). SAM's ε only takes the clipped gradient's direction, unchanged by norm clipping: it runs."""
+    config = DeltaSAMConfig(rho_schedule="constant", **options)
+    with pytest.raises(ValueError, match=r"Trainer\(gradient_clip_val=0.1\) clips the gradient after each closure"):
+        trainer(max_epochs=1, gradient_clip_val=0.1).fit(AutomaticSAM(config), loader(n=16, batch_size=8))
+    trainer(max_epochs=1, gradient_clip_val=0.1).fit(AutomaticSAM(DeltaSAMConfig(method="sam")), loader(n=16))
+
+
 def test_automatic_optimization_with_accumulation_is_refused_by_name():
     module = AutomaticSAM(DeltaSAMConfig(method="sam"))
     with pytest.raises(ValueError, match="found gradients already in .grad"):

@@ -5,6 +5,9 @@ running mean) and the window's rules (GSAM's descent, WSAM's term after the base
 
 from __future__ import annotations
 
+import math
+from typing import Optional
+
 import pytest
 import torch
 from family_oracles import (
@@ -307,3 +310,74 @@ def test_the_adaptive_policys_plain_steps_are_plain_for_the_family(method):
     torch.testing.assert_close(model.w.detach(), expected, rtol=0, atol=1e-12)
     if method == "fsam":
         torch.testing.assert_close(opt.loop_state.fsam_momentum[0], momentum, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["gsam", "wsam", "fsam"])
+def test_one_full_step_of_the_family_for_a_probe_is_its_closed_form(method):
+    """``diagnostics.update_of`` (what SharpnessProbe and ``corrections`` measure) is one full step of the method,
+    its rule included: GSAM's descent, WSAM's G = g + γ/(1−γ)(g_adv − g), Friendly-SAM's ascent shifted by the running
+    mean it is given; not SAM's G under the method's name."""
+    from lit_deltasam.core.diagnostics import update_of
+    from lit_deltasam.core.engine import DeltaSAM
+
+    x, y, w = least_squares_problem()
+    model = LeastSquares(w)
+    config = DeltaSAMConfig(method=method, rho=RHO, rho_schedule="constant")
+    momentum = torch.linspace(-1.0, 1.0, w.numel(), dtype=w.dtype)
+    got = update_of(DeltaSAM(model, config, driven=True), model.losses, (x, y), [momentum])[0]
+    if method == "gsam":
+        expected = ls_gsam_update(x, y, w, RHO, 0.4)
+    elif method == "wsam":
+        expected = ls_wsam_update(x, y, w, RHO, 0.9, decouple=False).base
+    else:
+        expected = ls_fsam_update(x, y, w, RHO, 1.0, 0.9, momentum).G
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    assert (got - ls_sam_update(x, y, w, RHO)).abs().max() > 1e-4
+    assert torch.equal(model.w.detach(), w) and model.w.grad is None
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (dict(method="gsam"), r"method='gsam' \(GSAM's descent\) acts at the optimizer step"),
+        (dict(method="wsam"), r"method='wsam' \(WSAM's sharpness term\)"),
+        (dict(method="fsam"), r"method='fsam' \(Friendly-SAM's running mean"),
+        (dict(method="sam", policy="adaptive"), r"policy='adaptive' \(its running moments"),
+    ],
+)
+def test_the_engine_alone_refuses_the_rules_that_act_at_the_optimizer_step(options, match):
+    from lit_deltasam.core.engine import DeltaSAM
+
+    x, y, w = least_squares_problem()
+    with pytest.raises(ValueError, match=match + r".*DeltaSAMOptimizer .* or DeltaSAMMixin"):
+        DeltaSAM(LeastSquares(w), DeltaSAMConfig(**options))
+
+
+def test_the_adaptive_policy_decides_on_unscaled_norms_under_a_growing_loss_scale():
+    """A GradScaler whose scale grows every step (and one that overflows once) leaves the policy's decisions and the
+    weights those of the unscaled run: the running moments of ||g||² are kept in unscaled units, and an overflowed
+    step, which the scaler skips, does not enter them."""
+    x, y, w = least_squares_problem(n=8, seed=4)
+    steps = 16
+    config = DeltaSAMConfig(method="sam", rho=RHO, rho_schedule="constant", policy="adaptive")
+
+    def run(scaler, poison: Optional[int] = None):
+        model = LeastSquares(w)
+        sgd = torch.optim.SGD(model.parameters(), lr=LR)
+        opt = DeltaSAMOptimizer(model, sgd, config, scaler=scaler, total_steps=steps)
+        decisions = []
+        for t in range(steps):
+            xb = x.clone()
+            if t == poison:
+                xb[0, 0] = float("inf")
+            decisions.append(opt.step(model.losses, (xb, y)).full_step)
+        return model.w.detach(), decisions, opt.loop_state
+
+    plain, decided, _ = run(None)
+    assert True in decided and False in decided
+    growing = torch.amp.GradScaler("cpu", init_scale=16.0, growth_interval=1)
+    weights, scaled, _ = run(growing)
+    assert scaled == decided
+    torch.testing.assert_close(weights, plain, rtol=0, atol=1e-12)
+    _, _, state = run(torch.amp.GradScaler("cpu", init_scale=16.0, growth_interval=1), poison=3)
+    assert math.isfinite(state.policy_mean) and math.isfinite(state.policy_var)

@@ -1,6 +1,7 @@
 """The mixin keeps everything Lightning does: steps, schedulers, precision, checkpoints, resume."""
 
 import copy
+import math
 
 import lightning as L
 import pytest
@@ -505,8 +506,9 @@ class KeepsResults(TinyModule):
 def test_the_family_logs_what_it_adds(options, extra):
     """Each step's logged ``sam/<extra>`` is the step's ``result.extras`` (GSAM's ||g_perp||, F-SAM's sigma ||m||);
     under the policy ``sam/full_step`` is each step's decision and ``sam/full_fraction`` their running mean, which
-    ends at loop_state.policy_full / policy_decided. (On a step that logs no extra, a plain one, Lightning's
-    logger connector repeats the last value, as it does for sam/sharpness.)"""
+    ends at loop_state.policy_full / policy_decided. On the policy's plain steps what only a full step measures is
+    NaN (Lightning's logger connector would repeat the last full step's value; an independent tester saw it), and
+    sam/grad_norm is the ||g|| the decision read."""
     recorder = Recorder()
     module = KeepsResults(DeltaSAMConfig(rho=0.5, rho_schedule="constant", **options))
     module.results = []
@@ -527,6 +529,10 @@ def test_the_family_logs_what_it_adds(options, extra):
         assert [row["sam/full_fraction"] for row in rows] == pytest.approx(running)
         state = module._deltasam_state
         assert rows[-1]["sam/full_fraction"] == pytest.approx(state.policy_full / state.policy_decided)
+        only_full = ["sam/sharpness", "sam/perturbed_loss"] + ([f"sam/{extra}"] if extra else [])
+        for row, r in zip(rows, module.results):
+            assert all(math.isnan(row[name]) != r.full_step for name in only_full if name in row)
+            assert row["sam/grad_norm"] == pytest.approx(float(r.grad_norm), rel=1e-6) and row["sam/grad_norm"] > 0
     else:
         assert "sam/full_fraction" not in rows[-1] and "sam/full_step" not in rows[-1]
 
@@ -582,3 +588,32 @@ def test_backbone_finetuning_perturbs_and_steps_the_unfrozen_backbone():
             sam_step_by_hand(lambda batch=batch: model.losses(batch).mean(), base, rho)
     trained = torch.cat([p.detach().flatten() for p in module.model.parameters()])
     torch.testing.assert_close(trained, flat_params(model), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["gsam", "wsam", "fsam"])
+def test_the_probe_measures_the_family_members_own_step(method):
+    """probe/cos_<method> is the method's full step (GSAM's descent, WSAM's term, Friendly-SAM's ascent with the
+    loop's running mean), recomputed here from the final weights and loop state; before, the probe measured SAM's
+    step under the method's name (an independent tester found probe/cos_gsam equal to probe/cos_sam)."""
+    from lit_deltasam.core.diagnostics import fidelity
+
+    module = TinyModule(DeltaSAMConfig(method=method, rho_schedule="constant", rho=0.2))
+    probe = SharpnessProbe(every_n_steps=2, batch_size=8, hessian_iters=0)
+    fit = trainer(max_steps=4, callbacks=[probe])
+    fit.fit(module, loader(n=64, batch_size=8), loader(n=16, batch_size=8))
+    got = {k: float(v) for k, v in fit.callback_metrics.items() if k.startswith("probe/cos_")}
+    if method != "wsam":  # WSAM's correction is SAM's, scaled: the same cosine
+        assert abs(got["probe/cos_sam"] - got[f"probe/cos_{method}"]) > 1e-4
+    batch = probe._batch
+    params = [p for p in module.parameters() if p.requires_grad]
+    own = DeltaSAMConfig(method=method, rho_schedule="constant", rho=0.2)
+    configs = {"sam": DeltaSAMConfig(method="sam", rho=0.2), method: own}
+    momentum = module._deltasam_state.fsam_momentum
+    assert (momentum is not None) == (method == "fsam")
+    module.eval()
+    with torch.enable_grad():
+        cosines = fidelity(module, module.per_sample_loss, batch, configs, params, running_means={"fsam": momentum})
+    assert got[f"probe/cos_{method}"] == pytest.approx(cosines[method], abs=1e-6)
+    if method == "fsam":
+        without = fidelity(module, module.per_sample_loss, batch, configs, params)
+        assert abs(without["fsam"] - got["probe/cos_fsam"]) > 1e-6

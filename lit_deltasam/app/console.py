@@ -97,13 +97,18 @@ def _raised_here(error: BaseException) -> bool:
 def wandb_logger(**kwargs: Any) -> WandbLogger:
     """Lightning's ``WandbLogger``, without the ``anonymous=None`` it always hands ``wandb.init`` (which W&B
     answers with a deprecation warning on every run); in a multirun (Optuna trials included) the ``name`` ends in
-    ``-job<N>``, Hydra's job number, so that the sweep's runs can be told apart."""
+    ``-job<N>``, Hydra's job number, so that the sweep's runs can be told apart. ``WANDB_MODE=disabled`` in the
+    environment is honoured over the config's ``offline``, which W&B would otherwise take as the explicit mode."""
+    import os
+
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     from lightning.pytorch.loggers import WandbLogger
 
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         kwargs["name"] = f"{kwargs.get('name') or 'run'}-job{HydraConfig.get().job.num}"
+    if os.environ.get("WANDB_MODE") == "disabled":
+        kwargs["mode"] = "disabled"
     logger = WandbLogger(**kwargs)
     if logger._wandb_init.get("anonymous") is None:
         logger._wandb_init.pop("anonymous", None)

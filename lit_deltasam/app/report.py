@@ -36,9 +36,9 @@ class SharpnessSummary(Callback):
         self.counts: dict[str, int] = defaultdict(int)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        rho = trainer.callback_metrics.get("sam/rho")
-        if rho is not None and float(rho) == 0.0:
-            return  # a plain step (ρ schedule, interval): the values there are the last perturbed step's
+        rho, full = trainer.callback_metrics.get("sam/rho"), trainer.callback_metrics.get("sam/full_step")
+        if (rho is not None and float(rho) == 0.0) or (full is not None and float(full) == 0.0):
+            return  # a plain step (ρ schedule, interval, LookSAM, the policy) measures no sharpness
         for key in SUMMARIZED:
             value = trainer.callback_metrics.get(key)
             if value is not None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from torch import Tensor
 
+from ..config import FAMILY
 from .batch import Batch
 from .distributed import world_size
 from .result import StepResult
@@ -52,13 +53,39 @@ def perturbed_closure(closure: Callable[[], Any]) -> AbstractContextManager:
     return lightning_closure(closure)
 
 
-def refuse(optimizer: DeltaSAMOptimizer) -> None:
+def clipping(closure: Callable[[], Any]) -> Optional[str]:
+    """What the closure's framework clips after each evaluation (Lightning's clipping), ``None`` where nothing."""
+    if "lightning.pytorch" not in sys.modules:
+        return None
+    from ..lightning.automatic import clipping as lightning_clipping
+
+    return lightning_clipping(closure)
+
+
+def refuse(optimizer: DeltaSAMOptimizer, closure: Callable[[], Any]) -> None:
     """Name what a closure (one scalar loss of one batch, with its own backward) cannot run."""
     cfg = optimizer.config
+    reads = (
+        f"method={cfg.method!r}"
+        if cfg.method in FAMILY
+        else "policy='adaptive'"
+        if cfg.policy is not None
+        else "reuse='looksam'"
+        if cfg.reuse is not None
+        else None
+    )
+    clip = clipping(closure) if reads is not None and cfg.perturbs else None
+    if clip is not None:
+        raise ValueError(
+            f"{clip} clips the gradient after each closure evaluation, the clean gradient at w that {reads} reads "
+            "too, so the step would not be the method's: clip with DeltaSAMConfig(gradient_clip_val=...), which "
+            "clips G alone at the step, or train with DeltaSAMMixin"
+        )
     refused = [
         (cfg.accumulate_grad_batches > 1, f"accumulate_grad_batches={cfg.accumulate_grad_batches}"),
         (cfg.m_sharpness is not None, f"m_sharpness={cfg.m_sharpness}"),
-        (cfg.reweights or cfg.method == "per_instance", f"method={cfg.method!r} (per-instance losses)"),
+        (cfg.method in ("deltasam", "per_instance"), f"method={cfg.method!r} (per-instance losses)"),
+        (cfg.reweights, f"beta={cfg.beta} with method={cfg.method!r} (per-instance losses)"),
         (optimizer.scaler is not None, "scaler= (the closure runs its own backward)"),
         (cfg.ascent == "local" and cfg.perturbs and world_size() > 1, "ascent='local' under DDP"),
     ]
@@ -73,7 +100,7 @@ def refuse(optimizer: DeltaSAMOptimizer) -> None:
 
 def closure_step(optimizer: DeltaSAMOptimizer, closure: Callable[[], Any]) -> Optional[StepResult]:
     """One optimizer step from ``closure``; ``None`` when it returned ``None`` (nothing stepped)."""
-    refuse(optimizer)
+    refuse(optimizer, closure)
     passes = 0
 
     def loss_of(_: Batch) -> Tensor:

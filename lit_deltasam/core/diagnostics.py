@@ -14,20 +14,34 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..config import DeltaSAMConfig
+from ..config import FAMILY, DeltaSAMConfig
 from .batch import Batch, LossFn
 from .engine import DeltaSAM
+from .family import gsam_descent_, wsam_couple_, wsam_weight
 from .norms import total_norm
 from .snapshot import put_grads, take_grads
 
 
-def update_of(sam: DeltaSAM, loss_fn: LossFn, batch: Batch) -> list[Tensor]:
-    """The G that ``sam.step`` produces on ``batch`` at the config's ρ (a probe's fixed radius), leaving ``.grad``
-    and the weights as they were."""
+def update_of(
+    sam: DeltaSAM, loss_fn: LossFn, batch: Batch, running_mean: Optional[Sequence[Tensor]] = None
+) -> list[Tensor]:
+    """The G of one full step of ``sam``'s method on ``batch`` at the config's ρ (a probe's fixed radius), leaving
+    ``.grad`` and the weights as they were. The family's rules apply as at a step: GSAM's descent, WSAM's
+    ``G = g + γ/(1−γ) (g_adv − g)`` (its decoupled form applies the same term after the base step, outside the
+    optimizer's preconditioning) and Friendly-SAM's ascent shifted by ``running_mean`` (none: its first step,
+    SAM's)."""
+    cfg = sam.config
     saved = take_grads(sam.updated)
     try:
-        sam.step(loss_fn, batch, check_finite=False, rho=sam.config.rho)
-        return [torch.zeros_like(p) if p.grad is None else p.grad for p in sam.params]
+        shift = running_mean if cfg.method == "fsam" else None
+        result = sam.step(loss_fn, batch, check_finite=False, rho=cfg.rho, plain_grad=cfg.method in FAMILY, shift=shift)
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in sam.params]
+        clean = result.plain_grad
+        if cfg.method == "gsam" and clean is not None:
+            gsam_descent_(grads, clean, cfg.gsam_alpha or 0.0)
+        elif cfg.method == "wsam" and clean is not None:
+            wsam_couple_(grads, clean, wsam_weight(cfg.wsam_gamma or 0.0))
+        return grads
     finally:
         put_grads(sam.updated, saved)
 
@@ -51,6 +65,7 @@ def corrections(
     params: Optional[Iterable[Tensor]] = None,
     rho: Optional[float] = None,
     impl: str = "loop",
+    running_means: Optional[Mapping[str, Sequence[Tensor]]] = None,
 ) -> dict[str, dict[str, float]]:
     """How close each named method's sharpness correction is to per-instance SAM's.
 
@@ -59,7 +74,9 @@ def corrections(
     magnitude. The per-instance oracle uses ``rho`` (default: the first method's) and
     computes per-instance SAM with ``impl``; every method is compared at the radius it is
     configured with. Run it with the module in eval mode so that dropout does not add
-    noise to the comparison.
+    noise to the comparison. Each method's correction is that of its full step (:func:`update_of`: the family's
+    rules included, a Friendly-SAM method's running mean from ``running_means`` by name); ``interval``, LookSAM and
+    the adaptive policy choose when a full step runs, not what it is.
     """
     params = list(params) if params is not None else None
     configs = list(methods.values())
@@ -67,11 +84,12 @@ def corrections(
     plain = update_of(DeltaSAM(module, DeltaSAMConfig(method="erm"), params), loss_fn, batch)
     oracle_cfg = DeltaSAMConfig(method="per_instance", rho=radius, per_instance_impl=impl)
     oracle = update_of(DeltaSAM(module, oracle_cfg, params), loss_fn, batch)
+    means = running_means or {}
     c_oracle = torch._foreach_sub(oracle, plain)
     c_oracle_norm = total_norm([c.double() for c in c_oracle])
     out = {}
     for name, cfg in methods.items():
-        update = update_of(DeltaSAM(module, cfg, params), loss_fn, batch)
+        update = update_of(DeltaSAM(module, cfg, params, driven=True), loss_fn, batch, means.get(name))
         correction = torch._foreach_sub(update, plain)
         error = total_norm([(a.double() - b.double()) for a, b in zip(correction, c_oracle)])
         out[name] = {
@@ -89,9 +107,11 @@ def fidelity(
     params: Optional[Iterable[Tensor]] = None,
     rho: Optional[float] = None,
     impl: str = "loop",
+    running_means: Optional[Mapping[str, Sequence[Tensor]]] = None,
 ) -> dict[str, float]:
     """``cos(C_X, C_PI)`` for each named method X (see :func:`corrections`)."""
-    return {name: m["cos"] for name, m in corrections(module, loss_fn, batch, methods, params, rho, impl).items()}
+    found = corrections(module, loss_fn, batch, methods, params, rho, impl, running_means)
+    return {name: m["cos"] for name, m in found.items()}
 
 
 def top_hessian_eigenvalue(

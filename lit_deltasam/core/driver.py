@@ -138,7 +138,7 @@ class Driver:
         config: the method and its loop fields (accumulation, clipping, ``interval``, LookSAM, seeds).
         state: the loop state to carry on (a checkpoint's, or a new one).
         reduce_squares: as for :class:`~.engine.DeltaSAM` (FSDP1 shards).
-        total_steps: optimizer steps in the run (a ``rho_warmup`` fraction needs it).
+        total_steps: optimizer steps in the run (a ``rho_warmup`` fraction and ``policy="adaptive"`` need it).
         schedulers: LR schedulers whose stated maximum ``follow_lr`` reads.
     """
 
@@ -241,6 +241,7 @@ class Driver:
         if cfg.reuse is not None and rho > 0 and state.micro == 0:
             # a full step replaces the stored direction: not held beside the plain gradient and the snapshot
             state.reuse_direction = state.reuse_norm = None
+        policy = rho > 0 and cfg.policy == "adaptive"
         with seeded(seed, self.engine.device) if cfg.seed_steps else nullcontext():
             result = self.engine.step(
                 loss_fn,
@@ -252,7 +253,7 @@ class Driver:
                 rho=rho,
                 plain_grad=rho > 0 and (cfg.reuse is not None or cfg.method in FAMILY),
                 shift=self.rules.shift(self.engine.params, tick.scale) if rho > 0 else None,
-                decide=self.rules.policy(tick.step, tick.total_steps) if rho > 0 and cfg.policy == "adaptive" else None,
+                decide=self.rules.policy(tick.step, tick.total_steps, tick.scale) if policy else None,
             )
         self._count(result, rho)
         return result

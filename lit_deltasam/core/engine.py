@@ -75,6 +75,26 @@ def _owned_parameters(module: nn.Module, params: Optional[Iterable[Tensor]]) -> 
 _LOOP_DEFAULTS = {"interval": 1, "reuse": None, "accumulate_grad_batches": 1, "gradient_clip_val": None}
 
 
+_STEP_RULES = {
+    "gsam": "GSAM's descent",
+    "wsam": "WSAM's sharpness term",
+    "fsam": "Friendly-SAM's running mean of the gradient",
+}
+
+
+def _refuse_step_rules(config: DeltaSAMConfig) -> None:
+    """The engine alone computes G of one micro-batch; the family's rules and the adaptive policy act at the optimizer
+    step, with state across steps, which only a training loop holds."""
+    rule = _STEP_RULES.get(config.method)
+    what = f"method={config.method!r} ({rule})" if rule else "policy='adaptive' (its running moments of ||g||²)"
+    if rule or config.policy is not None:
+        raise ValueError(
+            f"DeltaSAM runs one micro-batch's double step, and {what} acts at the optimizer step: use "
+            "DeltaSAMOptimizer (a hand-written loop) or DeltaSAMMixin (Lightning); "
+            "lit_deltasam.core.diagnostics.corrections measures one full step of any method"
+        )
+
+
 def _warn_of_loop_fields(config: DeltaSAMConfig) -> None:
     """The engine alone runs one micro-batch: name the fields that only a training loop can apply."""
     set_fields = [f"{k}={getattr(config, k)!r}" for k, v in _LOOP_DEFAULTS.items() if getattr(config, k) != v]
@@ -134,8 +154,9 @@ class DeltaSAM:
             are detected and reduced over their mesh without it.
         driven: set by :class:`~lit_deltasam.core.loop.DeltaSAMOptimizer`, which applies the
             config's loop fields (ρ schedule, ``interval``, LookSAM, accumulation, clipping,
-            seeds). Alone, the engine runs one micro-batch at radius ``rho`` and warns about
-            loop fields set away from their defaults.
+            seeds). Alone, the engine runs one micro-batch at radius ``rho``, warns about
+            loop fields set away from their defaults, and refuses GSAM, WSAM, Friendly-SAM and
+            the adaptive policy, whose rules act at the optimizer step.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
@@ -163,6 +184,7 @@ class DeltaSAM:
         self._driven = driven
         self._warned_rho = False
         if not driven:
+            _refuse_step_rules(config)
             _warn_of_loop_fields(config)
         self.parts = _parts(module, config, params, reduce_squares)
         self.scorer = Scorer(self.parts)

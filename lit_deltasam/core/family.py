@@ -6,6 +6,7 @@ library (``pytorch_optimizer``) in float64.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Optional, Protocol, cast
 
@@ -111,10 +112,12 @@ class FamilyRules:
         self.state.fsam_momentum = momentum = [m.to(p.device, p.dtype) for m, p in zip(momentum, params)]
         return momentum if scale is None else [m * scale for m in momentum]
 
-    def policy(self, step: int, total_steps: Optional[int]) -> Callable[[float], bool]:
+    def policy(self, step: int, total_steps: Optional[int], scale: Optional[float] = None) -> Callable[[float], bool]:
         """AE-SAM's decision for this micro-batch (Jiang et al., 2023): the running moments of ``||g||²`` take this
         one first, and the step is full iff ``||g||² >= mu + c sigma``, c moving linearly from ``policy_c_start``
-        to ``policy_c_end`` over the run's optimizer steps."""
+        to ``policy_c_end`` over the run's optimizer steps. ``||g||²`` is read at the loss scale ``scale`` of the
+        passes and kept unscaled, so that a scaler's growth or back-off does not move the moments; a non-finite one
+        (an overflow the scaler will skip) leaves them as they are and takes the full step."""
         cfg, state = self.config, self.state
         total = total_steps if total_steps is not None else self.schedule.total_steps
         if total is None:
@@ -127,10 +130,15 @@ class FamilyRules:
         c = frac * end + (1.0 - frac) * start
 
         def decide(sq_norm: float) -> bool:
+            state.policy_decided += 1
+            if not math.isfinite(sq_norm):
+                state.policy_full += 1
+                return True
+            if scale is not None:
+                sq_norm /= scale * scale
             state.policy_mean = delta * state.policy_mean + (1 - delta) * sq_norm
             state.policy_var = delta * state.policy_var + (1 - delta) * (sq_norm - state.policy_mean) ** 2
             full = sq_norm >= state.policy_mean + c * state.policy_var**0.5
-            state.policy_decided += 1
             state.policy_full += full
             return full
 

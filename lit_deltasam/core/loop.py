@@ -91,7 +91,7 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
             passes, G is unscaled before clipping and the base step, and a step whose G overflowed is
             skipped by the scaler (the weights unchanged; the step counts, as in Lightning) while the scale
             backs off.
-        total_steps: optimizer steps in the run, needed only when ``rho_warmup`` is a fraction.
+        total_steps: optimizer steps in the run, needed where ``rho_warmup`` is a fraction and by ``policy="adaptive"``.
         schedulers: LR schedulers of ``optimizer`` whose maximum ``follow_lr`` should read
             (CyclicLR); stepping them stays the caller's, after a :meth:`step` that stepped.
         seed: base of the per-step seeds (``seed_steps``); default ``torch.initial_seed()``.

@@ -151,8 +151,10 @@ class TwoPass(Strategy):
             plain = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
         with_grad = [i for i, p in enumerate(params) if p.grad is not None]
         ascent = [cast(Tensor, params[i].grad) for i in with_grad]
-        if ctx.decide is not None and not ctx.decide(float(total_norm(ascent, parts.reduce_squares) ** 2)):
-            return plain, torch.zeros(()), torch.zeros(()), None
+        if ctx.decide is not None:
+            norm = total_norm(ascent, parts.reduce_squares)
+            if not ctx.decide(float(norm**2)):
+                return plain, norm, torch.zeros_like(norm), None
         self._shape_direction(ctx, ascent, with_grad)
         grad_norm, eps_norm, applied = perturb(
             [params[i] for i in with_grad],

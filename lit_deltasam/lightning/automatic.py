@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from torchmetrics import Metric
 
@@ -41,3 +41,20 @@ def perturbed_closure(closure: Callable[[], Any]) -> Iterator[None]:
             private.metric_restore(metric, state)
         if inner is not None and kept is not None:
             private.set_closure_result(inner, kept)
+
+
+def clipping(closure: Callable[[], Any]) -> Optional[str]:
+    """What clips the gradients after each evaluation of ``closure`` (Lightning's precision plugin runs its clipping
+    after every one, the evaluation at w too): the trainer's ``gradient_clip_val`` or an overridden
+    ``configure_gradient_clipping``; ``None`` where nothing does."""
+    from .hooks import overridden
+
+    module, _ = private.automatic_closure(closure)
+    if module is None:
+        return None
+    clip = getattr(module._trainer, "gradient_clip_val", None)
+    if clip:
+        return f"Trainer(gradient_clip_val={clip})"
+    if overridden(module, "configure_gradient_clipping"):
+        return f"{type(module).__name__}.configure_gradient_clipping"
+    return None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Optional, cast
 
@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor
 
 from ..config import PER_INSTANCE_IMPLS, DeltaSAMConfig
 from ..core.batch import Batch, LossFn, slice_batch
@@ -22,11 +23,27 @@ if TYPE_CHECKING:
     from .mixin import DeltaSAMMixin
 
 
+def _running_means(
+    pl_module: L.LightningModule, configs: Mapping[str, DeltaSAMConfig], params: Sequence[Tensor]
+) -> dict[str, Sequence[Tensor]]:
+    """Friendly-SAM's running mean where the module trains with it: the loop's, for each probed config equal to the
+    module's own (zeros for a parameter the optimizer does not hold)."""
+    mixin = cast("DeltaSAMMixin", pl_module)
+    own, momentum, cached = mixin._deltasam_config(), mixin._deltasam_state.fsam_momentum, mixin._deltasam_fit.driver
+    if own.method != "fsam" or momentum is None or cached is None:
+        return {}
+    held = {id(p): m for p, m in zip(cached[2].engine.params, momentum)}
+    mean = [held[id(p)].to(p.device, p.dtype) if id(p) in held else torch.zeros_like(p) for p in params]
+    local = replace(own, ascent="local")
+    return {name: mean for name, cfg in configs.items() if cfg == local}
+
+
 class SharpnessProbe(Callback):
     """Every ``every_n_steps`` optimizer steps, probe the model on one fixed validation batch.
 
     Logs ``probe/cos_<name>``, the cosine between method ``name``'s sharpness
-    correction and per-instance SAM's (``C_X = G_X - ḡ``), and
+    correction and per-instance SAM's (``C_X = G_X - ḡ``, of one full step: GSAM's descent,
+    WSAM's term and, where the module trains with Friendly-SAM, the loop's running mean included), and
     ``probe/hessian_top_eig``, the top Hessian eigenvalue. The module runs in eval
     mode during the probe (no dropout noise) and every submodule goes back to its own
     mode afterwards; weights, buffers and gradients are left untouched. Probes run on
@@ -115,12 +132,17 @@ class SharpnessProbe(Callback):
         pl_module.eval()
         try:
             with torch.enable_grad():
-                metrics = {
-                    f"probe/cos_{name}": value
-                    for name, value in fidelity(
-                        pl_module, loss_fn, batch, self._configs(pl_module), params, impl=self.per_instance_impl
-                    ).items()
-                }
+                configs = self._configs(pl_module)
+                cosines = fidelity(
+                    pl_module,
+                    loss_fn,
+                    batch,
+                    configs,
+                    params,
+                    impl=self.per_instance_impl,
+                    running_means=_running_means(pl_module, configs, params),
+                )
+                metrics = {f"probe/cos_{name}": value for name, value in cosines.items()}
                 if self.hessian_iters:
                     generator = torch.Generator().manual_seed(self.seed)
                     metrics["probe/hessian_top_eig"] = top_hessian_eigenvalue(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional, cast
 
 import torch
@@ -73,7 +74,24 @@ def step_metrics(
         means["sam/update_norm"] = result.update_norm
     for name, value in result.extras.items():  # what a method adds: GSAM's ||g_perp||, F-SAM's removed component
         means[f"sam/{name}"] = value
+    if cfg.perturbs and not result.full_step:
+        # Lightning logs a step's metrics with the last values of those it did not log, so a plain step (interval,
+        # LookSAM, the policy) writes NaN for what only a full step measures instead of the last full step's values
+        nan = torch.full((), math.nan, device=result.losses.device)
+        for name in full_step_metrics(cfg):
+            means.setdefault(name, nan)
+        if cfg.reweights:
+            maxima.setdefault("sam/max_weight", nan)
     return per_step, means, maxima
+
+
+def full_step_metrics(cfg: DeltaSAMConfig) -> list[str]:
+    """The diagnostics that only a full sharpness-aware step of ``cfg``'s method measures."""
+    names = ["sam/perturbed_loss", "sam/sharpness", "sam/grad_norm", "sam/eps_norm"]
+    if cfg.reweights:
+        names += ["sam/ess"]
+    names += {"gsam": ["sam/gsam_perp_norm"], "fsam": ["sam/fsam_removed_norm"]}.get(cfg.method, [])
+    return names
 
 
 def reduce_over_ranks(means: dict[str, Tensor], maxima: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
