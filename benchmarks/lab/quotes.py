@@ -3,13 +3,15 @@
 A page quotes a number between inline markers, ``<!-- q:NAME -->+0.09 [−0.47, +0.64]<!-- /q -->``, and
 :mod:`benchmarks.lab.fill_docs` writes :data:`QUOTES` ``[NAME]()`` there; tests/test_doc_numbers.py rebuilds every
 marker of every page and fails on any difference, so a number edited by hand (or a row changed under it) is caught.
-Each quote reads the committed JSON in docs/results (and, where a study's JSON keeps no such number, its rows).
+Each quote reads the committed JSON in docs/results (and, where a study's JSON keeps no such number as a field,
+the cells of its ``table`` or its rows).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 import statistics
 from collections.abc import Callable
@@ -29,6 +31,11 @@ def quote(name: str) -> Callable[[Callable[[], str]], Callable[[], str]]:
         return fn
 
     return register
+
+
+def slug(name: str) -> str:
+    """A method's name as one part of a quote's name: ``deltasam(probe K=3, all)`` → ``deltasam_probe_k_3_all``."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
 @functools.lru_cache(maxsize=None)
@@ -54,6 +61,39 @@ def wtl(d: dict[str, Any]) -> str:
 
 def p_value(p: float) -> str:
     return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def p_short(p: float) -> str:
+    """A Holm p as a sentence gives it in passing: two decimals, 1.0 where Holm capped it."""
+    return "< 0.001" if p < 0.001 else "1.0" if p >= 0.995 else f"{p:.2f}"
+
+
+@functools.lru_cache(maxsize=None)
+def _table_rows(name: str) -> tuple[tuple[str, dict[str, str]], ...]:
+    """The rows of the markdown tables in a study JSON's ``table``, each with the bold title above its table."""
+    out: list[tuple[str, dict[str, str]]] = []
+    title, header = "", None
+    for line in saved(name)["table"].splitlines():
+        if line.startswith("**"):
+            title, header = line.split("**")[1], None
+        elif not line.startswith("|"):
+            header = None
+        elif header is None:
+            header = [c.strip() for c in line.strip("|").split("|")]
+        elif not set(line) <= set("|-"):
+            out.append((title, dict(zip(header, (c.strip() for c in line.strip("|").split("|"))))))
+    return tuple(out)
+
+
+def cell(name: str, column: str, title: str = "", **where: str) -> str:
+    """The cell of ``column`` in the one row of a study's tables that ``where`` picks (under a title that starts
+    with ``title``): for a number the JSON keeps only in its table."""
+    (found,) = [
+        row[column]
+        for head, row in _table_rows(name)
+        if head.startswith(title) and all(row.get(k) == v for k, v in where.items())
+    ]
+    return found
 
 
 # --- the premise ---------------------------------------------------------------------------------------------------
@@ -156,10 +196,36 @@ for _name, _arm_key, _label in (
     ("m4_tweets_sam", "tweets noisy1k/m-sam m=4", "SAM final, same ρ"),
     ("deltasam_sam_mr", "noisy1k/deltasam", "SAM final"),
     ("sam40_erm", "noisy40/sam", "ERM final"),
+    ("looksam_erm", "noisy1k/sam looksam k=5", "ERM final"),
+    ("m8_sam", "noisy1k/m-sam m=8", "SAM final, same ρ"),
+    ("m4_sam", "noisy1k/m-sam m=4", "SAM final, same ρ"),
+    ("interval5_erm_best", "noisy1k/sam interval=5", "early-stopped ERM"),
+    ("sam02_20_erm_best", "noisy1k/sam at m-sam's ρ", "early-stopped ERM"),
+    ("m8_sam05", "noisy1k/m-sam m=8", "SAM final"),
+    ("sam02_sam05", "noisy1k/sam at m-sam's ρ", "SAM final"),
+    ("per_instance_sam", "noisy1k/per-instance (m=1)", "SAM final, same ρ"),
+    ("deltasam_b1_sam", "noisy1k/deltasam β=+1", "SAM final"),
+    ("deltasam_sam_40", "noisy40/deltasam", "SAM final"),
+    ("sam_erm", "noisy1k/sam", "ERM final"),
+    ("interval5_sam", "noisy1k/sam interval=5", "SAM final"),
+    ("m8_erm", "noisy1k/m-sam m=8", "ERM final"),
+    ("m8_erm_best", "noisy1k/m-sam m=8", "early-stopped ERM"),
+    ("erm_erm_best", "noisy1k/erm", "early-stopped ERM"),
+    ("sam40_both_best", "noisy40/sam", "early-stopped ERM, arm early-stopped too"),
+    ("deltasam40_both_best", "noisy40/deltasam", "early-stopped ERM, arm early-stopped too"),
+    ("m4_40_both_best", "noisy40/m-sam m=4", "early-stopped ERM, arm early-stopped too"),
+    ("m4_tweets_sam05", "tweets noisy1k/m-sam m=4", "SAM final"),
+    ("sam_tweets_erm_best", "tweets noisy1k/sam", "early-stopped ERM"),
+    ("sam02_tweets_erm_best", "tweets noisy1k/sam at m-sam's ρ", "early-stopped ERM"),
+    ("deltasam_tweets_erm_best", "tweets noisy1k/deltasam", "early-stopped ERM"),
+    ("deltasam_tweets_sam", "tweets noisy1k/deltasam", "SAM final"),
+    ("erm_tweets_erm_best", "tweets noisy1k/erm", "early-stopped ERM"),
 ):
     quote(f"regimes.{_name}")(lambda a=_arm_key, lab=_label: interval(_regimes_diff(a, lab), scale=1.0))
+    quote(f"regimes.{_name}.mean")(lambda a=_arm_key, lab=_label: num(_regimes_diff(a, lab)["mean"]))
     quote(f"regimes.{_name}.wtl")(lambda a=_arm_key, lab=_label: wtl(_regimes_diff(a, lab)))
     quote(f"regimes.{_name}.p_holm")(lambda a=_arm_key, lab=_label: p_value(_regimes_diff(a, lab)["p_holm"]))
+    quote(f"regimes.{_name}.p_short")(lambda a=_arm_key, lab=_label: p_short(_regimes_diff(a, lab)["p_holm"]))
 quote("regimes.sam02_40_erm.p_holm_distinct")(lambda: p_value(_distinct_holm("noisy40/sam at m-sam's ρ", "ERM final")))
 quote("regimes.interval5_erm.p_holm_distinct")(lambda: p_value(_distinct_holm("noisy1k/sam interval=5", "ERM final")))
 for _name, _arm_key in (
@@ -168,8 +234,22 @@ for _name, _arm_key in (
     ("sam02_40", "noisy40/sam at m-sam's ρ"),
     ("looksam", "noisy1k/sam looksam k=5"),
     ("deltasam05_40", "noisy40/deltasam"),
+    ("per_instance", "noisy1k/per-instance (m=1)"),
 ):
     quote(f"regimes.{_name}.stalled")(lambda a=_arm_key: f"{_arm(a)['stalled']} of {len(_arm(a)['seeds'])}")
+for _name, _arm_key in (
+    ("sam", "noisy1k/sam"),
+    ("sam02_20", "noisy1k/sam at m-sam's ρ"),
+    ("sam02_40", "noisy40/sam at m-sam's ρ"),
+    ("m8", "noisy1k/m-sam m=8"),
+    ("m4", "noisy1k/m-sam m=4"),
+    ("per_instance", "noisy1k/per-instance (m=1)"),
+    ("looksam", "noisy1k/sam looksam k=5"),
+    ("interval5", "noisy1k/sam interval=5"),
+    ("m4_tweets", "tweets noisy1k/m-sam m=4"),
+):
+    quote(f"regimes.{_name}.cost")(lambda a=_arm_key: num(_arm(a)["cost_vs_erm"], sign=False))
+    quote(f"regimes.{_name}.cost.rounded")(lambda a=_arm_key: num(_arm(a)["cost_vs_erm"], 1, sign=False))
 
 
 def _unstalled_range() -> str:
@@ -183,6 +263,80 @@ def _unstalled_range() -> str:
 
 
 quote("regimes.mr_unstalled_range")(_unstalled_range)
+
+
+def _stalled_40_range() -> str:
+    """How far below ERM's final weights the arms that stall at 40% noise end: the smallest and the largest."""
+    gaps = [-_regimes_diff(f"noisy40/{a}", "ERM final")["mean"] for a in ("sam", "deltasam", "m-sam m=4")]
+    return f"{num(min(gaps), 1, sign=False)}–{num(max(gaps), 1, sign=False)}"
+
+
+quote("regimes.stalled_40_range")(_stalled_40_range)
+
+
+def _unstalled_scores(name: str) -> str:
+    """Test accuracy of an arm's seeds that did not stall (the stalled ones named in the study's stall table)."""
+    setting, arm = name.split("/")
+    stalled = {
+        int(r["seed"])
+        for head, r in _table_rows("regimes")
+        if head.startswith("Stalled") and (r["setting"], r["arm"]) == (setting, arm)
+    }
+    a = _arm(name)
+    return " and ".join(num(100 * x, 1, sign=False) for s, x in zip(a["seeds"], a["test_final"]) if s not in stalled)
+
+
+def _stall_eigen(arm: str, erm: bool) -> list[float]:
+    """The final largest-magnitude Hessian eigenvalue of an arm's stalled noisy1k runs (or of ERM's, same seeds)."""
+    column = "final largest-magnitude Hessian eigenvalue (ERM, same seed)"
+    cells = [r[column] for head, r in _table_rows("regimes") if head.startswith("Stalled") and r["arm"] == arm]
+    return [float(c.split(" (")[1].rstrip(")") if erm else c.split(" (")[0]) for c in cells]
+
+
+for _erm, _name, _digits in ((False, "eigen_range", 1), (True, "erm_eigen_range", 0)):
+    quote(f"regimes.looksam.{_name}")(
+        lambda e=_erm, d=_digits: "–".join(
+            num(f(_stall_eigen("sam looksam k=5", e)), d, sign=False) for f in (min, max)
+        )
+    )
+quote("regimes.per_instance.unstalled")(lambda: _unstalled_scores("noisy1k/per-instance (m=1)"))
+quote("regimes.noisy40.erm.test")(
+    lambda: cell("regimes", "test acc, final", "Comparison", setting="noisy40", arm="erm")
+)
+
+
+def _val_40(name: str) -> list[float]:
+    return _arm(f"noisy40/{name}")["val_final"]
+
+
+for _name, _arm_key in (("sam02", "sam at m-sam's ρ"), ("sam05", "sam")):
+    quote(f"regimes.noisy40.{_name}.val")(lambda a=_arm_key: num(100 * statistics.mean(_val_40(a)), 1, sign=False))
+
+
+def _ahead_on_val_40() -> str:
+    """On how many seeds SAM at 0.02 ends above SAM at 0.05 on noisy40's validation split."""
+    low, high = _val_40("sam at m-sam's ρ"), _val_40("sam")
+    return f"{sum(x > y for x, y in zip(low, high))} of {len(high)}"
+
+
+quote("regimes.noisy40.sam02_ahead_on_val")(_ahead_on_val_40)
+for _rho in ("0.02", "0.05"):
+    quote(f"regimes.selection.sam.rho{_rho}")(
+        lambda r=_rho: cell("regimes", "mean", "Step 1", family="SAM", **{"ρ": r})
+    )
+
+
+def _step0(setting: str, lr: str) -> str:
+    return cell("regimes", "mean", "Step 0", setting=setting, lr=lr)
+
+
+for _setting in ("noisy1k", "tweets noisy1k"):
+    for _lr in ("5e-05", "0.0001", "0.0002"):
+        quote(f"regimes.step0.{_setting}.{_lr}")(lambda s=_setting, lr=_lr: _step0(s, lr))
+for _lr in ("0.0001", "0.0002"):
+    quote(f"regimes.step0.noisy1k.ahead_of_{_lr}")(
+        lambda lr=_lr: num(float(_step0("noisy1k", "5e-05")) - float(_step0("noisy1k", lr)), 1, sign=False)
+    )
 
 # --- the recipe and its tuning tasks -------------------------------------------------------------------------------
 
@@ -231,8 +385,13 @@ quote("suite.shipped.worst_best_ckpt")(lambda: _worst(SHIPPED, "val_best"))
 quote("suite.predeclared.worst")(lambda: _worst(PREDECLARED))
 quote("suite.old.worst")(lambda: _worst("lr=5e-05"))
 quote("suite.tune_lr.worst")(lambda: _worst("tune_lr rule=minimum"))
+TARGET = 1.0
+"""The issue's target for the worst-case regret, in points."""
 quote("suite.sweep.worst")(
     lambda: num(100 * max(v["regret"] for v in saved("recipe_suite_gpu")["lr_sweep"].values()), sign=False)
+)
+quote("suite.sweep.above_target")(
+    lambda: num(100 * max(v["regret"] for v in saved("recipe_suite_gpu")["lr_sweep"].values()) - TARGET, sign=False)
 )
 
 
@@ -251,6 +410,142 @@ quote("suite.cpu.main_job_deltasam.by_seed")(
         num(100 * (a - b))
         for a, b in zip(*(_confirm("mr full1ep deltasam rho=0.02 follow_lr")[k] for k in ("chosen", "old")))
     )
+)
+
+
+def _confirmation(row: str, field: str = "test_best") -> dict[str, Any]:
+    """A candidate's pre-declared confirmation on the H200 (its ``main_job`` rows are the CPU's)."""
+    c = saved("recipe_suite_gpu")["confirmation"][row][field]
+    return {"mean": c["diff"], "ci": c["ci"], "chosen": c["chosen"], "old": c["old"]}
+
+
+def _seed_wtl(c: dict[str, Any]) -> str:
+    pairs = list(zip(c["chosen"], c["old"]))
+    return f"{sum(a > b for a, b in pairs)}/{sum(a == b for a, b in pairs)}/{sum(a < b for a, b in pairs)}"
+
+
+def _by_seed(c: dict[str, Any]) -> str:
+    return ", ".join(num(100 * (a - b)) for a, b in zip(c["chosen"], c["old"]))
+
+
+for _name, _row in (
+    ("noisy_mr_erm", "mr noisy1k erm"),
+    ("noisy_mr_deltasam", "mr noisy1k deltasam rho=0.02 follow_lr"),
+    ("noisy_mr_sam", "mr noisy1k sam rho=0.02 follow_lr"),
+    ("r8_erm", "r8 2k3ep erm"),
+    ("mr2k_erm", "mr 2k3ep erm"),
+):
+    for _field, _short in (("test_best", "best"), ("test_final", "final")):
+        if _name != "noisy_mr_erm":
+            quote(f"suite.cpu.{_name}.{_short}")(lambda r=_row, f=_field: interval(_confirm(r, f)))
+        quote(f"suite.cpu.{_name}.{_short}.wtl")(lambda r=_row, f=_field: _seed_wtl(_confirm(r, f)))
+    quote(f"suite.cpu.{_name}.by_seed")(lambda r=_row: _by_seed(_confirm(r)))
+for _name, _row in (
+    ("main_job_sam", "mr full1ep sam rho=0.02 follow_lr"),
+    ("main_job_deltasam", "mr full1ep deltasam rho=0.02 follow_lr"),
+    ("noisy_mr_sam", "mr noisy1k sam rho=0.02 follow_lr"),
+    ("noisy_mr_deltasam", "mr noisy1k deltasam rho=0.02 follow_lr"),
+):
+    quote(f"suite.gpu.{_name}")(lambda r=_row: interval(_confirmation(r)))
+quote("suite.gpu.main_job_erm.cost")(lambda: num(-100 * _confirmation("mr full1ep erm")["mean"], sign=False))
+quote("suite.gpu.main_job_erm.ci")(lambda: interval(_confirmation("mr full1ep erm")).split(" ", 1)[1])
+for _platform, _name, _settings, _candidates in (
+    ("gpu", "recipe_suite_gpu", ("mr noisy1k", "r8 2k3ep", "mr full1ep"), (*GRID, SHIPPED)),
+    ("cpu", "recipe_suite", ("mr noisy1k", "r8 2k3ep"), ("lr=5e-05", "lr=0.0003")),
+):
+    for _setting in _settings:
+        for _candidate in _candidates:
+            quote(f"suite.{_platform}.{slug(_setting)}.{slug(_candidate)}.val")(
+                lambda n=_name, s=_setting, c=_candidate: num(100 * saved(n)["selection"][s][c]["val"], sign=False)
+            )
+
+
+quote("suite.lr_2e_4.worst")(lambda: _worst("lr=0.0002"))
+quote("suite.old.worst_best_ckpt")(lambda: _worst("lr=5e-05", "val_best"))
+quote("suite.tune_lr.worst_best_ckpt")(lambda: _worst("tune_lr rule=minimum", "val_best"))
+quote("suite.shipped.worst_elsewhere")(
+    lambda: num(
+        100 * max(v for s, v in saved("recipe_suite_gpu")["regret"]["val"][SHIPPED].items() if s != "mr noisy1k"),
+        sign=False,
+    )
+)
+quote("suite.shipped.main_over_old")(
+    lambda: num(
+        100
+        * (
+            saved("recipe_suite_gpu")["selection"]["mr full1ep"][SHIPPED]["val"]
+            - saved("recipe_suite_gpu")["selection"]["mr full1ep"]["lr=5e-05"]["val"]
+        ),
+        sign=False,
+    )
+)
+quote("suite.cpu.sweep.worst")(
+    lambda: num(100 * max(v["regret"] for v in saved("recipe_suite")["lr_sweep"].values() if v), sign=False)
+)
+quote("tuning.20ng.tune_lr.val_behind_grid")(lambda: _behind("20ng", "tune_lr rule=minimum", "val", GRID))
+for _task in ("20ng", "r52"):
+    quote(f"tuning.{_task}.sweep.test_behind_grid")(
+        lambda t=_task: num(100 * saved("tuning_gpu")["lr_sweep"][t]["shortfall_test_final"], sign=False)
+    )
+
+
+def _regression(key: str) -> float:
+    """The CPU's regression setting (``mr_rating``): validation Pearson at the shipped recipe, at 5e-5, the gap."""
+    return saved("recipe_suite")["regression"][key]
+
+
+quote("suite.cpu.regression.shipped")(lambda: num(_regression("shipped"), 4, sign=False))
+quote("suite.cpu.regression.old")(lambda: num(_regression("old"), 4, sign=False))
+quote("suite.cpu.regression.diff")(lambda: num(_regression("diff"), 4))
+
+
+# --- the base recipe (CPU, 2026-12-02) -----------------------------------------------------------------------------
+
+
+def _recipe(setting: str, arm: str) -> dict[str, Any]:
+    return saved("recipe")["settings"][setting][arm]
+
+
+def lr_text(lr: float) -> str:
+    """An LR as the prose writes it: ``1.3e-4``."""
+    mantissa, exponent = f"{lr:.1e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def _recipe_val_gap(setting: str, a: str, b: str, digits: int, field: str = "val_acc") -> str:
+    return num(100 * (_recipe(setting, a)[field] - _recipe(setting, b)[field]), digits, sign=False)
+
+
+for _setting, _short in (("r8 2k3ep", "r8"), ("mr noisy1k", "noisy_mr")):
+    for _recipe_arm in (
+        "erm lr=5e-05",
+        "erm lr=0.0001",
+        "erm lr=0.0002",
+        "erm tune_lr rule=minimum",
+        "erm tune_lr rule=steepest",
+    ):
+        quote(f"recipe.{_short}.{slug(_recipe_arm)}.val")(
+            lambda s=_setting, a=_recipe_arm: num(100 * _recipe(s, a)["val_acc"], sign=False)
+        )
+for _setting, _short in (("r8 2k3ep", "r8"), ("mr noisy1k", "noisy_mr")):
+    quote(f"recipe.{_short}.tune_lr.lrs")(
+        lambda s=_setting: " and ".join(lr_text(x) for x in _recipe(s, "erm tune_lr rule=minimum")["lr"])
+    )
+quote("recipe.r8.steepest.lr_range")(
+    lambda: " to ".join(lr_text(x) for x in sorted(_recipe("r8 2k3ep", "erm tune_lr rule=steepest")["lr"]))
+)
+quote("recipe.noisy_mr.steepest.lr_max")(lambda: lr_text(max(_recipe("mr noisy1k", "erm tune_lr rule=steepest")["lr"])))
+quote("recipe.r8.old_behind.val")(lambda: _recipe_val_gap("r8 2k3ep", "erm lr=0.0002", "erm lr=5e-05", 1))
+quote("recipe.r8.old_behind.test")(lambda: _recipe_val_gap("r8 2k3ep", "erm lr=0.0002", "erm lr=5e-05", 1, "test_acc"))
+quote("recipe.r8.tune_lr.below_best")(
+    lambda: _recipe_val_gap("r8 2k3ep", "erm lr=0.0002", "erm tune_lr rule=minimum", 2)
+)
+quote("recipe.r8.tune_lr.above_old")(lambda: _recipe_val_gap("r8 2k3ep", "erm tune_lr rule=minimum", "erm lr=5e-05", 1))
+quote("recipe.noisy_mr.tune_lr.below_old")(
+    lambda: _recipe_val_gap("mr noisy1k", "erm lr=5e-05", "erm tune_lr rule=minimum", 2)
+)
+quote("recipe.noisy_mr.tune_lr.above_1e_4")(
+    lambda: _recipe_val_gap("mr noisy1k", "erm tune_lr rule=minimum", "erm lr=0.0001", 1)
 )
 
 # --- fidelity and generalization -----------------------------------------------------------------------------------
@@ -276,13 +571,370 @@ quote("generalization.noisy_mr_sam_erm")(
     lambda: interval(saved("generalization")["differences"]["mr/noisy1k/sam-erm"], scale=1.0)
 )
 
+# --- fidelity: the reading -----------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _fidelity_rows() -> tuple[dict[str, Any], ...]:
+    return tuple(r for r in load_jsonl(RESULTS / "fidelity_rows.jsonl") if r.get("model", "minilm") == "minilm")
+
+
+def _fid(task: str | None = None, trajectories: tuple[str, ...] = ("erm", "sam", "deltasam")) -> list[dict[str, Any]]:
+    """fidelity's probe rows of ``task`` (both when None) along ``trajectories``, in the order the study reads them."""
+    return [r for r in _fidelity_rows() if task in (None, r["task"]) and r["trajectory"] in trajectories]
+
+
+def _stage(rows: list[dict[str, Any]], stage: str) -> list[dict[str, Any]]:
+    """The rows of one stage (benchmarks.fidelity.stage): early < 30% of the trajectory ≤ mid < 70% ≤ late."""
+    cut = {"early": (0.0, 0.3), "mid": (0.3, 0.7), "late": (0.7, math.inf)}[stage]
+    return [r for r in rows if cut[0] <= r["step"] / r["total_steps"] < cut[1]]
+
+
+def _cos(rows: list[dict[str, Any]], variant: str) -> float:
+    return statistics.mean(r["variants"][variant]["cos"] for r in rows if variant in r["variants"])
+
+
+def _shipped() -> str:
+    return saved("fidelity")["summary"]["shipped"]
+
+
+def _gains(rows: list[dict[str, Any]], variant: str | None = None) -> list[float]:
+    """``variant`` (the shipped one when None) − SAM, cos on the same batch."""
+    v = variant or _shipped()
+    return [r["variants"][v]["cos"] - r["variants"]["sam"]["cos"] for r in rows if v in r["variants"]]
+
+
+def _gain(rows: list[dict[str, Any]], variant: str | None = None) -> dict[str, Any]:
+    gain = _gains(rows, variant)
+    return {"mean": statistics.mean(gain), "ci": bootstrap(gain)}
+
+
+def _won(rows: list[dict[str, Any]]) -> str:
+    """The share of batches on which the shipped variant is closer than SAM."""
+    return f"{100 * statistics.mean(g > 0 for g in _gains(rows)):.0f}%"
+
+
+@functools.lru_cache(maxsize=None)
+def _in_situ(task: str | None) -> dict[str, Any]:
+    """The shipped δ-SAM at δ-SAM's weights − SAM at SAM's, paired by (task, probe point, batch)."""
+    at = {(r["task"], r["trajectory"], r["step"], r["batch"]): r for r in _fid(task, ("sam", "deltasam"))}
+    gain = [
+        r["variants"][_shipped()]["cos"] - at[(t, "sam", s, b)]["variants"]["sam"]["cos"]
+        for (t, traj, s, b), r in sorted(at.items())
+        if traj == "deltasam" and (t, "sam", s, b) in at
+    ]
+    return {"mean": statistics.mean(gain), "ci": bootstrap(gain), "n": len(gain)}
+
+
+def _summary(d: dict[str, Any]) -> dict[str, Any]:
+    """An entry of fidelity.json's summary as :func:`interval` reads it."""
+    return {"mean": d["gain"], "ci": d["gain_ci"]}
+
+
+def _cos_range(rows: list[dict[str, Any]], prefix: str) -> str:
+    cos = [_cos(rows, v) for v in dict.fromkeys(n for r in rows for n in r["variants"]) if v.startswith(prefix)]
+    return f"{num(min(cos), sign=False)}–{num(max(cos), sign=False)}"
+
+
+def _rel_errs() -> list[float]:
+    """Every variant's mean relative error on each (task, trajectory)."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in _fidelity_rows():
+        groups.setdefault((r["task"], r["trajectory"]), []).append(r)
+    names = {n for r in _fidelity_rows() for n in r["variants"]}
+    return [
+        statistics.mean(r["variants"][n]["rel_err"] for r in rs if n in r["variants"])
+        for rs in groups.values()
+        for n in names
+        if any(n in r["variants"] for r in rs)
+    ]
+
+
+def _variant_slug(variant: str) -> str:
+    """A variant in a quote's name: ``head:-1`` → ``head_neg1``, ``head:1`` → ``head_1``, ``sam`` → ``sam``."""
+    return "_".join(variant.replace(":-", ":neg").split(":"))
+
+
+SIDES: dict[str, Callable[[], tuple[list[dict[str, Any]], list[dict[str, Any]]]]] = {
+    "mr.in_situ": lambda: (_fid("mr", ("sam",)), _fid("mr", ("deltasam",))),
+    "tweets.in_situ": lambda: (_fid("tweets", ("sam",)), _fid("tweets", ("deltasam",))),
+    "mr.pooled": lambda: (_fid("mr"),) * 2,
+    "tweets.pooled": lambda: (_fid("tweets"),) * 2,
+    "pooled": lambda: (_fid(),) * 2,
+    "tweets.along_erm": lambda: (_fid("tweets", ("erm",)),) * 2,
+    "tweets.along_sam": lambda: (_fid("tweets", ("sam",)),) * 2,
+    "per_instance": lambda: (_fid("mr", ("per_instance",)),) * 2,
+    **{
+        f"per_instance.{_s}": lambda s=_s: (_stage(_fid("mr", ("per_instance",)), s),) * 2
+        for _s in ("early", "mid", "late")
+    },
+}
+"""The rows SAM's and the shipped δ-SAM's cosines are read on, by the name their quotes use (in situ: each
+method's own trajectory; pooled: the ERM, SAM and δ-SAM trajectories)."""
+
+for _where, _sides in SIDES.items():
+    quote(f"fidelity.{_where}.sam")(lambda s=_sides: num(_cos(s()[0], "sam"), 3, sign=False))
+    quote(f"fidelity.{_where}.deltasam")(lambda s=_sides: num(_cos(s()[1], _shipped()), 3, sign=False))
+for _where in ("mr.pooled", "tweets.pooled", "per_instance"):
+    quote(f"fidelity.{_where}.n")(lambda s=SIDES[_where]: str(len(s()[1])))
+for _task in ("mr", "tweets", None):
+    _name = "fidelity.in_situ" if _task is None else f"fidelity.{_task}.in_situ"
+    quote(_name)(lambda t=_task: interval(_in_situ(t), scale=1.0, digits=3))
+    quote(f"{_name}.ci")(lambda t=_task: f"[{num(_in_situ(t)['ci'][0], 3)}, {num(_in_situ(t)['ci'][1], 3)}]")
+    quote(f"{_name}.n")(lambda t=_task: str(_in_situ(t)["n"]))
+    quote(f"{_name}.mean")(lambda t=_task: num(_in_situ(t)["mean"], 3))
+for _task in ("mr", "tweets"):
+    quote(f"fidelity.{_task}.pooled")(lambda t=_task: interval(_gain(_fid(t)), scale=1.0, digits=3))
+    quote(f"fidelity.{_task}.pooled.win")(lambda t=_task: _won(_fid(t)))
+    quote(f"fidelity.{_task}.sam_cos")(lambda t=_task: num(_cos(_fid(t), "sam"), sign=False))
+    quote(f"fidelity.{_task}.curvature")(lambda t=_task: _cos_range(_fid(t), "curvature:"))
+for _traj in ("erm", "sam"):
+    quote(f"fidelity.tweets.along_{_traj}")(
+        lambda tr=_traj: interval(_gain(_fid("tweets", (tr,))), scale=1.0, digits=3)
+    )
+    quote(f"fidelity.tweets.along_{_traj}.win")(lambda tr=_traj: _won(_fid("tweets", (tr,))))
+quote("fidelity.mr.erm_mid_late")(
+    lambda: " to ".join(num(g) for g in sorted(_gain(_stage(_fid("mr", ("erm",)), s))["mean"] for s in ("mid", "late")))
+)
+for _variant in ("probe:-0.5", "probe:-0.5:raw"):
+    quote(f"fidelity.mr.{_variant_slug(_variant)}")(lambda v=_variant: num(_cos(_fid("mr"), v), 3, sign=False))
+for _variant in ("head:-1", "head:-0.5", "exact:-1"):
+    quote(f"fidelity.tweets.{_variant_slug(_variant)}")(lambda v=_variant: num(_gain(_fid("tweets"), v)["mean"], 3))
+quote("fidelity.pooled.win")(lambda: _won(_fid()))
+quote("fidelity.per_instance")(
+    lambda: interval(_summary(saved("fidelity")["summary"]["by_trajectory"]["per_instance"][_shipped()]), 1.0, 3)
+)
+quote("fidelity.rel_err_range")(lambda: f"{num(min(_rel_errs()), sign=False)}–{num(max(_rel_errs()), sign=False)}")
+quote("fidelity.rel_err_floor")(lambda: f"{math.floor(10 * min(_rel_errs())) / 10:.1f}")
+quote("fidelity.batches")(lambda: str(saved("fidelity")["summary"]["overall"]["sam"]["n"]))
+for _task in ("mr", "tweets"):
+    quote(f"fidelity.{_task}.batches")(lambda t=_task: str(sum(r["task"] == t for r in _fidelity_rows())))
+for _variant in ("exact:-0.5", "probe:-0.5", "head:-1"):
+    quote(f"fidelity.vs_shipped.{_variant_slug(_variant)}")(
+        lambda v=_variant: interval(_summary(saved("fidelity")["summary"]["against_shipped"][v]), 1.0, 3)
+    )
+
+# --- generalization, robust defaults and the checks of the default ---------------------------------------------------
+
+
+def _general(key: str) -> dict[str, Any]:
+    return saved("generalization")["differences"][key]
+
+
+def _general_cell(task: str, setting: str, family: str, column: str) -> str:
+    """A method's cell of the generalization study's final comparison (its ρ the one chosen on validation)."""
+    method = "erm" if family == "erm" else saved("generalization")["chosen"][f"{task}/{setting}/{family}"]
+    return cell("generalization", column, "Final comparison", task=task, setting=setting, method=method)
+
+
+def _mean_of(text: str, digits: int) -> str:
+    """The mean of a table's ``mean ± std`` cell, to ``digits`` decimals."""
+    return num(float(text.split(" ± ")[0]), digits, sign=False)
+
+
+SETTINGS = ("clean1k", "noisy1k")
+FINAL, BEST = "test acc, final weights", "test acc, best-val checkpoint"
+SHARPNESS, EIGEN = "SAM sharpness at ρ₀ = 0.05", "Hessian eigenvalue of largest magnitude"
+for _task in ("mr", "tweets"):
+    for _setting in SETTINGS:
+        _pairs = ("sam-erm", "deltasam-erm", "deltasam-sam")
+        _families = ("erm", "sam", "deltasam")
+        if (_task, _setting) == ("mr", "clean1k"):
+            _pairs += ("per_instance-erm", "per_instance-sam")
+            _families += ("per_instance",)
+        for _pair in _pairs:
+            _key = f"{_task}/{_setting}/{_pair}"
+            _name = f"generalization.{_task}.{_setting}.{_pair}"
+            quote(_name)(lambda k=_key: interval(_general(k), scale=1.0))
+            quote(f"{_name}.mean")(lambda k=_key: num(_general(k)["mean"]))
+            quote(f"{_name}.ci")(lambda k=_key: interval(_general(k), scale=1.0).split(" ", 1)[1])
+            quote(f"{_name}.wins")(lambda k=_key: f"{_general(k)['wins']} of {_general(k)['n']}")
+            quote(f"{_name}.best_val")(lambda k=_key: interval(_general(k)["best_val"], scale=1.0))
+        for _fam in _families:
+            _name = f"generalization.{_task}.{_setting}.{_fam}"
+            _args = (_task, _setting, _fam)
+            quote(_name)(lambda a=_args: _general_cell(*a, FINAL).split(" ± ")[0])
+            quote(f"{_name}.mean_std")(lambda a=_args: _general_cell(*a, FINAL))
+            quote(f"{_name}.best_val")(lambda a=_args: _general_cell(*a, BEST).split(" ± ")[0])
+            quote(f"{_name}.sharpness")(lambda a=_args: _mean_of(_general_cell(*a, SHARPNESS), 3))
+            quote(f"{_name}.eigen")(lambda a=_args: _mean_of(_general_cell(*a, EIGEN), 0))
+            quote(f"{_name}.eigen.mean_std")(lambda a=_args: _general_cell(*a, EIGEN))
+quote("generalization.differences")(lambda: str(len(saved("generalization")["differences"])))
+quote("generalization.intervals")(
+    lambda: str(sum(1 + (d["best_val"] is not None) for d in saved("generalization")["differences"].values()))
+)
+quote("generalization.deltasam_sam.within")(
+    lambda: num(
+        max(abs(_general(f"{t}/{s}/deltasam-sam")["mean"]) for t in ("mr", "tweets") for s in SETTINGS), 1, False
+    )
+)
+
+
+def _checkpoint_shift() -> float:
+    """How much the best-validation checkpoint moves SAM − ERM and δ-SAM − ERM, outside noisy mr: the largest."""
+    return max(
+        abs(d["best_val"]["mean"] - d["mean"])
+        for k, d in saved("generalization")["differences"].items()
+        if k.endswith(("/sam-erm", "/deltasam-erm")) and not k.startswith("mr/noisy1k/")
+    )
+
+
+quote("generalization.checkpoint_shift.within")(lambda: num(_checkpoint_shift(), 1, sign=False))
+quote("generalization.clean.sam_erm_range")(
+    lambda: " to ".join(num(m) for m in sorted(_general(f"{t}/clean1k/sam-erm")["mean"] for t in ("mr", "tweets")))
+)
+
+
+def _general_stds() -> list[float]:
+    rows = [r for head, r in _table_rows("generalization") if head.startswith("Final comparison")]
+    return [float(r[FINAL].split(" ± ")[1]) for r in rows]
+
+
+quote("generalization.std_range")(lambda: f"{min(_general_stds()):.1f}–{max(_general_stds()):.1f}")
+
+
+def _runs_4k(task: str, method: str, metric: str) -> float:
+    """The mean of ``metric`` over the seeds of one arm of the 2026-11-28 study (4,000 instances, one epoch)."""
+    runs = saved("generalization_4k_one_epoch")["runs"]
+    return statistics.mean(r["metrics"][metric] for r in runs if (r["task"], r["method"]) == (task, method))
+
+
+for _task, _arms_4k, _digits in (
+    ("mr", ("erm", "sam", "deltasam", "per_instance"), 1),
+    ("r8", ("erm", "sam", "deltasam"), 2),
+    ("tweets", ("erm", "sam", "deltasam"), 2),
+):
+    for _method in _arms_4k:
+        quote(f"generalization_4k.{_task}.{_method}")(
+            lambda t=_task, m=_method: cell("generalization_4k_one_epoch", "test acc", task=t, method=m)
+        )
+    quote(f"generalization_4k.{_task}.deltasam_sam")(
+        lambda t=_task, d=_digits: num(100 * (_runs_4k(t, "deltasam", "test/acc") - _runs_4k(t, "sam", "test/acc")), d)
+    )
+quote("generalization_4k.mr.per_instance.test")(
+    lambda: num(100 * _runs_4k("mr", "per_instance", "test/acc"), sign=False)
+)
+
+
+def _curve_4k(method: str | None, point: int) -> list[float]:
+    """Validation accuracy (%) of mr's runs (one method's, or all) at one validation point of the epoch."""
+    runs = saved("generalization_4k_one_epoch")["runs"]
+    return [100 * r["curve"][point][1] for r in runs if r["task"] == "mr" and method in (None, r["method"])]
+
+
+quote("generalization_4k.mr.first_point")(lambda: num(max(_curve_4k(None, 0)), 1, sign=False))
+quote("generalization_4k.mr.erm.second_point")(lambda: f"{min(_curve_4k('erm', 1)):.0f}–{max(_curve_4k('erm', 1)):.0f}")
+for _method in ("sam", "per_instance"):
+    quote(f"generalization_4k.mr.{_method}.sharpness")(
+        lambda m=_method: num(_runs_4k("mr", m, "sam/sharpness_mean"), 3, sign=False)
+    )
+ROBUST = {
+    "rho05_constant": "sam rho=0.05 constant",
+    "rho05_warmup": "sam rho=0.05 warmup",
+    "rho05_follow_lr": "sam rho=0.05 follow_lr",
+    "rho05_start_step": "sam rho=0.05 start_step",
+    "rho02_constant": "sam rho=0.02 constant",
+    "rho02_follow_lr": "sam rho=0.02 follow_lr",
+}
+"""The robust-defaults study's SAM arms by the name their quotes use."""
+ALL_SETTINGS = {"val": "val − ERM (points, paired)", "test": "test − ERM (points, paired)", "worst": "worst val − ERM"}
+
+
+def _robust(column: str, title: str, method: str) -> str:
+    return cell("robust_defaults", column, title, method=method)
+
+
+def _robust_same(column: str, title: str, methods: tuple[str, ...]) -> str:
+    """One cell of several arms, written once where they agree (``57.8``), else each (``68.8 / 69.1``)."""
+    return " / ".join(dict.fromkeys(_robust(column, title, m) for m in methods))
+
+
+for _slug, _method in ROBUST.items():
+    quote(f"robust.all.{_slug}.runs")(lambda m=_method: _robust("runs", "All settings", m))
+    quote(f"robust.all.{_slug}.stalled")(lambda m=_method: _robust("stalled", "All settings", m))
+    for _short, _column in ALL_SETTINGS.items():
+        quote(f"robust.all.{_slug}.{_short}")(lambda m=_method, c=_column: num(float(_robust(c, "All settings", m)), 1))
+for _setting, _slugs in (
+    ("mr, noisy1k", ("erm", "rho05_follow_lr", "rho02_constant", "rho02_follow_lr")),
+    ("mr, 4k1ep", ("erm", "rho02_constant", "rho02_follow_lr")),
+    ("tweets, noisy1k", ("erm",)),
+):
+    for _slug in _slugs:
+        for _short, _column in (("val", "val acc"), ("test", "test acc (final weights)")):
+            quote(f"robust.{slug(_setting)}.{_slug}.{_short}")(
+                lambda s=_setting, m={"erm": "erm", **ROBUST}[_slug], c=_column: _robust(c, s, m)
+            )
+for _setting, _slugs in (
+    ("mr, noisy1k", ("rho05_constant", "rho05_warmup", "rho05_start_step")),
+    ("tweets, noisy1k", ("rho05_constant", "rho05_warmup", "rho05_follow_lr")),
+):
+    for _short, _column in (("val", "val acc"), ("test", "test acc (final weights)")):
+        quote(f"robust.{slug(_setting)}.{'_'.join(s.split('_', 1)[1] for s in _slugs)}.{_short}")(
+            lambda s=_setting, ms=tuple(ROBUST[x] for x in _slugs), c=_column: _robust_same(c, s, ms)
+        )
+quote("robust.rho05.constant")(lambda: _robust("val acc", "mr, noisy1k", ROBUST["rho05_constant"]))
+quote("robust.rho05.follow_lr")(lambda: _robust("val acc", "mr, noisy1k", ROBUST["rho05_follow_lr"]))
+quote("robust.rho02.runs")(
+    lambda: str(sum(int(_robust("runs", "All settings", ROBUST[s])) for s in ("rho02_constant", "rho02_follow_lr")))
+)
+quote("robust.rho02.follow_lr.val")(
+    lambda: num(float(_robust(ALL_SETTINGS["val"], "All settings", ROBUST["rho02_follow_lr"])), 1)
+)
+quote("robust.rho02.follow_lr.runs")(lambda: _robust("runs", "All settings", ROBUST["rho02_follow_lr"]))
+quote("robust.rho02.val")(
+    lambda: " / ".join(
+        dict.fromkeys(
+            num(float(_robust(ALL_SETTINGS["val"], "All settings", ROBUST[s])), 1)
+            for s in ("rho02_constant", "rho02_follow_lr")
+        )
+    )
+)
+quote("robust.rho02.worst")(
+    lambda: num(
+        -min(
+            float(_robust(ALL_SETTINGS["worst"], "All settings", ROBUST[s]))
+            for s in ("rho02_constant", "rho02_follow_lr")
+        ),
+        1,
+        sign=False,
+    )
+)
+quote("robust.4k1ep.rho02_follow_lr.val_std")(
+    lambda: _robust("val acc", "mr, 4k1ep", ROBUST["rho02_follow_lr"]).split(" ± ")[1]
+)
+
+
+def _old_default_run() -> dict[str, Any]:
+    """δ-SAM at ρ = 0.05 constant on 4,000 mr reviews, seed 1 (the 2026-11-28 study): the check's reference."""
+    (run,) = [
+        r
+        for r in saved("generalization_4k_one_epoch")["runs"]
+        if (r["task"], r["method"], r["seed"]) == ("mr", "deltasam", 1)
+    ]
+    return run
+
+
+quote("default.val")(lambda: num(100 * saved("default_check")["metrics"]["val/acc"], 1, sign=False))
+quote("default.test")(lambda: num(100 * saved("default_check")["metrics"]["test/acc"], 1, sign=False))
+quote("default.val_majority")(lambda: f"{100 * saved('default_check')['metrics']['val/majority_share']:.0f}")
+quote("default.seconds")(lambda: f"{saved('default_check')['metrics']['time/total_s']:.0f}")
+quote("default.old_rho.test")(lambda: num(100 * _old_default_run()["metrics"]["test/acc"], 1, sign=False))
+quote("make_train.test")(lambda: num(100 * saved("make_train")["metrics"]["test/acc"], sign=False))
+quote("make_train.val")(lambda: num(100 * saved("make_train")["metrics"]["val/acc"], sign=False))
+quote("make_train.minutes")(lambda: num(saved("make_train")["wall_s"] / 60, 1, sign=False))
+quote("make_train.previous.test")(lambda: num(100 * saved("make_train")["previous"]["test/acc"], sign=False))
+quote("make_train.previous.val")(lambda: num(100 * saved("make_train")["previous"]["val/acc"], sign=False))
+
 # --- step costs ----------------------------------------------------------------------------------------------------
 
 
-def _cost(name: str, method: str, model: str = "minilm") -> str:
+def _methods(name: str, model: str = "minilm") -> dict[str, Any]:
     data = saved(name)
-    methods = (data["cost"] if "cost" in data else data["results"])[model]["methods"]
-    return num(methods[method]["vs_erm"], sign=False)
+    return (data["cost"] if "cost" in data else data["results"])[model]["methods"]
+
+
+def _cost(name: str, method: str, model: str = "minilm") -> str:
+    return num(_methods(name, model)[method]["vs_erm"], sign=False)
 
 
 for _method in ("sam", "deltasam(head)", "per_instance"):
@@ -322,3 +974,115 @@ for _slug in FAMILY_COSTS:
             lambda m=_model: f"{100 * _family(m, 'policy')['full_fraction']:.0f}%"
         )
 quote("regimes.interval5_erm.cost")(lambda: num(_arm("noisy1k/sam interval=5")["cost_vs_erm"], sign=False))
+
+for _method in (
+    "erm",
+    "sam",
+    "asam",
+    "deltasam(head)",
+    "deltasam(probe K=3, all)",
+    "deltasam(probe K=3, top)",
+    "deltasam(probe K=3, head)",
+    "per_instance",
+):
+    for _key in ("vs_sam", "vs_erm"):
+        quote(f"overhead.cpu.{slug(_method)}.{_key}")(
+            lambda m=_method, k=_key: num(_methods("overhead")[m][k], sign=False)
+        )
+    quote(f"overhead.cpu.{slug(_method)}.rounded")(
+        lambda m=_method: num(_methods("overhead")[m]["vs_erm"], 1, sign=False)
+    )
+for _method in ("sam, interval=5", "sam, looksam k=5", "sam, looksam k=10", "deltasam(head), looksam k=5"):
+    quote(f"overhead.amortized.{_method}")(lambda m=_method: _cost("overhead_amortized", m))
+quote("overhead.amortized.per_instance")(
+    lambda: num(_methods("overhead_amortized")["per_instance"]["vs_erm"], 1, sign=False)
+)
+quote("overhead.h200.per_instance_batched.rounded")(
+    lambda: num(_methods("gpu_check")["per_instance (batched, chunk 16)"]["vs_erm"], 1, sign=False)
+)
+
+
+def _side_by_side(root: str) -> str:
+    """Per-instance SAM's step × ERM at length 48 in the two runs of one code (``c5cf503``: 2026-11-28; ``HEAD``)."""
+    rows = load_jsonl(RESULTS / "per_instance_side_by_side.jsonl")
+    costs = [r["loop_x_erm"] for r in rows if r["length"] == 48 and r["root"].startswith(root)]
+    return f"{num(min(costs), sign=False)}–{num(max(costs), sign=False)}"
+
+
+quote("overhead.side_by_side.before")(lambda: _side_by_side("c5cf503"))
+quote("overhead.side_by_side.now")(lambda: _side_by_side("HEAD"))
+quote("staleness.lag1")(lambda: num(saved("staleness")["cos_by_lag"]["1"], sign=False))
+
+# --- fidelity along a SAM trajectory and its radii (2026-11-28) -----------------------------------------------------
+
+
+def _sam_traj(variant: str, name: str = "fidelity_sam_trajectory") -> dict[str, Any]:
+    return saved(name)["summary"][variant]
+
+
+def _sam_traj_step(variant: str, step: int) -> float:
+    """A variant's mean cos over the probes of one step (every task that reached it)."""
+    rows = saved("fidelity_sam_trajectory")["rows"]
+    return statistics.mean(r["cos"] for r in rows if (r["variant"], r["step"]) == (variant, step))
+
+
+SAM_TRAJECTORY = tuple(f"{e}:{b}" for e in ("head", "probe", "probe_top", "exact") for b in ("-1", "-0.5", "0.5", "1"))
+for _variant in ("sam", *SAM_TRAJECTORY):
+    _name = f"fidelity_sam_trajectory.{_variant_slug(_variant)}"
+    quote(_name)(lambda v=_variant: num(_sam_traj(v)["mean"], 3, sign=False))
+    quote(f"{_name}.mean_std")(lambda v=_variant: f"{_sam_traj(v)['mean']:.3f} ± {_sam_traj(v)['std']:.3f}")
+    quote(f"{_name}.beats")(lambda v=_variant: f"{100 * _sam_traj(v)['beats_sam']:.0f}%")
+    for _task in ("mr", "r8", "tweets"):
+        quote(f"{_name}.{_task}")(lambda v=_variant, t=_task: num(_sam_traj(v)["per_task"][t], 3, sign=False))
+    for _step in (0, 100, 200):
+        quote(f"{_name}.step{_step}")(lambda v=_variant, s=_step: num(_sam_traj_step(v, s), 3, sign=False))
+quote("fidelity_sam_trajectory.n")(lambda: str(_sam_traj("sam")["n"]))
+for _rho in ("0.005", "0.02", "0.1"):
+    for _variant in ("sam", "head:-0.5", "head:-1", "exact:-0.5", "exact:-1"):
+        _name = f"fidelity_rho.{_rho}.{_variant_slug(_variant)}"
+        _file = f"fidelity_rho{_rho}"
+        quote(_name)(lambda v=_variant, f=_file: num(_sam_traj(v, f)["mean"], 3, sign=False))
+        quote(f"{_name}.beats")(lambda v=_variant, f=_file: f"{100 * _sam_traj(v, f)['beats_sam']:.0f}%")
+quote("fidelity_rho.n")(lambda: str(_sam_traj("sam", "fidelity_rho0.02")["n"]))
+
+
+# ------------------------------------------------------------------------------------- the variants study (issue 48)
+
+
+def _variants_entry(task: str, arm: str, base: str) -> dict[str, Any] | None:
+    found = saved("variants")
+    baseline = "early-stopped erm" if base == "erm" else base
+    for e in found["primary"] + found["secondary"]:
+        if (e["task"], e["arm"], e["baseline"]) == (task, arm, baseline):
+            return e
+    return None
+
+
+def _variants_test(task: str, arm: str, base: str) -> str:
+    """``mean [low, high] points (W/T/L, n seeds, Holm p)``, or that it has not run."""
+    e = _variants_entry(task, arm, base)
+    if e is None:
+        return "not run yet"
+    return f"{interval(e)} points ({wtl(e)} over {e['n']} seeds, Holm p {p_value(e['p_holm'])})"
+
+
+def _variants_chosen(task: str, arm: str) -> str:
+    rho = saved("variants")["chosen"][task][arm]
+    return "not chosen yet" if rho is None else f"{rho:g}"
+
+
+for _v_arm, _v_base in [
+    *[(a, "sam") for a in ("gsam", "wsam", "fsam", "ae-sam", "δ-sam")],
+    *[(a, "erm") for a in ("sam", "δ-sam", "gsam", "wsam", "fsam", "ae-sam")],
+    *[(a, b) for a in ("δ-gsam", "δ-fsam") for b in ("sam", "δ-sam", "gsam", "wsam", "fsam", "ae-sam")],
+]:
+    quote(f"variants.mr.{slug(_v_arm.replace('δ-', 'delta_'))}.{slug(_v_base.replace('δ-', 'delta_'))}")(
+        lambda a=_v_arm, b=_v_base: _variants_test("mr", a, b)
+    )
+for _v_arm in ("sam", "gsam", "wsam", "fsam", "ae-sam", "δ-sam", "δ-gsam", "δ-fsam"):
+    quote(f"variants.mr.{slug(_v_arm.replace('δ-', 'delta_'))}.rho")(lambda a=_v_arm: _variants_chosen("mr", a))
+
+
+quote("fidelity.intervals")(
+    lambda: str(len(re.findall(r"\[[^\[\]]+, [^\[\]]+\]", saved("fidelity")["table"])))
+)
