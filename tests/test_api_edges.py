@@ -729,3 +729,20 @@ def test_sparse_gradient_layers_are_refused_by_name():
         model = Bag()
         with pytest.raises(ValueError, match=r"sparse-gradient layers \['embed'\].*sparse=False"):
             DeltaSAMOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), DeltaSAMConfig(method=method))
+
+
+def test_a_closure_runs_deltasam_without_instance_weights():
+    """method='deltasam' with beta=0 has no instance weights: a closure (one scalar loss) runs it, as SAM."""
+    torch.manual_seed(0)
+    model = MLP()
+    config = DeltaSAMConfig(method="deltasam", beta=0.0, rho_schedule="constant")
+    sam = DeltaSAMOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), config)
+    batch = next(iter(loader(n=8, batch_size=8)))
+
+    def closure():
+        sam.zero_grad()
+        loss = model.losses(batch).mean()
+        loss.backward()
+        return loss
+
+    assert sam.step(closure) is not None

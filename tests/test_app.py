@@ -463,3 +463,18 @@ def test_the_small_models_vocabulary_is_fit_once_per_training_set(tmp_path, monk
     with pytest.raises(AssertionError, match="fit again"):
         builders.Small(vocab_size=149, cache_dir=str(tmp_path)).tokenizer(lambda: iter(texts))
     assert cached.exists()
+
+
+def test_wandb_mode_disabled_holds_for_every_job_of_a_multirun(monkeypatch, tmp_path):
+    """The config's offline=True made Lightning set WANDB_MODE=dryrun at the first job, so the second job of a
+    multirun wrote an offline run although the user disabled W&B (found by an independent review)."""
+    import wandb
+
+    from lit_deltasam.app.console import wandb_logger
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    for job in range(2):
+        logger = wandb_logger(offline=True, project="p", save_dir=str(tmp_path / str(job)))
+        assert type(logger.experiment).__name__ == "NoopRun"
+        wandb.finish()  # the job's end, as the app's teardown does
+    assert not list(tmp_path.rglob("offline-run-*"))

@@ -1,7 +1,6 @@
 """The mixin keeps everything Lightning does: steps, schedulers, precision, checkpoints, resume."""
 
 import copy
-import math
 
 import lightning as L
 import pytest
@@ -507,8 +506,8 @@ def test_the_family_logs_what_it_adds(options, extra):
     """Each step's logged ``sam/<extra>`` is the step's ``result.extras`` (GSAM's ||g_perp||, F-SAM's sigma ||m||);
     under the policy ``sam/full_step`` is each step's decision and ``sam/full_fraction`` their running mean, which
     ends at loop_state.policy_full / policy_decided. On the policy's plain steps what only a full step measures is
-    NaN (Lightning's logger connector would repeat the last full step's value; an independent tester saw it), and
-    sam/grad_norm is the ||g|| the decision read."""
+    not logged (Lightning's logger connector would repeat the last full step's value; an independent tester saw
+    it), and sam/grad_norm is the ||g|| the decision read."""
     recorder = Recorder()
     module = KeepsResults(DeltaSAMConfig(rho=0.5, rho_schedule="constant", **options))
     module.results = []
@@ -531,7 +530,8 @@ def test_the_family_logs_what_it_adds(options, extra):
         assert rows[-1]["sam/full_fraction"] == pytest.approx(state.policy_full / state.policy_decided)
         only_full = ["sam/sharpness", "sam/perturbed_loss"] + ([f"sam/{extra}"] if extra else [])
         for row, r in zip(rows, module.results):
-            assert all(math.isnan(row[name]) != r.full_step for name in only_full if name in row)
+            assert all((name in row) == r.full_step for name in only_full if name != "sam/fsam_removed_norm")
+            assert "sam/fsam_removed_norm" not in row or r.full_step
             assert row["sam/grad_norm"] == pytest.approx(float(r.grad_norm), rel=1e-6) and row["sam/grad_norm"] > 0
     else:
         assert "sam/full_fraction" not in rows[-1] and "sam/full_step" not in rows[-1]
@@ -617,3 +617,16 @@ def test_the_probe_measures_the_family_members_own_step(method):
     if method == "fsam":
         without = fidelity(module, module.per_sample_loss, batch, configs, params)
         assert abs(without["fsam"] - got["probe/cos_fsam"]) > 1e-6
+
+
+def test_a_plain_step_logs_no_stale_full_step_values():
+    """interval=2: Lightning hands a logger the last value of every key logged earlier in the epoch; the plain steps'
+    rows must not carry the previous full step's sam/sharpness (and the rest a full step alone measures)."""
+    recorder = Recorder()
+    module = TinyModule(DeltaSAMConfig(method="deltasam", interval=2, rho_schedule="constant"))
+    trainer(max_steps=6, logger=recorder, log_every_n_steps=1).fit(module, loader(n=64, batch_size=8))
+    rows = [metrics for metrics, _ in recorder.calls if "train/loss" in metrics]
+    assert [row["sam/full_step"] for row in rows] == [1.0, 0.0] * 3
+    for row in rows:
+        for name in ("sam/sharpness", "sam/perturbed_loss", "sam/grad_norm", "sam/eps_norm", "sam/ess"):
+            assert (name in row) == (row["sam/full_step"] == 1.0), name

@@ -108,7 +108,8 @@ def wandb_logger(**kwargs: Any) -> WandbLogger:
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         kwargs["name"] = f"{kwargs.get('name') or 'run'}-job{HydraConfig.get().job.num}"
     if os.environ.get("WANDB_MODE") == "disabled":
-        kwargs["mode"] = "disabled"
+        # offline=True would make Lightning set WANDB_MODE=dryrun, and the next job of a multirun would log
+        kwargs.update(mode="disabled", offline=False)
     logger = WandbLogger(**kwargs)
     if logger._wandb_init.get("anonymous") is None:
         logger._wandb_init.pop("anonymous", None)

@@ -38,7 +38,7 @@ class SharpnessSummary(Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         rho, full = trainer.callback_metrics.get("sam/rho"), trainer.callback_metrics.get("sam/full_step")
         if (rho is not None and float(rho) == 0.0) or (full is not None and float(full) == 0.0):
-            return  # a plain step (ρ schedule, interval, LookSAM, the policy) measures no sharpness
+            return  # a plain step (ρ schedule, interval, LookSAM, the policy): the values there are the last full one's
         for key in SUMMARIZED:
             value = trainer.callback_metrics.get(key)
             if value is not None:

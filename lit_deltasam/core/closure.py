@@ -84,7 +84,8 @@ def refuse(optimizer: DeltaSAMOptimizer, closure: Callable[[], Any]) -> None:
     refused = [
         (cfg.accumulate_grad_batches > 1, f"accumulate_grad_batches={cfg.accumulate_grad_batches}"),
         (cfg.m_sharpness is not None, f"m_sharpness={cfg.m_sharpness}"),
-        (cfg.method in ("deltasam", "per_instance"), f"method={cfg.method!r} (per-instance losses)"),
+        (cfg.method == "per_instance", "method='per_instance' (per-instance losses)"),
+        (cfg.reweights and cfg.method == "deltasam", "method='deltasam' (per-instance losses)"),
         (cfg.reweights, f"beta={cfg.beta} with method={cfg.method!r} (per-instance losses)"),
         (optimizer.scaler is not None, "scaler= (the closure runs its own backward)"),
         (cfg.ascent == "local" and cfg.perturbs and world_size() > 1, "ascent='local' under DDP"),

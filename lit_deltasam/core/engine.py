@@ -87,7 +87,7 @@ def _refuse_step_rules(config: DeltaSAMConfig) -> None:
     step, with state across steps, which only a training loop holds."""
     rule = _STEP_RULES.get(config.method)
     what = f"method={config.method!r} ({rule})" if rule else "policy='adaptive' (its running moments of ||g||²)"
-    if rule or config.policy is not None:
+    if rule or (config.policy is not None and config.perturbs):
         raise ValueError(
             f"DeltaSAM runs one micro-batch's double step, and {what} acts at the optimizer step: use "
             "DeltaSAMOptimizer (a hand-written loop) or DeltaSAMMixin (Lightning); "

@@ -50,7 +50,7 @@ def clipping(closure: Callable[[], Any]) -> Optional[str]:
     from .hooks import overridden
 
     module, _ = private.automatic_closure(closure)
-    if module is None:
+    if module is None or not module.automatic_optimization:  # Lightning clips under automatic optimization only
         return None
     clip = getattr(module._trainer, "gradient_clip_val", None)
     if clip:

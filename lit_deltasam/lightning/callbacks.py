@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Optional, cast
 
 import lightning as L
@@ -26,16 +25,15 @@ if TYPE_CHECKING:
 def _running_means(
     pl_module: L.LightningModule, configs: Mapping[str, DeltaSAMConfig], params: Sequence[Tensor]
 ) -> dict[str, Sequence[Tensor]]:
-    """Friendly-SAM's running mean where the module trains with it: the loop's, for each probed config equal to the
-    module's own (zeros for a parameter the optimizer does not hold)."""
+    """Friendly-SAM's running mean where the module trains with it: the loop's, for each Friendly-SAM config probed
+    (zeros for a parameter the optimizer does not hold)."""
     mixin = cast("DeltaSAMMixin", pl_module)
     own, momentum, cached = mixin._deltasam_config(), mixin._deltasam_state.fsam_momentum, mixin._deltasam_fit.driver
     if own.method != "fsam" or momentum is None or cached is None:
         return {}
     held = {id(p): m for p, m in zip(cached[2].engine.params, momentum)}
     mean = [held[id(p)].to(p.device, p.dtype) if id(p) in held else torch.zeros_like(p) for p in params]
-    local = replace(own, ascent="local")
-    return {name: mean for name, cfg in configs.items() if cfg == local}
+    return {name: mean for name, cfg in configs.items() if cfg.method == "fsam"}
 
 
 class SharpnessProbe(Callback):
@@ -108,7 +106,7 @@ class SharpnessProbe(Callback):
         methods = self.methods
         if methods is None:  # ERM makes no sharpness correction to compare: its cosine would be a constant 0
             methods = {"sam": DeltaSAMConfig(method="sam", rho=own.rho), **({own.method: own} if own.perturbs else {})}
-        return {name: replace(DeltaSAMConfig.coerce(cfg), ascent="local") for name, cfg in methods.items()}
+        return {name: DeltaSAMConfig.coerce(cfg).replace(ascent="local") for name, cfg in methods.items()}
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if isinstance(trainer.strategy, FSDPStrategy) or any(is_sharded(p) for p in pl_module.parameters()):

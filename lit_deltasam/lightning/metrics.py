@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional, cast
 
 import torch
@@ -14,7 +13,7 @@ from ..config import DeltaSAMConfig
 from ..core.distributed import gather_instances, world_size
 from ..core.driver import LoopState
 from ..core.result import StepResult
-from .private import batches_that_stepped, should_update_logs
+from .private import batches_that_stepped, forget_step_values, should_update_logs
 
 
 def log_step(module: LightningModule, state: LoopState, cfg: DeltaSAMConfig, result: StepResult, last: bool) -> None:
@@ -23,6 +22,8 @@ def log_step(module: LightningModule, state: LoopState, cfg: DeltaSAMConfig, res
     if world_size() > 1 and not should_update_logs(module.trainer):
         return  # the diagnostics' all-gather runs on the steps the loggers record (log_every_n_steps)
     per_step, means, maxima = step_metrics(state, cfg, result)
+    # a key not logged at this step would reach the loggers with its last full step's value
+    forget_step_values(module.trainer, FULL_STEP_ONLY - {*means, *maxima})
     for name, value in per_step.items():
         module.log(name, value, on_step=True, on_epoch=False)
     metrics = reduce_over_ranks(means, maxima, device=result.losses.device)
@@ -74,24 +75,20 @@ def step_metrics(
         means["sam/update_norm"] = result.update_norm
     for name, value in result.extras.items():  # what a method adds: GSAM's ||g_perp||, F-SAM's removed component
         means[f"sam/{name}"] = value
-    if cfg.perturbs and not result.full_step:
-        # Lightning logs a step's metrics with the last values of those it did not log, so a plain step (interval,
-        # LookSAM, the policy) writes NaN for what only a full step measures instead of the last full step's values
-        nan = torch.full((), math.nan, device=result.losses.device)
-        for name in full_step_metrics(cfg):
-            means.setdefault(name, nan)
-        if cfg.reweights:
-            maxima.setdefault("sam/max_weight", nan)
     return per_step, means, maxima
 
 
-def full_step_metrics(cfg: DeltaSAMConfig) -> list[str]:
-    """The diagnostics that only a full sharpness-aware step of ``cfg``'s method measures."""
-    names = ["sam/perturbed_loss", "sam/sharpness", "sam/grad_norm", "sam/eps_norm"]
-    if cfg.reweights:
-        names += ["sam/ess"]
-    names += {"gsam": ["sam/gsam_perp_norm"], "fsam": ["sam/fsam_removed_norm"]}.get(cfg.method, [])
-    return names
+FULL_STEP_ONLY = {
+    "sam/perturbed_loss",
+    "sam/sharpness",
+    "sam/grad_norm",
+    "sam/eps_norm",
+    "sam/ess",
+    "sam/max_weight",
+    "sam/gsam_perp_norm",
+    "sam/fsam_removed_norm",
+}
+"""The diagnostics that a plain step (``interval``, LookSAM, the policy, ρ = 0) may not measure."""
 
 
 def reduce_over_ranks(means: dict[str, Tensor], maxima: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:

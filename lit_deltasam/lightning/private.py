@@ -14,6 +14,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.loops.optimization.automatic import Closure
 from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 from lightning.pytorch.trainer.connectors.logger_connector.logger_connector import _LoggerConnector
+from lightning.pytorch.trainer.connectors.logger_connector.result import _Metadata, _ResultMetric
 from torchmetrics import Metric
 
 USED = {
@@ -22,6 +23,8 @@ USED = {
     Closure: ("_result",),
     LightningModule: ("_trainer",),
     Metric: ("_update_count", "_computed", "_forward_cache", "metric_state"),
+    _ResultMetric: ("_forward_cache",),
+    Trainer: ("_results",),
 }
 """The private attributes read here, by the class that holds them (instance attributes are checked on an
 instance)."""
@@ -39,6 +42,8 @@ def check(trainer: Optional[Trainer] = None) -> None:
         Closure: Closure(cast(Any, lambda: None)),  # a step function never called: only attributes are read
         LightningModule: LightningModule(),
         Metric: SumMetric(),
+        _ResultMetric: _ResultMetric(_Metadata(fx="training_step", name="probe"), is_tensor=True),
+        Trainer: trainer,
     }
     missing = [
         f"{cls.__module__}.{cls.__name__}.{name}"
@@ -56,6 +61,18 @@ def check(trainer: Optional[Trainer] = None) -> None:
             "lit_deltasam/lightning/private.py for this version, or install the Lightning version pinned in "
             "pyproject.toml"
         )
+
+
+def forget_step_values(trainer: Trainer, names: set[str]) -> None:
+    """Drop the values logged under ``names`` at an earlier step of the epoch: Lightning hands a logger, at each
+    step, the last value of every key logged so far, so a key this step did not log would repeat an old value
+    (``trainer.callback_metrics`` keeps it, as it does for every key)."""
+    results = trainer._results
+    if results is None:
+        return
+    for metric in results.values():
+        if isinstance(metric, _ResultMetric) and metric.meta.name in names:
+            metric._forward_cache = None
 
 
 def attached_trainer(module: LightningModule) -> Optional[Trainer]:
