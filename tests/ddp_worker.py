@@ -112,3 +112,7 @@ if __name__ == "__main__":
     # own ``out``), so that a test module pays the processes' start once
     for job in args.get("jobs", [args]):
         main(job)
+    # gloo's threads, left running to interpreter exit, can abort the process ("terminate called without an active
+    # exception", seen once in CI after every rank had written its results)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
