@@ -1076,13 +1076,13 @@ for _v_arm, _v_base in [
     *[(a, "erm") for a in ("sam", "δ-sam", "gsam", "wsam", "fsam", "ae-sam")],
     *[(a, b) for a in ("δ-gsam", "δ-fsam") for b in ("sam", "δ-sam", "gsam", "wsam", "fsam", "ae-sam")],
 ]:
-    quote(f"variants.mr.{slug(_v_arm.replace('δ-', 'delta_'))}.{slug(_v_base.replace('δ-', 'delta_'))}")(
-        lambda a=_v_arm, b=_v_base: _variants_test("mr", a, b)
+    _v_name = f"variants.mr.{slug(_v_arm.replace('δ-', 'delta_'))}.{slug(_v_base.replace('δ-', 'delta_'))}"
+    quote(_v_name)(lambda a=_v_arm, b=_v_base: _variants_test("mr", a, b))
+    quote(f"{_v_name}.p")(
+        lambda a=_v_arm, b=_v_base: "–" if (e := _variants_entry("mr", a, b)) is None else f"{e['p']:.2f}"
     )
 for _v_arm in ("sam", "gsam", "wsam", "fsam", "ae-sam", "δ-sam", "δ-gsam", "δ-fsam"):
     quote(f"variants.mr.{slug(_v_arm.replace('δ-', 'delta_'))}.rho")(lambda a=_v_arm: _variants_chosen("mr", a))
 
 
-quote("fidelity.intervals")(
-    lambda: str(len(re.findall(r"\[[^\[\]]+, [^\[\]]+\]", saved("fidelity")["table"])))
-)
+quote("fidelity.intervals")(lambda: str(len(re.findall(r"\[[^\[\]]+, [^\[\]]+\]", saved("fidelity")["table"]))))
