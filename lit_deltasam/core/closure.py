@@ -65,15 +65,12 @@ def clipping(closure: Callable[[], Any]) -> Optional[str]:
 def refuse(optimizer: DeltaSAMOptimizer, closure: Callable[[], Any]) -> None:
     """Name what a closure (one scalar loss of one batch, with its own backward) cannot run."""
     cfg = optimizer.config
-    reads = (
-        f"method={cfg.method!r}"
-        if cfg.method in FAMILY
-        else "policy='adaptive'"
-        if cfg.policy is not None
-        else "reuse='looksam'"
-        if cfg.reuse is not None
-        else None
-    )
+    readers = [
+        (cfg.method in FAMILY, f"method={cfg.method!r}"),
+        (cfg.policy is not None, "policy='adaptive'"),
+        (cfg.reuse is not None, "reuse='looksam'"),
+    ]
+    reads = next((what for read, what in readers if read), None)
     clip = clipping(closure) if reads is not None and cfg.perturbs else None
     if clip is not None:
         raise ValueError(
