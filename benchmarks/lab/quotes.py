@@ -15,7 +15,7 @@ import math
 import re
 import statistics
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Sequence
 
 from benchmarks.lab.common import RESULTS, load_jsonl
 from benchmarks.lab.stats import bootstrap, holm, paired
@@ -47,6 +47,11 @@ def num(x: float, digits: int = 2, sign: bool = True) -> str:
     """A number as the prose writes it: a real minus sign, ``+`` on a positive difference."""
     text = f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
     return text.replace("-", "−")
+
+
+def span(xs: Sequence[float], digits: int = 2) -> str:
+    """``low–high`` of ``xs``."""
+    return f"{num(min(xs), digits, sign=False)}–{num(max(xs), digits, sign=False)}"
 
 
 def interval(d: dict[str, Any], scale: float = 100.0, digits: int = 2) -> str:
@@ -268,7 +273,7 @@ quote("regimes.mr_unstalled_range")(_unstalled_range)
 def _stalled_40_range() -> str:
     """How far below ERM's final weights the arms that stall at 40% noise end: the smallest and the largest."""
     gaps = [-_regimes_diff(f"noisy40/{a}", "ERM final")["mean"] for a in ("sam", "deltasam", "m-sam m=4")]
-    return f"{num(min(gaps), 1, sign=False)}–{num(max(gaps), 1, sign=False)}"
+    return span(gaps, 1)
 
 
 quote("regimes.stalled_40_range")(_stalled_40_range)
@@ -633,7 +638,7 @@ def _summary(d: dict[str, Any]) -> dict[str, Any]:
 
 def _cos_range(rows: list[dict[str, Any]], prefix: str) -> str:
     cos = [_cos(rows, v) for v in dict.fromkeys(n for r in rows for n in r["variants"]) if v.startswith(prefix)]
-    return f"{num(min(cos), sign=False)}–{num(max(cos), sign=False)}"
+    return span(cos)
 
 
 def _rel_errs() -> list[float]:
@@ -701,10 +706,14 @@ for _variant in ("probe:-0.5", "probe:-0.5:raw"):
 for _variant in ("head:-1", "head:-0.5", "exact:-1"):
     quote(f"fidelity.tweets.{_variant_slug(_variant)}")(lambda v=_variant: num(_gain(_fid("tweets"), v)["mean"], 3))
 quote("fidelity.pooled.win")(lambda: _won(_fid()))
+for _variant, _name in (("sam", "sam"), (None, "deltasam")):
+    quote(f"fidelity.mr.elsewhere.{_name}")(
+        lambda v=_variant: span([_cos(_fid("mr", (tr,)), v or _shipped()) for tr in ("erm", "sam", "deltasam")])
+    )
 quote("fidelity.per_instance")(
     lambda: interval(_summary(saved("fidelity")["summary"]["by_trajectory"]["per_instance"][_shipped()]), 1.0, 3)
 )
-quote("fidelity.rel_err_range")(lambda: f"{num(min(_rel_errs()), sign=False)}–{num(max(_rel_errs()), sign=False)}")
+quote("fidelity.rel_err_range")(lambda: span(_rel_errs()))
 quote("fidelity.rel_err_floor")(lambda: f"{math.floor(10 * min(_rel_errs())) / 10:.1f}")
 quote("fidelity.batches")(lambda: str(saved("fidelity")["summary"]["overall"]["sam"]["n"]))
 for _task in ("mr", "tweets"):
@@ -1001,12 +1010,33 @@ quote("overhead.h200.per_instance_batched.rounded")(
     lambda: num(_methods("gpu_check")["per_instance (batched, chunk 16)"]["vs_erm"], 1, sign=False)
 )
 
+BATCHED = {
+    "m8": ("sam, m=8", ("sam, m=8 (batched)",)),
+    "m4": ("sam, m=4", ("sam, m=4 (batched)",)),
+    "per_instance": ("per_instance", ("per_instance (batched, chunk 8)", "per_instance (batched, chunk 16)")),
+}
+"""The H200 rows of the batched groups: the loop's row and its batched rows."""
+
+
+def _speedups(loop: str, batched: tuple[str, ...]) -> list[float]:
+    """How many times faster the batched passes ran than the loop on the H200, MiniLM and BERT-base."""
+    out = []
+    for name, model in (("gpu_check", "minilm"), ("gpu_check_bert", "bert-base")):
+        rows = _methods(name, model)
+        out += [rows[loop]["median_s"] / rows[b]["median_s"] for b in batched]
+    return out
+
+
+for _group, (_loop, _batched) in BATCHED.items():
+    quote(f"overhead.h200.batched_speedup.{_group}")(lambda lo=_loop, b=_batched: span(_speedups(lo, b), 1))
+quote("overhead.h200.batched_speedup")(lambda: span([x for lo, b in BATCHED.values() for x in _speedups(lo, b)], 1))
+
 
 def _side_by_side(root: str) -> str:
     """Per-instance SAM's step × ERM at length 48 in the two runs of one code (``c5cf503``: 2026-11-28; ``HEAD``)."""
     rows = load_jsonl(RESULTS / "per_instance_side_by_side.jsonl")
     costs = [r["loop_x_erm"] for r in rows if r["length"] == 48 and r["root"].startswith(root)]
-    return f"{num(min(costs), sign=False)}–{num(max(costs), sign=False)}"
+    return span(costs)
 
 
 quote("overhead.side_by_side.before")(lambda: _side_by_side("c5cf503"))
