@@ -17,7 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..config import FAMILY, DeltaSAMConfig
 from .batch import Batch, LossFn
 from .engine import DeltaSAM
-from .family import gsam_descent_, wsam_couple_, wsam_weight
+from .family import descend_
 from .norms import total_norm
 from .snapshot import put_grads, take_grads
 
@@ -36,11 +36,8 @@ def update_of(
         shift = running_mean if cfg.method == "fsam" else None
         result = sam.step(loss_fn, batch, check_finite=False, rho=cfg.rho, plain_grad=cfg.method in FAMILY, shift=shift)
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in sam.params]
-        clean = result.plain_grad
-        if cfg.method == "gsam" and clean is not None:
-            gsam_descent_(grads, clean, cfg.gsam_alpha or 0.0)
-        elif cfg.method == "wsam" and clean is not None:
-            wsam_couple_(grads, clean, wsam_weight(cfg.wsam_gamma or 0.0))
+        if result.plain_grad is not None:
+            descend_(cfg, grads, result.plain_grad)
         return grads
     finally:
         put_grads(sam.updated, saved)

@@ -74,6 +74,16 @@ def wsam_correct_(optimizer: Any, params: Sequence[Tensor], sharpness: Sequence[
         p.add_(term, alpha=-lr[id(p)] * weight)
 
 
+def descend_(config: DeltaSAMConfig, grads: Sequence[Tensor], clean: Sequence[Tensor]) -> Optional[Tensor]:
+    """The method's G from ``g_adv`` (``grads``, in place) and the clean gradient: GSAM's descent (returns
+    ``||g_perp||``) or WSAM's coupled form; SAM's ``G = g_adv`` for the others."""
+    if config.method == "gsam":
+        return gsam_descent_(grads, clean, config.gsam_alpha or 0.0)
+    if config.method == "wsam":
+        wsam_couple_(grads, clean, wsam_weight(config.wsam_gamma or 0.0))
+    return None
+
+
 @torch.no_grad()
 def fsam_update(momentum: Optional[list[Tensor]], ascent: Sequence[Tensor], decay: float) -> list[Tensor]:
     """Friendly-SAM's running mean of the ascent gradient, ``m = decay * m + (1 - decay) * a``, started at the first
@@ -159,11 +169,10 @@ class FamilyRules:
         live = [i for i, p in enumerate(params) if p.grad is not None]
         grads = [cast(Tensor, params[i].grad) for i in live]
         clean = [mean[i] for i in live]
-        if cfg.method == "gsam":
-            result.extras["gsam_perp_norm"] = gsam_descent_(grads, clean, cfg.gsam_alpha or 0.0) * unscale
-            return None
-        if cfg.method == "wsam" and not cfg.wsam_decouple:
-            wsam_couple_(grads, clean, wsam_weight(cfg.wsam_gamma or 0.0))
+        if cfg.method == "gsam" or (cfg.method == "wsam" and not cfg.wsam_decouple):
+            perp = descend_(cfg, grads, clean)
+            if perp is not None:
+                result.extras["gsam_perp_norm"] = perp * unscale
             return None
         if cfg.method == "wsam":
             sharpness = wsam_split_(grads, clean)
