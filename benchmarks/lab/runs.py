@@ -439,6 +439,7 @@ def run(
         ],
         out,
     )
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # an interrupted attempt's: no stale file beside ours
     start = time.perf_counter()
     metrics = train(cfg)
     elapsed = time.perf_counter() - start
