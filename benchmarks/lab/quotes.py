@@ -1115,4 +1115,14 @@ for _v_arm in ("sam", "gsam", "wsam", "fsam", "ae-sam", "δ-sam", "δ-gsam", "δ
     quote(f"variants.mr.{slug(_v_arm.replace('δ-', 'delta_'))}.rho")(lambda a=_v_arm: _variants_chosen("mr", a))
 
 
+def _variants_full(task: str) -> str:
+    """AE-SAM's share of full steps over its comparison runs: the mean, and the range over seeds."""
+    shares = saved("variants")["comparison"][task].get("ae-sam", {}).get("full_fraction") or []
+    if not shares:
+        return "not run yet"
+    return f"{100 * statistics.mean(shares):.0f}% ({span([100 * x for x in shares], 0)}% over {len(shares)} seeds)"
+
+
+quote("variants.mr.ae_sam.full_fraction")(lambda: _variants_full("mr"))
+
 quote("fidelity.intervals")(lambda: str(len(re.findall(r"\[[^\[\]]+, [^\[\]]+\]", saved("fidelity")["table"]))))
