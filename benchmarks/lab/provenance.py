@@ -67,7 +67,8 @@ def summarize(rows: list[dict[str, Any]], platform: str) -> dict[str, Any]:
     }
 
 
-def compute(name: str) -> dict[str, Any]:
+def rows(name: str) -> list[dict[str, Any]]:
+    """The rows a study's report reads, each once, in the order it first reads them."""
     platform, call = _studies()[name]
     saved = json.loads((RESULTS / f"{name}.json").read_text())
     runs.use_platform(platform)
@@ -76,7 +77,11 @@ def compute(name: str) -> dict[str, Any]:
         call(saved)
     finally:
         runs.use_platform("cpu")
-    return summarize(runs.Rows.read, platform)
+    return list({id(r): r for r in runs.Rows.read}.values())
+
+
+def compute(name: str) -> dict[str, Any]:
+    return summarize(rows(name), _studies()[name][0])
 
 
 def render(p: dict[str, Any]) -> str:

@@ -1126,3 +1126,346 @@ def _variants_full(task: str) -> str:
 quote("variants.mr.ae_sam.full_fraction")(lambda: _variants_full("mr"))
 
 quote("fidelity.intervals")(lambda: str(len(re.findall(r"\[[^\[\]]+, [^\[\]]+\]", saved("fidelity")["table"]))))
+
+
+# --- run times, sizes and single measurements quoted in prose ------------------------------------------------------
+
+
+def sci(x: float, digits: int = 1) -> str:
+    """A small number as the prose writes it: ``1.8e-4``, ``9e-7`` (``digits`` after the point)."""
+    mantissa, exponent = f"{x:.{digits}e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+@functools.lru_cache(maxsize=None)
+def study_rows(name: str) -> tuple[dict[str, Any], ...]:
+    """The rows of runs.jsonl (runs_gpu.jsonl) that a study's report reads: its run times, curves and seeds."""
+    from benchmarks.lab import provenance
+
+    return tuple(provenance.rows(name))
+
+
+def _family_of(row: dict[str, Any]) -> str:
+    return row["method"].split()[0]
+
+
+def _seconds(rows: Sequence[dict[str, Any]]) -> str:
+    """The shortest and the longest ``time_s`` of ``rows``, whole seconds."""
+    times = [r["time_s"] for r in rows]
+    return f"{min(times):.0f}–{max(times):.0f}"
+
+
+def _general_runs(per_instance: bool = False) -> list[dict[str, Any]]:
+    return [r for r in study_rows("generalization") if (_family_of(r) == "per_instance") == per_instance]
+
+
+quote("generalization.runs.hours")(
+    lambda: num(sum(r["time_s"] for r in study_rows("generalization")) / 3600, 1, sign=False)
+)
+quote("generalization.runs.hours.whole")(
+    lambda: num(sum(r["time_s"] for r in study_rows("generalization")) / 3600, 0, sign=False)
+)
+quote("generalization.runs.main.n")(lambda: str(len(_general_runs())))
+quote("generalization.runs.main.hours")(lambda: num(sum(r["time_s"] for r in _general_runs()) / 3600, 1, sign=False))
+for _task in ("mr", "tweets"):
+    for _who, _fams in (("sam", ("sam", "deltasam")), ("erm", ("erm",))):
+        quote(f"generalization.runs.{_task}.{_who}.seconds")(
+            lambda t=_task, f=_fams: _seconds([r for r in _general_runs() if r["task"] == t and _family_of(r) in f])
+        )
+quote("generalization.runs.per_instance.seconds")(lambda: _seconds(_general_runs(True)))
+quote("generalization.runs.per_instance.minutes")(
+    lambda: num(sum(r["time_s"] for r in _general_runs(True)) / 60, 0, sign=False)
+)
+quote("generalization.runs.per_instance.vs_sam")(
+    lambda: num(
+        statistics.mean(r["time_s"] for r in _general_runs(True))
+        / statistics.mean(
+            r["time_s"] for r in _general_runs() if (r["task"], r["setting"], _family_of(r)) == ("mr", "clean1k", "sam")
+        ),
+        0,
+        sign=False,
+    )
+)
+
+
+def _general_curve(task: str, setting: str, family: str, epoch: int) -> float:
+    """Validation accuracy (%) after ``epoch`` (1-based) of one method's comparison runs, mean over seeds."""
+    method = "erm" if family == "erm" else saved("generalization")["chosen"][f"{task}/{setting}/{family}"]
+    runs = [
+        r
+        for r in study_rows("generalization")
+        if (r["task"], r["setting"], r["method"]) == (task, setting, method) and r["seed"] < 100
+    ]
+    return 100 * statistics.mean(r["curve"][epoch - 1][1] for r in runs)
+
+
+quote("generalization.curve.mr.plateau")(
+    lambda: num(max(_general_curve("mr", s, f, 1) for s in SETTINGS for f in ("erm", "sam", "deltasam")), 1, sign=False)
+)
+quote("generalization.curve.mr_noisy.epoch2.slowest")(
+    lambda: num(min(_general_curve("mr", "noisy1k", f, 2) for f in ("sam", "deltasam")), 1, sign=False)
+)
+quote("generalization.curve.mr_noisy.epoch2.erm")(lambda: num(_general_curve("mr", "noisy1k", "erm", 2), 1, sign=False))
+for _task in ("mr", "tweets"):
+    quote(f"generalization_4k.{_task}.behind_erm")(
+        lambda t=_task: num(
+            statistics.mean(_runs_4k(t, m, "test/acc") for m in ("sam", "deltasam")) * 100
+            - 100 * _runs_4k(t, "erm", "test/acc"),
+            0,
+        )
+    )
+
+
+def _robust_runs(family: str) -> list[dict[str, Any]]:
+    """robust-defaults' mr rows of one family (for SAM only the ρ = 0.02 grid)."""
+    return [
+        r
+        for r in study_rows("robust_defaults")
+        if r["task"] == "mr" and _family_of(r) == family and (family == "erm" or "rho=0.02" in r["method"])
+    ]
+
+
+for _fam in ("sam", "erm"):
+    quote(f"robust.runs.{_fam}.seconds")(lambda f=_fam: _seconds(_robust_runs(f)))
+    quote(f"robust.runs.{_fam}.minutes")(
+        lambda f=_fam: num(statistics.mean(r["time_s"] for r in _robust_runs(f)) / 60, 0, sign=False)
+    )
+
+
+def _robust_others_max() -> str:
+    """The longest run of robust-defaults outside :func:`_robust_runs` (rows that shared the machine)."""
+    idle = _robust_runs("sam") + _robust_runs("erm")
+    return f"{max(r['time_s'] for r in study_rows('robust_defaults') if r not in idle):.0f}"
+
+
+quote("robust.runs.others.max_seconds")(_robust_others_max)
+
+
+def _robust_test_gain(method: str) -> str:
+    """SAM's test accuracy − ERM's on mr noisy1k (final weights, means over the seeds), from the study's rows."""
+
+    def mean(m: str) -> float:
+        return statistics.mean(
+            r["metrics"]["test_final/acc"]
+            for r in study_rows("robust_defaults")
+            if (r["task"], r["setting"], r["method"]) == ("mr", "noisy1k", m)
+        )
+
+    return num(100 * (mean(method) - mean("erm")), 1)
+
+
+for _slug in ("rho02_constant", "rho02_follow_lr"):
+    quote(f"robust.mr_noisy1k.{_slug}.test_gain")(lambda m=ROBUST[_slug]: _robust_test_gain(m))
+
+
+def _premise_mr(arm: str, seed: int) -> str:
+    """One selection seed's final validation accuracy on noisy mr (index 0: seed 101, 1: seed 102)."""
+    return f"{100 * saved('premise_gpu')['selection']['mr, 20% noise']['arms'][arm]['val'][seed]:.2f}"
+
+
+for _i, _seed in enumerate((101, 102)):
+    quote(f"premise.mr_val.seed{_seed}")(
+        lambda i=_i: (
+            f"{_premise_mr('per_instance rho=0.01 follow_lr', i)} against SAM's "
+            f"{_premise_mr('sam rho=0.05 follow_lr', i)}"
+        )
+    )
+quote("premise.tweets_val")(
+    lambda: (
+        f"{100 * _premise_val('tweets, 20% noise')['val']:.2f} against "
+        f"{100 * _premise_val('tweets, 20% noise')['sam_val']:.2f}"
+    )
+)
+
+
+def _premise_stalls() -> str:
+    """Stalled per-instance SAM runs of the premise study: every selection run and the comparison's."""
+    runs = [
+        a
+        for s in saved("premise_gpu")["selection"].values()
+        for name, a in s["arms"].items()
+        if name.startswith("per_instance")
+    ]
+    c = _premise()
+    stalled = sum(a["stalled"] for a in runs) + c["stalled"]["per-instance"]
+    return f"{stalled} of {sum(len(a['val']) for a in runs) + len(c['seeds'])}"
+
+
+quote("premise.pi_stalled")(_premise_stalls)
+quote("regimes.per_instance_sam.lost")(
+    lambda: num(-_regimes_diff("noisy1k/per-instance (m=1)", "SAM final, same ρ")["mean"], 0, sign=False)
+)
+quote("regimes.deltasam05_40.stalled.n")(lambda: str(_arm("noisy40/deltasam")["stalled"]))
+quote("regimes.noisy40.seed13.val")(
+    lambda: span(
+        [
+            100 * _arm(f"noisy40/{a}")["val_final"][_arm(f"noisy40/{a}")["seeds"].index(13)]
+            for a in ("sam", "deltasam", "m-sam m=4")
+        ],
+        1,
+    )
+)
+
+
+def _unstalled_erm_final() -> list[float]:
+    return [
+        a["differences"]["ERM final"]["mean"]
+        for name, a in saved("regimes")["arms"].items()
+        if name.startswith(("noisy1k/", "noisy40/")) and not name.endswith("/erm") and a["stalled"] == 0
+    ]
+
+
+quote("regimes.mr_unstalled_erm_final_range")(lambda: span(_unstalled_erm_final(), 1))
+quote("regimes.erm_erm_best.gap")(lambda: num(-_regimes_diff("noisy1k/erm", "early-stopped ERM")["mean"], sign=False))
+for _short, _method in (("m8", "sam, m=8"), ("m4", "sam, m=4")):
+    quote(f"overhead.regimes.{_short}.vs_sam")(
+        lambda m=_method: num(_methods("overhead_regimes")[m]["vs_sam"], sign=False)
+    )
+    quote(f"overhead.regimes.{_short}.vs_sam.rounded")(
+        lambda m=_method: num(_methods("overhead_regimes")[m]["vs_sam"], 1, sign=False)
+    )
+quote("overhead.cpu.sam.whole")(lambda: num(_methods("overhead")["sam"]["vs_erm"], 0, sign=False))
+quote("overhead.cpu.per_instance.vs_sam.whole")(
+    lambda: num(_methods("overhead")["per_instance"]["vs_sam"], 0, sign=False)
+)
+quote("regimes.m4.cost.whole")(lambda: num(_arm("noisy1k/m-sam m=4")["cost_vs_erm"], 0, sign=False))
+quote("overhead.side_by_side.now.low")(
+    lambda: num(
+        min(
+            r["loop_x_erm"]
+            for r in load_jsonl(RESULTS / "per_instance_side_by_side.jsonl")
+            if r["length"] == 48 and r["root"].startswith("HEAD")
+        ),
+        1,
+        sign=False,
+    )
+)
+
+
+def _looksam_bookkeeping() -> list[float]:
+    """LookSAM's measured step × ERM less a cycle's (k + 1)/k ERM steps (one full step of 2, k − 1 plain ones)."""
+    rows = _methods("overhead_amortized")
+    return [rows[f"sam, looksam k={k}"]["vs_erm"] - (k + 1) / k for k in (5, 10)]
+
+
+quote("overhead.amortized.looksam_bookkeeping")(lambda: span(_looksam_bookkeeping()))
+for _where, _name in (("cpu", "compile_cpu"), ("h200", "gpu_check")):
+    for _m in ("erm", "sam"):
+        quote(f"compile.{_where}.{_m}")(
+            lambda n=_name, m=_m: num(saved(n)["compile"][m]["compiled_vs_eager"], sign=False)
+        )
+    quote(f"compile.{_where}.weights")(
+        lambda n=_name: sci(max(saved(n)["compile"][m]["max_weight_difference"] for m in ("erm", "sam")))
+    )
+quote("gpu.syncs.weights")(
+    lambda: sci(
+        max(
+            v["max_weight_difference_to_host_path"]
+            for v in saved("gpu_check")["syncs"].values()
+            if isinstance(v, dict) and "max_weight_difference_to_host_path" in v
+        ),
+        0,
+    )
+)
+quote("fidelity_check.cos")(lambda: sci(max(v["max_abs_diff_cos"] for v in saved("fidelity_check")["max"].values())))
+quote("fidelity_check.rel_err")(
+    lambda: sci(max(v["max_abs_diff_rel_err"] for v in saved("fidelity_check")["max"].values()))
+)
+quote("fidelity.pooled.mean")(lambda: num(_fidelity_pooled()[0], 3))
+quote("fidelity.pooled.ci")(lambda: f"[{num(_fidelity_pooled()[1][0], 3)}, {num(_fidelity_pooled()[1][1], 3)}]")
+quote("make_train.previous.minutes")(lambda: num(saved("make_train")["previous"]["wall_s"] / 60, 1, sign=False))
+quote("run_size.checkpoint_mb")(
+    lambda: f"{saved('run_size')['after']['runs']['debug_fast']['files_over_1MB']['checkpoints/step4.ckpt'] / 1e6:.0f}"
+)
+quote("run_size.debug_fast_mb")(lambda: f"{saved('run_size')['after']['runs']['debug_fast']['bytes'] / 1e6:.0f}")
+quote("run_size.optuna_trial_kb")(lambda: f"{saved('run_size')['after']['runs']['optuna_trial']['bytes'] / 1e3:.0f}")
+
+
+def _landscape(who: str) -> dict[str, Any]:
+    return saved("landscape_mr_noisy_s11")["checkpoints"][who]
+
+
+for _who in ("ERM", "SAM"):
+    quote(f"landscape.{_who.lower()}.loss_at_w")(
+        lambda w=_who: num(
+            _landscape(w)["loss"][
+                min(
+                    range(len(saved("landscape_mr_noisy_s11")["axis"])),
+                    key=lambda i: abs(saved("landscape_mr_noisy_s11")["axis"][i]),
+                )
+            ],
+            3,
+            sign=False,
+        )
+    )
+    quote(f"landscape.{_who.lower()}.eigen")(lambda w=_who: f"{max(_landscape(w)['hessian_top'], key=abs):.0f}")
+
+
+def _stall_curves() -> tuple[list[list[list[float]]], list[list[list[float]]]]:
+    """The validation curves of runs.jsonl's fine-tuning rows (tests/test_stall.py's): unstalled, stalled."""
+    rows = [r for r in load_jsonl(RESULTS / "runs.jsonl") if r.get("curve")]
+    return [r["curve"] for r in rows if not r["stalled"]], [r["curve"] for r in rows if r["stalled"]]
+
+
+def _warned(curve: list[list[float]]) -> bool:
+    from lit_deltasam.models.classifier import PLATEAU_SHARE, PLATEAU_STEPS
+
+    total = curve[-1][0] + 1
+    return any(share == 1.0 and s + 1 >= max(PLATEAU_STEPS, PLATEAU_SHARE * total) for s, _, share in curve)
+
+
+quote("stall.healthy.n")(lambda: str(len(_stall_curves()[0])))
+quote("stall.healthy.last_step")(
+    lambda: f"{max(s + 1 for c in _stall_curves()[0] for s, _, share in c if share == 1.0):.0f}"
+)
+quote("stall.healthy.last_share")(
+    lambda: (
+        f"{100 * max((s + 1) / (c[-1][0] + 1) for c in _stall_curves()[0] for s, _, share in c if share == 1.0):.0f}%"
+    )
+)
+quote("stall.stalled.warned")(lambda: f"{sum(_warned(c) for c in _stall_curves()[1])} of the {len(_stall_curves()[1])}")
+
+
+def _superseded_lr(task: str) -> str:
+    (row,) = [r for r in load_jsonl(RESULTS / "runs_superseded.jsonl") if r["task"] == task]
+    return lr_text(row["metrics"]["tune_lr/lr"])
+
+
+for _task in ("mr", "r8"):
+    quote(f"recipe.superseded.{_task}.lr")(lambda t=_task: _superseded_lr(t))
+
+
+def _recipe_seeds(lr: str) -> str:
+    """r8 2k3ep ERM at one fixed LR: final validation accuracy (%) of each selection seed, ``a / b``."""
+    runs = sorted(
+        (
+            r
+            for r in study_rows("recipe")
+            if (r["task"], r["setting"], r["method"]) == ("r8", "2k3ep", "erm")
+            and f"optim.lr={lr}" in r["overrides"]
+            and not any("tune_lr" in o for o in r["overrides"])
+        ),
+        key=lambda r: r["seed"],
+    )
+    return " / ".join(f"{100 * r['metrics']['val/acc']:.2f}" for r in runs)
+
+
+for _lr in ("5e-05", "0.0002"):
+    quote(f"recipe.r8.{slug(_lr)}.val_by_seed")(lambda lr=_lr: _recipe_seeds(lr))
+
+
+def _phase3_minutes() -> str:
+    """From the first start to the last end of the CPU suite's phase 3 (δ-SAM on the main job), by the rows'
+    ``date`` (their end, to the minute) less ``time_s``."""
+    import datetime as dt
+
+    rows = [r for r in study_rows("recipe_suite") if r["setting"] == "full1ep" and _family_of(r) == "deltasam"]
+    ends = [dt.datetime.strptime(r["date"], "%Y-%m-%d %H:%M UTC") for r in rows]
+    starts = [e - dt.timedelta(seconds=r["time_s"]) for e, r in zip(ends, rows)]
+    return f"{(max(ends) - min(starts)).total_seconds() / 60:.0f}"
+
+
+quote("suite.cpu.phase3.minutes")(_phase3_minutes)
+quote("suite.cpu.phase3.runs")(
+    lambda: str(sum(r["setting"] == "full1ep" and _family_of(r) == "deltasam" for r in study_rows("recipe_suite")))
+)
