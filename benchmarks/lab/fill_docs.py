@@ -1,10 +1,12 @@
 """Write every study number the docs quote, from the committed results, between its markers.
 
-Two kinds of marker, on any page (the README and docs/**.md):
+Three kinds of marker, on any page (the README and docs/**.md):
 
 * a block, ``<!-- NAME:begin (written by the command below from STUDY.json) -->`` … ``<!-- NAME:end -->``: the JSON's
   ``table`` (NAME = STUDY), its ``headline`` (NAME = ``STUDY-headline``) or the provenance of its rows
   (NAME = ``STUDY-provenance``: :mod:`benchmarks.lab.provenance`);
+* a table whose JSON keeps the numbers but not the table, ``<!-- t:NAME -->`` … ``<!-- /t -->``:
+  :data:`benchmarks.lab.tables.TABLES` ``[NAME]``;
 * a number inside a sentence, ``<!-- q:NAME -->…<!-- /q -->``: :data:`benchmarks.lab.quotes.QUOTES` ``[NAME]``.
 
     python -m benchmarks.lab.fill_docs             # every page
@@ -23,12 +25,14 @@ from pathlib import Path
 from benchmarks.lab.common import RESULTS, ROOT
 from benchmarks.lab.provenance import render as render_provenance
 from benchmarks.lab.quotes import QUOTES
+from benchmarks.lab.tables import TABLES
 
 BLOCK = re.compile(
     r"<!-- ([a-z0-9_]+)(-headline|-provenance|):begin \(written by the command below from [a-z0-9_]+\.json\) -->"
     r"(.*?)<!-- \1\2:end -->",
     re.S,
 )
+TABLE = re.compile(r"<!-- t:([a-z0-9_.]+) -->(.*?)<!-- /t -->", re.S)
 QUOTE = re.compile(r"<!-- q:([a-z0-9_.]+) -->(.*?)<!-- /q -->", re.S)
 
 
@@ -55,13 +59,19 @@ def render(text: str) -> str:
         body = block(study, kind).strip()
         return f"{begin}\n\n{body}\n\n`python -m benchmarks.lab.fill_docs`\n<!-- {study}{kind}:end -->"
 
+    def fill_table(m: re.Match) -> str:
+        name = m.group(1)
+        if name not in TABLES:
+            raise SystemExit(f"no table named {name!r} in benchmarks/lab/tables.py")
+        return f"<!-- t:{name} -->\n\n{TABLES[name]().strip()}\n\n<!-- /t -->"
+
     def fill_quote(m: re.Match) -> str:
         name = m.group(1)
         if name not in QUOTES:
             raise SystemExit(f"no quote named {name!r} in benchmarks/lab/quotes.py")
         return f"<!-- q:{name} -->{QUOTES[name]()}<!-- /q -->"
 
-    return QUOTE.sub(fill_quote, BLOCK.sub(fill_block, text))
+    return QUOTE.sub(fill_quote, TABLE.sub(fill_table, BLOCK.sub(fill_block, text)))
 
 
 def differences(text: str) -> list[str]:
@@ -70,11 +80,14 @@ def differences(text: str) -> list[str]:
     if expected == text:
         return []
     out = []
-    for pattern in (BLOCK, QUOTE):
+    for pattern in (BLOCK, TABLE, QUOTE):
         for found, wanted in zip(pattern.finditer(text), pattern.finditer(expected)):
             if found.group(0) != wanted.group(0):
                 name = "".join(g or "" for g in found.groups()[:2]) if pattern is BLOCK else found.group(1)
-                out.append(f"{name}: {found.group(pattern.groups)[:80]!r} ≠ {wanted.group(pattern.groups)[:80]!r}")
+                was, now = found.group(pattern.groups), wanted.group(pattern.groups)
+                if pattern is TABLE:  # the first row that differs
+                    was, now = next(((a, b) for a, b in zip(was.splitlines(), now.splitlines()) if a != b), (was, now))
+                out.append(f"{name}: {was[:80]!r} ≠ {now[:80]!r}")
     return out or ["the page differs from its rebuilt form"]
 
 

@@ -1469,3 +1469,165 @@ quote("suite.cpu.phase3.minutes")(_phase3_minutes)
 quote("suite.cpu.phase3.runs")(
     lambda: str(sum(r["setting"] == "full1ep" and _family_of(r) == "deltasam" for r in study_rows("recipe_suite")))
 )
+
+# --- the prose around the generated step-cost tables (benchmarks/lab/tables.py) -------------------------------------
+
+
+def _extra(x: float) -> str:
+    """A step's cost over SAM's as the prose writes it: ``+77%``."""
+    return f"{num(100 * (x - 1), 0)}%"
+
+
+for _model, _where in (("minilm", "cpu"), ("small", "small")):
+    for _method in ("deltasam(probe K=3, all)", "deltasam(probe K=3, top)", "deltasam(probe K=3, head)"):
+        quote(f"overhead.{_where}.{slug(_method)}.extra")(
+            lambda m=_method, mo=_model: _extra(_methods("overhead", mo)[m]["vs_sam"])
+        )
+quote("overhead.cpu.per_instance.vs_sam.rounded")(
+    lambda: num(_methods("overhead")["per_instance"]["vs_sam"], 1, sign=False)
+)
+quote("overhead.cpu.erm.median_s")(lambda: num(_methods("overhead")["erm"]["median_s"], sign=False))
+quote("overhead.amortized.sam_interval_5.vs_sam")(
+    lambda: num(_methods("overhead_amortized")["sam, interval=5"]["vs_sam"], sign=False)
+)
+REGIMES_COSTS = (
+    "erm",
+    "sam",
+    "deltasam(head)",
+    "per_instance",
+    "sam, m=8",
+    "sam, m=4",
+    "sam, interval=5",
+    "sam, looksam k=5",
+    "sam, looksam k=10",
+    "deltasam(head), looksam k=5",
+)
+"""The rows of overhead_regimes.json (``--preset regimes``)."""
+
+
+def _over_plain(method: str) -> float:
+    """A method's peak tensor memory in parameter copies over the plain loop's (no engine)."""
+    result = saved("overhead_regimes")["results"]["minilm"]
+    return result["methods"][method]["parameter_copies"] - result["memory_reference"]["parameter_copies"]
+
+
+for _method in REGIMES_COSTS:
+    for _key in ("vs_sam", "vs_erm"):
+        quote(f"overhead.regimes.{slug(_method)}.{_key}")(
+            lambda m=_method, k=_key: num(_methods("overhead_regimes")[m][k], sign=False)
+        )
+    quote(f"overhead.regimes.{slug(_method)}.copies")(lambda m=_method: num(_over_plain(m)))
+    quote(f"overhead.regimes.{slug(_method)}.copies.rounded")(lambda m=_method: num(_over_plain(m), 1))
+quote("overhead.regimes.per_instance.vs_erm.rounded")(
+    lambda: num(_methods("overhead_regimes")["per_instance"]["vs_erm"], 1, sign=False)
+)
+quote("overhead.regimes.looksam_headroom")(
+    lambda: num(
+        saved("overhead_regimes")["targets"]["sam, looksam k=5 vs_erm"]
+        - _methods("overhead_regimes")["sam, interval=5"]["vs_erm"],
+        sign=False,
+    )
+)
+quote("overhead.regimes.looksam_bookkeeping")(
+    lambda: num(
+        _methods("overhead_regimes")["sam, looksam k=5"]["vs_erm"]
+        - _methods("overhead_regimes")["sam, interval=5"]["vs_erm"]
+    )
+)
+
+
+def _side_by_side_runs(root: str, length: int) -> list[dict[str, Any]]:
+    """The runs of one code at one length, in the order they alternated."""
+    rows = load_jsonl(RESULTS / "per_instance_side_by_side.jsonl")
+    return [r for r in rows if r["length"] == length and r["root"].startswith(root)]
+
+
+def _side_by_side_change() -> list[float]:
+    """Today's loop × ERM against the 11-28 code's run beside it (the n-th of each), in percent, both lengths."""
+    return [
+        100 * (now["loop_x_erm"] / then["loop_x_erm"] - 1)
+        for length in (32, 48)
+        for then, now in zip(_side_by_side_runs("c5cf503", length), _side_by_side_runs("HEAD", length))
+    ]
+
+
+quote("overhead.side_by_side.before.erm48")(
+    lambda: num(statistics.mean(r["erm"] for r in _side_by_side_runs("c5cf503", 48)), sign=False)
+)
+quote("overhead.side_by_side.change")(
+    lambda: f"{num(min(_side_by_side_change()), 1)}% to {num(max(_side_by_side_change()), 1)}%"
+)
+quote("overhead.side_by_side.vmap_over_loop")(
+    lambda: span(
+        [r["vmap_x_erm"] / r["loop_x_erm"] for r in load_jsonl(RESULTS / "per_instance_side_by_side.jsonl")], 1
+    )
+)
+PROFILE_OPS = {
+    "mm": ("aten::mm",),
+    "addmm": ("aten::addmm",),
+    "bmm": ("aten::bmm",),
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm"),
+    "fill": ("aten::fill_",),
+    "add": ("aten::add_",),
+    "copy": ("aten::copy_",),
+    "norm": ("aten::linalg_vector_norm",),
+    "elementwise": ("aten::fill_", "aten::add_", "aten::copy_", "aten::linalg_vector_norm"),
+}
+"""The operators of profile_per_instance.json that each share the overhead page quotes adds up."""
+
+
+def _profile_share(ops: tuple[str, ...]) -> float:
+    return 100 * sum(o["share"] for o in saved("profile_per_instance")["ops"] if o["op"] in ops)
+
+
+for _short, _ops in PROFILE_OPS.items():
+    quote(f"profile.per_instance.{_short}")(
+        lambda o=_ops, s=_short: num(_profile_share(o), 0 if s == "elementwise" else 1, sign=False)
+    )
+quote("profile.per_instance.seconds")(lambda: num(saved("profile_per_instance")["self_cpu_s"], 1, sign=False))
+H200_COSTS = ("sam, m=4 (batched)", "per_instance (batched, chunk 16)")
+for _method in H200_COSTS:
+    quote(f"overhead.h200.{slug(_method)}.vs_sam")(
+        lambda m=_method: num(_methods("gpu_check")[m]["vs_sam"], sign=False)
+    )
+    for _key in ("vs_sam", "vs_erm"):
+        quote(f"overhead.h200.bert.{slug(_method)}.{_key}")(
+            lambda m=_method, k=_key: num(_methods("gpu_check_bert", "bert-base")[m][k], sign=False)
+        )
+quote("gpu.fp16.scales")(
+    lambda: " → ".join(
+        f"{s:,.0f}"
+        for s in dict.fromkeys(saved("gpu_check")["precision"]["16-mixed sam"]["scales"])  # in order, once
+    )
+)
+quote("gpu.ascent_overflow.rel")(
+    lambda: sci(
+        max(
+            v["update_relative_difference_to_erm"]
+            for v in saved("gpu_check_bert")["ascent_overflow"].values()
+            if isinstance(v, dict) and "update_relative_difference_to_erm" in v
+        )
+    )
+)
+quote("gpu.syncs.m8")(lambda: str(max(saved("gpu_check")["syncs"]["sam, m=8"]["cuda_syncs_per_step"])))
+quote("gpu.syncs.host_reads")(
+    lambda: "/".join(
+        sorted(
+            {
+                str(n)
+                for v in saved("gpu_check")["syncs"].values()
+                if isinstance(v, dict)
+                for n in v.get("host_reads_per_step", [])
+            }
+        )
+    )
+)
+for _method, _key in (("sam, m=4", "vs_sam"), ("per_instance", "vs_erm")):
+    quote(f"overhead.groups32.{slug(_method)}.miss")(
+        lambda m=_method, k=_key: num(
+            _methods("overhead_groups_32")[m][k] - saved("overhead_groups_32")["targets"][f"{m} {k}"], sign=False
+        )
+    )
+quote("staleness.later")(
+    lambda: num(statistics.mean(c for lag, c in saved("staleness")["cos_by_lag"].items() if lag != "1"), sign=False)
+)
