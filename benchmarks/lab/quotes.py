@@ -1610,6 +1610,21 @@ quote("gpu.ascent_overflow.rel")(
     )
 )
 quote("gpu.syncs.m8")(lambda: str(max(saved("gpu_check")["syncs"]["sam, m=8"]["cuda_syncs_per_step"])))
+
+
+def _syncs(*methods: str, step: slice = slice(None)) -> str:
+    """The CUDA synchronizing calls per step of ``methods`` (every one but the m-sharpness loop when none) on the
+    H200, as ``n`` or ``low–high``."""
+    rows = saved("gpu_check")["syncs"]
+    names = methods or [m for m, v in rows.items() if isinstance(v, dict) and m != "sam, m=8"]
+    counts = [n for m in names for n in rows[m]["cuda_syncs_per_step"][step]]
+    return str(counts[0]) if min(counts) == max(counts) else span(counts, 0)
+
+
+quote("gpu.syncs.cuda")(lambda: _syncs(step=slice(1, None)))
+quote("gpu.syncs.erm_first")(lambda: _syncs("erm", step=slice(0, 1)))
+quote("gpu.syncs.lightning")(lambda: _syncs("mixin sam, Lightning logging every step"))
+
 quote("gpu.syncs.host_reads")(
     lambda: "/".join(
         sorted(
