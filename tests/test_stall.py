@@ -143,7 +143,10 @@ def test_the_warning_waits_past_every_healthy_run_measured():
     healthy = [curve for stalled, curve in curves if not stalled]
     stalls = [curve for stalled, curve in curves if stalled]
     assert len(healthy) > 200 and len(stalls) > 40
-    assert max(s + 1 for curve in healthy for s, _, share in curve if share == 1.0) > PLATEAU_STEPS * 0.9  # close
+    one_class = [(s + 1, (s + 1) / (curve[-1][0] + 1)) for curve in healthy for s, _, share in curve if share == 1.0]
+    # the docs quote both maxima as below the thresholds ("never later"), and the step as close to its threshold
+    assert PLATEAU_STEPS * 0.9 < max(step for step, _ in one_class) < PLATEAU_STEPS
+    assert max(part for _, part in one_class) < PLATEAU_SHARE
     assert [curve for curve in healthy if warned(curve)] == []
     assert sum(bool(warned(curve)) for curve in stalls) >= 0.9 * len(stalls)
 

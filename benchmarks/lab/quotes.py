@@ -556,6 +556,7 @@ quote("recipe.noisy_mr.tune_lr.above_1e_4")(
 # --- fidelity and generalization -----------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)
 def _fidelity_pooled() -> tuple[float, tuple[float, float], int]:
     """δ-SAM (shipped) − SAM, cos to per-instance SAM, on ERM, SAM and δ-SAM trajectories of both tasks, by batch."""
     shipped = saved("fidelity")["summary"]["shipped"]
@@ -1032,15 +1033,6 @@ for _group, (_loop, _batched) in BATCHED.items():
 quote("overhead.h200.batched_speedup")(lambda: span([x for lo, b in BATCHED.values() for x in _speedups(lo, b)], 1))
 
 
-def _side_by_side(root: str) -> str:
-    """Per-instance SAM's step × ERM at length 48 in the two runs of one code (``c5cf503``: 2026-11-28; ``HEAD``)."""
-    rows = load_jsonl(RESULTS / "per_instance_side_by_side.jsonl")
-    costs = [r["loop_x_erm"] for r in rows if r["length"] == 48 and r["root"].startswith(root)]
-    return span(costs)
-
-
-quote("overhead.side_by_side.before")(lambda: _side_by_side("c5cf503"))
-quote("overhead.side_by_side.now")(lambda: _side_by_side("HEAD"))
 quote("staleness.lag1")(lambda: num(saved("staleness")["cos_by_lag"]["1"], sign=False))
 
 # --- fidelity along a SAM trajectory and its radii (2026-11-28) -----------------------------------------------------
@@ -1151,8 +1143,7 @@ def _family_of(row: dict[str, Any]) -> str:
 
 def _seconds(rows: Sequence[dict[str, Any]]) -> str:
     """The shortest and the longest ``time_s`` of ``rows``, whole seconds."""
-    times = [r["time_s"] for r in rows]
-    return f"{min(times):.0f}–{max(times):.0f}"
+    return span([r["time_s"] for r in rows], 0)
 
 
 def _general_runs(per_instance: bool = False) -> list[dict[str, Any]]:
@@ -1180,9 +1171,11 @@ quote("generalization.runs.per_instance.vs_sam")(
     lambda: num(
         statistics.mean(r["time_s"] for r in _general_runs(True))
         / statistics.mean(
-            r["time_s"] for r in _general_runs() if (r["task"], r["setting"], _family_of(r)) == ("mr", "clean1k", "sam")
+            r["time_s"]
+            for r in _general_runs()
+            if (r["task"], r["setting"], r["method"]) == ("mr", "clean1k", "sam rho=0.02 follow_lr")
         ),
-        0,
+        1,
         sign=False,
     )
 )
@@ -1233,9 +1226,9 @@ for _fam in ("sam", "erm"):
 
 
 def _robust_others_max() -> str:
-    """The longest run of robust-defaults outside :func:`_robust_runs` (rows that shared the machine)."""
-    idle = _robust_runs("sam") + _robust_runs("erm")
-    return f"{max(r['time_s'] for r in study_rows('robust_defaults') if r not in idle):.0f}"
+    """The longest mr run of robust-defaults outside :func:`_robust_runs`."""
+    quoted = _robust_runs("sam") + _robust_runs("erm")
+    return f"{max(r['time_s'] for r in study_rows('robust_defaults') if r['task'] == 'mr' and r not in quoted):.0f}"
 
 
 quote("robust.runs.others.max_seconds")(_robust_others_max)
@@ -1316,12 +1309,10 @@ def _unstalled_erm_final() -> list[float]:
 
 
 quote("regimes.mr_unstalled_erm_final_range")(lambda: span(_unstalled_erm_final(), 1))
-quote("regimes.erm_erm_best.gap")(lambda: num(-_regimes_diff("noisy1k/erm", "early-stopped ERM")["mean"], sign=False))
-for _short, _method in (("m8", "sam, m=8"), ("m4", "sam, m=4")):
-    quote(f"overhead.regimes.{_short}.vs_sam")(
-        lambda m=_method: num(_methods("overhead_regimes")[m]["vs_sam"], sign=False)
-    )
-    quote(f"overhead.regimes.{_short}.vs_sam.rounded")(
+for _name, _arm_name in (("erm_erm_best", "noisy1k/erm"), ("erm40_erm_best", "noisy40/erm")):
+    quote(f"regimes.{_name}.gap")(lambda a=_arm_name: num(-_regimes_diff(a, "early-stopped ERM")["mean"], sign=False))
+for _method in ("sam, m=8", "sam, m=4"):
+    quote(f"overhead.regimes.{_method}.vs_sam.rounded")(
         lambda m=_method: num(_methods("overhead_regimes")[m]["vs_sam"], 1, sign=False)
     )
 quote("overhead.cpu.sam.whole")(lambda: num(_methods("overhead")["sam"]["vs_erm"], 0, sign=False))
@@ -1329,17 +1320,6 @@ quote("overhead.cpu.per_instance.vs_sam.whole")(
     lambda: num(_methods("overhead")["per_instance"]["vs_sam"], 0, sign=False)
 )
 quote("regimes.m4.cost.whole")(lambda: num(_arm("noisy1k/m-sam m=4")["cost_vs_erm"], 0, sign=False))
-quote("overhead.side_by_side.now.low")(
-    lambda: num(
-        min(
-            r["loop_x_erm"]
-            for r in load_jsonl(RESULTS / "per_instance_side_by_side.jsonl")
-            if r["length"] == 48 and r["root"].startswith("HEAD")
-        ),
-        1,
-        sign=False,
-    )
-)
 
 
 def _looksam_bookkeeping() -> list[float]:
@@ -1536,17 +1516,39 @@ quote("overhead.regimes.looksam_bookkeeping")(
 )
 
 
+SIDE_BY_SIDE = ("c5cf503", "HEAD")
+"""The two codes run side by side on 2026-12-02: the 11-28 code and that day's."""
+
+
 def _side_by_side_runs(root: str, length: int) -> list[dict[str, Any]]:
     """The runs of one code at one length, in the order they alternated."""
     rows = load_jsonl(RESULTS / "per_instance_side_by_side.jsonl")
     return [r for r in rows if r["length"] == length and r["root"].startswith(root)]
 
 
-def _side_by_side_change() -> list[float]:
-    """Today's loop × ERM against the 11-28 code's run beside it (the n-th of each), in percent, both lengths."""
+def _side_by_side_spread() -> float:
+    """The largest difference between two runs of one code at one length, in percent of the smaller."""
+    return max(
+        100 * (max(costs) / min(costs) - 1)
+        for root in SIDE_BY_SIDE
+        for length in (32, 48)
+        for costs in [[r["loop_x_erm"] for r in _side_by_side_runs(root, length)]]
+    )
+
+
+quote("overhead.side_by_side.before")(lambda: span([r["loop_x_erm"] for r in _side_by_side_runs("c5cf503", 48)]))
+quote("overhead.side_by_side.now")(lambda: span([r["loop_x_erm"] for r in _side_by_side_runs("HEAD", 48)]))
+quote("overhead.side_by_side.now.low")(
+    lambda: num(min(r["loop_x_erm"] for r in _side_by_side_runs("HEAD", 48)), 1, sign=False)
+)
+quote("overhead.side_by_side.spread")(lambda: f"{_side_by_side_spread():.0f}%")
+
+
+def _side_by_side_change(lengths: tuple[int, ...] = (32, 48)) -> list[float]:
+    """Today's loop × ERM against the 11-28 code's run beside it (the n-th of each), in percent."""
     return [
         100 * (now["loop_x_erm"] / then["loop_x_erm"] - 1)
-        for length in (32, 48)
+        for length in lengths
         for then, now in zip(_side_by_side_runs("c5cf503", length), _side_by_side_runs("HEAD", length))
     ]
 
@@ -1554,9 +1556,10 @@ def _side_by_side_change() -> list[float]:
 quote("overhead.side_by_side.before.erm48")(
     lambda: num(statistics.mean(r["erm"] for r in _side_by_side_runs("c5cf503", 48)), sign=False)
 )
-quote("overhead.side_by_side.change")(
-    lambda: f"{num(min(_side_by_side_change()), 1)}% to {num(max(_side_by_side_change()), 1)}%"
-)
+for _name, _lengths in (("change", (32, 48)), ("change32", (32,))):
+    quote(f"overhead.side_by_side.{_name}")(
+        lambda n=_lengths: f"{num(min(_side_by_side_change(n)), 1)}% to {num(max(_side_by_side_change(n)), 1)}%"
+    )
 quote("overhead.side_by_side.vmap_over_loop")(
     lambda: span(
         [r["vmap_x_erm"] / r["loop_x_erm"] for r in load_jsonl(RESULTS / "per_instance_side_by_side.jsonl")], 1
@@ -1616,7 +1619,7 @@ def _syncs(*methods: str, step: slice = slice(None)) -> str:
     """The CUDA synchronizing calls per step of ``methods`` (every one but the m-sharpness loop when none) on the
     H200, as ``n`` or ``low–high``."""
     rows = saved("gpu_check")["syncs"]
-    names = methods or [m for m, v in rows.items() if isinstance(v, dict) and m != "sam, m=8"]
+    names = methods or [m for m, v in rows.items() if isinstance(v, dict) and m != "sam, m=8" and "Lightning" not in m]
     counts = [n for m in names for n in rows[m]["cuda_syncs_per_step"][step]]
     return str(counts[0]) if min(counts) == max(counts) else span(counts, 0)
 

@@ -136,7 +136,8 @@ def _regimes_targets() -> str:
         return [label.format(t=f"{t:g}"), ratio(x), "met" if x <= t else missed]
 
     def met(ok: bool, why: str = "") -> str:
-        return ("met" if ok else "missed") + why
+        """The verdict, and why it was met where the table says so."""
+        return "met" + why if ok else "missed"
 
     sam_copies = r["sam"]["parameter_copies"]
     over_plain = sam_copies - ref
@@ -162,7 +163,11 @@ def _regimes_targets() -> str:
             met(over_plain <= 1.1, "; the floor of one copy (the snapshot of w) holds, so the measurement counts it"),
         ],
         ["δ-SAM(head) ≤ SAM + 2%", f"{memory_share:+.1f}%", met(memory_share <= 2)],
-        ["m-sharpness = SAM", f"{m_sharpness:+.2f} copies", met(m_sharpness <= 0.005, " (smaller activations)")],
+        [
+            "m-sharpness = SAM",
+            f"{m_sharpness:+.2f} copies",
+            met(m_sharpness <= 0.005, " (smaller activations)" if m_sharpness < 0 else ""),
+        ],
         ["LookSAM ≤ SAM + 1 parameter copy", f"{looksam:+.2f}", met(looksam <= 1.005)],
     ]
     return markdown(["target", "measured", ""], rows)
