@@ -210,14 +210,21 @@ def report() -> tuple[str, dict[str, Any]]:
     )
     text += f"\n\n**Selected ρ** (– : selection not complete): {chosen_line}"
     out["declared"] = {"primary": len(PRIMARY) * n_tasks, "secondary": len(SECONDARY) * n_tasks}
-    done = {"primary": len(primary), "secondary": len(secondary)}
-    out["complete"] = {k: done[k] == v for k, v in out["declared"].items()}
+    full = {
+        name: sum(d["n"] == len(_seeds()) for *_, d in family)
+        for name, family in (("primary", primary), ("secondary", secondary))
+    }
+    out["complete"] = {k: full[k] == v for k, v in out["declared"].items()}
     for name, family in (("primary", primary), ("secondary", secondary)):
         table = _table(family, out["declared"][name])  # writes each test's Holm p first
         out[name] = [_entry(t) for t in family]
         if family:
-            text += f"\n\n**{name.capitalize()} family** ({done[name]} of {out['declared'][name]} declared tests in; "
-            text += "untested ones count at p = 1 in Holm)\n\n" + "\n".join(table)
+            partial = len(family) - full[name]
+            text += (
+                f"\n\n**{name.capitalize()} family** ({full[name]} of {out['declared'][name]} declared tests on all "
+            )
+            text += f"{len(_seeds())} seeds" + (f", {partial} on fewer, interim" if partial else "")
+            text += "; untested ones count at p = 1 in Holm)\n\n" + "\n".join(table)
     return text, out
 
 

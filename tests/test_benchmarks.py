@@ -224,6 +224,11 @@ def test_variants_selects_rho_per_arm_on_validation_and_tests_the_declared_famil
     smallest = min(range(3), key=p.__getitem__)
     assert out["primary"][smallest]["p_holm"] == pytest.approx(min(1.0, 11 * p[smallest]))  # 11 tests, not 3
     assert out["descriptive"]["mr"]["sam − final erm"]["mean"] == pytest.approx(0.05)
+    text, _ = variants.report()
+    assert "(3 of 11 declared tests on all 5 seeds; untested" in text
+    del rows[runs.key("mr", variants.SETTING, variants.arm_method("gsam", 0.02), variants.SEEDS["cpu"][0])]
+    text, out = variants.report()  # gsam's two tests now read 4 seeds: shown, and said to be interim
+    assert len(out["primary"]) == 3 and "(1 of 11 declared tests on all 5 seeds, 2 on fewer, interim;" in text
 
 
 def test_committed_variants_tables_come_from_the_committed_rows():
