@@ -1116,6 +1116,17 @@ def _variants_full(task: str) -> str:
 
 
 quote("variants.mr.ae_sam.full_fraction")(lambda: _variants_full("mr"))
+quote("variants.mr.minutes")(
+    lambda: span(
+        [
+            t / 60
+            for part in ("selection", "comparison")
+            for arm in saved("variants")[part]["mr"].values()
+            for t in arm["time_s"]
+        ],
+        0,
+    )
+)
 
 quote("fidelity.intervals")(lambda: str(len(re.findall(r"\[[^\[\]]+, [^\[\]]+\]", saved("fidelity")["table"]))))
 
