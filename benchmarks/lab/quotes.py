@@ -938,13 +938,14 @@ quote("make_train.previous.val")(lambda: num(100 * saved("make_train")["previous
 # --- step costs ----------------------------------------------------------------------------------------------------
 
 
-def _methods(name: str, model: str = "minilm") -> dict[str, Any]:
+def step_costs(name: str, model: str = "minilm") -> dict[str, Any]:
+    """A step-cost benchmark's rows by method (``name``.json's ``cost`` or ``results``, one model)."""
     data = saved(name)
     return (data["cost"] if "cost" in data else data["results"])[model]["methods"]
 
 
 def _cost(name: str, method: str, model: str = "minilm") -> str:
-    return num(_methods(name, model)[method]["vs_erm"], sign=False)
+    return num(step_costs(name, model)[method]["vs_erm"], sign=False)
 
 
 for _method in ("sam", "deltasam(head)", "per_instance"):
@@ -997,18 +998,18 @@ for _method in (
 ):
     for _key in ("vs_sam", "vs_erm"):
         quote(f"overhead.cpu.{slug(_method)}.{_key}")(
-            lambda m=_method, k=_key: num(_methods("overhead")[m][k], sign=False)
+            lambda m=_method, k=_key: num(step_costs("overhead")[m][k], sign=False)
         )
     quote(f"overhead.cpu.{slug(_method)}.rounded")(
-        lambda m=_method: num(_methods("overhead")[m]["vs_erm"], 1, sign=False)
+        lambda m=_method: num(step_costs("overhead")[m]["vs_erm"], 1, sign=False)
     )
 for _method in ("sam, interval=5", "sam, looksam k=5", "sam, looksam k=10", "deltasam(head), looksam k=5"):
     quote(f"overhead.amortized.{_method}")(lambda m=_method: _cost("overhead_amortized", m))
 quote("overhead.amortized.per_instance")(
-    lambda: num(_methods("overhead_amortized")["per_instance"]["vs_erm"], 1, sign=False)
+    lambda: num(step_costs("overhead_amortized")["per_instance"]["vs_erm"], 1, sign=False)
 )
 quote("overhead.h200.per_instance_batched.rounded")(
-    lambda: num(_methods("gpu_check")["per_instance (batched, chunk 16)"]["vs_erm"], 1, sign=False)
+    lambda: num(step_costs("gpu_check")["per_instance (batched, chunk 16)"]["vs_erm"], 1, sign=False)
 )
 
 BATCHED = {
@@ -1023,7 +1024,7 @@ def _speedups(loop: str, batched: tuple[str, ...]) -> list[float]:
     """How many times faster the batched passes ran than the loop on the H200, MiniLM and BERT-base."""
     out = []
     for name, model in (("gpu_check", "minilm"), ("gpu_check_bert", "bert-base")):
-        rows = _methods(name, model)
+        rows = step_costs(name, model)
         out += [rows[loop]["median_s"] / rows[b]["median_s"] for b in batched]
     return out
 
@@ -1262,9 +1263,9 @@ for _slug in ("rho02_constant", "rho02_follow_lr"):
     quote(f"robust.mr_noisy1k.{_slug}.test_gain")(lambda m=ROBUST[_slug]: _robust_test_gain(m))
 
 
-def _premise_mr(arm: str, seed: int) -> str:
-    """One selection seed's final validation accuracy on noisy mr (index 0: seed 101, 1: seed 102)."""
-    return f"{100 * saved('premise_gpu')['selection']['mr, 20% noise']['arms'][arm]['val'][seed]:.2f}"
+def _premise_mr(arm: str, i: int) -> str:
+    """The ``i``-th selection seed's final validation accuracy on noisy mr (0: seed 101, 1: seed 102)."""
+    return f"{100 * saved('premise_gpu')['selection']['mr, 20% noise']['arms'][arm]['val'][i]:.2f}"
 
 
 for _i, _seed in enumerate((101, 102)):
@@ -1324,18 +1325,18 @@ for _name, _arm_name in (("erm_erm_best", "noisy1k/erm"), ("erm40_erm_best", "no
     quote(f"regimes.{_name}.gap")(lambda a=_arm_name: num(-_regimes_diff(a, "early-stopped ERM")["mean"], sign=False))
 for _method in ("sam, m=8", "sam, m=4"):
     quote(f"overhead.regimes.{_method}.vs_sam.rounded")(
-        lambda m=_method: num(_methods("overhead_regimes")[m]["vs_sam"], 1, sign=False)
+        lambda m=_method: num(step_costs("overhead_regimes")[m]["vs_sam"], 1, sign=False)
     )
-quote("overhead.cpu.sam.whole")(lambda: num(_methods("overhead")["sam"]["vs_erm"], 0, sign=False))
+quote("overhead.cpu.sam.whole")(lambda: num(step_costs("overhead")["sam"]["vs_erm"], 0, sign=False))
 quote("overhead.cpu.per_instance.vs_sam.whole")(
-    lambda: num(_methods("overhead")["per_instance"]["vs_sam"], 0, sign=False)
+    lambda: num(step_costs("overhead")["per_instance"]["vs_sam"], 0, sign=False)
 )
 quote("regimes.m4.cost.whole")(lambda: num(_arm("noisy1k/m-sam m=4")["cost_vs_erm"], 0, sign=False))
 
 
 def _looksam_bookkeeping() -> list[float]:
     """LookSAM's measured step × ERM less a cycle's (k + 1)/k ERM steps (one full step of 2, k − 1 plain ones)."""
-    rows = _methods("overhead_amortized")
+    rows = step_costs("overhead_amortized")
     return [rows[f"sam, looksam k={k}"]["vs_erm"] - (k + 1) / k for k in (5, 10)]
 
 
@@ -1472,14 +1473,14 @@ def _extra(x: float) -> str:
 for _model, _where in (("minilm", "cpu"), ("small", "small")):
     for _method in ("deltasam(probe K=3, all)", "deltasam(probe K=3, top)", "deltasam(probe K=3, head)"):
         quote(f"overhead.{_where}.{slug(_method)}.extra")(
-            lambda m=_method, mo=_model: _extra(_methods("overhead", mo)[m]["vs_sam"])
+            lambda m=_method, mo=_model: _extra(step_costs("overhead", mo)[m]["vs_sam"])
         )
 quote("overhead.cpu.per_instance.vs_sam.rounded")(
-    lambda: num(_methods("overhead")["per_instance"]["vs_sam"], 1, sign=False)
+    lambda: num(step_costs("overhead")["per_instance"]["vs_sam"], 1, sign=False)
 )
-quote("overhead.cpu.erm.median_s")(lambda: num(_methods("overhead")["erm"]["median_s"], sign=False))
+quote("overhead.cpu.erm.median_s")(lambda: num(step_costs("overhead")["erm"]["median_s"], sign=False))
 quote("overhead.amortized.sam_interval_5.vs_sam")(
-    lambda: num(_methods("overhead_amortized")["sam, interval=5"]["vs_sam"], sign=False)
+    lambda: num(step_costs("overhead_amortized")["sam, interval=5"]["vs_sam"], sign=False)
 )
 REGIMES_COSTS = (
     "erm",
@@ -1505,24 +1506,24 @@ def _over_plain(method: str) -> float:
 for _method in REGIMES_COSTS:
     for _key in ("vs_sam", "vs_erm"):
         quote(f"overhead.regimes.{slug(_method)}.{_key}")(
-            lambda m=_method, k=_key: num(_methods("overhead_regimes")[m][k], sign=False)
+            lambda m=_method, k=_key: num(step_costs("overhead_regimes")[m][k], sign=False)
         )
     quote(f"overhead.regimes.{slug(_method)}.copies")(lambda m=_method: num(_over_plain(m)))
     quote(f"overhead.regimes.{slug(_method)}.copies.rounded")(lambda m=_method: num(_over_plain(m), 1))
 quote("overhead.regimes.per_instance.vs_erm.rounded")(
-    lambda: num(_methods("overhead_regimes")["per_instance"]["vs_erm"], 1, sign=False)
+    lambda: num(step_costs("overhead_regimes")["per_instance"]["vs_erm"], 1, sign=False)
 )
 quote("overhead.regimes.looksam_headroom")(
     lambda: num(
         saved("overhead_regimes")["targets"]["sam, looksam k=5 vs_erm"]
-        - _methods("overhead_regimes")["sam, interval=5"]["vs_erm"],
+        - step_costs("overhead_regimes")["sam, interval=5"]["vs_erm"],
         sign=False,
     )
 )
 quote("overhead.regimes.looksam_bookkeeping")(
     lambda: num(
-        _methods("overhead_regimes")["sam, looksam k=5"]["vs_erm"]
-        - _methods("overhead_regimes")["sam, interval=5"]["vs_erm"]
+        step_costs("overhead_regimes")["sam, looksam k=5"]["vs_erm"]
+        - step_costs("overhead_regimes")["sam, interval=5"]["vs_erm"]
     )
 )
 
@@ -1602,11 +1603,11 @@ quote("profile.per_instance.seconds")(lambda: num(saved("profile_per_instance")[
 H200_COSTS = ("sam, m=4 (batched)", "per_instance (batched, chunk 16)")
 for _method in H200_COSTS:
     quote(f"overhead.h200.{slug(_method)}.vs_sam")(
-        lambda m=_method: num(_methods("gpu_check")[m]["vs_sam"], sign=False)
+        lambda m=_method: num(step_costs("gpu_check")[m]["vs_sam"], sign=False)
     )
     for _key in ("vs_sam", "vs_erm"):
         quote(f"overhead.h200.bert.{slug(_method)}.{_key}")(
-            lambda m=_method, k=_key: num(_methods("gpu_check_bert", "bert-base")[m][k], sign=False)
+            lambda m=_method, k=_key: num(step_costs("gpu_check_bert", "bert-base")[m][k], sign=False)
         )
 quote("gpu.fp16.scales")(
     lambda: " → ".join(
@@ -1654,7 +1655,7 @@ quote("gpu.syncs.host_reads")(
 for _method, _key in (("sam, m=4", "vs_sam"), ("per_instance", "vs_erm")):
     quote(f"overhead.groups32.{slug(_method)}.miss")(
         lambda m=_method, k=_key: num(
-            _methods("overhead_groups_32")[m][k] - saved("overhead_groups_32")["targets"][f"{m} {k}"], sign=False
+            step_costs("overhead_groups_32")[m][k] - saved("overhead_groups_32")["targets"][f"{m} {k}"], sign=False
         )
     )
 quote("staleness.later")(

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from benchmarks.lab.common import RESULTS, load_jsonl
-from benchmarks.lab.quotes import _methods, num, saved
+from benchmarks.lab.quotes import num, saved, step_costs
 
 TABLES: dict[str, Callable[[], str]] = {}
 
@@ -47,7 +47,7 @@ def _target(name: str, method: str, key: str) -> float:
 def _cpu_costs(model: str) -> str:
     rows = [
         [m, f"{r['median_s']:.3f}", ratio(r["vs_sam"]), ratio(r["vs_erm"]), f"{r['peak_mb']:.0f}"]
-        for m, r in _methods("overhead", model).items()
+        for m, r in step_costs("overhead", model).items()
     ]
     return markdown(["method", "median step (s)", "× SAM", "× ERM", "peak extra memory (MB)"], rows)
 
@@ -69,7 +69,7 @@ def _cpu_targets() -> str:
         t = _target("overhead", method, key)
         cells = [label.format(t=f"{t:g}")]
         for model in ("minilm", "small"):
-            x = _methods("overhead", model)[method][key]
+            x = step_costs("overhead", model)[method][key]
             cells.append(f"{ratio(x)} ({'met' if x <= t else '**missed**'})")
         rows.append(cells)
     return markdown(["target", "MiniLM", "small model"], rows)
@@ -88,7 +88,7 @@ AMORTIZED = (
 def _amortized() -> str:
     rows = []
     for label, method, targeted in AMORTIZED:
-        x = _methods("overhead_amortized")[method]["vs_erm"]
+        x = step_costs("overhead_amortized")[method]["vs_erm"]
         t = _target("overhead_amortized", method, "vs_erm") if targeted else None
         rows.append([label, ratio(x), "" if t is None else f"≤ {t:g}, {'met' if x <= t else 'missed'}"])
     return markdown(["method", "× ERM", "target"], rows)
@@ -110,7 +110,7 @@ def _regimes_costs() -> str:
             "0",
         ]
     ]
-    for m, r in _methods("overhead_regimes").items():
+    for m, r in step_costs("overhead_regimes").items():
         rows.append(
             [
                 m,
@@ -128,7 +128,7 @@ def _regimes_costs() -> str:
 
 @table("overhead.regimes.targets")
 def _regimes_targets() -> str:
-    r = _methods("overhead_regimes")
+    r = step_costs("overhead_regimes")
     ref = _reference_copies("overhead_regimes")
 
     def timed(label: str, method: str, key: str, missed: str = "missed") -> list[str]:
@@ -216,7 +216,7 @@ H200_ROWS = (
 
 @table("overhead.h200")
 def _h200() -> str:
-    minilm, bert = _methods("gpu_check"), _methods("gpu_check_bert", "bert-base")
+    minilm, bert = step_costs("gpu_check"), step_costs("gpu_check_bert", "bert-base")
     rows = [
         [
             label,
@@ -249,7 +249,7 @@ GROUP_ROWS = (
 
 @table("overhead.groups")
 def _groups() -> str:
-    at32, at48 = _methods("overhead_groups_32"), _methods("overhead_groups_48")
+    at32, at48 = step_costs("overhead_groups_32"), step_costs("overhead_groups_48")
     rows = [
         [
             label,
