@@ -182,16 +182,6 @@ quote("regimes.distinct")(lambda: str(len(_distinct())))
 quote("regimes.repeats")(lambda: str(saved("regimes")["family"] - len(_distinct())))
 
 
-def _surviving_arms() -> str:
-    arms = [
-        name
-        for name, a in saved("regimes")["arms"].items()
-        if any(d["p_holm"] <= 0.05 for d in _unique(a["differences"]))
-    ]
-    return str(len(arms))
-
-
-quote("regimes.surviving_arms")(_surviving_arms)
 for _name, _arm_key, _label in (
     ("interval5_erm", "noisy1k/sam interval=5", "ERM final"),
     ("sam02_40_erm", "noisy40/sam at m-sam's ρ", "ERM final"),
@@ -1365,7 +1355,6 @@ quote("fidelity_check.rel_err")(
 )
 quote("fidelity.pooled.mean")(lambda: num(_fidelity_pooled()[0], 3))
 quote("fidelity.pooled.ci")(lambda: f"[{num(_fidelity_pooled()[1][0], 3)}, {num(_fidelity_pooled()[1][1], 3)}]")
-quote("make_train.previous.minutes")(lambda: num(saved("make_train")["previous"]["wall_s"] / 60, 1, sign=False))
 quote("run_size.checkpoint_mb")(
     lambda: f"{saved('run_size')['after']['runs']['debug_fast']['files_over_1MB']['checkpoints/step4.ckpt'] / 1e6:.0f}"
 )
