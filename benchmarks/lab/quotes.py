@@ -169,14 +169,6 @@ def _distinct_holm(name: str, label: str) -> float:
     return next(p for (_, _, t), p in zip(tests, adjusted) if (t["n"], round(t["mean"], 12), round(t["p"], 12)) == key)
 
 
-def _unique(diffs: dict[str, Any]) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    for d in diffs.values():
-        if d is not None and all(d != o for o in out):
-            out.append(d)
-    return out
-
-
 quote("regimes.family")(lambda: str(saved("regimes")["family"]))
 quote("regimes.distinct")(lambda: str(len(_distinct())))
 quote("regimes.repeats")(lambda: str(saved("regimes")["family"] - len(_distinct())))
