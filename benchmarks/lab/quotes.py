@@ -1099,6 +1099,26 @@ def _variants_full(task: str) -> str:
 
 
 quote("variants.mr.ae_sam.full_fraction")(lambda: _variants_full("mr"))
+quote("variants.mr.half_widths")(
+    lambda: span(
+        [
+            100 * (e["ci"][1] - e["ci"][0]) / 2
+            for e in saved("variants")["primary"]
+            if (e["task"], e["arm"], e["baseline"]) != ("mr", "δ-sam", "sam")
+        ],
+        1,
+    )
+)
+quote("variants.mr.sam_widths")(
+    lambda: span(
+        [
+            100 * (e["ci"][1] - e["ci"][0])
+            for e in saved("variants")["primary"]
+            if e["task"] == "mr" and e["baseline"] == "sam" and e["arm"] != "δ-sam"
+        ],
+        1,
+    )
+)
 quote("variants.mr.minutes")(
     lambda: span(
         [
