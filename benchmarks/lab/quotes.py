@@ -1351,16 +1351,14 @@ for _where, _name in (("cpu", "compile_cpu"), ("h200", "gpu_check")):
     quote(f"compile.{_where}.weights")(
         lambda n=_name: sci(max(saved(n)["compile"][m]["max_weight_difference"] for m in ("erm", "sam")))
     )
-quote("gpu.syncs.weights")(
-    lambda: sci(
-        max(
-            v["max_weight_difference_to_host_path"]
-            for v in saved("gpu_check")["syncs"].values()
-            if isinstance(v, dict) and "max_weight_difference_to_host_path" in v
-        ),
-        0,
-    )
-)
+
+
+def _largest(study: str, part: str, key: str) -> float:
+    """The largest ``key`` over the entries of ``study``.json's ``part`` that record it."""
+    return max(v[key] for v in saved(study)[part].values() if isinstance(v, dict) and key in v)
+
+
+quote("gpu.syncs.weights")(lambda: sci(_largest("gpu_check", "syncs", "max_weight_difference_to_host_path"), 0))
 quote("fidelity_check.cos")(lambda: sci(max(v["max_abs_diff_cos"] for v in saved("fidelity_check")["max"].values())))
 quote("fidelity_check.rel_err")(
     lambda: sci(max(v["max_abs_diff_rel_err"] for v in saved("fidelity_check")["max"].values()))
@@ -1617,13 +1615,7 @@ quote("gpu.fp16.scales")(
     )
 )
 quote("gpu.ascent_overflow.rel")(
-    lambda: sci(
-        max(
-            v["update_relative_difference_to_erm"]
-            for v in saved("gpu_check_bert")["ascent_overflow"].values()
-            if isinstance(v, dict) and "update_relative_difference_to_erm" in v
-        )
-    )
+    lambda: sci(_largest("gpu_check_bert", "ascent_overflow", "update_relative_difference_to_erm"))
 )
 quote("gpu.syncs.m8")(lambda: str(max(saved("gpu_check")["syncs"]["sam, m=8"]["cuda_syncs_per_step"])))
 
