@@ -208,7 +208,7 @@ def report() -> tuple[str, dict[str, Any]]:
         + ", ".join(f"{arm} {'–' if rho is None else f'{rho:g}'}" for arm, rho in out["chosen"][task].items())
         for task in _tasks()
     )
-    text += f"\n\n**Selected ρ** (– : selection not complete): {chosen_line}"
+    text += "\n\n**Selected ρ**" + (" (– : selection not complete)" if "–" in chosen_line else "") + f": {chosen_line}"
     out["declared"] = {"primary": len(PRIMARY) * n_tasks, "secondary": len(SECONDARY) * n_tasks}
     full = {
         name: sum(d["n"] == len(_seeds()) for *_, d in family)
@@ -224,7 +224,8 @@ def report() -> tuple[str, dict[str, Any]]:
                 f"\n\n**{name.capitalize()} family** ({full[name]} of {out['declared'][name]} declared tests on all "
             )
             text += f"{len(_seeds())} seeds" + (f", {partial} on fewer, interim" if partial else "")
-            text += "; untested ones count at p = 1 in Holm)\n\n" + "\n".join(table)
+            untested = len(family) < out["declared"][name]
+            text += ("; untested ones count at p = 1 in Holm" if untested else "") + ")\n\n" + "\n".join(table)
     return text, out
 
 

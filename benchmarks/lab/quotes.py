@@ -1119,6 +1119,20 @@ quote("variants.mr.sam_widths")(
         1,
     )
 )
+
+
+def _variants_reweighting(task: str) -> str:
+    """The span of the 95% intervals of each δ- arm against the method it reweights: ``low to high`` points."""
+    found = [_variants_entry(task, f"δ-{b}", b) for b in ("sam", "gsam", "fsam")]
+    if any(e is None for e in found):
+        return "not run yet"
+    lows, highs = zip(*(e["ci"] for e in found if e is not None), strict=True)
+    return f"{num(100 * min(lows), 2)} to {num(100 * max(highs), 2)}"
+
+
+quote("variants.mr.reweighting_span")(lambda: _variants_reweighting("mr"))
+
+
 quote("variants.mr.minutes")(
     lambda: span(
         [
