@@ -462,7 +462,8 @@ class DeltaSAMConfig:
         if self.method == "erm":
             settings = ", ".join(f"{name}={getattr(self, name)!r}" for name in unused)
             warnings.warn(
-                f"DeltaSAMConfig(method='erm') takes plain steps: {settings} have no effect",
+                f"DeltaSAMConfig(method='erm') takes plain steps: {settings} "
+                f"{'have' if len(unused) > 1 else 'has'} no effect",
                 UserWarning,
                 stacklevel=4,
             )
@@ -671,7 +672,7 @@ SPEC: dict[str, Field] = {
         flag,
         True,
         lambda c: c.method == "wsam" and c.wsam_gamma != 0,
-        "it is WSAM's form (method='wsam'), and with wsam_gamma=0 both forms are ERM's step",
+        "it is WSAM's form (method='wsam'; with wsam_gamma=0 both forms are ERM's step)",
     ),
     "fsam_sigma": Field(number(0.0), 1.0, lambda c: c.method == "fsam", "it is Friendly-SAM's (method='fsam')"),
     "fsam_lambda": Field(

@@ -94,9 +94,13 @@ def test_a_setting_the_method_never_reads_is_refused_by_name(options, match):
 
 
 def test_erm_the_baseline_of_a_sweep_warns_of_the_method_fields_it_ignores():
-    with pytest.warns(UserWarning, match=r"method='erm'\) takes plain steps: rho=0.05, rho_schedule='constant', beta"):
+    with pytest.warns(
+        UserWarning, match=r"method='erm'\) takes plain steps: rho=0.05, rho_schedule='constant', beta=-1.0 have no"
+    ):
         config = DeltaSAMConfig(method="erm", rho=0.05, rho_schedule="constant", beta=-1.0)
     assert config.rho == 0.05 and not config.perturbs
+    with pytest.warns(UserWarning, match=r"takes plain steps: gsam_alpha=0.3 has no effect"):
+        DeltaSAMConfig(method="erm", gsam_alpha=0.3)
 
 
 def test_unset_fields_take_per_method_defaults_and_round_trip():
@@ -324,10 +328,25 @@ def test_a_closure_or_a_scalar_loss_trains_the_per_instance_losses_weights(metho
     torch.testing.assert_close(trained[2], trained[0], rtol=0, atol=0)
 
 
-def test_a_scalar_loss_is_refused_where_the_method_needs_one_loss_per_instance():
-    model, opt = _sam(dict(method="deltasam"))
-    with pytest.raises(ValueError, match="scalar mean loss serves only methods erm, sam and asam"):
+@pytest.mark.parametrize(
+    "options", [dict(method="deltasam"), dict(method="gsam", beta=-0.5), dict(method="per_instance")]
+)
+def test_a_scalar_loss_is_refused_where_the_method_needs_one_loss_per_instance(options):
+    model, opt = _sam(options)
+    with pytest.raises(ValueError, match="scalar mean loss serves every method but per_instance, and none with beta"):
         opt.step(lambda b: model.losses(b).mean(), _batch())
+
+
+@pytest.mark.parametrize("method", ["gsam", "wsam", "fsam"])
+def test_a_scalar_loss_serves_the_family(method):
+    """As the refusal above says: without beta the family takes one scalar mean loss, to the same weights."""
+    trained = []
+    for scalar in (False, True):
+        model, opt = _sam(dict(method=method, rho=0.05, rho_schedule="constant"))
+        for i in range(3):
+            opt.step((lambda b, m=model: m.losses(b).mean()) if scalar else model.losses, _batch(seed=i))
+        trained.append(flat_params(model))
+    torch.testing.assert_close(trained[1], trained[0], rtol=0, atol=1e-7)
 
 
 @pytest.mark.parametrize(
@@ -746,3 +765,47 @@ def test_a_closure_runs_deltasam_without_instance_weights():
         return loss
 
     assert sam.step(closure) is not None
+
+
+def test_looksam_with_a_group_added_mid_window_steps_the_new_parameters_plainly_until_the_next_full_step():
+    """LookSAM (interval 3) with the backbone added before a plain step: the new parameters have no stored g_v, so
+    their update on that step is the base step on their plain gradient at w, while the head still gets the reused
+    direction; the next full step records g_v over all of them (before, the added group was refused)."""
+    torch.manual_seed(0)
+    model = MLP()
+    first = list(model.net[0].parameters())
+    for p in first:
+        p.requires_grad_(False)
+    head = [p for p in model.parameters() if p.requires_grad]
+    config = DeltaSAMConfig(method="sam", rho=0.05, rho_schedule="constant", interval=3, reuse="looksam")
+    opt = DeltaSAMOptimizer(model, torch.optim.SGD(head, lr=0.1), config)
+    for i in range(2):
+        opt.step(model.losses, _batch(seed=i))
+    for p in first:
+        p.requires_grad_(True)
+    opt.optimizer.add_param_group({"params": first})
+    before = [p.detach().clone() for p in model.parameters()]
+    model.zero_grad()
+    model.losses(_batch(seed=2)).mean().backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    opt.step(model.losses, _batch(seed=2))
+    for p, w, g in zip(first, before[: len(first)], plain[: len(first)]):
+        torch.testing.assert_close(p.detach(), w - 0.1 * g, rtol=0, atol=1e-7)
+    moved = torch.cat([(p.detach() - w).flatten() for p, w in zip(head, before[len(first) :])])
+    plain_step = torch.cat([(-0.1 * g).flatten() for g in plain[len(first) :]])
+    assert (moved - plain_step).abs().max() > 1e-5, "the head must still get LookSAM's reused direction"
+    opt.step(model.losses, _batch(seed=3))  # a full step, over every parameter
+    assert len(opt.driver.state.reuse_direction) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("total_steps", [0, -5, 2.5, "10", True])
+def test_total_steps_must_be_a_positive_int(total_steps):
+    model = MLP()
+    with pytest.raises(ValueError, match=rf"total_steps={total_steps!r}.*int >= 1"):
+        DeltaSAMOptimizer(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            DeltaSAMConfig(method="sam", policy="adaptive"),
+            total_steps=total_steps,
+        )

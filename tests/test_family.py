@@ -178,6 +178,20 @@ def test_fsam_state_resumes_bit_exactly():
     assert torch.equal(model.w.detach(), whole)
 
 
+def test_fsam_at_sigma_zero_is_sam_and_keeps_no_running_mean():
+    """σ = 0 removes nothing: the weights are SAM's to the bit, and no running mean is kept or checkpointed (it held a
+    copy of the parameters for nothing, and the clean gradient beside it)."""
+    x, y, w = least_squares_problem()
+    sam = ours(DeltaSAMConfig(method="sam", rho=RHO, rho_schedule="constant"), x, y, w, steps=3)
+    model = LeastSquares(w)
+    config = DeltaSAMConfig(method="fsam", rho=RHO, rho_schedule="constant", fsam_sigma=0.0)
+    opt = DeltaSAMOptimizer(model, torch.optim.SGD(model.parameters(), lr=LR), config)
+    for _ in range(3):
+        opt.step(model.losses, (x, y))
+    assert torch.equal(model.w.detach(), sam)
+    assert opt.driver.state.fsam_momentum is None and "momentum" not in opt.state_dict()
+
+
 class Linear(nn.Module):
     """Multi-output least squares ``||W x_i - y_i||² / 2`` (a weight of rank 2, which centralization centres)."""
 

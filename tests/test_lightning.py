@@ -24,7 +24,7 @@ from helpers import (
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins import MixedPrecision
 
-from lit_deltasam import DeltaSAM, DeltaSAMConfig, DeltaSAMMixin, SharpnessProbe
+from lit_deltasam import DeltaSAM, DeltaSAMConfig, DeltaSAMMixin, DeltaSAMOptimizer, SharpnessProbe
 
 
 class CountSteps(Callback):
@@ -563,22 +563,27 @@ class Finetuned(TinyModule):
         return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.lr)
 
 
+def _finetuned(config):
+    """A Finetuned module trained 2 epochs with BackboneFinetuning (the backbone joins at epoch 1, lr 0.01), and an
+    MLP at the module's starting weights, to replay the run by hand."""
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    torch.manual_seed(0)
+    module = Finetuned(config)
+    model = MLP()
+    model.load_state_dict(module.model.state_dict())
+    finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=1, backbone_initial_lr=0.01)
+    trainer(max_epochs=2, callbacks=[finetuning]).fit(module, loader(n=32, batch_size=8))
+    assert len(module.optimizers().param_groups) == 2
+    return module, model
+
+
 def test_backbone_finetuning_perturbs_and_steps_the_unfrozen_backbone():
     """BackboneFinetuning adds the backbone's group to the optimizer at epoch 1 (lr 0.01); from then on every step
     must be SAM over the head and the backbone, written out by hand here (before the fix the backbone kept its
     ascent gradient in G)."""
-    from lightning.pytorch.callbacks import BackboneFinetuning
-
     rho = 0.05
-    torch.manual_seed(0)
-    module = Finetuned(DeltaSAMConfig(method="sam", rho=rho, rho_schedule="constant"))
-    start = copy.deepcopy(module.model.state_dict())
-    finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=1, backbone_initial_lr=0.01)
-    trainer(max_epochs=2, callbacks=[finetuning]).fit(module, loader(n=32, batch_size=8))
-    assert len(module.optimizers().param_groups) == 2
-
-    model = MLP()
-    model.load_state_dict(start)
+    module, model = _finetuned(DeltaSAMConfig(method="sam", rho=rho, rho_schedule="constant"))
     head = [p for name, p in model.named_parameters() if not name.startswith("net.0.")]
     base = torch.optim.SGD(head, lr=0.1)
     for epoch in range(2):
@@ -588,6 +593,40 @@ def test_backbone_finetuning_perturbs_and_steps_the_unfrozen_backbone():
             sam_step_by_hand(lambda batch=batch: model.losses(batch).mean(), base, rho)
     trained = torch.cat([p.detach().flatten() for p in module.model.parameters()])
     torch.testing.assert_close(trained, flat_params(model), rtol=0, atol=1e-6)
+
+
+def test_backbone_finetuning_under_friendly_sam_equals_the_plain_loop():
+    """Friendly-SAM holds a running mean per parameter; BackboneFinetuning adds the backbone at epoch 1, whose mean
+    starts at its first ascent gradient (the reference library's rule, tests/test_peer_reference.py). The mixin must
+    equal DeltaSAMOptimizer with the group added at the same step (before, it refused the added group)."""
+    config = DeltaSAMConfig(method="fsam", rho=0.05, rho_schedule="constant")
+    module, model = _finetuned(config)
+    for p in model.net[0].parameters():
+        p.requires_grad_(False)
+    head = [p for name, p in model.named_parameters() if not name.startswith("net.0.")]
+    opt = DeltaSAMOptimizer(model, torch.optim.SGD(head, lr=0.1), config)
+    for epoch in range(2):
+        if epoch == 1:
+            for p in model.net[0].parameters():
+                p.requires_grad_(True)
+            opt.optimizer.add_param_group({"params": list(model.net[0].parameters()), "lr": 0.01})
+        for batch in loader(n=32, batch_size=8):
+            opt.step(model.losses, batch)
+    trained = torch.cat([p.detach().flatten() for p in module.model.parameters()])
+    torch.testing.assert_close(trained, flat_params(model), rtol=0, atol=0)
+
+
+def test_a_deltasam_optimizer_returned_under_the_mixin_is_refused_by_name():
+    """The mixin runs the double step itself; a DeltaSAMOptimizer from configure_optimizers would be driven by it as
+    a base optimizer. The error names both ways out (before, it blamed accumulation, which was not set)."""
+
+    class Wrapped(TinyModule):
+        def configure_optimizers(self):
+            base = torch.optim.SGD(self.parameters(), lr=0.1)
+            return DeltaSAMOptimizer(self, base, DeltaSAMConfig(method="gsam"))
+
+    with pytest.raises(TypeError, match="returned a DeltaSAMOptimizer.*return its base optimizer.*drop DeltaSAMMixin"):
+        trainer(max_steps=1).fit(Wrapped(DeltaSAMConfig(method="fsam")), loader(n=16, batch_size=8))
 
 
 @pytest.mark.parametrize("method", ["gsam", "wsam", "fsam"])

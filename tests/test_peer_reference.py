@@ -35,13 +35,18 @@ from peer import (
     decaying_lr,
     flat,
     float64_norms,
+    instance_losses,
     peer_fsam,
     peer_gsam,
     peer_sam,
+    peer_sam_module,
     peer_wsam,
 )
+from peer import _closure as peer_closure
 from pytorch_optimizer.optimizer.gradient_centralization import centralize_gradient
 from torch import nn
+
+from lit_deltasam import DeltaSAMConfig, DeltaSAMOptimizer
 
 RHO = 0.05
 RHO_ASAM = 0.5
@@ -78,7 +83,7 @@ ROWS: dict[str, Row] = {
         peer_fsam,
         SAM,
         peer_kwargs=dict(rho=RHO, sigma=0.0, lmbda=0.9),
-        note="sigma = 0 removes nothing: SAM (the EMA is still kept)",
+        note="sigma = 0 removes nothing: SAM (the peer still keeps its EMA; ours keeps none)",
     ),
     "gsam": Row(
         peer_gsam,
@@ -177,6 +182,57 @@ def test_the_comparison_tells_methods_apart(model, data):
     for config in (dict(method="erm"), dict(SAM, method="asam", asam_eta=0.0, asam_scope="all")):
         mine = Row(peer_sam, config).our_weights(model, data, "adamw")
         assert _gap(theirs, mine) > 1e-3
+
+
+@pytest.mark.parametrize("base", list(BASES))
+def test_fsam_with_a_group_added_mid_run_matches_the_peer(base, data):
+    """Progressive unfreezing under Friendly-SAM: the first layer joins the optimizer before the third step. The
+    peer starts each parameter's running mean at its first gradient (no shift on that step); so must ours, on the
+    new parameters, while the others keep theirs (before the fix ours refused the added group)."""
+    base_cls, base_kwargs = BASES[base]
+    trained = {}
+    for who in ("peer", "ours"):
+        model = Net(seed=0)
+        first = list(model.net[0].parameters())
+        for p in first:
+            p.requires_grad_(False)
+        head = list(model.net[2].parameters())
+        with float64_norms():
+            if who == "peer":
+                opt = peer_sam_module.FriendlySAM(
+                    head, base_cls, rho=RHO, sigma=1.0, lmbda=0.9, perturb_eps=0.0, **base_kwargs
+                )
+            else:
+                opt = DeltaSAMOptimizer(
+                    model,
+                    base_cls(head, **base_kwargs),
+                    DeltaSAMConfig(method="fsam", rho=RHO, fsam_sigma=1.0, fsam_lambda=0.9, rho_schedule="constant"),
+                )
+            for step, batch in enumerate(data):
+                if step == 2:
+                    for p in first:
+                        p.requires_grad_(True)
+                    if who == "ours":
+                        opt.optimizer.add_param_group({"params": first})
+                    else:
+                        _peer_add(opt, first)
+                if who == "peer":
+                    closure = peer_closure(opt, model, batch)
+                    closure()
+                    opt.step(closure)
+                else:
+                    opt.step(lambda b, model=model: instance_losses(model, b), batch)
+        trained[who] = flat(model)
+    assert _gap(trained["peer"], flat(Net(seed=0))) > 1e-3
+    assert _gap(trained["peer"], trained["ours"]) <= EXACT
+
+
+def _peer_add(opt, params) -> None:
+    """A group added to the peer's base optimizer (as Lightning's BackboneFinetuning adds it), given the peer's own
+    defaults (rho, sigma, lmbda) that the base optimizer does not know."""
+    opt.base_optimizer.add_param_group({"params": params})
+    group = opt.param_groups[-1]
+    group.update({k: v for k, v in opt.defaults.items() if k not in group})
 
 
 # ------------------------------------------------------------------------------ closed forms == the peer (LS)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import MLP, classification_data, with_rho
 
-from lit_deltasam import DeltaSAM, DeltaSAMConfig
+from lit_deltasam import DeltaSAM, DeltaSAMConfig, DeltaSAMOptimizer
 from lit_deltasam.core.guardedness import Prober
 from lit_deltasam.core.randomness import RandomState
 from lit_deltasam.core.snapshot import Snapshot
@@ -90,6 +90,33 @@ def test_exception_in_the_descent_backward_restores_weights_and_accumulated_grad
     assert_bit_identical(model, before)
     for p, g in zip(model.parameters(), grads):
         assert torch.equal(p.grad, g)
+
+
+def _policy_fields(opt):
+    return {k: v for k, v in opt.driver.state.scalars().items() if k.startswith("policy_")}
+
+
+def test_a_failed_step_under_the_adaptive_policy_leaves_its_moments_as_they_were():
+    """AE-SAM's running moments of ||g||² take a step's norm when it decides; a step that raises after deciding (in
+    its perturbed forward) must leave them, and the counts, as before, so that the retried batch counts once: the
+    retried run then equals one that never failed (an independent tester found the moments advanced twice)."""
+    config = DeltaSAMConfig(method="sam", rho=0.05, policy="adaptive")
+    runs = {}
+    for fail in (False, True):
+        torch.manual_seed(0)
+        model = MLP()
+        opt = DeltaSAMOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), config, total_steps=6)
+        for i in range(6):
+            batch = classification_data(n=8, seed=i)
+            if fail and i == 0:  # the first step is full: its moments start at 0
+                before = _policy_fields(opt)
+                with pytest.raises(Boom):
+                    opt.step(failing_on_call(model, 2), batch)
+                assert _policy_fields(opt) == before
+            opt.step(model.losses, batch)
+        runs[fail] = (torch.cat([p.detach().flatten() for p in model.parameters()]), opt.driver.state.scalars())
+    assert runs[True][1]["policy_decided"] == 6
+    assert torch.equal(runs[True][0], runs[False][0]) and runs[True][1] == runs[False][1]
 
 
 def test_rollback_undoes_a_failed_optimizer_step():

@@ -43,7 +43,12 @@ def check_losses(losses: Any, batch: Batch, device: torch.device, *, scalar: Opt
         losses = losses.reshape(1)
     elif losses.ndim != 1 or (expected is not None and losses.shape[0] != expected):
         want = f"[{expected}]" if expected is not None else "[n]"
-        why = "" if losses.ndim else " (a scalar mean loss serves only methods erm, sam and asam without beta)"
+        why = (
+            ""
+            if losses.ndim
+            else " (a scalar mean loss serves every method but per_instance, and none with beta != 0: the "
+            "reweighting needs each instance's loss)"
+        )
         raise ValueError(
             f"{name} returned shape {list(losses.shape)} but must return one loss per instance, shape {want}{why}; "
             "compute the loss with reduction='none'"

@@ -10,20 +10,20 @@ it carries across steps is the :class:`LoopState`.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
-from ..config import FAMILY, DeltaSAMConfig
+from ..config import DeltaSAMConfig
 from .amortized import Reuse
 from .batch import Batch, LossFn
 from .distributed import world_size
 from .engine import Backward, DeltaSAM, NoSync, StepResult
-from .family import FamilyRules
+from .family import FamilyRules, reads_clean
 from .randomness import seeded, step_seed
 from .schedule import RhoSchedule
 from .sharding import NormReduce, local
@@ -65,8 +65,9 @@ class LoopState:
     """Micro-batches the policy decided."""
     policy_plain: int = 0
     """Micro-batches of this window the policy gave a plain step (a window of only those is plain: no family rule)."""
-    fsam_momentum: Optional[list[Tensor]] = None
-    """Friendly-SAM: the running mean of the full steps' synchronized ascent gradients (unscaled)."""
+    fsam_momentum: Optional[list[Optional[Tensor]]] = None
+    """Friendly-SAM: the running mean of the full steps' synchronized ascent gradients (unscaled); ``None`` for a
+    parameter added since the last full step."""
 
     TENSORS = ("plain_sum", "reuse_direction", "reuse_norm", "fsam_momentum")
 
@@ -208,7 +209,7 @@ class Driver:
         decides the skips itself, and ``result.grad_norm`` is divided by the scale the passes ran at.
         ``stale_advice`` replaces the advice of the refusal of gradients found in ``.grad`` at a window's start."""
         if self.state.micro == 0:
-            self._follow_param_groups(step)
+            self._follow_param_groups()
             self._refuse_stale_gradients(step, stale_advice)
         active = scaler if scaler is not None and scaler.is_enabled() else None
         scale = active.get_scale() if active is not None else None  # both passes' (the window's end may move it)
@@ -242,7 +243,7 @@ class Driver:
             # a full step replaces the stored direction: not held beside the plain gradient and the snapshot
             state.reuse_direction = state.reuse_norm = None
         policy = rho > 0 and cfg.policy == "adaptive"
-        with seeded(seed, self.engine.device) if cfg.seed_steps else nullcontext():
+        with seeded(seed, self.engine.device) if cfg.seed_steps else nullcontext(), self._policy_undone_on_error():
             result = self.engine.step(
                 loss_fn,
                 batch,
@@ -251,12 +252,24 @@ class Driver:
                 sync_descent=last,
                 check_finite=tick.scaler is None,
                 rho=rho,
-                plain_grad=rho > 0 and (cfg.reuse is not None or cfg.method in FAMILY),
+                plain_grad=rho > 0 and (cfg.reuse is not None or reads_clean(cfg)),
                 shift=self.rules.shift(self.engine.params, tick.scale) if rho > 0 else None,
                 decide=self.rules.policy(tick.step, tick.total_steps, tick.scale) if policy else None,
             )
         self._count(result, rho)
         return result
+
+    @contextmanager
+    def _policy_undone_on_error(self) -> Iterator[None]:
+        """A step that raises (its weights restored by the engine) leaves the policy's moments as they were, so that
+        a retried batch counts once."""
+        state = self.state
+        moments = (state.policy_mean, state.policy_var, state.policy_full, state.policy_decided)
+        try:
+            yield
+        except BaseException:
+            state.policy_mean, state.policy_var, state.policy_full, state.policy_decided = moments
+            raise
 
     def _count(self, result: StepResult, rho: float) -> None:
         """Advance the loop state by one micro-batch; sum LookSAM's plain gradients over the window."""
@@ -347,21 +360,24 @@ class Driver:
         reuse.record(full, plain)
         state.reuse_direction, state.reuse_norm = reuse.direction, reuse.norm
 
-    def _follow_param_groups(self, step: int) -> None:
+    def _follow_param_groups(self) -> None:
         """At a window's start: perturb and update the parameters the base optimizer steps now. A group added since
         the last step (Lightning's ``BackboneFinetuning`` unfreezes layers so) gets the engine rebuilt over them;
         before, its parameters kept their ascent gradient in G."""
         params = optimizer_params(self.optimizer)
         if [id(p) for p in params] == self.stepped_params:
             return
-        if self.state.reuse_direction is not None or self.state.fsam_momentum is not None:
-            held = f"reuse={self.config.reuse!r}" if self.state.reuse_direction is not None else "method='fsam'"
-            raise ValueError(
-                f"the base optimizer's parameters changed at optimizer step {step} (a group added or removed), "
-                f"and {held} holds a direction over the old ones; build a new DeltaSAMOptimizer around the base "
-                "optimizer"
-            )
+        state, old = self.state, self.engine.params
         self.engine = DeltaSAM(self.module, self.config, params, reduce_squares=self.reduce_squares, driven=True)
+        new = self.engine.params
+        if state.reuse_direction is not None:  # an added parameter's g_v is 0 (plain) until the next full step
+            held = {id(p): d for p, d in zip(old, state.reuse_direction)}
+            state.reuse_direction = [held[id(p)] if id(p) in held else local(torch.zeros_like(p)) for p in new]
+            if set(held) - {id(p) for p in new}:  # a removed parameter: ||g_v|| over the rest, at the next use
+                state.reuse_norm = None
+        if state.fsam_momentum is not None:  # an added parameter's running mean starts at its first ascent gradient
+            means = {id(p): m for p, m in zip(old, state.fsam_momentum)}
+            state.fsam_momentum = [means.get(id(p)) for p in new]
         self.stepped_params = [id(p) for p in params]
 
     def _refuse_stale_gradients(self, step: int, advice: Optional[str] = None) -> None:

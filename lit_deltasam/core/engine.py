@@ -230,7 +230,7 @@ class DeltaSAM:
         check_finite: bool = True,
         rho: Optional[float] = None,
         plain_grad: bool = False,
-        shift: Optional[Sequence[Tensor]] = None,
+        shift: Optional[Sequence[Optional[Tensor]]] = None,
         decide: Optional[Callable[[float], bool]] = None,
     ) -> StepResult:
         """Add G for one (micro-)batch to ``.grad``; the weights end exactly where they started.
@@ -247,7 +247,8 @@ class DeltaSAM:
             rho: this step's radius (e.g. :func:`~lit_deltasam.core.schedule.scheduled_rho`'s); default
                 ``config.rho``. At 0 the step is a plain ERM step.
             plain_grad: also return the plain gradient at w in ``result.plain_grad`` (LookSAM's, the family's).
-            shift: Friendly-SAM's running mean m (one tensor per parameter): the ascent is along ``g - sigma m``.
+            shift: Friendly-SAM's running mean m (one tensor per parameter, ``None``: not shifted): the ascent is
+                along ``g - sigma m``.
             decide: the adaptive policy, from ``||g||²`` at w: a full step, or (False) a plain step on g.
 
         Raises:
@@ -279,7 +280,7 @@ class DeltaSAM:
         sync_descent: bool,
         rho: Optional[float],
         plain_grad: bool,
-        shift: Optional[Sequence[Tensor]],
+        shift: Optional[Sequence[Optional[Tensor]]],
         decide: Optional[Callable[[float], bool]],
     ) -> Step:
         """One call's arguments, checked, with their defaults."""

@@ -28,6 +28,12 @@ def plain_is_ascent(config: DeltaSAMConfig) -> bool:
     return config.method == "fsam" or (config.method in FAMILY and bool(config.weighted_descent))
 
 
+def reads_clean(config: DeltaSAMConfig) -> bool:
+    """Whether a full step's window end reads the clean gradient: GSAM's and WSAM's rule, Friendly-SAM's running
+    mean (none at ``fsam_sigma=0``, which is SAM)."""
+    return config.method in ("gsam", "wsam") or (config.method == "fsam" and bool(config.fsam_sigma))
+
+
 @torch.no_grad()
 def gsam_descent_(grads: Sequence[Tensor], clean: Sequence[Tensor], alpha: float) -> Tensor:
     """GSAM (Zhuang et al., 2022): ``G = g_adv - alpha * g_perp`` in place, where ``g_perp = g - (g·g_adv /
@@ -85,20 +91,25 @@ def descend_(config: DeltaSAMConfig, grads: Sequence[Tensor], clean: Sequence[Te
 
 
 @torch.no_grad()
-def fsam_update(momentum: Optional[list[Tensor]], ascent: Sequence[Tensor], decay: float) -> list[Tensor]:
-    """Friendly-SAM's running mean of the ascent gradient, ``m = decay * m + (1 - decay) * a``, started at the first
-    full step's ``a`` (not at 0)."""
+def fsam_update(
+    momentum: Optional[list[Optional[Tensor]]], ascent: Sequence[Tensor], decay: float
+) -> list[Optional[Tensor]]:
+    """Friendly-SAM's running mean of the ascent gradient, ``m = decay * m + (1 - decay) * a``, started at each
+    parameter's first full step's ``a`` (not at 0), as the reference library starts it per parameter."""
     if momentum is None:
         return [a.clone() for a in ascent]
-    for m, a in zip(momentum, ascent):
-        m.lerp_(a.to(m.device, m.dtype), 1.0 - decay)
+    for i, (m, a) in enumerate(zip(momentum, ascent)):
+        if m is None:
+            momentum[i] = a.clone()
+        else:
+            m.lerp_(a.to(m.device, m.dtype), 1.0 - decay)
     return momentum
 
 
 class FamilyState(Protocol):
     """The loop state's fields the family's rules carry (:class:`~.driver.LoopState`)."""
 
-    fsam_momentum: Optional[list[Tensor]]
+    fsam_momentum: Optional[list[Optional[Tensor]]]
     policy_mean: float
     policy_var: float
     policy_full: int
@@ -114,13 +125,15 @@ class FamilyRules:
     def __init__(self, config: DeltaSAMConfig, state: FamilyState, schedule: Any, optimizer: Any) -> None:
         self.config, self.state, self.schedule, self.optimizer = config, state, schedule, optimizer
 
-    def shift(self, params: Sequence[Tensor], scale: Optional[float]) -> Optional[list[Tensor]]:
-        """Friendly-SAM's running mean, where the parameters are, times the loss scale the passes run at."""
+    def shift(self, params: Sequence[Tensor], scale: Optional[float]) -> Optional[list[Optional[Tensor]]]:
+        """Friendly-SAM's running mean, where the parameters are, times the loss scale the passes run at (``None``
+        for a parameter that has none yet: its ascent is not shifted)."""
         momentum = self.state.fsam_momentum
         if self.config.method != "fsam" or momentum is None:
             return None
-        self.state.fsam_momentum = momentum = [m.to(p.device, p.dtype) for m, p in zip(momentum, params)]
-        return momentum if scale is None else [m * scale for m in momentum]
+        momentum = [None if m is None else m.to(p.device, p.dtype) for m, p in zip(momentum, params)]
+        self.state.fsam_momentum = momentum
+        return momentum if scale is None else [None if m is None else m * scale for m in momentum]
 
     def policy(self, step: int, total_steps: Optional[int], scale: Optional[float] = None) -> Callable[[float], bool]:
         """AE-SAM's decision for this micro-batch (Jiang et al., 2023): the running moments of ``||g||²`` take this
@@ -181,7 +194,8 @@ class FamilyRules:
             return lambda: wsam_correct_(self.optimizer, stepped, terms, weight)
         ascent = mean if scale is None else list(torch._foreach_mul(mean, unscale))
         if self.state.fsam_momentum is not None:
-            result.extras["fsam_removed_norm"] = total_norm(self.state.fsam_momentum) * (cfg.fsam_sigma or 0.0)
+            held = [m for m in self.state.fsam_momentum if m is not None]
+            result.extras["fsam_removed_norm"] = total_norm(held) * (cfg.fsam_sigma or 0.0)
 
         def remember() -> None:
             self.state.fsam_momentum = fsam_update(self.state.fsam_momentum, ascent, cfg.fsam_lambda or 0.0)

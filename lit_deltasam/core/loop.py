@@ -8,6 +8,7 @@ in both.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import fields
@@ -133,6 +134,13 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
             )
         config = config if config is not None else DeltaSAMConfig()
         _refuse_unread(config)
+        if total_steps is not None and (
+            isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral) or total_steps < 1
+        ):
+            raise ValueError(
+                f"DeltaSAMOptimizer(total_steps={total_steps!r}): give the run's number of optimizer steps, an int "
+                ">= 1 (or None where neither a fractional rho_warmup nor policy='adaptive' needs it)"
+            )
         self.pass_ = Pass()
         super().__init__(optimizer.param_groups, optimizer.defaults)
         self.optimizer = optimizer  # from here on param_groups, state and defaults are the base's
@@ -323,7 +331,7 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
         if state.reuse_direction is not None:
             out["reuse"] = [d.detach().clone() for d in state.reuse_direction]
         if state.fsam_momentum is not None:
-            out["momentum"] = [m.detach().clone() for m in state.fsam_momentum]
+            out["momentum"] = [None if m is None else m.detach().clone() for m in state.fsam_momentum]
         if self.scaler is not None:
             out["scaler"] = self.scaler.state_dict()
         return out

@@ -34,9 +34,9 @@ class Step:
     sync_descent: bool
     rho: float
     plain_grad: bool
-    shift: Optional[Sequence[Tensor]] = None
-    """Friendly-SAM's running mean of the gradient, one tensor per perturbed parameter: the ascent direction is
-    ``g - fsam_sigma * shift``."""
+    shift: Optional[Sequence[Optional[Tensor]]] = None
+    """Friendly-SAM's running mean of the gradient, one tensor per perturbed parameter (``None``: not shifted): the
+    ascent direction is ``g - fsam_sigma * shift``."""
     decide: Optional[Callable[[float], bool]] = None
     """The adaptive policy: given ``||g||²`` of the ascent gradient at w, whether to take the full step."""
 

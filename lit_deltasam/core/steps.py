@@ -180,7 +180,8 @@ class TwoPass(Strategy):
         if ctx.shift is not None:
             sigma = cfg.fsam_sigma if cfg.fsam_sigma is not None else 0.0
             for g, i in zip(grads, indices):
-                g.sub_(ctx.shift[i], alpha=sigma)
+                if (m := ctx.shift[i]) is not None:
+                    g.sub_(m, alpha=sigma)
         if cfg.gradient_centralization:
             centralize_(grads)
 

@@ -26,13 +26,13 @@ def _running_means(
     pl_module: L.LightningModule, configs: Mapping[str, DeltaSAMConfig], params: Sequence[Tensor]
 ) -> dict[str, Sequence[Tensor]]:
     """Friendly-SAM's running mean where the module trains with it: the loop's, for each Friendly-SAM config probed
-    (zeros for a parameter the optimizer does not hold)."""
+    (zeros for a parameter the optimizer does not hold or that has none yet)."""
     mixin = cast("DeltaSAMMixin", pl_module)
     own, momentum, cached = mixin._deltasam_config(), mixin._deltasam_state.fsam_momentum, mixin._deltasam_fit.driver
     if own.method != "fsam" or momentum is None or cached is None:
         return {}
     held = {id(p): m for p, m in zip(cached[2].engine.params, momentum)}
-    mean = [held[id(p)].to(p.device, p.dtype) if id(p) in held else torch.zeros_like(p) for p in params]
+    mean = [torch.zeros_like(p) if (m := held.get(id(p))) is None else m.to(p.device, p.dtype) for p in params]
     return {name: mean for name, cfg in configs.items() if cfg.method == "fsam"}
 
 

@@ -33,7 +33,7 @@ def save_state(fit: Fit, checkpoint: dict[str, Any]) -> None:
     if state.reuse_direction is not None:
         saved["reuse"] = [d.detach().cpu() for d in state.reuse_direction]
     if state.fsam_momentum is not None:
-        saved["momentum"] = [m.detach().cpu() for m in state.fsam_momentum]
+        saved["momentum"] = [None if m is None else m.detach().cpu() for m in state.fsam_momentum]
     checkpoint["deltasam"] = saved
 
 

@@ -25,6 +25,7 @@ from ..config import DeltaSAMConfig
 from ..core import StepResult
 from ..core.batch import Batch
 from ..core.driver import Driver, LoopState
+from ..core.loop import DeltaSAMOptimizer
 from ..core.schedule import needs_total_steps
 from .checkpoint import forget, load_state, save_state
 from .hooks import (
@@ -334,6 +335,13 @@ class DeltaSAMMixin(_Base):
         refuse_strategy(module.trainer.strategy)
         refuse_unread_clipping(module, cfg)
         optimizer = cast(torch.optim.Optimizer, module.optimizers(use_pl_optimizer=False))
+        if isinstance(optimizer, DeltaSAMOptimizer):
+            raise TypeError(
+                f"{type(self).__name__}.configure_optimizers returned a DeltaSAMOptimizer, but DeltaSAMMixin runs the "
+                "sharpness-aware step itself: return its base optimizer (e.g. torch.optim.AdamW(self.parameters())) "
+                "and set the method in self.deltasam; or drop DeltaSAMMixin and return the DeltaSAMOptimizer under "
+                "automatic optimization"
+            )
         fit = self._deltasam_fit
         cached = fit.driver
         if cached is not None and cached[0] is optimizer and cached[1] == cfg:
