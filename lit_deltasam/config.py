@@ -203,8 +203,8 @@ class DeltaSAMConfig:
 
     Args:
         method: one of ``erm``, ``sam``, ``asam``, ``deltasam``, ``per_instance``, ``gsam``, ``wsam``, ``fsam``.
-        rho: perturbation radius, ``>= 0``; default 0.02, and 0.5 for ``asam`` (whose ``||eps||`` is
-            about ``rho * |w|``). Not used by ``erm``.
+        rho: perturbation radius, ``>= 0``; default 0.02, and 0.5 for ``asam`` and ASAM's scaling of the family
+            (whose ``||eps||`` is about ``rho * |w|``). Not used by ``erm``.
         rho_schedule: ρ along training (:mod:`lit_deltasam.core.schedule`): ``constant``;
             ``warmup`` (linear from 0 over ``rho_warmup``); ``follow_lr``
             (``rho * lr_t / lr_max``, GSAM); ``start_step`` (plain steps for
@@ -227,7 +227,9 @@ class DeltaSAMConfig:
         weight_min: lower bound of ``n * lambda_i`` (``<= 1``), met after normalization.
         weight_max: upper bound of ``n * lambda_i`` (``>= 1``; ``inf`` disables), met after normalization.
         weighted_descent: descend on ``sum_i lambda_i l_i(w + eps)`` instead of the mean.
-        asam_eta: ASAM's offset ``eta`` in ``T = |w| + eta`` (default 0.01).
+        asam_eta: ASAM's offset ``eta`` in ``T = |w| + eta`` (default 0.01). With ``gsam``, ``wsam`` or ``fsam``,
+            unset is the method's own ascent and a value scales it as ASAM's (the reference's ``adaptive=True``
+            is ``asam_eta=0``, ``asam_scope="all"``).
         asam_scope: where ASAM's ``T`` applies: ``all`` (default: every parameter, biases included) or
             ``weights`` (the ASAM authors' code: parameters whose name contains "weight"; ``T = 1`` elsewhere).
         probe_samples: forwards per step of the ``probe`` estimator (K; default 3).
@@ -401,6 +403,12 @@ class DeltaSAMConfig:
         """Whether the ascent uses instance weights other than uniform: δ-SAM with beta != 0, or ASAM or a family
         method given a beta (an adaptive δ-SAM, δ-GSAM, δ-WSAM, δ-Friendly-SAM)."""
         return self.method in REWEIGHTING and self.beta is not None and self.beta != 0.0
+
+    @property
+    def asam_scaled(self) -> bool:
+        """Whether the ascent is scaled element-wise as ASAM's, ``T = |w| + asam_eta``: ASAM, and GSAM, WSAM or
+        Friendly-SAM given an ``asam_eta`` (the reference library's ``adaptive=True``)."""
+        return self.method == "asam" or (self.method in FAMILY and self.asam_eta is not None)
 
     @property
     def radius(self) -> float:
@@ -578,7 +586,7 @@ _PROBES = "it sets the probes of estimator='probe' or 'curvature'"
 
 SPEC: dict[str, Field] = {
     "method": Field(choice(*METHODS)),
-    "rho": Field(number(0.0), lambda c: 0.5 if c.method == "asam" else 0.02, _perturbs, _ERM),
+    "rho": Field(number(0.0), lambda c: 0.5 if c.asam_scaled else 0.02, _perturbs, _ERM),
     "rho_schedule": Field(choice(*RHO_SCHEDULES), None, _perturbs, _ERM),
     "rho_warmup": Field(
         _steps_or_fraction,
@@ -608,9 +616,17 @@ SPEC: dict[str, Field] = {
         _reweights,
         "it weights the descent by the instance weights (a reweighted ascent, beta != 0)",
     ),
-    "asam_eta": Field(number(0.0), 0.01, lambda c: c.method == "asam", "it is ASAM's offset (method='asam')"),
+    "asam_eta": Field(
+        number(0.0),
+        lambda c: 0.01 if c.method == "asam" else None,
+        lambda c: c.method == "asam" or c.method in FAMILY,
+        "it is ASAM's offset (method='asam', or 'gsam', 'wsam', 'fsam' for ASAM's scaling of their ascent)",
+    ),
     "asam_scope": Field(
-        choice(*ASAM_SCOPES), "all", lambda c: c.method == "asam", "it is ASAM's scaling rule (method='asam')"
+        choice(*ASAM_SCOPES),
+        "all",
+        lambda c: c.asam_scaled,
+        "it is ASAM's scaling rule (method='asam', or 'gsam', 'wsam', 'fsam' with asam_eta set)",
     ),
     "probe_samples": Field(integer(1), 3, _probes, _PROBES),
     "probe_sigma": Field(number(0.0, open_low=True), None, _probes, _PROBES),

@@ -18,8 +18,12 @@ from helpers import ls_grad, ls_instance_grads
 from torch import Tensor
 
 
-def _ascent(w: Tensor, direction: Tensor, rho: float) -> Tensor:
-    return w + rho * direction / direction.norm()
+def _ascent(w: Tensor, direction: Tensor, rho: float, eta: Optional[float] = None) -> Tensor:
+    """``w + eps``: SAM's ``rho d/||d||``, or with ``eta`` ASAM's ``rho T² d/||T d||``, ``T = |w| + eta``."""
+    if eta is None:
+        return w + rho * direction / direction.norm()
+    t = w.abs() + eta
+    return w + rho * t * t * direction / (t * direction).norm()
 
 
 # ------------------------------------------------------------------------------------------------------ δ- rows
@@ -40,16 +44,24 @@ def weighted_grad(x: Tensor, y: Tensor, w: Tensor, lam: Tensor) -> Tensor:
 
 
 def ls_gsam_update(
-    x: Tensor, y: Tensor, w: Tensor, rho: float, alpha: float, lam: Optional[Tensor] = None, weighted: bool = False
+    x: Tensor,
+    y: Tensor,
+    w: Tensor,
+    rho: float,
+    alpha: float,
+    lam: Optional[Tensor] = None,
+    weighted: bool = False,
+    eta: Optional[float] = None,
 ) -> Tensor:
     """GSAM (Zhuang et al., 2022): ``g_adv = ∇L(w + rho g/||g||)``, ``g_perp = g - (g·g_adv / ||g_adv||²) g_adv``
     (the clean gradient's part orthogonal to g_adv), ``G = g_adv - alpha g_perp``. alpha = 0 is SAM.
 
     δ-GSAM, given the instance weights ``lam`` (at w): the ascent along ``g_λ = sum_i lam_i g_i``; g and g_adv are
-    the descent's loss's gradients at w and at w + eps, the plain mean or (``weighted``) the lam-weighted one."""
+    the descent's loss's gradients at w and at w + eps, the plain mean or (``weighted``) the lam-weighted one.
+    With ``eta``: ASAM's scaling of the ascent; the decomposition is unchanged, in gradient space."""
     g = ls_grad(x, y, w)
     direction = g if lam is None else weighted_grad(x, y, w, lam)
-    moved = _ascent(w, direction, rho)
+    moved = _ascent(w, direction, rho, eta)
     if weighted:
         assert lam is not None
         g, g_adv = direction, weighted_grad(x, y, moved, lam)

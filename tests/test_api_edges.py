@@ -78,6 +78,7 @@ UNUSED = [
     (dict(method="sam", probe_params=["net.0.*"]), "probe_params=\\['net.0.\\*'\\] does nothing with method='sam'"),
     (dict(method="sam", per_instance_chunk=4), "per_instance_chunk=4 does nothing with method='sam'"),
     (dict(method="sam", asam_eta=0.1), "asam_eta=0.1 does nothing with method='sam'"),
+    (dict(method="gsam", asam_scope="weights"), "asam_scope='weights' does nothing .* with asam_eta set"),
     (dict(method="deltasam", beta=0.0, estimator="probe"), "estimator='probe' does nothing with .*beta=0.0"),
     (dict(method="deltasam", estimator="head", probe_params=["x*"]), "probe_params=\\['x\\*'\\] does nothing"),
     (dict(method="deltasam", head="net.3", estimator="probe"), "head='net.3' does nothing"),

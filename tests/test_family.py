@@ -49,6 +49,21 @@ def test_gsam_is_its_closed_form():
     assert (got - sam).abs().max() > 1e-4  # alpha = 0.4 is not SAM
 
 
+def test_gsam_with_asams_scaling_is_its_closed_form():
+    """ASAM's scaling of GSAM's ascent, eps = rho T² g/||T g|| with T = |w| + 0.05 (the reference's adaptive=True is
+    eta = 0, tests/test_peer_reference.py); the decomposition is GSAM's, in gradient space."""
+    x, y, w = least_squares_problem()
+    expected, unscaled = w.clone(), w.clone()
+    for _ in range(STEPS):
+        expected = expected - LR * ls_gsam_update(x, y, expected, 0.5, 0.4, eta=0.05)
+        unscaled = unscaled - LR * ls_gsam_update(x, y, unscaled, 0.5, 0.4)
+    config = DeltaSAMConfig(method="gsam", rho=0.5, asam_eta=0.05, rho_schedule="constant")
+    assert config.asam_scope == "all" and DeltaSAMConfig(method="gsam", asam_eta=0.0).rho == 0.5
+    got = ours(config, x, y, w)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    assert (got - unscaled).abs().max() > 1e-4
+
+
 @pytest.mark.parametrize("decouple", [True, False], ids=["decoupled", "coupled"])
 @pytest.mark.parametrize("gamma", [0.9, 0.6])
 def test_wsam_is_its_closed_form(gamma, decouple):

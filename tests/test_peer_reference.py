@@ -111,6 +111,32 @@ ROWS: dict[str, Row] = {
         dict(method="fsam", rho=RHO, fsam_sigma=1.0, fsam_lambda=0.9, rho_schedule="constant"),
         peer_kwargs=dict(rho=RHO, sigma=1.0, lmbda=0.9),
     ),
+    "gsam_asam": Row(
+        peer_gsam,
+        dict(method="gsam", rho=RHO_ASAM, gsam_alpha=0.4, asam_eta=0.0, asam_scope="all", rho_schedule="follow_lr"),
+        lr_lambda=decaying_lr,
+        peer_kwargs=dict(rho=RHO_ASAM, alpha=0.4, adaptive=True),
+        note="the peer's adaptive=True is ASAM's scaling with eta = 0 on every parameter",
+    ),
+    "wsam_asam": Row(
+        peer_wsam,
+        dict(method="wsam", rho=RHO_ASAM, wsam_gamma=0.9, asam_eta=0.0, asam_scope="all", rho_schedule="constant"),
+        peer_kwargs=dict(rho=RHO_ASAM, gamma=0.9, decouple=True, adaptive=True),
+    ),
+    "fsam_asam": Row(
+        peer_fsam,
+        dict(
+            method="fsam",
+            rho=RHO_ASAM,
+            fsam_sigma=1.0,
+            fsam_lambda=0.9,
+            asam_eta=0.0,
+            asam_scope="all",
+            rho_schedule="constant",
+        ),
+        peer_kwargs=dict(rho=RHO_ASAM, sigma=1.0, lmbda=0.9, adaptive=True),
+        note="the running mean is of raw gradients; the shifted direction is scaled",
+    ),
     "gc_sam": Row(
         peer_sam,
         dict(SAM, gradient_centralization=True),

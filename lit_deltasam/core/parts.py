@@ -77,7 +77,7 @@ class Parts:
 
     @property
     def adaptive(self) -> bool:
-        return self.config.method == "asam"
+        return self.config.asam_scaled
 
     @property
     def eta(self) -> float:
