@@ -1,6 +1,7 @@
 """The API's edges (issue 36): decisions on the device against their host twins on non-finite input, a loss scaler
 in the plain loop, radii and settings that would otherwise be ignored."""
 
+import copy
 import dataclasses
 import math
 
@@ -810,3 +811,82 @@ def test_total_steps_must_be_a_positive_int(total_steps):
             DeltaSAMConfig(method="sam", policy="adaptive"),
             total_steps=total_steps,
         )
+
+
+GROUP_ADDED_CASES = {
+    "fsam": dict(method="fsam", rho=0.05, rho_schedule="constant"),
+    "looksam": dict(method="sam", rho=0.05, rho_schedule="constant", interval=2, reuse="looksam"),
+    "fsam_inside_a_window": dict(method="fsam", rho=0.05, rho_schedule="constant", accumulate_grad_batches=2),
+    "sam_inside_a_window": dict(method="sam", rho=0.05, rho_schedule="constant", accumulate_grad_batches=2),
+}
+
+
+@pytest.mark.parametrize("how", ["state_dict", "deepcopy"])
+@pytest.mark.parametrize("options", GROUP_ADDED_CASES.values(), ids=GROUP_ADDED_CASES)
+def test_a_state_saved_after_a_group_was_added_resumes_bit_exactly(options, how):
+    """The loop state (F-SAM's running mean, LookSAM's direction, an open window's gradients) lines up with the
+    parameters it was built over; saved after a group was added and before the next step, or inside a window that
+    started before it, the resumed run must train the weights of the run that never stopped (found in review:
+    F-SAM's resume raised IndexError, LookSAM's drifted, a window's gradients did not load)."""
+    config = DeltaSAMConfig(**options)
+    inside = config.accumulate_grad_batches > 1
+    batches = [_batch(seed=i) for i in range(8)]
+
+    def build():
+        torch.manual_seed(0)
+        model = MLP()
+        for p in model.net[0].parameters():
+            p.requires_grad_(False)
+        head = [p for p in model.parameters() if p.requires_grad]
+        return model, torch.optim.SGD(head, lr=0.1, momentum=0.9)
+
+    def unfreeze(model, base):
+        for p in model.net[0].parameters():
+            p.requires_grad_(True)
+        base.add_param_group({"params": list(model.net[0].parameters())})
+
+    model, base = build()
+    opt = DeltaSAMOptimizer(model, base, config, seed=0)
+    cut = 3 if inside else 4  # inside a window: after its first micro-batch
+    for batch in batches[:cut]:
+        opt.step(model.losses, batch)
+    unfreeze(model, base)
+    if how == "state_dict":
+        saved, weights = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
+        assert ("window_params" in saved) == inside
+    else:
+        copied_model, copied = copy.deepcopy((model, opt))
+    for batch in batches[cut:]:
+        opt.step(model.losses, batch)
+
+    if how == "state_dict":
+        copied_model, copied_base = build()
+        copied_model.load_state_dict(weights)
+        unfreeze(copied_model, copied_base)
+        copied = DeltaSAMOptimizer(copied_model, copied_base, config, seed=0)
+        copied.load_state_dict(saved)
+    for batch in batches[cut:]:
+        copied.step(copied_model.losses, batch)
+    assert torch.equal(flat_params(copied_model), flat_params(model))
+
+
+def test_a_loop_state_that_does_not_line_up_with_the_parameters_is_refused_by_name():
+    """A state whose per-parameter lists cover other parameters than the optimizer's (here: an open window's
+    gradients over the head alone, saved by a release that did not record the window's parameters) must not load
+    by position."""
+    torch.manual_seed(0)
+    model = MLP()
+    for p in model.net[0].parameters():
+        p.requires_grad_(False)
+    base = torch.optim.SGD(model.net[-1].parameters(), lr=0.1)
+    config = DeltaSAMConfig(method="sam", rho=0.05, accumulate_grad_batches=2)
+    opt = DeltaSAMOptimizer(model, base, config)
+    opt.step(model.losses, _batch())
+    for p in model.net[0].parameters():
+        p.requires_grad_(True)
+    base.add_param_group({"params": list(model.net[0].parameters())})
+    saved = opt.state_dict()
+    del saved["window_params"]
+    fresh = DeltaSAMOptimizer(model, base, config)
+    with pytest.raises(ValueError, match="'grads' covers 2 parameters, but this optimizer steps 4"):
+        fresh.load_state_dict(saved)

@@ -14,6 +14,7 @@ from benchmarks import recipe, variants
 from benchmarks import regimes as reg
 from benchmarks.lab import runs, scheduler
 from benchmarks.perf import overhead
+from lit_deltasam import DeltaSAMConfig
 
 
 class LeastSquares(L.LightningModule):
@@ -381,3 +382,12 @@ def test_committed_fidelity_tables_come_from_the_committed_rows():
     text, summary = fidelity.report(fidelity.load())
     assert text == saved["table"]
     assert json.loads(json.dumps(summary)) == saved["summary"]
+
+
+def test_a_family_method_scaled_as_asam_has_its_own_row_key():
+    """asam_eta on GSAM, WSAM or F-SAM changes the ascent: the study store must not serve the unscaled run's row
+    for it (found in review: both keyed alike)."""
+    for method in ("gsam", "wsam", "fsam"):
+        plain = runs.relevant(DeltaSAMConfig(method=method, rho=0.05))
+        scaled = runs.relevant(DeltaSAMConfig(method=method, rho=0.05, asam_eta=0.01))
+        assert plain != scaled and scaled["asam_eta"] == 0.01 and "asam_eta" not in plain

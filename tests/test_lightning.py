@@ -616,6 +616,43 @@ def test_backbone_finetuning_under_friendly_sam_equals_the_plain_loop():
     torch.testing.assert_close(trained, flat_params(model), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("options", [dict(method="fsam"), dict(method="sam", interval=2, reuse="looksam")])
+def test_resume_after_backbone_finetuning_added_a_group_is_exact(options, tmp_path):
+    """The loop state over the grown optimizer (F-SAM's running mean, LookSAM's direction) goes into the checkpoint
+    and comes back lined up with the parameters: a resume in epoch 1, after BackboneFinetuning added the backbone,
+    trains the weights of the run that never stopped."""
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    class Resumable(BackboneFinetuning):
+        """Lightning's BaseFinetuning restores the groups it added on resume but freezes their modules again
+        (Lightning issue #21901); the engine refuses a frozen parameter in the optimizer by name, so this test
+        unfreezes them as the issue's fix does."""
+
+        fix = True
+
+        def on_fit_start(self, trainer, pl_module):
+            super().on_fit_start(trainer, pl_module)
+            for group in trainer.optimizers[0].param_groups[1:] if self.fix else []:
+                for p in group["params"]:
+                    p.requires_grad_(True)
+
+    def run(ckpt_path=None, callbacks=(), fix=True):
+        torch.manual_seed(0)
+        module = Finetuned(DeltaSAMConfig(rho=0.05, rho_schedule="constant", **options))
+        finetuning = Resumable(unfreeze_backbone_at_epoch=1, backbone_initial_lr=0.01)
+        finetuning.fix = fix
+        fit = trainer(max_epochs=2, callbacks=[finetuning, *callbacks])
+        fit.fit(module, loader(n=32, batch_size=8), ckpt_path=ckpt_path)
+        return module
+
+    full = run(callbacks=[SaveAt(tmp_path, [5])])
+    resumed = run(ckpt_path=tmp_path / "batch5.ckpt")
+    assert len(resumed.optimizers().param_groups) == 2
+    with pytest.raises(ValueError, match="frozen .* Lightning issue #21901"):  # without the fix: refused, not frozen
+        run(ckpt_path=tmp_path / "batch5.ckpt", fix=False)
+    assert torch.equal(flat_params(resumed), flat_params(full))
+
+
 def test_a_deltasam_optimizer_returned_under_the_mixin_is_refused_by_name():
     """The mixin runs the double step itself; a DeltaSAMOptimizer from configure_optimizers would be driven by it as
     a base optimizer. The error names both ways out (before, it blamed accumulation, which was not set)."""

@@ -235,7 +235,7 @@ def relevant(config: DeltaSAMConfig) -> dict[str, Any]:
     # absent from rows made before the family existed: none centred the ascent or ran a policy
     fields += ["gradient_centralization"] if config.gradient_centralization else []
     fields += ["policy", "policy_delta", "policy_c_start", "policy_c_end"] if config.policy is not None else []
-    if config.method == "asam":
+    if config.asam_scaled:  # ASAM, or a family method scaled as ASAM (absent from rows made before that existed)
         fields.append("asam_eta")
         # absent from rows made before asam_scope existed, which all scaled every parameter
         fields += ["asam_scope"] if config.asam_scope != "all" else []

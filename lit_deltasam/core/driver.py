@@ -209,7 +209,7 @@ class Driver:
         decides the skips itself, and ``result.grad_norm`` is divided by the scale the passes ran at.
         ``stale_advice`` replaces the advice of the refusal of gradients found in ``.grad`` at a window's start."""
         if self.state.micro == 0:
-            self._follow_param_groups()
+            self.follow_param_groups()
             self._refuse_stale_gradients(step, stale_advice)
         active = scaler if scaler is not None and scaler.is_enabled() else None
         scale = active.get_scale() if active is not None else None  # both passes' (the window's end may move it)
@@ -321,6 +321,7 @@ class Driver:
         if self.config.reuse is not None:
             self._reuse(plain, tick.step, tick.total_steps, tick.schedulers)
         after = self.rules.before_step(result, engine.params, plain, window, tick.scale) if plain is not None else None
+        self._leave_late_params()
         try:
             stepped = optimizer_step()
         except BaseException:
@@ -330,6 +331,14 @@ class Driver:
             after()  # not after a step the loss scaler skipped (inf or NaN in G)
         self._zero(zero_grad)
         return stepped
+
+    def _leave_late_params(self) -> None:
+        """A group added inside this window joins at the next one: this window's step leaves its parameters as they
+        are (their ``.grad`` holds whatever part of the window's passes reached them)."""
+        window = set(self.stepped_params)
+        for p in optimizer_params(self.optimizer):
+            if id(p) not in window:
+                p.grad = None
 
     def _zero(self, zero_grad: Callable[[], None]) -> None:
         """Zero the optimizer's gradients and those the step wrote to trainable parameters outside it."""
@@ -360,7 +369,46 @@ class Driver:
         reuse.record(full, plain)
         state.reuse_direction, state.reuse_norm = reuse.direction, reuse.norm
 
-    def _follow_param_groups(self) -> None:
+    def saved_params(self) -> Optional[list[int]]:
+        """Before the loop state is saved: where its per-parameter lists stand among the base optimizer's
+        parameters. ``None``: all of them, in order (at a window's start a changed set of groups is followed first,
+        as the next step would). Inside a window a group added since its start joins at the next window, so the
+        window's parameters are saved as positions, and :meth:`restore_params` takes them back."""
+        params = optimizer_params(self.optimizer)
+        if [id(p) for p in params] == self.stepped_params:
+            return None
+        if self.state.micro == 0:
+            self.follow_param_groups()
+            return None
+        where = {id(p): i for i, p in enumerate(params)}
+        if any(id(p) not in where for p in self.engine.params):
+            raise ValueError(
+                f"a parameter group was removed inside an accumulation window (micro-batch {self.state.micro} of "
+                f"{self.config.accumulate_grad_batches}), whose gradients still cover it: save the state after the "
+                "window's optimizer step"
+            )
+        return [where[id(p)] for p in self.engine.params]
+
+    def restore_params(self, positions: Optional[list[int]], grads: Optional[Sequence[Any]] = None) -> None:
+        """After a saved loop state is loaded: take back the window's parameters (:meth:`saved_params`), and refuse
+        a state whose per-parameter lists (``grads``, an open window's gradients, among them) do not line up with
+        them."""
+        if positions is not None:
+            params = optimizer_params(self.optimizer)
+            window = [params[i] for i in positions]
+            self.engine = DeltaSAM(self.module, self.config, window, reduce_squares=self.reduce_squares, driven=True)
+            self.stepped_params = [id(p) for p in window]
+        n, state = len(self.engine.params), self.state
+        lists = {"grads": grads, "plain": state.plain_sum, "reuse": state.reuse_direction}
+        lists["momentum"] = state.fsam_momentum
+        for name, values in lists.items():
+            if values is not None and len(values) != n:
+                raise ValueError(
+                    f"the saved loop state's {name!r} covers {len(values)} parameters, but this optimizer steps {n}: "
+                    "it was saved with other parameter groups; load it into an optimizer over the same groups"
+                )
+
+    def follow_param_groups(self) -> None:
         """At a window's start: perturb and update the parameters the base optimizer steps now. A group added since
         the last step (Lightning's ``BackboneFinetuning`` unfreezes layers so) gets the engine rebuilt over them;
         before, its parameters kept their ascent gradient in G."""

@@ -62,7 +62,9 @@ def _owned_parameters(module: nn.Module, params: Optional[Iterable[Tensor]]) -> 
         if not p.requires_grad:
             raise ValueError(
                 f"parameter {names[id(p)]!r} is frozen (requires_grad=False) and cannot be perturbed; leave it out "
-                "of the optimizer, e.g. [p for p in module.parameters() if p.requires_grad]"
+                "of the optimizer, e.g. [p for p in module.parameters() if p.requires_grad]. (Resuming under "
+                "Lightning's BackboneFinetuning or BaseFinetuning: it restores the groups it added but freezes their "
+                "modules again, Lightning issue #21901; set requires_grad=True on them in its on_fit_start)"
             )
         if id(p) in seen:
             raise ValueError(f"parameter {names[id(p)]!r} appears twice")

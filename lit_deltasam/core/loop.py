@@ -192,6 +192,7 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
         state = {name: self.__dict__[name] for name in _COPIED}
         schedule = self.driver.schedule
         state.update(
+            window_params=self.driver.saved_params(),
             loop_state=self.loop_state,
             reduce_squares=self.driver.reduce_squares,
             total_steps=schedule.total_steps,
@@ -221,6 +222,7 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
             state=state["loop_state"],
         )
         self.steps, self.driver.schedule.warned_lr_max = state["steps"], state["warned_lr_max"]
+        self.driver.restore_params(state.get("window_params"), grads)
         if grads is not None:
             for p, g in zip(self.engine.params, grads):
                 p.grad = g
@@ -319,8 +321,10 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state, the loop state and an open window's partial gradients (this rank's)."""
-        state = self.loop_state
+        state, positions = self.loop_state, self.driver.saved_params()
         out: dict[str, Any] = {"optimizer": self.optimizer.state_dict(), "loop": state.scalars(), "steps": self.steps}
+        if positions is not None:
+            out["window_params"] = positions
         out["config"] = {name: getattr(self.config, name) for name in _LOOP_SHAPE}
         if state.micro:
             out["grads"] = [
@@ -359,6 +363,7 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
         if self.scaler is not None and "scaler" in saved:
             self.scaler.load_state_dict(saved["scaler"])
         grads = saved.get("grads")
+        self.driver.restore_params(saved.get("window_params"), grads)
         for i, p in enumerate(self.engine.params):
             p.grad = None if grads is None else grads[i].to(p.device, p.dtype).clone()
 

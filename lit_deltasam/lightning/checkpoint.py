@@ -22,9 +22,11 @@ from .private import attached_trainer
 
 def save_state(fit: Fit, checkpoint: dict[str, Any]) -> None:
     """Write the fit's loop state (and an open window's partial gradients) under ``checkpoint["deltasam"]``."""
-    state = fit.loop
+    state, cached = fit.loop, fit.driver
+    positions = cached[2].saved_params() if cached is not None else fit.pending_params
     saved: dict[str, Any] = {"state": state.scalars()}
-    cached = fit.driver
+    if positions is not None:
+        saved["window_params"] = positions
     if state.micro and cached is not None:
         saved["grads"] = partial_grads(state, cached[2].engine)
         if state.plain_sum is not None:
@@ -84,7 +86,10 @@ def load_state(module: LightningModule, checkpoint: dict[str, Any]) -> None:
             plain = [torch.zeros_like(g) for g in plain]  # rank 0 carries the sum over ranks
         state.plain_sum = plain
     pending = saved.get("grads") if saved is not None else None
-    mixin_state(module).fit = Fit(trainer=weakref.ref(trainer), loop=state, pending_grads=pending)
+    positions = saved.get("window_params") if saved is not None else None
+    mixin_state(module).fit = Fit(
+        trainer=weakref.ref(trainer), loop=state, pending_grads=pending, pending_params=positions
+    )
 
 
 def forget(module: LightningModule) -> None:

@@ -50,6 +50,8 @@ class Fit:
     """The loop driver, with the torch optimizer and the config it was built for."""
     pending_grads: Optional[list[Tensor]] = None
     """A resumed accumulation window's partial gradients, installed when the engine is built."""
+    pending_params: Optional[list[int]] = None
+    """A resumed window's parameters among the optimizer's, where a group was added inside it (``None``: all)."""
 
 
 @dataclass

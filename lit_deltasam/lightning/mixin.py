@@ -350,6 +350,8 @@ class DeltaSAMMixin(_Base):
             note_precision(module.trainer)
         driver = Driver(module, optimizer, cfg, fit.loop)
         pending, fit.pending_grads = fit.pending_grads, None
+        driver.restore_params(fit.pending_params, pending)
+        fit.pending_params = None
         if pending is not None:
             for p, g in zip(driver.engine.params, pending):
                 g = g.to(device=p.device, dtype=p.dtype)
