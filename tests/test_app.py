@@ -401,7 +401,11 @@ def test_the_lr_schedule_spans_the_run_in_optimizer_steps(batches, epochs, max_s
     from lit_deltasam.lightning import optimizer_steps
 
     fake = SimpleNamespace(
-        estimated_stepping_batches=0, num_training_batches=batches, max_epochs=epochs, max_steps=max_steps
+        estimated_stepping_batches=0,
+        num_training_batches=batches,
+        max_epochs=epochs,
+        max_steps=max_steps,
+        fit_loop=SimpleNamespace(_combined_loader=object()),  # the loader already set up
     )
     assert optimizer_steps(fake, accumulate) == expected
 

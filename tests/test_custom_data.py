@@ -320,6 +320,18 @@ def test_missing_file_and_unknown_format(tmp_path):
     assert read_table(tmp_path / "lines.txt")["text"] == ["first text", "second, with a comma"]
 
 
+@pytest.mark.parametrize("suffix,delimiter", [(".csv", ","), (".tsv", "\t")])
+def test_a_row_with_an_unquoted_delimiter_is_refused_by_name(tmp_path, suffix, delimiter):
+    """pandas reads a row with one field more than the header as (index, value): the texts to predict would lose
+    their first part, silently (an independent tester predicted ' loved it' for 'great film, loved it')."""
+    path = tmp_path / f"texts{suffix}"
+    path.write_text(f"text\ngreat film{delimiter} loved it\nboring and too long\n")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))} \(predict.input\): some rows have more fields"):
+        read_table(path, "predict.input")
+    path.write_text(f'text\n"great film{delimiter} loved it"\nboring and too long\n')
+    assert read_table(path, "predict.input")["text"] == [f"great film{delimiter} loved it", "boring and too long"]
+
+
 def test_csv_cells_are_read_literally(tmp_path):
     """Only an empty cell is missing: "NA", "None" or "null" are texts and class names, as written."""
     path = bad(tmp_path, "na.csv", raw="text,label\nNA,None\nnull,NA\nNone,None\nn/a,NA\n")

@@ -417,6 +417,80 @@ def test_resume_from_a_mid_epoch_checkpoint_is_exact(options, at, tmp_path):
     assert resumed.optimizers().param_groups[0]["lr"] == full.optimizers().param_groups[0]["lr"]
 
 
+class SizedSchedule(TinyModule):
+    """A linear decay sized by ``optimizer_steps`` in configure_optimizers, as the application's classifier and our
+    docs size theirs."""
+
+    def configure_optimizers(self):
+        from lit_deltasam.lightning import optimizer_steps
+
+        opt = torch.optim.AdamW(self.parameters(), lr=self.lr)
+        total = optimizer_steps(self.trainer)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 - step / total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def test_resume_is_exact_when_configure_optimizers_sizes_the_schedule(tmp_path):
+    """optimizer_steps reads trainer.estimated_stepping_batches, which sets up the train loader before the
+    checkpoint is restored; Lightning then never loads the saved position into it (Lightning issue #20550) and the
+    resumed epoch starts from its first batch. Found by an independent tester on the CLI: a mid-epoch resume trained
+    on other batches than the uninterrupted run."""
+
+    def run(ckpt_path=None, callbacks=()):
+        L.seed_everything(7)
+        module = SizedSchedule(DeltaSAMConfig(method="sam", rho=0.2, rho_schedule="constant"), lr=0.01, dropout=0.2)
+        fit = trainer(max_epochs=2, callbacks=list(callbacks))
+        fit.fit(module, loader(n=64, shuffle=True), ckpt_path=ckpt_path)
+        return module
+
+    full = run(callbacks=[SaveAt(tmp_path, [10])])  # epoch 1, mid-epoch
+    resumed = run(ckpt_path=tmp_path / "batch10.ckpt")
+    assert torch.equal(flat_params(resumed), flat_params(full))
+
+
+@pytest.mark.parametrize("max_steps", [-1, 8])
+def test_a_checkpoint_saved_at_an_epochs_end_resumes_exactly_or_is_refused(max_steps, tmp_path):
+    """Lightning resumes an end-of-epoch checkpoint exactly with max_steps=-1, but with max_steps set it counts the
+    next epoch's batches as done and skips it untrained (an independent tester's CLI resume trained 0 steps). The
+    first must stay exact; the second is refused by name."""
+
+    def run(ckpt_path=None, callbacks=()):
+        L.seed_everything(7)
+        module = TinyModule(DeltaSAMConfig(method="sam", rho=0.2, rho_schedule="constant"), dropout=0.2)
+        fit = trainer(max_epochs=2, max_steps=max_steps, callbacks=list(callbacks))
+        fit.fit(module, loader(n=32, shuffle=True), ckpt_path=ckpt_path)
+        return module, fit
+
+    class AtEpochEnd(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 0:
+                trainer.save_checkpoint(tmp_path / "epoch0.ckpt")
+
+    full, full_fit = run(callbacks=[AtEpochEnd()])
+    assert full_fit.global_step == 8
+    if max_steps == -1:
+        resumed, resumed_fit = run(ckpt_path=tmp_path / "epoch0.ckpt")
+        assert resumed_fit.global_step == 8 and torch.equal(flat_params(resumed), flat_params(full))
+    else:
+        with pytest.raises(ValueError, match="end of epoch 0 .*max_steps=8, Lightning would skip epoch 1"):
+            run(ckpt_path=tmp_path / "epoch0.ckpt")
+
+
+def test_a_checkpoint_resumed_under_another_method_or_policy_is_refused_by_name(tmp_path):
+    """The loop state (F-SAM's running mean, the policy's moments, an open window) means what it meant only under
+    the method, policy and loop shape that saved it (an independent tester resumed gsam+policy as fsam unnoticed)."""
+
+    def run(config, ckpt_path=None, callbacks=()):
+        module = TinyModule(DeltaSAMConfig(rho_schedule="constant", **config))
+        trainer(max_epochs=2, callbacks=list(callbacks)).fit(module, loader(n=32), ckpt_path=ckpt_path)
+
+    run(dict(method="gsam", policy="adaptive"), callbacks=[SaveAt(tmp_path, [5])])
+    for other, changed in ((dict(method="fsam"), "method"), (dict(method="gsam"), "policy")):
+        with pytest.raises(ValueError, match=f"resuming from this checkpoint: the state was saved with .*'{changed}'"):
+            run(other, ckpt_path=tmp_path / "batch5.ckpt")
+    run(dict(method="gsam", policy="adaptive"), ckpt_path=tmp_path / "batch5.ckpt")
+
+
 class PortedStep(TinyModule):
     """A module ported from automatic optimization that kept its training_step."""
 

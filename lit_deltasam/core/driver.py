@@ -102,6 +102,21 @@ class LoopState:
         return cls(**{k: v for k, v in saved.items() if k in known})
 
 
+LOOP_SHAPE = ("method", "policy", "accumulate_grad_batches", "interval", "reuse", "m_sharpness")
+"""The config fields a saved loop state depends on: a state loads only into a loop that agrees on them."""
+
+
+def refuse_other_shape(saved: dict[str, Any], config: DeltaSAMConfig, where: str) -> None:
+    """Refuse a loop state saved under ``saved`` (the :data:`LOOP_SHAPE` fields) into a loop of ``config``."""
+    differ = {k: v for k, v in saved.items() if getattr(config, k) != v}
+    if differ:
+        now = {k: getattr(config, k) for k in differ}
+        raise ValueError(
+            f"{where}: the state was saved with {differ}, this run has {now}; its loop state (the open window, "
+            "LookSAM's direction, F-SAM's running mean, the policy's moments) would not mean the same here"
+        )
+
+
 def optimizer_params(optimizer: Any) -> list[Tensor]:
     """The parameters a (Lightning or torch) optimizer steps, in order."""
     return [p for group in optimizer.param_groups for p in group["params"]]

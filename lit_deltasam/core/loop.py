@@ -21,13 +21,9 @@ from ..config import DeltaSAMConfig
 from .batch import Batch
 from .closure import Pass, closure_step
 from .distributed import rank as this_rank
-from .driver import Driver, LoopState
+from .driver import LOOP_SHAPE, Driver, LoopState, refuse_other_shape
 from .engine import Backward, DeltaSAM, NoSync, StepResult
 from .sharding import NormReduce
-
-_LOOP_SHAPE = ("method", "accumulate_grad_batches", "interval", "reuse", "m_sharpness")
-"""The config fields a saved loop state depends on: a state loads only into an optimizer that agrees on them."""
-
 
 _NO_BATCH = object()
 
@@ -325,7 +321,7 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
         out: dict[str, Any] = {"optimizer": self.optimizer.state_dict(), "loop": state.scalars(), "steps": self.steps}
         if positions is not None:
             out["window_params"] = positions
-        out["config"] = {name: getattr(self.config, name) for name in _LOOP_SHAPE}
+        out["config"] = {name: getattr(self.config, name) for name in LOOP_SHAPE}
         if state.micro:
             out["grads"] = [
                 torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in self.engine.params
@@ -346,13 +342,7 @@ class DeltaSAMOptimizer(torch.optim.Optimizer):
                 "DeltaSAMOptimizer.load_state_dict takes what DeltaSAMOptimizer.state_dict() returned (keys "
                 "'optimizer', 'loop', 'steps'); load a base optimizer's own state into optimizer.optimizer"
             )
-        differ = {k: v for k, v in saved.get("config", {}).items() if getattr(self.config, k) != v}
-        if differ:
-            now = {k: getattr(self.config, k) for k in differ}
-            raise ValueError(
-                f"DeltaSAMOptimizer.load_state_dict: the state was saved with {differ}, this optimizer has {now}; "
-                "its loop state (the open window, LookSAM's direction) would not mean the same here"
-            )
+        refuse_other_shape(saved.get("config", {}), self.config, "DeltaSAMOptimizer.load_state_dict")
         self.optimizer.load_state_dict(saved["optimizer"])
         loop_state = LoopState.from_scalars(saved["loop"])
         loop_state.plain_sum = saved.get("plain")

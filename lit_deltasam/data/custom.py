@@ -82,6 +82,13 @@ def read_table(path: PathLike, option: str = "file") -> Any:
         raise ValueError(f"could not read {path} ({option}) as {builder}: {error.__cause__ or error}") from error
     if len(table) == 0:
         raise ValueError(f"{path} ({option}) has no rows of data")
+    if "__index_level_0__" in table.column_names:  # pandas took the first field for an index: rows too long
+        delimiter = options.get("delimiter", ",")
+        raise ValueError(
+            f"{path} ({option}): some rows have more fields than the header "
+            f"({', '.join(c for c in table.column_names if c != '__index_level_0__')}), so they were misread; "
+            f'quote each value that holds the delimiter {delimiter!r}, e.g. "great film{delimiter} loved it"'
+        )
     return table
 
 

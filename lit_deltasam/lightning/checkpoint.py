@@ -12,19 +12,21 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
+from ..config import DeltaSAMConfig
 from ..core import DeltaSAM
 from ..core.distributed import world_size
-from ..core.driver import LoopState
+from ..core.driver import LOOP_SHAPE, LoopState, refuse_other_shape
 from ..core.sharding import is_sharded
 from .hooks import Fit, mixin_state
 from .private import attached_trainer
 
 
-def save_state(fit: Fit, checkpoint: dict[str, Any]) -> None:
-    """Write the fit's loop state (and an open window's partial gradients) under ``checkpoint["deltasam"]``."""
+def save_state(fit: Fit, checkpoint: dict[str, Any], config: DeltaSAMConfig) -> None:
+    """Write the fit's loop state (and an open window's partial gradients) under ``checkpoint["deltasam"]``, with
+    the fields of ``config`` it depends on."""
     state, cached = fit.loop, fit.driver
     positions = cached[2].saved_params() if cached is not None else fit.pending_params
-    saved: dict[str, Any] = {"state": state.scalars()}
+    saved: dict[str, Any] = {"state": state.scalars(), "config": {k: getattr(config, k) for k in LOOP_SHAPE}}
     if positions is not None:
         saved["window_params"] = positions
     if state.micro and cached is not None:
@@ -59,8 +61,9 @@ def partial_grads(state: LoopState, engine: DeltaSAM) -> list[Tensor]:
     return [grad.cpu() for grad in grads]
 
 
-def load_state(module: LightningModule, checkpoint: dict[str, Any]) -> None:
-    """Drop the module's fit, and under a fitting trainer start the next one from ``checkpoint``'s loop state."""
+def load_state(module: LightningModule, checkpoint: dict[str, Any], config: DeltaSAMConfig) -> None:
+    """Drop the module's fit, and under a fitting trainer start the next one from ``checkpoint``'s loop state
+    (refused where ``config`` differs in a field the state depends on)."""
     saved = checkpoint.get("deltasam")
     if saved is None:
         warnings.warn(
@@ -73,6 +76,9 @@ def load_state(module: LightningModule, checkpoint: dict[str, Any]) -> None:
     trainer = attached_trainer(module)
     if trainer is None or trainer.state.fn != TrainerFn.FITTING:
         return  # load_from_checkpoint, validate, test: the next fit starts a new loop state
+    refuse_epoch_end_resume(trainer, checkpoint)
+    if saved is not None:
+        refuse_other_shape(saved.get("config", {}), config, "resuming from this checkpoint")
     if saved is None:
         # "processed" counts epochs whose end hook ran; checkpoints are saved after it
         progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
@@ -90,6 +96,23 @@ def load_state(module: LightningModule, checkpoint: dict[str, Any]) -> None:
     mixin_state(module).fit = Fit(
         trainer=weakref.ref(trainer), loop=state, pending_grads=pending, pending_params=positions
     )
+
+
+def refuse_epoch_end_resume(trainer: Any, checkpoint: dict[str, Any]) -> None:
+    """A checkpoint saved at an epoch's end, resumed with ``max_steps`` set: Lightning starts the next epoch with the
+    saved epoch's batches counted as done and ends it at once, so that epoch is skipped untrained (seen with
+    Lightning 2.6; with ``max_steps=-1`` the same checkpoint resumes exactly)."""
+    if trainer.max_steps in (None, -1):
+        return
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+    if progress and progress.get("ready", 0) == progress.get("processed", 0) > progress.get("completed", 0):
+        epoch = checkpoint.get("epoch", progress["processed"] - 1)
+        raise ValueError(
+            f"this checkpoint was saved at the end of epoch {epoch} (global_step {checkpoint.get('global_step')}); "
+            f"resumed with trainer.max_steps={trainer.max_steps}, Lightning would skip epoch {epoch + 1} without "
+            "training it. Resume with trainer.max_steps=-1 (max_epochs bounds the run), or from a checkpoint saved "
+            "inside an epoch"
+        )
 
 
 def forget(module: LightningModule) -> None:

@@ -293,11 +293,11 @@ class DeltaSAMMixin(_Base):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        save_state(self._deltasam_fit, checkpoint)
+        save_state(self._deltasam_fit, checkpoint, self._deltasam_config())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        load_state(self._deltasam_module, checkpoint)
+        load_state(self._deltasam_module, checkpoint, self._deltasam_config())
 
     @property
     def _deltasam_fit(self) -> Fit:

@@ -11,6 +11,7 @@ import functools
 from typing import Any, Optional, cast
 
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.loops.fit_loop import _FitLoop
 from lightning.pytorch.loops.optimization.automatic import Closure
 from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 from lightning.pytorch.trainer.connectors.logger_connector.logger_connector import _LoggerConnector
@@ -18,6 +19,7 @@ from lightning.pytorch.trainer.connectors.logger_connector.result import _Metada
 from torchmetrics import Metric
 
 USED = {
+    _FitLoop: ("_combined_loader",),
     _TrainingEpochLoop: ("_num_ready_batches_reached", "_batches_that_stepped"),
     _LoggerConnector: ("should_update_logs",),
     Closure: ("_result",),
@@ -37,6 +39,7 @@ def check(trainer: Optional[Trainer] = None) -> None:
     from torchmetrics.aggregation import SumMetric
 
     holders: dict[type, Any] = {
+        _FitLoop: trainer.fit_loop,
         _TrainingEpochLoop: trainer.fit_loop.epoch_loop,
         _LoggerConnector: trainer._logger_connector,
         Closure: Closure(cast(Any, lambda: None)),  # a step function never called: only attributes are read
@@ -61,6 +64,20 @@ def check(trainer: Optional[Trainer] = None) -> None:
             "lit_deltasam/lightning/private.py for this version, or install the Lightning version pinned in "
             "pyproject.toml"
         )
+
+
+def train_loader_ready(trainer: Trainer) -> bool:
+    """Whether the fit loop has set up its train loader."""
+    return trainer.fit_loop._combined_loader is not None
+
+
+def drop_early_train_loader(trainer: Trainer) -> None:
+    """Drop a train loader set up before the fit started (``trainer.estimated_stepping_batches`` read in
+    ``configure_optimizers``), so that the fit sets it up again after a resume's restore. Lightning sets up the
+    loader once and loads a checkpoint's position into it only when it sets it up: a loader set up before the restore
+    would start the resumed epoch from its first batch (Lightning issue #20550)."""
+    if trainer.fit_loop.epoch_loop.batch_progress.total.ready == 0:
+        trainer.fit_loop._combined_loader = None
 
 
 def forget_step_values(trainer: Trainer, names: set[str]) -> None:

@@ -10,6 +10,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from .hooks import mixin_state
+from .private import drop_early_train_loader, train_loader_ready
 
 
 def optimizer_steps(trainer: Any, accumulate_grad_batches: int = 1) -> int:
@@ -20,8 +21,11 @@ def optimizer_steps(trainer: Any, accumulate_grad_batches: int = 1) -> int:
     too long. This counts accumulation windows per epoch (the last may be partial) × epochs,
     capped at ``max_steps`` (which alone bounds a run over an iterable of unknown length).
     """
+    early = not train_loader_ready(trainer)
     _ = trainer.estimated_stepping_batches  # loads the train dataloader, which sets num_training_batches
     batches = trainer.num_training_batches
+    if early:
+        drop_early_train_loader(trainer)
     per_epoch = math.ceil(batches / accumulate_grad_batches) if math.isfinite(batches) else math.inf
     total = per_epoch * trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else math.inf
     if trainer.max_steps and trainer.max_steps > 0:
