@@ -10,6 +10,8 @@ weighting`, :meth:`~DeltaSAMConfig.probing` and :meth:`~DeltaSAMConfig.loop`.
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
@@ -123,6 +125,23 @@ def _patterns(name: str, value: Any) -> Any:
     if not list(value):
         raise ConfigError(f"DeltaSAMConfig.{name}=[] selects nothing; use None to probe every parameter")
     return list(value)
+
+
+def _caller_outside() -> int:
+    """The ``stacklevel`` of the first caller outside this package and the config machinery (Hydra, OmegaConf, a
+    dataclass's generated ``__init__``), for a warning about a config: where the config was written, not where it was
+    built (a CLI run's is Hydra's instantiate)."""
+    inside = [os.path.dirname(__file__)]
+    for name in ("hydra", "omegaconf"):
+        module = sys.modules.get(name)
+        if module is not None and module.__file__ is not None:
+            inside.append(os.path.dirname(module.__file__))
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and (
+        frame.f_code.co_filename.startswith(tuple(inside)) or frame.f_code.co_filename.startswith("<")
+    ):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 @dataclass(frozen=True)
@@ -473,7 +492,7 @@ class DeltaSAMConfig:
                 f"DeltaSAMConfig(method='erm') takes plain steps: {settings} "
                 f"{'have' if len(unused) > 1 else 'has'} no effect",
                 UserWarning,
-                stacklevel=4,
+                stacklevel=_caller_outside(),
             )
             return
         name = unused[0]

@@ -101,8 +101,13 @@ def test_erm_the_baseline_of_a_sweep_warns_of_the_method_fields_it_ignores():
     ):
         config = DeltaSAMConfig(method="erm", rho=0.05, rho_schedule="constant", beta=-1.0)
     assert config.rho == 0.05 and not config.perturbs
-    with pytest.warns(UserWarning, match=r"takes plain steps: gsam_alpha=0.3 has no effect"):
+    with pytest.warns(UserWarning, match=r"takes plain steps: gsam_alpha=0.3 has no effect") as caught:
         DeltaSAMConfig(method="erm", gsam_alpha=0.3)
+    from hydra.utils import instantiate
+
+    with pytest.warns(UserWarning, match="gsam_alpha=0.3 has no effect") as built:  # as the CLI builds it
+        instantiate({"_target_": "lit_deltasam.DeltaSAMConfig", "method": "erm", "gsam_alpha": 0.3})
+    assert caught[0].filename == built[0].filename == __file__  # where the config was written, not Hydra's file
 
 
 def test_unset_fields_take_per_method_defaults_and_round_trip():
