@@ -414,8 +414,12 @@ class Driver:
             self.engine = DeltaSAM(self.module, self.config, window, reduce_squares=self.reduce_squares, driven=True)
             self.stepped_params = [id(p) for p in window]
         n, state = len(self.engine.params), self.state
-        lists = {"grads": grads, "plain": state.plain_sum, "reuse": state.reuse_direction}
-        lists["momentum"] = state.fsam_momentum
+        lists = {
+            "grads": grads,
+            "plain": state.plain_sum,
+            "reuse": state.reuse_direction,
+            "momentum": state.fsam_momentum,
+        }
         for name, values in lists.items():
             if values is not None and len(values) != n:
                 raise ValueError(
